@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Both create .venv if it is missing and install the kit with its dependencies (idempotent:
+# re-installs only when pyproject.toml changes).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmpfl-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast reproduce bench notebooks-clean clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+## demo: the main job on the embedded synthetic cohort (results/ holds its outputs)
+demo: $(STAMP)
+	$(VENV)/bin/mmpfl demo
+
+## test: the whole suite, notebooks included (papermill, smoke parameters)
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## test-fast: everything except the notebook runs
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not notebook" $(PYTEST_ARGS)
+
+## bench: benchmarks that print ratios (bench/results/)
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+## notebooks-clean: strip outputs from committed notebooks
+notebooks-clean: $(STAMP)
+	$(PY) -m mmpfl_core.notebook_tools.strip notebooks/*.ipynb
+
+clean:
+	rm -rf results .pytest_cache .hypothesis

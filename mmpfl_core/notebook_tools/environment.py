@@ -1,0 +1,41 @@
+"""Device choice and the environment printout every notebook ends its imports cell with."""
+from __future__ import annotations
+
+import platform
+import sys
+from importlib import metadata
+
+import torch
+
+_REPORTED_PACKAGES = ("torch", "timm", "opacus", "numpy", "flwr")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when present, else CPU; any other string is passed to ``torch.device``.
+
+    Asking for CUDA on a machine without it raises a ``RuntimeError`` that says so, rather than
+    failing later inside a kernel.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"DEVICE={name!r} but CUDA is not available here; set DEVICE='auto' or 'cpu'.")
+    return device
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def describe_environment(*, seed: int, device: torch.device | str) -> str:
+    """One line per fact: Python, key package versions, device (with GPU name) and seed."""
+    device = torch.device(device)
+    lines = [f"python   {sys.version.split()[0]} ({platform.machine()})"]
+    lines += [f"{p:<8} {_version(p)}" for p in _REPORTED_PACKAGES]
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    lines += [f"device   {device}{gpu}; CPU threads {torch.get_num_threads()}", f"seed     {seed}"]
+    return "\n".join(lines)
