@@ -1,0 +1,29 @@
+"""Real-data loaders: one import path for every loader that turns files a user brings into a Cohort.
+
+The loaders live in two modules by file kind; this module re-exports them so that callers write
+``from mmpfl_core.data.loaders import load_slice_folders`` whatever the file kind:
+
+=============================  ================================================  =======================
+loader                         reads                                             module
+=============================  ================================================  =======================
+:func:`load_slice_folders`     ``root/<class>/<subject>_<modality>.png|jpg|tif``  :mod:`loaders_images`
+:func:`load_medmnist_npz`      a MedMNIST ``.npz`` (``train_images`` ...)          :mod:`loaders_images`
+:func:`load_nifti_subjects`    ``root/<subject>/<modality>.nii.gz`` + labels CSV  :mod:`loaders_nifti`
+:func:`load_image_file`        one 2D image (forced decode)                      :mod:`loaders_images`
+:func:`load_nifti_volume`      one 3D NIfTI volume (forced read, NaN check)      :mod:`loaders_nifti`
+=============================  ================================================  =======================
+
+All return arrays that satisfy the sample contract (:mod:`mmpfl_core.data.contract`): images
+float32 (N, M, H, W) in [0, 1] normalised per subject and sequence, missing sequences as zeros with
+``modality_mask`` False, clinical values standardised with fixed constants (missing -> 0, mask
+False). Every failure is a :class:`~mmpfl_core.errors.DataError` naming the file and the fix; a loader
+never downloads anything and never returns partial data silently.
+"""
+from __future__ import annotations
+
+from .loaders_common import read_subject_table, resize_images
+from .loaders_images import IMAGE_SUFFIXES, load_image_file, load_medmnist_npz, load_slice_folders
+from .loaders_nifti import load_nifti_subjects, load_nifti_volume
+
+__all__ = ["IMAGE_SUFFIXES", "load_image_file", "load_medmnist_npz", "load_nifti_subjects", "load_nifti_volume",
+           "load_slice_folders", "read_subject_table", "resize_images"]
