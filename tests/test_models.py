@@ -1,0 +1,230 @@
+"""Tests of mmpfl_core.models: shapes, masking, parameter groups, Opacus per-sample gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmpfl_core.errors import ConfigError
+from mmpfl_core.models import FUSIONS, ViTConfig, create_model, get_config, list_presets
+
+# a very small architecture so that everything below runs in seconds on 2 CPU cores
+MICRO = dict(image_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, late_depth=1)
+
+# rows: all present, T2 missing, only FLAIR, only T1
+MASK = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 0, 1], [1, 0, 0]], dtype=torch.bool)
+
+
+def _batch(cfg: ViTConfig, mask: torch.Tensor = MASK, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    B = mask.shape[0]
+    images = torch.rand(B, cfg.num_modalities, cfg.image_size, cfg.image_size, generator=g)
+    images = images * mask[:, :, None, None]  # contract: missing sequences are zeros
+    clinical = torch.randn(B, cfg.num_clinical, generator=g)
+    labels = torch.randint(0, cfg.num_classes, (B,), generator=g)
+    return images, mask, clinical, labels
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("use_clinical", [True, False])
+def test_output_shapes(fusion, use_clinical):
+    model = create_model("tiny", fusion=fusion, use_clinical=use_clinical, seed=0)
+    cfg = model.config
+    for mask in (torch.ones(4, 3, dtype=torch.bool), MASK):
+        images, mask, clinical, _ = _batch(cfg, mask)
+        feats = model.forward_features(images, mask, clinical)
+        assert feats.shape == (4, model.num_features)
+        logits = model(images, mask, clinical)
+        assert logits.shape == (4, cfg.num_classes)
+        assert torch.isfinite(logits).all()
+        assert torch.equal(model.forward_head(feats), logits)
+    expected = cfg.embed_dim * (2 if use_clinical and fusion != "token" else 1)
+    assert model.num_features == expected
+
+
+@pytest.mark.parametrize("fusion", ["token", "late"])
+def test_masked_sequence_values_do_not_matter(fusion):
+    model = create_model(get_config("tiny", **MICRO), fusion=fusion, seed=1).eval()
+    images, mask, clinical, _ = _batch(model.config)
+    noisy = images.clone()
+    noisy[~mask] = torch.rand_like(noisy[~mask]) * 100.0  # garbage where the mask says "missing"
+    with torch.no_grad():
+        a = model(images, mask, clinical)
+        b = model(noisy, mask, clinical)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert not torch.allclose(model(noisy, torch.ones_like(mask), clinical), a)  # mask does matter
+
+
+def test_reset_classifier():
+    model = create_model("tiny", seed=0)
+    images, mask, clinical, _ = _batch(model.config)
+    model.reset_classifier(5)
+    assert model(images, mask, clinical).shape == (4, 5)
+    model.reset_classifier(0)
+    assert model(images, mask, clinical).shape == (4, model.num_features)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("use_clinical", [True, False])
+def test_parameter_groups_complete_disjoint_and_named(fusion, use_clinical):
+    model = create_model(get_config("tiny", **MICRO), fusion=fusion, use_clinical=use_clinical)
+    cfg = model.config
+    groups = model.parameter_groups()
+    names = [n for members in groups.values() for n in members]
+    assert len(names) == len(set(names)), "groups overlap"
+    assert set(names) == {n for n, _ in model.named_parameters()}, "groups incomplete"
+    if fusion == "late":
+        expected = []
+        for s in ("t1", "t2", "flair"):
+            expected += [f"encoder.{s}.patch_embed", f"encoder.{s}.tokens"]
+            expected += [f"encoder.{s}.block.{i}" for i in range(cfg.encoder_depth)]
+            expected.append(f"encoder.{s}.norm")
+    else:
+        expected = ["patch_embed"] if fusion == "early" else ["patch_embed.t1", "patch_embed.t2",
+                                                             "patch_embed.flair"]
+        expected.append("tokens")
+    expected += ["clinical"] if use_clinical else []
+    if fusion != "late":
+        expected += [f"block.{i}" for i in range(cfg.depth)] + ["norm"]
+    expected.append("head")
+    assert list(groups) == expected
+    sizes = model.group_sizes()
+    assert list(sizes) == expected
+    assert sum(sizes.values()) == sum(p.numel() for p in model.parameters())
+
+
+def test_custom_modality_names():
+    model = create_model(get_config("tiny", **MICRO), num_modalities=2, modality_names=("dwi", "adc"))
+    assert "patch_embed.dwi" in model.parameter_groups()
+    assert create_model(get_config("tiny", **MICRO), num_modalities=2).config.names == ("m0", "m1")
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(image_size=30), "image_size"),
+    (dict(embed_dim=65), "embed_dim"),
+    (dict(fusion="middle"), "fusion"),
+    (dict(depth=0), "depth"),
+    (dict(drop_rate=1.0), "drop_rate"),
+    (dict(late_depth=0), "late_depth"),
+    (dict(depth=2.0), "depth"),
+    (dict(num_clinical=0), "use_clinical"),
+    (dict(modality_names=("a", "a", "b")), "modality_names"),
+])
+def test_config_validation(overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        create_model("tiny", **overrides)
+
+
+def test_unknown_preset_and_field():
+    with pytest.raises(ConfigError, match="known presets"):
+        create_model("huge")
+    with pytest.raises(ConfigError, match="unknown ViTConfig field"):
+        create_model("tiny", embed_dims=3)
+    with pytest.raises(ConfigError, match="either seed or generator"):
+        create_model("tiny", seed=1, generator=torch.Generator())
+
+
+def test_deterministic_init_and_global_rng_untouched():
+    state = torch.random.get_rng_state()
+    a = create_model("tiny", fusion="token", seed=3)
+    assert torch.equal(state, torch.random.get_rng_state()), "seeded creation changed global RNG"
+    b = create_model("tiny", fusion="token", generator=torch.Generator().manual_seed(3))
+    c = create_model("tiny", fusion="token", seed=4)
+    for (n, p), (_, q), (_, r) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters()):
+        assert torch.equal(p, q), n
+    assert any(not torch.equal(p, r) for p, r in zip(a.parameters(), c.parameters()))
+    torch.manual_seed(0)  # unseeded creation still follows the global seed
+    d = create_model("tiny")
+    torch.manual_seed(0)
+    e = create_model("tiny")
+    assert all(torch.equal(p, q) for p, q in zip(d.parameters(), e.parameters()))
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_attention_maps(fusion):
+    model = create_model(get_config("tiny", **MICRO), fusion=fusion, seed=0)
+    cfg = model.config
+    images, mask, clinical, _ = _batch(cfg)
+    N, M = cfg.num_patches, cfg.num_modalities
+    T = {"early": 1 + N, "token": 1 + M * N + 1, "late": M * (1 + N)}[fusion]
+    with torch.no_grad():
+        for block in (0, -1):
+            attn = model.attention_maps(images, mask, clinical, block=block)
+            assert attn.shape == (4, cfg.num_heads, T, T)
+            rows = attn.sum(-1)  # late fusion is block-diagonal: each encoder's rows sum to 1
+            torch.testing.assert_close(rows, torch.ones_like(rows))
+        if fusion == "token":  # keys of missing sequences get exactly zero attention
+            keys = attn[1, :, :, 1 + N:1 + 2 * N]  # subject 1 misses T2
+            assert torch.count_nonzero(keys) == 0
+        grids = model.cls_attention_grids(images, mask, clinical)
+    assert grids.shape == (4, M, cfg.grid_size, cfg.grid_size)
+    assert torch.all(grids[~mask] == 0)
+    with pytest.raises(ConfigError, match="block"):
+        model.attention_maps(images, mask, clinical, block=5)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # inputs need no grad: expected
+def test_opacus_per_sample_gradients_match_autograd(fusion):
+    from opacus import GradSampleModule
+    from opacus.validators import ModuleValidator
+
+    model = create_model(get_config("tiny", **MICRO), fusion=fusion, seed=0).double()  # exact maths
+    assert ModuleValidator.validate(model, strict=False) == []
+    images, mask, clinical, labels = _batch(model.config, MASK[:3])
+    images, clinical = images.double(), clinical.double()
+
+    # reference: one autograd pass per subject
+    expected = {n: [] for n, p in model.named_parameters()}
+    for i in range(3):
+        model.zero_grad()
+        F.cross_entropy(model(images[i:i + 1], mask[i:i + 1], clinical[i:i + 1]), labels[i:i + 1],
+                        reduction="sum").backward()
+        for n, p in model.named_parameters():
+            expected[n].append(p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+    model.zero_grad()
+
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")  # hooks mode
+    F.cross_entropy(gsm(images, mask, clinical), labels, reduction="sum").backward()
+    missing = [n for n, p in model.named_parameters() if getattr(p, "grad_sample", None) is None]
+    assert missing == [], f"no per-sample gradient for {missing}"
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad_sample, torch.stack(expected[n]), atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, n=n: f"{n}: {m}")
+    gsm._close()
+
+
+def test_presets_construct():
+    assert set(list_presets()) >= {"tiny", "teaching", "paper"}
+    teaching = create_model("teaching", seed=0)
+    images, mask, clinical, _ = _batch(teaching.config, MASK[:2])
+    assert teaching(images, mask, clinical).shape == (2, 3)
+    paper = create_model("paper", seed=0)  # constructed only: a forward at 224 px is slow on CPU
+    assert paper.config.embed_dim == 384 and len(paper.blocks) == 12
+    assert 20e6 < sum(p.numel() for p in paper.parameters()) < 25e6
+
+
+def test_pretrained_failure_is_a_clear_error(monkeypatch):
+    import timm
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(ConfigError, match="pretrained weights.*HF_HOME"):
+        create_model("paper", depth=1, pretrained=True)
+
+
+def test_pretrained_copies_timm_weights():
+    import timm
+    from mmpfl_core.models import load_timm_vit_weights
+
+    source = timm.create_model("vit_small_patch16_224", pretrained=False, depth=2)
+    for fusion in ("token", "late"):
+        model = create_model("paper", fusion=fusion, depth=2, late_depth=1, seed=0)
+        load_timm_vit_weights(model, source)
+        trunk = model if fusion == "token" else model.encoders["t1"]
+        assert torch.equal(trunk.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+        assert torch.equal(trunk.cls_token.weight, source.cls_token)
+    with pytest.raises(ConfigError, match="does not fit"):
+        load_timm_vit_weights(create_model("tiny"), source)
