@@ -1,0 +1,53 @@
+"""Privacy maths and mechanisms for client-level and sample-level DP (DESIGN section 4).
+
+Pure functions and small classes: clipping, Gaussian noise and its placement, accountants, the
+per-run privacy ledger, the Fisher-based per-group noise allocation. Knows no model class, no round
+loop and no attacker.
+"""
+from mmpfl_core.privacy.accounting import (
+    ACCOUNTANTS,
+    calibrate_noise,
+    combine_noise_multipliers,
+    compose_epsilon,
+    compute_epsilon,
+    effective_noise_multiplier,
+)
+from mmpfl_core.privacy.allocation import (
+    NoiseAllocation,
+    clip_bounds_from_sizes,
+    effective_multiplier_of,
+    fisher_noise_allocation,
+    fisher_weighted_noise,
+    floor_fisher,
+    uniform_noise_allocation,
+)
+from mmpfl_core.privacy.clipping import (
+    UpdateRejected,
+    clip_flat,
+    clip_per_group,
+    global_norm,
+    group_norms,
+    validate_update,
+)
+from mmpfl_core.privacy.fisher import diagonal_fisher, group_fisher
+from mmpfl_core.privacy.ledger import PrivacyLedger
+from mmpfl_core.privacy.mechanisms import (
+    NoisePlacement,
+    NoiseSource,
+    NoiseSplit,
+    ReleaseAccounting,
+    gaussian_noise_like,
+    per_participant_noise_std,
+    release_accounting,
+)
+
+__all__ = [
+    "ACCOUNTANTS", "NoiseAllocation", "NoisePlacement", "NoiseSource", "NoiseSplit",
+    "PrivacyLedger", "ReleaseAccounting", "UpdateRejected", "calibrate_noise",
+    "clip_bounds_from_sizes", "clip_flat", "clip_per_group", "combine_noise_multipliers",
+    "compose_epsilon", "compute_epsilon", "diagonal_fisher", "effective_multiplier_of",
+    "effective_noise_multiplier", "fisher_noise_allocation", "fisher_weighted_noise",
+    "floor_fisher", "gaussian_noise_like", "global_norm", "group_fisher", "group_norms",
+    "per_participant_noise_std", "release_accounting", "uniform_noise_allocation",
+    "validate_update",
+]

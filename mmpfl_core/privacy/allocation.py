@@ -1,0 +1,170 @@
+"""Per-group noise allocation: spending the privacy budget where the model is least sensitive.
+
+What it is for: given named parameter groups g with sizes d_g, clip bounds C_g, non-negative
+importance weights F_g (mean diagonal Fisher information, :mod:`mmpfl_core.privacy.fisher`) and a
+target effective noise multiplier z, choose per-group noise stds sigma_g that keep the privacy of
+the round fixed (z_eff = z, DESIGN 4.1) while putting less noise on groups that matter more.
+
+Derivation (DESIGN 4.3). Minimise the Fisher-weighted noise energy
+    J(sigma) = sum_g F_g d_g sigma_g^2    subject to    sum_g C_g^2 / sigma_g^2 = z^-2.
+Write x_g = C_g^2 / sigma_g^2 (twice the zCDP cost rho_g of group g) and a_g = F_g d_g C_g^2, so
+J = sum_g a_g / x_g with sum_g x_g = z^-2. By Cauchy-Schwarz,
+    (sum_g sqrt(a_g))^2 = (sum_g sqrt(a_g / x_g) sqrt(x_g))^2 <= J * sum_g x_g = J z^-2,
+with equality iff sqrt(a_g / x_g) is proportional to sqrt(x_g), i.e. x_g proportional to sqrt(a_g)
+(the Lagrange condition a_g / x_g^2 = lambda gives the same). Hence
+    C_g^2 / sigma_g^2 = z^-2 sqrt(a_g) / sum_h sqrt(a_h),
+    sigma_g^2 = z^2 C_g (sum_h C_h sqrt(F_h d_h)) / sqrt(F_g d_g),
+    rho_g = C_g^2 / (2 sigma_g^2) proportional to sqrt(a_g),  sum_g rho_g = 1 / (2 z^2),
+and the minimum is J* = z^2 (sum_g sqrt(a_g))^2. With equal F_g and C_g = C sqrt(d_g / sum d) the
+allocation is sigma_g = z C for every g: uniform isotropic noise.
+
+Privacy argument: F_g come from the global model on the public server set (or from already
+released noisy aggregates) and C_g, d_g are public, so sigma_g is a function of public quantities:
+choosing it is post-processing and costs no privacy; the round is accounted with z alone. Nothing
+here depends on site sample counts (there is no such argument). It releases nothing itself, and
+must never be fed Fisher values or norms computed from a site's private data.
+
+Zero weights: a group with F_g = 0 would get sigma_g = inf (no information sent). To keep every
+sigma finite, F_g is floored at ``floor_fraction`` (default 1e-3) times the mean F over the
+transmitted groups; if all F_g are 0 they are treated as equal. Groups not transmitted (personal
+or masked) are simply left out of ``group_sizes``: they get no sigma and spend no budget.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+from mmpfl_core.errors import PrivacyError
+
+__all__ = ["NoiseAllocation", "clip_bounds_from_sizes", "effective_multiplier_of",
+           "fisher_noise_allocation", "fisher_weighted_noise", "floor_fisher",
+           "uniform_noise_allocation"]
+
+DEFAULT_FLOOR_FRACTION = 1e-3
+
+
+@dataclass(frozen=True)
+class NoiseAllocation(Mapping[str, float]):
+    """Per-group noise stds (a read-only mapping group -> sigma_g) with their zCDP costs.
+
+    Attributes:
+        sigmas: group -> noise std sigma_g.
+        rhos: group -> zCDP cost rho_g = C_g^2 / (2 sigma_g^2); sum is 1 / (2 z^2).
+        clip_bounds: group -> C_g used.
+        noise_multiplier: the target z (equal to the effective multiplier of the allocation).
+    """
+
+    sigmas: dict[str, float]
+    rhos: dict[str, float]
+    clip_bounds: dict[str, float]
+    noise_multiplier: float
+
+    def __getitem__(self, group: str) -> float:
+        return self.sigmas[group]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sigmas)
+
+    def __len__(self) -> int:
+        return len(self.sigmas)
+
+    @property
+    def total_rho(self) -> float:
+        return sum(self.rhos.values())
+
+
+def _check_inputs(group_sizes: Mapping[str, int], clip_bounds: Mapping[str, float],
+                  noise_multiplier: float) -> None:
+    if not group_sizes:
+        raise PrivacyError("group_sizes is empty; pass the sizes of the transmitted groups.")
+    if not 0.0 < noise_multiplier < math.inf:
+        raise PrivacyError(f"noise_multiplier={noise_multiplier!r} must be finite and > 0; "
+                           "get it from calibrate_noise.")
+    for g, d in group_sizes.items():
+        if not d > 0:
+            raise PrivacyError(f"group {g!r} has size {d!r}; sizes must be > 0 (leave "
+                               "untransmitted groups out).")
+        c = clip_bounds.get(g)
+        if c is None or not 0.0 < c < math.inf:
+            raise PrivacyError(f"group {g!r} has clip bound {c!r}; every transmitted group needs "
+                               "a finite bound > 0 (see clip_bounds_from_sizes).")
+
+
+def floor_fisher(fisher: Mapping[str, float], groups: list[str], *,
+                 floor_fraction: float = DEFAULT_FLOOR_FRACTION) -> dict[str, float]:
+    """F_g floored at ``floor_fraction`` x mean over ``groups`` (all equal if all are 0)."""
+    values = {}
+    for g in groups:
+        f = fisher.get(g)
+        if f is None or not 0.0 <= f < math.inf:
+            raise PrivacyError(f"Fisher weight for group {g!r} is {f!r}; it must be finite and "
+                               ">= 0 (compute it with group_fisher on the public set).")
+        values[g] = float(f)
+    mean = sum(values.values()) / len(values)
+    if mean == 0.0:
+        return {g: 1.0 for g in groups}
+    return {g: max(f, floor_fraction * mean) for g, f in values.items()}
+
+
+def _allocation(sigmas: dict[str, float], clip_bounds: Mapping[str, float],
+                z: float) -> NoiseAllocation:
+    bounds = {g: float(clip_bounds[g]) for g in sigmas}
+    rhos = {g: bounds[g] ** 2 / (2.0 * s ** 2) for g, s in sigmas.items()}
+    return NoiseAllocation(sigmas=sigmas, rhos=rhos, clip_bounds=bounds, noise_multiplier=z)
+
+
+def fisher_noise_allocation(*, group_sizes: Mapping[str, int], fisher: Mapping[str, float],
+                            clip_bounds: Mapping[str, float], noise_multiplier: float,
+                            floor_fraction: float = DEFAULT_FLOOR_FRACTION) -> NoiseAllocation:
+    """Noise stds minimising sum_g F_g d_g sigma_g^2 at effective multiplier z (module docstring).
+
+    Algorithm:
+        1. Floor F_g (finite sigmas); b_g = sqrt(F_g d_g); S = sum_h C_h b_h.
+        2. sigma_g = z sqrt(C_g S / b_g).
+        3. rho_g = C_g^2 / (2 sigma_g^2) = C_g b_g / (2 z^2 S).
+
+    Returns:
+        NoiseAllocation (mapping group -> sigma_g, with ``.rhos``) over the groups of
+        ``group_sizes``. Invariant to scaling all F_g by one positive constant.
+    """
+    _check_inputs(group_sizes, clip_bounds, noise_multiplier)
+    groups = list(group_sizes)
+    f = floor_fisher(fisher, groups, floor_fraction=floor_fraction)
+    b = {g: math.sqrt(f[g] * group_sizes[g]) for g in groups}
+    total = math.fsum(clip_bounds[g] * b[g] for g in groups)
+    z = float(noise_multiplier)
+    sigmas = {g: z * math.sqrt(clip_bounds[g] * total / b[g]) for g in groups}
+    return _allocation(sigmas, clip_bounds, z)
+
+
+def uniform_noise_allocation(*, group_sizes: Mapping[str, int], clip_bounds: Mapping[str, float],
+                             noise_multiplier: float) -> NoiseAllocation:
+    """Isotropic noise sigma_g = z C for every group, C = sqrt(sum_g C_g^2) (plain DP-FedAvg)."""
+    _check_inputs(group_sizes, clip_bounds, noise_multiplier)
+    total_clip = math.sqrt(math.fsum(clip_bounds[g] ** 2 for g in group_sizes))
+    z = float(noise_multiplier)
+    return _allocation({g: z * total_clip for g in group_sizes}, clip_bounds, z)
+
+
+def clip_bounds_from_sizes(group_sizes: Mapping[str, int], total_clip: float) -> dict[str, float]:
+    """C_g = C sqrt(d_g / sum_h d_h), so that sum_g C_g^2 = C^2 (a public, data-free rule)."""
+    if not 0.0 < total_clip < math.inf:
+        raise PrivacyError(f"total_clip={total_clip!r} must be finite and > 0.")
+    total = sum(group_sizes.values())
+    if not group_sizes or any(d <= 0 for d in group_sizes.values()):
+        raise PrivacyError(f"group sizes {dict(group_sizes)} must be non-empty and all > 0.")
+    return {g: total_clip * math.sqrt(d / total) for g, d in group_sizes.items()}
+
+
+def fisher_weighted_noise(*, group_sizes: Mapping[str, int], fisher: Mapping[str, float],
+                          sigmas: Mapping[str, float]) -> float:
+    """The objective J = sum_g F_g d_g sigma_g^2 (expected Fisher-weighted squared noise)."""
+    return math.fsum(float(fisher[g]) * group_sizes[g] * float(sigmas[g]) ** 2
+                     for g in group_sizes)
+
+
+def effective_multiplier_of(allocation: NoiseAllocation) -> float:
+    """(sum_g C_g^2 / sigma_g^2)^(-1/2) of an allocation (equals its target z)."""
+    return math.fsum(c ** 2 / allocation.sigmas[g] ** 2
+                     for g, c in allocation.clip_bounds.items()) ** -0.5

@@ -1,0 +1,128 @@
+"""Diagonal Fisher information on PUBLIC data, for the per-group noise allocation (DESIGN 4.3).
+
+What it is for: estimating how sensitive the model's predictions are to each parameter,
+F_theta = E_x E_{y ~ p(y|x)} [(d log p(y|x) / d theta)^2] (the "true" Fisher; with ``labels="true"``
+the empirical Fisher using the observed labels), and averaging it per named parameter group. The
+weights F_g feed :func:`mmpfl_core.privacy.allocation.fisher_noise_allocation`.
+
+Privacy argument: these functions must only ever be given the global model (already released) and
+the PUBLIC server-side set (or already released noisy aggregates). Then F_g, and the sigma_g chosen
+from it, are post-processing of public information and cost no privacy. They have no access to any
+site's data and must never be called on it: a Fisher computed from private data would leak through
+the noise scales and would have to be privatised and accounted.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from mmpfl_core.errors import ConfigError
+
+__all__ = ["diagonal_fisher", "group_fisher"]
+
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]  # (inputs tuple, integer labels)
+
+
+def _per_sample_sq_grads(model: nn.Module, params: dict[str, torch.Tensor],
+                         buffers: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...],
+                         labels: torch.Tensor, method: str) -> dict[str, torch.Tensor]:
+    """Sum over the batch of squared per-sample gradients of log p(y_i | x_i)."""
+
+    def nll(p: dict[str, torch.Tensor], xs: tuple[torch.Tensor, ...], y: torch.Tensor):
+        out = functional_call(model, (p, buffers), tuple(x.unsqueeze(0) for x in xs))  # (1, K)
+        return F.cross_entropy(out, y.unsqueeze(0))
+
+    if method == "vmap":
+        grads = vmap(grad(nll), in_dims=(None, 0, 0))(params, inputs, labels)  # name -> (B, *shape)
+        return {k: (g ** 2).sum(0) for k, g in grads.items()}
+    sums = {k: torch.zeros_like(v) for k, v in params.items()}
+    for i in range(labels.shape[0]):
+        g = grad(nll)(params, tuple(x[i] for x in inputs), labels[i])
+        for k in sums:
+            sums[k] += g[k] ** 2
+    return sums
+
+
+def diagonal_fisher(model: nn.Module, batches: Iterable[Batch], *, labels: str = "model",
+                    generator: torch.Generator | None = None, max_batches: int | None = None,
+                    method: str = "vmap") -> dict[str, torch.Tensor]:
+    """Diagonal Fisher of ``model`` (classifier returning logits ``model(*inputs)``) on public data.
+
+    Algorithm:
+        1. Put the model in eval mode (no dropout, batch-norm running statistics) and restore its
+           mode afterwards; parameters are read, never changed.
+        2. For each batch (inputs tuple, labels): with ``labels="model"`` draw y_i ~ p(y | x_i) from
+           the model's softmax using ``generator`` (true Fisher); with ``labels="true"`` use the
+           given labels (empirical Fisher).
+        3. Per-sample gradients g_i of log p(y_i | x_i) w.r.t. every trainable parameter, with
+           ``torch.func.vmap(grad(...))`` (``method="vmap"``) or a per-sample loop
+           (``method="loop"``, for models that vmap cannot trace).
+        4. Return the mean over samples of g_i^2, per parameter (same shapes as the parameters).
+
+    Args:
+        model: the global model (public). Only parameters with ``requires_grad`` are included.
+        batches: iterable of ``((x1, x2, ...), y)`` from the PUBLIC server set only.
+        labels: "model" (sampled labels, true Fisher) or "true" (observed labels).
+        generator: torch.Generator for the label sampling; required when ``labels="model"``.
+        max_batches: stop after this many batches (None: all).
+        method: "vmap" or "loop".
+
+    Raises:
+        ConfigError: unknown ``labels``/``method``, missing generator, or no samples seen.
+    """
+    if labels not in ("model", "true"):
+        raise ConfigError(f"labels={labels!r} must be 'model' (sampled, true Fisher) or 'true'.")
+    if method not in ("vmap", "loop"):
+        raise ConfigError(f"method={method!r} must be 'vmap' or 'loop'.")
+    if labels == "model" and generator is None:
+        raise ConfigError("labels='model' samples y ~ p(y|x) and needs a torch.Generator; pass "
+                          "generator=mmpfl_core.seeding.torch_generator(seed, ...).")
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    sums = {k: torch.zeros_like(v) for k, v in params.items()}
+    count = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for b, (inputs, y) in enumerate(batches):
+            if max_batches is not None and b >= max_batches:
+                break
+            inputs = tuple(inputs)
+            if labels == "model":
+                with torch.no_grad():
+                    probs = torch.softmax(model(*inputs).float(), dim=-1)  # (B, K)
+                y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(
+                    probs.device)
+            batch_sums = _per_sample_sq_grads(model, params, buffers, inputs, y.long(), method)
+            for k in sums:
+                sums[k] += batch_sums[k]
+            count += int(y.shape[0])
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ConfigError("diagonal_fisher saw no samples; pass a non-empty public set.")
+    return {k: s / count for k, s in sums.items()}
+
+
+def group_fisher(fisher: Mapping[str, torch.Tensor],
+                 groups: Mapping[str, Sequence[str]]) -> dict[str, float]:
+    """Mean diagonal Fisher per group: sum of entries over the group's parameters / their count.
+
+    Parameters named in a group but absent from ``fisher`` (frozen) are skipped.
+
+    Raises:
+        ConfigError: a group has none of its parameters in ``fisher``.
+    """
+    out = {}
+    for group, names in groups.items():
+        present = [fisher[n] for n in names if n in fisher]
+        if not present:
+            raise ConfigError(f"group {group!r} has no parameter in the Fisher estimate (names "
+                              f"{list(names)[:3]}...); leave untransmitted or frozen groups out.")
+        total = sum(float(t.double().sum()) for t in present)
+        out[group] = total / sum(t.numel() for t in present)
+    return out

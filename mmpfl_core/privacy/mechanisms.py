@@ -1,0 +1,216 @@
+"""The Gaussian mechanism on clipped updates: noise sources, noise placement and its accounting.
+
+What it is for: drawing the Gaussian noise that makes a clipped update (see
+:mod:`mmpfl_core.privacy.clipping`) a differentially private release, deciding who adds it
+(server, every participant, or each site for itself; DESIGN 4.2), and mapping each placement to the
+(noise multiplier, sample rate) pair the accountant must be given.
+
+It must never release noise, generator seeds or generator states: anyone who knows the noise can
+subtract it. Seeded sources exist for teaching and bit-identical resumes only.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+from enum import Enum
+from typing import Mapping, NamedTuple, Sequence
+
+import torch
+
+from mmpfl_core.errors import PrivacyError
+
+__all__ = ["NoisePlacement", "NoiseSource", "NoiseSplit", "ReleaseAccounting",
+           "gaussian_noise_like", "per_participant_noise_std", "release_accounting"]
+
+
+class NoiseSource:
+    """Where Gaussian noise comes from. Build with :meth:`seeded` or :meth:`secure`.
+
+    * ``seeded(seed)``: one ``torch.Generator`` whose state advances with every draw, so a run is
+      reproducible and can be resumed bit-identically (save :meth:`get_state`). For teaching and
+      experiments only: whoever knows the seed knows the noise.
+    * ``secure()``: a fresh generator seeded from the OS entropy pool (``secrets``) for every draw.
+      Honest caveat: this is an OS-entropy-seeded pseudo-random generator (Mersenne Twister /
+      Philox inside torch) and a floating-point Gaussian sampler, not a floating-point-safe
+      sampler; naive floating-point samplers can leak through the least significant bits (Mironov
+      2012). This is the same caveat as Opacus's ``secure_mode``, which additionally sums several
+      draws. Reproducibility is lost.
+    """
+
+    def __init__(self, *, generator: torch.Generator | None) -> None:
+        self._generator = generator  # None means secure
+
+    @classmethod
+    def seeded(cls, seed: int) -> "NoiseSource":
+        """Reproducible source (teaching, experiments, tests)."""
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int(seed))
+        return cls(generator=g)
+
+    @classmethod
+    def secure(cls) -> "NoiseSource":
+        """Source reseeded from OS entropy for every draw (not reproducible)."""
+        return cls(generator=None)
+
+    @property
+    def is_secure(self) -> bool:
+        return self._generator is None
+
+    def generator(self) -> torch.Generator:
+        """The generator for the next draw (a new OS-seeded one each time for a secure source)."""
+        if self._generator is not None:
+            return self._generator
+        g = torch.Generator(device="cpu")
+        g.manual_seed(secrets.randbits(63))
+        return g
+
+    def get_state(self) -> torch.Tensor:
+        """Generator state for checkpoints (seeded sources only; it is as secret as the noise)."""
+        if self._generator is None:
+            raise PrivacyError("a secure NoiseSource has no state to save; use "
+                               "NoiseSource.seeded(seed) for resumable runs.")
+        return self._generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        """Restore a state saved by :meth:`get_state`."""
+        if self._generator is None:
+            raise PrivacyError("a secure NoiseSource cannot be restored to a saved state.")
+        self._generator.set_state(state)
+
+
+def gaussian_noise_like(update: Mapping[str, torch.Tensor], stds: Mapping[str, float] | float,
+                        groups: Mapping[str, Sequence[str]] | None, source: NoiseSource
+                        ) -> dict[str, torch.Tensor]:
+    """Noise tensors N(0, sigma_g^2 I) shaped like each parameter of ``update``.
+
+    ``stds`` is one float for every parameter, or sigma per group (then ``groups`` maps group ->
+    parameter names). Parameters are drawn in sorted-name order on the CPU (so a seeded source
+    gives the same noise on any device) and moved to each parameter's device and dtype. A std of 0
+    gives exact zeros without consuming randomness.
+
+    Raises:
+        PrivacyError: a std is negative or not finite, or a parameter has no group / no std.
+    """
+    if isinstance(stds, Mapping):
+        if groups is None:
+            raise PrivacyError("per-group stds need groups (group -> parameter names).")
+        owner = {name: g for g, names in groups.items() for name in names}
+        per_param = {}
+        for name in update:
+            if name not in owner or owner[name] not in stds:
+                raise PrivacyError(f"parameter {name!r} has no noise std (its group "
+                                   f"{owner.get(name)!r} is not in stds); noise every released "
+                                   "parameter.")
+            per_param[name] = float(stds[owner[name]])
+    else:
+        per_param = {name: float(stds) for name in update}
+    noise = {}
+    for name in sorted(update):
+        std, ref = per_param[name], update[name]
+        if not 0.0 <= std < math.inf:
+            raise PrivacyError(f"noise std {std!r} for {name!r} must be finite and >= 0.")
+        if std == 0.0:
+            noise[name] = torch.zeros_like(ref)
+            continue
+        dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        draw = torch.randn(ref.shape, generator=source.generator(), dtype=dtype)
+        noise[name] = (draw * std).to(device=ref.device, dtype=ref.dtype)
+    return {name: noise[name] for name in update}
+
+
+class NoisePlacement(str, Enum):
+    """Who adds the noise, and whom the guarantee protects against (DESIGN 4.2)."""
+
+    SERVER = "server"
+    """A trusted aggregator sees the clipped updates and adds N(0, sigma_g^2) per coordinate to their
+    sum. The guarantee covers everything released from the server (global models, reports), not
+    the server itself."""
+
+    DISTRIBUTED = "distributed"
+    """Each participant adds N(0, sigma_g^2 / m_min) to its clipped update; the server sees only the
+    sum through secure aggregation, which holds at least the full sigma_g^2 when at least m_min
+    sites take part. Fewer participants: abort the round (or recompute the guarantee for the noise
+    present). Without secure aggregation this gives NO guarantee against the server, which sees
+    each individual, under-noised update."""
+
+    LOCAL = "local"
+    """Each transmitted update is itself private: the site adds the full N(0, sigma_g^2). Under
+    replace-one-site adjacency the sensitivity is 2C; a site's releases compose over the rounds it
+    took part in, with no amplification by sampling (the server sees who sent what)."""
+
+
+class NoiseSplit(NamedTuple):
+    """Noise std added by each participant and by the server (floats, or dicts per group)."""
+
+    participant_std: float | dict[str, float]
+    server_std: float | dict[str, float]
+
+
+def per_participant_noise_std(placement: NoisePlacement | str,
+                              sigma: float | Mapping[str, float],
+                              min_participants: int = 1) -> NoiseSplit:
+    """Split the noise std sigma (per coordinate of the sum) between participants and server.
+
+    * server: participants 0, server sigma.
+    * distributed: each participant sigma / sqrt(m_min), server 0; m_min >= 1 participants
+      together add variance >= sigma^2.
+    * local: each participant sigma (its own update is the release), server 0.
+
+    ``sigma`` may be one float or a dict of per-group stds; the split is applied to each.
+    """
+    placement = NoisePlacement(placement)
+    if int(min_participants) != min_participants or min_participants < 1:
+        raise PrivacyError(f"min_participants={min_participants!r} must be an integer >= 1.")
+    factor = {NoisePlacement.SERVER: (0.0, 1.0),
+              NoisePlacement.DISTRIBUTED: (1.0 / math.sqrt(min_participants), 0.0),
+              NoisePlacement.LOCAL: (1.0, 0.0)}[placement]
+
+    def split(s: float) -> tuple[float, float]:
+        if not 0.0 <= s < math.inf:
+            raise PrivacyError(f"noise std {s!r} must be finite and >= 0.")
+        return s * factor[0], s * factor[1]
+
+    if isinstance(sigma, Mapping):
+        parts = {g: split(float(s)) for g, s in sigma.items()}
+        return NoiseSplit({g: p[0] for g, p in parts.items()}, {g: p[1] for g, p in parts.items()})
+    return NoiseSplit(*split(float(sigma)))
+
+
+class ReleaseAccounting(NamedTuple):
+    """What to give the accountant for one round: multiplier and sampling rate."""
+
+    noise_multiplier: float
+    sample_rate: float
+
+
+def release_accounting(placement: NoisePlacement | str, noise_multiplier: float,
+                       sample_rate: float, *, participants: int | None = None,
+                       min_participants: int = 1) -> ReleaseAccounting:
+    """Map a round's effective multiplier z_eff (DESIGN 4.1) to accountant inputs per placement.
+
+    * server / distributed: sites are Poisson-sampled with rate q and the server releases (or
+      sees) only the noisy sum, so the round is the subsampled Gaussian mechanism with
+      multiplier z_eff and rate q: amplification by sampling applies (add/remove-one-site
+      adjacency, fixed denominator qN). For distributed, a round with fewer than
+      ``min_participants`` participants did not get the full noise: PrivacyError (abort it).
+    * local: each site's update is released on its own. Under replace-one-site adjacency two
+      clipped updates differ by up to 2C, so the multiplier is z_eff / 2; the server sees who
+      sent what, so there is no amplification: rate 1, and the steps are the rounds this site
+      took part in (per-site accounting).
+
+    Returns:
+        ReleaseAccounting(noise_multiplier, sample_rate) for ``compute_epsilon`` / the ledger.
+    """
+    placement = NoisePlacement(placement)
+    if not 0.0 <= noise_multiplier < math.inf:
+        raise PrivacyError(f"noise_multiplier={noise_multiplier!r} must be finite and >= 0.")
+    if not 0.0 < sample_rate <= 1.0:
+        raise PrivacyError(f"sample_rate={sample_rate!r} must lie in (0, 1].")
+    if placement is NoisePlacement.LOCAL:
+        return ReleaseAccounting(noise_multiplier / 2.0, 1.0)
+    if (placement is NoisePlacement.DISTRIBUTED and participants is not None
+            and participants < min_participants):
+        raise PrivacyError(f"only {participants} sites took part but distributed noise assumes at "
+                           f"least min_participants={min_participants}; abort this round (release "
+                           "nothing) or lower min_participants before the round starts.")
+    return ReleaseAccounting(float(noise_multiplier), float(sample_rate))
