@@ -1,0 +1,185 @@
+"""An experiment: data, federation, model and round-loop configs, plus the methods to compare.
+
+This is the edge where YAML (``configs/*.yaml``), the CLI and notebook parameters become typed
+configs. :func:`run_method` trains one method; :func:`compare_methods` trains several on the same
+federation and returns a table with 95% confidence intervals.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import pandas as pd
+import yaml
+
+from .configuration import dataclass_from_dict, to_plain
+from .data.federation import Federation, FederationConfig, build_federation
+from .data.synthetic import SyntheticCohortConfig
+from .errors import ConfigError
+from .federated.config import FederatedConfig
+from .federated.simulation import RunResult, run_federated
+from .federated.strategies import available_strategies, create_strategy
+from .io.run_directory import RunDirectory
+from .models.presets import create_model, list_presets
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model preset plus :class:`~mmpfl_core.models.vit.ViTConfig` overrides (e.g. ``fusion``)."""
+
+    preset: str = "tiny"
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.preset not in list_presets():
+            raise ConfigError(f"model.preset={self.preset!r} is unknown; available: {list_presets()}.")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of a comparison: a registered strategy, its arguments and a display label."""
+
+    strategy: str
+    label: str = ""
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in available_strategies():
+            raise ConfigError(f"method strategy={self.strategy!r} is unknown; available: {available_strategies()}.")
+        if not self.label:
+            object.__setattr__(self, "label", self.strategy)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "quickstart"
+    data: SyntheticCohortConfig = field(default_factory=SyntheticCohortConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    methods: tuple[MethodSpec, ...] = (MethodSpec("fedavg"),)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ExperimentConfig":
+        values = dict(values)
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            raise ConfigError(f"unknown top-level key(s) {unknown}; allowed: {sorted(allowed)}.")
+        methods = tuple(_method_from_dict(m) for m in values.get("methods", [{"strategy": "fedavg"}]))
+        return cls(
+            name=str(values.get("name", "experiment")),
+            data=dataclass_from_dict(SyntheticCohortConfig, values.get("data"), "data"),
+            federation=dataclass_from_dict(FederationConfig, values.get("federation"), "federation"),
+            model=dataclass_from_dict(ModelSpec, values.get("model"), "model"),
+            federated=FederatedConfig.from_dict(values.get("federated") or {}),
+            methods=methods,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    def replace(self, **sections: Mapping[str, Any]) -> "ExperimentConfig":
+        """A copy with some fields of some sections changed, e.g. ``replace(federated={"num_rounds": 3})``."""
+        values = self.to_dict()
+        for section, changes in sections.items():
+            if isinstance(values.get(section), dict):
+                values[section] = _deep_update(values[section], changes)
+            else:
+                values[section] = changes
+        return ExperimentConfig.from_dict(values)
+
+
+def _deep_update(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _deep_update(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _method_from_dict(values: Mapping[str, Any] | str) -> MethodSpec:
+    if isinstance(values, str):
+        return MethodSpec(values)
+    values = dict(values)
+    strategy = values.pop("strategy", None)
+    if strategy is None:
+        raise ConfigError(f"method entry {values} needs a 'strategy' key; available: {available_strategies()}.")
+    label = values.pop("label", "")
+    return MethodSpec(strategy=strategy, label=label, kwargs=values)
+
+
+def load_experiment(path_or_name: str | Path) -> ExperimentConfig:
+    """Read a YAML experiment: a file path, or the name of a preset in ``configs/`` (``quickstart``)."""
+    path = Path(path_or_name)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{path_or_name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+        raise ConfigError(f"experiment config {str(path_or_name)!r} not found; presets: {known}, or pass a YAML path.")
+    return ExperimentConfig.from_dict(yaml.safe_load(path.read_text()) or {})
+
+
+def make_federation(config: ExperimentConfig) -> Federation:
+    return build_federation(config.data, config.federation)
+
+
+def model_factory(config: ExperimentConfig, federation: Federation) -> Callable[[], Any]:
+    """A zero-argument constructor whose model matches the data (size, sequences, classes) and seed."""
+    reference = federation.sites[0].train
+    shape = dict(image_size=reference.image_size, num_modalities=reference.num_modalities,
+                 num_clinical=len(reference.clinical_names), num_classes=reference.num_classes)
+    overrides = {**shape, **dict(config.model.overrides)}
+    return lambda: create_model(config.model.preset, seed=config.federated.seed, **overrides)
+
+
+def run_method(config: ExperimentConfig, method: MethodSpec, federation: Federation | None = None, *,
+               results_dir: Path | None = None, progress: bool = True, resume: bool = True) -> RunResult:
+    """Train one method. With ``results_dir``, the run lives in ``<results_dir>/<label>/`` and resumes."""
+    federation = federation if federation is not None else make_federation(config)
+    run_dir = None
+    if results_dir is not None:
+        run_config = {**config.to_dict(), "method": to_plain(method)}
+        run_config.pop("methods")
+        run_dir = RunDirectory.create(results_dir, method.label, run_config, exist_ok_resume=resume)
+    return run_federated(federation, model_factory=model_factory(config, federation),
+                         strategy=create_strategy(method.strategy, **dict(method.kwargs)),
+                         config=config.federated, run_dir=run_dir, progress=progress)
+
+
+def _ci_text(entry: Mapping[str, float] | None) -> str:
+    if not entry:
+        return "n/a"
+    return f"{entry['point']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+
+
+def comparison_table(runs: Mapping[str, RunResult]) -> pd.DataFrame:
+    """One row per method: accuracy with 95% CI (global and personalised), other metrics, communication."""
+    rows = []
+    for label, run in runs.items():
+        s = run.summary
+        personal, global_ = s.get("personal_test", {}), s.get("global_test")
+        rows.append({
+            "method": label,
+            "global acc [95% CI]": _ci_text(global_["accuracy"]) if global_ else "n/a",
+            "personal acc [95% CI]": _ci_text(personal.get("accuracy")),
+            "balanced acc": (global_ or personal)["balanced_accuracy"]["point"],
+            "macro-F1": (global_ or personal)["macro_f1"]["point"],
+            "AUROC": (global_ or personal)["auroc"]["point"],
+            "rounds to target": s.get("rounds_to_target"),
+            "MB total": s["megabytes_up"] + s["megabytes_down"],
+            "MB to target": s.get("megabytes_to_target"),
+        })
+    return pd.DataFrame(rows)
+
+
+def compare_methods(config: ExperimentConfig, *, results_dir: Path | None = None, progress: bool = True
+                    ) -> tuple[pd.DataFrame, dict[str, RunResult], Federation]:
+    """Train every method of ``config`` on one shared federation; return the table and the runs."""
+    federation = make_federation(config)
+    runs = {m.label: run_method(config, m, federation, results_dir=results_dir, progress=progress)
+            for m in config.methods}
+    return comparison_table(runs), runs, federation

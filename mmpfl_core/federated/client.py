@@ -1,0 +1,110 @@
+"""The site side of a round: train a copy of the model on the site's data and return the update.
+
+Engine-agnostic: :func:`local_update` takes a model, the site's dataset and configs, and returns a
+:class:`ClientUpdate` of plain tensors. The in-process simulator calls it directly; the Flower
+client app calls the same function. It never sees other sites' data or the server's state beyond
+the parameters it was sent.
+
+What leaves the site is decided by the strategy (``Strategy.transmit``), not here: this module only
+computes ``delta = theta_local - theta_global`` for every trainable parameter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..data.contract import CohortDataset
+from .config import LocalTrainingConfig, OptimizerConfig
+
+#: An extra term of the local objective, e.g. FedProx's proximal term; gets the model being trained.
+LossRegulariser = Callable[[nn.Module], torch.Tensor]
+
+
+@dataclass
+class ClientUpdate:
+    """What a site computed in one round (before the strategy decides what to transmit)."""
+
+    site_id: int
+    delta: dict[str, torch.Tensor]  # parameter name -> theta_local - theta_start
+    num_examples: int
+    num_steps: int
+    train_loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def build_optimizer(params, config: OptimizerConfig) -> torch.optim.Optimizer:
+    """A fresh optimiser: clients are stateless across rounds (they may not be sampled again)."""
+    if config.name == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def batch_schedule(num_examples: int, config: LocalTrainingConfig, generator: torch.Generator) -> list[torch.Tensor]:
+    """Index batches for one round: shuffled epochs, or exactly ``local_steps`` batches.
+
+    The last partial batch of an epoch is kept (small sites would otherwise lose data).
+    """
+    batches: list[torch.Tensor] = []
+    target = config.local_steps
+    epochs = config.local_epochs if target is None else None
+    while True:
+        order = torch.randperm(num_examples, generator=generator)
+        for start in range(0, num_examples, config.batch_size):
+            batches.append(order[start:start + config.batch_size])
+            if target is not None and len(batches) == target:
+                return batches
+        if epochs is not None:
+            epochs -= 1
+            if epochs == 0:
+                return batches
+
+
+def forward_batch(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Logits for a contract batch (images, modality_mask, clinical) moved to ``device``."""
+    return model(batch["images"].to(device, non_blocking=True),
+                 batch["modality_mask"].to(device, non_blocking=True),
+                 batch["clinical"].to(device, non_blocking=True))
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of the trainable parameters, by name (what FL exchanges)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def local_update(model: nn.Module, dataset: CohortDataset, *, site_id: int, training: LocalTrainingConfig,
+                 optimizer: OptimizerConfig, generator: torch.Generator, device: torch.device,
+                 regulariser: LossRegulariser | None = None) -> ClientUpdate:
+    """Train ``model`` in place on ``dataset`` and return the parameter delta.
+
+    Steps: 1) remember the starting parameters theta_0; 2) run the batch schedule with a fresh
+    optimiser on cross-entropy (+ the strategy's regulariser); 3) return theta_T - theta_0.
+
+    Args:
+        model: the site's working copy, already holding the parameters the round starts from.
+        dataset: the site's training split.
+        generator: the site's random stream for this round (shuffling), derived from the run seed.
+        regulariser: extra loss term (FedProx, Ditto), evaluated on the model being trained.
+    """
+    model.to(device).train()
+    start = trainable_state(model)
+    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], optimizer)
+    loss_fn = nn.CrossEntropyLoss()
+    total_loss, steps = 0.0, 0
+    for index in batch_schedule(len(dataset), training, generator):
+        batch = dataset.batch(index)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(forward_batch(model, batch, device), batch["label"].to(device))
+        if regulariser is not None:
+            loss = loss + regulariser(model)
+        loss.backward()
+        if training.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
+        opt.step()
+        total_loss += float(loss.detach())
+        steps += 1
+    delta = {n: p.detach() - start[n] for n, p in model.named_parameters() if n in start}
+    return ClientUpdate(site_id=site_id, delta=delta, num_examples=len(dataset), num_steps=steps,
+                        train_loss=total_loss / max(steps, 1))

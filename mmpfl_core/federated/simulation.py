@@ -1,0 +1,244 @@
+"""The in-process round loop: one loop for every strategy, with evaluation, checkpoints and resume.
+
+Round t, in order:
+  1. the strategy selects clients (random stream ``(seed, 1, t)``);
+  2. each selected client starts from ``strategy.client_start_state`` and runs :func:`local_update`
+     (shuffling stream ``(seed, 2, t, site)``; torch's global RNG is forked and seeded from the same
+     path, so dropout is reproducible and nothing outside the loop is touched);
+  3. the strategy decides what each client transmits; the bytes are counted up and down;
+  4. the strategy aggregates into the next global model;
+  5. every ``eval_every`` rounds: global and personalised models on the validation and test splits;
+  6. every ``checkpoint_every`` rounds: a safe checkpoint (safetensors + JSON).
+
+Every random draw of round t derives from ``(seed, t, ...)`` alone, so a run resumed from the
+checkpoint of round t continues exactly as the uninterrupted run would: the final metrics match
+bit for bit (``tests/test_federated.py`` checks this).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.contract import Cohort, CohortDataset, concatenate
+from ..data.federation import Federation
+from ..io.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from ..io.run_directory import RunDirectory
+from ..metrics.classification import metrics_with_ci
+from ..metrics.communication import CommunicationCounter
+from ..metrics.convergence import rounds_to_target
+from ..notebook_tools.environment import resolve_device
+from ..seeding import numpy_generator, torch_generator
+from .client import ClientUpdate, local_update, trainable_state
+from .config import FederatedConfig
+from .evaluation import evaluate_predictions, predict_proba, site_accuracies
+from .strategies import State, Strategy
+
+_SAMPLING_STREAM, _TRAINING_STREAM, _BOOTSTRAP_STREAM = 1, 2, 3
+
+
+@dataclass
+class RunResult:
+    """What a run returns: the per-round history, the summary and the final models."""
+
+    history: list[dict[str, Any]]
+    summary: dict[str, Any]
+    global_state: State
+    strategy: Strategy
+    final_predictions: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class _SplitView:
+    """One split (val or test) pooled over sites, remembering which rows belong to which site."""
+
+    def __init__(self, cohorts: list[Cohort]) -> None:
+        self.cohort = concatenate(cohorts)
+        self.dataset = CohortDataset(self.cohort)
+        self.per_site = {int(c.sites[0]) if len(c) else i: CohortDataset(c) for i, c in enumerate(cohorts)}
+
+
+class FederatedSimulation:
+    """Runs a strategy over a federation in one process. See the module docstring for the round."""
+
+    def __init__(self, federation: Federation, *, model_factory: Callable[[], nn.Module], strategy: Strategy,
+                 config: FederatedConfig, run_dir: RunDirectory | None = None, progress: bool = True) -> None:
+        self.federation, self.strategy, self.config = federation, strategy, config
+        self.run_dir, self.progress = run_dir, progress
+        self.device = resolve_device(config.device)
+        self.model = model_factory().to(self.device)
+        self.num_classes = federation.sites[0].train.num_classes
+        self.clients = strategy.client_datasets(federation)
+        self.val = _SplitView([s.val for s in federation.sites])
+        self.test = _SplitView([s.test for s in federation.sites])
+        self.global_state: State = trainable_state(self.model)
+        self.counter = CommunicationCounter()
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ round
+    def run_round(self, t: int) -> dict[str, Any]:
+        cfg = self.config
+        selected = self.strategy.select(sorted(self.clients), cfg, numpy_generator(cfg.seed, _SAMPLING_STREAM, t))
+        updates: list[ClientUpdate] = []
+        sent: list[State] = []
+        for site in selected:
+            start = self.strategy.client_start_state(site, self.global_state)
+            self.model.load_state_dict(start, strict=False)
+            generator = torch_generator(cfg.seed, _TRAINING_STREAM, t, site)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+                update = local_update(self.model, self.clients[site], site_id=site, training=cfg.local,
+                                      optimizer=cfg.optimizer, generator=generator, device=self.device,
+                                      regulariser=self.strategy.regulariser(site, self.global_state))
+            self.strategy.after_local(site, self.model)
+            transmitted = self.strategy.transmit(update, t)
+            if self.strategy.communicates:
+                self.counter.add_download(t, site, self.global_state)
+                self.counter.add_upload(t, site, transmitted)
+            updates.append(update)
+            sent.append(transmitted)
+        self.global_state = self.strategy.aggregate(self.global_state, updates, sent, t)
+        traffic = self.counter.round_totals(t)
+        cumulative = self.counter.cumulative_totals(t)
+        row: dict[str, Any] = {
+            "round": t, "num_clients": len(selected),
+            "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else float("nan"),
+            "bytes_up": traffic["up"], "bytes_down": traffic["down"],
+            "cum_bytes_up": cumulative["up"], "cum_bytes_down": cumulative["down"],
+        }
+        # Round 1 is always evaluated: it fixes the columns of metrics.csv and shows the starting point.
+        if t == 1 or t % cfg.eval_every == 0 or t == cfg.num_rounds:
+            row.update(self.evaluate())
+        return row
+
+    # ------------------------------------------------------------- evaluation
+    def _proba(self, state: State, dataset: CohortDataset) -> np.ndarray:
+        self.model.load_state_dict(state, strict=False)
+        return predict_proba(self.model, dataset, batch_size=self.config.eval_batch_size, device=self.device)
+
+    def _personal_proba(self, view: _SplitView, global_proba: np.ndarray | None) -> np.ndarray:
+        """Each site's deployed model on its own rows; rows of sites without one reuse the global model."""
+        parts = []
+        for site, dataset in view.per_site.items():
+            state = self.strategy.personal_state(site, self.global_state)
+            if state is None and global_proba is not None:
+                parts.append(global_proba[view.cohort.sites == site])
+            else:
+                parts.append(self._proba(state if state is not None else self.global_state, dataset))
+        return np.concatenate(parts)
+
+    def _global_metrics(self, view: _SplitView, prefix: str) -> tuple[dict[str, float], np.ndarray | None]:
+        labels = view.cohort.labels
+        if self.strategy.has_global_model:
+            proba = self._proba(self.global_state, view.dataset)
+            return evaluate_predictions(labels, proba, self.num_classes, prefix), proba
+        # Local-only has no global model: report the mean over the sites' own models on the pooled split.
+        per_model = [evaluate_predictions(labels, self._proba(self.strategy.personal_state(s, self.global_state), view.dataset),
+                                          self.num_classes, prefix) for s in view.per_site]
+        return {k: float(np.mean([m[k] for m in per_model])) for k in per_model[0]}, None
+
+    def evaluate(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for view, split in ((self.val, "val"), (self.test, "test")):
+            metrics, global_proba = self._global_metrics(view, f"global_{split}")
+            out.update(metrics)
+            personal = self._personal_proba(view, global_proba)
+            out.update(evaluate_predictions(view.cohort.labels, personal, self.num_classes, f"personal_{split}"))
+            if split == "test":
+                out.update({f"site{s}_personal_test_accuracy": a
+                            for s, a in site_accuracies(view.cohort.labels, personal, view.cohort.sites).items()})
+        return out
+
+    # ---------------------------------------------------------- checkpointing
+    def _save(self, t: int) -> None:
+        if self.run_dir is None or self.config.checkpoint_every == 0:
+            return
+        strategy_tensors, strategy_state = self.strategy.state_dict()
+        save_checkpoint(checkpoint_path(self.run_dir.checkpoint_dir, t),
+                        tensors={"global": self.global_state, "strategy": strategy_tensors},
+                        state={"round": t, "communication": self.counter.state_dict(),
+                               "strategy": strategy_state, "history": self.history})
+        prune_checkpoints(self.run_dir.checkpoint_dir, self.config.keep_checkpoints)
+
+    def _resume(self) -> int:
+        """Restore the latest checkpoint if there is one; return the first round still to run."""
+        if self.run_dir is None:
+            return 1
+        path = latest_checkpoint(self.run_dir.checkpoint_dir)
+        if path is None:
+            self.run_dir.truncate_after(0)
+            return 1
+        tensors, state = load_checkpoint(path)
+        self.global_state = {k: v.to(self.device) for k, v in tensors["global"].items()}
+        self.strategy.load_state_dict({k: v.to(self.device) for k, v in tensors.get("strategy", {}).items()},
+                                      state["strategy"])
+        self.counter.load_state_dict(state["communication"])
+        self.history = list(state["history"])
+        self.run_dir.truncate_after(int(state["round"]))
+        return int(state["round"]) + 1
+
+    # -------------------------------------------------------------------- run
+    def run(self, *, stop_after: int | None = None) -> RunResult:
+        """Run (or resume) to ``num_rounds``; ``stop_after`` ends early (used to test resume)."""
+        cfg = self.config
+        first = self._resume()
+        last = cfg.num_rounds if stop_after is None else min(cfg.num_rounds, stop_after)
+        rounds = tqdm(range(first, last + 1), desc=f"{self.strategy.name} rounds", disable=not self.progress,
+                      initial=first - 1, total=cfg.num_rounds)
+        for t in rounds:
+            started = time.perf_counter()
+            row = self.run_round(t)
+            row["seconds"] = round(time.perf_counter() - started, 3)
+            self.history.append(row)
+            if self.run_dir is not None:
+                self.run_dir.log_round(row)
+            if cfg.checkpoint_every and (t % cfg.checkpoint_every == 0 or t == cfg.num_rounds):
+                self._save(t)
+            if "personal_val_accuracy" in row:
+                rounds.set_postfix(val_acc=f"{row['personal_val_accuracy']:.3f}")
+        summary = self.summarise() if last == cfg.num_rounds else {}
+        if summary and self.run_dir is not None:
+            self.run_dir.write_summary(summary)
+        return RunResult(history=self.history, summary=summary, global_state=self.global_state, strategy=self.strategy)
+
+    def summarise(self) -> dict[str, Any]:
+        """Final metrics with bootstrap 95% CIs, rounds-to-target, total communication."""
+        cfg = self.config
+        rng = numpy_generator(cfg.seed, _BOOTSTRAP_STREAM)
+        labels = self.test.cohort.labels
+        _, global_proba = self._global_metrics(self.test, "global_test")
+        personal = self._personal_proba(self.test, global_proba)
+        summary: dict[str, Any] = {"strategy": self.strategy.name, "num_rounds": cfg.num_rounds, "seed": cfg.seed}
+        if cfg.bootstrap_resamples:
+            summary["personal_test"] = metrics_with_ci(labels, personal, rng=rng, num_resamples=cfg.bootstrap_resamples)
+            if global_proba is not None:
+                summary["global_test"] = metrics_with_ci(labels, global_proba, rng=rng,
+                                                         num_resamples=cfg.bootstrap_resamples)
+        evaluated = [r for r in self.history if "personal_val_accuracy" in r]
+        key = "global_val_accuracy" if self.strategy.has_global_model else "personal_val_accuracy"
+        curve = [r[key] for r in evaluated]
+        reached = rounds_to_target(curve, cfg.target_accuracy, window=cfg.smoothing_window)
+        summary["target_accuracy"] = cfg.target_accuracy
+        summary["rounds_to_target"] = None if reached is None else int(evaluated[reached - 1]["round"])
+        summary["megabytes_up"] = self.counter.megabytes("up")
+        summary["megabytes_down"] = self.counter.megabytes("down")
+        if reached is not None:
+            at = summary["rounds_to_target"]
+            totals = self.counter.cumulative_totals(at)
+            summary["megabytes_to_target"] = (totals["up"] + totals["down"]) / 1e6
+        # Wall time is left out so that a resumed run and an uninterrupted one have equal summaries.
+        summary["final"] = {k: v for k, v in self.history[-1].items() if isinstance(v, (int, float)) and k != "seconds"}
+        return summary
+
+
+def run_federated(federation: Federation, *, model_factory: Callable[[], nn.Module], strategy: Strategy,
+                  config: FederatedConfig, run_dir: RunDirectory | None = None, progress: bool = True,
+                  stop_after: int | None = None) -> RunResult:
+    """Convenience wrapper: build a :class:`FederatedSimulation` and run it."""
+    sim = FederatedSimulation(federation, model_factory=model_factory, strategy=strategy, config=config,
+                              run_dir=run_dir, progress=progress)
+    return sim.run(stop_after=stop_after)

@@ -1,0 +1,202 @@
+"""Federated strategies as hooks on one round loop, created through a registry.
+
+A strategy answers six questions the round loop (:mod:`mmpfl_core.federated.simulation`) asks:
+
+1. ``client_datasets``: who the clients are (the sites; or one pooled client for centralized).
+2. ``select``: which clients take part in round t.
+3. ``client_start_state``: which parameters a client starts from (global, or global merged with its
+   personal state).
+4. ``regulariser``: extra terms of the local objective (FedProx's proximal term).
+5. ``transmit``: what a client sends (all parameters by default; privacy and masks change this).
+6. ``aggregate``: how the server forms the next global model; ``after_local`` keeps personal state.
+
+FedAvg, FedProx, centralized and local-only training are small subclasses. Register new ones with
+``@register_strategy("name")`` and build them with ``create_strategy("name", **kwargs)``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.contract import CohortDataset, concatenate
+from ..data.federation import Federation
+from ..errors import ConfigError
+from .client import ClientUpdate, LossRegulariser
+from .config import FederatedConfig
+
+State = dict[str, torch.Tensor]
+_REGISTRY: dict[str, type["Strategy"]] = {}
+
+
+def register_strategy(name: str) -> Callable[[type["Strategy"]], type["Strategy"]]:
+    """Class decorator that makes a strategy available to :func:`create_strategy` under ``name``."""
+    def decorator(cls: type[Strategy]) -> type[Strategy]:
+        if name in _REGISTRY:
+            raise ValueError(f"strategy {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return decorator
+
+
+def available_strategies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_strategy(name: str, **kwargs: Any) -> "Strategy":
+    """Build a registered strategy; unknown names and bad arguments raise :class:`ConfigError`."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown strategy {name!r}; available: {available_strategies()}.")
+    try:
+        return _REGISTRY[name](**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"bad arguments {kwargs} for strategy {name!r}: {exc}") from exc
+
+
+def select_clients(client_ids: Sequence[int], config: FederatedConfig, rng: np.random.Generator) -> list[int]:
+    """Fixed-size uniform sampling ("fraction") or independent Poisson sampling ("poisson")."""
+    ids = np.asarray(client_ids)
+    if config.sampling == "poisson":
+        return sorted(ids[rng.random(len(ids)) < config.client_fraction].tolist())
+    k = max(1, int(round(config.client_fraction * len(ids))))
+    return sorted(rng.choice(ids, size=k, replace=False).tolist())
+
+
+class Strategy:
+    """FedAvg-shaped defaults for every hook; subclasses override what differs."""
+
+    name: ClassVar[str] = "base"
+    #: False for local-only training: there is no global model to evaluate or transmit.
+    has_global_model: ClassVar[bool] = True
+    #: False where nothing crosses the network (centralized, local-only): bytes stay zero.
+    communicates: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self.personal: dict[int, State] = {}
+
+    # 1. clients
+    def client_datasets(self, federation: Federation) -> dict[int, CohortDataset]:
+        return {site.site_id: CohortDataset(site.train) for site in federation.sites}
+
+    # 2. selection
+    def select(self, client_ids: Sequence[int], config: FederatedConfig, rng: np.random.Generator) -> list[int]:
+        return select_clients(client_ids, config, rng)
+
+    # 3. starting point of a client
+    def client_start_state(self, site_id: int, global_state: State) -> State:
+        return global_state
+
+    # 4. local objective
+    def regulariser(self, site_id: int, global_state: State) -> LossRegulariser | None:
+        return None
+
+    # 5. what a client sends
+    def transmit(self, update: ClientUpdate, round_index: int) -> State:
+        return update.delta
+
+    # 6. server aggregation and personal state
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
+                  round_index: int) -> State:
+        return weighted_average_update(global_state, sent, [u.num_examples for u in updates])
+
+    def after_local(self, site_id: int, model: nn.Module) -> None:
+        """Called after a client's local training with its trained working model."""
+
+    def personal_state(self, site_id: int, global_state: State) -> State | None:
+        """The parameters a site deploys; ``None`` means the global model."""
+        return None
+
+    # checkpointing
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"{site}/{name}": t for site, state in self.personal.items() for name, t in state.items()}
+        return tensors, {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        self.personal = {}
+        for key, tensor in tensors.items():
+            site, name = key.split("/", 1)
+            self.personal.setdefault(int(site), {})[name] = tensor
+
+
+def weighted_average_update(global_state: State, sent: Sequence[State], weights: Sequence[float]) -> State:
+    """theta + sum_k w_k delta_k / sum_k w_k, per parameter over the clients that sent it.
+
+    A parameter no client sent keeps its global value. Weights are the clients' example counts
+    (McMahan et al. 2017), so the global model follows the pooled-data objective.
+    """
+    new_state = {}
+    for name, value in global_state.items():
+        contributions = [(w, s[name]) for w, s in zip(weights, sent) if name in s]
+        total = float(sum(w for w, _ in contributions))
+        if total <= 0:
+            new_state[name] = value
+            continue
+        step = sum(w * d for w, d in contributions) / total
+        new_state[name] = value + step.to(value.dtype)
+    return new_state
+
+
+@register_strategy("fedavg")
+class FedAvg(Strategy):
+    """Federated averaging (McMahan et al. 2017): sample-weighted mean of the clients' updates."""
+
+
+@register_strategy("fedprox")
+class FedProx(Strategy):
+    """FedProx (Li et al. 2020): FedAvg plus (mu/2)||theta - theta_global||^2 in the local objective."""
+
+    def __init__(self, mu: float = 0.01) -> None:
+        super().__init__()
+        if not mu >= 0:
+            raise ConfigError(f"fedprox mu={mu!r} must be >= 0 (0 recovers FedAvg).")
+        self.mu = mu
+
+    def regulariser(self, site_id: int, global_state: State) -> LossRegulariser | None:
+        if self.mu == 0:
+            return None
+        anchor = {n: t.detach() for n, t in global_state.items()}
+
+        def proximal(model: nn.Module) -> torch.Tensor:
+            terms = [((p - anchor[n].to(p.device)) ** 2).sum() for n, p in model.named_parameters() if n in anchor]
+            return 0.5 * self.mu * torch.stack(terms).sum()
+        return proximal
+
+
+@register_strategy("centralized")
+class Centralized(Strategy):
+    """The upper bound: all sites' training data pooled at one place, no federation, no privacy."""
+
+    communicates = False
+
+    def client_datasets(self, federation: Federation) -> dict[int, CohortDataset]:
+        return {0: CohortDataset(concatenate([site.train for site in federation.sites]))}
+
+    def select(self, client_ids: Sequence[int], config: FederatedConfig, rng: np.random.Generator) -> list[int]:
+        return list(client_ids)
+
+
+@register_strategy("local")
+class LocalOnly(Strategy):
+    """The lower bound: every site trains alone on its own data and deploys its own model."""
+
+    has_global_model = False
+    communicates = False
+
+    def select(self, client_ids: Sequence[int], config: FederatedConfig, rng: np.random.Generator) -> list[int]:
+        return list(client_ids)
+
+    def client_start_state(self, site_id: int, global_state: State) -> State:
+        return self.personal.get(site_id, global_state)
+
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
+                  round_index: int) -> State:
+        return global_state
+
+    def after_local(self, site_id: int, model: nn.Module) -> None:
+        self.personal[site_id] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def personal_state(self, site_id: int, global_state: State) -> State | None:
+        return self.personal.get(site_id, global_state)
