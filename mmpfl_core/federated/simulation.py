@@ -37,7 +37,7 @@ from ..seeding import numpy_generator, torch_generator
 from .client import ClientUpdate, local_update, trainable_state
 from .config import FederatedConfig
 from .evaluation import evaluate_predictions, predict_proba, site_accuracies
-from .strategies import State, Strategy
+from .strategies import State, StopTraining, Strategy
 
 _SAMPLING_STREAM, _TRAINING_STREAM, _BOOTSTRAP_STREAM = 1, 2, 3
 
@@ -97,7 +97,7 @@ class FederatedSimulation:
             self.strategy.after_local(site, self.model)
             transmitted = self.strategy.transmit(update, t)
             if self.strategy.communicates:
-                self.counter.add_download(t, site, self.global_state)
+                self.counter.add_download(t, site, self.strategy.broadcast(site, self.global_state))
                 self.counter.add_upload(t, site, transmitted)
             updates.append(update)
             sent.append(transmitted)
@@ -111,6 +111,7 @@ class FederatedSimulation:
             "cum_bytes_up": cumulative["up"], "cum_bytes_down": cumulative["down"],
         }
         # Round 1 is always evaluated: it fixes the columns of metrics.csv and shows the starting point.
+        row.update(self.strategy.round_report(t))
         if t == 1 or t % cfg.eval_every == 0 or t == cfg.num_rounds:
             row.update(self.evaluate())
         return row
@@ -189,8 +190,14 @@ class FederatedSimulation:
         last = cfg.num_rounds if stop_after is None else min(cfg.num_rounds, stop_after)
         rounds = tqdm(range(first, last + 1), desc=f"{self.strategy.name} rounds", disable=not self.progress,
                       initial=first - 1, total=cfg.num_rounds)
+        stopped_early = None
         for t in rounds:
             started = time.perf_counter()
+            try:
+                self.strategy.before_round(t)
+            except StopTraining as reason:
+                stopped_early = f"stopped before round {t}: {reason}"
+                break
             row = self.run_round(t)
             row["seconds"] = round(time.perf_counter() - started, 3)
             self.history.append(row)
@@ -200,7 +207,10 @@ class FederatedSimulation:
                 self._save(t)
             if "personal_val_accuracy" in row:
                 rounds.set_postfix(val_acc=f"{row['personal_val_accuracy']:.3f}")
-        summary = self.summarise() if last == cfg.num_rounds else {}
+        finished = last == cfg.num_rounds or stopped_early is not None
+        summary = self.summarise() if finished and self.history else {}
+        if summary:
+            summary["stopped_early"] = stopped_early
         if summary and self.run_dir is not None:
             self.run_dir.write_summary(summary)
         return RunResult(history=self.history, summary=summary, global_state=self.global_state, strategy=self.strategy)
@@ -232,6 +242,7 @@ class FederatedSimulation:
             summary["megabytes_to_target"] = (totals["up"] + totals["down"]) / 1e6
         # Wall time is left out so that a resumed run and an uninterrupted one have equal summaries.
         summary["final"] = {k: v for k, v in self.history[-1].items() if isinstance(v, (int, float)) and k != "seconds"}
+        summary.update(self.strategy.summary_report())
         return summary
 
 

@@ -4,8 +4,8 @@ A strategy answers six questions the round loop (:mod:`mmpfl_core.federated.simu
 
 1. ``client_datasets``: who the clients are (the sites; or one pooled client for centralized).
 2. ``select``: which clients take part in round t.
-3. ``client_start_state``: which parameters a client starts from (global, or global merged with its
-   personal state).
+3. ``broadcast`` / ``client_start_state``: what the server sends, and which parameters a client
+   starts from (global, or global merged with its personal state).
 4. ``regulariser``: extra terms of the local objective (FedProx's proximal term).
 5. ``transmit``: what a client sends (all parameters by default; privacy and masks change this).
 6. ``aggregate``: how the server forms the next global model; ``after_local`` keeps personal state.
@@ -29,6 +29,10 @@ from .config import FederatedConfig
 
 State = dict[str, torch.Tensor]
 _REGISTRY: dict[str, type["Strategy"]] = {}
+
+
+class StopTraining(Exception):
+    """Raised by ``Strategy.before_round`` to end a run early; the message says why (kept in the summary)."""
 
 
 def register_strategy(name: str) -> Callable[[type["Strategy"]], type["Strategy"]]:
@@ -85,7 +89,11 @@ class Strategy:
     def select(self, client_ids: Sequence[int], config: FederatedConfig, rng: np.random.Generator) -> list[int]:
         return select_clients(client_ids, config, rng)
 
-    # 3. starting point of a client
+    # 3. what the server sends, and the starting point of a client
+    def broadcast(self, site_id: int, global_state: State) -> State:
+        """What the server sends to a selected client (counted as download traffic)."""
+        return global_state
+
     def client_start_state(self, site_id: int, global_state: State) -> State:
         return global_state
 
@@ -108,6 +116,19 @@ class Strategy:
     def personal_state(self, site_id: int, global_state: State) -> State | None:
         """The parameters a site deploys; ``None`` means the global model."""
         return None
+
+    # reporting
+    def before_round(self, round_index: int) -> None:
+        """Called before round ``round_index`` starts. Raise :class:`StopTraining` to end the run
+        (e.g. the next release would exceed the privacy budget)."""
+
+    def round_report(self, round_index: int) -> dict[str, float]:
+        """Extra columns of the round's metrics row (e.g. epsilon so far); same keys every round."""
+        return {}
+
+    def summary_report(self) -> dict[str, Any]:
+        """Extra entries of the run summary (e.g. the privacy ledger's summary)."""
+        return {}
 
     # checkpointing
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
