@@ -109,7 +109,9 @@ def _method_from_dict(values: Mapping[str, Any] | str) -> MethodSpec:
     if strategy is None:
         raise ConfigError(f"method entry {values} needs a 'strategy' key; available: {available_strategies()}.")
     label = values.pop("label", "")
-    return MethodSpec(strategy=strategy, label=label, kwargs=values)
+    # Strategy arguments may sit beside "strategy" (YAML) or under "kwargs" (a saved config).
+    kwargs = {**dict(values.pop("kwargs", None) or {}), **values}
+    return MethodSpec(strategy=strategy, label=label, kwargs=kwargs)
 
 
 def load_experiment(path_or_name: str | Path) -> ExperimentConfig:
@@ -162,9 +164,15 @@ def comparison_table(runs: Mapping[str, RunResult]) -> pd.DataFrame:
     for label, run in runs.items():
         s = run.summary
         personal, global_ = s.get("personal_test", {}), s.get("global_test")
+        if global_:
+            global_text = _ci_text(global_["accuracy"])
+        elif "global_test_accuracy" in s.get("final", {}):  # local-only: no global model exists
+            global_text = f"{s['final']['global_test_accuracy']:.3f} (mean of site models)"
+        else:
+            global_text = "n/a"
         rows.append({
             "method": label,
-            "global acc [95% CI]": _ci_text(global_["accuracy"]) if global_ else "n/a",
+            "global acc [95% CI]": global_text,
             "personal acc [95% CI]": _ci_text(personal.get("accuracy")),
             "balanced acc": (global_ or personal)["balanced_accuracy"]["point"],
             "macro-F1": (global_ or personal)["macro_f1"]["point"],

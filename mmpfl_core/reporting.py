@@ -45,18 +45,17 @@ def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bo
     table.to_csv(out / "comparison.csv", index=False)
     summary = cohort_summary_table(federation)
     summary.to_csv(out / "cohort_summary.csv", index=False)
+    plot_cohort_preview(federation.global_test, out / "cohort_preview.png")  # saves itself
     figures = {
-        "cohort_preview.png": lambda: plot_cohort_preview(federation.global_test, out / "cohort_preview.png"),
         "accuracy_vs_round.png": lambda: plot_accuracy_vs_round(runs),
         "site_accuracy.png": lambda: plot_site_accuracy(runs),
         "communication_vs_accuracy.png": lambda: plot_communication_vs_accuracy(runs),
     }
     for name, draw in figures.items():
-        result = draw()
-        if result is not None and hasattr(result, "figure"):
-            result.figure.tight_layout()
-            result.figure.savefig(out / name, dpi=120)
-            plt.close(result.figure)
+        ax = draw()
+        ax.figure.tight_layout()
+        ax.figure.savefig(out / name, dpi=120)
+        plt.close(ax.figure)
     cfg = config.federated
     text = [
         f"# {config.name}: method comparison",
@@ -71,7 +70,7 @@ def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bo
         markdown_table(table),
         "",
         "## Figures",
-        *[f"![{name}]({name})" for name in figures],
+        *[f"![{name}]({name})" for name in ["cohort_preview.png", *figures]],
         "",
         "## Cohort",
         markdown_table(summary),
