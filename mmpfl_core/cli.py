@@ -61,7 +61,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .reporting import markdown_table, write_comparison_report
+    from .reporting import write_comparison_report
+    from .tables import markdown_table
     config = _load(args)
     out = _results_dir(args, config.name)
     report = write_comparison_report(config, out, progress=not args.no_progress)

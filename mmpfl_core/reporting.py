@@ -10,6 +10,7 @@ import pandas as pd
 
 from .experiment import ExperimentConfig, compare_methods
 from .federated.simulation import RunResult
+from .tables import markdown_table
 
 
 @dataclass
@@ -17,17 +18,6 @@ class Report:
     path: Path
     table: pd.DataFrame
     runs: dict[str, RunResult]
-
-
-def markdown_table(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
-    """A GitHub-flavoured markdown table (pandas' to_markdown needs the optional tabulate package)."""
-    def cell(v) -> str:
-        if v is None or (isinstance(v, float) and v != v):
-            return "n/a"
-        return format(v, floatfmt) if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bool = True) -> Report:
