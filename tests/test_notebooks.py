@@ -32,8 +32,93 @@ def _expect_00(r: dict[str, Any]) -> None:
     assert r["missing_sequence_sites"], "the default federation has a site without T2"
 
 
+def _expect_03(r: dict[str, Any]) -> None:
+    assert r["num_clients"] == SMOKE_PARAMETERS["NUM_CLIENTS"]
+    # Clipping bounds the update (float rounding aside).
+    assert r["clipped_norm"] <= r["clip_norm"] * (1 + 1e-6)
+    # Accountants: PRV and PLD agree; RDP is the looser upper bound (FACTS: 8-18 %).
+    eps = r["epsilon_by_accountant_100_rounds"]
+    assert eps["prv"] <= eps["rdp"] and eps["prv"] == pytest.approx(eps["pld"], rel=0.03)
+    # Client-level DP with every client taking part: z ~ 6 for epsilon 8 over 100 rounds; ~0.94 at q = 0.1.
+    assert 5.5 <= r["z_eps8_100_rounds_all_clients"] <= 6.5
+    assert 0.85 <= r["z_eps8_100_rounds_q0.1"] <= 1.05
+    assert r["noise_to_update_10_clients"] > 10
+    # The ledger's epsilon never exceeds the target and grows round by round.
+    assert 0 < r["dp_epsilon"] <= r["target_epsilon"]
+    assert r["dp_epsilon_per_round"] == sorted(r["dp_epsilon_per_round"])
+    assert 0.0 <= r["dp_fedavg_accuracy"] <= 1.0 and 0.0 <= r["fedavg_accuracy"] <= 1.0
+
+
+def _expect_04(r: dict[str, Any]) -> None:
+    # The equivalence identity: both allocations are the same Gaussian mechanism (z_eff == z).
+    assert r["z_eff_fisher"] == pytest.approx(r["noise_multiplier"], rel=1e-9)
+    assert r["z_eff_uniform"] == pytest.approx(r["noise_multiplier"], rel=1e-9)
+    assert r["total_rho_fisher"] == pytest.approx(1 / (2 * r["noise_multiplier"] ** 2), rel=1e-9)
+    # The Fisher allocation minimises the Fisher-weighted noise.
+    assert r["j_fisher_over_uniform"] <= 1.0 + 1e-9
+    # Equal epsilon, within the target, and no worse utility beyond a band.
+    assert r["epsilon_fisher"] == pytest.approx(r["epsilon_uniform"], rel=1e-9)
+    assert 0 < r["epsilon_fisher"] <= r["target_epsilon"]
+    assert r["accuracy_fisher"] >= r["accuracy_uniform"] - 0.15
+
+
+def _expect_01(r: dict[str, Any]) -> None:
+    acc = r["accuracy"]
+    assert set(acc) == {"early fusion", "token fusion", "late fusion", "T1 only", "T2 only", "FLAIR only",
+                        "clinical only", "images only"}
+    assert all(0.0 <= a <= 1.0 for a in acc.values())
+    for low, high in r["accuracy_ci"].values():
+        assert 0.0 <= low <= high <= 1.0
+    # Above chance: the fused model and clinical-only beat always guessing the majority class
+    # (smoke seeds 0-1: fused 0.63, clinical 0.66 vs majority 0.37).
+    assert r["fused_accuracy"] > max(0.4, r["majority_rate"] + 0.05)
+    assert acc["clinical only"] > r["majority_rate"] + 0.05
+    # Bookkeeping is consistent with the recorded accuracies (deterministic).
+    singles = {m: acc[f"{m} only"] for m in ("T1", "T2", "FLAIR")}
+    assert singles[r["best_single_sequence"]] == max(singles.values())
+    assert r["fused_minus_best_single"] == pytest.approx(acc["token fusion"] - max(singles.values()))
+    # Attention grid: one subject, 3 sequences, (image / patch)^2 patches.
+    g = SMOKE_PARAMETERS["IMAGE_SIZE"] // 8
+    assert r["attention_grid_shape"] == [1, 3, g, g]
+    assert sum(r["attention_share"].values()) <= 1.0 + 1e-4
+    # A masked sequence's pixels never change the output, in any fusion mode.
+    assert set(r["masked_pixels_max_abs_diff"]) == {"early", "token", "late"}
+    assert max(r["masked_pixels_max_abs_diff"].values()) < 1e-5
+    # Losing T2 at test time costs little (the model saw a site without T2).
+    assert r["accuracy_t2_missing"] >= r["accuracy_t2_present"] - 0.15
+    assert r["parameter_counts"]["late"] > r["parameter_counts"]["token"]
+
+
+def _expect_02(r: dict[str, Any]) -> None:
+    n = SMOKE_PARAMETERS["NUM_CLIENTS"]
+    assert r["num_sites"] == n
+    for table in (r["global_accuracy"], r["personal_accuracy"]):
+        assert set(table) == {"centralized", "local-only", "fedavg", "fedprox"}
+        assert all(0.0 <= a <= 1.0 for a in table.values())
+    # Communication is exact: every round each site downloads and uploads the whole float32 model.
+    assert r["expected_bytes_per_round"] == 2 * n * r["model_bytes"]
+    assert r["fedavg_bytes_per_round"] == [r["expected_bytes_per_round"]]
+    assert r["fedprox_bytes_per_round"] == [r["expected_bytes_per_round"]]
+    assert r["total_bytes"]["fedavg"] == r["num_rounds"] * r["expected_bytes_per_round"]
+    assert r["total_bytes"]["centralized"] == 0 and r["total_bytes"]["local-only"] == 0
+    # FedAvg is not worse than the sites alone on the population (smoke: 0.37 vs 0.37).
+    assert r["global_accuracy"]["fedavg"] >= r["global_accuracy"]["local-only"] - 0.1
+    # Centralized training on pooled data is the upper bound (smoke: 0.63 vs FedAvg 0.37 after 3 rounds).
+    assert r["global_accuracy"]["centralized"] >= r["global_accuracy"]["fedavg"] - 0.05
+    # Under extreme skew local-only models learn their site's label prior: strong at home, weak
+    # globally (smoke: own-site 0.88 vs global 0.35). Near IID the gap closes.
+    skewed = r["alpha_sweep"]["local-only_alpha_0.1"]
+    iid = r["alpha_sweep"]["local-only_alpha_100"]
+    assert skewed["own-site test (mean)"] > skewed["global test"] + 0.2
+    assert skewed["own-site test (mean)"] - skewed["global test"] > iid["own-site test (mean)"] - iid["global test"]
+
+
 EXPECTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
     "00_data_and_institutions": _expect_00,
+    "01_vit_multimodal_fusion": _expect_01,
+    "02_federated_baselines": _expect_02,
+    "03_differential_privacy_and_accounting": _expect_03,
+    "04_fisher_budget_allocation": _expect_04,
 }
 
 

@@ -11,13 +11,16 @@ computes ``delta = theta_local - theta_global`` for every trainable parameter.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
 from ..data.contract import CohortDataset
 from .config import LocalTrainingConfig, OptimizerConfig
+
+if TYPE_CHECKING:  # imported lazily at run time: opacus is only needed for DP-SGD
+    from ..privacy.dp_sgd import PrivateTraining
 
 #: An extra term of the local objective, e.g. FedProx's proximal term; gets the model being trained.
 LossRegulariser = Callable[[nn.Module], torch.Tensor]
@@ -76,7 +79,8 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def local_update(model: nn.Module, dataset: CohortDataset, *, site_id: int, training: LocalTrainingConfig,
                  optimizer: OptimizerConfig, generator: torch.Generator, device: torch.device,
-                 regulariser: LossRegulariser | None = None) -> ClientUpdate:
+                 regulariser: LossRegulariser | None = None,
+                 private_training: "PrivateTraining | None" = None) -> ClientUpdate:
     """Train ``model`` in place on ``dataset`` and return the parameter delta.
 
     Steps: 1) remember the starting parameters theta_0; 2) run the batch schedule with a fresh
@@ -87,7 +91,13 @@ def local_update(model: nn.Module, dataset: CohortDataset, *, site_id: int, trai
         dataset: the site's training split.
         generator: the site's random stream for this round (shuffling), derived from the run seed.
         regulariser: extra loss term (FedProx, Ditto), evaluated on the model being trained.
+        private_training: sample-level DP-SGD settings (:mod:`mmpfl_core.privacy.dp_sgd`); None
+            (default) trains without it, exactly as before.
     """
+    if private_training is not None:
+        return _private_local_update(model, dataset, site_id=site_id, training=training, optimizer=optimizer,
+                                     generator=generator, device=device, regulariser=regulariser,
+                                     private=private_training)
     model.to(device).train()
     start = trainable_state(model)
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], optimizer)
@@ -105,6 +115,58 @@ def local_update(model: nn.Module, dataset: CohortDataset, *, site_id: int, trai
         opt.step()
         total_loss += float(loss.detach())
         steps += 1
+    delta = {n: p.detach() - start[n] for n, p in model.named_parameters() if n in start}
+    return ClientUpdate(site_id=site_id, delta=delta, num_examples=len(dataset), num_steps=steps,
+                        train_loss=total_loss / max(steps, 1))
+
+
+def steps_per_round(num_examples: int, config: LocalTrainingConfig) -> int:
+    """DP-SGD steps of one round: ``local_steps``, or ``local_epochs`` x ceil(n / B) Poisson batches."""
+    if config.local_steps is not None:
+        return config.local_steps
+    return config.local_epochs * max(1, -(-num_examples // config.batch_size))
+
+
+def _private_local_update(model: nn.Module, dataset: CohortDataset, *, site_id: int, training: LocalTrainingConfig,
+                          optimizer: OptimizerConfig, generator: torch.Generator, device: torch.device,
+                          regulariser: LossRegulariser | None, private: "PrivateTraining") -> ClientUpdate:
+    """DP-SGD version of :func:`local_update` (algorithm in :mod:`mmpfl_core.privacy.dp_sgd`).
+
+    Poisson batches with rate q = B / n from ``generator``; per-sample clipping and noise by Opacus
+    (noise drawn from a generator forked from ``generator``). A regulariser would be a
+    data-independent term added after clipping; it is not supported here (ConfigError).
+    """
+    from ..errors import ConfigError
+    from ..privacy.dp_sgd import make_private, poisson_batch
+
+    if regulariser is not None:
+        raise ConfigError("sample-level DP-SGD does not support a local regulariser (FedProx/Ditto) yet; "
+                          "use fedavg-style strategies.")
+    model.to(device).train()
+    start = trainable_state(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    noise_generator = torch.Generator(device=device)
+    noise_generator.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    wrapped, opt = make_private(module=model, optimizer=build_optimizer(params, optimizer), training=private,
+                                generator=noise_generator)
+    loss_fn = nn.CrossEntropyLoss()
+    total_loss, steps = 0.0, 0
+    try:
+        for _ in range(steps_per_round(len(dataset), training)):
+            index = poisson_batch(len(dataset), private.sample_rate, generator)
+            opt.zero_grad(set_to_none=True)
+            if len(index) == 0:  # an empty Poisson batch still releases (noise only) and is charged
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+            else:
+                batch = dataset.batch(index)
+                loss = loss_fn(forward_batch(wrapped, batch, device), batch["label"].to(device))
+                loss.backward()
+                total_loss += float(loss.detach())
+            opt.step()
+            steps += 1
+    finally:
+        wrapped._close()  # remove Opacus hooks from the working model
     delta = {n: p.detach() - start[n] for n, p in model.named_parameters() if n in start}
     return ClientUpdate(site_id=site_id, delta=delta, num_examples=len(dataset), num_steps=steps,
                         train_loss=total_loss / max(steps, 1))

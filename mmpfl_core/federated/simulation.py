@@ -76,6 +76,7 @@ class FederatedSimulation:
         self.val = _SplitView([s.val for s in federation.sites])
         self.test = _SplitView([s.test for s in federation.sites])
         self.global_state: State = trainable_state(self.model)
+        strategy.configure(config=config, federation=federation, client_ids=sorted(self.clients), model=self.model)
         self.counter = CommunicationCounter()
         self.history: list[dict[str, Any]] = []
 
@@ -93,7 +94,8 @@ class FederatedSimulation:
                 torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
                 update = local_update(self.model, self.clients[site], site_id=site, training=cfg.local,
                                       optimizer=cfg.optimizer, generator=generator, device=self.device,
-                                      regulariser=self.strategy.regulariser(site, self.global_state))
+                                      regulariser=self.strategy.regulariser(site, self.global_state),
+                                      private_training=self.strategy.private_training(site, len(self.clients[site])))
             self.strategy.after_local(site, self.model)
             transmitted = self.strategy.transmit(update, t)
             if self.strategy.communicates:

@@ -81,6 +81,16 @@ class Strategy:
     def __init__(self) -> None:
         self.personal: dict[int, State] = {}
 
+    # 0. set-up, once per run
+    def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
+                  model: nn.Module) -> None:
+        """Called once by the simulation before round 1 (and before a resume restores state).
+
+        Gives the strategy what it cannot know at construction: the round-loop config (rounds,
+        sampling rate, seed), the federation (e.g. its PUBLIC server set), the client ids and the
+        model (for parameter groups). A strategy must not keep references to private site data.
+        """
+
     # 1. clients
     def client_datasets(self, federation: Federation) -> dict[int, CohortDataset]:
         return {site.site_id: CohortDataset(site.train) for site in federation.sites}
@@ -99,6 +109,11 @@ class Strategy:
 
     # 4. local objective
     def regulariser(self, site_id: int, global_state: State) -> LossRegulariser | None:
+        return None
+
+    def private_training(self, site_id: int, num_examples: int) -> Any:
+        """Sample-level DP-SGD settings (:class:`~mmpfl_core.privacy.dp_sgd.PrivateTraining`) for this
+        client's local training; None (default) trains without DP-SGD."""
         return None
 
     # 5. what a client sends
@@ -221,3 +236,7 @@ class LocalOnly(Strategy):
 
     def personal_state(self, site_id: int, global_state: State) -> State | None:
         return self.personal.get(site_id, global_state)
+
+
+from . import dp_strategies  # noqa: E402,F401  (registers DP strategies)
+from . import personalized_strategies  # noqa: E402,F401  (registers personalised strategies)

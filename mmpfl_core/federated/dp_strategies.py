@@ -1,0 +1,477 @@
+"""Client-level differentially private FedAvg ("dp-fedavg") and its Fisher-allocated variant.
+
+Algorithm of one round t (McMahan et al. 2018, "Learning differentially private recurrent language
+models"; DESIGN 4.1-4.3), unit of privacy = one site (add/remove-one-site adjacency):
+    1. Sites are Poisson-sampled with rate q (``FederatedConfig.sampling="poisson"``, or q = 1):
+       :meth:`configure` refuses fixed-size sampling with q < 1, because the accountant assumes
+       Poisson sampling with q = ``client_fraction``.
+    2. A sampled site validates its update (NaN/Inf/shape: rejected, logged, replaced by a zero
+       update, which is within the clip bound, never averaged) and clips it per group g to norm
+       C_g (``clipping="flat"``: one group, C_g = C; ``"per-group"``: C_g = C sqrt(d_g / d), so
+       sum_g C_g^2 = C^2).
+    3. Gaussian noise N(0, sigma_g^2) per coordinate is added to the sum (``placement="server"``),
+       split over the participants (``"distributed"``: sigma_g^2 / m_min each, secure aggregation
+       assumed; fewer than m_min participants abort the round) or by every site to its own update
+       (``"local"``).
+    4. theta <- theta + (sum_k clip(Delta_k) + noise) / (q N): the FIXED denominator q N, so the
+       sensitivity of the released average does not depend on who took part.
+    5. The round is recorded in the :class:`PrivacyLedger` as one subsampled Gaussian release with
+       multiplier z_eff = (sum_g C_g^2 / sigma_g^2)^(-1/2) and rate q (``release_accounting``:
+       local placement is z/2 at rate 1, charged every round for every site: an upper bound).
+
+Empty rounds: Poisson sampling may select nobody. The round still releases theta + noise / (qN);
+the subsampled-Gaussian analysis covers that outcome (it is one of the mechanism's outputs), and
+skipping the noise would reveal that nobody took part. So empty rounds add noise and are charged.
+Distributed placement is the exception: with fewer than m_min participants secure aggregation
+releases nothing (the round is aborted, not charged); the abort event itself depends on who was
+sampled and lies outside the Gaussian analysis, so its probability (``abort_probability_per_round``
+in the summary) should be added to delta per round: choose m_min well below qN.
+
+Adaptive clipping (Andrew et al. 2021, "Differentially private learning with adaptive clipping"):
+each participant also sends b_k = 1[||Delta_k|| <= C]; the server releases the noisy fraction
+b = (sum_k b_k + N(0, z_b^2)) / (qN) and sets C <- C exp(-eta (b - gamma)) (post-processing).
+The count and the update use the SAME Poisson sample, so they are one Gaussian mechanism with
+multiplier (z_u^-2 + z_b^-2)^(-1/2) (``PrivacyLedger.record_joint``); z_u is chosen so that this
+equals the calibrated z.
+
+Noise comes from a generator derived from (run seed, round, site) (``noise="seeded"``: teaching and
+bit-identical resume; anyone with the seed knows the noise) or from OS entropy (``"secure"``).
+Epsilon is only ever read from the ledger's accountant. What is never released: pre-clipping
+norms, raw clip indicators, noise, seeds.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any, Sequence
+
+import torch
+from scipy.stats import binom
+from torch import nn
+
+from ..data.contract import CohortDataset
+from ..data.federation import Federation
+from ..errors import ConfigError, PrivacyError
+from ..privacy import (NoisePlacement, NoiseSource, PrivacyLedger, UpdateRejected, calibrate_noise,
+                       clip_per_group, diagonal_fisher, effective_multiplier_of, fisher_noise_allocation,
+                       gaussian_noise_like, group_fisher, per_participant_noise_std,
+                       release_accounting, uniform_noise_allocation, validate_update)
+from ..privacy.dp_sgd import PrivateTraining, SampleLevelDP
+from ..seeding import torch_generator
+from .client import ClientUpdate, steps_per_round
+from .config import FederatedConfig
+from .strategies import State, StopTraining, Strategy, register_strategy, weighted_average_update
+
+__all__ = ["CLIP_INDICATOR", "DPFedAvg", "DPFedAvgFisher", "DPSGDFedAvg"]
+
+logger = logging.getLogger(__name__)
+_NOISE_STREAM, _FISHER_STREAM = 41, 42
+#: Reserved key of the transmitted dict that carries the (noised) adaptive-clipping indicator.
+CLIP_INDICATOR = "_dp.clip_indicator"
+
+
+def _choice(field: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"dp-fedavg {field}={value!r} is unknown; use one of {list(allowed)}.")
+
+
+class _SampleLevelHooks(Strategy):
+    """Optional sample-level DP-SGD inside each site (:mod:`mmpfl_core.privacy.dp_sgd`), per-site ledgers.
+
+    ``self.sample_dp`` is a :class:`SampleLevelDP` or None. A site is charged for the DP-SGD steps
+    it actually took in every round it took part in; ``sample_epsilon_max`` is the max over sites.
+    """
+
+    sample_dp: SampleLevelDP | None = None
+
+    def _configure_sample_level(self, config: FederatedConfig) -> None:
+        self._local, self._num_rounds, self._site_training = config.local, config.num_rounds, {}
+
+    def private_training(self, site_id: int, num_examples: int) -> PrivateTraining | None:
+        if self.sample_dp is None:
+            return None
+        training = self.sample_dp.training_for(site_id, num_examples=num_examples, batch_size=self._local.batch_size,
+                                               steps_per_round=steps_per_round(num_examples, self._local),
+                                               num_rounds=self._num_rounds)
+        self._site_training[site_id] = training
+        return training
+
+    def _record_sample_level(self, update: ClientUpdate, round_index: int) -> None:
+        if self.sample_dp is not None:
+            self.sample_dp.record(update.site_id, self._site_training[update.site_id], update.num_steps, round_index)
+
+    def _sample_report(self) -> dict[str, float]:
+        return {} if self.sample_dp is None else {"sample_epsilon_max": self.sample_dp.max_epsilon()}
+
+    def _sample_summary(self) -> dict[str, Any]:
+        if self.sample_dp is None:
+            return {}
+        return {"sample_level_privacy": {"per_site_epsilon": self.sample_dp.epsilons(),
+                                         "max_epsilon": self.sample_dp.max_epsilon(), "delta": self.sample_dp.delta,
+                                         "accountant": self.sample_dp.accountant,
+                                         "max_grad_norm": self.sample_dp.max_grad_norm}}
+
+
+@register_strategy("dp-fedavg")
+class DPFedAvg(_SampleLevelHooks):
+    """Client-level DP-FedAvg (module docstring). All arguments keyword-only.
+
+    Args:
+        target_epsilon: budget over ``calibration_rounds`` (default: all rounds); z is calibrated
+            with ``calibrate_noise``. Exactly one of ``target_epsilon`` / ``noise_multiplier``.
+        noise_multiplier: z directly (0 disables noise: epsilon = inf, for ablations only).
+        delta: default 1e-5; must be well below 1 / (number of sites).
+        clip_norm: C, the bound of a site's whole update (inf only with noise_multiplier=0).
+        clipping: "flat" or "per-group" (C_g = C sqrt(d_g/d) over the model's parameter groups).
+        placement: "server", "distributed" or "local" (DESIGN 4.2).
+        accountant: "prv" (default), "rdp" or "pld".
+        adaptive_clipping, target_quantile, clip_lr, count_noise_multiplier: Andrew et al. 2021
+            (default z_b = 10 z: the count takes 1 % of the round's budget in zCDP terms).
+        min_participants: m_min for distributed noise.
+        noise: "seeded" or "secure". budget_stop: stop before a round that would exceed the budget.
+        sample_level_dp: optional kwargs of :class:`SampleLevelDP` to add DP-SGD inside each site.
+    """
+
+    uses_noise_allocation = "uniform"
+
+    def __init__(self, *, target_epsilon: float | None = None, noise_multiplier: float | None = None,
+                 delta: float = 1e-5, clip_norm: float = 1.0, clipping: str = "flat", placement: str = "server",
+                 accountant: str = "prv", adaptive_clipping: bool = False, target_quantile: float = 0.5,
+                 clip_lr: float = 0.2, count_noise_multiplier: float | None = None, min_participants: int = 1,
+                 noise: str = "seeded", budget_stop: bool = True, calibration_rounds: int | None = None,
+                 sample_level_dp: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.sample_dp = None if sample_level_dp is None else SampleLevelDP(**sample_level_dp)
+        if (target_epsilon is None) == (noise_multiplier is None):
+            raise ConfigError("dp-fedavg needs exactly one of target_epsilon (e.g. 8.0) or noise_multiplier.")
+        if target_epsilon is not None and not 0 < target_epsilon < math.inf:
+            raise ConfigError(f"dp-fedavg target_epsilon={target_epsilon!r} must be finite and > 0, e.g. 8.0.")
+        if noise_multiplier is not None and not 0 <= noise_multiplier < math.inf:
+            raise ConfigError(f"dp-fedavg noise_multiplier={noise_multiplier!r} must be finite and >= 0.")
+        if not 0 < delta < 1:
+            raise ConfigError(f"dp-fedavg delta={delta!r} must lie in (0, 1); use e.g. 1e-5 (<< 1/number of sites).")
+        if not clip_norm > 0 or (math.isinf(clip_norm) and noise_multiplier != 0):
+            raise ConfigError(f"dp-fedavg clip_norm={clip_norm!r} must be > 0 and finite (inf only with "
+                              "noise_multiplier=0, which is not private).")
+        _choice("clipping", clipping, ("flat", "per-group"))
+        _choice("placement", placement, [p.value for p in NoisePlacement])
+        _choice("accountant", accountant, ("prv", "rdp", "pld"))
+        _choice("noise", noise, ("seeded", "secure"))
+        if not 0 < target_quantile < 1 or not clip_lr > 0:
+            raise ConfigError(f"dp-fedavg target_quantile={target_quantile!r} must lie in (0, 1) and "
+                              f"clip_lr={clip_lr!r} must be > 0.")
+        if adaptive_clipping and placement == "local":
+            raise ConfigError("dp-fedavg adaptive_clipping=True needs placement 'server' or 'distributed'.")
+        if int(min_participants) != min_participants or min_participants < 1:
+            raise ConfigError(f"dp-fedavg min_participants={min_participants!r} must be an integer >= 1.")
+        if calibration_rounds is not None and calibration_rounds < 1:
+            raise ConfigError(f"dp-fedavg calibration_rounds={calibration_rounds!r} must be >= 1.")
+        self.target_epsilon, self.delta, self.clip_norm = target_epsilon, float(delta), float(clip_norm)
+        self.clipping, self.placement, self.accountant = clipping, NoisePlacement(placement), accountant
+        self.adaptive, self.target_quantile, self.clip_lr = bool(adaptive_clipping), target_quantile, clip_lr
+        self.min_participants, self.noise, self.budget_stop = int(min_participants), noise, bool(budget_stop)
+        self._z_given, self._z_count_given = noise_multiplier, count_noise_multiplier
+        self.calibration_rounds = calibration_rounds
+        self.ledger = PrivacyLedger(delta=self.delta, accountant=accountant, target_epsilon=target_epsilon)
+        self._round, self._dropped, self._dropped_total, self._aborted = 0, 0, 0, 0
+        self._configured, self._sigmas = False, None
+
+    # ------------------------------------------------------------------ set-up
+    def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
+                  model: nn.Module) -> None:
+        """Validate the sampling, calibrate z, and fix the groups and clip bounds (public quantities)."""
+        q = float(config.client_fraction)
+        if q < 1.0 and config.sampling != "poisson":
+            raise ConfigError(f"{self.name} with client_fraction={q} needs federated.sampling='poisson' (the "
+                              f"accountant assumes Poisson sampling), got {config.sampling!r}; set sampling: poisson.")
+        self._configure_sample_level(config)
+        self.sample_rate, self.num_clients, self.seed = q, len(client_ids), int(config.seed)
+        self.expected_participants = q * len(client_ids)  # the fixed denominator qN
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+        if self.clipping == "per-group":
+            if not hasattr(model, "parameter_groups"):
+                raise ConfigError("clipping='per-group' needs a model with parameter_groups(); use clipping='flat'.")
+            keep = set(names)
+            self.groups = {g: [n for n in ns if n in keep] for g, ns in model.parameter_groups().items()}
+            self.groups = {g: ns for g, ns in self.groups.items() if ns}
+        else:
+            self.groups = {"all": names}
+        self.group_sizes = {g: sum(math.prod(self.shapes[n]) for n in ns) for g, ns in self.groups.items()}
+        rounds = self.calibration_rounds or config.num_rounds
+        local = self.placement is NoisePlacement.LOCAL
+        if self._z_given is not None:
+            z = float(self._z_given)
+        else:  # local: accountant sees z/2 at rate 1 (replace-one sensitivity 2C, no amplification)
+            z = calibrate_noise(target_epsilon=self.target_epsilon, target_delta=self.delta,
+                                sample_rate=1.0 if local else q, steps=rounds, accountant=self.accountant)
+            z = 2.0 * z if local else z
+        self.noise_multiplier = z
+        self.count_noise_multiplier = (self._z_count_given if self._z_count_given is not None else 10.0 * z)
+        if self.adaptive and not self.count_noise_multiplier > z:
+            raise ConfigError(f"count_noise_multiplier={self.count_noise_multiplier} must exceed the round's "
+                              f"noise multiplier {z:.4g} (the count shares the round's budget).")
+        # z_u with combine(z_u, z_b) = z: the update gets what the count leaves of the budget.
+        self.update_noise_multiplier = (z if not self.adaptive or z == 0 else
+                                        (z ** -2 - self.count_noise_multiplier ** -2) ** -0.5)
+        self.release = release_accounting(self.placement, z, q)
+        self._configured = True
+        self._set_bounds(self.clip_norm)
+
+    def _set_bounds(self, clip_norm: float) -> None:
+        self.clip_norm = clip_norm
+        total = sum(self.group_sizes.values())
+        self.clip_bounds = {g: clip_norm * math.sqrt(d / total) for g, d in self.group_sizes.items()}
+
+    def noise_allocation(self, round_index: int, global_state: State) -> dict[str, float]:
+        """sigma_g per group for this round; uniform sigma_g = z_u C (Fisher subclass overrides)."""
+        if self.update_noise_multiplier == 0:
+            return {g: 0.0 for g in self.groups}
+        return dict(uniform_noise_allocation(group_sizes=self.group_sizes, clip_bounds=self.clip_bounds,
+                                             noise_multiplier=self.update_noise_multiplier).sigmas)
+
+    def _source(self, round_index: int, party: int) -> NoiseSource:
+        """Noise of round t for party (0 = server, k + 1 = site k): fresh per round, so resume is exact."""
+        if self.noise == "secure":
+            return NoiseSource.secure()
+        return NoiseSource(generator=torch_generator(self.seed, _NOISE_STREAM, round_index, party))
+
+    # ------------------------------------------------------------------ round hooks
+    def before_round(self, round_index: int) -> None:
+        if not self._configured:
+            raise PrivacyError(f"{self.name} was not configured; run it through FederatedSimulation.")
+        self._round, self._dropped, self._sigmas = round_index, 0, None
+        if self.budget_stop and self.ledger.would_exceed(*self.release):
+            raise StopTraining(f"round {round_index} would take epsilon above the budget "
+                               f"{self.target_epsilon} (now {self.ledger.epsilon():.4g}, delta={self.delta:g})")
+
+    def _round_sigmas(self, global_state: State) -> dict[str, float]:
+        if self._sigmas is None:  # once per round, from public quantities only
+            self._sigmas = self.noise_allocation(self._round, global_state)
+        return self._sigmas
+
+    def client_start_state(self, site_id: int, global_state: State) -> State:
+        self._round_sigmas(global_state)
+        return global_state
+
+    def transmit(self, update: ClientUpdate, round_index: int) -> State:
+        """Site side: validate, clip per group, add this site's share of the noise."""
+        self._record_sample_level(update, round_index)
+        delta = {n: update.delta[n] for n in self.shapes if n in update.delta}
+        rejected = False
+        try:
+            validate_update(delta, self.shapes)
+        except UpdateRejected as exc:
+            logger.warning("round %d: site %d update rejected and replaced by zeros: %s", round_index,
+                           update.site_id, exc)
+            self._dropped, self._dropped_total, rejected = self._dropped + 1, self._dropped_total + 1, True
+            delta = {n: torch.zeros(s) for n, s in self.shapes.items()}
+        clipped, norms = clip_per_group(delta, self.groups, self.clip_bounds)
+        if self.placement is not NoisePlacement.SERVER:
+            stds = per_participant_noise_std(self.placement, self._sigmas, self.min_participants).participant_std
+            noise = gaussian_noise_like(clipped, stds, self.groups, self._source(round_index, update.site_id + 1))
+            clipped = {n: clipped[n] + noise[n] for n in clipped}
+        if self.adaptive:  # b_k = 1[||Delta_k|| <= C]; never released raw except to a trusted server
+            bit = 0.0 if rejected else float(math.sqrt(sum(v * v for v in norms.values())) <= self.clip_norm)
+            indicator = torch.tensor([bit], dtype=torch.float64)
+            if self.placement is NoisePlacement.DISTRIBUTED:
+                gen = self._source(round_index, update.site_id + 1).generator()
+                share = self.count_noise_multiplier / math.sqrt(self.min_participants)
+                indicator = indicator + share * torch.randn(1, generator=gen, dtype=torch.float64)
+            clipped[CLIP_INDICATOR] = indicator
+        return clipped
+
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
+                  round_index: int) -> State:
+        """Server side: re-validate, sum, add server noise, divide by qN, record the release."""
+        sigmas = self._round_sigmas(global_state)
+        valid = []
+        for update, s in zip(updates, sent):
+            params = {n: t for n, t in s.items() if n != CLIP_INDICATOR}
+            try:
+                validate_update(params, self.shapes)
+                valid.append(s)
+            except UpdateRejected as exc:
+                logger.warning("round %d: dropped the transmitted update of site %d: %s", round_index,
+                               update.site_id, exc)
+                self._dropped, self._dropped_total = self._dropped + 1, self._dropped_total + 1
+        if self.placement is NoisePlacement.DISTRIBUTED and len(valid) < self.min_participants:
+            # Secure aggregation would not unmask the sum: nothing is released this round.
+            self._aborted += 1
+            logger.warning("round %d aborted: %d < min_participants=%d", round_index, len(valid), self.min_participants)
+            return global_state
+        source = self._source(round_index, 0)
+        new_state = {}
+        for name, value in global_state.items():  # summed in arrival order, as FedAvg does
+            new_state[name] = sum(s[name] for s in valid) if valid else torch.zeros_like(value)
+        if self.placement is NoisePlacement.SERVER and any(v > 0 for v in sigmas.values()):
+            noise = gaussian_noise_like(new_state, sigmas, self.groups, source)
+            new_state = {n: t + noise[n] for n, t in new_state.items()}
+        new_state = {n: global_state[n] + (t / self.expected_participants).to(global_state[n].dtype)
+                     for n, t in new_state.items()}
+        if self.adaptive:
+            count = sum(float(s[CLIP_INDICATOR].sum()) for s in valid)
+            if self.placement is NoisePlacement.SERVER:
+                count += self.count_noise_multiplier * float(torch.randn(1, generator=source.generator(),
+                                                                         dtype=torch.float64))
+            fraction = count / self.expected_participants  # noisy: post-processing of the release
+            self._set_bounds(self.clip_norm * math.exp(-self.clip_lr * (fraction - self.target_quantile)))
+            self.ledger.record_joint(name="update+clip_count", round=round_index, sample_rate=self.release.sample_rate,
+                                     noise_multipliers=[self.update_noise_multiplier, self.count_noise_multiplier])
+        else:
+            self.ledger.record(name="update", noise_multiplier=self.release.noise_multiplier,
+                               sample_rate=self.release.sample_rate, round=round_index)
+        return new_state
+
+    # ------------------------------------------------------------------ reports and state
+    def round_report(self, round_index: int) -> dict[str, float]:
+        return {"epsilon": self.ledger.epsilon(), "clip_norm": self.clip_norm, "dp_dropped": self._dropped,
+                **self._sample_report()}
+
+    def summary_report(self) -> dict[str, Any]:
+        out = {**self.ledger.summary(), "noise_multiplier": self.noise_multiplier,
+               "update_noise_multiplier": self.update_noise_multiplier, "placement": self.placement.value,
+               "clipping": self.clipping, "sample_rate": self.sample_rate, "noise_allocation": self.uses_noise_allocation,
+               "expected_participants": self.expected_participants, "dropped_updates": self._dropped_total,
+               "final_clip_norm": self.clip_norm}
+        if self.placement is NoisePlacement.DISTRIBUTED:
+            # P[fewer than m_min of the other N-1 sites sampled]: the abort event is outside the
+            # Gaussian analysis; add this (per round, times rounds) to delta.
+            out["abort_probability_per_round"] = float(binom.cdf(self.min_participants - 1, self.num_clients - 1,
+                                                                 self.sample_rate))
+            out["aborted_rounds"] = self._aborted
+        return {"privacy": out, **self._sample_summary()}
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, _ = super().state_dict()
+        return tensors, {"ledger": self.ledger.state_dict(), "clip_norm": self.clip_norm,
+                         "dropped_total": self._dropped_total, "aborted": self._aborted,
+                         "sample_dp": None if self.sample_dp is None else self.sample_dp.state_dict()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        super().load_state_dict(tensors, state)
+        self.ledger.load_state_dict(state["ledger"])
+        self._set_bounds(float(state["clip_norm"]))
+        self._dropped_total, self._aborted = int(state["dropped_total"]), int(state["aborted"])
+        if self.sample_dp is not None:
+            self.sample_dp.load_state_dict(state["sample_dp"])
+
+
+@register_strategy("dp-fedavg-fisher")
+class DPFedAvgFisher(DPFedAvg):
+    """DP-FedAvg with Fisher-allocated per-group noise (DESIGN 4.3); per-group clipping is forced.
+
+    Every ``fisher_every`` rounds the mean diagonal Fisher F_g of the CURRENT GLOBAL model (already
+    released) is estimated on the PUBLIC server set (``federation.public``) with model-sampled
+    labels; sigma_g = ``fisher_noise_allocation`` keeps z_eff = z (checked to 1e-9 each round).
+    Privacy argument: F_g, C_g and d_g are functions of public data and released models only, so
+    the choice of sigma_g is post-processing and costs nothing; the round is accounted with z as in
+    DP-FedAvg. The Fisher never touches a site's data (this class keeps no reference to it).
+    """
+
+    uses_noise_allocation = "fisher"
+
+    def __init__(self, *, fisher_every: int = 1, fisher_batch_size: int = 32, fisher_max_batches: int = 1,
+                 **kwargs: Any) -> None:
+        if kwargs.setdefault("clipping", "per-group") != "per-group":
+            raise ConfigError("dp-fedavg-fisher needs clipping='per-group': noise that differs by group "
+                              "without group-wise clipping must be accounted at its smallest level.")
+        super().__init__(**kwargs)
+        if int(fisher_every) != fisher_every or fisher_every < 1:
+            raise ConfigError(f"dp-fedavg-fisher fisher_every={fisher_every!r} must be an integer >= 1.")
+        self.fisher_every, self.fisher_batch_size, self.fisher_max_batches = int(fisher_every), fisher_batch_size, fisher_max_batches
+        self.fisher: dict[str, float] | None = None
+        self._fisher_method = "vmap"
+
+    def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
+                  model: nn.Module) -> None:
+        if federation.public is None or len(federation.public) == 0:
+            raise ConfigError("dp-fedavg-fisher needs the public server set; set federation.public_size > 0.")
+        super().configure(config=config, federation=federation, client_ids=client_ids, model=model)
+        self._public = CohortDataset(federation.public)  # public by construction: no site's subjects
+        self._model = copy.deepcopy(model).cpu()
+
+    def _public_batches(self):
+        n = len(self._public)
+        for start in range(0, n, self.fisher_batch_size):
+            b = self._public.batch(torch.arange(start, min(n, start + self.fisher_batch_size)))
+            yield (b["images"], b["modality_mask"], b["clinical"]), b["label"]
+
+    def compute_fisher(self, round_index: int, global_state: State) -> dict[str, float]:
+        """Mean diagonal Fisher per group of the global model on the public set (no private data)."""
+        self._model.load_state_dict({n: t.cpu() for n, t in global_state.items()}, strict=False)
+        def run(method: str) -> dict[str, torch.Tensor]:
+            return diagonal_fisher(self._model, self._public_batches(), labels="model", method=method,
+                                   generator=torch_generator(self.seed, _FISHER_STREAM, round_index),
+                                   max_batches=self.fisher_max_batches)
+        try:  # vmap cannot trace data-dependent masking (token fusion with missing sequences)
+            fisher = run(self._fisher_method)
+        except RuntimeError:
+            self._fisher_method = "loop"
+            fisher = run("loop")
+        return group_fisher(fisher, self.groups)
+
+    def noise_allocation(self, round_index: int, global_state: State) -> dict[str, float]:
+        if self.update_noise_multiplier == 0:
+            return {g: 0.0 for g in self.groups}
+        if self.fisher is None or (round_index - 1) % self.fisher_every == 0:
+            self.fisher = self.compute_fisher(round_index, global_state)
+        alloc = fisher_noise_allocation(group_sizes=self.group_sizes, fisher=self.fisher,
+                                        clip_bounds=self.clip_bounds, noise_multiplier=self.update_noise_multiplier)
+        z_eff = effective_multiplier_of(alloc)
+        if not math.isclose(z_eff, self.update_noise_multiplier, rel_tol=1e-9):
+            raise PrivacyError(f"Fisher allocation has z_eff={z_eff!r} != z={self.update_noise_multiplier!r}; "
+                               "the round would not be accounted correctly (report this bug).")
+        self.last_allocation = alloc
+        return dict(alloc.sigmas)
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, state = super().state_dict()
+        return tensors, {**state, "fisher": self.fisher}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        super().load_state_dict(tensors, state)
+        self.fisher = state.get("fisher")
+
+
+@register_strategy("dp-sgd-fedavg")
+class DPSGDFedAvg(_SampleLevelHooks):
+    """FedAvg with sample-level (per-patient) DP-SGD inside each site, no client-level noise.
+
+    Each site trains with DP-SGD (Poisson batches, per-sample clipping C, noise z C; Opacus), so
+    everything it releases is (eps_k, delta)-DP for its patients, eps_k from its own ledger over the
+    steps of all rounds it took part in (DESIGN 4.5). The server takes the UNIFORM mean of the
+    participants' updates (post-processing): weighting by example counts would release n_k, which
+    changes under add/remove-one-patient. Keyword-only arguments as :class:`SampleLevelDP`.
+    """
+
+    def __init__(self, **sample_level_dp: Any) -> None:
+        super().__init__()
+        self.sample_dp = SampleLevelDP(**sample_level_dp)
+
+    def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
+                  model: nn.Module) -> None:
+        self._configure_sample_level(config)
+
+    def transmit(self, update: ClientUpdate, round_index: int) -> State:
+        self._record_sample_level(update, round_index)
+        return update.delta
+
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
+                  round_index: int) -> State:
+        return weighted_average_update(global_state, sent, [1.0] * len(sent))
+
+    def round_report(self, round_index: int) -> dict[str, float]:
+        return self._sample_report()
+
+    def summary_report(self) -> dict[str, Any]:
+        return self._sample_summary()
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, _ = super().state_dict()
+        return tensors, {"sample_dp": self.sample_dp.state_dict()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        super().load_state_dict(tensors, state)
+        self.sample_dp.load_state_dict(state["sample_dp"])

@@ -1,0 +1,134 @@
+"""Sample-level (per-patient) DP-SGD inside each site, with per-site accounting (DESIGN 4.5).
+
+Algorithm of one local step at site k (Abadi et al. 2016, "Deep learning with differential
+privacy"; implemented with Opacus' ``GradSampleModule`` + ``DPOptimizer``):
+    1. Poisson-sample the batch: every patient of the site independently with rate q_k = B / n_k
+       (the batch may be empty; the step then releases noise only and is still charged).
+    2. Per-sample gradients g_i (Opacus hooks; the model's embedding modules register their own
+       grad samplers), each clipped to norm at most C (``max_grad_norm``).
+    3. g = (sum_i clip(g_i) + N(0, z^2 C^2 I)) / B (the expected batch size: fixed denominator).
+    4. An optimiser step with g.
+Unit of privacy: one patient (add/remove-one-patient adjacency) at one site. A site's releases are
+all its parameters after local training, which are post-processing of the noisy gradients, so its
+epsilon is that of the T_k steps it took over all rounds it took part in, each a subsampled
+Gaussian (z, q_k): :class:`SampleLevelDP` keeps one :class:`PrivacyLedger` per site. This protects
+patients against everyone, the site's own released updates included, and composes with
+client-level DP (both can be on).
+
+Must never release: per-sample gradients or norms, the Poisson sample, the noise or its seed.
+Caveat: site sizes n_k set q_k; a strategy that weights by n_k releases n_k (outside the guarantee).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmpfl_core.errors import ConfigError
+from mmpfl_core.privacy.accounting import calibrate_noise
+from mmpfl_core.privacy.ledger import PrivacyLedger
+
+__all__ = ["PrivateTraining", "SampleLevelDP", "make_private", "poisson_batch"]
+
+
+@dataclass(frozen=True)
+class PrivateTraining:
+    """What one site needs for one round of DP-SGD (built by :meth:`SampleLevelDP.training_for`)."""
+
+    noise_multiplier: float  # z: noise std / C
+    max_grad_norm: float  # C: per-sample clip bound
+    sample_rate: float  # q_k = B / n_k
+    expected_batch_size: int  # B
+    grad_sample_mode: str = "hooks"
+
+
+def poisson_batch(num_examples: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of one Poisson-sampled batch: each example independently with probability q."""
+    return torch.nonzero(torch.rand(num_examples, generator=generator) < sample_rate).flatten()
+
+
+def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, training: PrivateTraining,
+                 generator: torch.Generator | None):
+    """Wrap ``module`` in a ``GradSampleModule`` and ``optimizer`` in a ``DPOptimizer``.
+
+    Returns (wrapped module, DP optimiser). Call ``wrapped._close()`` afterwards to remove the
+    hooks from ``module`` (it is the caller's working model). ``generator`` seeds the noise
+    (None: Opacus' default generator).
+    """
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    if training.grad_sample_mode != "hooks":
+        raise ConfigError(f"grad_sample_mode={training.grad_sample_mode!r}: only 'hooks' is wired here "
+                          "(Poisson batches and empty steps are handled by the caller).")
+    wrapped = GradSampleModule(module, batch_first=True, loss_reduction="mean")
+    dp_opt = DPOptimizer(optimizer, noise_multiplier=training.noise_multiplier, max_grad_norm=training.max_grad_norm,
+                         expected_batch_size=training.expected_batch_size, loss_reduction="mean", generator=generator)
+    return wrapped, dp_opt
+
+
+class SampleLevelDP:
+    """Per-site DP-SGD settings and per-site ledgers. Keyword-only arguments.
+
+    Args:
+        noise_multiplier: z for every site; or ``target_epsilon``: z_k calibrated per site so that
+            a site taking part in EVERY round stays within the budget (an upper bound).
+        max_grad_norm: per-sample clip bound C.
+        delta: per-site delta (should be << 1 / n_k).
+        accountant: "prv", "rdp" or "pld".
+    """
+
+    def __init__(self, *, noise_multiplier: float | None = None, target_epsilon: float | None = None,
+                 max_grad_norm: float = 1.0, delta: float = 1e-5, accountant: str = "prv") -> None:
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ConfigError("sample-level DP needs exactly one of noise_multiplier or target_epsilon.")
+        if noise_multiplier is not None and not 0 < noise_multiplier < math.inf:
+            raise ConfigError(f"sample-level noise_multiplier={noise_multiplier!r} must be finite and > 0.")
+        if target_epsilon is not None and not 0 < target_epsilon < math.inf:
+            raise ConfigError(f"sample-level target_epsilon={target_epsilon!r} must be finite and > 0.")
+        if not 0 < max_grad_norm < math.inf:
+            raise ConfigError(f"sample-level max_grad_norm={max_grad_norm!r} must be finite and > 0.")
+        if not 0 < delta < 1:
+            raise ConfigError(f"sample-level delta={delta!r} must lie in (0, 1), e.g. 1e-5.")
+        self.noise_multiplier, self.target_epsilon = noise_multiplier, target_epsilon
+        self.max_grad_norm, self.delta, self.accountant = float(max_grad_norm), float(delta), accountant
+        self.ledgers: dict[int, PrivacyLedger] = {}
+        self._z: dict[int, float] = {}
+
+    def training_for(self, site_id: int, *, num_examples: int, batch_size: int, steps_per_round: int,
+                     num_rounds: int) -> PrivateTraining:
+        """Settings of site ``site_id`` (q_k = min(1, B / n_k)); calibrates z_k on first use."""
+        if num_examples < 1:
+            raise ConfigError(f"site {site_id} has no training examples; DP-SGD needs at least one.")
+        q = min(1.0, batch_size / num_examples)
+        if site_id not in self._z:
+            self._z[site_id] = (self.noise_multiplier if self.noise_multiplier is not None else
+                                calibrate_noise(target_epsilon=self.target_epsilon, target_delta=self.delta,
+                                                sample_rate=q, steps=steps_per_round * num_rounds,
+                                                accountant=self.accountant))
+        return PrivateTraining(noise_multiplier=self._z[site_id], max_grad_norm=self.max_grad_norm,
+                               sample_rate=q, expected_batch_size=max(1, round(q * num_examples)))
+
+    def record(self, site_id: int, training: PrivateTraining, steps: int, round_index: int) -> None:
+        """Charge site ``site_id`` for the ``steps`` DP-SGD steps it took in ``round_index``."""
+        ledger = self.ledgers.setdefault(site_id, PrivacyLedger(delta=self.delta, accountant=self.accountant))
+        ledger.record(name="dp-sgd", noise_multiplier=training.noise_multiplier,
+                      sample_rate=training.sample_rate, steps=steps, round=round_index)
+
+    def epsilons(self) -> dict[int, float]:
+        """Per-site epsilon so far, from each site's accountant."""
+        return {site: ledger.epsilon() for site, ledger in sorted(self.ledgers.items())}
+
+    def max_epsilon(self) -> float:
+        return max(self.epsilons().values(), default=0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ledgers": {str(k): v.state_dict() for k, v in self.ledgers.items()},
+                "z": {str(k): v for k, v in self._z.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ledgers = {int(k): PrivacyLedger.from_state_dict(v) for k, v in state["ledgers"].items()}
+        self._z = {int(k): float(v) for k, v in state["z"].items()}
