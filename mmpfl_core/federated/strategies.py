@@ -240,3 +240,4 @@ class LocalOnly(Strategy):
 
 from . import dp_strategies  # noqa: E402,F401  (registers DP strategies)
 from . import personalized_strategies  # noqa: E402,F401  (registers personalised strategies)
+from . import mm_pfl_adp  # noqa: E402,F401  (registers MM-PFL-ADP)
