@@ -29,6 +29,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not notebook" $(PYTEST_ARGS)
 
+## reproduce: the paper-style reproduction at teaching scale (results/reproduce-teaching/REPORT.md)
+reproduce: $(STAMP)
+	$(VENV)/bin/mmpfl reproduce --preset teaching
+
 ## bench: benchmarks that print ratios (bench/results/)
 bench: $(STAMP)
 	$(PY) bench/run_all.py

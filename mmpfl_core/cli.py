@@ -71,6 +71,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .paths import results_root
+    from .reproduction import load_reproduction, run_reproduction
+    from .tables import markdown_table
+    plan = load_reproduction(args.preset)
+    out = args.out if args.out is not None else results_root() / plan.experiment.name
+    report = run_reproduction(plan, out, progress=not args.no_progress)
+    print(markdown_table(report.main_table))
+    print()
+    print(markdown_table(report.claims))
+    print(f"\nreport written to {report.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpfl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train every method of the config and write a report")
     _common(p)
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("reproduce", help="the paper-style comparison: all methods, alphas, seeds, site sweep")
+    p.add_argument("--preset", default="teaching", help="smoke | teaching | paper, or a YAML path")
+    p.add_argument("--out", type=Path, help="results folder (default results/reproduce-<preset>)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_reproduce)
     p = sub.add_parser("demo", help="the quickstart comparison on the embedded cohort (what `make demo` runs)")
     _common(p)
     p.set_defaults(func=cmd_compare)

@@ -17,6 +17,7 @@ import yaml
 from .configuration import dataclass_from_dict, to_plain
 from .data.federation import Federation, FederationConfig, build_federation
 from .data.synthetic import SyntheticCohortConfig
+from .data.transforms import map_federation, select_modalities
 from .errors import ConfigError
 from .federated.config import FederatedConfig
 from .federated.simulation import RunResult, run_federated
@@ -46,10 +47,14 @@ class MethodSpec:
     strategy: str
     label: str = ""
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    #: Train and evaluate with only these sequences (e.g. ("FLAIR",)): the single-modality ablation.
+    modalities: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in available_strategies():
             raise ConfigError(f"method strategy={self.strategy!r} is unknown; available: {available_strategies()}.")
+        if self.modalities is not None:
+            object.__setattr__(self, "modalities", tuple(self.modalities))
         if not self.label:
             object.__setattr__(self, "label", self.strategy)
 
@@ -109,9 +114,10 @@ def _method_from_dict(values: Mapping[str, Any] | str) -> MethodSpec:
     if strategy is None:
         raise ConfigError(f"method entry {values} needs a 'strategy' key; available: {available_strategies()}.")
     label = values.pop("label", "")
+    modalities = values.pop("modalities", None)
     # Strategy arguments may sit beside "strategy" (YAML) or under "kwargs" (a saved config).
     kwargs = {**dict(values.pop("kwargs", None) or {}), **values}
-    return MethodSpec(strategy=strategy, label=label, kwargs=kwargs)
+    return MethodSpec(strategy=strategy, label=label, kwargs=kwargs, modalities=modalities)
 
 
 def load_experiment(path_or_name: str | Path) -> ExperimentConfig:
@@ -142,6 +148,9 @@ def run_method(config: ExperimentConfig, method: MethodSpec, federation: Federat
                results_dir: Path | None = None, progress: bool = True, resume: bool = True) -> RunResult:
     """Train one method. With ``results_dir``, the run lives in ``<results_dir>/<label>/`` and resumes."""
     federation = federation if federation is not None else make_federation(config)
+    if method.modalities is not None:
+        keep = method.modalities
+        federation = map_federation(federation, lambda cohort: select_modalities(cohort, keep))
     run_dir = None
     if results_dir is not None:
         run_config = {**config.to_dict(), "method": to_plain(method)}
