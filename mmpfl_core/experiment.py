@@ -200,3 +200,10 @@ def compare_methods(config: ExperimentConfig, *, results_dir: Path | None = None
     runs = {m.label: run_method(config, m, federation, results_dir=results_dir, progress=progress)
             for m in config.methods}
     return comparison_table(runs), runs, federation
+
+
+def with_privacy_budget(config: ExperimentConfig, target_epsilon: float) -> ExperimentConfig:
+    """The same experiment with every method that has a ``target_epsilon`` set to ``target_epsilon``."""
+    methods = tuple(dataclasses.replace(m, kwargs={**m.kwargs, "target_epsilon": target_epsilon})
+                    if "target_epsilon" in m.kwargs else m for m in config.methods)
+    return dataclasses.replace(config, methods=methods)
