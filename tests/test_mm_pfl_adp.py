@@ -69,6 +69,11 @@ def test_personal_groups_are_never_sent_or_overwritten(tiny_federation, tiny_mod
     for site, own in spy.personal.items():
         for name, tensor in own.items():
             assert not torch.equal(tensor, run.global_state[name])
+    # Each site deploys the global shared groups merged with its own personal groups (what is evaluated).
+    for site, own in spy.personal.items():
+        deployed = spy.personal_state(site, run.global_state)
+        assert all(torch.equal(deployed[n], t) for n, t in own.items())
+        assert any(not torch.equal(deployed[n], run.global_state[n]) for n in own)
     # Masks partition the groups exactly.
     groups = set(spy.masker.param_groups)
     for site in spy.val_sets:
