@@ -1,4 +1,4 @@
-"""Where data and results live. One function reads ``MMPFL_DATA_DIR``; nothing else touches it."""
+"""Where data and results live. ``MMPFL_DATA_DIR`` and ``MMPFL_RESULTS_DIR`` are read here and nowhere else."""
 from __future__ import annotations
 
 import os
@@ -9,33 +9,26 @@ RESULTS_DIR_ENV = "MMPFL_RESULTS_DIR"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def data_root(create: bool = True) -> Path:
-    """The data root: ``$MMPFL_DATA_DIR`` if set, else ``<repo>/data`` (git-ignored).
-
-    When the package is installed outside a checkout (e.g. on Colab from a wheel), the default
-    falls back to ``~/.cache/mmpfl/data``.
-    """
-    env = os.environ.get(DATA_DIR_ENV)
+def _root(env_var: str, folder: str, create: bool) -> Path:
+    """``$env_var`` if set; else ``<repo>/<folder>`` (git-ignored) in a checkout, or
+    ``~/.cache/mmpfl/<folder>`` when the package is installed elsewhere (e.g. on Colab from a wheel)."""
+    env = os.environ.get(env_var)
     if env:
         root = Path(env).expanduser()
     elif (_REPO_ROOT / "pyproject.toml").exists():
-        root = _REPO_ROOT / "data"
+        root = _REPO_ROOT / folder
     else:
-        root = Path.home() / ".cache" / "mmpfl" / "data"
+        root = Path.home() / ".cache" / "mmpfl" / folder
     if create:
         root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def data_root(create: bool = True) -> Path:
+    """The data root: ``$MMPFL_DATA_DIR``, else ``<repo>/data``."""
+    return _root(DATA_DIR_ENV, "data", create)
 
 
 def results_root(create: bool = True) -> Path:
-    """The results root: ``$MMPFL_RESULTS_DIR`` if set, else ``<repo>/results`` (git-ignored)."""
-    env = os.environ.get(RESULTS_DIR_ENV)
-    if env:
-        root = Path(env).expanduser()
-    elif (_REPO_ROOT / "pyproject.toml").exists():
-        root = _REPO_ROOT / "results"
-    else:
-        root = Path.home() / ".cache" / "mmpfl" / "results"
-    if create:
-        root.mkdir(parents=True, exist_ok=True)
-    return root
+    """The results root: ``$MMPFL_RESULTS_DIR``, else ``<repo>/results``."""
+    return _root(RESULTS_DIR_ENV, "results", create)
