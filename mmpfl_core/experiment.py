@@ -183,9 +183,10 @@ def comparison_table(runs: Mapping[str, RunResult]) -> pd.DataFrame:
             "method": label,
             "global acc [95% CI]": global_text,
             "personal acc [95% CI]": _ci_text(personal.get("accuracy")),
-            "balanced acc": (global_ or personal)["balanced_accuracy"]["point"],
-            "macro-F1": (global_ or personal)["macro_f1"]["point"],
-            "AUROC": (global_ or personal)["auroc"]["point"],
+            # Every method has deployed (personal) predictions; a global model only some have.
+            "balanced acc (personal)": personal["balanced_accuracy"]["point"],
+            "macro-F1 (personal)": personal["macro_f1"]["point"],
+            "AUROC (personal)": personal["auroc"]["point"],
             "rounds to target": s.get("rounds_to_target"),
             "MB total": s["megabytes_up"] + s["megabytes_down"],
             "MB to target": s.get("megabytes_to_target"),
