@@ -97,6 +97,7 @@ class SampleLevelDP:
         self.max_grad_norm, self.delta, self.accountant = float(max_grad_norm), float(delta), accountant
         self.ledgers: dict[int, PrivacyLedger] = {}
         self._z: dict[int, float] = {}
+        self._calibrated: dict[tuple[float, int], float] = {}
 
     def training_for(self, site_id: int, *, num_examples: int, batch_size: int, steps_per_round: int,
                      num_rounds: int) -> PrivateTraining:
@@ -105,10 +106,15 @@ class SampleLevelDP:
             raise ConfigError(f"site {site_id} has no training examples; DP-SGD needs at least one.")
         q = min(1.0, batch_size / num_examples)
         if site_id not in self._z:
-            self._z[site_id] = (self.noise_multiplier if self.noise_multiplier is not None else
-                                calibrate_noise(target_epsilon=self.target_epsilon, target_delta=self.delta,
-                                                sample_rate=q, steps=steps_per_round * num_rounds,
-                                                accountant=self.accountant))
+            steps = steps_per_round * num_rounds
+            if self.noise_multiplier is not None:
+                self._z[site_id] = self.noise_multiplier
+            else:  # sites with the same (q, steps) share one calibration (hundreds of sites in a sweep)
+                key = (q, steps)
+                if key not in self._calibrated:
+                    self._calibrated[key] = calibrate_noise(target_epsilon=self.target_epsilon, target_delta=self.delta,
+                                                            sample_rate=q, steps=steps, accountant=self.accountant)
+                self._z[site_id] = self._calibrated[key]
         return PrivateTraining(noise_multiplier=self._z[site_id], max_grad_norm=self.max_grad_norm,
                                sample_rate=q, expected_batch_size=max(1, round(q * num_examples)))
 
