@@ -181,7 +181,12 @@ def _claims(plan: ReproductionPlan, main: pd.DataFrame, alpha_table: pd.DataFram
         return "not measured" if ok is None else ("agrees" if ok else "does not hold here")
 
     r_ref, r_ours = row.loc[ref, "rounds to target"], row.loc[ours, "rounds to target"]
-    rounds_ok = None if "never" in (r_ref, r_ours) else bool(r_ours < r_ref)
+    if r_ref == "never" and r_ours == "never":
+        rounds_ok = None  # neither reached the target: nothing to compare
+    elif "never" in (r_ref, r_ours):
+        rounds_ok = r_ref == "never"  # only one reached it: that one converged faster
+    else:
+        rounds_ok = bool(r_ours < r_ref)
     mb_ref, mb_ours = row.loc[ref, "MB total"], row.loc[ours, "MB total"]
     acc = alpha_table.set_index("method")
     acc_ref, acc_ours = acc.loc[ref, f"alpha={extreme:g}"], acc.loc[ours, f"alpha={extreme:g}"]
