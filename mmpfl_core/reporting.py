@@ -23,11 +23,11 @@ class Report:
 def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bool = True) -> Report:
     """Run every method of ``config`` and write table, figures and cohort summary under ``out``."""
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
 
     from .data.summary import cohort_summary_table
     from .plots.cohort import plot_cohort_preview
-    from .plots.training import plot_accuracy_vs_round, plot_communication_vs_accuracy, plot_site_accuracy
+    from .plots.training import (plot_accuracy_vs_round, plot_communication_vs_accuracy, plot_site_accuracy,
+                                 save_axes)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -42,10 +42,7 @@ def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bo
         "communication_vs_accuracy.png": lambda: plot_communication_vs_accuracy(runs),
     }
     for name, draw in figures.items():
-        ax = draw()
-        ax.figure.tight_layout()
-        ax.figure.savefig(out / name, dpi=120)
-        plt.close(ax.figure)
+        save_axes(draw(), out / name)
     cfg = config.federated
     text = [
         f"# {config.name}: method comparison",

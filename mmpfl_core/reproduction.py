@@ -206,9 +206,9 @@ def _claims(plan: ReproductionPlan, main: pd.DataFrame, alpha_table: pd.DataFram
 def run_reproduction(plan: ReproductionPlan, out: Path, *, progress: bool = True) -> ReproductionReport:
     """Run the whole plan (resuming finished runs) and write ``<out>/REPORT.md`` with tables and figures."""
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
 
-    from .plots.training import plot_accuracy_vs_round, plot_communication_vs_accuracy, plot_site_accuracy
+    from .plots.training import (plot_accuracy_vs_round, plot_communication_vs_accuracy, plot_site_accuracy,
+                                 save_axes)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -238,10 +238,7 @@ def run_reproduction(plan: ReproductionPlan, out: Path, *, progress: bool = True
     if dp_runs:
         figures["epsilon_vs_round.png"] = lambda: _plot_epsilon(dp_runs)
     for name, draw in figures.items():
-        ax = draw()
-        ax.figure.tight_layout()
-        ax.figure.savefig(out / name, dpi=120)
-        plt.close(ax.figure)
+        save_axes(draw(), out / name)
     for name, frame in (("main", main), ("alpha", alpha_table), ("claims", claims), ("sweep", sweep)):
         if frame is not None:
             frame.to_csv(out / f"{name}.csv", index=False)

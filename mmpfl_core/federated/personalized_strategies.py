@@ -407,6 +407,3 @@ class FedAvgKLMasks(PartialSharingStrategy):
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         super().load_state_dict(tensors, state)
         self.masker.load_state_dict(state["masker"])
-        if self.masker.param_groups is not None:
-            self.param_groups = dict(self.masker.param_groups)
-            self.group_sizes = dict(self.masker._sizes)

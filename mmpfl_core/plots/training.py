@@ -10,6 +10,13 @@ import seaborn as sns
 from ..federated.simulation import RunResult
 
 
+def save_axes(ax, path) -> None:
+    """Lay out, save (120 dpi) and close the figure of ``ax``: the figures of reports are written, not shown."""
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=120)
+    plt.close(ax.figure)
+
+
 def history_frame(runs: Mapping[str, RunResult]) -> pd.DataFrame:
     """All runs' evaluated rounds in one long table with a ``method`` column."""
     frames = [pd.DataFrame(run.history).assign(method=label) for label, run in runs.items()]
