@@ -96,3 +96,30 @@ def test_invalid_records_raise():
         PrivacyLedger(delta=DELTA, accountant="moments")
     with pytest.raises(PrivacyError, match="delta"):
         PrivacyLedger(delta=2.0)
+
+
+def test_budget_check_and_report_share_one_accountant_call():
+    """The check before a release and the report after it ask the same question: one accountant call."""
+    from mmpfl_core.privacy.accounting import _epsilon_of_history
+
+    ledger = PrivacyLedger(delta=DELTA, accountant="rdp", target_epsilon=50.0)
+    ledger.record(name="update", noise_multiplier=1.37, sample_rate=0.21, round=0)
+    ledger.check_release(noise_multiplier=1.37, sample_rate=0.21)
+    misses = _epsilon_of_history.cache_info().misses
+    ledger.record(name="update", noise_multiplier=1.37, sample_rate=0.21, round=1)
+    after = ledger.epsilon()
+    assert _epsilon_of_history.cache_info().misses == misses
+    assert after == compute_epsilon(noise_multiplier=1.37, sample_rate=0.21, steps=2, delta=DELTA, accountant="rdp")
+    # the order of releases does not change the (commutative) composition's cached answer
+    assert compose_epsilon(releases=[(5.0, 0.2, 3), (1.37, 0.21, 2)], delta=DELTA, accountant="rdp") == \
+        compose_epsilon(releases=[(1.37, 0.21, 2), (5.0, 0.2, 3)], delta=DELTA, accountant="rdp")
+
+
+def test_loaded_ledger_reports_its_own_entries():
+    """A ledger restored with other entries of the same length never reports a stale epsilon."""
+    small, large = (PrivacyLedger(delta=DELTA, accountant="rdp") for _ in range(2))
+    small.record(name="update", noise_multiplier=4.0, sample_rate=0.5, round=0)
+    large.record(name="update", noise_multiplier=0.8, sample_rate=0.5, round=0)
+    before = small.epsilon()
+    small.load_state_dict(large.state_dict())
+    assert small.epsilon() == large.epsilon() > before

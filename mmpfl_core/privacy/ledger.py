@@ -63,7 +63,6 @@ class PrivacyLedger:
         self.accountant = accountant
         self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
         self._entries: list[dict[str, Any]] = []
-        self._cache: dict[tuple[int, float], float] = {}  # (n entries, delta) -> epsilon
 
     # ------------------------------------------------------------------ recording
     def record(self, *, name: str, noise_multiplier: float, sample_rate: float, steps: int = 1,
@@ -111,11 +110,8 @@ class PrivacyLedger:
         Identical (z, q) entries are merged into one accountant history item with summed steps.
         An empty ledger has epsilon 0.
         """
-        delta = self.delta if delta is None else float(delta)
-        key = (len(self._entries), delta)
-        if key not in self._cache:
-            self._cache[key] = self._epsilon_of(self._entries, delta)
-        return self._cache[key]
+        # compose_epsilon caches by history, so asking again after record() is free
+        return self._epsilon_of(self._entries, self.delta if delta is None else float(delta))
 
     def epsilon_curve(self) -> list[tuple[int, float]]:
         """(round, epsilon after that round) for each round that has entries, in round order.
