@@ -1,0 +1,159 @@
+"""Canary clients for the one-run audit of the kit's client-level DP release (DP-FedAvg, DESIGN 4.1).
+
+What it is for: running the REAL release path (``DPFedAvg.configure`` -> ``transmit`` (validate,
+``clip_per_group``, participant noise) -> ``aggregate`` (server noise from ``gaussian_noise_like``,
+fixed denominator qN, ledger)) with canary clients instead of hospitals, and auditing it with
+:func:`mmpfl_core.attacks.audit.one_run_audit`. This is the "white-box, gradient canary" setting of
+Steinke et al. (2023, Sec. 6): the auditor chooses the updates directly, so the audit is fast and has
+power, and it tests exactly the clipping and noise code that training uses.
+
+Algorithm (:func:`audit_client_level_dp`):
+    1. The model is one parameter vector of m coordinates; canary i's update is ``canary_norm`` times
+       the basis vector e_i (so canaries never interfere; a norm above the clip bound tests clipping).
+    2. Each canary is included with probability 1/2 (the auditor's coins, seeded).
+    3. ``num_rounds`` rounds of the strategy: Poisson sampling with rate ``client_fraction`` over all m
+       canary clients; sampled included canaries transmit, the server aggregates and releases.
+    4. Score of canary i = coordinate i of (final released model - initial model).
+    5. Guess the top k+ "in", the bottom k- "out"; the bound comes from :mod:`.audit`; the claimed
+       epsilon is the strategy ledger's (the accountant's), never a typed-in number.
+
+Broken variants (:data:`BROKEN_VARIANTS`) patch the functions the real strategy calls, inside a
+context manager, so the correct and broken runs share every other line: ``no-clipping`` (updates
+pass unclipped), ``noise-divided-by-10``, and ``noise-on-mean-scale`` (noise calibrated for the
+average, i.e. divided by qN, but added to the sum: a classic bug). A correct audit should stay below
+the claim; each broken one should exceed it.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+from unittest import mock
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..federated.strategies import create_strategy  # first: it registers every strategy module
+from ..federated import dp_strategies  # noqa: E402  (patched by the broken variants)
+from ..federated.client import ClientUpdate
+from ..federated.config import FederatedConfig
+from ..privacy import clipping, mechanisms
+from ..seeding import numpy_generator
+from .audit import AuditResult, one_run_audit
+
+__all__ = ["BROKEN_VARIANTS", "CanaryAuditConfig", "audit_client_level_dp", "broken_mechanism"]
+
+_COIN_STREAM, _SAMPLING_STREAM = 71, 72
+_PARAM = "canary"
+
+
+@dataclass(frozen=True)
+class CanaryAuditConfig:
+    """An audit of one DP-FedAvg configuration with m canary clients."""
+
+    num_canaries: int = 1000  # m; more canaries = more power (the bound saturates near ln(k / 3))
+    num_guesses_in: int = 100  # k+, fixed in advance
+    num_guesses_out: int = 100  # k-, fixed in advance
+    target_epsilon: float = 2.0  # the budget the strategy calibrates z to (audit power is best near 1-2)
+    delta: float = 1e-5
+    clip_norm: float = 1.0
+    canary_norm: float = 10.0  # canary update norm (> clip_norm, so that clipping matters)
+    num_rounds: int = 1
+    client_fraction: float = 1.0  # Poisson sampling rate q of canary clients per round
+    placement: str = "server"
+    accountant: str = "prv"
+    confidence: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_canaries < 2 or self.num_guesses_in < 0 or self.num_guesses_out < 0 \
+                or self.num_guesses_in + self.num_guesses_out > self.num_canaries:
+            raise ConfigError(f"audit needs num_canaries >= 2 and 0 <= k+ + k- <= m; got m={self.num_canaries}, "
+                              f"k+={self.num_guesses_in}, k-={self.num_guesses_out}.")
+        if not self.canary_norm > 0 or not self.clip_norm > 0:
+            raise ConfigError(f"canary_norm={self.canary_norm} and clip_norm={self.clip_norm} must be > 0.")
+
+
+@contextlib.contextmanager
+def _no_clipping(strategy) -> Iterator[None]:
+    def passthrough(update, groups, clip_bounds):
+        return dict(update), clipping.group_norms(update, groups)
+    with mock.patch.object(dp_strategies, "clip_per_group", passthrough):
+        yield
+
+
+def _scaled_noise(factor: Callable[[object], float]):
+    @contextlib.contextmanager
+    def patch(strategy) -> Iterator[None]:
+        real = mechanisms.gaussian_noise_like
+
+        def scaled(update, stds, groups, source):
+            f = factor(strategy)
+            stds = {g: s * f for g, s in stds.items()} if isinstance(stds, dict) else stds * f
+            return real(update, stds, groups, source)
+        with mock.patch.object(dp_strategies, "gaussian_noise_like", scaled):
+            yield
+    return patch
+
+
+#: Deliberate bugs, each a patch of a function the real DP-FedAvg release calls.
+BROKEN_VARIANTS: dict[str, Callable] = {
+    "no-clipping": _no_clipping,
+    "noise-divided-by-10": _scaled_noise(lambda s: 0.1),
+    "noise-on-mean-scale": _scaled_noise(lambda s: 1.0 / s.expected_participants),
+}
+
+
+@contextlib.contextmanager
+def broken_mechanism(variant: str, strategy) -> Iterator[None]:
+    """Context manager that breaks the release of ``strategy`` as ``variant`` ("correct": no change)."""
+    if variant == "correct":
+        yield
+        return
+    if variant not in BROKEN_VARIANTS:
+        raise ConfigError(f"audit variant {variant!r} is unknown; use 'correct' or one of {sorted(BROKEN_VARIANTS)}.")
+    with BROKEN_VARIANTS[variant](strategy):
+        yield
+
+
+def audit_client_level_dp(config: CanaryAuditConfig = CanaryAuditConfig(), *, variant: str = "correct",
+                          strategy_name: str = "dp-fedavg") -> tuple[AuditResult, np.ndarray, np.ndarray]:
+    """Run the canary audit (module docstring) on the real strategy; optionally with a broken variant.
+
+    Returns:
+        (audit result, scores (m,), inclusion bits (m,)).
+    """
+    m = config.num_canaries
+    strategy = create_strategy(strategy_name, target_epsilon=config.target_epsilon, delta=config.delta,
+                               clip_norm=config.clip_norm, placement=config.placement,
+                               accountant=config.accountant, budget_stop=False)
+    fed_config = FederatedConfig(num_rounds=config.num_rounds, client_fraction=config.client_fraction,
+                                 sampling="poisson", seed=config.seed, checkpoint_every=0)
+    model = nn.ParameterDict({_PARAM: nn.Parameter(torch.zeros(m))})  # one coordinate per canary
+    client_ids = list(range(m))
+    # DP-FedAvg's configure reads sampling, the clients and the model; the federation is unused (no data).
+    strategy.configure(config=fed_config, federation=None, client_ids=client_ids, model=model)
+    included = numpy_generator(config.seed, _COIN_STREAM).random(m) < 0.5
+    start = {_PARAM: torch.zeros(m)}
+    state = dict(start)
+    with broken_mechanism(variant, strategy):
+        for t in range(1, config.num_rounds + 1):
+            strategy.before_round(t)
+            sampled = strategy.select(client_ids, fed_config, numpy_generator(config.seed, _SAMPLING_STREAM, t))
+            updates, sent = [], []
+            for i in (c for c in sampled if included[c]):
+                delta = torch.zeros(m)
+                delta[i] = config.canary_norm
+                update = ClientUpdate(site_id=i, delta={_PARAM: delta}, num_examples=1, num_steps=1, train_loss=0.0)
+                strategy.client_start_state(i, state)  # fixes the round's noise allocation; no training
+                updates.append(update)
+                sent.append(strategy.transmit(update, t))
+            state = strategy.aggregate(state, updates, sent, t)
+    scores = (state[_PARAM] - start[_PARAM]).double().numpy()
+    claimed = strategy.ledger.epsilon()
+    result = one_run_audit(scores, included, num_in=config.num_guesses_in, num_out=config.num_guesses_out,
+                           delta=config.delta, confidence=config.confidence, claimed_epsilon=claimed,
+                           variant=variant)
+    return result, scores, included
