@@ -246,6 +246,25 @@ class DPFedAvg(_SampleLevelHooks):
             raise StopTraining(f"round {round_index} would take epsilon above the budget "
                                f"{self.target_epsilon} (now {self.ledger.epsilon():.4g}, delta={self.delta:g})")
 
+    def round_instructions(self, round_index: int, global_state: State) -> dict[str, float]:
+        """Server side: this round's clip norm C and per-group noise scales sigma_g (public: they come
+        from the calibration, the public set and released models, never from a site's data)."""
+        sigmas = self._round_sigmas(global_state)
+        return {"clip_norm": float(self.clip_norm), **{f"sigma/{g}": float(sigmas[g]) for g in self.groups}}
+
+    def apply_round_instructions(self, round_index: int, instructions: dict[str, float]) -> None:
+        """Site side (Flower): use the server's C and sigma_g, so the site clips and noises exactly as the
+        in-process loop would (and never recomputes them from its own data)."""
+        if not self._configured:
+            raise PrivacyError(f"{self.name} was not configured on the site; call configure() first.")
+        missing = [k for k in ["clip_norm", *(f"sigma/{g}" for g in self.groups)] if k not in instructions]
+        if missing:
+            raise PrivacyError(f"round {round_index}: the server's instructions lack {missing}; the site cannot "
+                               "clip and noise its update (server and site run different strategy configs?).")
+        self._round, self._dropped = round_index, 0
+        self._set_bounds(float(instructions["clip_norm"]))
+        self._sigmas = {g: float(instructions[f"sigma/{g}"]) for g in self.groups}
+
     def _round_sigmas(self, global_state: State) -> dict[str, float]:
         if self._sigmas is None:  # once per round, from public quantities only
             self._sigmas = self.noise_allocation(self._round, global_state)
@@ -284,8 +303,7 @@ class DPFedAvg(_SampleLevelHooks):
 
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
                   round_index: int) -> State:
-        """Server side: re-validate, sum, add server noise, divide by qN, record the release."""
-        sigmas = self._round_sigmas(global_state)
+        """Server side: re-validate, sum, then :meth:`release_sum` (noise, qN, ledger)."""
         valid = []
         for update, s in zip(updates, sent):
             params = {n: t for n, t in s.items() if n != CLIP_INDICATOR}
@@ -296,22 +314,39 @@ class DPFedAvg(_SampleLevelHooks):
                 logger.warning("round %d: dropped the transmitted update of site %d: %s", round_index,
                                update.site_id, exc)
                 self._dropped, self._dropped_total = self._dropped + 1, self._dropped_total + 1
-        if self.placement is NoisePlacement.DISTRIBUTED and len(valid) < self.min_participants:
+        total: State = {}
+        for name, value in global_state.items():  # summed in arrival order, as FedAvg does
+            total[name] = sum(s[name] for s in valid) if valid else torch.zeros_like(value)
+        if self.adaptive:
+            total[CLIP_INDICATOR] = sum((s[CLIP_INDICATOR].sum() for s in valid), torch.zeros((), dtype=torch.float64))
+        return self.release_sum(global_state, total, len(valid), round_index)
+
+    def release_sum(self, global_state: State, total: State, num_participants: int, round_index: int) -> State:
+        """Server side, from the SUM of the participants' clipped (and, placement permitting, noised)
+        updates: add server noise, divide by qN, adapt C, record the release in the ledger.
+
+        :meth:`aggregate` calls it after validating each update; an engine with secure aggregation
+        (Flower + SecAgg+) calls it directly with the unmasked sum, which is all such a server ever
+        sees. ``num_participants`` is the number of updates in the sum: with ``distributed``
+        placement fewer than ``min_participants`` would carry too little noise, so nothing is
+        released (secure aggregation must also refuse to unmask such a sum, see the Flower app).
+        """
+        sigmas = self._round_sigmas(global_state)
+        if self.placement is NoisePlacement.DISTRIBUTED and num_participants < self.min_participants:
             # Secure aggregation would not unmask the sum: nothing is released this round.
             self._aborted += 1
-            logger.warning("round %d aborted: %d < min_participants=%d", round_index, len(valid), self.min_participants)
+            logger.warning("round %d aborted: %d < min_participants=%d", round_index, num_participants,
+                           self.min_participants)
             return global_state
         source = self._source(round_index, 0)
-        new_state = {}
-        for name, value in global_state.items():  # summed in arrival order, as FedAvg does
-            new_state[name] = sum(s[name] for s in valid) if valid else torch.zeros_like(value)
+        new_state = {n: total[n] for n in global_state}
         if self.placement is NoisePlacement.SERVER and any(v > 0 for v in sigmas.values()):
             noise = gaussian_noise_like(new_state, sigmas, self.groups, source)
             new_state = {n: t + noise[n] for n, t in new_state.items()}
         new_state = {n: global_state[n] + (t / self.expected_participants).to(global_state[n].dtype)
                      for n, t in new_state.items()}
         if self.adaptive:
-            count = sum(float(s[CLIP_INDICATOR].sum()) for s in valid)
+            count = float(total[CLIP_INDICATOR].sum())
             if self.placement is NoisePlacement.SERVER:
                 count += self.count_noise_multiplier * float(torch.randn(1, generator=source.generator(),
                                                                          dtype=torch.float64))

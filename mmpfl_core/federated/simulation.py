@@ -53,6 +53,37 @@ class RunResult:
     final_predictions: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def select_round(strategy: Strategy, client_ids: list[int], config: FederatedConfig, round_index: int) -> list[int]:
+    """Server side, step 1: the clients of round t, drawn from the stream ``(seed, 1, t)``.
+
+    Shared by the in-process loop and the Flower server app, so both engines pick the same sites.
+    """
+    return strategy.select(sorted(client_ids), config, numpy_generator(config.seed, _SAMPLING_STREAM, round_index))
+
+
+def client_round(strategy: Strategy, model: nn.Module, dataset: CohortDataset, *, site_id: int, global_state: State,
+                 round_index: int, config: FederatedConfig, device: torch.device) -> tuple[ClientUpdate, State]:
+    """Site side of round t, step 2-3: start state, local training, personal state, what to transmit.
+
+    The one client step of every engine: the in-process loop calls it for each selected site, the
+    Flower client app calls it inside its ``train`` handler. Randomness comes only from the stream
+    ``(seed, 2, t, site)`` (shuffling; torch's global RNG is forked and seeded from it, so dropout
+    is reproducible and nothing outside is touched), so both engines train bit-identically given
+    the same ``global_state``. ``model`` is the site's working copy and is modified in place.
+    """
+    start = strategy.client_start_state(site_id, global_state)
+    model.load_state_dict(start, strict=False)
+    generator = torch_generator(config.seed, _TRAINING_STREAM, round_index, site_id)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        update = local_update(model, dataset, site_id=site_id, training=config.local, optimizer=config.optimizer,
+                              generator=generator, device=device,
+                              regulariser=strategy.regulariser(site_id, global_state),
+                              private_training=strategy.private_training(site_id, len(dataset)))
+    strategy.after_local(site_id, model)
+    return update, strategy.transmit(update, round_index)
+
+
 class _SplitView:
     """One split (val or test) pooled over sites, remembering which rows belong to which site."""
 
@@ -83,21 +114,13 @@ class FederatedSimulation:
     # ------------------------------------------------------------------ round
     def run_round(self, t: int) -> dict[str, Any]:
         cfg = self.config
-        selected = self.strategy.select(sorted(self.clients), cfg, numpy_generator(cfg.seed, _SAMPLING_STREAM, t))
+        selected = select_round(self.strategy, sorted(self.clients), cfg, t)
         updates: list[ClientUpdate] = []
         sent: list[State] = []
         for site in selected:
-            start = self.strategy.client_start_state(site, self.global_state)
-            self.model.load_state_dict(start, strict=False)
-            generator = torch_generator(cfg.seed, _TRAINING_STREAM, t, site)
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-                update = local_update(self.model, self.clients[site], site_id=site, training=cfg.local,
-                                      optimizer=cfg.optimizer, generator=generator, device=self.device,
-                                      regulariser=self.strategy.regulariser(site, self.global_state),
-                                      private_training=self.strategy.private_training(site, len(self.clients[site])))
-            self.strategy.after_local(site, self.model)
-            transmitted = self.strategy.transmit(update, t)
+            update, transmitted = client_round(self.strategy, self.model, self.clients[site], site_id=site,
+                                               global_state=self.global_state, round_index=t, config=cfg,
+                                               device=self.device)
             if self.strategy.communicates:
                 self.counter.add_download(t, site, self.strategy.broadcast(site, self.global_state))
                 self.counter.add_upload(t, site, transmitted)

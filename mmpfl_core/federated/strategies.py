@@ -141,6 +141,18 @@ class Strategy:
         """Extra columns of the round's metrics row (e.g. epsilon so far); same keys every round."""
         return {}
 
+    # engines where the server and each site run in different processes (the Flower app)
+    def round_instructions(self, round_index: int, global_state: State) -> dict[str, float]:
+        """Server side, after :meth:`before_round`: the PUBLIC per-round values a site needs besides
+        the model (e.g. clip bounds and noise scales). Must not depend on any site's private data."""
+        return {}
+
+    def apply_round_instructions(self, round_index: int, instructions: dict[str, float]) -> None:
+        """Site side, in its own process, before :func:`~mmpfl_core.federated.simulation.client_round`:
+        install what the server's :meth:`round_instructions` sent. The default runs the round's
+        bookkeeping (:meth:`before_round`), as the in-process loop does before its clients train."""
+        self.before_round(round_index)
+
     def summary_report(self) -> dict[str, Any]:
         """Extra entries of the run summary (e.g. the privacy ledger's summary)."""
         return {}
