@@ -15,6 +15,13 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from mmpfl_core.data import FederationConfig, SyntheticCohortConfig, build_federation
+from mmpfl_core.data.federation import Federation
+from mmpfl_core.federated.config import FederatedConfig, LocalTrainingConfig
+from mmpfl_core.federated.simulation import FederatedSimulation
+from mmpfl_core.federated.strategies import create_strategy
+from mmpfl_core.models.presets import create_model, get_config
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -48,3 +55,39 @@ def write_results(name: str, frame: pd.DataFrame, notes: str = "") -> Path:
     path = RESULTS / f"{name}.md"
     path.write_text("\n".join(text))
     return path
+
+
+def bench_federation(preset: str, *, num_subjects: int, num_sites: int, seed: int = 0) -> Federation:
+    """The synthetic federation at the preset's image size (built once per script, outside timing)."""
+    image_size = get_config(preset).image_size
+    return build_federation(SyntheticCohortConfig(num_subjects=num_subjects, image_size=image_size, seed=seed),
+                            FederationConfig(num_sites=num_sites, seed=seed))
+
+
+def bench_simulation(federation: Federation, strategy: str, *, preset: str, batch_size: int, seed: int = 0,
+                     local_steps: int | None = None, num_rounds: int = 1, device: str = "cpu",
+                     **strategy_kwargs) -> FederatedSimulation:
+    """A simulation for timing: no checkpoints, no bootstrap, and evaluation switched off.
+
+    The loop always evaluates round 1 and the last round; benchmarks time training, so
+    ``evaluate`` is replaced by a no-op on the instance.
+    """
+    ref = federation.sites[0].train
+    factory = lambda: create_model(preset, seed=seed, image_size=ref.image_size, num_modalities=ref.num_modalities,  # noqa: E731
+                                   num_clinical=len(ref.clinical_names), num_classes=ref.num_classes)
+    config = FederatedConfig(num_rounds=num_rounds, eval_every=10**6, checkpoint_every=0, bootstrap_resamples=0,
+                             seed=seed, device=device,
+                             local=LocalTrainingConfig(local_epochs=1, local_steps=local_steps, batch_size=batch_size))
+    sim = FederatedSimulation(federation, model_factory=factory, strategy=create_strategy(strategy, **strategy_kwargs),
+                              config=config, progress=False)
+    sim.evaluate = lambda: {}
+    return sim
+
+
+def timed(fn: Callable[[], object], device: str = "cpu") -> float:
+    """Seconds of one call of ``fn`` (CUDA work synchronised before the clock stops)."""
+    started = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - started

@@ -1,0 +1,104 @@
+"""The benchmark suite on a CUDA device in one go, paper-scale presets included (target: under 8 minutes).
+
+Runs, each in its own process with a time limit, and writes ``bench/results/*_cuda.{csv,md}`` plus
+``bench/results/gpu_suite.md`` (what ran, how long, what failed):
+
+1. DP-SGD step vs non-private per Opacus mode (hooks, functorch, ghost) for tiny, teaching and paper
+   (ViT-S/16 at 224 px), ``bench/dp_sgd_modes.py``;
+2. client-level DP round overhead vs FedAvg at paper scale, ``bench/client_dp_overhead.py``;
+3. one FedAvg round vs centralized training at paper scale, ``bench/round_vs_centralized.py``.
+
+``--cpu-reference`` adds the CPU suite pinned to two cores (``taskset -c 0,1``, two torch threads),
+which stands in for a Binder/CI machine when a quiet one is at hand (results ``*_cpu2.{csv,md}``).
+
+On Colab (Runtime > Change runtime type > GPU), in a cell::
+
+    !git clone <your fork of mmpfl> mmpfl && cd mmpfl && pip install -q -e . && python bench/gpu_suite.py
+
+then read ``bench/results/gpu_suite.md``. Plain script, no asserts on time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import RESULTS, machine_description  # noqa: E402
+
+CUDA_STEPS = [
+    ("dp_sgd_modes", ["dp_sgd_modes.py", "--device", "cuda", "--presets", "tiny", "teaching", "paper",
+                      "--repeats", "10", "--warmup", "3"], 240),
+    ("client_dp_overhead", ["client_dp_overhead.py", "--device", "cuda", "--preset", "paper", "--num-subjects", "400",
+                            "--batch-size", "16", "--rounds", "4"], 240),
+    ("round_vs_centralized", ["round_vs_centralized.py", "--device", "cuda", "--preset", "paper",
+                              "--num-subjects", "400", "--batch-size", "16", "--repeats", "3"], 150),
+]
+CPU2_STEPS = [
+    ("dp_sgd_modes", ["dp_sgd_modes.py", "--presets", "tiny", "teaching", "--threads", "2", "--repeats", "5"], 200),
+    ("client_dp_overhead", ["client_dp_overhead.py", "--preset", "tiny", "--rounds", "5"], 150),
+    ("round_vs_centralized", ["round_vs_centralized.py", "--preset", "tiny", "--repeats", "5"], 120),
+    ("profile teaching hooks", ["profile_step.py", "--preset", "teaching", "--mode", "hooks"], 90),
+    ("profile teaching ghost", ["profile_step.py", "--preset", "teaching", "--mode", "ghost"], 90),
+]
+
+
+def _run(name: str, argv: list[str], limit: int, *, pin_two_cores: bool) -> dict:
+    cmd = [sys.executable, str(HERE / argv[0]), *argv[1:]]
+    env = dict(os.environ)
+    if pin_two_cores:
+        cmd = ["taskset", "-c", "0,1", *cmd] if shutil.which("taskset") else cmd
+        env.update(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, env=env, timeout=limit, capture_output=True, text=True, cwd=HERE.parent)
+        status = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
+        tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+    except subprocess.TimeoutExpired:
+        status, tail = f"stopped after {limit} s", []
+    seconds = time.perf_counter() - started
+    print(f"== {name}: {status} in {seconds:.0f} s", *tail, sep="\n", flush=True)
+    return {"name": name, "status": status, "seconds": seconds}
+
+
+def _rename_cpu_results() -> None:
+    """The CPU scripts write ``<name>.{csv,md}``; keep the pinned run apart as ``<name>_cpu2``."""
+    for _, argv, _ in CPU2_STEPS:
+        stem = argv[0].removesuffix(".py")  # profile_step writes profile_*.txt, which is left as it is
+        for ext in ("csv", "md"):
+            if (RESULTS / f"{stem}.{ext}").exists():
+                (RESULTS / f"{stem}.{ext}").replace(RESULTS / f"{stem}_cpu2.{ext}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-reference", action="store_true", help="also run the CPU suite pinned to 2 cores")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("No CUDA device: run `make bench` for the CPU suite, or this script on a GPU machine (e.g. Colab).")
+        return 2
+    started = time.perf_counter()
+    runs = [_run(n, a, limit, pin_two_cores=False) | {"device": "cuda"} for n, a, limit in CUDA_STEPS]
+    if args.cpu_reference:
+        runs += [_run(n, a, limit, pin_two_cores=True) | {"device": "cpu, 2 cores"} for n, a, limit in CPU2_STEPS]
+        _rename_cpu_results()
+    total = time.perf_counter() - started
+    lines = ["# GPU suite", "", f"Machine: {machine_description()}", "",
+             "| benchmark | device | status | seconds |", "|---|---|---|---|",
+             *[f"| {r['name']} | {r['device']} | {r['status']} | {r['seconds']:.0f} |" for r in runs], "",
+             f"Total: {total:.0f} s. Results: `*_cuda.md` (and `*_cpu2.md` with --cpu-reference) beside this file.", ""]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "gpu_suite.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0 if all(r["status"] == "ok" for r in runs) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
