@@ -11,6 +11,10 @@ experiment (data, federation, model, round loop, methods) plus a ``reproduction`
         subjects_per_site: 30
         client_fraction: 0.2          # Poisson sampling rate (amplification by subsampling)
         methods: [dp-fedavg, mm-pfl-adp]   # labels of methods above
+      membership_inference:           # attack the released global model and one site's deployed model
+        methods: [fedavg, dp-fedavg, mm-pfl-adp]
+        personal_site: 0
+        num_shadows: 0                # 0: loss attack only; >= 2 adds offline LiRA (shadow runs)
 
 It writes ``<out>/REPORT.md`` with the main table (at the config's alpha), accuracy per alpha, the
 sweep, figures, and a side-by-side with the paper's headline claims that says plainly where our
@@ -28,6 +32,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from .attacks.evaluation import MembershipPlan, attack_method, membership_claim, membership_frame
 from .errors import ConfigError
 from .experiment import CONFIG_DIR, ExperimentConfig, MethodSpec, make_federation, run_method
 from .federated.simulation import RunResult
@@ -68,6 +73,7 @@ class ReproductionPlan:
     site_sweep: SiteSweep | None = None
     reference_method: str = "fedavg"  # the paper's baseline in the claims table
     proposed_method: str = "mm-pfl-adp"
+    membership_inference: MembershipPlan | None = None
 
     def __post_init__(self) -> None:
         labels = {m.label for m in self.experiment.methods}
@@ -78,6 +84,10 @@ class ReproductionPlan:
             missing = set(self.site_sweep.methods) - labels
             if missing:
                 raise ConfigError(f"site_sweep.methods {sorted(missing)} are not among the experiment's methods.")
+        if self.membership_inference is not None:
+            missing = set(self.membership_inference.methods) - labels
+            if missing:
+                raise ConfigError(f"membership_inference.methods {sorted(missing)} are not among the experiment's methods.")
         if not self.alphas or not self.seeds:
             raise ConfigError("reproduction needs at least one alpha and one seed.")
 
@@ -93,14 +103,23 @@ def load_reproduction(preset: str | Path) -> ReproductionPlan:
     values = yaml.safe_load(path.read_text()) or {}
     section = dict(values.pop("reproduction", {}) or {})
     sweep = section.pop("site_sweep", None)
+    membership = section.pop("membership_inference", None)
     allowed = {"alphas", "seeds", "reference_method", "proposed_method"}
     if set(section) - allowed:
         raise ConfigError(f"unknown reproduction key(s) {sorted(set(section) - allowed)}; allowed: {sorted(allowed)}.")
     return ReproductionPlan(
         experiment=ExperimentConfig.from_dict(values),
         site_sweep=None if sweep is None else SiteSweep(**{k: tuple(v) if isinstance(v, list) else v for k, v in sweep.items()}),
+        membership_inference=None if membership is None else _membership_plan(membership),
         **{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()},
     )
+
+
+def _membership_plan(values: Mapping[str, Any]) -> MembershipPlan:
+    allowed = {"methods", "personal_site", "num_shadows", "num_resamples"}
+    if set(values) - allowed:
+        raise ConfigError(f"unknown membership_inference key(s) {sorted(set(values) - allowed)}; allowed: {sorted(allowed)}.")
+    return MembershipPlan(**values)
 
 
 def _for(config: ExperimentConfig, *, alpha: float, seed: int) -> ExperimentConfig:
@@ -146,6 +165,7 @@ class ReproductionReport:
     sweep_table: pd.DataFrame | None
     claims: pd.DataFrame
     runs: dict[tuple[float, int, str], RunResult] = field(default_factory=dict)
+    membership_table: pd.DataFrame | None = None
 
 
 def _main_alpha(plan: ReproductionPlan) -> float:
@@ -172,7 +192,8 @@ def _sweep(plan: ReproductionPlan, out: Path, progress: bool) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _claims(plan: ReproductionPlan, main: pd.DataFrame, alpha_table: pd.DataFrame) -> pd.DataFrame:
+def _claims(plan: ReproductionPlan, main: pd.DataFrame, alpha_table: pd.DataFrame,
+            membership: pd.DataFrame | None) -> pd.DataFrame:
     ref, ours = plan.reference_method, plan.proposed_method
     row = main.set_index("method")
     extreme = min(plan.alphas)
@@ -198,9 +219,27 @@ def _claims(plan: ReproductionPlan, main: pd.DataFrame, alpha_table: pd.DataFram
         {"claim": PAPER_CLAIMS["heterogeneity"],
          "ours": f"personal accuracy at alpha={extreme:g}: {ours} {acc_ours:.3f}, {ref} {acc_ref:.3f}",
          "verdict": verdict(bool(acc_ours > acc_ref))},
-        {"claim": PAPER_CLAIMS["membership_inference"], "ours": "membership inference is not part of this report yet",
-         "verdict": verdict(None)},
+        {"claim": PAPER_CLAIMS["membership_inference"], **_membership_verdict(membership, ours, verdict)},
     ])
+
+
+def _membership_verdict(membership: pd.DataFrame | None, proposed: str, verdict) -> dict[str, str]:
+    if membership is None:
+        return {"ours": "membership inference was not run (add a membership_inference section)", "verdict": verdict(None)}
+    text, ok = membership_claim(membership, proposed)
+    return {"ours": text, "verdict": verdict(ok)}
+
+
+def _membership(plan: ReproductionPlan, alpha: float, runs, federation, out: Path, progress: bool) -> pd.DataFrame:
+    mia, seed = plan.membership_inference, plan.seeds[0]
+    config = _for(plan.experiment, alpha=alpha, seed=seed)
+    methods = {m.label: m for m in plan.experiment.methods}
+    results = {label: (runs[alpha, seed, label],
+                       attack_method(runs[alpha, seed, label], config, methods[label], federation, plan=mia, seed=seed,
+                                     shadow_dir=out / "runs" / f"shadows-alpha{alpha:g}-seed{seed}" / label,
+                                     progress=progress))
+               for label in mia.methods}
+    return membership_frame(results, personal_site=mia.personal_site)
 
 
 def run_reproduction(plan: ReproductionPlan, out: Path, *, progress: bool = True) -> ReproductionReport:
@@ -214,10 +253,11 @@ def run_reproduction(plan: ReproductionPlan, out: Path, *, progress: bool = True
     out.mkdir(parents=True, exist_ok=True)
     base = plan.experiment
     runs: dict[tuple[float, int, str], RunResult] = {}
+    federations = {}
     for alpha in plan.alphas:
         for seed in plan.seeds:
             config = _for(base, alpha=alpha, seed=seed)
-            federation = make_federation(config)
+            federation = federations[alpha, seed] = make_federation(config)
             for method in base.methods:
                 runs[alpha, seed, method.label] = run_method(
                     config, method, federation, results_dir=out / "runs" / f"alpha{alpha:g}-seed{seed}", progress=progress)
@@ -228,7 +268,9 @@ def run_reproduction(plan: ReproductionPlan, out: Path, *, progress: bool = True
                                                               for s in plan.seeds])) for a in plan.alphas}}
         for m in base.methods])
     sweep = _sweep(plan, out, progress) if plan.site_sweep is not None else None
-    claims = _claims(plan, main, alpha_table)
+    membership = (None if plan.membership_inference is None else
+                  _membership(plan, main_alpha, runs, federations[main_alpha, plan.seeds[0]], out, progress))
+    claims = _claims(plan, main, alpha_table, membership)
 
     first = {m.label: runs[main_alpha, plan.seeds[0], m.label] for m in base.methods}
     figures = {"accuracy_vs_round.png": lambda: plot_accuracy_vs_round(first),
@@ -239,13 +281,14 @@ def run_reproduction(plan: ReproductionPlan, out: Path, *, progress: bool = True
         figures["epsilon_vs_round.png"] = lambda: _plot_epsilon(dp_runs)
     for name, draw in figures.items():
         save_axes(draw(), out / name)
-    for name, frame in (("main", main), ("alpha", alpha_table), ("claims", claims), ("sweep", sweep)):
+    for name, frame in (("main", main), ("alpha", alpha_table), ("claims", claims), ("sweep", sweep),
+                        ("membership", membership)):
         if frame is not None:
             frame.to_csv(out / f"{name}.csv", index=False)
     path = out / "REPORT.md"
-    path.write_text(_report_text(plan, main_alpha, main, alpha_table, sweep, claims, list(figures)))
+    path.write_text(_report_text(plan, main_alpha, main, alpha_table, sweep, claims, list(figures), membership))
     return ReproductionReport(path=path, main_table=main, alpha_table=alpha_table, sweep_table=sweep, claims=claims,
-                              runs=runs)
+                              runs=runs, membership_table=membership)
 
 
 def _plot_epsilon(runs: Mapping[str, RunResult]):
@@ -259,7 +302,8 @@ def _plot_epsilon(runs: Mapping[str, RunResult]):
 
 
 def _report_text(plan: ReproductionPlan, main_alpha: float, main: pd.DataFrame, alpha_table: pd.DataFrame,
-                 sweep: pd.DataFrame | None, claims: pd.DataFrame, figures: list[str]) -> str:
+                 sweep: pd.DataFrame | None, claims: pd.DataFrame, figures: list[str],
+                 membership: pd.DataFrame | None = None) -> str:
     c = plan.experiment
     f = c.federated
     deltas = sorted({m.kwargs.get("delta", 1e-5) for m in c.methods if "target_epsilon" in m.kwargs or "noise_multiplier" in m.kwargs})
@@ -286,6 +330,16 @@ def _report_text(plan: ReproductionPlan, main_alpha: float, main: pd.DataFrame, 
                   "which swamps the update. Sampling from many more institutions (amplification by subsampling) and "
                   "sharing fewer parameters move that point; the table shows where it becomes usable here.",
                   markdown_table(sweep), ""]
+    if membership is not None:
+        shown = membership.drop(columns=["AUC", "balanced acc", "balanced acc low", "balanced acc high"])
+        lines += ["## Membership inference (is this patient in the training data?)",
+                  f"Attacks on the released global model (all sites' patients) and on site "
+                  f"{plan.membership_inference.personal_site}'s deployed model (its personalised model where the method "
+                  "has one: outside the client-level guarantee, DESIGN 4.6). Members: training subjects; non-members: "
+                  "held-out subjects of the same sites. 0.5 is chance; TPR at 1% / 0.1% FPR is what a confident attacker "
+                  "achieves (below 1 / non-members it cannot be resolved). Balanced accuracy uses a threshold fitted on "
+                  "the other half of the candidates. Intervals: 95% bootstrap over candidates.",
+                  markdown_table(shown), ""]
     lines += ["## The paper's headline claims, side by side",
               markdown_table(claims), "",
               "Where a claim does not hold here, the cohort is synthetic and small and the rounds are few: read the "

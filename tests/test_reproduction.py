@@ -45,6 +45,23 @@ def test_privacy_columns_come_from_the_accountant_and_respect_the_budget(smoke_r
     assert main_table.loc["mm-pfl-adp", "MB total"] < main_table.loc["mm-pfl-adp-no-masks", "MB total"]
 
 
+def test_membership_inference_is_measured_for_the_planned_methods(smoke_report):
+    plan = load_reproduction("smoke")
+    mia = pd.read_csv(smoke_report / "membership.csv")
+    assert set(mia["method"]) == set(plan.membership_inference.methods)
+    site = plan.membership_inference.personal_site
+    assert set(mia["target"]) == {"global model", f"site {site} deployed model"}
+    assert mia["AUC"].between(0, 1).all() and mia["balanced acc"].between(0, 1).all()
+    assert (mia["balanced acc low"] <= mia["balanced acc"]).all() and (mia["balanced acc"] <= mia["balanced acc high"]).all()
+    # Epsilons are the runs' own ledger values: none for FedAvg, within the budget for the private methods.
+    eps = mia.drop_duplicates("method").set_index("method")["epsilon (site)"]
+    assert eps["fedavg"] == "none" and 0 < float(eps["mm-pfl-adp"]) <= 8.0
+    claims = pd.read_csv(smoke_report / "claims.csv").set_index("claim")
+    row = claims.loc[PAPER_CLAIMS["membership_inference"]]
+    assert row["verdict"] in {"agrees", "does not hold here"} and "balanced attack accuracy" in row["ours"]
+    assert "## Membership inference" in (smoke_report / "REPORT.md").read_text()
+
+
 def test_rerun_resumes_finished_runs(smoke_report):
     before = pd.read_csv(smoke_report / "main.csv")
     assert main(["reproduce", "--preset", "smoke", "--out", str(smoke_report), "--no-progress"]) == 0
@@ -57,6 +74,15 @@ def test_bad_reproduction_configs_are_named(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(values))
     with pytest.raises(ConfigError, match="site_sweep.methods"):
+        load_reproduction(path)
+    values = yaml.safe_load(open(load_reproduction.__globals__["CONFIG_DIR"] / "reproduce_smoke.yaml"))
+    values["reproduction"]["membership_inference"]["methods"] = ["ditto-typo"]
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError, match="membership_inference.methods"):
+        load_reproduction(path)
+    values["reproduction"]["membership_inference"] = {"num_shadow": 2}
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError, match="unknown membership_inference key"):
         load_reproduction(path)
     with pytest.raises(ConfigError, match="presets"):
         load_reproduction("no-such-preset")

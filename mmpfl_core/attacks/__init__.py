@@ -1,6 +1,20 @@
 """Privacy attacks and audits: what an adversary can learn from what the kit releases.
 
-Membership inference (:mod:`.membership`), gradient inversion (:mod:`.gradient_inversion`) and the
-one-run DP audit (:mod:`.audit`). These modules attack the mechanisms in :mod:`mmpfl_core.privacy`;
-the privacy package never imports them (the mechanism never knows its attacker).
+Membership inference (:mod:`.membership` scores and metrics, :mod:`.targets` the models attacked and
+the shadow models, :mod:`.evaluation` the table and the paper's claim), gradient inversion
+(:mod:`.gradient_inversion`) and the one-run DP audit (:mod:`.audit` the bound, :mod:`.canaries` the
+canary clients through the real DP-FedAvg release). These modules attack the mechanisms in
+:mod:`mmpfl_core.privacy`; the privacy package never imports them (the mechanism never knows its attacker).
 """
+from .audit import AuditResult, epsilon_lower_bound, guess_from_scores, one_run_audit, p_value_dp_audit
+from .canaries import BROKEN_VARIANTS, CanaryAuditConfig, audit_client_level_dp, broken_mechanism
+from .membership import (AttackMetrics, attack_metrics, lira_offline_scores, logit_confidence, loss_scores,
+                         random_guess_auc_band, reference_calibrated_scores, roc, tpr_at_fpr)
+from .targets import (Candidates, MembershipConfig, MembershipResult, deployed_proba, membership_candidates,
+                      run_membership_attacks, train_shadows)
+
+__all__ = ["AttackMetrics", "AuditResult", "BROKEN_VARIANTS", "CanaryAuditConfig", "Candidates", "MembershipConfig",
+           "MembershipResult", "attack_metrics", "audit_client_level_dp", "broken_mechanism", "deployed_proba",
+           "epsilon_lower_bound", "guess_from_scores", "lira_offline_scores", "logit_confidence", "loss_scores",
+           "membership_candidates", "one_run_audit", "p_value_dp_audit", "random_guess_auc_band",
+           "reference_calibrated_scores", "roc", "run_membership_attacks", "tpr_at_fpr", "train_shadows"]

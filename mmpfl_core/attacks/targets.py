@@ -21,6 +21,7 @@ would be public or purchased data of the same kind, which is a strong assumption
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
@@ -112,13 +113,17 @@ def deployed_proba(run: RunResult, model: nn.Module, candidates: Candidates, *, 
 
 
 def train_shadows(config: ExperimentConfig, method: MethodSpec, *, num_shadows: int, seed_offset: int = 1000,
-                  progress: bool = False) -> list[RunResult]:
-    """Train ``num_shadows`` OUT shadow runs of ``method`` on fresh federations (module docstring)."""
+                  results_dir: Path | None = None, progress: bool = False) -> list[RunResult]:
+    """Train ``num_shadows`` OUT shadow runs of ``method`` on fresh federations (module docstring).
+
+    With ``results_dir`` each shadow keeps a run directory ``<results_dir>/shadow<s>/<label>`` and resumes.
+    """
     runs = []
     for s in range(num_shadows):
         seed = config.federated.seed + seed_offset + s
         shadow = config.replace(data={"seed": seed}, federation={"seed": seed}, federated={"seed": seed})
-        runs.append(run_method(shadow, method, make_federation(shadow), progress=progress))
+        run_dir = None if results_dir is None else Path(results_dir) / f"shadow{s}"
+        runs.append(run_method(shadow, method, make_federation(shadow), results_dir=run_dir, progress=progress))
     return runs
 
 
