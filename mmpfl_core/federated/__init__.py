@@ -1,0 +1,8 @@
+"""The federated engine: one round loop (``simulation``), strategies as hooks, and their registry.
+
+Importing the package registers every strategy, whichever module is imported first (the strategy
+modules import ``strategies``; registering them here, not at the end of ``strategies``, keeps the
+import graph free of cycles).
+"""
+from . import strategies  # noqa: F401  (the registry and the plain strategies)
+from . import dp_strategies, personalized_strategies, mm_pfl_adp  # noqa: F401,E402  (register themselves)

@@ -249,7 +249,3 @@ class LocalOnly(Strategy):
     def personal_state(self, site_id: int, global_state: State) -> State | None:
         return self.personal.get(site_id, global_state)
 
-
-from . import dp_strategies  # noqa: E402,F401  (registers DP strategies)
-from . import personalized_strategies  # noqa: E402,F401  (registers personalised strategies)
-from . import mm_pfl_adp  # noqa: E402,F401  (registers MM-PFL-ADP)
