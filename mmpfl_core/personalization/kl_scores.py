@@ -72,13 +72,14 @@ def kl_group_scores(model: nn.Module, global_state: State, personal_state: State
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, n, batch_size):
-            batch = dataset.batch(torch.arange(start, min(start + batch_size, n)))
-            args = (batch["images"].to(device), batch["modality_mask"].to(device), batch["clinical"].to(device))
-            log_q = torch.log_softmax(functional_call(model, base, args).float(), dim=-1)  # (B, C)
-            for group, params in swaps.items():
-                log_p = torch.log_softmax(functional_call(model, params, args).float(), dim=-1)  # (B, C)
-                totals[group] += float((log_p.exp() * (log_p - log_q)).sum())
+        with torch.no_grad():  # scores need no gradients: no autograd graph for the 1 + G forward passes
+            for begin in range(0, n, batch_size):
+                batch = dataset.batch(torch.arange(begin, min(begin + batch_size, n)))
+                args = (batch["images"].to(device), batch["modality_mask"].to(device), batch["clinical"].to(device))
+                log_q = torch.log_softmax(functional_call(model, base, args).float(), dim=-1)  # (B, C)
+                for group, params in swaps.items():
+                    log_p = torch.log_softmax(functional_call(model, params, args).float(), dim=-1)  # (B, C)
+                    totals[group] += float((log_p.exp() * (log_p - log_q)).sum())
     finally:
         model.train(was_training)
     # Rounding can leave -1e-9 for a group with no effect; KL is >= 0.
