@@ -175,21 +175,25 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{preset:9s} {mode:12s} FAILED: {error}", flush=True)
                 rows.append({"preset": preset, "mode": mode, "batch": BATCH[preset], "median_s": None,
                              "peak_mb": None, "error": error})
-                continue
-            result = json.loads(scratch.read_text())
-            updates[preset, mode] = torch.tensor(result.pop("update"))
-            rows.append({"preset": preset, "mode": mode, "batch": BATCH[preset], **result, "error": ""})
-            print(f"{preset:9s} {mode:12s} {result['median_s']:.4f} s  peak {result['peak_mb']:.0f} MB", flush=True)
+            else:
+                result = json.loads(scratch.read_text())
+                updates[preset, mode] = torch.tensor(result.pop("update"))
+                rows.append({"preset": preset, "mode": mode, "batch": BATCH[preset], **result, "error": ""})
+                print(f"{preset:9s} {mode:12s} {result['median_s']:.4f} s  peak {result['peak_mb']:.0f} MB", flush=True)
+            path = _write(rows, updates, args)  # after every mode, so a run stopped early keeps what it measured
     scratch.unlink(missing_ok=True)
+    print(Path(path).read_text())
 
+
+def _write(rows: list[dict], updates: dict, args: argparse.Namespace) -> Path:
+    """Ratios to the preset's non-private step and the zero-noise check; writes the result files."""
     frame = pd.DataFrame(rows)
-    for preset in args.presets:
+    for preset in frame["preset"].unique():
         at = frame["preset"] == preset
-        base = frame.loc[at & (frame["mode"] == "non-private"), "median_s"]
-        base_mem = frame.loc[at & (frame["mode"] == "non-private"), "peak_mb"]
-        if len(base) and base.notna().all():
-            frame.loc[at, "time_vs_non_private"] = (frame.loc[at, "median_s"] / float(base.iloc[0])).round(2)
-            frame.loc[at, "memory_vs_non_private"] = (frame.loc[at, "peak_mb"] / float(base_mem.iloc[0])).round(2)
+        base = frame.loc[at & (frame["mode"] == "non-private"), ["median_s", "peak_mb"]].dropna()
+        if len(base):
+            frame.loc[at, "time_vs_non_private"] = (frame.loc[at, "median_s"] / float(base["median_s"].iloc[0])).round(2)
+            frame.loc[at, "memory_vs_non_private"] = (frame.loc[at, "peak_mb"] / float(base["peak_mb"].iloc[0])).round(2)
         reference = updates.get((preset, "hooks"))
         for mode in ("hooks", "functorch", "ghost"):
             if reference is not None and (preset, mode) in updates:
@@ -197,15 +201,13 @@ def main(argv: list[str] | None = None) -> None:
                 frame.loc[at & (frame["mode"] == mode), "update_rel_diff_vs_hooks"] = float(f"{diff:.2e}")
     frame["median_s"] = frame["median_s"].astype(float).round(4)
     frame["peak_mb"] = frame["peak_mb"].astype(float).round(0)
-    suffix = "" if args.device == "cpu" else f"_{torch.device(args.device).type}"
+    suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]
     notes = (f"One optimiser step on one batch (batch sizes {BATCH}), median of {args.repeats} after {args.warmup} "
              f"warm-ups, each (preset, mode) in its own process. Noise multiplier {NOISE}, clip {CLIP}. "
              "Peak memory is max RSS of the process on CPU (model, data and Python included) and "
              "torch.cuda.max_memory_allocated on CUDA. update_rel_diff_vs_hooks: ||u_mode - u_hooks|| / ||u_hooks|| "
              "for one zero-noise step from the same weights (a correct mode gives float rounding only).")
-    print(frame.to_string(index=False))
-    print("wrote", write_results(f"dp_sgd_modes{suffix}", frame, notes))
-
+    return write_results(f"dp_sgd_modes{suffix}", frame, notes)
 
 if __name__ == "__main__":
     main()
