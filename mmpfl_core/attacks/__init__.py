@@ -8,13 +8,17 @@ canary clients through the real DP-FedAvg release). These modules attack the mec
 """
 from .audit import AuditResult, epsilon_lower_bound, guess_from_scores, one_run_audit, p_value_dp_audit
 from .canaries import BROKEN_VARIANTS, CanaryAuditConfig, audit_client_level_dp, broken_mechanism
+from .gradient_inversion import (DefenceResult, Inversion, InversionConfig, compare_defences, invert_update,
+                                 plot_reconstructions)
 from .membership import (AttackMetrics, attack_metrics, lira_offline_scores, logit_confidence, loss_scores,
                          random_guess_auc_band, reference_calibrated_scores, roc, tpr_at_fpr)
 from .targets import (Candidates, MembershipConfig, MembershipResult, deployed_proba, membership_candidates,
                       run_membership_attacks, train_shadows)
 
-__all__ = ["AttackMetrics", "AuditResult", "BROKEN_VARIANTS", "CanaryAuditConfig", "Candidates", "MembershipConfig",
-           "MembershipResult", "attack_metrics", "audit_client_level_dp", "broken_mechanism", "deployed_proba",
-           "epsilon_lower_bound", "guess_from_scores", "lira_offline_scores", "logit_confidence", "loss_scores",
-           "membership_candidates", "one_run_audit", "p_value_dp_audit", "random_guess_auc_band",
-           "reference_calibrated_scores", "roc", "run_membership_attacks", "tpr_at_fpr", "train_shadows"]
+__all__ = ["AttackMetrics", "AuditResult", "BROKEN_VARIANTS", "CanaryAuditConfig", "Candidates", "DefenceResult",
+           "Inversion", "InversionConfig", "MembershipConfig", "MembershipResult", "attack_metrics",
+           "audit_client_level_dp", "broken_mechanism", "compare_defences", "deployed_proba", "epsilon_lower_bound",
+           "guess_from_scores", "invert_update", "lira_offline_scores", "logit_confidence", "loss_scores",
+           "membership_candidates", "one_run_audit", "p_value_dp_audit", "plot_reconstructions",
+           "random_guess_auc_band", "reference_calibrated_scores", "roc", "run_membership_attacks", "tpr_at_fpr",
+           "train_shadows"]
