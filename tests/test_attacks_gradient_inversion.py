@@ -107,11 +107,11 @@ def test_no_defence_recovers_images_and_clinical_data(comparison):
     assert [r.name for r in results] == ["no defence", "clipping", "clipping + noise"]
     clean = results[0]
     assert isinstance(clean, DefenceResult) and clean.epsilon is None and clean.noise_multiplier is None
-    # measured: PSNR 11.6 dB vs 6.5 dB for the random start; SSIM 0.14 (about 0.01 for the start)
-    assert clean.psnr - clean.baseline_psnr > 3.0
-    assert clean.ssim > 0.07
-    # measured clinical RMSE 0.12 (standardised units) vs 1.7 under noise, about 1 for the N(0, 1) start
-    assert clean.clinical_rmse < 0.4
+    # measured: PSNR 12.6 dB vs 6.5 dB for the random start; SSIM 0.17 (0.01 for the start)
+    assert clean.psnr - clean.baseline_psnr > 3.5
+    assert clean.ssim > 0.09
+    # measured clinical RMSE 0.12 (standardised units; 0.67 with seed 1) vs 1.6 under noise
+    assert clean.clinical_rmse < 0.5
 
 
 def test_clipping_alone_does_not_stop_the_attack(comparison):
@@ -128,8 +128,8 @@ def test_noise_at_small_epsilon_defeats_the_attack(comparison):
     # z from the accountant, doubled for local placement (replace-one sensitivity 2C)
     z = calibrate_noise(target_epsilon=1.0, target_delta=1e-5, sample_rate=1.0, steps=1, accountant="rdp")
     assert noisy.noise_multiplier == 2.0 * z
-    # measured: 7.0 dB, SSIM 0.00 (chance: the random start is 6.5 dB) vs 11.6 dB without defence;
-    # clinical RMSE 1.7
+    # measured: 7.9 dB, SSIM 0.00 (chance: the random start is 6.5 dB) vs 12.6 dB without defence;
+    # clinical RMSE 1.6
     assert noisy.psnr < results[0].psnr - 2.5
     assert noisy.ssim < 0.05
     assert noisy.clinical_rmse > 0.8
