@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
 
@@ -65,6 +66,26 @@ def test_psnr_of_a_known_mse_and_ssim_of_constant_images():
     # constant images: sigma = 0, so SSIM = (2 a b + C1) / (a^2 + b^2 + C1) exactly
     x, y, c1 = torch.full((1, 1, 16, 16), 0.2), torch.full((1, 1, 16, 16), 0.6), 0.01 ** 2
     assert ssim(x, y) == pytest.approx((2 * 0.2 * 0.6 + c1) / (0.2 ** 2 + 0.6 ** 2 + c1), rel=1e-6)
+
+
+def test_ssim_matches_an_independent_scipy_reference():
+    # scikit-image's algorithm (gaussian_weights=True, use_sample_covariance=False): a reflect-padded
+    # Gaussian filter (sigma 1.5, radius 5 = an 11 x 11 window), cropped by 5 on each side
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 32))
+    y = np.clip(x + 0.2 * rng.standard_normal((32, 32)), 0.0, 1.0)
+
+    def blur(a):
+        return gaussian_filter(a, 1.5, truncate=3.5, mode="reflect")[5:-5, 5:-5]
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    expected = float((((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))).mean())
+    assert expected == pytest.approx(0.8023, abs=1e-4)  # a noisy copy: clearly below 1
+    assert ssim(torch.tensor(y)[None, None], torch.tensor(x)[None, None]) == pytest.approx(expected, abs=1e-12)
 
 
 def test_metrics_average_over_present_sequences_only():

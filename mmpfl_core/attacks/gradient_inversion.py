@@ -73,7 +73,8 @@ class InversionConfig:
         for name in ("steps", "restarts", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"InversionConfig.{name}={value!r} must be an int; e.g. steps=100, restarts=1, seed=0.")
+                raise ConfigError(f"InversionConfig.{name}={value!r} must be an int; "
+                                  "e.g. steps=100, restarts=1, seed=0.")
         check_range("InversionConfig.steps", self.steps, low=1, fix="Use a few hundred Adam steps, e.g. 300.")
         check_range("InversionConfig.restarts", self.restarts, low=1, fix="Use 1 (fast) or a few restarts.")
         check_range("InversionConfig.seed", self.seed, low=0, fix="Use a non-negative integer seed.")
@@ -137,7 +138,9 @@ def ssim(reconstruction: torch.Tensor, target: torch.Tensor, modality_mask: torc
 
     Written here (no scikit-image or torchmetrics in the kit's environment): an 11 x 11 Gaussian
     window (sigma 1.5), K1 = 0.01, K2 = 0.03, the mean of the SSIM map over valid positions (no
-    padding), in float64. Images smaller than the window use a window of their size.
+    padding), in float64: scikit-image's ``structural_similarity(gaussian_weights=True,
+    use_sample_covariance=False)``, checked against a SciPy version in the tests. Images smaller
+    than the window use a window of their size.
     """
     x, y = _per_image(reconstruction, target, modality_mask)
     size = min(window, x.shape[-1], x.shape[-2])
@@ -179,7 +182,8 @@ def _gradients(model: nn.Module, names: Sequence[str], batch: Mapping[str, torch
                                     allow_unused=True, materialize_grads=True))
 
 
-def transmitted_update(model: nn.Module, batch: Mapping[str, torch.Tensor], *, local_lr: float) -> dict[str, torch.Tensor]:
+def transmitted_update(model: nn.Module, batch: Mapping[str, torch.Tensor], *,
+                       local_lr: float) -> dict[str, torch.Tensor]:
     """The update a site sends after one plain-SGD step on ``batch``: delta = -local_lr * grad.
 
     Same forward (:func:`~mmpfl_core.federated.client.forward_batch`) and loss as
