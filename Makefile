@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmpfl-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast reproduce bench notebooks-clean clean
+.PHONY: install demo test test-fast reproduce bench notebooks-clean clean flower-sim flower-deploy
 
 install: $(STAMP)
 
@@ -36,6 +36,18 @@ reproduce: $(STAMP)
 ## bench: benchmarks that print ratios (bench/results/)
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+## flower-sim: `flwr run` of the Flower app on Flower's simulation engine (Ray), one virtual SuperNode per site,
+## behind a SuperLink on 127.0.0.1 that is stopped afterwards. FLOWER_CONFIG overrides flower_app/pyproject.toml,
+## e.g. make flower-sim FLOWER_CONFIG="preset='quickstart' method='mm-pfl-adp' num-rounds=3" FLOWER_SITES=5
+FLOWER_CONFIG ?= preset='reproduce_smoke' method='fedavg,dp-fedavg'
+FLOWER_SITES ?= 3
+flower-sim: $(STAMP)
+	$(PY) flower_app/deploy_loopback.py --engine simulation --sites $(FLOWER_SITES) --run-config "$(FLOWER_CONFIG)"
+
+## flower-deploy: a SuperLink and one SuperNode per site on 127.0.0.1 (insecure, loopback only), the app, clean shutdown
+flower-deploy: $(STAMP)
+	$(PY) flower_app/deploy_loopback.py --sites $(FLOWER_SITES) --run-config "$(FLOWER_CONFIG)"
 
 ## notebooks-clean: strip outputs from committed notebooks
 notebooks-clean: $(STAMP)

@@ -187,3 +187,22 @@ def _expect_06(r: dict[str, Any]) -> None:
 
 
 EXPECTATIONS["06_mm_pfl_adp_end_to_end"] = _expect_06
+
+
+def _expect_08(r: dict[str, Any]) -> None:
+    assert r["methods"] == ["fedavg", "dp-fedavg"]
+    assert r["num_clients"] == SMOKE_PARAMETERS["NUM_CLIENTS"]
+    # Flower's simulation engine and the in-process engine give the same global model and epsilon.
+    assert all(d <= 1e-6 for d in r["max_abs_diff"].values())
+    assert r["epsilon_flower"]["fedavg"] is None and r["epsilon_inprocess"]["fedavg"] is None
+    assert 0 < r["epsilon_flower"]["dp-fedavg"] == pytest.approx(r["epsilon_inprocess"]["dp-fedavg"], rel=1e-12)
+    assert r["flower_rounds_logged"] == {"fedavg": r["num_rounds"], "dp-fedavg": r["num_rounds"]}
+    # SecAgg+: equal epsilon, parameters within a few quantisation steps (2R/Q = 3.8e-6 per value and site).
+    assert r["secagg_ran"]
+    assert r["secagg_max_abs_diff"] < 1e-4
+    assert r["secagg_epsilon_flower"] == pytest.approx(r["secagg_epsilon_inprocess"], rel=1e-12)
+    # The loopback deployment is skipped in SMOKE mode (tests/test_flower_deploy.py runs it); if it ran, it completed.
+    assert r["deployment_completed"] in ((True,) if r["deployment_ran"] else (None,))
+
+
+EXPECTATIONS["08_scale_out_with_flower"] = _expect_08

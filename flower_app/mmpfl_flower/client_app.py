@@ -134,7 +134,7 @@ def make_client_app(**overrides: Any) -> ClientApp:
         if RECORD_KEY_CONFIGS in msg.content.config_records:  # SecAgg+ collect stage: legacy layout
             fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
             job = job_for(fitins.config, context)
-            model, _ = _site_objects(job.key(), job)
+            model = _site_objects(job.key(), job)[0]
             names = global_names(model)
             arrays = dict(zip(names, parameters_to_ndarrays(fitins.parameters)))
             sent, metrics = _train_step(job, context, arrays, dict(fitins.config))

@@ -53,8 +53,10 @@ def wait_for_sites(grid: Grid, job: Job) -> dict[int, int]:
                                f"node-wait={job.flower.node_wait}s; start more SuperNodes or lower min-nodes.")
         time.sleep(0.5)
         nodes = list(grid.get_node_ids())
+    # The first message a SuperNode gets starts its ClientApp process (imports torch, builds its data):
+    # give it the node-wait budget, not the round timeout.
     replies = grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes],
-                                    timeout=job.flower.round_timeout)
+                                    timeout=max(1.0, deadline - time.monotonic()) + job.flower.round_timeout)
     mapping: dict[int, int] = {}
     for reply in replies:
         if reply.has_error():
@@ -64,7 +66,8 @@ def wait_for_sites(grid: Grid, job: Job) -> dict[int, int]:
             raise ValueError(f"two SuperNodes claim site {site}; give each its own partition-id.")
         mapping[reply.metadata.src_node_id] = site
     if len(mapping) < job.flower.min_nodes:
-        raise TimeoutError(f"only {len(mapping)} SuperNodes told their site within {job.flower.round_timeout}s.")
+        raise TimeoutError(f"only {len(mapping)} of min-nodes={job.flower.min_nodes} SuperNodes told their site in "
+                           "time; raise node-wait (a cold ClientApp start imports torch) or lower min-nodes.")
     return mapping
 
 
@@ -183,15 +186,10 @@ def run_rounds(grid: Grid, context: Context, job: Job) -> dict[str, Any]:
             replies = grid.send_and_receive(list(kit.configure_evaluate(t, to_array_record(kit.global_state),
                                                                         ConfigRecord({"method": job.method.label}), grid)),
                                             timeout=job.flower.round_timeout)
-            evaluated = kit.aggregate_evaluate(t, replies)
-            if evaluated is not None:
-                row.update(dict(evaluated))
+            row.update(dict(kit.aggregate_evaluate(t, replies)))
         row["seconds"] = round(time.perf_counter() - started, 3)
         history.append(row)
-        try:
-            run_dir.log_round(row)
-        except Exception as exc:  # a later row with a site that was absent in round 1: keep the run going
-            logger.warning("metrics row of round %d not logged: %s", t, exc)
+        run_dir.log_round(row)
         logger.info("round %d: %s", t, {k: v for k, v in row.items() if not k.startswith("site")})
     last = history[-1]["round"] if history else 0
     strategy_tensors, strategy_state = core.state_dict()

@@ -46,7 +46,7 @@ from mmpfl_core.federated.simulation import select_round
 from mmpfl_core.federated.strategies import State, Strategy
 from mmpfl_core.metrics.communication import CommunicationCounter
 
-from .task import Job, MalformedReply, numpy_to_state, state_to_numpy, validate_reply
+from .task import Job, MalformedReply, federation_of, numpy_to_state, state_to_numpy, validate_reply
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class KitStrategy(FlowerStrategy):
         self.job, self.core, self.global_state = job, core, global_state
         self.node_sites = dict(node_sites)  # node id -> site id
         self.site_nodes = {s: n for n, s in self.node_sites.items()}
+        self.all_sites = sorted(s.site_id for s in federation_of(job).sites)
         self.shapes = {n: tuple(t.shape) for n, t in global_state.items()}
         self.counter = CommunicationCounter()
         self.selected: list[int] = []
@@ -138,7 +139,7 @@ class KitStrategy(FlowerStrategy):
                         dst_node_id=node, message_type="evaluate", group_id=f"eval-{server_round}")
                 for node in sorted(self.node_sites) if node in online]
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
         """Pooled accuracies from per-site correct counts, plus each site's personal test accuracy."""
         totals: dict[str, int] = {}
         per_site: dict[str, float] = {}
@@ -146,7 +147,9 @@ class KitStrategy(FlowerStrategy):
             if reply.has_error() or "metrics" not in reply.content.metric_records:
                 continue
             m = reply.content.metric_records["metrics"]
-            if any(not isinstance(v, (int, np.integer)) or v < 0 for v in m.values()):
+            required = {"site", "val-n", "test-n", *(f"{w}-{s}-correct" for w in ("global", "personal") for s in ("val", "test"))}
+            if set(m) != required or any(not isinstance(v, (int, np.integer)) or v < 0 for v in m.values()) \
+                    or any(m[f"{w}-{s}-correct"] > m[f"{s}-n"] for w in ("global", "personal") for s in ("val", "test")):
                 logger.warning("round %d: rejected malformed evaluation reply %s", server_round, dict(m))
                 continue
             for key, value in m.items():
@@ -154,11 +157,14 @@ class KitStrategy(FlowerStrategy):
                     totals[key] = totals.get(key, 0) + int(value)
             if m["test-n"] > 0:
                 per_site[f"site{int(m['site'])}_personal_test_accuracy"] = m["personal-test-correct"] / m["test-n"]
-        if not totals:
-            return None
-        out = {f"{which}_{split}_accuracy": totals[f"{which}-{split}-correct"] / max(1, totals[f"{split}-n"])
+        nan = float("nan")
+        out = {f"{which}_{split}_accuracy": (totals[f"{which}-{split}-correct"] / totals[f"{split}-n"]
+                                             if totals.get(f"{split}-n") else nan)
                for which in ("global", "personal") for split in ("val", "test")}
-        return MetricRecord({**out, **dict(sorted(per_site.items()))})
+        # Every site gets its column (NaN when it did not answer), so metrics.csv keeps one set of columns.
+        sites = {f"site{s}_personal_test_accuracy": per_site.get(f"site{s}_personal_test_accuracy", nan)
+                 for s in self.all_sites}
+        return MetricRecord({**out, **sites})
 
     def summary(self) -> None:
         logger.info("KitStrategy(%s, placement=%s)", self.core.name, getattr(getattr(self.core, "placement", None),

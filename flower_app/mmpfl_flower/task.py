@@ -64,7 +64,7 @@ class FlowerSettings:
     secagg_tail_sigmas: float = 6.0
     round_timeout: float = 120.0
     min_nodes: int = 1
-    node_wait: float = 60.0
+    node_wait: float = 120.0
     results_dir: str = ""
     run_name: str = ""
 

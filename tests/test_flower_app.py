@@ -1,0 +1,203 @@
+"""The Flower app (flower_app/, issue 7): config mapping, reply validation, SecAgg+ range checks (fast),
+and equivalence with the in-process engine on Flower's Ray simulation engine (one Ray start-up).
+
+The simulation test trains FedAvg and DP-FedAvg for 2 rounds on the smoke preset through the SAME
+ServerApp/ClientApp that `flwr run` uses and checks the final global parameters and epsilon against
+``run_method`` (in-process, one torch thread as in each virtual SuperNode): bit-identical here, the
+tolerance only guards against a different BLAS. Skipped only if Ray cannot start.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tomllib
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+APP_DIR = Path(__file__).resolve().parent.parent / "flower_app"
+sys.path.insert(0, str(APP_DIR))
+
+from mmpfl_core.errors import ConfigError, PrivacyError  # noqa: E402
+from mmpfl_flower.task import (DEFAULT_RUN_CONFIG, FlowerSettings, MalformedReply, check_secagg_range,  # noqa: E402
+                               check_secagg_values, configured_strategy, load_job, load_jobs, new_model,
+                               validate_reply)
+
+SMOKE = dict(preset="reproduce_smoke", num_rounds=2)
+
+
+# ------------------------------------------------------------------ fast: config mapping
+def test_run_config_defaults_are_the_app_pyproject():
+    toml = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
+    assert DEFAULT_RUN_CONFIG == toml["tool"]["flwr"]["app"]["config"]
+    assert toml["tool"]["flwr"]["app"]["components"] == {"serverapp": "mmpfl_flower.server_app:app",
+                                                         "clientapp": "mmpfl_flower.client_app:app"}
+
+
+def test_load_job_maps_kebab_keys_once():
+    job = load_job({"preset": "reproduce_smoke", "method": "dp-fedavg", "num-rounds": 3, "seed": 7,
+                    "method-args": '{"clip_norm": 0.25}', "num-sites": 4})
+    assert job.experiment.federated.num_rounds == 3
+    assert job.experiment.federated.seed == job.experiment.data.seed == job.experiment.federation.seed == 7
+    assert job.experiment.federation.num_sites == 4 and job.flower.min_nodes == 4
+    assert job.method.strategy == "dp-fedavg" and job.method.kwargs["clip_norm"] == 0.25
+    assert [j.method.label for j in load_jobs(preset="reproduce_smoke", method="fedavg, dp-fedavg")] == ["fedavg", "dp-fedavg"]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"num-round": 3}, "unknown Flower run-config"),
+    ({"method": "nope"}, "is not a method of preset"),
+    ({"method": "local-only"}, "sends nothing over a network"),
+    ({"method": "dp-fedavg", "placement": "distributed", "secagg": "off"}, "without secure aggregation"),
+    ({"method": "fedavg", "secagg": "on"}, "needs placement='distributed'"),
+    ({"method-args": "[1]"}, "must be a JSON object"),
+    ({"round-timeout": 0}, "must be > 0"),
+])
+def test_load_job_rejects_bad_config(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        load_job({"preset": "reproduce_smoke", "method": "fedavg", **bad})
+
+
+# ------------------------------------------------------------------ fast: what arrives is checked
+SHAPES = {"w": (2, 3), "b": (3,)}
+
+
+def _arrays(**changes):
+    arrays = {"w": np.zeros((2, 3), np.float32), "b": np.ones(3, np.float32)}
+    arrays.update(changes)
+    return arrays
+
+
+def test_validate_reply_accepts_a_good_reply():
+    validate_reply(_arrays(), SHAPES, num_examples=12, site=1, expected_sites={0, 1})
+
+
+@pytest.mark.parametrize("arrays, num_examples, site, match", [
+    (_arrays(w=np.full((2, 3), np.nan, np.float32)), 12, 1, "non-finite"),
+    (_arrays(b=np.array([np.inf, 0, 0], np.float32)), 12, 1, "non-finite"),
+    (_arrays(w=np.zeros((3, 2), np.float32)), 12, 1, "shape"),
+    (_arrays(extra=np.zeros(1, np.float32)), 12, 1, "unknown parameter"),
+    (_arrays(), -5, 1, "positive integer"),
+    (_arrays(), 0, 1, "positive integer"),
+    (_arrays(), 2.5, 1, "positive integer"),
+    (_arrays(), True, 1, "positive integer"),
+    (_arrays(), 12, 7, "was not asked"),
+])
+def test_validate_reply_rejects_malformed(arrays, num_examples, site, match):
+    with pytest.raises(MalformedReply, match=match):
+        validate_reply(arrays, SHAPES, num_examples=num_examples, site=site, expected_sites={0, 1})
+
+
+def _reply(node, site, arrays, num_examples, error=False):
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    content = RecordDict({"arrays": ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in arrays.items()}),
+                          "metrics": MetricRecord({"site": site, "num-examples": num_examples, "train-loss": 1.0,
+                                                   "num-steps": 2})})
+    return SimpleNamespace(has_error=lambda: error, error="boom", content=content,
+                           metadata=SimpleNamespace(src_node_id=node))
+
+
+def test_server_aggregates_only_valid_replies_exactly_as_the_core():
+    """Malformed replies (NaN, negative count, wrong shape, wrong node, failure) are dropouts; the rest
+    go through the kit strategy's own aggregation, summed in site order."""
+    from mmpfl_core.federated.client import ClientUpdate, trainable_state
+    from mmpfl_flower.strategy import KitStrategy
+
+    job = load_job(**SMOKE, method="fedavg")
+    model = new_model(job)
+    core = configured_strategy(job, model)
+    state = trainable_state(model)
+    kit = KitStrategy(job, core, state, node_sites={10: 0, 11: 1, 12: 2})
+    kit.selected = [0, 1, 2]
+    gen = torch.Generator().manual_seed(0)
+    good = {n: (0.01 * torch.randn(t.shape, generator=gen)).numpy() for n, t in state.items()}
+    good2 = {n: (0.01 * torch.randn(t.shape, generator=gen)).numpy() for n, t in state.items()}
+    nan = {**good, next(iter(good)): np.full_like(next(iter(good.values())), np.nan)}
+    replies = [_reply(12, 2, good2, 30), _reply(10, 0, good, 20), _reply(11, 1, nan, 25),
+               _reply(11, 1, good, -3), _reply(12, 0, good, 5), _reply(10, 0, good, 5, error=True)]
+    arrays, metrics = kit.aggregate_train(1, replies)
+    assert metrics["num_responded"] == 2 and metrics["num_rejected"] == 3 and metrics["num_failed"] == 1
+    expected = core.aggregate(state, [ClientUpdate(0, {}, 20, 2, 1.0), ClientUpdate(2, {}, 30, 2, 1.0)],
+                              [{n: torch.from_numpy(a) for n, a in good.items()},
+                               {n: torch.from_numpy(a) for n, a in good2.items()}], 1)
+    got = arrays.to_torch_state_dict()
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+# ------------------------------------------------------------------ fast: SecAgg+ quantisation range
+def test_secagg_range_must_cover_clip_plus_noise_tail():
+    job = load_job(**SMOKE, method="dp-fedavg", placement="distributed", method_args=json.dumps({"min_participants": 2}))
+    model = new_model(job)
+    core = configured_strategy(job, model)
+    core.before_round(1)
+    instructions = core.round_instructions(1, {n: p.detach() for n, p in model.named_parameters()})
+    check_secagg_range(core, instructions, job.flower)  # default range 8 covers C=0.5 + 6 std here
+    sigma = max(v for k, v in instructions.items() if k.startswith("sigma/"))
+    need = instructions["clip_norm"] + 6 * sigma / math.sqrt(2)
+    with pytest.raises(ConfigError, match="would silently clip"):
+        check_secagg_range(core, instructions, FlowerSettings(secagg=True, secagg_clipping_range=need * 0.9))
+    one = load_job(**SMOKE, method="dp-fedavg", placement="distributed")  # min_participants defaults to 1
+    with pytest.raises(ConfigError, match="at least 2 participants"):
+        check_secagg_range(configured_strategy(one, model), instructions, one.flower)
+
+
+def test_site_refuses_values_secagg_would_clip():
+    settings = FlowerSettings(secagg=True, secagg_clipping_range=1.0)
+    check_secagg_values({"w": np.array([0.5, -1.0])}, settings)
+    for bad in (np.array([0.5, -1.5]), np.array([np.nan])):
+        with pytest.raises(PrivacyError, match="secagg-clipping-range"):
+            check_secagg_values({"w": bad}, settings)
+
+
+# ------------------------------------------------------------------ Ray: equivalence with the in-process engine
+def _ray_can_start() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def flower_runs(tmp_path_factory):
+    if not _ray_can_start():
+        pytest.skip("Ray is not installed: pip install 'flwr[simulation]'")
+    from mmpfl_flower.simulate import run_flower_simulation
+    out = tmp_path_factory.mktemp("flower")
+    try:
+        runs, seconds = run_flower_simulation(**SMOKE, method="fedavg,dp-fedavg", results_dir=str(out))
+    except RuntimeError as exc:  # the simulation engine wraps a Ray start-up failure
+        if "Simulation Runtime crashed" in repr(exc.__cause__) or "timed out during startup" in str(exc):
+            pytest.skip(f"Ray could not start here: {exc}")
+        raise
+    return runs
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("label", ["fedavg", "dp-fedavg"])
+def test_flower_simulation_equals_in_process_engine(flower_runs, label):
+    from mmpfl_flower.simulate import compare_with_inprocess
+    job, run_dir = next((j, r) for j, r in flower_runs if j.method.label == label)
+    cmp = compare_with_inprocess(job, run_dir)
+    assert cmp["max_abs_diff"] <= 1e-6
+    if label == "dp-fedavg":
+        assert cmp["epsilon_flower"] is not None and math.isfinite(cmp["epsilon_flower"])
+        assert cmp["epsilon_flower"] == pytest.approx(cmp["epsilon_inprocess"], rel=1e-12)
+    else:
+        assert cmp["epsilon_flower"] is None and cmp["epsilon_inprocess"] is None
+    assert cmp["test_accuracy_flower"] == pytest.approx(cmp["test_accuracy_inprocess"], abs=1e-12)
+    # Same results layout as the in-process engine: config.json, metrics.csv (its columns first), summary, checkpoint.
+    metrics = run_dir.read_metrics()
+    inprocess_columns = ["round", "num_clients", "train_loss", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down"]
+    assert list(metrics.columns[:len(inprocess_columns)]) == inprocess_columns
+    assert list(metrics["round"]) == [1, 2] and (metrics["num_responded"] == 3).all()
+    history = cmp["inprocess"].history
+    assert list(metrics["bytes_up"]) == [r["bytes_up"] for r in history]
+    assert run_dir.read_summary()["engine"] == "flower"
