@@ -206,3 +206,43 @@ def _expect_08(r: dict[str, Any]) -> None:
 
 
 EXPECTATIONS["08_scale_out_with_flower"] = _expect_08
+
+
+def _expect_07(r: dict[str, Any]) -> None:
+    assert r["epsilons"] == [1.0]  # smoke: the smallest budget of the sweep
+    # Every epsilon comes from a run's ledger and stays within its budget; non-private runs have none.
+    for label, spent in r["epsilon_spent"].items():
+        if "eps=" in label:
+            assert 0 < spent <= float(label.split("eps=")[1]) * (1 + 1e-6)
+        else:
+            assert spent is None
+    auc, band = r["mia_auc"], r["chance_band"]
+    for attacks in list(auc.values()) + list(r["personal_auc"].values()):
+        for ci in attacks.values():
+            assert 0.0 <= ci["low"] <= ci["point"] <= ci["high"] <= 1.0
+    # Pooled training on few patients memorises: the attacks beat chance, CI above 0.5 (smoke seed 0:
+    # loss 0.625 [0.549, 0.701], LiRA 0.611 [0.540, 0.689]; random-guess band 0.5 +/- 0.087).
+    assert auc["centralized"]["loss threshold"]["low"] > 0.5 and auc["centralized"]["loss threshold"]["point"] > 0.57
+    assert auc["centralized"]["LiRA (offline)"]["low"] > 0.5
+    # Non-private FedAvg sits between (smoke: 0.56 [0.47, 0.65]) and above the DP runs (0.45-0.48).
+    best = {label: max(ci["point"] for ci in attacks.values()) for label, attacks in auc.items()}
+    assert best["fedavg"] >= best["dp-fedavg eps=1"] + 0.03 and best["fedavg"] >= best["mm-pfl-adp eps=1"] + 0.03
+    # Under client-level DP at epsilon 1 every attack on the global and the deployed models is at chance.
+    for label in ("dp-fedavg eps=1", "mm-pfl-adp eps=1"):
+        assert all(abs(ci["point"] - 0.5) <= band for ci in auc[label].values())
+    assert all(abs(ci["point"] - 0.5) <= band for ci in r["personal_auc"]["mm-pfl-adp eps=1"].values())
+    # Gradient inversion: noise at the smallest epsilon blurs the reconstruction (smoke: no defence 8.55 dB,
+    # clipping the same (cosine ignores scale), eps=64 5.90 dB, eps=1 7.32 dB).
+    psnr = r["inversion_psnr"]
+    assert psnr["clipping"] == pytest.approx(psnr["no defence"], abs=0.5)
+    assert psnr["no defence"] >= psnr["clipping + noise eps=1"]
+    # The one-run audit: the correct release stays below the accountant's claim (measured 0.45 < 1.99);
+    # every broken variant gets all 200 guesses right and a bound (4.17) above the claim.
+    audit = r["audit"]
+    assert 1.9 < audit["correct"]["claimed"] <= 2.0 and audit["correct"]["lower_bound"] <= audit["correct"]["claimed"]
+    for variant in ("no-clipping", "noise-divided-by-10", "noise-on-mean-scale"):
+        assert audit[variant]["lower_bound"] > audit[variant]["claimed"]
+        assert audit[variant]["correct"] == audit[variant]["guesses"] == 200
+
+
+EXPECTATIONS["07_privacy_attacks"] = _expect_07
