@@ -6,7 +6,8 @@ Teaching defaults are what a learner gets on Binder (about 2 CPU cores): each no
 teaching defaults <= 5 minutes on 2 cores; the smoke suite <= 15 minutes in total. Data and results
 go to a temporary folder; the committed notebooks are never written.
 
-Writes ``bench/results/notebook_timing.{csv,md}``. Plain script, no asserts.
+Writes ``bench/results/notebook_timing.{csv,md}``, keeping the rows of a setting that was not run
+this time. Plain script, no asserts.
 
     python bench/notebook_timing.py                   # both settings, every notebook
     python bench/notebook_timing.py --settings smoke  # the CI suite only
@@ -24,7 +25,7 @@ import pandas as pd
 import papermill as pm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import RESULTS, write_results  # noqa: E402
 
 from mmpfl_core.notebook_tools import SMOKE_PARAMETERS  # noqa: E402
 
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
                          "within_5_min": "" if limit is None else ("yes" if seconds <= limit else "NO")})
             print(f"{setting:8s} {path.stem:45s} {seconds:7.1f} s  {status}", flush=True)
     frame = pd.DataFrame(rows)
+    previous = RESULTS / "notebook_timing.csv"
+    if previous.exists():  # keep the other setting's rows from an earlier run (the teaching run takes long)
+        kept = pd.read_csv(previous)
+        frame = pd.concat([kept[~kept["setting"].isin(args.settings)], frame], ignore_index=True)
     totals = frame.groupby("setting")["seconds"].sum().round(1).to_dict()
     notes = (f"papermill, kernel python3, one notebook after another. Totals: {totals} s. Targets: teaching <= 300 s "
              "each on 2 cores; smoke suite <= 900 s in total (the papermill harness in `make test` adds its own "
