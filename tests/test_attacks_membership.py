@@ -131,3 +131,18 @@ def test_attacks_run_on_the_global_and_personal_models(tiny_runs, target):
                                        config=MembershipConfig(target=target, num_resamples=20))
     assert list(loss_only.metrics) == ["loss threshold"]
     np.testing.assert_allclose(loss_only.scores["loss threshold"], result.scores["loss threshold"])
+
+
+def test_the_papers_claim_is_judged_by_the_confidence_interval():
+    import pandas as pd
+
+    from mmpfl_core.attacks.evaluation import PAPER_MIA_SUCCESS, membership_claim
+
+    def frame(low: float, point: float) -> pd.DataFrame:
+        return pd.DataFrame([{"method": "mm-pfl-adp", "target": "global model", "attack": "LiRA (offline)",
+                              "epsilon (site)": 7.994, "balanced acc": point, "balanced acc low": low,
+                              "balanced acc [95% CI]": f"{point} [{low}, 1]", "AUC [95% CI]": "0.6 [0.5, 0.7]"}])
+    text, ok = membership_claim(frame(0.45, 0.52), "mm-pfl-adp")
+    assert ok is True and "epsilon 7.99" in text
+    assert membership_claim(frame(PAPER_MIA_SUCCESS + 0.01, 0.62), "mm-pfl-adp")[1] is False
+    assert membership_claim(frame(0.45, 0.52), "dp-fedavg")[1] is None

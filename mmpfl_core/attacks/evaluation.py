@@ -103,6 +103,8 @@ def membership_claim(frame: pd.DataFrame, proposed: str) -> tuple[str, bool | No
     if not len(rows):
         return f"{proposed} was not attacked (add it to membership_inference.methods)", None
     best = rows.loc[rows["balanced acc"].idxmax()]
+    eps = best["epsilon (site)"]
+    eps = eps if str(eps) == "none" else f"{float(eps):.3g}"  # a CSV round trip turns the column into text
     text = (f"{proposed}, global model, {best['attack']}: balanced attack accuracy {best['balanced acc [95% CI]']}, "
-            f"AUC {best['AUC [95% CI]']} at epsilon {best['epsilon (site)']}")
+            f"AUC {best['AUC [95% CI]']} at epsilon {eps}")
     return text, bool(best["balanced acc low"] <= PAPER_MIA_SUCCESS)
