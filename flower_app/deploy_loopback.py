@@ -163,7 +163,8 @@ def deploy(*, sites: int, run_config: str, results_dir: Path, run_name: str = ""
             dep.start(f"supernode-{site}", [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"{LOOPBACK}:{port}",
                                             "--host", LOOPBACK, "--port", str(free_port()),
                                             "--node-config", f"partition-id={site} num-partitions={sites}"], env)
-        config = f"{run_config} num-sites={sites} results-dir='{results_dir}'" + (f" run-name='{run_name}'" if run_name else "")
+        config = f"{run_config} num-sites={sites} results-dir='{results_dir}'"
+        config += f" run-name='{run_name}'" if run_name else ""
         submit = None
         while submit is None or submit.returncode != 0:  # the SuperLink needs a moment to listen
             if time.monotonic() > deadline or dep.processes["superlink"].poll() is not None:
@@ -184,7 +185,7 @@ def deploy(*, sites: int, run_config: str, results_dir: Path, run_name: str = ""
             status = _run_status(run_id, env)
             if status.startswith("finished") or dep.processes["superlink"].poll() is not None:
                 break
-            time.sleep(2.0)
+            time.sleep(4.0)  # each status query starts the flwr CLI: keep it rare on a small machine
         (workdir / "serverapp.log").write_text(_flwr(["log", str(run_id), "loopback", "--show"], env))
         summaries = {p.parent.name: json.loads(p.read_text()) for p in sorted(results_dir.glob("*/summary.json"))}
         summary = summaries.get(run_name) if run_name else (next(iter(summaries.values())) if len(summaries) == 1 else None)

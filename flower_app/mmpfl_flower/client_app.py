@@ -81,7 +81,8 @@ def _load(job: Job, context: Context):
 
 def _save(job: Job, strategy: Any, context: Context) -> None:
     tensors, text = strategy_state_to_json(strategy)
-    context.state.array_records[_STATE.format(job.method.label, "tensors")] = ArrayRecord({n: _array(a) for n, a in state_to_numpy(tensors).items()})
+    arrays = {n: _array(a) for n, a in state_to_numpy(tensors).items()}
+    context.state.array_records[_STATE.format(job.method.label, "tensors")] = ArrayRecord(arrays)
     context.state.config_records[_STATE.format(job.method.label, "state")] = ConfigRecord({"json": text})
 
 

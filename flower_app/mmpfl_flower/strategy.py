@@ -135,8 +135,8 @@ class KitStrategy(FlowerStrategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         online = set(grid.get_node_ids())
-        return [Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({**dict(config), "round": server_round})}),
-                        dst_node_id=node, message_type="evaluate", group_id=f"eval-{server_round}")
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({**dict(config), "round": server_round})})
+        return [Message(content=content, dst_node_id=node, message_type="evaluate", group_id=f"eval-{server_round}")
                 for node in sorted(self.node_sites) if node in online]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
@@ -147,7 +147,8 @@ class KitStrategy(FlowerStrategy):
             if reply.has_error() or "metrics" not in reply.content.metric_records:
                 continue
             m = reply.content.metric_records["metrics"]
-            required = {"site", "val-n", "test-n", *(f"{w}-{s}-correct" for w in ("global", "personal") for s in ("val", "test"))}
+            required = {"site", "val-n", "test-n",
+                        *(f"{w}-{s}-correct" for w in ("global", "personal") for s in ("val", "test"))}
             if set(m) != required or any(not isinstance(v, (int, np.integer)) or v < 0 for v in m.values()) \
                     or any(m[f"{w}-{s}-correct"] > m[f"{s}-n"] for w in ("global", "personal") for s in ("val", "test")):
                 logger.warning("round %d: rejected malformed evaluation reply %s", server_round, dict(m))

@@ -127,7 +127,8 @@ def load_job(run_config: Mapping[str, Any] | None = None, **overrides: Any) -> J
         experiment = load_experiment(preset)
     labels = [m.label for m in experiment.methods]
     if values["method"] not in labels:
-        raise ConfigError(f"method={values['method']!r} is not a method of preset {values['preset']!r}; use one of {labels}.")
+        raise ConfigError(f"method={values['method']!r} is not a method of preset {values['preset']!r}; "
+                          f"use one of {labels}.")
     method = next(m for m in experiment.methods if m.label == values["method"])
     try:
         extra = json.loads(values["method-args"]) if isinstance(values["method-args"], str) else dict(values["method-args"])
@@ -143,7 +144,8 @@ def load_job(run_config: Mapping[str, Any] | None = None, **overrides: Any) -> J
         raise ConfigError(f"method {method.label!r} ({method.strategy}) sends nothing over a network; run it with "
                           "the in-process engine (mmpfl_core.experiment.run_method).")
     changes: dict[str, dict[str, Any]] = {"data": {}, "federation": {}, "federated": {}}
-    for key, section, field, kind in (("num-subjects", "data", "num_subjects", int), ("image-size", "data", "image_size", int),
+    for key, section, field, kind in (("num-subjects", "data", "num_subjects", int),
+                                      ("image-size", "data", "image_size", int),
                                       ("num-sites", "federation", "num_sites", int),
                                       ("num-rounds", "federated", "num_rounds", int),
                                       ("eval-every", "federated", "eval_every", int)):
