@@ -213,3 +213,37 @@ def test_flower_simulation_equals_in_process_engine(flower_runs, label):
     history = cmp["inprocess"].history
     assert list(metrics["bytes_up"]) == [r["bytes_up"] for r in history]
     assert run_dir.read_summary()["engine"] == "flower"
+
+
+def test_dropout_keeps_the_privacy_accounting_and_the_fixed_denominator():
+    """DP-FedAvg (server noise): a site that fails mid-round changes neither the ledger entry (rate q,
+    multiplier z) nor the denominator qN; the release is the core's aggregate of the survivors."""
+    from mmpfl_core.federated.client import ClientUpdate, trainable_state
+    from mmpfl_flower.strategy import KitStrategy
+
+    job = load_job(**SMOKE, method="dp-fedavg")
+    model = new_model(job)
+    state = trainable_state(model)
+    gen = torch.Generator().manual_seed(1)
+    deltas = [{n: (0.01 * torch.randn(t.shape, generator=gen)).numpy() for n, t in state.items()} for _ in range(3)]
+    epsilons, results = [], []
+    for failing in (None, 1):
+        core = configured_strategy(job, model)
+        kit = KitStrategy(job, core, state, node_sites={10: 0, 11: 1, 12: 2})
+        kit.selected = [0, 1, 2]
+        core.before_round(1)
+        replies = [_reply(10 + s, s, deltas[s], 20, error=(s == failing)) for s in range(3)]
+        arrays, metrics = kit.aggregate_train(1, replies)
+        epsilons.append(core.ledger.epsilon())
+        results.append(arrays.to_torch_state_dict())
+        if failing is not None:
+            assert metrics["num_responded"] == 2 and metrics["num_failed"] == 1
+            reference = configured_strategy(job, model)
+            reference.before_round(1)
+            survivors = [s for s in range(3) if s != failing]
+            expected = reference.aggregate(state, [ClientUpdate(s, {}, 20, 2, 1.0) for s in survivors],
+                                           [{n: torch.from_numpy(a) for n, a in deltas[s].items()} for s in survivors], 1)
+            assert all(torch.equal(results[-1][n], expected[n]) for n in expected)
+            assert core.expected_participants == pytest.approx(3.0)  # q N with q = 1: not the 2 who answered
+    assert epsilons[0] == epsilons[1] > 0
+    assert any(not torch.equal(results[0][n], results[1][n]) for n in results[0])
