@@ -99,6 +99,9 @@ class _SecAggAdapter(LegacyStrategy):
             # Every result carries the same unmasked MEAN (weights 1); m times it is the sum.
             mean = parameters_to_ndarrays(results[0][1].parameters)
             losses = [float(r.metrics.get("train-loss", float("nan"))) for _, r in results]
+            for _, r in results:
+                if "site" in r.metrics:
+                    self.kit.note_site_epsilon(int(r.metrics["site"]), r.metrics.get("sample-epsilon"))
             self.result = (mean, len(results), losses)
         return None, {}
 
@@ -182,6 +185,8 @@ def run_rounds(grid: Grid, context: Context, job: Job) -> dict[str, Any]:
             train_loss = float(metrics["train_loss"])
         row = kit.round_row(t, train_loss)
         row.update(core.round_report(t))
+        if "sample_epsilon_max" in row:  # per-patient DP-SGD: the max over the sites' own ledgers, as in-process
+            row["sample_epsilon_max"] = max(kit.site_epsilons.values(), default=0.0)
         if t == 1 or t % cfg.eval_every == 0 or t == cfg.num_rounds:
             replies = grid.send_and_receive(list(kit.configure_evaluate(t, to_array_record(kit.global_state),
                                                                         ConfigRecord({"method": job.method.label}), grid)),

@@ -33,6 +33,7 @@ the splits are the same). These counts are releases outside the DP guarantee (DE
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Iterable
 
 import numpy as np
@@ -68,6 +69,9 @@ class KitStrategy(FlowerStrategy):
         self.counter = CommunicationCounter()
         self.selected: list[int] = []
         self.round_stats: dict[str, float] = {}
+        #: each site's sample-level epsilon from its OWN DP-SGD ledger (reported by the site; the server
+        #: keeps no per-patient ledger of its own in this engine)
+        self.site_epsilons: dict[int, float] = {}
 
     # ------------------------------------------------------------------ training
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -118,6 +122,7 @@ class KitStrategy(FlowerStrategy):
                                   num_steps=int(metrics.get("num-steps", 0)), train_loss=float(metrics["train-loss"]))
             self.counter.add_upload(server_round, int(site), sent)
             good[int(site)] = (update, sent)
+            self.note_site_epsilon(int(site), metrics.get("sample-epsilon"))
         self.round_stats = {"num_responded": len(good), "num_rejected": rejected, "num_failed": failed}
         return [good[s] for s in sorted(good)]
 
@@ -186,6 +191,10 @@ class KitStrategy(FlowerStrategy):
         self.round_stats = {"num_responded": num_participants, "num_rejected": 0,
                             "num_failed": len(self.selected) - num_participants}
         self._secure_losses = train_losses
+
+    def note_site_epsilon(self, site: int, value: Any) -> None:
+        if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0:
+            self.site_epsilons[site] = float(value)
 
     def round_row(self, server_round: int, train_loss: float) -> dict[str, Any]:
         """The metrics.csv row, with the in-process engine's columns first."""
