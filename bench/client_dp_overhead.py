@@ -23,7 +23,6 @@ Writes ``bench/results/client_dp_overhead{_cuda}.{csv,md}``. Plain script, no as
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -34,7 +33,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_federation, bench_simulation, timed, write_results  # noqa: E402
 
-HOOKS = ("transmit", "aggregate", "round_report", "after_local", "before_round")
+HOOKS = ("client_start_state", "transmit", "aggregate", "round_report", "after_local", "before_round")
 DP = {"target_epsilon": 8.0, "delta": 1e-5}
 VARIANTS: dict[str, tuple[str, dict]] = {
     "fedavg": ("fedavg", {}),
@@ -60,25 +59,29 @@ def _time_hooks(strategy, seconds: dict[str, float]) -> None:
         setattr(strategy, name, wrapper)
 
 
-def measure(federation, label: str, args: argparse.Namespace) -> list[dict]:
-    strategy_name, kwargs = VARIANTS[label]
-    started = time.perf_counter()
-    sim = bench_simulation(federation, strategy_name, preset=args.preset, batch_size=args.batch_size, seed=args.seed,
-                           num_rounds=args.rounds, device=args.device, **kwargs)
-    setup = time.perf_counter() - started
-    rows = []
+def measure(federation, args: argparse.Namespace) -> list[dict]:
+    """Per-round times of every variant, interleaved: round t of each variant runs before round t + 1 of any,
+    so a slow phase of a shared machine hits all variants alike."""
+    sims, setup, rows = {}, {}, []
+    for label in args.variants:
+        strategy_name, kwargs = VARIANTS[label]
+        started = time.perf_counter()
+        sims[label] = bench_simulation(federation, strategy_name, preset=args.preset, batch_size=args.batch_size,
+                                       seed=args.seed, num_rounds=args.rounds, device=args.device, **kwargs)
+        setup[label] = time.perf_counter() - started
     for t in range(1, args.rounds + 1):
-        hooks: dict[str, float] = defaultdict(float)
-        _time_hooks(sim.strategy, hooks)
+        for label, sim in sims.items():
+            hooks: dict[str, float] = defaultdict(float)
+            _time_hooks(sim.strategy, hooks)
 
-        def one_round(t=t):
-            sim.strategy.before_round(t)
-            sim.run_round(t)
-        seconds = timed(one_round, args.device)
-        for name in HOOKS:  # unwrap: the next round wraps afresh with its own counters
-            delattr(sim.strategy, name)
-        rows.append({"variant": label, "round": t, "seconds": seconds, "setup_s": setup,
-                     **{f"{h}_s": hooks[h] for h in HOOKS}})
+            def one_round(sim=sim, t=t):
+                sim.strategy.before_round(t)
+                sim.run_round(t)
+            seconds = timed(one_round, args.device)
+            for name in HOOKS:  # unwrap: the next round wraps afresh with its own counters
+                delattr(sim.strategy, name)
+            rows.append({"variant": label, "round": t, "seconds": seconds, "setup_s": setup[label],
+                         **{f"{h}_s": hooks[h] for h in HOOKS}})
     return rows
 
 
@@ -95,9 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     federation = bench_federation(args.preset, num_subjects=args.num_subjects, num_sites=args.num_sites, seed=args.seed)
-    rows = []
+    rows = measure(federation, args)
     for label in args.variants:
-        rows += measure(federation, label, args)
         print(f"{label:22s} rounds: {[round(r['seconds'], 3) for r in rows if r['variant'] == label]}", flush=True)
     per_round = pd.DataFrame(rows)
     steady = per_round[per_round["round"] > 1]
@@ -109,9 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     table = table.round(4)
     notes = (f"Preset `{args.preset}`, {args.num_sites} sites (all take part), batch {args.batch_size}, one local epoch, "
              f"device {args.device}; median over rounds 2..{args.rounds} of before_round + run_round (no evaluation). "
-             "Hook columns are medians of the time spent inside each strategy hook per round (transmit runs once per "
-             "site: clipping and, with distributed placement, noise; aggregate adds server noise; round_report and "
-             "before_round ask the accountant). setup_s: building the simulation, including noise calibration and "
+             "Variants run interleaved (round t of each before round t + 1 of any). Hook columns are medians of the "
+             "time spent inside each strategy hook per round (client_start_state sets the round's noise scales, "
+             "with the Fisher where used; transmit runs once per site: clipping and, with distributed placement, "
+             "noise; aggregate adds server noise; round_report and before_round ask the accountant). setup_s: building the simulation, including noise calibration and "
              "Fisher/mask set-up. Target: DP round <= 1.10x FedAvg.")
     print(table.to_string(index=False))
     suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]
