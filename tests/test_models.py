@@ -228,3 +228,20 @@ def test_pretrained_copies_timm_weights():
         assert torch.equal(trunk.cls_token.weight, source.cls_token)
     with pytest.raises(ConfigError, match="does not fit"):
         load_timm_vit_weights(create_model("tiny"), source)
+
+
+def test_per_sample_fisher_vmaps_through_the_vit_with_a_missing_sequence():
+    """The key-padding branch must not stop torch.func.vmap: the per-sample Fisher of the kit's ViT runs
+    vectorised (no per-sample loop) and equals the loop, a missing sequence included."""
+    from mmpfl_core.privacy.fisher import diagonal_fisher
+
+    model = create_model("tiny", seed=0)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    mask[0, 1] = False
+    inputs = (torch.randn(4, 3, 32, 32, generator=g), mask, torch.randn(4, model.config.num_clinical, generator=g))
+    batches = [(inputs, torch.tensor([0, 1, 2, 1]))]
+    vmapped = diagonal_fisher(model, batches, labels="true", method="vmap")
+    looped = diagonal_fisher(model, batches, labels="true", method="loop")
+    for name, value in looped.items():
+        assert torch.allclose(vmapped[name], value, rtol=1e-4, atol=1e-10), name

@@ -428,6 +428,9 @@ class DPFedAvgFisher(DPFedAvg):
         # A working copy on the engine's device: at paper scale the per-sample gradients of the Fisher
         # cost 30x a FedAvg round on a CPU copy (bench/results/client_dp_overhead_cuda.md).
         self._model = copy.deepcopy(model)
+        for module in self._model.modules():  # vmap has no batching rule for fused (SDPA) attention's
+            if hasattr(module, "fused_attn"):  # backward; the explicit softmax path is exact and faster here
+                module.fused_attn = False
 
     def _public_batches(self):
         n = len(self._public)

@@ -225,7 +225,11 @@ class MultiModalViT(nn.Module):
         x = self.cls_token(x)  # (B, T, D), T = 1 + M * N (+ 1)
         keep = torch.cat([keep.new_ones(B, 1), keep], dim=1)  # (B, T); the class token is kept,
         # so no attention row is ever fully masked (which would give NaN)
-        return self.pos_drop(x), None if bool(keep.all()) else keep
+        try:  # no mask when every key is kept lets SDPA take its fastest kernel
+            all_kept = bool(keep.all())
+        except RuntimeError:  # under torch.func.vmap (per-sample Fisher) a data-dependent branch is
+            all_kept = False  # impossible; an all-True mask gives the same output
+        return self.pos_drop(x), None if all_kept else keep
 
     # ------------------------------------------------------------------ forward
     def forward_features(self, images: torch.Tensor, modality_mask: torch.Tensor,
