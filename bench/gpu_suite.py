@@ -35,11 +35,11 @@ from common import RESULTS, machine_description  # noqa: E402
 
 CUDA_STEPS = [
     ("dp_sgd_modes", ["dp_sgd_modes.py", "--device", "cuda", "--presets", "tiny", "teaching", "paper",
-                      "--repeats", "10", "--warmup", "3"], 240),
+                      "--repeats", "5", "--warmup", "2"], 300),
     ("client_dp_overhead", ["client_dp_overhead.py", "--device", "cuda", "--preset", "paper", "--num-subjects", "400",
-                            "--batch-size", "16", "--rounds", "4"], 240),
+                            "--batch-size", "16", "--rounds", "4"], 150),
     ("round_vs_centralized", ["round_vs_centralized.py", "--device", "cuda", "--preset", "paper",
-                              "--num-subjects", "400", "--batch-size", "16", "--repeats", "3"], 150),
+                              "--num-subjects", "400", "--batch-size", "16", "--repeats", "3"], 90),
 ]
 CPU2_STEPS = [
     ("dp_sgd_modes", ["dp_sgd_modes.py", "--presets", "tiny", "teaching", "--threads", "2", "--repeats", "5"], 200),
