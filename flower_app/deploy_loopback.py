@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -113,10 +114,20 @@ def _metrics_rows(results_dir: Path) -> int:
     return max((max(0, len(p.read_text().splitlines()) - 1) for p in paths), default=0)
 
 
+def _json_object(text: str) -> dict:
+    """The JSON object in a ``flwr ... --format json`` reply, without ANSI colour codes and with any notice
+    printed before it skipped. Raises ``json.JSONDecodeError`` when there is none."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    start = text.find("{")
+    if start < 0:
+        raise json.JSONDecodeError("no JSON object in the flwr reply", text, 0)
+    return json.JSONDecoder().raw_decode(text[start:])[0]
+
+
 def _run_status(run_id: str, env: dict[str, str]) -> str:
     text = _flwr(["ls", "loopback", "--format", "json"], env)
     try:
-        runs = json.loads(text).get("runs", [])
+        runs = _json_object(text).get("runs", [])
     except json.JSONDecodeError:
         return "unknown"
     return next((f"{r['status']} {r['status-details']}" for r in runs if str(r["run-id"]) == str(run_id)), "unknown")
@@ -149,7 +160,9 @@ def deploy(*, sites: int, run_config: str, results_dir: Path, run_name: str = ""
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "{LOOPBACK}:{port}"\ninsecure = true\n'
         + options)
+    # NO_COLOR: run from a Jupyter kernel, `flwr ... --format json` coloured its JSON with ANSI codes
     env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "NO_COLOR": "1",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # flower-superexec etc. from this venv
     dep = Deployment(workdir)
     started = time.monotonic()
@@ -176,7 +189,11 @@ def deploy(*, sites: int, run_config: str, results_dir: Path, run_name: str = ""
             (workdir / "submit.log").write_text(submit.stdout + submit.stderr)
             if submit.returncode == 0 and '"run-id"' not in submit.stdout:
                 submit.returncode = 1  # `flwr run --format json` reports some failures with exit status 0
-        run_id = json.loads(submit.stdout)["run-id"]
+        try:
+            run_id = _json_object(submit.stdout)["run-id"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise RuntimeError(f"`flwr run` gave no run id (its output is in {workdir}/submit.log): "
+                               f"{submit.stdout[-300:]!r}") from exc
         status = "unknown"
         while time.monotonic() < deadline:
             if kill_site is not None and killed is None and _metrics_rows(results_dir) >= kill_after_round:
