@@ -6,8 +6,8 @@ Teaching defaults are what a learner gets on Binder (about 2 CPU cores): each no
 teaching defaults <= 5 minutes on 2 cores; the smoke suite <= 15 minutes in total. Data and results
 go to a temporary folder; the committed notebooks are never written.
 
-Writes ``bench/results/notebook_timing.{csv,md}``, keeping the rows of a setting that was not run
-this time. Plain script, no asserts.
+Writes ``bench/results/notebook_timing.{csv,md}``, keeping the rows of notebooks and settings that
+were not run this time. Plain script, no asserts.
 
     python bench/notebook_timing.py                   # both settings, every notebook
     python bench/notebook_timing.py --settings smoke  # the CI suite only
@@ -66,9 +66,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{setting:8s} {path.stem:45s} {seconds:7.1f} s  {status}", flush=True)
     frame = pd.DataFrame(rows)
     previous = RESULTS / "notebook_timing.csv"
-    if previous.exists():  # keep the other setting's rows from an earlier run (the teaching run takes long)
+    if previous.exists():  # keep the rows of notebooks and settings not run now (the teaching run takes long)
         kept = pd.read_csv(previous)
-        frame = pd.concat([kept[~kept["setting"].isin(args.settings)], frame], ignore_index=True)
+        rerun = kept.set_index(["setting", "notebook"]).index.isin(frame.set_index(["setting", "notebook"]).index)
+        frame = pd.concat([kept[~rerun], frame], ignore_index=True).sort_values(["setting", "notebook"], kind="stable")
     totals = frame.groupby("setting")["seconds"].sum().round(1).to_dict()
     notes = (f"papermill, kernel python3, one notebook after another. Totals: {totals} s. Targets: teaching <= 300 s "
              "each on 2 cores; smoke suite <= 900 s in total (the papermill harness in `make test` adds its own "
