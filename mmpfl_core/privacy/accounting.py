@@ -170,19 +170,44 @@ def compose_epsilon(*, releases: Sequence[Release], delta: float, accountant: st
     return _epsilon_of_history(tuple(sorted(history)), float(delta), accountant)
 
 
+@lru_cache(maxsize=1)
+def _blas_controller():
+    """One threadpoolctl controller for the process (building one scans the loaded libraries: ms)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 @lru_cache(maxsize=4096)
 def _epsilon_of_history(history: tuple[Release, ...], delta: float, accountant: str) -> float:
     """Epsilon of a validated, merged, sorted history (cached: a DP run asks the same question twice a
     round, once in the budget check before the release and once in the report after it, and PRV or
-    PLD take 0.2-1.5 s per question; calibrations and site sweeps repeat questions too)."""
-    eps = ACCOUNTANTS[accountant](list(history), delta)
-    if not math.isfinite(eps) and accountant != "rdp":
-        # The PRV discretisation can overflow for huge epsilons (e.g. z=0.8, q=1, T=1000);
-        # RDP is always a valid upper bound, so fall back to it rather than report inf.
-        warnings.warn(f"{accountant} accountant returned {eps} for {list(history)}; using the RDP "
-                      "upper bound instead.", RuntimeWarning, stacklevel=2)
-        eps = ACCOUNTANTS["rdp"](list(history), delta)
+    PLD take 0.02-1.5 s per question; calibrations and site sweeps repeat questions too).
+
+    The accountants run with numpy's BLAS on one thread. Why: OpenBLAS worker threads spin for a
+    while after a call, and on a small machine they took the cores from the local training that
+    follows the budget check (bench/client_dp_overhead.py: the first site's training took twice as
+    long after a PRV query on 2 cores, DP-FedAvg 1.28x FedAvg per round).
+    """
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        try:
+            eps = ACCOUNTANTS[accountant](list(history), delta)
+        except (ValueError, OverflowError, MemoryError) as exc:
+            if accountant == "rdp":
+                raise
+            # PRV's discretisation domain grows without bound as z -> 0 (numpy refuses the array).
+            eps = _rdp_fallback(accountant, history, delta, f"raised {type(exc).__name__}: {exc}")
+        if not math.isfinite(eps) and accountant != "rdp":
+            # The PRV discretisation can overflow for huge epsilons (e.g. z=0.8, q=1, T=1000).
+            eps = _rdp_fallback(accountant, history, delta, f"returned {eps}")
     return max(0.0, float(eps))
+
+
+def _rdp_fallback(accountant: str, history: tuple[Release, ...], delta: float, what: str) -> float:
+    """RDP is always a valid upper bound, so it stands in when a numerical accountant fails."""
+    warnings.warn(f"{accountant} accountant {what} for {list(history)}; using the RDP upper bound instead.",
+                  RuntimeWarning, stacklevel=4)
+    return ACCOUNTANTS["rdp"](list(history), delta)
 
 
 def compute_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
