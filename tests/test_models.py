@@ -55,6 +55,49 @@ def test_masked_sequence_values_do_not_matter(fusion):
     assert not torch.allclose(model(noisy, torch.ones_like(mask), clinical), a)  # mask does matter
 
 
+@pytest.mark.parametrize("fusion", ["early", "token"])
+@pytest.mark.parametrize("all_present", [True, False])
+def test_forward_from_any_block_equals_the_forward_pass(fusion, all_present):
+    model = create_model(get_config("tiny", **MICRO), fusion=fusion, seed=2).eval()
+    mask = torch.ones_like(MASK) if all_present else MASK
+    images, mask, clinical, _ = _batch(model.config, mask)
+    with torch.no_grad():
+        expected = model(images, mask, clinical)
+        inputs, keep = model.block_inputs(images, mask, clinical)
+        assert len(inputs) == model.config.depth + 1 and (keep is None) == (all_present or fusion == "early")
+        for start in range(model.config.depth + 1):
+            torch.testing.assert_close(model.forward_from_block(inputs[start], keep, clinical, start), expected,
+                                       atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_first_block_of_group_says_where_a_group_acts(fusion):
+    model = create_model(get_config("tiny", **MICRO), fusion=fusion, seed=0)
+    starts = {g: model.first_block_of_group(g) for g in model.parameter_groups()}
+    if fusion == "late":
+        assert set(starts.values()) == {None}
+        with pytest.raises(ValueError, match="early and token fusion"):
+            model.block_inputs(*_batch(model.config)[:3])
+        return
+    depth = model.config.depth
+    assert {g: s for g, s in starts.items() if s is not None} == {
+        **{f"block.{i}": i for i in range(depth)}, "norm": depth, "head": depth,
+        **({"clinical": depth} if fusion == "early" else {})}
+    # a group that starts at block i must leave the tokens entering block i unchanged
+    images, mask, clinical, _ = _batch(model.config)
+    with torch.no_grad():
+        before, _ = model.block_inputs(images, mask, clinical)
+        for group, start in starts.items():
+            if start is None:
+                continue
+            for name in model.parameter_groups()[group]:
+                model.get_parameter(name).add_(1.0)
+            after, _ = model.block_inputs(images, mask, clinical)
+            torch.testing.assert_close(after[start], before[start])
+            for name in model.parameter_groups()[group]:
+                model.get_parameter(name).sub_(1.0)
+
+
 def test_reset_classifier():
     model = create_model("tiny", seed=0)
     images, mask, clinical, _ = _batch(model.config)

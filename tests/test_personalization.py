@@ -51,6 +51,23 @@ def test_kl_score_matches_a_direct_computation(tiny_federation, tiny_model_facto
     assert got == pytest.approx(expected, rel=1e-4) and got > 0
 
 
+@pytest.mark.parametrize("fusion", ["early", "token", "late"])
+def test_kl_scores_reusing_block_inputs_equal_full_forward_passes(fusion, tiny_federation, monkeypatch):
+    from mmpfl_core.models import MultiModalViT, create_model
+    model = create_model("tiny", seed=0, fusion=fusion, image_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,
+                         late_depth=2)
+    val = CohortDataset(tiny_federation.sites[2].val)
+    glob = trainable_state(model)
+    g = torch.Generator().manual_seed(1)
+    personal = {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in glob.items()}  # every group changed
+    groups = model.parameter_groups()
+    staged = kl_group_scores(model, glob, personal, val, groups, batch_size=9)
+    monkeypatch.setattr(MultiModalViT, "first_block_of_group", lambda self, group: None)
+    full = kl_group_scores(model, glob, personal, val, groups, batch_size=9)
+    assert list(staged) == list(groups) and all(v > 0 for v in full.values())
+    assert staged == pytest.approx(full, rel=1e-4, abs=1e-7)
+
+
 def _partition_ok(masks: PersonalizationMasks, site: int) -> bool:
     shared, personal = masks.partition(site)
     return set(shared).isdisjoint(personal) and set(shared) | set(personal) == set(GROUPS) \

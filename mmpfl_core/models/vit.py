@@ -236,18 +236,64 @@ class MultiModalViT(nn.Module):
                          clinical: torch.Tensor) -> torch.Tensor:
         """Pooled features (B, num_features): class-token output, fused with clinical data."""
         cfg = self.config
-        if cfg.fusion == "late":
-            feats = torch.stack([enc(images[:, m:m + 1])[:, 0] for m, enc in
-                                 enumerate(self.encoders.values())], dim=1)  # (B, M, D)
-            w = modality_mask.to(feats.dtype).unsqueeze(-1)  # (B, M, 1)
-            # mask-weighted mean; clamp so a subject with no sequence gets 0, not NaN
-            pooled = (feats * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B, D)
-        else:
+        if cfg.fusion != "late":
             x, keep = self._tokens(images, modality_mask, clinical)
-            pooled = self.norm(run_blocks(self.blocks, x, keep))[:, 0]  # (B, D)
-        if cfg.use_clinical and cfg.fusion != "token":
+            return self._pool(run_blocks(self.blocks, x, keep), clinical)
+        feats = torch.stack([enc(images[:, m:m + 1])[:, 0] for m, enc in
+                             enumerate(self.encoders.values())], dim=1)  # (B, M, D)
+        w = modality_mask.to(feats.dtype).unsqueeze(-1)  # (B, M, 1)
+        # mask-weighted mean; clamp so a subject with no sequence gets 0, not NaN
+        pooled = (feats * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B, D)
+        if cfg.use_clinical:
             pooled = torch.cat([pooled, self.clinical_proj(clinical)], dim=1)  # (B, 2D)
         return pooled
+
+    def _pool(self, tokens: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
+        """Early/token fusion: features (B, num_features) from the last block's output tokens."""
+        pooled = self.norm(tokens)[:, 0]  # (B, D)
+        if self.config.use_clinical and self.config.fusion == "early":
+            pooled = torch.cat([pooled, self.clinical_proj(clinical)], dim=1)  # (B, 2D)
+        return pooled
+
+    # ------------------------------------------------------- staged forward
+    def first_block_of_group(self, group: str) -> int | None:
+        """Where a change of ``group`` first alters the forward pass: the index of the first block
+        whose input or weights differ (``depth`` for ``norm`` and ``head``, which act after the
+        blocks), or None when the group changes the tokens themselves (embeddings, clinical input,
+        or any group under late fusion), so the whole forward pass must run.
+
+        Lets a caller that varies one group at a time reuse the tokens entering that block
+        (:meth:`block_inputs`, :meth:`forward_from_block`), as the KL mask scores do.
+        """
+        if self.config.fusion == "late":
+            return None
+        if group.startswith("block."):
+            return int(group.split(".", 1)[1])
+        if group in ("norm", "head"):
+            return self.config.depth
+        if group == "clinical" and self.config.fusion == "early":
+            return self.config.depth  # early fusion joins the clinical projection after the blocks
+        return None
+
+    def block_inputs(self, images: torch.Tensor, modality_mask: torch.Tensor,
+                     clinical: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Early/token fusion: the tokens entering each block, then the last block's output
+        (``depth + 1`` tensors of shape (B, T, D)), and the key mask (B, T) (None: attend to all)."""
+        if self.config.fusion == "late":
+            raise ValueError("block_inputs is defined for early and token fusion only (late fusion has one "
+                             "encoder per sequence); use forward() instead.")
+        x, keep = self._tokens(images, modality_mask, clinical)
+        mask = None if keep is None else keep[:, None, None, :]
+        inputs = [x]
+        for blk in self.blocks:
+            inputs.append(blk(inputs[-1], attn_mask=mask))
+        return inputs, keep
+
+    def forward_from_block(self, tokens: torch.Tensor, keep: torch.Tensor | None, clinical: torch.Tensor,
+                           start: int) -> torch.Tensor:
+        """Logits (B, num_classes) from the tokens entering block ``start`` (0 <= start <= depth):
+        ``forward(...) == forward_from_block(*block_inputs(...)[0][start], keep, clinical, start)``."""
+        return self.forward_head(self._pool(run_blocks(self.blocks[start:], tokens, keep), clinical))
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Logits (B, num_classes) from pooled features (or the features after dropout)."""
