@@ -115,19 +115,26 @@ def brute_force_fisher(model, batches):
     return {k: s / count for k, s in sums.items()}
 
 
-@pytest.mark.parametrize("method", ["vmap", "loop"])
+@pytest.mark.parametrize("method", ["hooks", "vmap", "loop"])
 def test_fisher_matches_brute_force_and_is_nonnegative(method):
     model, batches = tiny_model(), public_batches()
     fisher = diagonal_fisher(model, batches, labels="true", method=method)
+    assert all(p.grad is None and not hasattr(p, "grad_sample") for p in model.parameters())  # model untouched
     expected = brute_force_fisher(model, batches)
     for k in expected:
         assert torch.allclose(fisher[k], expected[k], rtol=1e-5, atol=1e-8)
         assert bool((fisher[k] >= 0).all())
-    sampled = diagonal_fisher(model, batches, labels="model",
+    sampled = diagonal_fisher(model, batches, labels="model", method=method,
                               generator=torch.Generator().manual_seed(3), max_batches=1)
     assert all(bool((v >= 0).all()) for v in sampled.values())
     with pytest.raises(ConfigError, match="generator"):
-        diagonal_fisher(model, batches, labels="model")
+        diagonal_fisher(model, batches, labels="model", method=method)
+
+
+def test_hooks_fisher_refuses_batch_norm():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    with pytest.raises(ConfigError, match="method='vmap'"):
+        diagonal_fisher(model, public_batches(), labels="true", method="hooks")
 
 
 def test_allocation_from_public_data_ignores_private_data():

@@ -275,10 +275,11 @@ def test_pretrained_copies_timm_weights():
 
 def test_per_sample_fisher_vmaps_through_the_vit_with_a_missing_sequence():
     """The key-padding branch must not stop torch.func.vmap: the per-sample Fisher of the kit's ViT runs
-    vectorised (no per-sample loop) and equals the loop, a missing sequence included."""
+    vectorised (no per-sample loop) and equals the loop, a missing sequence included; Opacus's hooks
+    (the default) give the same, with dropout and drop-path off although Opacus needs training mode."""
     from mmpfl_core.privacy.fisher import diagonal_fisher
 
-    model = create_model("tiny", seed=0)
+    model = create_model("tiny", seed=0, drop_rate=0.3, drop_path_rate=0.2)
     g = torch.Generator().manual_seed(0)
     mask = torch.ones(4, 3, dtype=torch.bool)
     mask[0, 1] = False
@@ -286,5 +287,8 @@ def test_per_sample_fisher_vmaps_through_the_vit_with_a_missing_sequence():
     batches = [(inputs, torch.tensor([0, 1, 2, 1]))]
     vmapped = diagonal_fisher(model, batches, labels="true", method="vmap")
     looped = diagonal_fisher(model, batches, labels="true", method="loop")
+    hooked = diagonal_fisher(model, batches, labels="true", method="hooks")
     for name, value in looped.items():
         assert torch.allclose(vmapped[name], value, rtol=1e-4, atol=1e-10), name
+        assert torch.allclose(hooked[name], value, rtol=1e-4, atol=1e-10), name
+    assert model.training  # the caller's mode is kept

@@ -417,7 +417,7 @@ class DPFedAvgFisher(DPFedAvg):
             raise ConfigError(f"dp-fedavg-fisher fisher_every={fisher_every!r} must be an integer >= 1.")
         self.fisher_every, self.fisher_batch_size, self.fisher_max_batches = int(fisher_every), fisher_batch_size, fisher_max_batches
         self.fisher: dict[str, float] | None = None
-        self._fisher_method = "vmap"
+        self._fisher_method = "hooks"
 
     def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
                   model: nn.Module) -> None:
@@ -428,9 +428,6 @@ class DPFedAvgFisher(DPFedAvg):
         # A working copy on the engine's device: at paper scale the per-sample gradients of the Fisher
         # cost 30x a FedAvg round on a CPU copy (bench/results/client_dp_overhead_cuda.md).
         self._model = copy.deepcopy(model)
-        for module in self._model.modules():  # vmap has no batching rule for fused (SDPA) attention's
-            if hasattr(module, "fused_attn"):  # backward; the explicit softmax path is exact and faster here
-                module.fused_attn = False
 
     def _public_batches(self):
         n = len(self._public)
@@ -446,9 +443,9 @@ class DPFedAvgFisher(DPFedAvg):
             return diagonal_fisher(self._model, self._public_batches(), labels="model", method=method,
                                    generator=torch_generator(self.seed, _FISHER_STREAM, round_index),
                                    max_batches=self.fisher_max_batches)
-        try:  # vmap cannot trace data-dependent masking (token fusion with missing sequences)
+        try:  # a model that Opacus's per-sample hooks cannot handle falls back to the exact loop
             fisher = run(self._fisher_method)
-        except RuntimeError:
+        except (RuntimeError, NotImplementedError, ConfigError):
             self._fisher_method = "loop"
             fisher = run("loop")
         return group_fisher(fisher, self.groups)
