@@ -291,4 +291,6 @@ def test_per_sample_fisher_vmaps_through_the_vit_with_a_missing_sequence():
     for name, value in looped.items():
         assert torch.allclose(vmapped[name], value, rtol=1e-4, atol=1e-10), name
         assert torch.allclose(hooked[name], value, rtol=1e-4, atol=1e-10), name
-    assert model.training  # the caller's mode is kept
+    assert all(m.training for m in model.modules())  # the caller's modes are kept (it was built in training mode)
+    assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert all(p.grad is None and not hasattr(p, "grad_sample") for p in model.parameters())

@@ -13,7 +13,6 @@ the noise scales and would have to be privatised and accounted.
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Iterable, Mapping, Sequence
 
@@ -137,19 +136,22 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[Batch], *, labels: str =
 
 def _hooks_fisher(model: nn.Module, batches: Iterable[Batch], *, labels: str, generator: torch.Generator | None,
                   max_batches: int | None) -> dict[str, torch.Tensor]:
-    """``diagonal_fisher(method="hooks")``: Opacus hooks on a copy, so ``model`` keeps no hooks,
-    no ``grad_sample`` and no ``.grad`` of ours, whatever happens."""
+    """``diagonal_fisher(method="hooks")`` on ``model`` itself (a copy cost a fifth of the time on the
+    tiny preset); whatever happens, the model leaves with its own modes and ``.grad`` and without
+    Opacus's hooks or attributes."""
     from opacus import GradSampleModule
 
-    work = copy.deepcopy(model)
-    _capture_without_randomness(work)
-    params = {k: v for k, v in work.named_parameters() if v.requires_grad}
-    for p in params.values():
-        p.grad = None
-    sampler = GradSampleModule(work, batch_first=True, loss_reduction="sum")
+    modes = {module: module.training for module in model.modules()}
+    params = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    saved_grads = {k: v.grad for k, v in params.items()}
     sums = {k: torch.zeros_like(v) for k, v in params.items()}
     count = 0
+    _capture_without_randomness(model)
+    sampler = None
     try:
+        for p in params.values():
+            p.grad = None
+        sampler = GradSampleModule(model, batch_first=True, loss_reduction="sum")
         with warnings.catch_warnings():
             # The inputs (images) need no gradient, so torch warns that the full backward hook fires
             # on the outputs' gradients: that is what Opacus relies on.
@@ -162,7 +164,12 @@ def _hooks_fisher(model: nn.Module, batches: Iterable[Batch], *, labels: str, ge
                     sums[k] += batch_sums[k]
                 count += seen
     finally:
-        sampler._close()
+        if sampler is not None:
+            sampler._close()
+        for module, training in modes.items():
+            module.training = training
+        for k, p in params.items():
+            p.grad = saved_grads[k]
     return _mean(sums, count)
 
 
