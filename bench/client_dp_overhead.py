@@ -16,7 +16,7 @@ too, so the table says where the overhead sits. Noise is calibrated once in ``co
 the rounds) for epsilon 8 over the run; that one-off cost is reported separately. Target (issue 8):
 client-level DP round <= 1.10x plain FedAvg.
 
-Writes ``bench/results/client_dp_overhead{_cuda}.{csv,md}``. Plain script, no asserts.
+Writes ``bench/results/client_dp_overhead{_<preset> unless tiny}{_cuda}.{csv,md}``. Plain script, no asserts.
 
     python bench/client_dp_overhead.py --preset tiny --rounds 6
 """
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
              "so each pays for its own query as a run on its own does). setup_s: building the simulation, including noise calibration and "
              "Fisher/mask set-up. Target: DP round <= 1.10x FedAvg.")
     print(table.to_string(index=False))
-    suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]
+    suffix = ("" if args.preset == "tiny" else f"_{args.preset}") + ("" if args.device == "cpu" else "_" + args.device.split(":")[0])
     print("wrote", write_results(f"client_dp_overhead{suffix}", table, notes))
 
 

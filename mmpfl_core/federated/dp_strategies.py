@@ -1,4 +1,4 @@
-"""Client-level differentially private FedAvg ("dp-fedavg") and its Fisher-allocated variant.
+"""Client-level differentially private FedAvg ("dp-fedavg"); the Fisher-allocated variant is in :mod:`.dp_fisher`.
 
 Algorithm of one round t (McMahan et al. 2018, "Learning differentially private recurrent language
 models"; DESIGN 4.1-4.3), unit of privacy = one site (add/remove-one-site adjacency):
@@ -41,7 +41,6 @@ norms, raw clip indicators, noise, seeds.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from typing import Any, Sequence
@@ -50,23 +49,22 @@ import torch
 from scipy.stats import binom
 from torch import nn
 
-from ..data.contract import CohortDataset
 from ..data.federation import Federation
 from ..errors import ConfigError, PrivacyError
 from ..privacy import (NoisePlacement, NoiseSource, PrivacyLedger, UpdateRejected, calibrate_noise,
-                       clip_per_group, diagonal_fisher, effective_multiplier_of, fisher_noise_allocation,
-                       gaussian_noise_like, group_fisher, per_participant_noise_std,
+                       clip_per_group, gaussian_noise_like, per_participant_noise_std,
                        release_accounting, uniform_noise_allocation, validate_update)
-from ..privacy.dp_sgd import PrivateTraining, SampleLevelDP
+from ..privacy.dp_sgd import SampleLevelDP
 from ..seeding import torch_generator
-from .client import ClientUpdate, steps_per_round
+from .client import ClientUpdate
 from .config import FederatedConfig
-from .strategies import State, StopTraining, Strategy, register_strategy, weighted_average_update
+from .sample_level import SampleLevelHooks
+from .strategies import State, StopTraining, register_strategy
 
-__all__ = ["CLIP_INDICATOR", "DPFedAvg", "DPFedAvgFisher", "DPSGDFedAvg"]
+__all__ = ["CLIP_INDICATOR", "DPFedAvg"]
 
 logger = logging.getLogger(__name__)
-_NOISE_STREAM, _FISHER_STREAM = 41, 42
+_NOISE_STREAM = 41
 #: Reserved key of the transmitted dict that carries the (noised) adaptive-clipping indicator.
 CLIP_INDICATOR = "_dp.clip_indicator"
 
@@ -76,45 +74,8 @@ def _choice(field: str, value: Any, allowed: Sequence[str]) -> None:
         raise ConfigError(f"dp-fedavg {field}={value!r} is unknown; use one of {list(allowed)}.")
 
 
-class _SampleLevelHooks(Strategy):
-    """Optional sample-level DP-SGD inside each site (:mod:`mmpfl_core.privacy.dp_sgd`), per-site ledgers.
-
-    ``self.sample_dp`` is a :class:`SampleLevelDP` or None. A site is charged for the DP-SGD steps
-    it actually took in every round it took part in; ``sample_epsilon_max`` is the max over sites.
-    """
-
-    sample_dp: SampleLevelDP | None = None
-
-    def _configure_sample_level(self, config: FederatedConfig) -> None:
-        self._local, self._num_rounds, self._site_training = config.local, config.num_rounds, {}
-
-    def private_training(self, site_id: int, num_examples: int) -> PrivateTraining | None:
-        if self.sample_dp is None:
-            return None
-        training = self.sample_dp.training_for(site_id, num_examples=num_examples, batch_size=self._local.batch_size,
-                                               steps_per_round=steps_per_round(num_examples, self._local),
-                                               num_rounds=self._num_rounds)
-        self._site_training[site_id] = training
-        return training
-
-    def _record_sample_level(self, update: ClientUpdate, round_index: int) -> None:
-        if self.sample_dp is not None:
-            self.sample_dp.record(update.site_id, self._site_training[update.site_id], update.num_steps, round_index)
-
-    def _sample_report(self) -> dict[str, float]:
-        return {} if self.sample_dp is None else {"sample_epsilon_max": self.sample_dp.max_epsilon()}
-
-    def _sample_summary(self) -> dict[str, Any]:
-        if self.sample_dp is None:
-            return {}
-        return {"sample_level_privacy": {"per_site_epsilon": self.sample_dp.epsilons(),
-                                         "max_epsilon": self.sample_dp.max_epsilon(), "delta": self.sample_dp.delta,
-                                         "accountant": self.sample_dp.accountant,
-                                         "max_grad_norm": self.sample_dp.max_grad_norm}}
-
-
 @register_strategy("dp-fedavg")
-class DPFedAvg(_SampleLevelHooks):
+class DPFedAvg(SampleLevelHooks):
     """Client-level DP-FedAvg (module docstring). All arguments keyword-only.
 
     Args:
@@ -391,125 +352,3 @@ class DPFedAvg(_SampleLevelHooks):
         self._dropped_total, self._aborted = int(state["dropped_total"]), int(state["aborted"])
         if self.sample_dp is not None:
             self.sample_dp.load_state_dict(state["sample_dp"])
-
-
-@register_strategy("dp-fedavg-fisher")
-class DPFedAvgFisher(DPFedAvg):
-    """DP-FedAvg with Fisher-allocated per-group noise (DESIGN 4.3); per-group clipping is forced.
-
-    Every ``fisher_every`` rounds the mean diagonal Fisher F_g of the CURRENT GLOBAL model (already
-    released) is estimated on the PUBLIC server set (``federation.public``) with model-sampled
-    labels; sigma_g = ``fisher_noise_allocation`` keeps z_eff = z (checked to 1e-9 each round).
-    Privacy argument: F_g, C_g and d_g are functions of public data and released models only, so
-    the choice of sigma_g is post-processing and costs nothing; the round is accounted with z as in
-    DP-FedAvg. The Fisher never touches a site's data (this class keeps no reference to it).
-    """
-
-    uses_noise_allocation = "fisher"
-
-    def __init__(self, *, fisher_every: int = 1, fisher_batch_size: int = 32, fisher_max_batches: int = 1,
-                 **kwargs: Any) -> None:
-        if kwargs.setdefault("clipping", "per-group") != "per-group":
-            raise ConfigError("dp-fedavg-fisher needs clipping='per-group': noise that differs by group "
-                              "without group-wise clipping must be accounted at its smallest level.")
-        super().__init__(**kwargs)
-        if int(fisher_every) != fisher_every or fisher_every < 1:
-            raise ConfigError(f"dp-fedavg-fisher fisher_every={fisher_every!r} must be an integer >= 1.")
-        self.fisher_every, self.fisher_batch_size, self.fisher_max_batches = int(fisher_every), fisher_batch_size, fisher_max_batches
-        self.fisher: dict[str, float] | None = None
-        self._fisher_method = "hooks"
-
-    def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
-                  model: nn.Module) -> None:
-        if federation.public is None or len(federation.public) == 0:
-            raise ConfigError("dp-fedavg-fisher needs the public server set; set federation.public_size > 0.")
-        super().configure(config=config, federation=federation, client_ids=client_ids, model=model)
-        self._public = CohortDataset(federation.public)  # public by construction: no site's subjects
-        # A working copy on the engine's device: at paper scale the per-sample gradients of the Fisher
-        # cost 30x a FedAvg round on a CPU copy (bench/results/client_dp_overhead_cuda.md).
-        self._model = copy.deepcopy(model)
-
-    def _public_batches(self):
-        n = len(self._public)
-        for start in range(0, n, self.fisher_batch_size):
-            b = self._public.batch(torch.arange(start, min(n, start + self.fisher_batch_size)))
-            device = next(self._model.parameters()).device
-            yield tuple(b[k].to(device) for k in ("images", "modality_mask", "clinical")), b["label"].to(device)
-
-    def compute_fisher(self, round_index: int, global_state: State) -> dict[str, float]:
-        """Mean diagonal Fisher per group of the global model on the public set (no private data)."""
-        self._model.load_state_dict(global_state, strict=False)
-        def run(method: str) -> dict[str, torch.Tensor]:
-            return diagonal_fisher(self._model, self._public_batches(), labels="model", method=method,
-                                   generator=torch_generator(self.seed, _FISHER_STREAM, round_index),
-                                   max_batches=self.fisher_max_batches)
-        try:  # a model that Opacus's per-sample hooks cannot handle falls back to the exact loop
-            fisher = run(self._fisher_method)
-        except (RuntimeError, NotImplementedError, ConfigError):
-            self._fisher_method = "loop"
-            fisher = run("loop")
-        return group_fisher(fisher, self.groups)
-
-    def noise_allocation(self, round_index: int, global_state: State) -> dict[str, float]:
-        if self.update_noise_multiplier == 0:
-            return {g: 0.0 for g in self.groups}
-        if self.fisher is None or (round_index - 1) % self.fisher_every == 0:
-            self.fisher = self.compute_fisher(round_index, global_state)
-        alloc = fisher_noise_allocation(group_sizes=self.group_sizes, fisher=self.fisher,
-                                        clip_bounds=self.clip_bounds, noise_multiplier=self.update_noise_multiplier)
-        z_eff = effective_multiplier_of(alloc)
-        if not math.isclose(z_eff, self.update_noise_multiplier, rel_tol=1e-9):
-            raise PrivacyError(f"Fisher allocation has z_eff={z_eff!r} != z={self.update_noise_multiplier!r}; "
-                               "the round would not be accounted correctly (report this bug).")
-        self.last_allocation = alloc
-        return dict(alloc.sigmas)
-
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors, state = super().state_dict()
-        return tensors, {**state, "fisher": self.fisher}
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        super().load_state_dict(tensors, state)
-        self.fisher = state.get("fisher")
-
-
-@register_strategy("dp-sgd-fedavg")
-class DPSGDFedAvg(_SampleLevelHooks):
-    """FedAvg with sample-level (per-patient) DP-SGD inside each site, no client-level noise.
-
-    Each site trains with DP-SGD (Poisson batches, per-sample clipping C, noise z C; Opacus), so
-    everything it releases is (eps_k, delta)-DP for its patients, eps_k from its own ledger over the
-    steps of all rounds it took part in (DESIGN 4.5). The server takes the UNIFORM mean of the
-    participants' updates (post-processing): weighting by example counts would release n_k, which
-    changes under add/remove-one-patient. Keyword-only arguments as :class:`SampleLevelDP`.
-    """
-
-    def __init__(self, **sample_level_dp: Any) -> None:
-        super().__init__()
-        self.sample_dp = SampleLevelDP(**sample_level_dp)
-
-    def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
-                  model: nn.Module) -> None:
-        self._configure_sample_level(config)
-
-    def transmit(self, update: ClientUpdate, round_index: int) -> State:
-        self._record_sample_level(update, round_index)
-        return update.delta
-
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
-                  round_index: int) -> State:
-        return weighted_average_update(global_state, sent, [1.0] * len(sent))
-
-    def round_report(self, round_index: int) -> dict[str, float]:
-        return self._sample_report()
-
-    def summary_report(self) -> dict[str, Any]:
-        return self._sample_summary()
-
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors, _ = super().state_dict()
-        return tensors, {"sample_dp": self.sample_dp.state_dict()}
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        super().load_state_dict(tensors, state)
-        self.sample_dp.load_state_dict(state["sample_dp"])

@@ -44,7 +44,8 @@ from ..personalization.masks import DynamicKLMasks, MaskSchedule
 from ..privacy import NoisePlacement
 from .client import ClientUpdate
 from .config import FederatedConfig
-from .dp_strategies import DPFedAvg, DPFedAvgFisher
+from .dp_fisher import DPFedAvgFisher
+from .dp_strategies import DPFedAvg
 from .strategies import State, register_strategy
 
 
