@@ -52,7 +52,7 @@ def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bo
         f"`{config.model.preset}`; {cfg.num_rounds} rounds, {cfg.local.local_epochs} local epoch(s), seed {cfg.seed}.",
         f"Accuracy intervals are 95% bootstrap CIs over test subjects ({cfg.bootstrap_resamples} resamples). "
         f"Rounds to target: first round at which the {cfg.smoothing_window}-round moving average of validation "
-        f"accuracy reaches {cfg.target_accuracy}.",
+        f"accuracy of the deployed models (personal where a method has them, else global) reaches {cfg.target_accuracy}.",
         "",
         markdown_table(table),
         "",

@@ -150,3 +150,18 @@ def test_summary_has_confidence_intervals_and_per_site_accuracy(tiny_federation,
     acc = run.summary["global_test"]["accuracy"]
     assert acc["low"] <= acc["point"] <= acc["high"]
     assert {f"site{s.site_id}_personal_test_accuracy" for s in tiny_federation.sites} <= set(run.history[-1])
+
+
+def test_rounds_to_target_follows_the_deployed_models(tiny_federation, tiny_model_factory):
+    """A personalised method is judged on what its sites deploy: the personal curve crosses the target at
+    round 3 while the global curve never does, so rounds-to-target is 3 (and MB to target is counted to it)."""
+    sim = FederatedSimulation(tiny_federation, model_factory=tiny_model_factory, strategy=create_strategy("fedper"),
+                              config=_config(num_rounds=4, checkpoint_every=0, target_accuracy=0.6,
+                                             smoothing_window=1, bootstrap_resamples=0), progress=False)
+    for t in range(1, 5):
+        sim.counter.add_upload(t, 0, {"w": torch.zeros(250)})
+    sim.history = [{"round": t, "global_val_accuracy": 0.3, "personal_val_accuracy": p}
+                   for t, p in zip(range(1, 5), (0.4, 0.5, 0.7, 0.8))]
+    summary = sim.summarise()
+    assert summary["rounds_to_target"] == 3
+    assert summary["megabytes_to_target"] == pytest.approx(3 * 250 * 4 / 1e6)

@@ -67,7 +67,7 @@ class FederatedConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     eval_every: int = 1
     eval_batch_size: int = 256
-    target_accuracy: float = 0.7  # for rounds-to-target on the validation split
+    target_accuracy: float = 0.7  # rounds-to-target: deployed models' accuracy on the validation split
     smoothing_window: int = 3
     checkpoint_every: int = 5  # 0 disables checkpoints
     keep_checkpoints: int = 2

@@ -35,7 +35,7 @@ def report_markdown(plan: ReproductionPlan, main_alpha: float, main: pd.DataFram
         f"{c.federation.num_sites} sites; model preset `{c.model.preset}`; {f.num_rounds} rounds, "
         f"{f.local.local_epochs} local epoch(s), client fraction {f.client_fraction} ({f.sampling}); seeds {list(plan.seeds)}.",
         f"Rounds to target: first round at which the {f.smoothing_window}-round moving average of validation accuracy "
-        f"reaches {f.target_accuracy}. Epsilons come from the accountant" + (f" at delta = {deltas[0]:g}." if len(deltas) == 1 else "."),
+        f"of the deployed models (personal where a method has them, else global) reaches {f.target_accuracy}. Epsilons come from the accountant" + (f" at delta = {deltas[0]:g}." if len(deltas) == 1 else "."),
         "Intervals: 95% bootstrap over test subjects (one seed) or Student-t across seeds (several).",
         "",
         f"## Main comparison (alpha = {main_alpha:g})",
