@@ -292,5 +292,10 @@ def test_per_sample_fisher_vmaps_through_the_vit_with_a_missing_sequence():
         assert torch.allclose(vmapped[name], value, rtol=1e-4, atol=1e-10), name
         assert torch.allclose(hooked[name], value, rtol=1e-4, atol=1e-10), name
     assert all(m.training for m in model.modules())  # the caller's modes are kept (it was built in training mode)
+    # sampled labels (the true Fisher): the same seed draws the same labels in every method
+    sampled = {m: diagonal_fisher(model, batches, labels="model", method=m, generator=torch.Generator().manual_seed(5))
+               for m in ("hooks", "loop")}
+    for name, value in sampled["loop"].items():
+        assert torch.allclose(sampled["hooks"][name], value, rtol=1e-4, atol=1e-10), name
     assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in model.modules())
     assert all(p.grad is None and not hasattr(p, "grad_sample") for p in model.parameters())

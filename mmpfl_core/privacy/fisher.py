@@ -54,8 +54,9 @@ def _hooks_sq_grads(sampler: nn.Module, params: dict[str, nn.Parameter], inputs:
     """Opacus ``GradSampleModule`` version: one forward and one backward for the whole batch.
 
     The loss is summed over the batch, so each ``grad_sample[i]`` is sample i's own gradient.
-    With sampled labels the one forward pass also gives the softmax they are drawn from (eval
-    mode, so it is the same softmax the no-grad pass of the other methods sees).
+    With sampled labels the one forward pass also gives the softmax they are drawn from (dropout is
+    off, see :func:`_capture_without_randomness`, so it is the softmax the other methods' no-grad
+    pass sees, and a seeded generator draws the same labels).
     """
     logits = sampler(*inputs)
     y = given
