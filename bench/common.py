@@ -22,7 +22,9 @@ from mmpfl_core.federated.simulation import FederatedSimulation
 from mmpfl_core.federated.strategies import create_strategy
 from mmpfl_core.models.presets import create_model, get_config
 
-RESULTS = Path(__file__).resolve().parent / "results"
+#: Where results go: ``bench/results`` unless ``MMPFL_BENCH_RESULTS`` names another folder (a Colab
+#: user's Drive, or a test's temporary folder, so that a test never rewrites the committed results).
+RESULTS = Path(os.environ.get("MMPFL_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine_description() -> str:
