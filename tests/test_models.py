@@ -273,13 +273,14 @@ def test_pretrained_copies_timm_weights():
         load_timm_vit_weights(create_model("tiny"), source)
 
 
-def test_per_sample_fisher_vmaps_through_the_vit_with_a_missing_sequence():
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_per_sample_fisher_vmaps_through_the_vit_with_a_missing_sequence(fusion):
     """The key-padding branch must not stop torch.func.vmap: the per-sample Fisher of the kit's ViT runs
     vectorised (no per-sample loop) and equals the loop, a missing sequence included; Opacus's hooks
     (the default) give the same, with dropout and drop-path off although Opacus needs training mode."""
     from mmpfl_core.privacy.fisher import diagonal_fisher
 
-    model = create_model("tiny", seed=0, drop_rate=0.3, drop_path_rate=0.2)
+    model = create_model("tiny", seed=0, fusion=fusion, drop_rate=0.3, drop_path_rate=0.2)
     g = torch.Generator().manual_seed(0)
     mask = torch.ones(4, 3, dtype=torch.bool)
     mask[0, 1] = False
