@@ -283,16 +283,16 @@ class MultiModalViT(nn.Module):
             raise ValueError("block_inputs is defined for early and token fusion only (late fusion has one "
                              "encoder per sequence); use forward() instead.")
         x, keep = self._tokens(images, modality_mask, clinical)
-        mask = None if keep is None else keep[:, None, None, :]
         inputs = [x]
-        for blk in self.blocks:
-            inputs.append(blk(inputs[-1], attn_mask=mask))
+        for i in range(len(self.blocks)):  # run_blocks one block at a time: one place builds the key mask
+            inputs.append(run_blocks(self.blocks[i:i + 1], inputs[-1], keep))
         return inputs, keep
 
     def forward_from_block(self, tokens: torch.Tensor, keep: torch.Tensor | None, clinical: torch.Tensor,
                            start: int) -> torch.Tensor:
         """Logits (B, num_classes) from the tokens entering block ``start`` (0 <= start <= depth):
-        ``forward(...) == forward_from_block(*block_inputs(...)[0][start], keep, clinical, start)``."""
+        with ``inputs, keep = block_inputs(images, mask, clinical)``,
+        ``forward(images, mask, clinical) == forward_from_block(inputs[start], keep, clinical, start)``."""
         return self.forward_head(self._pool(run_blocks(self.blocks[start:], tokens, keep), clinical))
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
