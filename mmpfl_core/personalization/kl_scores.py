@@ -89,7 +89,7 @@ def kl_group_scores(model: nn.Module, global_state: State, personal_state: State
             logits = scratch.forward_from_block(inputs[-1], keep, clinical, len(inputs) - 1)
         else:
             logits = scratch(images, mask, clinical)
-        log_q = torch.log_softmax(logits.float(), dim=-1)  # (B, C)
+        log_q = torch.log_softmax(logits.double(), dim=-1)  # (B, C); float64: KL of nearly equal distributions
         for group, changed in swaps.items():
             _assign(params, changed)
             try:
@@ -98,7 +98,7 @@ def kl_group_scores(model: nn.Module, global_state: State, personal_state: State
                           scratch.forward_from_block(inputs[start], keep, clinical, start))
             finally:
                 _assign(params, {name: base[name] for name in changed})
-            log_p = torch.log_softmax(logits.float(), dim=-1)  # (B, C)
+            log_p = torch.log_softmax(logits.double(), dim=-1)  # (B, C)
             totals[group] += float((log_p.exp() * (log_p - log_q)).sum())
     # Rounding can leave -1e-9 for a group with no effect; KL is >= 0.
     return {g: max(0.0, s / n) for g, s in totals.items()}
