@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slices-per-subject", type=int, default=1, help="consecutive axial slices per subject")
     parser.add_argument("--site", type=int, default=0, help="site id where the CSV gives none (default 0)")
     parser.add_argument("--require-all", action="store_true", help="fail when a subject lacks a sequence")
+    parser.add_argument("--resample", action="store_true",
+                        help="resample sequences on another voxel grid onto the first sequence's (default: refuse)")
+    parser.add_argument("--site-column", default=None,
+                        help="CSV column with integer site ids, -1 = public (default: 'site' if present)")
     return parser
 
 
@@ -47,11 +51,16 @@ def main(argv: list[str] | None = None) -> int:
         cohort = load_nifti_subjects(args.root, args.labels_csv, image_size=args.image_size,
                                      modalities=args.modalities, class_names=args.class_names,
                                      slice_index=args.slice_index, slices_per_subject=args.slices_per_subject,
-                                     site=args.site, require_all=args.require_all)
+                                     site=args.site, require_all=args.require_all, resample=args.resample,
+                                     site_column=args.site_column)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    save_cohort(cohort, args.out)
+    try:
+        save_cohort(cohort, args.out)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"saved {len(cohort)} slices, images {cohort.images.shape}, classes {cohort.class_names} -> {args.out}")
     return 0
 

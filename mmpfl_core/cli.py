@@ -1,6 +1,10 @@
-"""The ``mmpfl`` command: generate data, train one method, compare methods, run the demo.
+"""The ``mmpfl`` command: generate data, train one method, compare methods, reproduce, list methods.
 
-Only argument parsing and printing live here; every computation is a call into mmpfl_core.
+Only argument parsing and printing live here; every computation is a call into mmpfl_core. The
+method and preset lists are read from the registries (strategies, model presets, configs/), so a
+newly registered strategy appears in ``mmpfl methods`` and is accepted by ``--method`` without an
+edit here. A failed command exits with status 2, prints one ``mmpfl: error:`` line, and leaves no
+empty results folder behind.
 """
 from __future__ import annotations
 
@@ -8,31 +12,70 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import MMPFLError
+from .errors import ConfigError, MMPFLError
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="quickstart", help="preset name in configs/ or a YAML path")
+    parser.add_argument("--data", type=Path, help="a cohort file converted from your own images "
+                        "(data_scripts/convert_*.py); sites come from its site column. Default: the synthetic cohort")
     parser.add_argument("--rounds", type=int, help="override federated.num_rounds")
+    parser.add_argument("--sites", type=int, help="number of sites (synthetic data); with --data: re-split the "
+                        "cohort into this many sites by Dirichlet label skew instead of its site column")
+    parser.add_argument("--epsilon", type=float, help="client-level privacy budget (target_epsilon) of the DP methods")
+    parser.add_argument("--delta", type=float, help="delta of the DP methods' (epsilon, delta) guarantee")
     parser.add_argument("--seed", type=int, help="override the seed of data, federation and training")
     parser.add_argument("--out", type=Path, help="results folder (default results/<experiment name>)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _privacy_overrides(args: argparse.Namespace) -> dict[str, float]:
+    return {k: v for k, v in (("target_epsilon", args.epsilon), ("delta", args.delta)) if v is not None}
+
+
 def _load(args: argparse.Namespace):
-    from .experiment import load_experiment
-    config = load_experiment(args.config)
+    from .experiment import load_experiment, with_cohort
+    config = with_cohort(load_experiment(args.config), args.data)
     if args.rounds is not None:
         config = config.replace(federated={"num_rounds": args.rounds})
     if args.seed is not None:
         config = config.replace(data={"seed": args.seed}, federation={"seed": args.seed},
                                 federated={"seed": args.seed})
+    if args.sites is not None:
+        config = config.replace(federation={"num_sites": args.sites})
+        if args.data is not None:
+            config = config.replace(data={"partition": "dirichlet"})
     return config
 
 
 def _results_dir(args: argparse.Namespace, name: str) -> Path:
     from .paths import results_root
     return args.out if args.out is not None else results_root() / name
+
+
+def select_method(config, name: str, privacy: dict[str, float]):
+    """The method ``--method NAME`` means: a label of the config, else the config's first method with
+    that strategy (its arguments kept), else the registered strategy with default arguments.
+    ``privacy`` (``target_epsilon``/``delta``) overrides the method's arguments; the label says the budget."""
+    import dataclasses
+
+    from .experiment import MethodSpec
+    from .federated.strategies import available_strategies
+    method = (next((m for m in config.methods if m.label == name), None)
+              or next((m for m in config.methods if m.strategy == name), None))
+    if method is None:
+        if name not in available_strategies():
+            labels = [m.label for m in config.methods]
+            raise ConfigError(f"--method {name!r} is neither a registered method {available_strategies()} nor a "
+                              f"label of the config {labels}; run `mmpfl methods` for the list.")
+        method = MethodSpec(name)
+    elif method.label != name:
+        method = dataclasses.replace(method, label=name)
+    if privacy:
+        method = dataclasses.replace(method, kwargs={**method.kwargs, **privacy})
+        if "target_epsilon" in privacy:
+            method = dataclasses.replace(method, label=f"{name}-eps{privacy['target_epsilon']:g}")
+    return method
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -50,20 +93,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .experiment import MethodSpec, comparison_table, run_method
+    """Train one method and write its report (REPORT.md, figures) beside the run."""
+    import dataclasses
+
+    from .reporting import write_comparison_report
+    from .tables import markdown_table
     config = _load(args)
-    method = next((m for m in config.methods if m.label == args.method), None) or MethodSpec(args.method)
+    method = select_method(config, args.method, _privacy_overrides(args))
     out = _results_dir(args, config.name)
-    run = run_method(config, method, results_dir=out, progress=not args.no_progress)
-    print(comparison_table({method.label: run}).to_string(index=False))
-    print(f"\nrun written to {out / method.label}")
+    report = write_comparison_report(dataclasses.replace(config, methods=(method,)), out,
+                                     progress=not args.no_progress)
+    print(markdown_table(report.table))
+    print(f"\nrun written to {out / method.label}; report written to {report.path}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from .reporting import write_comparison_report
     from .tables import markdown_table
     config = _load(args)
+    privacy = _privacy_overrides(args)
+    if privacy:  # the budget of every DP method (those that take a target_epsilon)
+        config = dataclasses.replace(config, methods=tuple(
+            dataclasses.replace(m, kwargs={**m.kwargs, **privacy}) if "target_epsilon" in m.kwargs else m
+            for m in config.methods))
     out = _results_dir(args, config.name)
     report = write_comparison_report(config, out, progress=not args.no_progress)
     print(markdown_table(report.table))
@@ -72,10 +127,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .experiment import with_cohort
     from .paths import results_root
     from .reproduction import load_reproduction, run_reproduction
     from .tables import markdown_table
     plan = load_reproduction(args.preset)
+    if args.data is not None:
+        plan = dataclasses.replace(plan, experiment=with_cohort(plan.experiment, args.data))
     out = args.out if args.out is not None else results_root() / plan.experiment.name
     report = run_reproduction(plan, out, progress=not args.no_progress)
     print(markdown_table(report.main_table))
@@ -85,35 +145,79 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def method_listing() -> str:
+    """The registered methods, model presets and experiment presets, as ``mmpfl methods`` prints them."""
+    from .experiment import CONFIG_DIR
+    from .federated.strategies import available_strategies
+    from .models.presets import list_presets
+    configs = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    return "\n".join([
+        "methods (--method):        " + ", ".join(available_strategies()),
+        "model presets (model.preset): " + ", ".join(list_presets()),
+        "experiment presets (--config): " + ", ".join(configs),
+        "DP methods take --epsilon and --delta; e.g. mmpfl train --method dp-fedavg --epsilon 8 --rounds 5",
+    ])
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    print(method_listing())
+    return 0
+
+
+def _epilog() -> str:
+    try:
+        return method_listing()
+    except Exception as exc:  # --help must work even if a registry fails to import; say why
+        return f"(method list unavailable: {type(exc).__name__}: {exc})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmpfl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mmpfl", description=__doc__.splitlines()[0], epilog=_epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("generate", help="generate the synthetic cohort and its federation into the data root")
     _common(p)
     p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("train", help="train one method")
+    p = sub.add_parser("train", help="train one method and write its report", epilog=_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
-    p.add_argument("--method", default="fedavg", help="a method label of the config, or a strategy name")
+    p.add_argument("--method", default="fedavg", help="a method name (see `mmpfl methods`) or a label of the config")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("compare", help="train every method of the config and write a report")
     _common(p)
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("reproduce", help="the paper-style comparison: all methods, alphas, seeds, site sweep")
     p.add_argument("--preset", default="teaching", help="smoke | teaching | paper, or a YAML path")
+    p.add_argument("--data", type=Path, help="a converted cohort file for the main comparison (see train --data)")
     p.add_argument("--out", type=Path, help="results folder (default results/reproduce-<preset>)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_reproduce)
     p = sub.add_parser("demo", help="the quickstart comparison on the embedded cohort (what `make demo` runs)")
     _common(p)
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("methods", help="list the registered methods, model presets and experiment presets")
+    p.set_defaults(func=cmd_methods)
     return parser
+
+
+def _remove_if_empty(path: Path | None) -> None:
+    """Remove ``path`` and its empty sub-folders if they hold no file (a failed command's leftovers)."""
+    if path is None or not path.is_dir() or any(p.is_file() for p in path.rglob("*")):
+        return
+    for folder in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        folder.rmdir()
+    path.rmdir()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    out = getattr(args, "out", None)
+    existed = out is not None and Path(out).exists()
     try:
         return args.func(args)
     except MMPFLError as exc:
+        if not existed:
+            _remove_if_empty(out)
         print(f"mmpfl: error: {exc}", file=sys.stderr)
         return 2
 

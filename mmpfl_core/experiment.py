@@ -3,10 +3,19 @@
 This is the edge where YAML (``configs/*.yaml``), the CLI and notebook parameters become typed
 configs. :func:`run_method` trains one method; :func:`compare_methods` trains several on the same
 federation and returns a table with 95% confidence intervals.
+
+``data`` is either the synthetic cohort (:class:`SyntheticCohortConfig`, the default) or a cohort
+file a user converted from their own NIfTI/DICOM/PNG files (:class:`CohortSource`, YAML
+``data: {cohort: PATH}``, CLI ``--data PATH``), split into sites by its site column. Before any run
+directory is created, every method is built and checked against the data (a Fisher method needs a
+public set; the model's image size, sequences and classes must match the cohort), so a bad input
+fails with one clear error and leaves nothing behind; a run that fails before its first checkpoint
+or metrics row is removed again.
 """
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -15,15 +24,16 @@ import pandas as pd
 import yaml
 
 from .configuration import dataclass_from_dict, to_plain
+from .data.cohort_federation import CohortSource, federation_from_cohort
 from .data.federation import Federation, FederationConfig, build_federation
 from .data.synthetic import SyntheticCohortConfig
 from .data.transforms import map_federation, select_modalities
 from .errors import ConfigError
 from .federated.config import FederatedConfig
 from .federated.simulation import RunResult, run_federated
-from .federated.strategies import available_strategies, create_strategy
+from .federated.strategies import Strategy, available_strategies, create_strategy
 from .io.run_directory import RunDirectory
-from .models.presets import create_model, list_presets
+from .models.presets import create_model, get_config, list_presets
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -62,7 +72,7 @@ class MethodSpec:
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "quickstart"
-    data: SyntheticCohortConfig = field(default_factory=SyntheticCohortConfig)
+    data: SyntheticCohortConfig | CohortSource = field(default_factory=SyntheticCohortConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     model: ModelSpec = field(default_factory=ModelSpec)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
@@ -78,7 +88,7 @@ class ExperimentConfig:
         methods = tuple(_method_from_dict(m) for m in values.get("methods", [{"strategy": "fedavg"}]))
         return cls(
             name=str(values.get("name", "experiment")),
-            data=dataclass_from_dict(SyntheticCohortConfig, values.get("data"), "data"),
+            data=_data_from_dict(values.get("data")),
             federation=dataclass_from_dict(FederationConfig, values.get("federation"), "federation"),
             model=dataclass_from_dict(ModelSpec, values.get("model"), "model"),
             federated=FederatedConfig.from_dict(values.get("federated") or {}),
@@ -97,6 +107,27 @@ class ExperimentConfig:
             else:
                 values[section] = changes
         return ExperimentConfig.from_dict(values)
+
+
+def _data_from_dict(values: Mapping[str, Any] | None) -> SyntheticCohortConfig | CohortSource:
+    """``data:`` is a user's cohort when it names one (``cohort: PATH``), else the synthetic cohort."""
+    if values is not None and not isinstance(values, Mapping):
+        raise ConfigError(f"data={values!r} must be a mapping: {{cohort: PATH}} or synthetic cohort fields.")
+    if values and "cohort" in values:
+        return dataclass_from_dict(CohortSource, values, "data (a cohort file)")
+    return dataclass_from_dict(SyntheticCohortConfig, values, "data")
+
+
+def with_cohort(config: ExperimentConfig, cohort_path: str | Path | None) -> ExperimentConfig:
+    """``config`` reading its data from ``cohort_path`` (a converted cohort .npz); None keeps ``config``.
+
+    This is what ``--data PATH`` and the notebooks' ``COHORT_PATH`` parameter do. The seed carries over.
+    """
+    if cohort_path is None:
+        return config
+    values = config.to_dict()
+    values["data"] = {"cohort": str(cohort_path), "seed": config.data.seed}
+    return ExperimentConfig.from_dict(values)
 
 
 def _deep_update(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -132,16 +163,94 @@ def load_experiment(path_or_name: str | Path) -> ExperimentConfig:
 
 
 def make_federation(config: ExperimentConfig) -> Federation:
+    """The federation of ``config``: generated (synthetic) or read from the user's cohort file."""
+    if isinstance(config.data, CohortSource):
+        from .data.io import load_cohort  # io imports the synthetic config; keep it off the synthetic path
+        return federation_from_cohort(load_cohort(config.data.cohort), config.data, config.federation)
     return build_federation(config.data, config.federation)
+
+
+def describe_data(config: ExperimentConfig, federation: Federation) -> str:
+    """One sentence for reports: what the data is and how it was split."""
+    ref = federation.sites[0].train
+    public = 0 if federation.public is None else len(federation.public)
+    size = f"{ref.image_size}x{ref.image_size} px, sequences {', '.join(ref.modality_names)}, classes {', '.join(ref.class_names)}"
+    if isinstance(config.data, CohortSource):
+        split = ("sites from the cohort's site column" if config.data.partition == "natural"
+                 else f"re-split by Dirichlet label skew alpha {config.federation.alpha}")
+        n = sum(len(s) for s in federation.sites) + public
+        return (f"Cohort file `{config.data.cohort}`: {n} rows at {size}; {federation.num_sites} sites ({split}); "
+                f"public server set {public}.")
+    return (f"Synthetic MS cohort: {config.data.num_subjects} subjects at {size}; {federation.num_sites} sites, "
+            f"Dirichlet alpha {config.federation.alpha}; public server set {public}.")
+
+
+_SHAPE_FIELDS = {"image_size": "image size", "num_modalities": "number of sequences",
+                 "num_classes": "number of classes", "num_clinical": "number of clinical variables"}
+
+
+def _data_shape(federation: Federation) -> dict[str, int]:
+    reference = federation.sites[0].train
+    return dict(image_size=reference.image_size, num_modalities=reference.num_modalities,
+                num_clinical=len(reference.clinical_names), num_classes=reference.num_classes)
+
+
+def check_model_matches_data(config: ExperimentConfig, federation: Federation) -> None:
+    """Raise :class:`ConfigError` when the model config cannot take the data (named field, both values, fix)."""
+    shape = _data_shape(federation)
+    reference = federation.sites[0].train
+    for key, value in shape.items():
+        wanted = config.model.overrides.get(key)
+        if wanted is not None and wanted != value:
+            raise ConfigError(
+                f"model.overrides.{key}={wanted!r} but the data has {_SHAPE_FIELDS[key]} {value} "
+                f"(sequences {reference.modality_names}, classes {reference.class_names}). Remove the override "
+                "(the model takes its shape from the data), or convert the data again to match.")
+    patch = config.model.overrides.get("patch_size", get_config(config.model.preset).patch_size)
+    if shape["image_size"] % patch:
+        raise ConfigError(
+            f"the data's images are {shape['image_size']}x{shape['image_size']} px, not a multiple of the model "
+            f"preset {config.model.preset!r}'s patch_size {patch}. Convert with --image-size "
+            f"{max(patch, shape['image_size'] // patch * patch)} (or another multiple of {patch}), or set "
+            "model.overrides.patch_size.")
+    for method in config.methods:
+        unknown = sorted(set(method.modalities or ()) - set(reference.modality_names))
+        if unknown:
+            raise ConfigError(f"method {method.label!r} keeps sequences {unknown}, which the data does not have; "
+                              f"its sequences are {reference.modality_names}.")
 
 
 def model_factory(config: ExperimentConfig, federation: Federation) -> Callable[[], Any]:
     """A zero-argument constructor whose model matches the data (size, sequences, classes) and seed."""
-    reference = federation.sites[0].train
-    shape = dict(image_size=reference.image_size, num_modalities=reference.num_modalities,
-                 num_clinical=len(reference.clinical_names), num_classes=reference.num_classes)
-    overrides = {**shape, **dict(config.model.overrides)}
+    check_model_matches_data(config, federation)
+    overrides = {**_data_shape(federation), **dict(config.model.overrides)}
     return lambda: create_model(config.model.preset, seed=config.federated.seed, **overrides)
+
+
+def build_checked_strategy(method: MethodSpec, federation: Federation) -> Strategy:
+    """The method's strategy, checked against the data before anything is trained or written.
+
+    A strategy that allocates noise with the Fisher information (``dp-fedavg-fisher``,
+    ``mm-pfl-adp``) reads the public server set (DESIGN.md 4.3); without one it fails here with the fix.
+    """
+    from .federated.dp_fisher import DPFedAvgFisher
+
+    strategy = create_strategy(method.strategy, **dict(method.kwargs))
+    if isinstance(strategy, DPFedAvgFisher) and (federation.public is None or len(federation.public) == 0):
+        raise ConfigError(
+            f"method {method.label!r} ({method.strategy}) estimates the Fisher information on a public server set, "
+            "and this data has none. Mark some subjects public (site -1 in the labels CSV's site column, then "
+            "convert again), name them with data.public_subjects, set federation.public_size > 0 for synthetic "
+            "data, or choose a method without Fisher allocation (e.g. dp-fedavg).")
+    return strategy
+
+
+def _remove_unused_run(path: Path) -> None:
+    """Delete a run directory this call created if it holds no metrics and no checkpoint (nothing to resume)."""
+    checkpoints = path / "checkpoints"
+    if (path / "metrics.csv").exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def run_method(config: ExperimentConfig, method: MethodSpec, federation: Federation | None = None, *,
@@ -151,14 +260,25 @@ def run_method(config: ExperimentConfig, method: MethodSpec, federation: Federat
     if method.modalities is not None:
         keep = method.modalities
         federation = map_federation(federation, lambda cohort: select_modalities(cohort, keep))
-    run_dir = None
-    if results_dir is not None:
-        run_config = {**config.to_dict(), "method": to_plain(method)}
-        run_config.pop("methods")
+    factory = model_factory(config, federation)
+    strategy = build_checked_strategy(method, federation)
+    if results_dir is None:
+        return run_federated(federation, model_factory=factory, strategy=strategy, config=config.federated,
+                             progress=progress)
+    run_config = {**config.to_dict(), "method": to_plain(method)}
+    run_config.pop("methods")
+    path = Path(results_dir) / method.label
+    created, root_created = not path.exists(), not Path(results_dir).exists()
+    try:
         run_dir = RunDirectory.create(results_dir, method.label, run_config, exist_ok_resume=resume)
-    return run_federated(federation, model_factory=model_factory(config, federation),
-                         strategy=create_strategy(method.strategy, **dict(method.kwargs)),
-                         config=config.federated, run_dir=run_dir, progress=progress)
+        return run_federated(federation, model_factory=factory, strategy=strategy, config=config.federated,
+                             run_dir=run_dir, progress=progress)
+    except BaseException:
+        if created:
+            _remove_unused_run(path)
+        if root_created and Path(results_dir).is_dir() and not any(Path(results_dir).iterdir()):
+            Path(results_dir).rmdir()
+        raise
 
 
 def _ci_text(entry: Mapping[str, float] | None) -> str:
@@ -198,6 +318,9 @@ def compare_methods(config: ExperimentConfig, *, results_dir: Path | None = None
                     ) -> tuple[pd.DataFrame, dict[str, RunResult], Federation]:
     """Train every method of ``config`` on one shared federation; return the table and the runs."""
     federation = make_federation(config)
+    check_model_matches_data(config, federation)
+    for method in config.methods:  # every method checked before the first one trains
+        build_checked_strategy(method, federation)
     runs = {m.label: run_method(config, m, federation, results_dir=results_dir, progress=progress)
             for m in config.methods}
     return comparison_table(runs), runs, federation

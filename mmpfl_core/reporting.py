@@ -29,9 +29,12 @@ def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bo
     from .plots.training import (plot_accuracy_vs_round, plot_communication_vs_accuracy, plot_site_accuracy,
                                  save_axes)
 
+    from .experiment import describe_data
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Trained (and checked) first: a bad input fails before the results folder exists.
     table, runs, federation = compare_methods(config, results_dir=out, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "comparison.csv", index=False)
     summary = cohort_summary_table(federation)
     summary.to_csv(out / "cohort_summary.csv", index=False)
@@ -47,8 +50,7 @@ def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bo
     text = [
         f"# {config.name}: method comparison",
         "",
-        f"Synthetic MS cohort: {config.data.num_subjects} subjects at {config.data.image_size}x{config.data.image_size}, "
-        f"{config.federation.num_sites} sites, Dirichlet alpha {config.federation.alpha}. Model preset "
+        f"{describe_data(config, federation)} Model preset "
         f"`{config.model.preset}`; {cfg.num_rounds} rounds, {cfg.local.local_epochs} local epoch(s), seed {cfg.seed}.",
         f"Accuracy intervals are 95% bootstrap CIs over test subjects ({cfg.bootstrap_resamples} resamples). "
         f"Rounds to target: first round at which the {cfg.smoothing_window}-round moving average of validation "

@@ -4,17 +4,21 @@ from .contract import (CLASS_NAMES, CLINICAL_FEATURES, CLINICAL_REFERENCE, MODAL
 
 __all__ = ["CLASS_NAMES", "CLINICAL_FEATURES", "CLINICAL_REFERENCE", "MODALITIES", "Cohort", "CohortDataset",
            "concatenate", "normalise_intensity", "standardise_clinical"]
-from .loaders import load_image_file, load_medmnist_npz, load_nifti_subjects, load_nifti_volume, load_slice_folders
+from .loaders import (load_dicom_subjects, load_image_file, load_medmnist_npz, load_nifti_subjects, load_nifti_volume,
+                      load_slice_folders, read_dicom_series)
 
-__all__ += ["load_image_file", "load_medmnist_npz", "load_nifti_subjects", "load_nifti_volume", "load_slice_folders"]
+__all__ += ["load_dicom_subjects", "load_image_file", "load_medmnist_npz", "load_nifti_subjects", "load_nifti_volume",
+            "load_slice_folders", "read_dicom_series"]
 from .synthetic import TISSUE_LABELS, SyntheticCohortConfig, generate_subjects
 from .scanners import ScannerProfile, apply_scanner, default_site_profiles, reference_profile
 from .federation import (Federation, FederationConfig, SiteData, build_federation, dirichlet_label_partition,
                          label_divergence, label_divergence_from_counts)
 from .io import load_cohort, load_federation, save_cohort, save_federation
+from .cohort_federation import CohortSource, federation_from_cohort
 from .summary import cohort_summary_table
 
 __all__ += ["TISSUE_LABELS", "SyntheticCohortConfig", "generate_subjects", "ScannerProfile", "apply_scanner",
             "default_site_profiles", "reference_profile", "Federation", "FederationConfig", "SiteData",
             "build_federation", "dirichlet_label_partition", "label_divergence", "label_divergence_from_counts",
-            "load_cohort", "load_federation", "save_cohort", "save_federation", "cohort_summary_table"]
+            "load_cohort", "load_federation", "save_cohort", "save_federation", "cohort_summary_table",
+            "CohortSource", "federation_from_cohort"]

@@ -168,7 +168,7 @@ class Cohort:
         if idx.dtype == np.bool_:
             idx = np.flatnonzero(idx)
         return replace(
-            self,
+            self, meta=_subset_meta(self.meta, len(self), idx),
             images=self.images[idx], modality_mask=self.modality_mask[idx],
             clinical=self.clinical[idx], clinical_mask=self.clinical_mask[idx],
             labels=self.labels[idx], sites=self.sites[idx], subject_ids=self.subject_ids[idx],
@@ -178,6 +178,18 @@ class Cohort:
     def class_counts(self) -> np.ndarray:
         """Number of subjects per class, shape (num_classes,)."""
         return np.bincount(self.labels, minlength=self.num_classes)
+
+
+#: The one per-row entry of ``Cohort.meta``: the patient of each row when a loader takes several
+#: slices per patient. :meth:`Cohort.subset` and :func:`concatenate` keep it aligned with the rows.
+_ROW_META = "groups"
+
+
+def _subset_meta(meta: dict[str, Any], n: int, idx: np.ndarray) -> dict[str, Any]:
+    rows = meta.get(_ROW_META)
+    if rows is None or len(rows) != n:
+        return meta
+    return {**meta, _ROW_META: [str(rows[i]) for i in idx.tolist()]}
 
 
 def concatenate(cohorts: Sequence[Cohort]) -> Cohort:
@@ -191,8 +203,11 @@ def concatenate(cohorts: Sequence[Cohort]) -> Cohort:
         if c.images.shape[1:] != first.images.shape[1:]:
             raise DataError(f"cannot concatenate cohorts with image shapes {first.images.shape[1:]} and {c.images.shape[1:]}.")
     has_lesions = all(c.lesion_masks is not None for c in cohorts)
+    meta = {k: v for k, v in first.meta.items() if k != _ROW_META}
+    if all(c.meta.get(_ROW_META) is not None and len(c.meta[_ROW_META]) == len(c) for c in cohorts):
+        meta[_ROW_META] = [g for c in cohorts for g in c.meta[_ROW_META]]
     return replace(
-        first,
+        first, meta=meta,
         images=np.concatenate([c.images for c in cohorts]),
         modality_mask=np.concatenate([c.modality_mask for c in cohorts]),
         clinical=np.concatenate([c.clinical for c in cohorts]),

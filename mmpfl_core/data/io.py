@@ -22,7 +22,8 @@ from .federation import Federation, FederationConfig, SiteData
 from .scanners import ScannerProfile
 from .synthetic import SyntheticCohortConfig
 
-_FIX = "Delete it and regenerate with `python data_scripts/generate_cohort.py --out DIR`."
+_FIX = ("Delete it and write it again: `python data_scripts/generate_cohort.py --out DIR` for the synthetic "
+        "cohort, `python data_scripts/convert_*.py` for your own files.")
 _ARRAYS = ("images", "modality_mask", "clinical", "clinical_mask", "labels", "sites")
 _SPLITS = ("train", "val", "test", "public")
 
@@ -35,9 +36,29 @@ def _arrays(cohort: Cohort) -> dict[str, np.ndarray]:
     return out
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with numpy arrays and scalars turned into lists and Python numbers (JSON has neither).
+
+    Loaders put per-row lists (e.g. ``meta["groups"]``, the patient of each slice) into the meta dict;
+    an ndarray there made ``save_cohort`` fail (issue 17). Anything else JSON cannot hold still fails
+    in :func:`_write` with a message naming the file.
+    """
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
 def _names(cohort: Cohort) -> dict[str, Any]:
     return {"modality_names": list(cohort.modality_names), "class_names": list(cohort.class_names),
-            "clinical_names": list(cohort.clinical_names), "meta": cohort.meta}
+            "clinical_names": list(cohort.clinical_names), "meta": _json_safe(cohort.meta)}
 
 
 def _cohort(arrays: dict[str, np.ndarray], names: dict[str, Any], index: np.ndarray | slice = slice(None)) -> Cohort:

@@ -33,18 +33,18 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
 from ..errors import DataError
-from .contract import CLINICAL_FEATURES, MODALITIES, Cohort, normalise_intensity
-from .loaders_common import (canonical_modalities, check_image_size, clinical_from_table, read_subject_table,
-                             resize_images, resolve_class_names, sites_from_table)
+from .contract import MODALITIES, Cohort
+from .loaders_volumes import load_volume_subjects
 
 _NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 
 
-def load_nifti_volume(path: str | Path) -> np.ndarray:
-    """Read a NIfTI file in full as a float32 (X, Y, Z) array in RAS+ orientation (Z = inferior->superior).
+def load_nifti_image(path: str | Path) -> nib.Nifti1Image:
+    """Read a NIfTI file in full, reoriented to RAS+ (third axis inferior -> superior), as float32.
 
     ``nib.as_closest_canonical`` reorders the voxel axes so that the third axis is axial whatever
-    the scanner's storage order; scaling (``scl_slope``) is applied by ``get_fdata``.
+    the scanner's storage order; scaling (``scl_slope``) is applied by ``get_fdata``. The returned
+    image holds the data in memory (no lazy proxy) and the matching affine.
 
     Raises:
         DataError: if the file is unreadable, truncated or corrupt, is not 3D (a trailing singleton
@@ -61,12 +61,17 @@ def load_nifti_volume(path: str | Path) -> np.ndarray:
         volume = volume[..., 0]  # (X, Y, Z, 1) -> (X, Y, Z): some tools write a singleton time axis
     if volume.ndim != 3:
         raise DataError(f"NIfTI file {path} has shape {volume.shape}; expected a 3D volume (X, Y, Z). "
-                        "Split 4D series into one volume per file.")
+                        "Split 4D series into one volume per file (e.g. fslsplit) and keep one.")
     if not np.all(np.isfinite(volume)):
         bad = int(np.size(volume) - np.count_nonzero(np.isfinite(volume)))
         raise DataError(f"NIfTI file {path} contains {bad} NaN/Inf voxels; nibabel loads them silently. "
                         "Fix the volume (e.g. replace NaN by 0 where outside the head) or remove the file.")
-    return volume
+    return nib.Nifti1Image(volume, img.affine)
+
+
+def load_nifti_volume(path: str | Path) -> np.ndarray:
+    """:func:`load_nifti_image`'s voxels: a float32 (X, Y, Z) array in RAS+ orientation."""
+    return np.asarray(load_nifti_image(path).dataobj, dtype=np.float32)
 
 
 def _find_sequence_files(subject_dir: Path, modalities: tuple[str, ...]) -> dict[str, Path]:
@@ -88,55 +93,18 @@ def _find_sequence_files(subject_dir: Path, modalities: tuple[str, ...]) -> dict
     return found
 
 
-def _slice_indices(depth: int, slice_index: int | str | None, slices_per_subject: int, where: str) -> list[int]:
-    """The ``slices_per_subject`` consecutive axial indices centred on ``slice_index`` (default: middle)."""
-    if slice_index is None or slice_index == "middle":
-        centre = depth // 2
-    elif isinstance(slice_index, int) and not isinstance(slice_index, bool):
-        centre = slice_index
-    else:
-        raise DataError(f"slice_index={slice_index!r} must be None, 'middle' or an integer axial index.")
-    first = centre - slices_per_subject // 2
-    indices = list(range(first, first + slices_per_subject))
-    if indices[0] < 0 or indices[-1] >= depth:
-        raise DataError(f"{where}: axial slices {indices[0]}..{indices[-1]} fall outside the volume's "
-                        f"{depth} slices; choose slice_index/slices_per_subject within 0..{depth - 1}.")
-    return indices
-
-
-def _load_subject(subject: str, files: dict[str, Path], modalities: tuple[str, ...], image_size: int,
-                  slice_index: int | str | None, slices_per_subject: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """One subject's (K, M, S, S) slices, (M,) presence mask and the K axial indices taken."""
-    volumes = {name: load_nifti_volume(path) for name, path in files.items()}
-    shapes = {name: v.shape for name, v in volumes.items()}
-    if len(set(shapes.values())) > 1:
-        raise DataError(f"subject {subject!r} has sequences of different shapes {shapes}; they must be "
-                        "co-registered on one voxel grid (resample them, e.g. with ANTs or FSL flirt).")
-    depth = next(iter(shapes.values()))[2]
-    indices = _slice_indices(depth, slice_index, slices_per_subject, where=f"subject {subject!r}")
-    out = np.zeros((slices_per_subject, len(modalities), image_size, image_size), dtype=np.float32)
-    mask = np.array([name in volumes for name in modalities])
-    for m, name in enumerate(modalities):
-        if name not in volumes:
-            continue  # missing sequence: zeros, mask False
-        # Normalise the whole volume (per subject and sequence) so that its K slices share one scale.
-        volume = normalise_intensity(volumes[name])
-        # rot90 turns RAS (x, y) into a display slice with anterior at the top (radiology viewers' habit).
-        slices = np.stack([np.rot90(volume[:, :, z]) for z in indices])  # (K, Y, X)
-        out[:, m] = resize_images(slices, image_size)
-    return out, mask, indices
-
-
 def load_nifti_subjects(root: str | Path, labels_csv: str | Path, *, image_size: int = 64,
                         modalities: Sequence[str] = MODALITIES, class_names: Sequence[str] | None = None,
                         slice_index: int | str | None = None, slices_per_subject: int = 1,
-                        site: int = 0, require_all: bool = False) -> Cohort:
+                        site: int = 0, require_all: bool = False, resample: bool = False,
+                        site_column: str | None = None) -> Cohort:
     """Load BraTS-like ``root/<subject>/<modality>.nii.gz`` volumes as axial 2D slices in a :class:`Cohort`.
 
     Steps:
         1. Read ``labels_csv`` (``subject,label`` plus optional ``site`` and clinical columns).
         2. For each subject row, find its sequence files, read them in full (see
-           :func:`load_nifti_volume`), and check they share one shape.
+           :func:`load_nifti_image`), and check they share one voxel grid (shape and affine); with
+           ``resample`` the other sequences are resampled onto the first one's grid instead.
         3. Normalise each volume with :func:`normalise_intensity`, take ``slices_per_subject``
            axial slices centred on ``slice_index`` (middle by default), pad to square and resize to
            ``image_size`` (bilinear with antialiasing).
@@ -155,65 +123,19 @@ def load_nifti_subjects(root: str | Path, labels_csv: str | Path, *, image_size:
         slices_per_subject: number K of consecutive slices per subject.
         site: site id for subjects without a ``site`` value in the table.
         require_all: raise instead of masking when a subject lacks a sequence.
+        resample: resample sequences on another grid onto the first sequence's grid (trilinear)
+            instead of refusing them.
+        site_column: the table column holding integer site ids (-1 = public); None uses ``site``
+            when the table has it. A named column absent from the table is an error.
 
     Raises:
         DataError: naming the file or subject on unreadable/truncated volumes, NaN voxels,
-            mismatched shapes, unknown labels, a subject row without a folder or without any
+            4D volumes, mismatched shapes or affines (without ``resample``), an unknown site column, unknown labels, a subject row without a folder or without any
             sequence, or (with ``require_all``) a missing sequence.
     """
-    root, labels_csv = Path(root), Path(labels_csv)
-    check_image_size(image_size)
-    modalities = canonical_modalities(modalities)
-    if not isinstance(slices_per_subject, int) or slices_per_subject < 1:
-        raise DataError(f"slices_per_subject={slices_per_subject!r} must be a positive integer.")
-    if not root.is_dir():
-        raise DataError(f"NIfTI root {root} does not exist or is not a folder; pass root/<subject>/<modality>.nii.gz.")
-    table = read_subject_table(labels_csv, required=("subject", "label"))
-    if not table:
-        raise DataError(f"labels table {labels_csv} has no rows; add one row per subject.")
-    unlabelled = [s for s, row in table.items() if not row["label"]]
-    if unlabelled:
-        raise DataError(f"labels table {labels_csv} has an empty 'label' for subject(s) {unlabelled[:5]}; "
-                        "fill the label or delete the row.")
-    class_names = resolve_class_names((row["label"] for row in table.values()), class_names,
-                                      where=f"column 'label' of {labels_csv}")
-    subjects = sorted(table)
-
-    rows, masks, groups, row_ids = [], [], [], []
-    for subject in subjects:
-        files = _subject_files(root, subject, modalities, require_all)
-        slices, mask, indices = _load_subject(subject, files, modalities, image_size, slice_index,
-                                              slices_per_subject)
-        rows.append(slices)
-        masks.extend([mask] * slices_per_subject)
-        groups.extend([subject] * slices_per_subject)
-        row_ids.extend([subject] if slices_per_subject == 1 else [f"{subject}:z{z}" for z in indices])
-
-    clinical, clinical_mask = clinical_from_table(subjects, table, labels_csv)
-    sites = sites_from_table(subjects, table, labels_csv, site)
-    labels = np.array([class_names.index(table[s]["label"]) for s in subjects], dtype=np.int64)
-    repeat = slices_per_subject  # per-subject values repeat for each of its slices
-    on_disk = {p.name for p in root.iterdir() if p.is_dir()}
-    return Cohort(
-        images=np.concatenate(rows), modality_mask=np.stack(masks),
-        clinical=np.repeat(clinical, repeat, axis=0), clinical_mask=np.repeat(clinical_mask, repeat, axis=0),
-        labels=np.repeat(labels, repeat), sites=np.repeat(sites, repeat), subject_ids=np.array(row_ids, dtype=str),
-        modality_names=modalities, class_names=class_names, clinical_names=CLINICAL_FEATURES,
-        meta={"source": "nifti_subjects", "root": str(root), "groups": np.array(groups, dtype=str),
-              "unlabelled_subjects": sorted(on_disk - set(subjects))},
-    )
-
-
-def _subject_files(root: Path, subject: str, modalities: tuple[str, ...], require_all: bool) -> dict[str, Path]:
-    """The subject's sequence files, checking the folder exists and (optionally) holds every sequence."""
-    subject_dir = root / subject
-    if not subject_dir.is_dir():
-        raise DataError(f"subject {subject!r} is listed in the labels table but folder {subject_dir} does not "
-                        "exist; add the folder or delete the row.")
-    files = _find_sequence_files(subject_dir, modalities)
-    missing = [m for m in modalities if m not in files]
-    if not files or (require_all and missing):
-        raise DataError(f"subject folder {subject_dir} lacks sequence(s) {missing}; expected files like "
-                        f"{modalities[0].lower()}.nii.gz or {subject}_{modalities[0].lower()}.nii.gz"
-                        + (" (require_all=True)." if files else "."))
-    return files
+    return load_volume_subjects(root, labels_csv, find=_find_sequence_files, read=load_nifti_image,
+                                source="nifti_subjects", image_size=image_size, modalities=modalities,
+                                class_names=class_names, slice_index=slice_index,
+                                slices_per_subject=slices_per_subject, site=site, require_all=require_all,
+                                resample=resample, site_column=site_column,
+                                example="{m}.nii.gz or {s}_{m}.nii.gz")
