@@ -43,7 +43,7 @@ import numpy as np
 
 from ..errors import DataError
 from .contract import MODALITIES, Cohort
-from .loaders_volumes import load_volume_subjects
+from .loaders_volumes import load_volume_subjects, one_line
 
 #: Relative tolerance on the spacing between consecutive slices.
 _SLICE_STEP_TOLERANCE = 0.01
@@ -63,7 +63,7 @@ def _read_headers(folder: Path) -> list:
         except InvalidDicomError:
             continue  # not a DICOM file (no preamble / 'DICM' magic): notes, thumbnails
         except Exception as exc:  # pydicom raises many types on damaged headers
-            raise DataError(f"cannot read DICOM file {path}: {type(exc).__name__}: {exc}. The file is damaged; "
+            raise DataError(f"cannot read DICOM file {path}: {type(exc).__name__}: {one_line(exc)}. The file is damaged; "
                             "export the series again.") from exc
         if "PixelData" not in ds:
             continue  # structured reports, presentation states
@@ -86,7 +86,7 @@ def _pixels(ds) -> np.ndarray:
     try:
         array = ds.pixel_array  # decodes now: a truncated file fails here
     except Exception as exc:
-        raise DataError(f"cannot decode the pixels of DICOM file {path}: {type(exc).__name__}: {exc}. The file is "
+        raise DataError(f"cannot decode the pixels of DICOM file {path}: {type(exc).__name__}: {one_line(exc)}. The file is "
                         "truncated or uses a compression without a decoder (install pylibjpeg for JPEG); "
                         "export the series again, uncompressed.") from exc
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -110,7 +110,7 @@ def _geometry(ds, where: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tupl
         np.asarray([float(v) for v in ds.ImagePositionPatient])
     except (AttributeError, TypeError, ValueError) as exc:
         raise DataError(f"DICOM series in {where} lacks the geometry fields ImageOrientationPatient, "
-                        f"ImagePositionPatient or PixelSpacing ({exc}); it cannot be placed in 3D. "
+                        f"ImagePositionPatient or PixelSpacing ({one_line(exc)}); it cannot be placed in 3D. "
                         "Export it as an MR image series (not a secondary capture), or convert it to NIfTI "
                         "with dcm2niix.") from None
     r, c = iop[:3], iop[3:]

@@ -34,7 +34,7 @@ from nibabel.filebasedimages import ImageFileError
 
 from ..errors import DataError
 from .contract import MODALITIES, Cohort
-from .loaders_volumes import load_volume_subjects
+from .loaders_volumes import load_volume_subjects, one_line
 
 _NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 
@@ -55,7 +55,7 @@ def load_nifti_image(path: str | Path) -> nib.Nifti1Image:
         img = nib.as_closest_canonical(nib.load(str(path)))
         volume = np.asarray(img.get_fdata(dtype=np.float32))  # forces the (lazy) read: truncation fails here
     except (EOFError, zlib.error, OSError, ValueError, ImageFileError) as exc:
-        raise DataError(f"cannot read NIfTI file {path}: {type(exc).__name__}: {exc}. The file is truncated or "
+        raise DataError(f"cannot read NIfTI file {path}: {type(exc).__name__}: {one_line(exc)}. The file is truncated or "
                         "corrupt; copy or export it again (check its size against the source).") from exc
     while volume.ndim > 3 and volume.shape[-1] == 1:
         volume = volume[..., 0]  # (X, Y, Z, 1) -> (X, Y, Z): some tools write a singleton time axis

@@ -44,6 +44,11 @@ ReadImage = Callable[[Path], nib.Nifti1Image]
 AFFINE_TOLERANCE_MM = 1e-2
 
 
+def one_line(exc: BaseException) -> str:
+    """A library's exception text on one line (nibabel's messages span several), for a one-line error."""
+    return " ".join(str(exc).split())
+
+
 def same_grid(a: nib.Nifti1Image, b: nib.Nifti1Image) -> bool:
     """True when ``a`` and ``b`` have the same shape and affine (to :data:`AFFINE_TOLERANCE_MM`)."""
     return a.shape == b.shape and bool(np.allclose(a.affine, b.affine, atol=AFFINE_TOLERANCE_MM))
