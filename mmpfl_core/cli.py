@@ -66,7 +66,7 @@ def select_method(config, name: str, privacy: dict[str, float]):
     if method is None:
         if name not in available_strategies():
             labels = [m.label for m in config.methods]
-            raise ConfigError(f"--method {name!r} is neither a registered method {available_strategies()} nor a "
+            raise ConfigError(f"--method {name!r} is unknown: neither a registered method {available_strategies()} nor a "
                               f"label of the config {labels}; run `mmpfl methods` for the list.")
         method = MethodSpec(name)
     elif method.label != name:
@@ -75,6 +75,14 @@ def select_method(config, name: str, privacy: dict[str, float]):
         method = dataclasses.replace(method, kwargs={**method.kwargs, **privacy})
         if "target_epsilon" in privacy:
             method = dataclasses.replace(method, label=f"{name}-eps{privacy['target_epsilon']:g}")
+        from .federated.strategies import create_strategy
+        try:  # built once here so that a non-private method given --epsilon says so plainly
+            create_strategy(method.strategy, **dict(method.kwargs))
+        except ConfigError as exc:
+            if "unexpected keyword" in str(exc):
+                raise ConfigError(f"--epsilon/--delta apply to differentially private methods; {name!r} takes no "
+                                  f"privacy budget. Drop them, or pick a DP method (e.g. dp-fedavg, mm-pfl-adp).") from exc
+            raise
     return method
 
 

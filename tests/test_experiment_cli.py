@@ -79,3 +79,59 @@ def test_cli_train_and_error_exit_code(tiny_yaml: Path, tmp_path: Path, capsys):
     assert (tmp_path / "r" / "fedavg" / "metrics.csv").is_file()
     assert main(["train", "--config", str(tiny_yaml), "--method", "nope", "--out", str(tmp_path / "r2")]) == 2
     assert "unknown" in capsys.readouterr().err
+
+
+def test_methods_and_help_list_the_registries(capsys):
+    from mmpfl_core.federated.strategies import available_strategies
+    from mmpfl_core.models.presets import list_presets
+    assert main(["methods"]) == 0
+    listed = capsys.readouterr().out
+    for name in [*available_strategies(), *list_presets(), "quickstart"]:
+        assert name in listed, name
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    helped = capsys.readouterr().out
+    assert all(name in helped for name in available_strategies()), helped[-600:]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "dp-fedavg"], "target_epsilon"),  # a DP method needs its budget
+    (["--method", "fedavg", "--epsilon", "8"], "takes no privacy budget"),
+    (["--method", "nope"], "mmpfl methods"),
+    (["--method", "mm-pfl-adp", "--epsilon", "8"], "public server set"),  # TINY has public_size 0
+])
+def test_failed_train_leaves_no_results_folder(argv, message, tiny_yaml: Path, tmp_path: Path, capsys):
+    out = tmp_path / "never"
+    assert main(["train", "--config", str(tiny_yaml), "--rounds", "1", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("mmpfl: error:") == 1
+    assert not out.exists()
+
+
+def test_cohort_data_in_yaml_and_model_checks(tmp_path: Path):
+    from mmpfl_core.data.cohort_federation import CohortSource
+    from mmpfl_core.data.io import save_cohort
+    from mmpfl_core.data.synthetic import SyntheticCohortConfig, generate_subjects
+    from mmpfl_core.experiment import check_model_matches_data, make_federation, with_cohort
+    import dataclasses
+    import numpy as np
+
+    cohort = generate_subjects(SyntheticCohortConfig(num_subjects=40, image_size=16, seed=1))
+    cohort = dataclasses.replace(cohort, sites=np.arange(40, dtype=np.int64) % 3 - 1)  # sites -1, 0, 1
+    path = save_cohort(cohort, tmp_path / "c.npz")
+    config = ExperimentConfig.from_dict({**TINY, "data": {"cohort": str(path), "seed": 2}})
+    assert isinstance(config.data, CohortSource) and config.data.seed == 2
+    fed = make_federation(config)
+    assert fed.num_sites == 2 and len(fed.public) == 14 and (fed.public.sites == -1).all()
+    assert sum(len(s) for s in fed.sites) == 26
+    assert with_cohort(ExperimentConfig.from_dict(TINY), path).data == CohortSource(cohort=str(path), seed=3)
+    # A re-split by Dirichlet label skew instead of the site column (what --sites does with --data).
+    resplit = make_federation(config.replace(data={"partition": "dirichlet"}, federation={"num_sites": 4}))
+    assert resplit.num_sites == 4 and len(resplit.public) == 14
+    with pytest.raises(ConfigError, match="unknown key"):
+        ExperimentConfig.from_dict({**TINY, "data": {"cohort": str(path), "num_subjects": 3}})
+    with pytest.raises(ConfigError, match="number of classes 3"):
+        check_model_matches_data(config.replace(model={"overrides": {"num_classes": 2}}), fed)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        check_model_matches_data(config.replace(model={"overrides": {"patch_size": 6}}), fed)
