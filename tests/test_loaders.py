@@ -223,7 +223,7 @@ def test_nifti_several_slices_per_subject(nifti_root: tuple[Path, Path]) -> None
     cohort = load_nifti_subjects(root, labels, image_size=8, slices_per_subject=3, slice_index=2)
     _assert_contract(cohort, n=6, m=3, size=8)
     assert cohort.subject_ids.tolist()[:3] == ["p001:z1", "p001:z2", "p001:z3"]
-    assert cohort.meta["groups"].tolist() == ["p001"] * 3 + ["p002"] * 3
+    assert cohort.meta["groups"] == ["p001"] * 3 + ["p002"] * 3
     assert cohort.labels.tolist() == [1, 1, 1, 0, 0, 0]
     centre = cohort.images[:3, 0, 4, 4]
     assert np.all(np.diff(centre) > 0)  # slices z = 1, 2, 3 hold increasing values

@@ -31,8 +31,10 @@ def report_markdown(plan: ReproductionPlan, main_alpha: float, main: pd.DataFram
     lines = [
         f"# Reproduction of MM-PFL-ADP: {c.name}",
         "",
-        f"Embedded synthetic MS cohort: {c.data.num_subjects} subjects, {c.data.image_size}x{c.data.image_size} px, "
-        f"{c.federation.num_sites} sites; model preset `{c.model.preset}`; {f.num_rounds} rounds, "
+        (f"Cohort file `{c.data.cohort}` (sites from its site column); model preset" if hasattr(c.data, "cohort") else
+         f"Embedded synthetic MS cohort: {c.data.num_subjects} subjects, {c.data.image_size}x{c.data.image_size} px, "
+         f"{c.federation.num_sites} sites; model preset")
+        + f" `{c.model.preset}`; {f.num_rounds} rounds, "
         f"{f.local.local_epochs} local epoch(s), client fraction {f.client_fraction} ({f.sampling}); seeds {list(plan.seeds)}.",
         f"Rounds to target: first round at which the {f.smoothing_window}-round moving average of validation accuracy "
         f"of the deployed models (personal where a method has them, else global) reaches {f.target_accuracy}. Epsilons come from the accountant" + (f" at delta = {deltas[0]:g}." if len(deltas) == 1 else "."),
