@@ -90,3 +90,16 @@ def test_generate_cohort_script(tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     assert "wrote" in capsys.readouterr().out
     assert load_federation(out).num_sites == 3
+
+
+def test_cohort_meta_with_numpy_arrays_saves_as_json_lists(cohort, tmp_path):
+    """Loaders put per-row arrays into meta (the patient of each slice); saving used to fail on them."""
+    groups = np.array([f"p{i // 2}" for i in range(len(cohort))])
+    with_groups = replace(cohort, meta={"groups": groups, "count": np.int64(3), "root": Path("/x")})
+    loaded = load_cohort(save_cohort(with_groups, tmp_path / "g.npz"))
+    assert loaded.meta == {"groups": groups.tolist(), "count": 3, "root": "/x"}
+    # Subsets and concatenations keep the per-row groups aligned with their rows.
+    part = loaded.subset([5, 0])
+    assert part.meta["groups"] == [groups[5], groups[0]]
+    from mmpfl_core.data.contract import concatenate
+    assert concatenate([part, part]).meta["groups"] == [groups[5], groups[0]] * 2
