@@ -134,6 +134,11 @@ def test_dicom_subject_folders_round_trip(cohorts):
     assert cohort.images.shape == (10, 2, 16, 16) and cohort.meta["source"] == "dicom_subjects"
     assert cohort.modality_mask[:, 0].all() and not cohort.modality_mask[:, 1].any()  # no FLAIR series
     assert cohort.sites.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, -1, -1]
+    from mmpfl_core.data.summary import cohort_summary_table
+    summary = cohort_summary_table(federation_from_cohort(cohort, CohortSource(cohort=str(cohorts["dicom"])),
+                                                          FederationConfig()))
+    assert summary["name"].tolist() == ["site 0", "site 1", "public"]
+    assert summary["missing_sequences"].tolist()[:2] == ["FLAIR", "FLAIR"] and summary["field_strength_t"].isna().all()
 
 
 def test_mismatched_grids_refused_or_resampled(tmp_path):
