@@ -129,6 +129,26 @@ def test_dicom_series_geometry_and_values(tmp_path):
     assert sorted(np.asarray(img.dataobj)[:, :, 0].ravel()) == sorted(reference.pixel_array.astype(np.float32).ravel())
 
 
+@pytest.mark.parametrize("defect, message", [("two series", "mixes 2 series"), ("missing slice", "a slice is missing"),
+                                             ("empty", "holds no image files")])
+def test_dicom_series_defects_name_the_folder(defect, message, tmp_path):
+    folder = _dicom_series(tmp_path / "t1")
+    if defect == "two series":
+        other = _dicom_series(tmp_path / "other", names=DICOM_SLICES[:1])
+        shutil.copy(other / "IM0001", folder / "IM9999")
+    elif defect == "missing slice":
+        ds = pydicom.dcmread(folder / "IM0001")  # the last slice (k = 2): moved one step further out
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 0.8]
+        ds.save_as(folder / "IM0001")
+    else:
+        shutil.rmtree(folder)
+        folder.mkdir()
+        (folder / "notes.txt").write_text("not DICOM")
+    with pytest.raises(DataError, match=message) as info:
+        read_dicom_series(folder)
+    assert str(folder) in str(info.value)
+
+
 def test_dicom_subject_folders_round_trip(cohorts):
     cohort = load_cohort(cohorts["dicom"])
     assert cohort.images.shape == (10, 2, 16, 16) and cohort.meta["source"] == "dicom_subjects"

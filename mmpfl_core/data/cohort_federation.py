@@ -10,7 +10,10 @@ it into the same :class:`~mmpfl_core.data.federation.Federation` the synthetic g
   non-public patients with :func:`~mmpfl_core.data.federation.dirichlet_label_partition` into
   ``FederationConfig.num_sites`` sites, as for the synthetic cohort (for experiments on skew);
 * the **public server set** (what Fisher allocation may use, DESIGN.md 4.3) is every subject with
-  site id -1, plus the subjects named in ``public_subjects``. They belong to no site;
+  site id -1, plus the subjects named in ``public_subjects``. They belong to no site. Marking a
+  subject public is the user's statement that the server may use its data without protection (an
+  open dataset, or consent to that use): the Fisher weights cost no privacy only because they are
+  computed from these subjects and released models, never from a site's patients;
 * each site's patients are split train/val/test, stratified by label, with the fractions of the
   :class:`FederationConfig`. Splits are by PATIENT: with several slices per subject
   (``meta["groups"]``), all slices of a patient land in the same split and the same site.
