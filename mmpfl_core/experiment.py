@@ -29,11 +29,12 @@ from .data.federation import Federation, FederationConfig, build_federation
 from .data.synthetic import SyntheticCohortConfig
 from .data.transforms import map_federation, select_modalities
 from .errors import ConfigError
+from .experiment_checks import build_checked_strategy, check_model_matches_data, data_shape
 from .federated.config import FederatedConfig
 from .federated.simulation import RunResult, run_federated
-from .federated.strategies import Strategy, available_strategies, create_strategy
+from .federated.strategies import available_strategies, create_strategy
 from .io.run_directory import RunDirectory
-from .models.presets import create_model, get_config, list_presets
+from .models.presets import create_model, list_presets
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -170,79 +171,11 @@ def make_federation(config: ExperimentConfig) -> Federation:
     return build_federation(config.data, config.federation)
 
 
-def describe_data(config: ExperimentConfig, federation: Federation) -> str:
-    """One sentence for reports: what the data is and how it was split."""
-    ref = federation.sites[0].train
-    public = 0 if federation.public is None else len(federation.public)
-    size = f"{ref.image_size}x{ref.image_size} px, sequences {', '.join(ref.modality_names)}, classes {', '.join(ref.class_names)}"
-    if isinstance(config.data, CohortSource):
-        split = ("sites from the cohort's site column" if config.data.partition == "natural"
-                 else f"re-split by Dirichlet label skew alpha {config.federation.alpha}")
-        n = sum(len(s) for s in federation.sites) + public
-        return (f"Cohort file `{config.data.cohort}`: {n} rows at {size}; {federation.num_sites} sites ({split}); "
-                f"public server set {public}.")
-    return (f"Synthetic MS cohort: {config.data.num_subjects} subjects at {size}; {federation.num_sites} sites, "
-            f"Dirichlet alpha {config.federation.alpha}; public server set {public}.")
-
-
-_SHAPE_FIELDS = {"image_size": "image size", "num_modalities": "number of sequences",
-                 "num_classes": "number of classes", "num_clinical": "number of clinical variables"}
-
-
-def _data_shape(federation: Federation) -> dict[str, int]:
-    reference = federation.sites[0].train
-    return dict(image_size=reference.image_size, num_modalities=reference.num_modalities,
-                num_clinical=len(reference.clinical_names), num_classes=reference.num_classes)
-
-
-def check_model_matches_data(config: ExperimentConfig, federation: Federation) -> None:
-    """Raise :class:`ConfigError` when the model config cannot take the data (named field, both values, fix)."""
-    shape = _data_shape(federation)
-    reference = federation.sites[0].train
-    for key, value in shape.items():
-        wanted = config.model.overrides.get(key)
-        if wanted is not None and wanted != value:
-            raise ConfigError(
-                f"model.overrides.{key}={wanted!r} but the data has {_SHAPE_FIELDS[key]} {value} "
-                f"(sequences {reference.modality_names}, classes {reference.class_names}). Remove the override "
-                "(the model takes its shape from the data), or convert the data again to match.")
-    patch = config.model.overrides.get("patch_size", get_config(config.model.preset).patch_size)
-    if shape["image_size"] % patch:
-        raise ConfigError(
-            f"the data's images are {shape['image_size']}x{shape['image_size']} px, not a multiple of the model "
-            f"preset {config.model.preset!r}'s patch_size {patch}. Convert with --image-size "
-            f"{max(patch, shape['image_size'] // patch * patch)} (or another multiple of {patch}), or set "
-            "model.overrides.patch_size.")
-    for method in config.methods:
-        unknown = sorted(set(method.modalities or ()) - set(reference.modality_names))
-        if unknown:
-            raise ConfigError(f"method {method.label!r} keeps sequences {unknown}, which the data does not have; "
-                              f"its sequences are {reference.modality_names}.")
-
-
 def model_factory(config: ExperimentConfig, federation: Federation) -> Callable[[], Any]:
     """A zero-argument constructor whose model matches the data (size, sequences, classes) and seed."""
     check_model_matches_data(config, federation)
-    overrides = {**_data_shape(federation), **dict(config.model.overrides)}
+    overrides = {**data_shape(federation), **dict(config.model.overrides)}
     return lambda: create_model(config.model.preset, seed=config.federated.seed, **overrides)
-
-
-def build_checked_strategy(method: MethodSpec, federation: Federation) -> Strategy:
-    """The method's strategy, checked against the data before anything is trained or written.
-
-    A strategy that allocates noise with the Fisher information (``dp-fedavg-fisher``,
-    ``mm-pfl-adp``) reads the public server set (DESIGN.md 4.3); without one it fails here with the fix.
-    """
-    from .federated.dp_fisher import DPFedAvgFisher
-
-    strategy = create_strategy(method.strategy, **dict(method.kwargs))
-    if isinstance(strategy, DPFedAvgFisher) and (federation.public is None or len(federation.public) == 0):
-        raise ConfigError(
-            f"method {method.label!r} ({method.strategy}) estimates the Fisher information on a public server set, "
-            "and this data has none. Mark some subjects public (site -1 in the labels CSV's site column, then "
-            "convert again), name them with data.public_subjects, set federation.public_size > 0 for synthetic "
-            "data, or choose a method without Fisher allocation (e.g. dp-fedavg).")
-    return strategy
 
 
 def _remove_unused_run(path: Path) -> None:

@@ -29,7 +29,7 @@ def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bo
     from .plots.training import (plot_accuracy_vs_round, plot_communication_vs_accuracy, plot_site_accuracy,
                                  save_axes)
 
-    from .experiment import describe_data
+    from .experiment_checks import describe_data
 
     out = Path(out)
     # Trained (and checked) first: a bad input fails before the results folder exists.

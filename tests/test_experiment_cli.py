@@ -113,7 +113,8 @@ def test_cohort_data_in_yaml_and_model_checks(tmp_path: Path):
     from mmpfl_core.data.cohort_federation import CohortSource
     from mmpfl_core.data.io import save_cohort
     from mmpfl_core.data.synthetic import SyntheticCohortConfig, generate_subjects
-    from mmpfl_core.experiment import check_model_matches_data, make_federation, with_cohort
+    from mmpfl_core.experiment import make_federation, with_cohort
+    from mmpfl_core.experiment_checks import check_model_matches_data
     import dataclasses
     import numpy as np
 
