@@ -166,7 +166,9 @@ def load_experiment(path_or_name: str | Path) -> ExperimentConfig:
 def make_federation(config: ExperimentConfig) -> Federation:
     """The federation of ``config``: generated (synthetic) or read from the user's cohort file."""
     if isinstance(config.data, CohortSource):
-        from .data.io import load_cohort  # io imports the synthetic config; keep it off the synthetic path
+        from .data.io import load_cohort, load_federation
+        if Path(config.data.cohort).is_dir():  # a saved federation (`mmpfl generate`): its sites and splits as written
+            return load_federation(config.data.cohort)
         return federation_from_cohort(load_cohort(config.data.cohort), config.data, config.federation)
     return build_federation(config.data, config.federation)
 

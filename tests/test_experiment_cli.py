@@ -132,6 +132,10 @@ def test_cohort_data_in_yaml_and_model_checks(tmp_path: Path):
     assert resplit.num_sites == 4 and len(resplit.public) == 14
     with pytest.raises(ConfigError, match="unknown key"):
         ExperimentConfig.from_dict({**TINY, "data": {"cohort": str(path), "num_subjects": 3}})
+    # A saved federation's folder (what `mmpfl generate` writes) is read with its sites and splits as written.
+    from mmpfl_core.data.io import save_federation
+    saved = make_federation(with_cohort(config, save_federation(fed, tmp_path / "fed")))
+    assert [len(s.train) for s in saved.sites] == [len(s.train) for s in fed.sites]
     with pytest.raises(ConfigError, match="number of classes 3"):
         check_model_matches_data(config.replace(model={"overrides": {"num_classes": 2}}), fed)
     with pytest.raises(ConfigError, match="not a multiple"):

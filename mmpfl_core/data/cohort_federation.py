@@ -42,7 +42,7 @@ _MIN_PER_SITE = 3  # one patient each for train, validation and test
 class CohortSource:
     """Where a user's cohort lives and how it becomes sites (YAML: ``data: {cohort: PATH, ...}``)."""
 
-    cohort: str  # a .npz written by save_cohort (data_scripts/convert_*.py); its .json sits beside it
+    cohort: str  # a .npz written by save_cohort (data_scripts/convert_*.py), or a saved federation's folder
     partition: str = "natural"  # "natural": sites from the cohort's site column; "dirichlet": re-split
     public_subjects: tuple[str, ...] = ()  # patients moved to the public server set (besides site -1)
     seed: int = 0  # seed of the per-site train/val/test split (and of a dirichlet re-split)

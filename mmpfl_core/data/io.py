@@ -84,7 +84,8 @@ def _write(npz_path: Path, arrays: dict[str, np.ndarray], json_path: Path, doc: 
 def _read(npz_path: Path, json_path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     for p in (npz_path, json_path):
         if not p.exists():
-            raise DataError(f"{p} does not exist. {_FIX}")
+            raise DataError(f"{p} does not exist; pass the path of a file written by `python data_scripts/convert_*.py` "
+                            "(your own images) or `python data_scripts/generate_cohort.py` (the synthetic cohort).")
     try:
         doc = json.loads(json_path.read_text())
         with np.load(npz_path, allow_pickle=False) as data:
