@@ -177,6 +177,26 @@ def test_adaptive_clipping_is_one_joint_release(tiny_federation, tiny_model_fact
         s.noise_multiplier, rel=1e-12)
 
 
+def test_adaptive_clipping_stays_bounded_with_few_sites(tiny_federation, tiny_model_factory):
+    """Issue 14: with 3 sites the count noise (std z_b / qN, about 20 here) drove C from 1 to 6e-12 to 9e4."""
+    rounds = 30
+    s = _configured(tiny_federation, tiny_model_factory, _config(num_rounds=rounds), target_epsilon=4.0,
+                    adaptive_clipping=True, clip_norm=1.0, accountant="rdp")
+    assert s.count_noise_multiplier / s.expected_participants > 5  # the regime of the bug
+    glob = {n: torch.zeros(sh) for n, sh in s.shapes.items()}
+    g = torch.Generator().manual_seed(0)
+    norms = [s.clip_norm]
+    for t in range(1, rounds + 1):
+        s.before_round(t)
+        updates = [_fake_update(s, k, 1e-2, g) for k in range(3)]
+        s.aggregate(glob, updates, [s.transmit(u, t) for u in updates], t)
+        norms.append(s.clip_norm)
+    max_step = math.exp(s.clip_lr * max(s.target_quantile, 1 - s.target_quantile))
+    for before, after in zip(norms, norms[1:]):
+        assert 1 / max_step - 1e-12 <= after / before <= max_step + 1e-12
+    assert all(1e-2 <= c <= 1e2 for c in norms)
+
+
 def test_fisher_allocation_ignores_private_data_and_keeps_z(tiny_federation, tiny_model_factory):
     site = tiny_federation.sites[0]
     scrambled = dataclasses.replace(site, train=site.train.subset(np.arange(len(site.train))[::-1][: len(site.train) // 2]))

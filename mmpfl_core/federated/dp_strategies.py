@@ -31,7 +31,10 @@ when m >= 2; with m = 1 the single noised update IS the sum the server would see
 
 Adaptive clipping (Andrew et al. 2021, "Differentially private learning with adaptive clipping"):
 each participant also sends b_k = 1[||Delta_k|| <= C]; the server releases the noisy fraction
-b = (sum_k b_k + N(0, z_b^2)) / (qN) and sets C <- C exp(-eta (b - gamma)) (post-processing).
+b = (sum_k b_k + N(0, z_b^2)) / (qN) and sets C <- C exp(-eta (clip(b, 0, 1) - gamma)), kept within
+[C_0 / 100, 100 C_0] (post-processing: clipping the noisy fraction costs nothing and bounds the step
+to a factor exp(eta max(gamma, 1 - gamma)) per round, which matters with few sites, where the count
+noise z_b / (qN) is far larger than the fraction itself).
 The count and the update use the SAME Poisson sample, so they are one Gaussian mechanism with
 multiplier (z_u^-2 + z_b^-2)^(-1/2) (``PrivacyLedger.record_joint``); z_u is chosen so that this
 equals the calibrated z.
@@ -73,6 +76,8 @@ __all__ = ["CLIP_INDICATOR", "DPFedAvg", "NOISE_MODES", "check_noise_mode"]
 
 logger = logging.getLogger(__name__)
 _NOISE_STREAM = 41
+#: Adaptive clipping keeps C within [C_0 / R, C_0 R] (a public constant; post-processing).
+_ADAPTIVE_RANGE = 100.0
 #: Reserved key of the transmitted dict that carries the (noised) adaptive-clipping indicator.
 CLIP_INDICATOR = "_dp.clip_indicator"
 
@@ -169,6 +174,7 @@ class DPFedAvg(SampleLevelHooks):
         if calibration_rounds is not None and calibration_rounds < 1:
             raise ConfigError(f"dp-fedavg calibration_rounds={calibration_rounds!r} must be >= 1.")
         self.target_epsilon, self.delta, self.clip_norm = target_epsilon, float(delta), float(clip_norm)
+        self._initial_clip = float(clip_norm)
         self.clipping, self.placement, self.accountant = clipping, NoisePlacement(placement), accountant
         self.adaptive, self.target_quantile, self.clip_lr = bool(adaptive_clipping), target_quantile, clip_lr
         self.noise, self.budget_stop = noise, bool(budget_stop)
@@ -388,8 +394,13 @@ class DPFedAvg(SampleLevelHooks):
             count = float(total[CLIP_INDICATOR].sum()) if CLIP_INDICATOR in total else 0.0
             if server_std > 0:
                 count += server_std * self.count_noise_multiplier * float(source.standard_normal((1,), dtype=torch.float64))
-            fraction = count / self.expected_participants  # noisy: post-processing of the release
-            self._set_bounds(self.clip_norm * math.exp(-self.clip_lr * (fraction - self.target_quantile)))
+            # Post-processing of the noisy count, so free: clip the fraction to [0, 1] and C to
+            # [C0 / R, C0 R]. With few sites the count noise z_b / (qN) dwarfs the count (3 sites,
+            # z_b = 60: std 20), and the unclipped rule drove C from 1 to 6e-12 to 9e4 (issue 14).
+            fraction = min(1.0, max(0.0, count / self.expected_participants))
+            step = math.exp(-self.clip_lr * (fraction - self.target_quantile))
+            self._set_bounds(min(self._initial_clip * _ADAPTIVE_RANGE,
+                                 max(self._initial_clip / _ADAPTIVE_RANGE, self.clip_norm * step)))
             self.ledger.record_joint(name="update+clip_count", round=round_index, sample_rate=self.release.sample_rate,
                                      noise_multipliers=[self.update_noise_multiplier, self.count_noise_multiplier])
         else:
