@@ -208,7 +208,8 @@ def test_flower_simulation_equals_in_process_engine(flower_runs, label):
         assert cmp["epsilon_flower"] is None and cmp["epsilon_inprocess"] is None
     assert cmp["test_accuracy_flower"] == pytest.approx(cmp["test_accuracy_inprocess"], abs=1e-12)
     # Same results layout as the in-process engine: config.json, metrics.csv (its columns first), summary, checkpoint.
-    metrics = run_dir.read_metrics()
+    metrics = run_dir.read_metrics(include_private=True)  # counts, losses and bytes are operator-only
+    assert "num_clients" not in run_dir.read_metrics().columns
     inprocess_columns = ["round", "num_clients", "train_loss", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down"]
     assert list(metrics.columns[:len(inprocess_columns)]) == inprocess_columns
     assert list(metrics["round"]) == [1, 2] and (metrics["num_responded"] == 3).all()
