@@ -131,19 +131,50 @@ def test_server_aggregates_only_valid_replies_exactly_as_the_core():
 
 # ------------------------------------------------------------------ fast: SecAgg+ quantisation range
 def test_secagg_range_must_cover_clip_plus_noise_tail():
-    job = load_job(**SMOKE, method="dp-fedavg", placement="distributed", method_args=json.dumps({"min_participants": 2}))
+    job = load_job(**SMOKE, method="dp-fedavg", placement="distributed")
     model = new_model(job)
     core = configured_strategy(job, model)
     core.before_round(1)
+    core.announce_participants(2)  # SecAgg+ rounds have m >= 2 announced participants, each adding sigma^2/m
     instructions = core.round_instructions(1, {n: p.detach() for n, p in model.named_parameters()})
+    assert instructions["participants"] == 2
     check_secagg_range(core, instructions, job.flower)  # default range 8 covers C=0.5 + 6 std here
     sigma = max(v for k, v in instructions.items() if k.startswith("sigma/"))
     need = instructions["clip_norm"] + 6 * sigma / math.sqrt(2)
     with pytest.raises(ConfigError, match="would silently clip"):
         check_secagg_range(core, instructions, FlowerSettings(secagg=True, secagg_clipping_range=need * 0.9))
-    one = load_job(**SMOKE, method="dp-fedavg", placement="distributed")  # min_participants defaults to 1
-    with pytest.raises(ConfigError, match="at least 2 participants"):
-        check_secagg_range(configured_strategy(one, model), instructions, one.flower)
+    with pytest.raises(ConfigError, match="min_participants"):  # the m_min shares are gone (issue 14)
+        configured_strategy(load_job(**SMOKE, method="dp-fedavg", placement="distributed",
+                                     method_args=json.dumps({"min_participants": 2})), model)
+
+
+def test_server_announces_the_connected_participants_and_sites_size_their_share(monkeypatch):
+    """Distributed placement in Flower: m = selected AND connected sites, told to each site (sigma^2/m)."""
+    from flwr.app import ConfigRecord
+
+    import mmpfl_flower.strategy as flower_strategy
+    from mmpfl_core.federated.client import trainable_state
+    from mmpfl_flower.strategy import KitStrategy, to_array_record
+
+    # A Message needs a running Flower run; the content is what this test reads.
+    monkeypatch.setattr(flower_strategy, "Message", lambda content, **kw: SimpleNamespace(content=content, **kw))
+
+    job = load_job(**SMOKE, method="dp-fedavg", placement="distributed")
+    model = new_model(job)
+    core = configured_strategy(job, model)
+    state = trainable_state(model)
+    kit = KitStrategy(job, core, state, node_sites={10: 0, 11: 1, 12: 2})
+    core.before_round(1)
+    grid = SimpleNamespace(get_node_ids=lambda: [10, 12])  # site 1's SuperNode is offline
+    messages = list(kit.configure_train(1, to_array_record(state), ConfigRecord({"method": "dp-fedavg"}), grid))
+    assert kit.selected == [0, 1, 2] and len(messages) == 2  # q = 1 in the smoke preset
+    configs = [dict(m.content.config_records["config"]) for m in messages]
+    assert all(c["participants"] == 2 for c in configs)
+    site = configured_strategy(job, model)  # a SuperNode's own strategy object
+    site.apply_round_instructions(1, {k: float(v) for k, v in configs[0].items()
+                                      if k in ("clip_norm", "participants") or k.startswith("sigma/")})
+    sigma = {g: configs[0][f"sigma/{g}"] for g in site.groups}
+    assert site.participant_noise_stds() == pytest.approx({g: v / math.sqrt(2) for g, v in sigma.items()})
 
 
 def test_site_refuses_values_secagg_would_clip():
@@ -206,7 +237,8 @@ def test_flower_simulation_equals_in_process_engine(flower_runs, label):
         assert cmp["epsilon_flower"] is None and cmp["epsilon_inprocess"] is None
     assert cmp["test_accuracy_flower"] == pytest.approx(cmp["test_accuracy_inprocess"], abs=1e-12)
     # Same results layout as the in-process engine: config.json, metrics.csv (its columns first), summary, checkpoint.
-    metrics = run_dir.read_metrics()
+    metrics = run_dir.read_metrics(include_private=True)  # counts, losses and bytes are operator-only
+    assert "num_clients" not in run_dir.read_metrics().columns
     inprocess_columns = ["round", "num_clients", "train_loss", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down"]
     assert list(metrics.columns[:len(inprocess_columns)]) == inprocess_columns
     assert list(metrics["round"]) == [1, 2] and (metrics["num_responded"] == 3).all()

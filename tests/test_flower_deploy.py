@@ -7,7 +7,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 pytest.importorskip("flwr")
@@ -16,6 +15,8 @@ APP_DIR = Path(__file__).resolve().parent.parent / "flower_app"
 sys.path.insert(0, str(APP_DIR))
 
 from deploy_loopback import deploy  # noqa: E402
+
+from mmpfl_core.io.run_directory import RunDirectory  # noqa: E402
 
 
 @pytest.mark.flower
@@ -30,14 +31,16 @@ def test_loopback_deployment_survives_a_killed_supernode(tmp_path):
     assert out["killed_site"] == 2
     summary = out["summary"]
     assert summary["engine"] == "flower" and summary["rounds_run"] == 2
-    assert sorted(summary["flower"]["nodes"].values()) == [0, 1, 2]
-    metrics = pd.read_csv(tmp_path / "results" / "loopback" / "metrics.csv")
+    run_dir = RunDirectory(tmp_path / "results" / "loopback")
+    assert "nodes" not in summary["flower"]  # the node -> site map is operator-only (private/summary.json)
+    assert sorted(run_dir.read_summary(include_private=True)["flower"]["nodes"].values()) == [0, 1, 2]
+    metrics = run_dir.read_metrics(include_private=True)
     assert list(metrics["round"]) == [1, 2]
     # Round 2 went on without the killed site: its reply is a failure/dropout, the survivors were aggregated.
     assert metrics.loc[1, "num_responded"] == 2
     assert metrics.loc[1, "num_clients"] == 3  # it was selected (fraction 1.0) but could not answer
     assert 0.0 <= metrics.loc[1, "global_test_accuracy"] <= 1.0
-    assert (tmp_path / "results" / "loopback" / "checkpoints").is_dir()
+    assert (tmp_path / "results" / "loopback" / "private" / "checkpoints").is_dir()
     leftovers = [p for p in psutil.Process().children(recursive=True)
                  if any(k in " ".join(p.cmdline()) for k in ("flower-super", "flwr-serverapp", "flwr-clientapp"))]
     assert not leftovers, f"processes left running: {[p.pid for p in leftovers]}"

@@ -32,6 +32,7 @@ from mmpfl_core.privacy.clipping import (
 from mmpfl_core.privacy.fisher import diagonal_fisher, group_fisher
 from mmpfl_core.privacy.ledger import PrivacyLedger
 from mmpfl_core.privacy.mechanisms import (
+    NOT_PRIVATE_WARNING,
     NoisePlacement,
     NoiseSource,
     NoiseSplit,
@@ -39,15 +40,16 @@ from mmpfl_core.privacy.mechanisms import (
     gaussian_noise_like,
     per_participant_noise_std,
     release_accounting,
+    server_top_up_std,
 )
 
 __all__ = [
-    "ACCOUNTANTS", "NoiseAllocation", "NoisePlacement", "NoiseSource", "NoiseSplit",
+    "ACCOUNTANTS", "NOT_PRIVATE_WARNING", "NoiseAllocation", "NoisePlacement", "NoiseSource", "NoiseSplit",
     "PrivacyLedger", "ReleaseAccounting", "UpdateRejected", "calibrate_noise",
     "clip_bounds_from_sizes", "clip_flat", "clip_per_group", "combine_noise_multipliers",
     "compose_epsilon", "compute_epsilon", "diagonal_fisher", "effective_multiplier_of",
     "effective_noise_multiplier", "fisher_noise_allocation", "fisher_weighted_noise",
     "floor_fisher", "gaussian_noise_like", "global_norm", "group_fisher", "group_norms",
-    "per_participant_noise_std", "release_accounting", "uniform_noise_allocation",
+    "per_participant_noise_std", "release_accounting", "server_top_up_std", "uniform_noise_allocation",
     "validate_update",
 ]
