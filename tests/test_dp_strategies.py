@@ -154,8 +154,8 @@ def test_nan_update_is_rejected_not_averaged(tiny_federation, tiny_model_factory
 def test_resume_is_bit_identical(tiny_federation, tiny_model_factory, tmp_path, kwargs):
     cfg = _config(num_rounds=2, client_fraction=0.67, sampling="poisson", checkpoint_every=1)
 
-    def strategy():
-        args = {"accountant": "rdp", **kwargs}
+    def strategy():  # bit-identical resume needs the reproducible (not private) noise mode
+        args = {"accountant": "rdp", "noise": "reproducible-insecure", **kwargs}
         return create_strategy(args.pop("name", "dp-fedavg"), **args)
     whole = run_federated(tiny_federation, model_factory=tiny_model_factory, strategy=strategy(), config=cfg,
                           progress=False, run_dir=RunDirectory.create(tmp_path, "whole", {}, exist_ok_resume=False))

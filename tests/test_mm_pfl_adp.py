@@ -14,7 +14,9 @@ from mmpfl_core.federated.strategies import create_strategy
 from mmpfl_core.io.run_directory import RunDirectory
 from mmpfl_core.privacy.accounting import compute_epsilon
 
-DP = dict(target_epsilon=8.0, delta=1e-5, clip_norm=0.5, fisher_max_batches=1, fisher_batch_size=8)
+# Reproducible (not private) noise: these tests compare runs bit for bit.
+DP = dict(target_epsilon=8.0, delta=1e-5, clip_norm=0.5, fisher_max_batches=1, fisher_batch_size=8,
+          noise="reproducible-insecure")
 # A low threshold makes masks appear within two rounds on the tiny federation.
 MASK = dict(mode="threshold", threshold=1e-4, update_every=1, hysteresis=0.1)
 

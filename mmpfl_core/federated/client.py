@@ -132,8 +132,9 @@ def _private_local_update(model: nn.Module, dataset: CohortDataset, *, site_id: 
                           regulariser: LossRegulariser | None, private: "PrivateTraining") -> ClientUpdate:
     """DP-SGD version of :func:`local_update` (algorithm in :mod:`mmpfl_core.privacy.dp_sgd`).
 
-    Poisson batches with rate q = B / n from ``generator``; per-sample clipping and noise by Opacus
-    (noise drawn from a generator forked from ``generator``). A regulariser would be a
+    Poisson batches with rate q = B / n and per-sample clipping and noise by Opacus; batches and
+    noise from the OS CSPRNG (``private.secret_randomness``, default) or, reproducibly and NOT
+    privately, from ``generator``. A regulariser would be a
     data-independent term added after clipping; it is not supported here (ConfigError).
     """
     from ..errors import ConfigError
@@ -145,15 +146,18 @@ def _private_local_update(model: nn.Module, dataset: CohortDataset, *, site_id: 
     model.to(device).train()
     start = trainable_state(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    noise_generator = torch.Generator(device=device)
-    noise_generator.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    noise_generator = batch_generator = None  # secret: OS CSPRNG batches and noise (privacy/randomness.py)
+    if not private.secret_randomness:  # reproducible-insecure: both from the site's seeded stream
+        noise_generator = torch.Generator(device=device)
+        noise_generator.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        batch_generator = generator
     wrapped, opt = make_private(module=model, optimizer=build_optimizer(params, optimizer), training=private,
                                 generator=noise_generator)
     loss_fn = nn.CrossEntropyLoss()
     total_loss, steps = 0.0, 0
     try:
         for _ in range(steps_per_round(len(dataset), training)):
-            index = poisson_batch(len(dataset), private.sample_rate, generator)
+            index = poisson_batch(len(dataset), private.sample_rate, batch_generator)
             opt.zero_grad(set_to_none=True)
             if len(index) == 0:  # an empty Poisson batch still releases (noise only) and is charged
                 for p in params:

@@ -34,15 +34,22 @@ The count and the update use the SAME Poisson sample, so they are one Gaussian m
 multiplier (z_u^-2 + z_b^-2)^(-1/2) (``PrivacyLedger.record_joint``); z_u is chosen so that this
 equals the calibrated z.
 
-Noise comes from a generator derived from (run seed, round, site) (``noise="seeded"``: teaching and
-bit-identical resume; anyone with the seed knows the noise) or from OS entropy (``"secure"``).
+Randomness (``noise=``): ``"secure"`` (the default) draws every noise vector, every adaptive-clipping
+count noise and the Poisson sample of sites from the OS CSPRNG (:mod:`mmpfl_core.privacy.randomness`):
+nothing about them derives from the run seed, nothing is stored, and a resumed run continues with
+the same ledger (same epsilon), not the same bits. ``"reproducible-insecure"`` derives them from
+(run seed, round, party): bit-identical runs and resumes for teaching and tests, and NOT private,
+because anyone holding the seed regenerates the noise and subtracts it
+(:func:`mmpfl_core.attacks.noise_subtraction.subtract_regenerated_noise`); it warns, and the
+summary says so (``privacy.noise`` / ``privacy.not_private``).
 Epsilon is only ever read from the ledger's accountant. What is never released: pre-clipping
-norms, raw clip indicators, noise, seeds.
+norms, raw clip indicators, noise, seeds of secret draws.
 """
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -51,7 +58,7 @@ from torch import nn
 
 from ..data.federation import Federation
 from ..errors import ConfigError, PrivacyError
-from ..privacy import (NoisePlacement, NoiseSource, PrivacyLedger, UpdateRejected, calibrate_noise,
+from ..privacy import (NOT_PRIVATE_WARNING, NoisePlacement, NoiseSource, PrivacyLedger, UpdateRejected, calibrate_noise,
                        clip_per_group, gaussian_noise_like, per_participant_noise_std,
                        release_accounting, uniform_noise_allocation, validate_update)
 from ..privacy.dp_sgd import SampleLevelDP
@@ -61,12 +68,29 @@ from .config import FederatedConfig
 from .sample_level import SampleLevelHooks
 from .strategies import State, StopTraining, register_strategy
 
-__all__ = ["CLIP_INDICATOR", "DPFedAvg"]
+__all__ = ["CLIP_INDICATOR", "DPFedAvg", "NOISE_MODES", "check_noise_mode"]
 
 logger = logging.getLogger(__name__)
 _NOISE_STREAM = 41
 #: Reserved key of the transmitted dict that carries the (noised) adaptive-clipping indicator.
 CLIP_INDICATOR = "_dp.clip_indicator"
+
+
+#: ``secure``: OS CSPRNG, private (default). ``reproducible-insecure``: from the seed, NOT private.
+NOISE_MODES = ("secure", "reproducible-insecure")
+
+
+def check_noise_mode(noise: str, who: str) -> bool:
+    """Validate a ``noise=`` setting; warn for the reproducible mode. Returns True when secure."""
+    if noise == "seeded":
+        raise ConfigError(f"{who} noise='seeded' was renamed noise='reproducible-insecure' (it is not private: the "
+                          "noise can be regenerated from the seed); private runs use the default noise='secure'.")
+    if noise not in NOISE_MODES:
+        raise ConfigError(f"{who} noise={noise!r} is unknown; use one of {list(NOISE_MODES)}.")
+    if noise != "secure":
+        warnings.warn(f"{who} with noise={noise!r}: {NOT_PRIVATE_WARNING}. Use noise='secure' for a private run.",
+                      UserWarning, stacklevel=3)
+    return noise == "secure"
 
 
 def _choice(field: str, value: Any, allowed: Sequence[str]) -> None:
@@ -90,7 +114,8 @@ class DPFedAvg(SampleLevelHooks):
         adaptive_clipping, target_quantile, clip_lr, count_noise_multiplier: Andrew et al. 2021
             (default z_b = 10 z: the count takes 1 % of the round's budget in zCDP terms).
         min_participants: m_min for distributed noise.
-        noise: "seeded" or "secure". budget_stop: stop before a round that would exceed the budget.
+        noise: "secure" (default: OS CSPRNG, private) or "reproducible-insecure" (from the seed; teaching
+            and tests only, NOT private). budget_stop: stop before a round that would exceed the budget.
         sample_level_dp: optional kwargs of :class:`SampleLevelDP` to add DP-SGD inside each site.
     """
 
@@ -100,10 +125,11 @@ class DPFedAvg(SampleLevelHooks):
                  delta: float = 1e-5, clip_norm: float = 1.0, clipping: str = "flat", placement: str = "server",
                  accountant: str = "prv", adaptive_clipping: bool = False, target_quantile: float = 0.5,
                  clip_lr: float = 0.2, count_noise_multiplier: float | None = None, min_participants: int = 1,
-                 noise: str = "seeded", budget_stop: bool = True, calibration_rounds: int | None = None,
+                 noise: str = "secure", budget_stop: bool = True, calibration_rounds: int | None = None,
                  sample_level_dp: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.sample_dp = None if sample_level_dp is None else SampleLevelDP(**sample_level_dp)
+        self.secret_randomness = check_noise_mode(noise, "dp-fedavg")
+        self.sample_dp = None if sample_level_dp is None else SampleLevelDP(**{"noise": noise, **sample_level_dp})
         if (target_epsilon is None) == (noise_multiplier is None):
             raise ConfigError("dp-fedavg needs exactly one of target_epsilon (e.g. 8.0) or noise_multiplier.")
         if target_epsilon is not None and not 0 < target_epsilon < math.inf:
@@ -118,7 +144,6 @@ class DPFedAvg(SampleLevelHooks):
         _choice("clipping", clipping, ("flat", "per-group"))
         _choice("placement", placement, [p.value for p in NoisePlacement])
         _choice("accountant", accountant, ("prv", "rdp", "pld"))
-        _choice("noise", noise, ("seeded", "secure"))
         if not 0 < target_quantile < 1 or not clip_lr > 0:
             raise ConfigError(f"dp-fedavg target_quantile={target_quantile!r} must lie in (0, 1) and "
                               f"clip_lr={clip_lr!r} must be > 0.")
@@ -193,8 +218,9 @@ class DPFedAvg(SampleLevelHooks):
                                              noise_multiplier=self.update_noise_multiplier).sigmas)
 
     def _source(self, round_index: int, party: int) -> NoiseSource:
-        """Noise of round t for party (0 = server, k + 1 = site k): fresh per round, so resume is exact."""
-        if self.noise == "secure":
+        """Noise of round t for party (0 = server, k + 1 = site k): the OS CSPRNG (secure), or a stream
+        derived from (seed, round, party) (reproducible-insecure: resume is bit-exact, nothing is private)."""
+        if self.secret_randomness:
             return NoiseSource.secure()
         return NoiseSource(generator=torch_generator(self.seed, _NOISE_STREAM, round_index, party))
 
@@ -256,9 +282,9 @@ class DPFedAvg(SampleLevelHooks):
             bit = 0.0 if rejected else float(math.sqrt(sum(v * v for v in norms.values())) <= self.clip_norm)
             indicator = torch.tensor([bit], dtype=torch.float64)
             if self.placement is NoisePlacement.DISTRIBUTED:
-                gen = self._source(round_index, update.site_id + 1).generator()
+                source = self._source(round_index, update.site_id + 1)
                 share = self.count_noise_multiplier / math.sqrt(self.min_participants)
-                indicator = indicator + share * torch.randn(1, generator=gen, dtype=torch.float64)
+                indicator = indicator + share * source.standard_normal((1,), dtype=torch.float64)
             clipped[CLIP_INDICATOR] = indicator
         return clipped
 
@@ -309,8 +335,7 @@ class DPFedAvg(SampleLevelHooks):
         if self.adaptive:
             count = float(total[CLIP_INDICATOR].sum())
             if self.placement is NoisePlacement.SERVER:
-                count += self.count_noise_multiplier * float(torch.randn(1, generator=source.generator(),
-                                                                         dtype=torch.float64))
+                count += self.count_noise_multiplier * float(source.standard_normal((1,), dtype=torch.float64))
             fraction = count / self.expected_participants  # noisy: post-processing of the release
             self._set_bounds(self.clip_norm * math.exp(-self.clip_lr * (fraction - self.target_quantile)))
             self.ledger.record_joint(name="update+clip_count", round=round_index, sample_rate=self.release.sample_rate,
@@ -330,7 +355,9 @@ class DPFedAvg(SampleLevelHooks):
                "update_noise_multiplier": self.update_noise_multiplier, "placement": self.placement.value,
                "clipping": self.clipping, "sample_rate": self.sample_rate, "noise_allocation": self.uses_noise_allocation,
                "expected_participants": self.expected_participants, "dropped_updates": self._dropped_total,
-               "final_clip_norm": self.clip_norm}
+               "final_clip_norm": self.clip_norm, "noise": self.noise}
+        if not self.secret_randomness:
+            out["not_private"] = NOT_PRIVATE_WARNING
         if self.placement is NoisePlacement.DISTRIBUTED:
             # P[fewer than m_min of the other N-1 sites sampled]: the abort event is outside the
             # Gaussian analysis; add this (per round, times rounds) to delta.

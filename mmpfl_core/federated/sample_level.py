@@ -13,6 +13,7 @@ from torch import nn
 
 from ..data.federation import Federation
 from ..privacy.dp_sgd import PrivateTraining, SampleLevelDP
+from ..privacy.mechanisms import NOT_PRIVATE_WARNING
 from .client import ClientUpdate, steps_per_round
 from .config import FederatedConfig
 from .strategies import State, Strategy, register_strategy, weighted_average_update
@@ -51,10 +52,12 @@ class SampleLevelHooks(Strategy):
     def _sample_summary(self) -> dict[str, Any]:
         if self.sample_dp is None:
             return {}
-        return {"sample_level_privacy": {"per_site_epsilon": self.sample_dp.epsilons(),
-                                         "max_epsilon": self.sample_dp.max_epsilon(), "delta": self.sample_dp.delta,
-                                         "accountant": self.sample_dp.accountant,
-                                         "max_grad_norm": self.sample_dp.max_grad_norm}}
+        out = {"per_site_epsilon": self.sample_dp.epsilons(), "max_epsilon": self.sample_dp.max_epsilon(),
+               "delta": self.sample_dp.delta, "accountant": self.sample_dp.accountant,
+               "max_grad_norm": self.sample_dp.max_grad_norm, "noise": self.sample_dp.noise}
+        if self.sample_dp.noise != "secure":
+            out["not_private"] = NOT_PRIVATE_WARNING
+        return {"sample_level_privacy": out}
 
 
 @register_strategy("dp-sgd-fedavg")
@@ -65,12 +68,15 @@ class DPSGDFedAvg(SampleLevelHooks):
     everything it releases is (eps_k, delta)-DP for its patients, eps_k from its own ledger over the
     steps of all rounds it took part in (DESIGN 4.5). The server takes the UNIFORM mean of the
     participants' updates (post-processing): weighting by example counts would release n_k, which
-    changes under add/remove-one-patient. Keyword-only arguments as :class:`SampleLevelDP`.
+    changes under add/remove-one-patient. Keyword-only arguments as :class:`SampleLevelDP`
+    (``noise="secure"`` by default; ``"reproducible-insecure"`` is for teaching and tests only).
     """
 
     def __init__(self, **sample_level_dp: Any) -> None:
         super().__init__()
         self.sample_dp = SampleLevelDP(**sample_level_dp)
+        # noise="secure" (default): sites, batches and noise from the OS CSPRNG, never from the seed.
+        self.secret_randomness = self.sample_dp.noise == "secure"
 
     def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
                   model: nn.Module) -> None:

@@ -10,9 +10,13 @@ Round t, in order:
   5. every ``eval_every`` rounds: global and personalised models on the validation and test splits;
   6. every ``checkpoint_every`` rounds: a safe checkpoint (safetensors + JSON).
 
-Every random draw of round t derives from ``(seed, t, ...)`` alone, so a run resumed from the
-checkpoint of round t continues exactly as the uninterrupted run would: the final metrics match
-bit for bit (``tests/test_federated.py`` checks this).
+Every non-secret random draw of round t derives from ``(seed, t, ...)`` alone, so a run resumed
+from the checkpoint of round t continues exactly as the uninterrupted run would: the final metrics
+match bit for bit (``tests/test_federated.py`` checks this). Secret draws are the exception: a
+strategy with ``secret_randomness = True`` (every private strategy with its default
+``noise="secure"``) samples its sites, its patients' batches and its noise from the OS CSPRNG
+(:mod:`mmpfl_core.privacy.randomness`), never from the seed, and no state of them is checkpointed:
+a resumed private run has the same epsilon (the ledger is checkpointed), not the same bits.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from ..metrics.classification import metrics_with_ci
 from ..metrics.communication import CommunicationCounter
 from ..metrics.convergence import rounds_to_target
 from ..notebook_tools.environment import resolve_device
+from ..privacy.randomness import secure_numpy_generator
 from ..seeding import numpy_generator, torch_generator
 from .client import ClientUpdate, local_update, trainable_state
 from .config import FederatedConfig
@@ -54,11 +59,20 @@ class RunResult:
 
 
 def select_round(strategy: Strategy, client_ids: list[int], config: FederatedConfig, round_index: int) -> list[int]:
-    """Server side, step 1: the clients of round t, drawn from the stream ``(seed, 1, t)``.
+    """Server side, step 1: the clients of round t.
 
-    Shared by the in-process loop and the Flower server app, so both engines pick the same sites.
+    Drawn from the stream ``(seed, 1, t)``, or, when the strategy declares ``secret_randomness``
+    (a private strategy in its default ``noise="secure"`` mode), from a fresh generator keyed from
+    OS entropy (:func:`~mmpfl_core.privacy.randomness.secure_numpy_generator`), because
+    amplification by sampling assumes nobody outside the protocol can tell who was sampled: a
+    sample regenerated from the published seed would void it. Shared by the in-process loop and the
+    Flower server app, so both engines pick the same sites whenever the sample is reproducible.
     """
-    return strategy.select(sorted(client_ids), config, numpy_generator(config.seed, _SAMPLING_STREAM, round_index))
+    if getattr(strategy, "secret_randomness", False):
+        rng = secure_numpy_generator()
+    else:
+        rng = numpy_generator(config.seed, _SAMPLING_STREAM, round_index)
+    return strategy.select(sorted(client_ids), config, rng)
 
 
 def client_round(strategy: Strategy, model: nn.Module, dataset: CohortDataset, *, site_id: int, global_state: State,

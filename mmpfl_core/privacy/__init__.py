@@ -32,6 +32,7 @@ from mmpfl_core.privacy.clipping import (
 from mmpfl_core.privacy.fisher import diagonal_fisher, group_fisher
 from mmpfl_core.privacy.ledger import PrivacyLedger
 from mmpfl_core.privacy.mechanisms import (
+    NOT_PRIVATE_WARNING,
     NoisePlacement,
     NoiseSource,
     NoiseSplit,
@@ -42,7 +43,7 @@ from mmpfl_core.privacy.mechanisms import (
 )
 
 __all__ = [
-    "ACCOUNTANTS", "NoiseAllocation", "NoisePlacement", "NoiseSource", "NoiseSplit",
+    "ACCOUNTANTS", "NOT_PRIVATE_WARNING", "NoiseAllocation", "NoisePlacement", "NoiseSource", "NoiseSplit",
     "PrivacyLedger", "ReleaseAccounting", "UpdateRejected", "calibrate_noise",
     "clip_bounds_from_sizes", "clip_flat", "clip_per_group", "combine_noise_multipliers",
     "compose_epsilon", "compute_epsilon", "diagonal_fisher", "effective_multiplier_of",

@@ -23,10 +23,18 @@ memory (1.06x vs 1.14x) and is the one to wire in when memory, not time, binds (
 
 Must never release: per-sample gradients or norms, the Poisson sample, the noise or its seed.
 Caveat: site sizes n_k set q_k; a strategy that weights by n_k releases n_k (outside the guarantee).
+
+Randomness: with ``noise="secure"`` (the default) the Poisson batches and the gradient noise come
+from the OS CSPRNG (:mod:`mmpfl_core.privacy.randomness`): the noise through
+:class:`SecureNoiseDPOptimizer`, a ``DPOptimizer`` whose ``add_noise`` draws from it, because
+Opacus' own ``secure_mode`` needs ``torchcsprng``, which current torch cannot install. With
+``noise="reproducible-insecure"`` both come from the site's seeded stream: NOT private (anyone with
+the seed regenerates them).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +44,8 @@ from torch import nn
 from mmpfl_core.errors import ConfigError
 from mmpfl_core.privacy.accounting import calibrate_noise
 from mmpfl_core.privacy.ledger import PrivacyLedger
+from mmpfl_core.privacy.mechanisms import NOT_PRIVATE_WARNING
+from mmpfl_core.privacy.randomness import secure_standard_normal, secure_uniform
 
 __all__ = ["PrivateTraining", "SampleLevelDP", "make_private", "poisson_batch"]
 
@@ -49,11 +59,44 @@ class PrivateTraining:
     sample_rate: float  # q_k = B / n_k
     expected_batch_size: int  # B
     grad_sample_mode: str = "hooks"
+    secret_randomness: bool = True  # batches and noise from the OS CSPRNG (False: from the seed, not private)
 
 
-def poisson_batch(num_examples: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices of one Poisson-sampled batch: each example independently with probability q."""
-    return torch.nonzero(torch.rand(num_examples, generator=generator) < sample_rate).flatten()
+def poisson_batch(num_examples: int, sample_rate: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Indices of one Poisson-sampled batch: each example independently with probability q.
+
+    ``generator=None`` draws the coins from the OS CSPRNG (private runs); a generator makes the
+    batch reproducible from its seed (not private).
+    """
+    if generator is None:
+        coins = torch.from_numpy(secure_uniform(num_examples))
+    else:
+        coins = torch.rand(num_examples, generator=generator)
+    return torch.nonzero(coins < sample_rate).flatten()
+
+
+def _secure_optimizer_class():
+    """``DPOptimizer`` subclass whose Gaussian noise comes from the OS CSPRNG (built lazily: opacus
+    is imported only when DP-SGD is used)."""
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class SecureNoiseDPOptimizer(DPOptimizer):
+        """DPOptimizer with N(0, (z C)^2) noise from :func:`secure_standard_normal` (no generator, no state).
+
+        Same maths as ``DPOptimizer.add_noise`` (sum of clipped per-sample gradients plus noise,
+        scaled later by 1/B); only the source of the Gaussian draws differs.
+        """
+
+        def add_noise(self) -> None:
+            std = self.noise_multiplier * self.max_grad_norm
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                noise = secure_standard_normal(p.summed_grad.shape, dtype=torch.float64) * std
+                p.grad = (p.summed_grad + noise.to(p.summed_grad.device, p.summed_grad.dtype)).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    return SecureNoiseDPOptimizer
 
 
 def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, training: PrivateTraining,
@@ -61,8 +104,9 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, trainin
     """Wrap ``module`` in a ``GradSampleModule`` and ``optimizer`` in a ``DPOptimizer``.
 
     Returns (wrapped module, DP optimiser). Call ``wrapped._close()`` afterwards to remove the
-    hooks from ``module`` (it is the caller's working model). ``generator`` seeds the noise
-    (None: Opacus' default generator).
+    hooks from ``module`` (it is the caller's working model). With
+    ``training.secret_randomness`` the noise comes from the OS CSPRNG and ``generator`` must be
+    None; otherwise ``generator`` seeds the noise (reproducible, not private).
     """
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
@@ -70,8 +114,11 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, trainin
     if training.grad_sample_mode != "hooks":
         raise ConfigError(f"grad_sample_mode={training.grad_sample_mode!r}: only 'hooks' is wired here "
                           "(Poisson batches and empty steps are handled by the caller).")
+    if training.secret_randomness and generator is not None:
+        raise ConfigError("secret DP-SGD noise takes no generator (a seeded generator would make it regenerable).")
     wrapped = GradSampleModule(module, batch_first=True, loss_reduction="mean")
-    dp_opt = DPOptimizer(optimizer, noise_multiplier=training.noise_multiplier, max_grad_norm=training.max_grad_norm,
+    optimizer_class = _secure_optimizer_class() if training.secret_randomness else DPOptimizer
+    dp_opt = optimizer_class(optimizer, noise_multiplier=training.noise_multiplier, max_grad_norm=training.max_grad_norm,
                          expected_batch_size=training.expected_batch_size, loss_reduction="mean", generator=generator)
     return wrapped, dp_opt
 
@@ -85,10 +132,19 @@ class SampleLevelDP:
         max_grad_norm: per-sample clip bound C.
         delta: per-site delta (should be << 1 / n_k).
         accountant: "prv", "rdp" or "pld".
+        noise: "secure" (default: batches and noise from the OS CSPRNG) or "reproducible-insecure"
+            (from each site's seeded stream: teaching and tests only, NOT private).
     """
 
     def __init__(self, *, noise_multiplier: float | None = None, target_epsilon: float | None = None,
-                 max_grad_norm: float = 1.0, delta: float = 1e-5, accountant: str = "prv") -> None:
+                 max_grad_norm: float = 1.0, delta: float = 1e-5, accountant: str = "prv",
+                 noise: str = "secure") -> None:
+        if noise == "seeded" or noise not in ("secure", "reproducible-insecure"):
+            raise ConfigError(f"sample-level noise={noise!r} is unknown; use 'secure' (default, private) or "
+                              "'reproducible-insecure' (from the seed, not private; formerly 'seeded').")
+        if noise != "secure":
+            warnings.warn(f"sample-level DP-SGD with noise={noise!r}: {NOT_PRIVATE_WARNING}.", UserWarning, stacklevel=2)
+        self.noise = noise
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ConfigError("sample-level DP needs exactly one of noise_multiplier or target_epsilon.")
         if noise_multiplier is not None and not 0 < noise_multiplier < math.inf:
@@ -122,7 +178,8 @@ class SampleLevelDP:
                                                             sample_rate=q, steps=steps, accountant=self.accountant)
                 self._z[site_id] = self._calibrated[key]
         return PrivateTraining(noise_multiplier=self._z[site_id], max_grad_norm=self.max_grad_norm,
-                               sample_rate=q, expected_batch_size=max(1, round(q * num_examples)))
+                               sample_rate=q, expected_batch_size=max(1, round(q * num_examples)),
+                               secret_randomness=self.noise == "secure")
 
     def record(self, site_id: int, training: PrivateTraining, steps: int, round_index: int) -> None:
         """Charge site ``site_id`` for the ``steps`` DP-SGD steps it took in ``round_index``."""

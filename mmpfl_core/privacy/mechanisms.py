@@ -6,7 +6,8 @@ What it is for: drawing the Gaussian noise that makes a clipped update (see
 (noise multiplier, sample rate) pair the accountant must be given.
 
 It must never release noise, generator seeds or generator states: anyone who knows the noise can
-subtract it. Seeded sources exist for teaching and bit-identical resumes only.
+subtract it. Private runs use :meth:`NoiseSource.secure` (the OS CSPRNG, no seed, no state); the
+seeded source exists for teaching and tests only and is NOT private.
 """
 from __future__ import annotations
 
@@ -18,23 +19,26 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 
 from mmpfl_core.errors import PrivacyError
+from mmpfl_core.privacy.randomness import secure_standard_normal
 
-__all__ = ["NoisePlacement", "NoiseSource", "NoiseSplit", "ReleaseAccounting",
+__all__ = ["NOT_PRIVATE_WARNING", "NoisePlacement", "NoiseSource", "NoiseSplit", "ReleaseAccounting",
            "gaussian_noise_like", "per_participant_noise_std", "release_accounting"]
+
+#: What every artefact of a run with reproducible noise must say beside its epsilon.
+NOT_PRIVATE_WARNING = "not private: noise can be regenerated from the seed"
 
 
 class NoiseSource:
-    """Where Gaussian noise comes from. Build with :meth:`seeded` or :meth:`secure`.
+    """Where Gaussian noise comes from. Build with :meth:`secure` (private runs) or :meth:`seeded`.
 
+    * ``secure()`` (the default of every private strategy): each draw reads the OS CSPRNG afresh
+      (:func:`~mmpfl_core.privacy.randomness.secure_standard_normal`: ``os.urandom`` + Box-Muller).
+      No seed, no state, nothing to write to a checkpoint: noise cannot be regenerated, and a
+      resumed run has the same epsilon but not the same bits. Caveat: a floating-point sampler
+      (see :mod:`mmpfl_core.privacy.randomness`).
     * ``seeded(seed)``: one ``torch.Generator`` whose state advances with every draw, so a run is
-      reproducible and can be resumed bit-identically (save :meth:`get_state`). For teaching and
-      experiments only: whoever knows the seed knows the noise.
-    * ``secure()``: a fresh generator seeded from the OS entropy pool (``secrets``) for every draw.
-      Honest caveat: this is an OS-entropy-seeded pseudo-random generator (Mersenne Twister /
-      Philox inside torch) and a floating-point Gaussian sampler, not a floating-point-safe
-      sampler; naive floating-point samplers can leak through the least significant bits (Mironov
-      2012). This is the same caveat as Opacus's ``secure_mode``, which additionally sums several
-      draws. Reproducibility is lost.
+      reproducible and resumable bit for bit (save :meth:`get_state`). NOT private: whoever knows
+      the seed regenerates the noise and subtracts it (``mmpfl_core.attacks.noise_subtraction``).
     """
 
     def __init__(self, *, generator: torch.Generator | None) -> None:
@@ -42,22 +46,33 @@ class NoiseSource:
 
     @classmethod
     def seeded(cls, seed: int) -> "NoiseSource":
-        """Reproducible source (teaching, experiments, tests)."""
+        """Reproducible source (teaching, experiments, tests). Not private."""
         g = torch.Generator(device="cpu")
         g.manual_seed(int(seed))
         return cls(generator=g)
 
     @classmethod
     def secure(cls) -> "NoiseSource":
-        """Source reseeded from OS entropy for every draw (not reproducible)."""
+        """Source that reads the OS CSPRNG for every draw (not reproducible, no state)."""
         return cls(generator=None)
 
     @property
     def is_secure(self) -> bool:
         return self._generator is None
 
+    def standard_normal(self, shape: Sequence[int] | torch.Size, *, dtype: torch.dtype = torch.float32
+                        ) -> torch.Tensor:
+        """N(0, 1) draws of ``shape`` on the CPU: OS CSPRNG (secure) or the seeded generator."""
+        if self._generator is None:
+            return secure_standard_normal(tuple(shape), dtype=dtype)
+        return torch.randn(tuple(shape), generator=self._generator, dtype=dtype)
+
     def generator(self) -> torch.Generator:
-        """The generator for the next draw (a new OS-seeded one each time for a secure source)."""
+        """A torch generator for code that needs one (seeded: the source's own generator).
+
+        For a secure source this is a Mersenne Twister seeded with 63 bits from ``secrets``: a keyed
+        PRNG, not a CSPRNG. The kit's mechanisms use :meth:`standard_normal` instead.
+        """
         if self._generator is not None:
             return self._generator
         g = torch.Generator(device="cpu")
@@ -113,7 +128,7 @@ def gaussian_noise_like(update: Mapping[str, torch.Tensor], stds: Mapping[str, f
             noise[name] = torch.zeros_like(ref)
             continue
         dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
-        draw = torch.randn(ref.shape, generator=source.generator(), dtype=dtype)
+        draw = source.standard_normal(ref.shape, dtype=dtype)
         noise[name] = (draw * std).to(device=ref.device, dtype=ref.dtype)
     return {name: noise[name] for name in update}
 

@@ -1,0 +1,110 @@
+"""Private runs draw their noise and samples from the OS CSPRNG by default; the reproducible mode says
+it is not private. (Issue 14: the seed written beside the model regenerated the noise.)"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mmpfl_core.errors import ConfigError
+from mmpfl_core.federated.config import FederatedConfig, LocalTrainingConfig, OptimizerConfig
+from mmpfl_core.federated.simulation import FederatedSimulation, run_federated, select_round
+from mmpfl_core.federated.strategies import create_strategy
+from mmpfl_core.io.run_directory import RunDirectory
+from mmpfl_core.privacy import NOT_PRIVATE_WARNING, compute_epsilon
+from mmpfl_core.privacy.dp_sgd import poisson_batch
+from mmpfl_core.privacy.randomness import secure_numpy_generator, secure_standard_normal, secure_uniform
+
+
+def _config(**changes) -> FederatedConfig:
+    base = FederatedConfig(num_rounds=2, client_fraction=0.67, sampling="poisson",
+                           local=LocalTrainingConfig(local_steps=1, batch_size=16),
+                           optimizer=OptimizerConfig(name="sgd", lr=0.05, momentum=0.0, weight_decay=0.0),
+                           bootstrap_resamples=0, checkpoint_every=0, device="cpu")
+    return dataclasses.replace(base, **changes)
+
+
+def test_secure_draws_are_standard_and_unrepeatable():
+    x = secure_standard_normal((200_000,), dtype=torch.float64)
+    assert abs(float(x.mean())) < 0.01 and float(x.std()) == pytest.approx(1.0, abs=0.01)
+    assert float((x.abs() > 1.96).double().mean()) == pytest.approx(0.05, abs=0.003)  # the tails are Gaussian
+    assert not torch.equal(secure_standard_normal((64,)), secure_standard_normal((64,)))
+    u = secure_uniform(100_000)
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+    assert secure_numpy_generator().random() != secure_numpy_generator().random()
+    picks = np.array([len(poisson_batch(1000, 0.3, None)) for _ in range(50)])
+    assert abs(picks.mean() - 300) < 15 and len(set(picks.tolist())) > 1
+
+
+def test_same_private_config_and_seed_release_different_models(tiny_federation, tiny_model_factory, tmp_path):
+    """Done-when of issue 14: by default the noise cannot be regenerated from anything in the run dir."""
+    cfg = _config()
+    runs = []
+    for name in ("a", "b"):
+        run_dir = RunDirectory.create(tmp_path, name, {"seed": cfg.seed}, exist_ok_resume=False)
+        runs.append(run_federated(tiny_federation, model_factory=tiny_model_factory, config=cfg, progress=False,
+                                  strategy=create_strategy("dp-fedavg", noise_multiplier=1.0, accountant="rdp"),
+                                  run_dir=run_dir))
+    assert not torch.equal(runs[0].global_state["head.weight"], runs[1].global_state["head.weight"])
+    privacy = runs[0].summary["privacy"]
+    assert privacy["noise"] == "secure" and "not_private" not in privacy
+    # The reproducible mode gives the same model twice, warns, and says "not private" in the summary.
+    with pytest.warns(UserWarning, match="not private"):
+        twins = [run_federated(tiny_federation, model_factory=tiny_model_factory, config=cfg, progress=False,
+                               strategy=create_strategy("dp-fedavg", noise_multiplier=1.0, accountant="rdp",
+                                                        noise="reproducible-insecure")) for _ in range(2)]
+    assert torch.equal(twins[0].global_state["head.weight"], twins[1].global_state["head.weight"])
+    assert twins[0].summary["privacy"]["not_private"] == NOT_PRIVATE_WARNING
+
+
+def test_site_sampling_is_secret_by_default(tiny_federation, tiny_model_factory):
+    cfg = _config(client_fraction=0.5)
+    ids = list(range(60))
+    secret = create_strategy("dp-fedavg", noise_multiplier=1.0)
+    draws = [tuple(select_round(secret, ids, cfg, 1)) for _ in range(5)]
+    assert len(set(draws)) > 1  # the same round and seed give different samples: not derived from the seed
+    with pytest.warns(UserWarning):
+        open_ = create_strategy("dp-fedavg", noise_multiplier=1.0, noise="reproducible-insecure")
+    assert len({tuple(select_round(open_, ids, cfg, 1)) for _ in range(3)}) == 1
+    assert len({tuple(select_round(create_strategy("fedavg"), ids, cfg, 1)) for _ in range(3)}) == 1
+
+
+def test_resumed_private_run_has_the_same_epsilon_and_no_secret_in_the_checkpoint(tiny_federation, tiny_model_factory,
+                                                                                  tmp_path):
+    cfg = _config(num_rounds=3, checkpoint_every=1)
+    make = lambda: create_strategy("dp-fedavg", noise_multiplier=1.2, accountant="rdp")  # noqa: E731
+    FederatedSimulation(tiny_federation, model_factory=tiny_model_factory, strategy=make(), config=cfg,
+                        run_dir=RunDirectory.create(tmp_path, "r", {}, exist_ok_resume=False),
+                        progress=False).run(stop_after=1)
+    resumed = run_federated(tiny_federation, model_factory=tiny_model_factory, strategy=make(), config=cfg,
+                            progress=False, run_dir=RunDirectory.create(tmp_path, "r", {}, exist_ok_resume=True))
+    assert resumed.history[-1]["epsilon"] == compute_epsilon(noise_multiplier=1.2, sample_rate=0.67, steps=3,
+                                                             delta=1e-5, accountant="rdp")
+    for meta in (tmp_path / "r").rglob("round_*.json"):  # no generator state or noise seed is checkpointed
+        text = json.dumps(json.loads(meta.read_text()))
+        assert "rng" not in text.lower() and "generator" not in text.lower()
+
+
+def test_dp_sgd_noise_is_secret_by_default(tiny_federation, tiny_model_factory):
+    cfg = _config(client_fraction=1.0, sampling="fraction", num_rounds=1)
+    kwargs = dict(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp")
+    states = [run_federated(tiny_federation, model_factory=tiny_model_factory, config=cfg, progress=False,
+                            strategy=create_strategy("dp-sgd-fedavg", **kwargs)).global_state for _ in range(2)]
+    assert not torch.equal(states[0]["head.weight"], states[1]["head.weight"])
+    with pytest.warns(UserWarning, match="not private"):
+        twins = [run_federated(tiny_federation, model_factory=tiny_model_factory, config=cfg, progress=False,
+                               strategy=create_strategy("dp-sgd-fedavg", noise="reproducible-insecure", **kwargs)
+                               ).global_state for _ in range(2)]
+    assert torch.equal(twins[0]["head.weight"], twins[1]["head.weight"])
+    assert math.isfinite(float(states[0]["head.weight"].sum()))
+
+
+def test_old_seeded_name_is_refused_with_the_new_name():
+    with pytest.raises(ConfigError, match="reproducible-insecure"):
+        create_strategy("dp-fedavg", noise_multiplier=1.0, noise="seeded")
+    with pytest.raises(ConfigError, match="reproducible-insecure"):
+        create_strategy("dp-sgd-fedavg", noise_multiplier=1.0, noise="seeded")
