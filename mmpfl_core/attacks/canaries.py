@@ -64,6 +64,7 @@ class CanaryAuditConfig:
     accountant: str = "prv"
     confidence: float = 0.95
     seed: int = 0
+    noise: str = "reproducible-insecure"  # the audit's own runs are deterministic (NOT private; never for training)
 
     def __post_init__(self) -> None:
         if self.num_canaries < 2 or self.num_guesses_in < 0 or self.num_guesses_out < 0 \
@@ -91,7 +92,7 @@ def audit_client_level_dp(config: CanaryAuditConfig = CanaryAuditConfig(), *, va
     m = config.num_canaries
     strategy = create_strategy(strategy_name, target_epsilon=config.target_epsilon, delta=config.delta,
                                clip_norm=config.clip_norm, placement=config.placement,
-                               accountant=config.accountant, budget_stop=False)
+                               accountant=config.accountant, budget_stop=False, noise=config.noise)
     fed_config = FederatedConfig(num_rounds=config.num_rounds, client_fraction=config.client_fraction,
                                  sampling="poisson", seed=config.seed, checkpoint_every=0)
     model = nn.ParameterDict({_PARAM: nn.Parameter(torch.zeros(m))})  # one coordinate per canary

@@ -57,7 +57,7 @@ __all__ = ["NeighbourConfig", "REPRODUCIBLE_NOISE", "participation_test", "proje
 
 #: The strategies' reproducible (NOT private) noise mode: the audit's own runs must be deterministic in
 #: CI. Production noise stays secret; this name appears wherever audit results are shown.
-REPRODUCIBLE_NOISE = "seeded"
+REPRODUCIBLE_NOISE = "reproducible-insecure"
 STRATEGIES = ("dp-fedavg", "dp-fedavg-fisher", "mm-pfl-adp")
 _COIN, _SAMPLING, _SPLIT, _MASK = 81, 82, 83, 84
 _GROUPS = ("a", "b")
@@ -79,7 +79,6 @@ class NeighbourConfig:
     masked_fraction: float = 0.5  # mm-pfl-adp: share of canaries keeping group b personal
     participation_dim: int = 128  # d: parameters of the participation test's model
     participation_runs: int = 500  # releases per world in the participation test
-    min_participants: int = 1
     confidence: float = 0.95
     seed: int = 0
     noise: str = REPRODUCIBLE_NOISE
@@ -116,8 +115,7 @@ class _TwoGroupModel(nn.Module):
 def _strategy(config: NeighbourConfig, model: nn.Module, client_ids: list[int], num_rounds: int):
     strategy = create_strategy(config.strategy, target_epsilon=config.target_epsilon, delta=config.delta,
                                clip_norm=config.clip_norm, placement=config.placement, accountant="prv",
-                               budget_stop=False, calibration_rounds=1, noise=config.noise,
-                               min_participants=config.min_participants)
+                               budget_stop=False, calibration_rounds=1, noise=config.noise)
     fed = FederatedConfig(num_rounds=num_rounds, client_fraction=1.0, sampling="poisson", seed=config.seed,
                           checkpoint_every=0)
     # DPFedAvg's set-up (sampling, z, groups, clip bounds); the subclasses' extra set-up needs a data

@@ -12,17 +12,16 @@ Variants (the names the tests and notebook 07 use):
     * ``noise-x0.5``: every Gaussian draw of the release has half its std (``gaussian_noise_like``).
     * ``noise-divided-by-10``: a tenth of the std (the gross bug the one-run audit catches).
     * ``noise-on-mean-scale``: noise calibrated for the average (divided by qN) but added to the sum.
-    * ``per-site-noise-over-m-min``: under distributed placement each site adds sigma_g^2 / m_min,
-      whatever the number m of participants, so the aggregate's noise variance m sigma_g^2 / m_min
-      grows with m and reveals participation (the bug of issue 14; the fix shares sigma_g^2 / m over
-      the m announced participants).
+    * ``per-site-noise-over-m-min``: under distributed placement each site adds sigma_g^2 / m_min
+      (m_min = 1, the old default) whatever the number m of participants, so the aggregate's noise
+      variance m sigma_g^2 / m_min grows with m and reveals participation (the bug of issue 14; the
+      fix shares sigma_g^2 / m over the m announced participants).
 
 It never touches private data and is never used by training code: only audits import it.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Callable, Iterator
 from unittest import mock
 
@@ -55,23 +54,20 @@ def _scaled_noise(factor: Callable[[object], float]):
     return patch
 
 
-@contextlib.contextmanager
-def _noise_over_min_participants(strategy) -> Iterator[None]:
-    """Each participant's share is computed for m_min participants instead of the m announced ones.
+def _noise_over_min_participants(min_participants: int):
+    @contextlib.contextmanager
+    def patch(strategy) -> Iterator[None]:
+        """Each participant's share is sized for ``min_participants`` instead of the m announced ones.
 
-    Patched at ``per_participant_noise_std`` (the function the strategy asks for the split): its
-    participant-count argument is replaced by ``strategy.min_participants``.
-    """
-    real = mechanisms.per_participant_noise_std
-    params = list(inspect.signature(real).parameters)
-    count_arg = params[2]  # (placement, sigma, <participant count>, ...)
-
-    def over_min(*args, **kwargs):
-        bound = inspect.signature(real).bind(*args, **kwargs)
-        bound.arguments[count_arg] = strategy.min_participants
-        return real(*bound.args, **bound.kwargs)
-    with mock.patch.object(dp_strategies, "per_participant_noise_std", over_min):
-        yield
+        Patched at ``participant_noise_stds`` (the one place a site sizes its share) with the real
+        split function :func:`~mmpfl_core.privacy.mechanisms.per_participant_noise_std`.
+        """
+        def over_min() -> dict[str, float]:
+            return mechanisms.per_participant_noise_std(strategy.placement, strategy._sigmas,
+                                                        min_participants).participant_std
+        with mock.patch.object(strategy, "participant_noise_stds", over_min):
+            yield
+    return patch
 
 
 #: Deliberate bugs, each a patch of a function the real DP-FedAvg release calls.
@@ -80,7 +76,7 @@ BROKEN_VARIANTS: dict[str, Callable] = {
     "noise-x0.5": _scaled_noise(lambda s: 0.5),
     "noise-divided-by-10": _scaled_noise(lambda s: 0.1),
     "noise-on-mean-scale": _scaled_noise(lambda s: 1.0 / s.expected_participants),
-    "per-site-noise-over-m-min": _noise_over_min_participants,
+    "per-site-noise-over-m-min": _noise_over_min_participants(1),
 }
 
 
