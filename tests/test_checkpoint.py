@@ -5,6 +5,7 @@ import copy
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -184,19 +185,25 @@ def test_run_directory_create_log_resume_truncate(tmp_path):
     run.log_round({"round": 5, "accuracy": 0.5})  # a missing column is allowed (NaN)
     with pytest.raises(RunDirectoryError, match="new columns.*bytes_up"):
         run.log_round({"round": 6, "accuracy": 0.6, "bytes_up": 10})
-    df = run.read_metrics()
-    assert list(df.columns) == ["round", "accuracy", "epsilon"] and len(df) == 5
+    df = run.read_metrics(include_private=True)
+    assert list(df.columns) == ["round", "epsilon", "accuracy"] and len(df) == 5
     assert np.isnan(df["epsilon"][0]) and np.isnan(df["epsilon"][4])
+    # Only released columns reach metrics.csv; the rest (here an unclassified "accuracy") stays private.
+    assert list(run.read_metrics().columns) == ["round", "epsilon"]
+    assert list(pd.read_csv(run.private_metrics_path).columns) == ["round", "accuracy"]
 
     with pytest.raises(RunDirectoryError, match="already exists"):
         RunDirectory.create(tmp_path, "run1", config, exist_ok_resume=False)
     resumed = RunDirectory.create(tmp_path, "run1", config, exist_ok_resume=True)
     assert resumed.truncate_after(3) == 2
     resumed.log_round({"round": 4, "accuracy": 0.44, "epsilon": 4.0})
-    df = resumed.read_metrics()
+    df = resumed.read_metrics(include_private=True)
     assert df["round"].tolist() == [1, 2, 3, 4] and df["accuracy"].tolist()[-1] == 0.44
-    resumed.write_summary({"best_accuracy": np.float64(0.44)})
-    assert resumed.read_summary() == {"best_accuracy": 0.44}
+    resumed.write_summary({"best_accuracy": np.float64(0.44), "strategy": "fedavg"})
+    assert resumed.read_summary() == {"strategy": "fedavg"}
+    assert resumed.read_summary(include_private=True) == {"strategy": "fedavg", "best_accuracy": 0.44}
+    scopes = json.loads(resumed.manifest_path.read_text())["scopes"]
+    assert scopes["metrics.csv"] == "released" and scopes["private/round_metrics.csv"] == "operator-only"
 
 
 def test_run_directory_config_mismatch_names_keys(tmp_path):

@@ -177,6 +177,26 @@ def test_adaptive_clipping_is_one_joint_release(tiny_federation, tiny_model_fact
         s.noise_multiplier, rel=1e-12)
 
 
+def test_adaptive_clipping_stays_bounded_with_few_sites(tiny_federation, tiny_model_factory):
+    """Issue 14: with 3 sites the count noise (std z_b / qN, about 20 here) drove C from 1 to 6e-12 to 9e4."""
+    rounds = 30
+    s = _configured(tiny_federation, tiny_model_factory, _config(num_rounds=rounds), target_epsilon=4.0,
+                    adaptive_clipping=True, clip_norm=1.0, accountant="rdp")
+    assert s.count_noise_multiplier / s.expected_participants > 5  # the regime of the bug
+    glob = {n: torch.zeros(sh) for n, sh in s.shapes.items()}
+    g = torch.Generator().manual_seed(0)
+    norms = [s.clip_norm]
+    for t in range(1, rounds + 1):
+        s.before_round(t)
+        updates = [_fake_update(s, k, 1e-2, g) for k in range(3)]
+        s.aggregate(glob, updates, [s.transmit(u, t) for u in updates], t)
+        norms.append(s.clip_norm)
+    max_step = math.exp(s.clip_lr * max(s.target_quantile, 1 - s.target_quantile))
+    for before, after in zip(norms, norms[1:]):
+        assert 1 / max_step - 1e-12 <= after / before <= max_step + 1e-12
+    assert all(1e-2 <= c <= 1e2 for c in norms)
+
+
 def test_fisher_allocation_ignores_private_data_and_keeps_z(tiny_federation, tiny_model_factory):
     site = tiny_federation.sites[0]
     scrambled = dataclasses.replace(site, train=site.train.subset(np.arange(len(site.train))[::-1][: len(site.train) // 2]))
@@ -192,16 +212,28 @@ def test_fisher_allocation_ignores_private_data_and_keeps_z(tiny_federation, tin
     assert len(set(sigmas[0].values())) > 1  # not uniform: the Fisher moved noise between groups
 
 
-def test_distributed_aborts_below_min_participants_and_local_pays_for_its_trust_model(tiny_federation,
-                                                                                       tiny_model_factory):
-    s = _configured(tiny_federation, tiny_model_factory, noise_multiplier=1.0, placement="distributed",
-                    min_participants=2)
+def test_distributed_noise_does_not_depend_on_who_took_part_and_local_pays_for_its_trust_model(tiny_federation,
+                                                                                                tiny_model_factory):
+    """Issue 14: shares sigma^2/m_min made the aggregate's variance grow with the participant count."""
+    s = _configured(tiny_federation, tiny_model_factory, noise_multiplier=1.0, clip_norm=0.5, placement="distributed")
     glob = {n: torch.zeros(sh) for n, sh in s.shapes.items()}
-    s.before_round(1)
-    s.client_start_state(0, glob)
-    one = _fake_update(s, 0, 1e-3, torch.Generator().manual_seed(0))
-    assert s.aggregate(glob, [one], [s.transmit(one, 1)], 1) is glob  # nothing released
-    assert len(s.ledger) == 0 and s.summary_report()["privacy"]["aborted_rounds"] == 1
+    zero = lambda site: ClientUpdate(site_id=site, delta={n: torch.zeros(sh) for n, sh in s.shapes.items()},  # noqa: E731
+                                     num_examples=10, num_steps=1, train_loss=0.0)
+    sigma = 1.0 * 0.5  # z C: std per coordinate of the noise in the sum
+    variances = {}
+    for announced, arrived in [(0, 0), (1, 1), (3, 3), (3, 1)]:  # (3, 1): two announced updates never arrived
+        s.before_round(1)
+        s.announce_participants(announced)
+        s.client_start_state(0, glob)
+        sent = [s.transmit(zero(k), 1) for k in range(arrived)]
+        new = s.aggregate(glob, [zero(k) for k in range(arrived)], sent, 1)
+        noise = torch.cat([t.flatten() for t in new.values()]) * s.expected_participants
+        variances[announced, arrived] = float(noise.double().var())
+    for key, var in variances.items():
+        assert var == pytest.approx(sigma ** 2, rel=0.05), key
+    assert len(s.ledger) == 4  # every round released and charged: no abort that depends on the sample
+    with pytest.raises(ConfigError, match="min_participants"):
+        create_strategy("dp-fedavg", noise_multiplier=1.0, placement="distributed", min_participants=2)
     local = _configured(tiny_federation, tiny_model_factory, target_epsilon=5.0, placement="local")
     # Replace-one sensitivity 2C and no amplification: accounted as (z/2, rate 1) every round.
     assert tuple(local.release) == (local.noise_multiplier / 2, 1.0)

@@ -131,19 +131,21 @@ def test_server_aggregates_only_valid_replies_exactly_as_the_core():
 
 # ------------------------------------------------------------------ fast: SecAgg+ quantisation range
 def test_secagg_range_must_cover_clip_plus_noise_tail():
-    job = load_job(**SMOKE, method="dp-fedavg", placement="distributed", method_args=json.dumps({"min_participants": 2}))
+    job = load_job(**SMOKE, method="dp-fedavg", placement="distributed")
     model = new_model(job)
     core = configured_strategy(job, model)
     core.before_round(1)
+    core.announce_participants(2)  # SecAgg+ rounds have m >= 2 announced participants, each adding sigma^2/m
     instructions = core.round_instructions(1, {n: p.detach() for n, p in model.named_parameters()})
+    assert instructions["participants"] == 2
     check_secagg_range(core, instructions, job.flower)  # default range 8 covers C=0.5 + 6 std here
     sigma = max(v for k, v in instructions.items() if k.startswith("sigma/"))
     need = instructions["clip_norm"] + 6 * sigma / math.sqrt(2)
     with pytest.raises(ConfigError, match="would silently clip"):
         check_secagg_range(core, instructions, FlowerSettings(secagg=True, secagg_clipping_range=need * 0.9))
-    one = load_job(**SMOKE, method="dp-fedavg", placement="distributed")  # min_participants defaults to 1
-    with pytest.raises(ConfigError, match="at least 2 participants"):
-        check_secagg_range(configured_strategy(one, model), instructions, one.flower)
+    with pytest.raises(ConfigError, match="min_participants"):  # the m_min shares are gone (issue 14)
+        configured_strategy(load_job(**SMOKE, method="dp-fedavg", placement="distributed",
+                                     method_args=json.dumps({"min_participants": 2})), model)
 
 
 def test_site_refuses_values_secagg_would_clip():
@@ -206,7 +208,8 @@ def test_flower_simulation_equals_in_process_engine(flower_runs, label):
         assert cmp["epsilon_flower"] is None and cmp["epsilon_inprocess"] is None
     assert cmp["test_accuracy_flower"] == pytest.approx(cmp["test_accuracy_inprocess"], abs=1e-12)
     # Same results layout as the in-process engine: config.json, metrics.csv (its columns first), summary, checkpoint.
-    metrics = run_dir.read_metrics()
+    metrics = run_dir.read_metrics(include_private=True)  # counts, losses and bytes are operator-only
+    assert "num_clients" not in run_dir.read_metrics().columns
     inprocess_columns = ["round", "num_clients", "train_loss", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down"]
     assert list(metrics.columns[:len(inprocess_columns)]) == inprocess_columns
     assert list(metrics["round"]) == [1, 2] and (metrics["num_responded"] == 3).all()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 pytest.importorskip("flwr")
@@ -21,6 +20,8 @@ sys.path.insert(0, str(APP_DIR))
 
 from credentials import make_credentials  # noqa: E402
 from deploy_loopback import deploy  # noqa: E402
+
+from mmpfl_core.io.run_directory import RunDirectory  # noqa: E402
 
 
 def test_credentials_are_generated_private_and_loadable(tmp_path):
@@ -55,9 +56,12 @@ def test_secure_loopback_deployment_refuses_intruders_and_survives_a_killed_supe
     assert out["killed_site"] == 2
     summary = out["summary"]
     assert summary["engine"] == "flower" and summary["rounds_run"] == 2
-    assert sorted(summary["flower"]["nodes"].values()) == [0, 1, 2]
+    run_dir = RunDirectory(tmp_path / "results" / "loopback")
+    assert "nodes" not in summary["flower"]  # the node -> site map is operator-only (private/summary.json)
+    nodes = run_dir.read_summary(include_private=True)["flower"]["nodes"]
+    assert sorted(nodes.values()) == [0, 1, 2]
     # Only the registered sites took part; both unregistered SuperNodes were refused by the SuperLink.
-    assert set(summary["flower"]["nodes"]) == set(out["registered"].values())
+    assert set(nodes) == set(out["registered"].values())
     for name, report in out["intruders"].items():
         assert report["exit_code"] not in (None, 0) and not report["connected"], (name, report)
     assert "must be registered" in out["intruders"]["intruder-0"]["reason"]  # no key at all
@@ -65,13 +69,13 @@ def test_secure_loopback_deployment_refuses_intruders_and_survives_a_killed_supe
     # TLS: the SuperLink served HTTPS with the generated certificate; no key material in the repository.
     assert "running on https://127.0.0.1" in (tmp_path / "deploy" / "superlink.log").read_text()
     assert not list(APP_DIR.glob("**/*.key")) and not list(APP_DIR.glob("**/*.pem"))
-    metrics = pd.read_csv(tmp_path / "results" / "loopback" / "metrics.csv")
+    metrics = run_dir.read_metrics(include_private=True)
     assert list(metrics["round"]) == [1, 2]
     # Round 2 went on without the killed site: its reply is a failure/dropout, the survivors were aggregated.
     assert metrics.loc[1, "num_responded"] == 2
     assert metrics.loc[1, "num_clients"] == 3  # it was selected (fraction 1.0) but could not answer
     assert 0.0 <= metrics.loc[1, "global_test_accuracy"] <= 1.0
-    assert (tmp_path / "results" / "loopback" / "checkpoints").is_dir()
+    assert (tmp_path / "results" / "loopback" / "private" / "checkpoints").is_dir()
     leftovers = [p for p in psutil.Process().children(recursive=True)
                  if any(k in " ".join(p.cmdline()) for k in ("flower-super", "flwr-serverapp", "flwr-clientapp"))]
     assert not leftovers, f"processes left running: {[p.pid for p in leftovers]}"

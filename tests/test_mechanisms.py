@@ -16,6 +16,7 @@ from mmpfl_core.privacy.mechanisms import (
     gaussian_noise_like,
     per_participant_noise_std,
     release_accounting,
+    server_top_up_std,
 )
 
 GROUPS = {"a": ["w1", "b1"], "b": ["w2"]}
@@ -67,8 +68,10 @@ def test_placement_split():
     assert per_participant_noise_std("server", 2.0, 4) == (0.0, 2.0)
     client, server = per_participant_noise_std(NoisePlacement.DISTRIBUTED, 2.0, 4)
     assert client == pytest.approx(1.0) and server == 0.0
-    # m_min participants together add the full variance
-    assert 4 * client**2 == pytest.approx(2.0**2)
+    # m announced participants together add exactly the full variance, for every m
+    for m in (1, 2, 5, 40):
+        share = per_participant_noise_std("distributed", 2.0, m).participant_std
+        assert m * share**2 == pytest.approx(2.0**2)
     assert per_participant_noise_std("local", 2.0, 4) == (2.0, 0.0)
     split = per_participant_noise_std("distributed", {"a": 3.0, "b": 6.0}, 9)
     assert split.participant_std == {"a": 1.0, "b": 2.0}
@@ -76,12 +79,20 @@ def test_placement_split():
         per_participant_noise_std("nowhere", 1.0, 1)
 
 
+def test_server_tops_up_missing_distributed_shares():
+    # s of m shares arrived: s * sigma^2 / m + top-up^2 = sigma^2, all of it when nobody was sampled
+    for m, arrived in [(3, 3), (3, 1), (5, 0), (0, 0)]:
+        top = server_top_up_std(2.0, m, arrived)
+        shares = arrived * (2.0**2 / m) if m else 0.0
+        assert shares + top**2 == pytest.approx(4.0)
+    with pytest.raises(PrivacyError, match="announced"):
+        server_top_up_std(1.0, 2, 3)
+
+
 def test_release_accounting_per_placement():
     assert release_accounting("server", 1.5, 0.1) == (1.5, 0.1)
-    assert release_accounting("distributed", 1.5, 0.1, participants=5,
-                              min_participants=3) == (1.5, 0.1)
-    with pytest.raises(PrivacyError, match="abort this round"):
-        release_accounting("distributed", 1.5, 0.1, participants=2, min_participants=3)
+    # distributed: the sum carries sigma^2 whoever took part, so it is the same subsampled Gaussian
+    assert release_accounting("distributed", 1.5, 0.1) == (1.5, 0.1)
     # local: sensitivity 2C (replace-one), no amplification by sampling
     assert release_accounting("local", 1.5, 0.1) == (0.75, 1.0)
 

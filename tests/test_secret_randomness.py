@@ -108,3 +108,17 @@ def test_old_seeded_name_is_refused_with_the_new_name():
         create_strategy("dp-fedavg", noise_multiplier=1.0, noise="seeded")
     with pytest.raises(ConfigError, match="reproducible-insecure"):
         create_strategy("dp-sgd-fedavg", noise_multiplier=1.0, noise="seeded")
+
+
+def test_noise_subtraction_breaks_the_reproducible_mode_only(tiny_federation, tiny_model_factory):
+    from mmpfl_core.attacks.noise_subtraction import attack_one_round
+    cfg = _config(client_fraction=1.0, sampling="fraction", num_rounds=1)
+    with pytest.warns(UserWarning, match="not private"):
+        broken = attack_one_round(tiny_federation, model_factory=tiny_model_factory, config=cfg,
+                                  noise="reproducible-insecure", accountant="rdp")
+    secure = attack_one_round(tiny_federation, model_factory=tiny_model_factory, config=cfg, noise="secure",
+                              accountant="rdp")
+    assert broken.succeeded and broken.relative_error < 1e-3 and broken.noise_to_signal > 10  # float32 rounding only
+    # Secure noise: the regenerated noise is independent, so the error is about sqrt(2) x the noise.
+    assert not secure.succeeded and secure.relative_error == pytest.approx(math.sqrt(2) * secure.noise_to_signal,
+                                                                           rel=0.05)

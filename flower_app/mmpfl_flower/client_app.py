@@ -3,7 +3,10 @@
 Thin: each handler maps Flower records to the kit's types and calls the engine's own client step,
 :func:`mmpfl_core.federated.simulation.client_round` (start state, local training with the RNG
 stream (seed, 2, t, site), personal-state update, clipping/noise/masking by the strategy's
-``transmit``). So a site computes exactly what the in-process engine computes for it.
+``transmit``). So a site computes exactly what the in-process engine computes for it. Its noise
+(distributed/local placement: its share sigma_g^2 / m for the m participants the server announced)
+is drawn HERE, from this SuperNode's OS CSPRNG by default: the server never learns it. Only
+``noise="reproducible-insecure"`` derives it from the shared seed (teaching; not private).
 
 State that must survive rounds (personal groups, masks and their scores history, the site's
 sample-level DP ledger) is the site strategy's ``state_dict``, kept in ``context.state`` (an
@@ -97,7 +100,8 @@ def _train_step(job: Job, context: Context, global_arrays: dict[str, np.ndarray]
         raise ValueError(f"message for site {config['site']} reached the SuperNode of site {site}.")
     t = int(config["round"])
     model, strategy = _load(job, context)
-    instructions = {k: float(v) for k, v in config.items() if k == "clip_norm" or k.startswith("sigma/")}
+    instructions = {k: float(v) for k, v in config.items()
+                    if k in ("clip_norm", "participants") or k.startswith("sigma/")}
     strategy.apply_round_instructions(t, instructions)
     data = site_data(job, site)
     update, sent = client_round(strategy, model, data["train"], site_id=site, global_state=numpy_to_state(global_arrays),

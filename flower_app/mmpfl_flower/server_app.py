@@ -1,9 +1,11 @@
 """The server side of the Flower app: map nodes to sites, run the rounds, write the run directory.
 
 Round t (the in-process engine's round, :mod:`mmpfl_core.federated.simulation`, with transport):
-  1. ``before_round`` (budget stop), selection from stream (seed, 1, t), public instructions;
-  2. the selected sites train (``client_app.py``) and reply; or, with ``distributed`` placement,
-     SecAgg+ (``SecAggPlusWorkflow``, threshold m_min) returns only the sum of their updates;
+  1. ``before_round`` (budget stop), selection (secret for a private strategy: OS entropy, never the
+     seed), the announced participant count m, public instructions;
+  2. the selected sites train (``client_app.py``), each drawing its own noise on its SuperNode
+     (the server never learns it), and reply; or, with ``distributed`` placement, SecAgg+
+     (``SecAggPlusWorkflow``, threshold m) returns only the sum of their updates;
   3. validation, the kit strategy's aggregation and ledger (:class:`.strategy.KitStrategy`);
   4. evaluation on the sites every ``eval_every`` rounds (and rounds 1 and T);
   5. a row of ``metrics.csv``; at the end a checkpoint of the global model and ``summary.json`` in
@@ -116,16 +118,30 @@ class _SecAggAdapter(LegacyStrategy):
 
 
 def secure_round(grid: Grid, context: Context, kit: KitStrategy, job: Job, names: list[str], t: int) -> None:
-    """One round through SecAgg+: the server learns only the sum of >= m_min noised updates."""
+    """One distributed round: the server learns only the sum of the m announced, noised updates.
+
+    m = number of selected, connected sites, announced to them (each adds sigma^2 / m). m >= 2:
+    SecAgg+ with reconstruction threshold m. m = 1: a plain message (the one noised update is the
+    sum). m = 0 or a failed secure sum: the server's top-up noise alone (``release_sum``). The same
+    release as the in-process engine, which has no threshold either.
+    """
     core = kit.core
     kit.selected = select_round(core, sorted(kit.site_nodes), job.experiment.federated, t)
+    reachable = kit.reachable(t, grid)
+    core.announce_participants(len(reachable))
     instructions = core.round_instructions(t, kit.global_state)
-    check_secagg_range(core, instructions, job.flower)
-    reachable = [s for s in kit.selected if kit.site_nodes.get(s) in set(grid.get_node_ids())]
-    m_min = int(core.min_participants)
-    if len(reachable) < max(2, m_min):  # SecAgg+ needs >= 2, the noise needs >= m_min
-        kit.apply_secure_sum(t, None, 0, [])
+    if len(reachable) < 2:  # SecAgg+ needs two parties; one participant's update is the sum itself
+        kit._secure_losses = []
+        if not reachable:
+            kit.apply_secure_sum(t, None, 0, [])
+            return
+        replies = grid.send_and_receive(kit.train_messages(t, reachable, to_array_record(kit.global_state),
+                                                           ConfigRecord({"method": job.method.label}), instructions),
+                                        timeout=job.flower.round_timeout)
+        _, metrics = kit.aggregate_train(t, replies)
+        kit._secure_losses = [float(metrics["train_loss"])]
         return
+    check_secagg_range(core, instructions, job.flower)
     adapter = _SecAggAdapter(kit, grid, context.run_id, instructions)
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=job.experiment.federated.num_rounds),
                            strategy=adapter, client_manager=SimpleClientManager())
@@ -135,7 +151,7 @@ def secure_round(grid: Grid, context: Context, kit: KitStrategy, job: Job, names
     legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
         ndarrays_to_parameters(arrays[:len(names)]), keep_input=True)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: t})
-    SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=max(2, m_min),
+    SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=len(reachable),
                        clipping_range=job.flower.secagg_clipping_range,
                        quantization_range=job.flower.secagg_quantization_range, max_weight=1.0,
                        timeout=job.flower.round_timeout)(grid, legacy)

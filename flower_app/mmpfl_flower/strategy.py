@@ -18,11 +18,15 @@ Fault handling and privacy accounting (the assumption, stated once):
     in-process engine. This holds if dropping out does not depend on the site's data (a crash, a
     network failure); a site that drops *because of* its data changes its own inclusion
     probability, which the Poisson-sampling analysis does not cover.
-  * ``distributed`` placement: each participant adds sigma_g^2 / m_min of the noise variance, so
-    the sum carries at least sigma_g^2 only if at least m_min participants survive. SecAgg+ is run
-    with reconstruction threshold m_min, so the server cannot unmask a sum of fewer than m_min
-    updates; such a round is aborted (nothing released, not charged; its probability is reported
-    as ``abort_probability_per_round`` and belongs in delta).
+  * ``distributed`` placement: the server announces the number m of selected, connected sites and
+    each adds sigma_g^2 / m, so the sum carries exactly sigma_g^2 whoever took part. SecAgg+ runs
+    with reconstruction threshold m (every announced share must arrive to unmask) when m >= 2; with
+    m = 1 the single noised update is sent as a plain message (it IS the sum the server would see);
+    with m = 0, or when the secure sum fails, the server adds the missing noise itself
+    (``release_sum`` tops up sigma_g^2 (m - s) / m). No round is aborted, as in-process: there is no
+    participant-count threshold whose outcome would depend on the sample. Caveat: a dropout during
+    SecAgg+ discards the other participants' updates too; if dropouts depend on anything private
+    this is outside the analysis.
   * ``min-nodes`` SuperNodes must be connected before round 1; a round with no reply at all still
     releases (server noise only) exactly as the in-process engine does for an empty Poisson round.
 
@@ -76,21 +80,37 @@ class KitStrategy(FlowerStrategy):
     # ------------------------------------------------------------------ training
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Select sites exactly as the in-process loop does; one message per selected, connected site."""
+        """Select sites as the in-process loop does (secretly, for a private strategy); one message per
+        selected, connected site, whose number m is announced (distributed noise shares sigma^2/m)."""
         cfg = self.job.experiment.federated
         self.selected = select_round(self.core, sorted(self.site_nodes), cfg, server_round)
-        online = set(grid.get_node_ids())
+        reachable = self.reachable(server_round, grid)
+        if hasattr(self.core, "announce_participants"):
+            self.core.announce_participants(len(reachable))
         instructions = self.core.round_instructions(server_round, self.global_state)
-        messages = []
+        return self.train_messages(server_round, reachable, arrays, config, instructions)
+
+    def reachable(self, server_round: int, grid: Grid) -> list[int]:
+        """The selected sites whose SuperNode is connected (the others are dropouts, logged)."""
+        online = set(grid.get_node_ids())
+        out = []
         for site in self.selected:
             node = self.site_nodes.get(site)
             if node is None or node not in online:
                 logger.warning("round %d: site %d has no connected SuperNode; counted as a dropout", server_round, site)
                 continue
+            out.append(site)
+        return out
+
+    def train_messages(self, server_round: int, sites: list[int], arrays: ArrayRecord, config: ConfigRecord,
+                       instructions: dict[str, float]) -> list[Message]:
+        """One train message per site in ``sites`` (already selected, connected and announced)."""
+        messages = []
+        for site in sites:
             self.counter.add_download(server_round, site, self.global_state)
             content = RecordDict({"arrays": arrays, "config": ConfigRecord({**dict(config), "round": server_round,
                                                                              "site": site, **instructions})})
-            messages.append(Message(content=content, dst_node_id=node, message_type="train",
+            messages.append(Message(content=content, dst_node_id=self.site_nodes[site], message_type="train",
                                     group_id=str(server_round)))
         return messages
 

@@ -289,7 +289,9 @@ def per_site_noise_std(strategy: Strategy, instructions: Mapping[str, float]) ->
     if not isinstance(strategy, DPFedAvg) or strategy.placement is not NoisePlacement.DISTRIBUTED:
         return 0.0
     sigmas = {g: float(instructions[f"sigma/{g}"]) for g in strategy.groups}
-    stds = per_participant_noise_std(strategy.placement, sigmas, strategy.min_participants).participant_std
+    # sigma_g / sqrt(m) for the m announced participants; SecAgg+ runs only with m >= 2 (server_app.py)
+    participants = max(2, int(instructions.get("participants", 2)))
+    stds = per_participant_noise_std(strategy.placement, sigmas, participants).participant_std
     return float(max(stds.values())) if stds else 0.0
 
 
@@ -297,16 +299,14 @@ def check_secagg_range(strategy: Strategy, instructions: Mapping[str, float], se
     """Refuse a SecAgg+ range that would clip a site's clipped-and-noised update (see :class:`FlowerSettings`).
 
     A coordinate of a clipped update is at most C_g <= C in absolute value; its noise share is
-    N(0, s^2) with s = sigma_g / sqrt(m_min). Requiring R >= C + k s (k = ``secagg_tail_sigmas``)
+    N(0, s^2) with s = sigma_g / sqrt(m) for the round's m >= 2 announced participants (checked
+    every round). Requiring R >= C + k s (k = ``secagg_tail_sigmas``)
     makes a clipped coordinate a k-sigma event; the site-side check :func:`check_secagg_values`
     still refuses to send if one happens.
     """
     if not isinstance(strategy, DPFedAvg):
         raise ConfigError(f"secure aggregation is only wired for the client-level DP strategies; {strategy.name!r} "
                           "sends example-weighted updates (use dp-fedavg / mm-pfl-adp with placement='distributed').")
-    if strategy.min_participants < 2:
-        raise ConfigError("SecAgg+ needs at least 2 participants per round; set min_participants >= 2 in method-args "
-                          "(the noise of each site is sigma / sqrt(min_participants)).")
     clip = float(instructions["clip_norm"])
     need = clip + settings.secagg_tail_sigmas * per_site_noise_std(strategy, instructions)
     if need > settings.secagg_clipping_range:

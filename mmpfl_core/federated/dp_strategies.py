@@ -10,9 +10,10 @@ models"; DESIGN 4.1-4.3), unit of privacy = one site (add/remove-one-site adjace
        C_g (``clipping="flat"``: one group, C_g = C; ``"per-group"``: C_g = C sqrt(d_g / d), so
        sum_g C_g^2 = C^2).
     3. Gaussian noise N(0, sigma_g^2) per coordinate is added to the sum (``placement="server"``),
-       split over the participants (``"distributed"``: sigma_g^2 / m_min each, secure aggregation
-       assumed; fewer than m_min participants abort the round) or by every site to its own update
-       (``"local"``).
+       split over the m participants the server announced for the round (``"distributed"``:
+       sigma_g^2 / m each, secure aggregation assumed; the server tops up the shares of announced
+       participants whose update did not arrive) or by every site to its own update (``"local"``).
+       Adjacency and trust model of each placement: :class:`~mmpfl_core.privacy.NoisePlacement`.
     4. theta <- theta + (sum_k clip(Delta_k) + noise) / (q N): the FIXED denominator q N, so the
        sensitivity of the released average does not depend on who took part.
     5. The round is recorded in the :class:`PrivacyLedger` as one subsampled Gaussian release with
@@ -21,15 +22,19 @@ models"; DESIGN 4.1-4.3), unit of privacy = one site (add/remove-one-site adjace
 
 Empty rounds: Poisson sampling may select nobody. The round still releases theta + noise / (qN);
 the subsampled-Gaussian analysis covers that outcome (it is one of the mechanism's outputs), and
-skipping the noise would reveal that nobody took part. So empty rounds add noise and are charged.
-Distributed placement is the exception: with fewer than m_min participants secure aggregation
-releases nothing (the round is aborted, not charged); the abort event itself depends on who was
-sampled and lies outside the Gaussian analysis, so its probability (``abort_probability_per_round``
-in the summary) should be added to delta per round: choose m_min well below qN.
+skipping the noise would reveal that nobody took part. So empty rounds add noise and are charged,
+in every placement (distributed: the server draws all of sigma_g^2 when m = 0). No placement has a
+participant-count threshold or abort, in-process or in the Flower app: an abort that depends on
+the sample would change the release with one site's participation (its probability would belong in
+delta); with shares sigma_g^2 / m the release never needs one. (The Flower app runs SecAgg+ only
+when m >= 2; with m = 1 the single noised update IS the sum the server would see.)
 
 Adaptive clipping (Andrew et al. 2021, "Differentially private learning with adaptive clipping"):
 each participant also sends b_k = 1[||Delta_k|| <= C]; the server releases the noisy fraction
-b = (sum_k b_k + N(0, z_b^2)) / (qN) and sets C <- C exp(-eta (b - gamma)) (post-processing).
+b = (sum_k b_k + N(0, z_b^2)) / (qN) and sets C <- C exp(-eta (clip(b, 0, 1) - gamma)), kept within
+[C_0 / 100, 100 C_0] (post-processing: clipping the noisy fraction costs nothing and bounds the step
+to a factor exp(eta max(gamma, 1 - gamma)) per round, which matters with few sites, where the count
+noise z_b / (qN) is far larger than the fraction itself).
 The count and the update use the SAME Poisson sample, so they are one Gaussian mechanism with
 multiplier (z_u^-2 + z_b^-2)^(-1/2) (``PrivacyLedger.record_joint``); z_u is chosen so that this
 equals the calibrated z.
@@ -53,14 +58,13 @@ import warnings
 from typing import Any, Sequence
 
 import torch
-from scipy.stats import binom
 from torch import nn
 
 from ..data.federation import Federation
 from ..errors import ConfigError, PrivacyError
 from ..privacy import (NOT_PRIVATE_WARNING, NoisePlacement, NoiseSource, PrivacyLedger, UpdateRejected, calibrate_noise,
                        clip_per_group, gaussian_noise_like, per_participant_noise_std,
-                       release_accounting, uniform_noise_allocation, validate_update)
+                       release_accounting, server_top_up_std, uniform_noise_allocation, validate_update)
 from ..privacy.dp_sgd import SampleLevelDP
 from ..seeding import torch_generator
 from .client import ClientUpdate
@@ -72,6 +76,8 @@ __all__ = ["CLIP_INDICATOR", "DPFedAvg", "NOISE_MODES", "check_noise_mode"]
 
 logger = logging.getLogger(__name__)
 _NOISE_STREAM = 41
+#: Adaptive clipping keeps C within [C_0 / R, C_0 R] (a public constant; post-processing).
+_ADAPTIVE_RANGE = 100.0
 #: Reserved key of the transmitted dict that carries the (noised) adaptive-clipping indicator.
 CLIP_INDICATOR = "_dp.clip_indicator"
 
@@ -91,6 +97,18 @@ def check_noise_mode(noise: str, who: str) -> bool:
         warnings.warn(f"{who} with noise={noise!r}: {NOT_PRIVATE_WARNING}. Use noise='secure' for a private run.",
                       UserWarning, stacklevel=3)
     return noise == "secure"
+
+
+#: (adjacency, trust model) of each placement, written to the summary (NoisePlacement has the argument).
+_TRUST = {
+    NoisePlacement.SERVER: ("add/remove one site", "honest-but-curious server sees clipped updates and adds the noise; "
+                            "the guarantee covers what the server releases"),
+    NoisePlacement.DISTRIBUTED: ("add/remove one site", "each of the m announced participants adds sigma^2/m, the server "
+                                 "sees only the sum (secure aggregation assumed) and tops up missing shares; the "
+                                 "server knows who took part, so against it there is no amplification by sampling"),
+    NoisePlacement.LOCAL: ("replace one site", "no trust in the server: every update is private on its own, no "
+                           "amplification by sampling"),
+}
 
 
 def _choice(field: str, value: Any, allowed: Sequence[str]) -> None:
@@ -113,7 +131,7 @@ class DPFedAvg(SampleLevelHooks):
         accountant: "prv" (default), "rdp" or "pld".
         adaptive_clipping, target_quantile, clip_lr, count_noise_multiplier: Andrew et al. 2021
             (default z_b = 10 z: the count takes 1 % of the round's budget in zCDP terms).
-        min_participants: m_min for distributed noise.
+        min_participants: removed (shares are sigma_g^2 / m for the announced count m; passing it is an error).
         noise: "secure" (default: OS CSPRNG, private) or "reproducible-insecure" (from the seed; teaching
             and tests only, NOT private). budget_stop: stop before a round that would exceed the budget.
         sample_level_dp: optional kwargs of :class:`SampleLevelDP` to add DP-SGD inside each site.
@@ -124,7 +142,7 @@ class DPFedAvg(SampleLevelHooks):
     def __init__(self, *, target_epsilon: float | None = None, noise_multiplier: float | None = None,
                  delta: float = 1e-5, clip_norm: float = 1.0, clipping: str = "flat", placement: str = "server",
                  accountant: str = "prv", adaptive_clipping: bool = False, target_quantile: float = 0.5,
-                 clip_lr: float = 0.2, count_noise_multiplier: float | None = None, min_participants: int = 1,
+                 clip_lr: float = 0.2, count_noise_multiplier: float | None = None, min_participants: int | None = None,
                  noise: str = "secure", budget_stop: bool = True, calibration_rounds: int | None = None,
                  sample_level_dp: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -149,18 +167,22 @@ class DPFedAvg(SampleLevelHooks):
                               f"clip_lr={clip_lr!r} must be > 0.")
         if adaptive_clipping and placement == "local":
             raise ConfigError("dp-fedavg adaptive_clipping=True needs placement 'server' or 'distributed'.")
-        if int(min_participants) != min_participants or min_participants < 1:
-            raise ConfigError(f"dp-fedavg min_participants={min_participants!r} must be an integer >= 1.")
+        if min_participants is not None:
+            raise ConfigError(f"dp-fedavg min_participants={min_participants!r} is no longer a setting: with "
+                              "placement='distributed' each site adds sigma^2/m for the m participants the server "
+                              "announces, so the aggregate's noise never depends on who took part; drop the key.")
         if calibration_rounds is not None and calibration_rounds < 1:
             raise ConfigError(f"dp-fedavg calibration_rounds={calibration_rounds!r} must be >= 1.")
         self.target_epsilon, self.delta, self.clip_norm = target_epsilon, float(delta), float(clip_norm)
+        self._initial_clip = float(clip_norm)
         self.clipping, self.placement, self.accountant = clipping, NoisePlacement(placement), accountant
         self.adaptive, self.target_quantile, self.clip_lr = bool(adaptive_clipping), target_quantile, clip_lr
-        self.min_participants, self.noise, self.budget_stop = int(min_participants), noise, bool(budget_stop)
+        self.noise, self.budget_stop = noise, bool(budget_stop)
         self._z_given, self._z_count_given = noise_multiplier, count_noise_multiplier
         self.calibration_rounds = calibration_rounds
         self.ledger = PrivacyLedger(delta=self.delta, accountant=accountant, target_epsilon=target_epsilon)
-        self._round, self._dropped, self._dropped_total, self._aborted = 0, 0, 0, 0
+        self._round, self._dropped, self._dropped_total = 0, 0, 0
+        self._announced: int | None = None  # m: participants announced for this round (distributed shares)
         self._configured, self._sigmas = False, None
 
     # ------------------------------------------------------------------ set-up
@@ -225,10 +247,25 @@ class DPFedAvg(SampleLevelHooks):
         return NoiseSource(generator=torch_generator(self.seed, _NOISE_STREAM, round_index, party))
 
     # ------------------------------------------------------------------ round hooks
+    def select(self, client_ids: Sequence[int], config: FederatedConfig, rng: Any) -> list[int]:
+        """Poisson-sample the sites and announce their number m (the distributed noise shares)."""
+        selected = super().select(client_ids, config, rng)
+        self.announce_participants(len(selected))
+        return selected
+
+    def announce_participants(self, count: int) -> None:
+        """Server side: the number m of participants asked to contribute this round. Under
+        ``distributed`` placement each adds N(0, sigma_g^2 / m) (the count is told to the
+        participants in :meth:`round_instructions`, never released). The Flower app announces the
+        selected sites that are connected."""
+        if int(count) != count or count < 0:
+            raise PrivacyError(f"announced participant count {count!r} must be an integer >= 0.")
+        self._announced = int(count)
+
     def before_round(self, round_index: int) -> None:
         if not self._configured:
             raise PrivacyError(f"{self.name} was not configured; run it through FederatedSimulation.")
-        self._round, self._dropped, self._sigmas = round_index, 0, None
+        self._round, self._dropped, self._sigmas, self._announced = round_index, 0, None, None
         if self.budget_stop and self.ledger.would_exceed(*self.release):
             raise StopTraining(f"round {round_index} would take epsilon above the budget "
                                f"{self.target_epsilon} (now {self.ledger.epsilon():.4g}, delta={self.delta:g})")
@@ -237,7 +274,13 @@ class DPFedAvg(SampleLevelHooks):
         """Server side: this round's clip norm C and per-group noise scales sigma_g (public: they come
         from the calibration, the public set and released models, never from a site's data)."""
         sigmas = self._round_sigmas(global_state)
-        return {"clip_norm": float(self.clip_norm), **{f"sigma/{g}": float(sigmas[g]) for g in self.groups}}
+        out = {"clip_norm": float(self.clip_norm), **{f"sigma/{g}": float(sigmas[g]) for g in self.groups}}
+        if self.placement is NoisePlacement.DISTRIBUTED:
+            if self._announced is None:
+                raise PrivacyError(f"round {round_index}: announce the participant count (select() or "
+                                   "announce_participants()) before the instructions of a distributed round.")
+            out["participants"] = float(self._announced)
+        return out
 
     def apply_round_instructions(self, round_index: int, instructions: dict[str, float]) -> None:
         """Site side (Flower): use the server's C and sigma_g, so the site clips and noises exactly as the
@@ -251,6 +294,11 @@ class DPFedAvg(SampleLevelHooks):
         self._round, self._dropped = round_index, 0
         self._set_bounds(float(instructions["clip_norm"]))
         self._sigmas = {g: float(instructions[f"sigma/{g}"]) for g in self.groups}
+        if self.placement is NoisePlacement.DISTRIBUTED:
+            if "participants" not in instructions:
+                raise PrivacyError(f"round {round_index}: a distributed round needs the announced participant count "
+                                   "('participants') to size this site's noise share sigma^2/m.")
+            self.announce_participants(int(instructions["participants"]))
 
     def _round_sigmas(self, global_state: State) -> dict[str, float]:
         if self._sigmas is None:  # once per round, from public quantities only
@@ -275,7 +323,7 @@ class DPFedAvg(SampleLevelHooks):
             delta = {n: torch.zeros(s) for n, s in self.shapes.items()}
         clipped, norms = clip_per_group(delta, self.groups, self.clip_bounds)
         if self.placement is not NoisePlacement.SERVER:
-            stds = per_participant_noise_std(self.placement, self._sigmas, self.min_participants).participant_std
+            stds = self.participant_noise_stds()
             noise = gaussian_noise_like(clipped, stds, self.groups, self._source(round_index, update.site_id + 1))
             clipped = {n: clipped[n] + noise[n] for n in clipped}
         if self.adaptive:  # b_k = 1[||Delta_k|| <= C]; never released raw except to a trusted server
@@ -283,10 +331,25 @@ class DPFedAvg(SampleLevelHooks):
             indicator = torch.tensor([bit], dtype=torch.float64)
             if self.placement is NoisePlacement.DISTRIBUTED:
                 source = self._source(round_index, update.site_id + 1)
-                share = self.count_noise_multiplier / math.sqrt(self.min_participants)
+                share = self.count_noise_multiplier / math.sqrt(self._participants_for_shares())
                 indicator = indicator + share * source.standard_normal((1,), dtype=torch.float64)
             clipped[CLIP_INDICATOR] = indicator
         return clipped
+
+    def _participants_for_shares(self) -> int:
+        if self._announced is None:
+            raise PrivacyError("a distributed-placement site needs the announced participant count m before it can "
+                               "draw its noise share sigma^2/m (select() / announce_participants() / instructions).")
+        return max(1, self._announced)
+
+    def participant_noise_stds(self) -> dict[str, float]:
+        """Site side: the std per group this site adds (distributed: sigma_g / sqrt(m); local: sigma_g).
+
+        The one place the share is sized: a deliberately broken variant (sigma_g / sqrt(m_min), whose
+        aggregate variance grows with the participant count) is a subclass overriding this method.
+        """
+        m = self._participants_for_shares() if self.placement is NoisePlacement.DISTRIBUTED else 1
+        return per_participant_noise_std(self.placement, self._sigmas, m).participant_std
 
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
                   round_index: int) -> State:
@@ -314,36 +377,46 @@ class DPFedAvg(SampleLevelHooks):
 
         :meth:`aggregate` calls it after validating each update; an engine with secure aggregation
         (Flower + SecAgg+) calls it directly with the unmasked sum, which is all such a server ever
-        sees. ``num_participants`` is the number of updates in the sum: with ``distributed``
-        placement fewer than ``min_participants`` would carry too little noise, so nothing is
-        released (secure aggregation must also refuse to unmask such a sum, see the Flower app).
+        sees. ``num_participants`` is the number s of updates in the sum. Under ``distributed``
+        placement the m announced participants each added sigma_g^2 / m, so when s < m (dropouts, a
+        failed secure sum, m = 0) the server adds the missing N(0, sigma_g^2 (m - s) / m): the
+        released sum always carries exactly sigma_g^2, and nothing is ever aborted.
         """
         sigmas = self._round_sigmas(global_state)
-        if self.placement is NoisePlacement.DISTRIBUTED and num_participants < self.min_participants:
-            # Secure aggregation would not unmask the sum: nothing is released this round.
-            self._aborted += 1
-            logger.warning("round %d aborted: %d < min_participants=%d", round_index, num_participants,
-                           self.min_participants)
-            return global_state
-        source = self._source(round_index, 0)
         new_state = {n: total[n] for n in global_state}
-        if self.placement is NoisePlacement.SERVER and any(v > 0 for v in sigmas.values()):
-            noise = gaussian_noise_like(new_state, sigmas, self.groups, source)
+        server_std, source = self._server_noise_fraction(num_participants), self._source(round_index, 0)
+        if server_std > 0 and any(v > 0 for v in sigmas.values()):
+            noise = gaussian_noise_like(new_state, {g: v * server_std for g, v in sigmas.items()}, self.groups, source)
             new_state = {n: t + noise[n] for n, t in new_state.items()}
         new_state = {n: global_state[n] + (t / self.expected_participants).to(global_state[n].dtype)
                      for n, t in new_state.items()}
         if self.adaptive:
-            count = float(total[CLIP_INDICATOR].sum())
-            if self.placement is NoisePlacement.SERVER:
-                count += self.count_noise_multiplier * float(source.standard_normal((1,), dtype=torch.float64))
-            fraction = count / self.expected_participants  # noisy: post-processing of the release
-            self._set_bounds(self.clip_norm * math.exp(-self.clip_lr * (fraction - self.target_quantile)))
+            count = float(total[CLIP_INDICATOR].sum()) if CLIP_INDICATOR in total else 0.0
+            if server_std > 0:
+                count += server_std * self.count_noise_multiplier * float(source.standard_normal((1,), dtype=torch.float64))
+            # Post-processing of the noisy count, so free: clip the fraction to [0, 1] and C to
+            # [C0 / R, C0 R]. With few sites the count noise z_b / (qN) dwarfs the count (3 sites,
+            # z_b = 60: std 20), and the unclipped rule drove C from 1 to 6e-12 to 9e4 (issue 14).
+            fraction = min(1.0, max(0.0, count / self.expected_participants))
+            step = math.exp(-self.clip_lr * (fraction - self.target_quantile))
+            self._set_bounds(min(self._initial_clip * _ADAPTIVE_RANGE,
+                                 max(self._initial_clip / _ADAPTIVE_RANGE, self.clip_norm * step)))
             self.ledger.record_joint(name="update+clip_count", round=round_index, sample_rate=self.release.sample_rate,
                                      noise_multipliers=[self.update_noise_multiplier, self.count_noise_multiplier])
         else:
             self.ledger.record(name="update", noise_multiplier=self.release.noise_multiplier,
                                sample_rate=self.release.sample_rate, round=round_index)
         return new_state
+
+    def _server_noise_fraction(self, arrived: int) -> float:
+        """The server's noise std as a fraction of sigma_g: 1 (server placement), the top-up
+        sqrt((m - s) / m) of missing distributed shares, 0 (local placement)."""
+        if self.placement is NoisePlacement.SERVER:
+            return 1.0
+        if self.placement is NoisePlacement.LOCAL:
+            return 0.0
+        announced = arrived if self._announced is None else self._announced
+        return server_top_up_std(1.0, announced, arrived)
 
     # ------------------------------------------------------------------ reports and state
     def round_report(self, round_index: int) -> dict[str, float]:
@@ -358,24 +431,19 @@ class DPFedAvg(SampleLevelHooks):
                "final_clip_norm": self.clip_norm, "noise": self.noise}
         if not self.secret_randomness:
             out["not_private"] = NOT_PRIVATE_WARNING
-        if self.placement is NoisePlacement.DISTRIBUTED:
-            # P[fewer than m_min of the other N-1 sites sampled]: the abort event is outside the
-            # Gaussian analysis; add this (per round, times rounds) to delta.
-            out["abort_probability_per_round"] = float(binom.cdf(self.min_participants - 1, self.num_clients - 1,
-                                                                 self.sample_rate))
-            out["aborted_rounds"] = self._aborted
+        out["adjacency"], out["trust_model"] = _TRUST[self.placement]
         return {"privacy": out, **self._sample_summary()}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, _ = super().state_dict()
         return tensors, {"ledger": self.ledger.state_dict(), "clip_norm": self.clip_norm,
-                         "dropped_total": self._dropped_total, "aborted": self._aborted,
+                         "dropped_total": self._dropped_total,
                          "sample_dp": None if self.sample_dp is None else self.sample_dp.state_dict()}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         super().load_state_dict(tensors, state)
         self.ledger.load_state_dict(state["ledger"])
         self._set_bounds(float(state["clip_norm"]))
-        self._dropped_total, self._aborted = int(state["dropped_total"]), int(state["aborted"])
+        self._dropped_total = int(state["dropped_total"])
         if self.sample_dp is not None:
             self.sample_dp.load_state_dict(state["sample_dp"])

@@ -203,6 +203,7 @@ class FederatedSimulation:
                         state={"round": t, "communication": self.counter.state_dict(),
                                "strategy": strategy_state, "history": self.history})
         prune_checkpoints(self.run_dir.checkpoint_dir, self.config.keep_checkpoints)
+        self.run_dir.write_manifest()
 
     def _resume(self) -> int:
         """Restore the latest checkpoint if there is one; return the first round still to run."""

@@ -8,6 +8,13 @@ Writes are atomic: both files are written to temporary names, flushed to disk, t
 place with ``os.replace``. A crash mid-write leaves the previous checkpoint intact. The JSON file
 records the SHA-256 of the tensor file, so a truncated or mismatched pair is detected on load and
 reported as :class:`CheckpointError` instead of silently resuming from garbage.
+
+What a federated run's checkpoint holds (``FederatedSimulation._save``): the global model, the
+strategy's state (per-site personal models and masks, the privacy ledger, the adaptive clip bound),
+per-site communication counters and the per-round history with its private columns. It is as
+secret as the sites' data: :class:`~mmpfl_core.io.run_directory.RunDirectory` keeps checkpoints
+under ``private/``. It holds no state of secret random sources (private noise and sampling keep
+none), so resuming a private run reproduces its epsilon, not its bits.
 """
 from __future__ import annotations
 

@@ -1,11 +1,33 @@
-"""A run directory: everything needed to read, reproduce or resume one experiment.
+"""A run directory: everything needed to read, reproduce or resume one experiment, scoped by who may see it.
 
-Layout of ``<root>/<name>/``::
+Layout of ``<root>/<name>/`` (``MANIFEST.json`` tags every file with its scope)::
 
-    config.json     {"config": resolved config (with the seed), "environment": package versions}
-    metrics.csv     one row per round; columns fixed by the first row
-    summary.json    final numbers, written by write_summary
-    checkpoints/    round_NNNN.safetensors + round_NNNN.json (see mmpfl_core.io.checkpoint)
+    MANIFEST.json          scope of every file: released / private-to-site / operator-only
+    config.json            released: the resolved config (with the seed) and package versions
+    metrics.csv            released: per round, only RELEASED columns (:func:`column_scope`)
+    summary.json           released: final numbers, only released keys (:func:`split_summary`)
+    private/               never shared, never read by reports or notebook outputs
+      round_metrics.csv    operator-only: the other columns (participant counts, exact training
+                           losses, bytes, timing, per-site accuracies, mask statistics)
+      summary.json         operator-only: the other summary keys (bytes, per-site epsilons, ...)
+      site_<k>/masks.json  private-to-site: site k's personalisation mask (parameter groups)
+      checkpoints/         operator-only: round_NNNN.safetensors + .json (mmpfl_core.io.checkpoint)
+
+Scopes. *released*: what may be published beside the model: quantities covered by the DP
+guarantee or computed from public data only (epsilon from the ledger, the adaptive clip bound,
+settings), plus pooled evaluation metrics of the global and deployed models on the sites'
+held-out splits, which are NOT covered by the guarantee (DESIGN 4.6): the simulation shows them for
+teaching, a deployment must noise them or state so. *private-to-site*: derived from one site's
+data (its mask, personal model). *operator-only*: what the simulation operator, who plays every
+site, holds: participant lists and counts (secret for amplification by sampling), exact losses,
+byte counters, checkpoints.
+
+A checkpoint holds the global model, the strategy's state (per-site personal models and masks,
+the ledger, the adaptive clip bound), the communication counters (per site) and the per-round
+history with its private columns; it holds no state of the secret random sources (there is none
+to hold: :mod:`mmpfl_core.privacy.randomness`). It is as secret as the sites' data. Resuming a
+private run from it gives the same epsilon (the ledger), not the same bits; with
+``noise="reproducible-insecure"`` resuming is bit-identical and nothing is private.
 
 Resuming checks that the stored config equals the requested one (environment info is ignored,
 so a resumed run may use a newer library), and :meth:`RunDirectory.truncate_after` drops metric
@@ -29,9 +51,9 @@ import numpy as np
 import pandas as pd
 
 from mmpfl_core.errors import MMPFLError
+from mmpfl_core.io.scopes import OPERATOR_ONLY, PRIVATE_TO_SITE, RELEASED, split_row, split_summary
 
 _PACKAGES = ("torch", "timm", "opacus", "numpy")
-
 
 class RunDirectoryError(MMPFLError, ValueError):
     """A run directory conflicts with the requested run, or a metrics row breaks the CSV schema."""
@@ -101,7 +123,12 @@ class RunDirectory:
     config_path = property(lambda self: self.path / "config.json")
     metrics_path = property(lambda self: self.path / "metrics.csv")
     summary_path = property(lambda self: self.path / "summary.json")
-    checkpoint_dir = property(lambda self: self.path / "checkpoints")
+    manifest_path = property(lambda self: self.path / "MANIFEST.json")
+    private_dir = property(lambda self: self.path / "private")
+    private_metrics_path = property(lambda self: self.path / "private" / "round_metrics.csv")
+    private_summary_path = property(lambda self: self.path / "private" / "summary.json")
+    #: Checkpoints are as secret as the data (personal models, masks, per-site counters): private/.
+    checkpoint_dir = property(lambda self: self.path / "private" / "checkpoints")
 
     @classmethod
     def create(cls, root: Path | str, name: str, config: Mapping[str, Any], *,
@@ -136,8 +163,10 @@ class RunDirectory:
             path.mkdir(parents=True, exist_ok=True)
             _write_text_atomic(path / "config.json", json.dumps(
                 {"config": plain, "environment": environment_info()}, indent=1))
-        (path / "checkpoints").mkdir(exist_ok=True)
-        return cls(path)
+        (path / "private" / "checkpoints").mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        run.write_manifest()
+        return run
 
     @property
     def config(self) -> dict[str, Any]:
@@ -149,68 +178,131 @@ class RunDirectory:
         """Environment info recorded when the run was created."""
         return json.loads(self.config_path.read_text(encoding="utf-8"))["environment"]
 
-    def _columns(self) -> list[str] | None:
-        if not self.metrics_path.is_file() or self.metrics_path.stat().st_size == 0:
+    @staticmethod
+    def _columns(path: Path) -> list[str] | None:
+        if not path.is_file() or path.stat().st_size == 0:
             return None
-        with open(self.metrics_path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8") as fh:
             return next(csv.reader(fh), None)
 
     def log_round(self, row: Mapping[str, Any]) -> None:
-        """Append one row to ``metrics.csv``.
+        """Append one row: released columns to ``metrics.csv``, the rest to ``private/round_metrics.csv``.
 
-        The first row fixes the columns and must contain ``"round"``. Later rows may omit
-        columns (written empty, read back as NaN) but may not add new ones.
+        The first row fixes the columns of each file and must contain ``"round"``. Later rows may
+        omit columns (written empty, read back as NaN) but may not add new ones.
 
         Raises:
             RunDirectoryError: ``"round"`` is missing or the row has keys outside the columns.
         """
         if "round" not in row:
             raise RunDirectoryError(f"metrics row {dict(row)} has no 'round' key; add the round number.")
-        columns = self._columns()
-        new_file = columns is None
-        if new_file:
-            columns = [str(k) for k in row]
-        extra = [k for k in row if str(k) not in columns]
-        if extra:
-            raise RunDirectoryError(f"metrics row has new columns {extra}; metrics.csv has {columns}. "
-                                    "Log every column from the first round on (use NaN when unknown).")
-        with open(self.metrics_path, "a", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            if new_file:
-                writer.writeheader()
-            writer.writerow({str(k): v for k, v in row.items()})
+        released, private = split_row(row)
+        self.private_dir.mkdir(exist_ok=True)
+        plan = []
+        for path, part in ((self.metrics_path, released), (self.private_metrics_path, private)):
+            columns = self._columns(path)
+            new_file = columns is None
+            columns = [str(k) for k in part] if new_file else columns
+            extra = [k for k in part if str(k) not in columns]
+            if extra:  # checked for both files before either is written
+                raise RunDirectoryError(f"metrics row has new columns {extra}; {path.name} has {columns}. "
+                                        "Log every column from the first round on (use NaN when unknown).")
+            plan.append((path, part, columns, new_file))
+        for path, part, columns, new_file in plan:
+            with open(path, "a", newline="", encoding="utf-8") as fh:
+                writer = csv.DictWriter(fh, fieldnames=columns)
+                if new_file:
+                    writer.writeheader()
+                writer.writerow({str(k): v for k, v in part.items()})
+        created = any(new_file for *_, new_file in plan)
+        if created:
+            self.write_manifest()
 
     def truncate_after(self, round: int) -> int:
-        """Drop metric rows with ``round > round`` (before resuming from that round).
+        """Drop metric rows with ``round > round`` (before resuming from that round), in both files.
 
         Returns:
-            The number of rows removed.
+            The number of rows removed from ``metrics.csv``.
         """
-        columns = self._columns()
-        if columns is None:
-            return 0
-        with open(self.metrics_path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-        keep = [r for r in rows if float(r["round"]) <= round]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(keep)
-        _write_text_atomic(self.metrics_path, buf.getvalue())
-        return len(rows) - len(keep)
+        removed = 0
+        for path in (self.metrics_path, self.private_metrics_path):
+            columns = self._columns(path)
+            if columns is None:
+                continue
+            with open(path, newline="", encoding="utf-8") as fh:
+                rows = list(csv.DictReader(fh))
+            keep = [r for r in rows if float(r["round"]) <= round]
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(keep)
+            _write_text_atomic(path, buf.getvalue())
+            if path == self.metrics_path:
+                removed = len(rows) - len(keep)
+        return removed
 
-    def read_metrics(self) -> pd.DataFrame:
-        """``metrics.csv`` as a DataFrame (empty if nothing was logged yet)."""
-        if self._columns() is None:
+    def read_metrics(self, *, include_private: bool = False) -> pd.DataFrame:
+        """``metrics.csv`` as a DataFrame (empty if nothing was logged yet); with
+        ``include_private`` joined with ``private/round_metrics.csv`` on ``round`` (operator use)."""
+        if self._columns(self.metrics_path) is None:
             return pd.DataFrame()
-        return pd.read_csv(self.metrics_path)
+        frame = pd.read_csv(self.metrics_path)
+        if include_private and self._columns(self.private_metrics_path) is not None:
+            frame = frame.merge(pd.read_csv(self.private_metrics_path), on="round", how="outer")
+        return frame
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        """Write ``summary.json`` atomically (replacing any earlier summary)."""
-        _write_text_atomic(self.summary_path, json.dumps(_plain(summary, "summary"), indent=1))
+        """Write the released part to ``summary.json`` and the rest under ``private/`` (atomically):
+        site k's mask to ``private/site_<k>/masks.json``, every other private key to
+        ``private/summary.json``; then refresh the manifest."""
+        released, private = split_summary(_plain(summary, "summary"))
+        masks = private.pop("masks", None)
+        _write_text_atomic(self.summary_path, json.dumps(released, indent=1))
+        self.private_dir.mkdir(exist_ok=True)
+        _write_text_atomic(self.private_summary_path, json.dumps(private, indent=1))
+        if isinstance(masks, Mapping):
+            for site, groups in masks.items():
+                folder = self.private_dir / f"site_{site}"
+                folder.mkdir(exist_ok=True)
+                _write_text_atomic(folder / "masks.json", json.dumps({"site": site, "personal_groups": groups}, indent=1))
+        self.write_manifest()
 
-    def read_summary(self) -> dict[str, Any]:
-        """The contents of ``summary.json``."""
+    def read_summary(self, *, include_private: bool = False) -> dict[str, Any]:
+        """The contents of ``summary.json``; with ``include_private`` merged with ``private/`` (the
+        operator's full summary, masks under ``"masks"``)."""
         if not self.summary_path.is_file():
             raise RunDirectoryError(f"{self.summary_path} does not exist yet; call write_summary first.")
-        return json.loads(self.summary_path.read_text(encoding="utf-8"))
+        out = json.loads(self.summary_path.read_text(encoding="utf-8"))
+        if include_private and self.private_summary_path.is_file():
+            for key, value in json.loads(self.private_summary_path.read_text(encoding="utf-8")).items():
+                out[key] = {**out[key], **value} if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+            masks = {json.loads(p.read_text())["site"]: json.loads(p.read_text())["personal_groups"]
+                     for p in sorted(self.private_dir.glob("site_*/masks.json"))}
+            if masks:
+                out["masks"] = {str(k): v for k, v in masks.items()}
+        return out
+
+    def scope_of(self, path: Path | str) -> str:
+        """The scope of a file of this run directory (see the module docstring)."""
+        rel = Path(path).resolve().relative_to(self.path.resolve()).as_posix()
+        if rel.startswith("private/site_"):
+            return PRIVATE_TO_SITE
+        if rel.startswith("private/"):
+            return OPERATOR_ONLY
+        if rel in ("MANIFEST.json", "config.json", "metrics.csv", "summary.json"):
+            return RELEASED
+        return OPERATOR_ONLY  # unknown files are not released until classified
+
+    def write_manifest(self) -> dict[str, str]:
+        """Write ``MANIFEST.json``: every file of the run directory with its scope; returns the map."""
+        files = sorted(p for p in self.path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        scopes = {p.relative_to(self.path).as_posix(): self.scope_of(p) for p in files}
+        scopes["MANIFEST.json"] = RELEASED
+        manifest = {"scopes": dict(sorted(scopes.items())),
+                    "meaning": {RELEASED: "may be shared beside the model: covered by the DP guarantee, public, or "
+                                          "pooled evaluation outside the guarantee (DESIGN 4.6)",
+                                PRIVATE_TO_SITE: "derived from one site's private data: that site only",
+                                OPERATOR_ONLY: "held by whoever runs the simulation (it plays every site): participant "
+                                               "lists, exact losses, byte counters, checkpoints; as secret as the data"}}
+        _write_text_atomic(self.manifest_path, json.dumps(manifest, indent=1))
+        return manifest["scopes"]

@@ -40,6 +40,7 @@ from mmpfl_core.privacy.mechanisms import (
     gaussian_noise_like,
     per_participant_noise_std,
     release_accounting,
+    server_top_up_std,
 )
 
 __all__ = [
@@ -49,6 +50,6 @@ __all__ = [
     "compose_epsilon", "compute_epsilon", "diagonal_fisher", "effective_multiplier_of",
     "effective_noise_multiplier", "fisher_noise_allocation", "fisher_weighted_noise",
     "floor_fisher", "gaussian_noise_like", "global_norm", "group_fisher", "group_norms",
-    "per_participant_noise_std", "release_accounting", "uniform_noise_allocation",
+    "per_participant_noise_std", "release_accounting", "server_top_up_std", "uniform_noise_allocation",
     "validate_update",
 ]

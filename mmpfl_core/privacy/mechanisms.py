@@ -22,7 +22,7 @@ from mmpfl_core.errors import PrivacyError
 from mmpfl_core.privacy.randomness import secure_standard_normal
 
 __all__ = ["NOT_PRIVATE_WARNING", "NoisePlacement", "NoiseSource", "NoiseSplit", "ReleaseAccounting",
-           "gaussian_noise_like", "per_participant_noise_std", "release_accounting"]
+           "gaussian_noise_like", "per_participant_noise_std", "release_accounting", "server_top_up_std"]
 
 #: What every artefact of a run with reproducible noise must say beside its epsilon.
 NOT_PRIVATE_WARNING = "not private: noise can be regenerated from the seed"
@@ -134,24 +134,37 @@ def gaussian_noise_like(update: Mapping[str, torch.Tensor], stds: Mapping[str, f
 
 
 class NoisePlacement(str, Enum):
-    """Who adds the noise, and whom the guarantee protects against (DESIGN 4.2)."""
+    """Who adds the noise, the adjacency each placement's epsilon is stated for, and whom it protects
+    against (DESIGN 4.2). In every placement the round's released sum carries noise of variance
+    exactly sigma_g^2 per coordinate whoever took part, so the released model is distributed as
+    ``theta + (sum_k clip(Delta_k) + N(0, sigma_g^2)) / (qN)``."""
 
     SERVER = "server"
-    """A trusted aggregator sees the clipped updates and adds N(0, sigma_g^2) per coordinate to their
-    sum. The guarantee covers everything released from the server (global models, reports), not
-    the server itself."""
+    """Adjacency: add/remove one site; amplification by Poisson sampling at rate q (the sample is
+    secret). Trust: an honest-but-curious server that sees the clipped updates and adds
+    N(0, sigma_g^2) per coordinate to their sum; the guarantee covers everything released from the
+    server (global models, reports), not the server itself."""
 
     DISTRIBUTED = "distributed"
-    """Each participant adds N(0, sigma_g^2 / m_min) to its clipped update; the server sees only the
-    sum through secure aggregation, which holds at least the full sigma_g^2 when at least m_min
-    sites take part. Fewer participants: abort the round (or recompute the guarantee for the noise
-    present). Without secure aggregation this gives NO guarantee against the server, which sees
-    each individual, under-noised update."""
+    """Adjacency: add/remove one site; amplification by Poisson sampling at rate q against everyone
+    outside the protocol. Each of the m participants the server announced for the round adds
+    N(0, sigma_g^2 / m), so the sum carries exactly sigma_g^2 whatever m is: the aggregate's noise
+    does not depend on who took part (shares of sigma_g^2 / m_min would make its variance grow with
+    m and reveal participation). If only s < m announced updates reach the sum (dropouts, a failed
+    secure sum), the server tops the noise up with N(0, sigma_g^2 (m - s) / m), all of it when
+    nobody's update arrives. There is no threshold and no abort that depends on the sample, so
+    nothing is added to delta. Trust: an honest-but-curious server that sees only the sum through
+    secure aggregation (SecAgg+ in the Flower app; assumed, not simulated, in-process). The server
+    knows whom it sampled, so against the server there is no amplification by sampling: its view
+    of a round is the Gaussian mechanism with the round's multiplier on the participants (weaker
+    in a round it had to top up). Without secure aggregation this gives NO guarantee against the
+    server, which would see each individual, under-noised update."""
 
     LOCAL = "local"
-    """Each transmitted update is itself private: the site adds the full N(0, sigma_g^2). Under
-    replace-one-site adjacency the sensitivity is 2C; a site's releases compose over the rounds it
-    took part in, with no amplification by sampling (the server sees who sent what)."""
+    """Adjacency: replace one site (its update changes arbitrarily), so sensitivity 2C. Each
+    transmitted update is itself private: the site adds the full N(0, sigma_g^2). Trust: none in
+    the server, which sees who sent what, so no amplification by sampling; a site's releases compose
+    over the rounds it took part in (charged every round here: an upper bound)."""
 
 
 class NoiseSplit(NamedTuple):
@@ -163,21 +176,23 @@ class NoiseSplit(NamedTuple):
 
 def per_participant_noise_std(placement: NoisePlacement | str,
                               sigma: float | Mapping[str, float],
-                              min_participants: int = 1) -> NoiseSplit:
+                              participants: int = 1) -> NoiseSplit:
     """Split the noise std sigma (per coordinate of the sum) between participants and server.
 
     * server: participants 0, server sigma.
-    * distributed: each participant sigma / sqrt(m_min), server 0; m_min >= 1 participants
-      together add variance >= sigma^2.
+    * distributed: each of the ``participants`` = m announced participants sigma / sqrt(m), server
+      0: m shares add variance exactly sigma^2 (with m = 0 the server adds all of it, see
+      :func:`server_top_up_std`).
     * local: each participant sigma (its own update is the release), server 0.
 
     ``sigma`` may be one float or a dict of per-group stds; the split is applied to each.
     """
     placement = NoisePlacement(placement)
-    if int(min_participants) != min_participants or min_participants < 1:
-        raise PrivacyError(f"min_participants={min_participants!r} must be an integer >= 1.")
+    if int(participants) != participants or participants < 1:
+        raise PrivacyError(f"participants={participants!r} must be an integer >= 1 (the count the server "
+                           "announced for this round).")
     factor = {NoisePlacement.SERVER: (0.0, 1.0),
-              NoisePlacement.DISTRIBUTED: (1.0 / math.sqrt(min_participants), 0.0),
+              NoisePlacement.DISTRIBUTED: (1.0 / math.sqrt(participants), 0.0),
               NoisePlacement.LOCAL: (1.0, 0.0)}[placement]
 
     def split(s: float) -> tuple[float, float]:
@@ -191,6 +206,18 @@ def per_participant_noise_std(placement: NoisePlacement | str,
     return NoiseSplit(*split(float(sigma)))
 
 
+def server_top_up_std(sigma: float, announced: int, arrived: int) -> float:
+    """Distributed placement: the std the server adds when only ``arrived`` of the ``announced``
+    participants' shares reached the sum, so that the sum carries variance exactly sigma^2:
+    sigma * sqrt((m - s) / m), and sigma itself when m = 0 (nobody was sampled)."""
+    if int(announced) != announced or int(arrived) != arrived or not 0 <= arrived <= announced:
+        raise PrivacyError(f"arrived={arrived!r} must be an integer in [0, announced={announced!r}]: more updates "
+                           "than announced participants would carry too much noise in the sum and shift the release.")
+    if announced == 0:
+        return float(sigma)
+    return float(sigma) * math.sqrt((announced - arrived) / announced)
+
+
 class ReleaseAccounting(NamedTuple):
     """What to give the accountant for one round: multiplier and sampling rate."""
 
@@ -199,15 +226,14 @@ class ReleaseAccounting(NamedTuple):
 
 
 def release_accounting(placement: NoisePlacement | str, noise_multiplier: float,
-                       sample_rate: float, *, participants: int | None = None,
-                       min_participants: int = 1) -> ReleaseAccounting:
+                       sample_rate: float) -> ReleaseAccounting:
     """Map a round's effective multiplier z_eff (DESIGN 4.1) to accountant inputs per placement.
 
-    * server / distributed: sites are Poisson-sampled with rate q and the server releases (or
-      sees) only the noisy sum, so the round is the subsampled Gaussian mechanism with
-      multiplier z_eff and rate q: amplification by sampling applies (add/remove-one-site
-      adjacency, fixed denominator qN). For distributed, a round with fewer than
-      ``min_participants`` participants did not get the full noise: PrivacyError (abort it).
+    * server / distributed: sites are Poisson-sampled with rate q and what is released is the sum
+      with noise of variance exactly sigma_g^2 (distributed: shares sigma_g^2 / m of the m
+      announced participants, topped up by the server for missing shares), so the round is the
+      subsampled Gaussian mechanism with multiplier z_eff and rate q: amplification by sampling
+      applies (add/remove-one-site adjacency, fixed denominator qN), whoever took part.
     * local: each site's update is released on its own. Under replace-one-site adjacency two
       clipped updates differ by up to 2C, so the multiplier is z_eff / 2; the server sees who
       sent what, so there is no amplification: rate 1, and the steps are the rounds this site
@@ -223,9 +249,4 @@ def release_accounting(placement: NoisePlacement | str, noise_multiplier: float,
         raise PrivacyError(f"sample_rate={sample_rate!r} must lie in (0, 1].")
     if placement is NoisePlacement.LOCAL:
         return ReleaseAccounting(noise_multiplier / 2.0, 1.0)
-    if (placement is NoisePlacement.DISTRIBUTED and participants is not None
-            and participants < min_participants):
-        raise PrivacyError(f"only {participants} sites took part but distributed noise assumes at "
-                           f"least min_participants={min_participants}; abort this round (release "
-                           "nothing) or lower min_participants before the round starts.")
     return ReleaseAccounting(float(noise_multiplier), float(sample_rate))

@@ -21,6 +21,22 @@ def plot_epsilon(runs: Mapping[str, RunResult]):
     return ax
 
 
+#: Said wherever personalised accuracy stands beside a client-level epsilon (DESIGN 4.6).
+_PERSONAL_NOTE = ("*epsilon (site)* covers what leaves the sites: the released global model. Personal parameters "
+                  "never leave their site, and a personalised model that is released or queried is NOT covered by "
+                  "that epsilon; only *epsilon (patient)* (DP-SGD inside the site) protects its patients.")
+
+
+def _not_private_lines(experiment) -> list[str]:
+    """A warning naming the methods that ran with reproducible (regenerable) noise."""
+    from ..privacy import NOT_PRIVATE_WARNING
+    labels = [m.label for m in experiment.methods if m.kwargs.get("noise") == "reproducible-insecure"]
+    if not labels:
+        return []
+    return ["", f"**Not private** ({', '.join(labels)}): noise='reproducible-insecure', {NOT_PRIVATE_WARNING}. "
+                "Their epsilons describe the noise these runs drew, not a guarantee anyone can rely on."]
+
+
 def report_markdown(plan: ReproductionPlan, main_alpha: float, main: pd.DataFrame, alpha_table: pd.DataFrame,
                     sweep: pd.DataFrame | None, claims: pd.DataFrame, figures: list[str],
                     membership: pd.DataFrame | None = None) -> str:
@@ -41,6 +57,9 @@ def report_markdown(plan: ReproductionPlan, main_alpha: float, main: pd.DataFram
         f"## Main comparison (alpha = {main_alpha:g})",
         markdown_table(main),
         "",
+        _PERSONAL_NOTE,
+        *_not_private_lines(c),
+        "",
         "## Personalised accuracy vs heterogeneity (lower alpha: more skewed sites)",
         markdown_table(alpha_table),
         "",
@@ -50,7 +69,7 @@ def report_markdown(plan: ReproductionPlan, main_alpha: float, main: pd.DataFram
                   "With a handful of hospitals, client-level DP needs a noise multiplier near 6 (epsilon 8, 100 rounds), "
                   "which swamps the update. Sampling from many more institutions (amplification by subsampling) and "
                   "sharing fewer parameters move that point; the table shows where it becomes usable here.",
-                  markdown_table(sweep), ""]
+                  markdown_table(sweep), "", _PERSONAL_NOTE, ""]
     if membership is not None:
         shown = membership.drop(columns=["AUC", "balanced acc", "balanced acc low", "balanced acc high"])
         lines += ["## Membership inference (is this patient in the training data?)",
