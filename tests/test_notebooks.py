@@ -48,6 +48,10 @@ def _expect_03(r: dict[str, Any]) -> None:
     assert 0 < r["dp_epsilon"] <= r["target_epsilon"]
     assert r["dp_epsilon_per_round"] == sorted(r["dp_epsilon_per_round"])
     assert 0.0 <= r["dp_fedavg_accuracy"] <= 1.0 and 0.0 <= r["fedavg_accuracy"] <= 1.0
+    # Secret noise by default; the noise-subtraction attack recovers the clipped sum only from reproducible noise.
+    assert r["dp_noise"] == "secure"
+    assert r["noise_subtraction_error_reproducible"] < 1e-3
+    assert r["noise_subtraction_error_secure"] > 0.5 * r["noise_to_signal_secure"] > 1
 
 
 def _expect_04(r: dict[str, Any]) -> None:
