@@ -6,14 +6,14 @@ federations: the held-out lower bound must stay at or below the accountant's eps
 correct mechanism and exceed it for every broken variant. All runs use the reproducible (NOT
 private) noise mode with fixed seeds, so CI is deterministic.
 
-Power (measured, delta = 1e-2, claim 1.999 = the PRV epsilon of one release calibrated to 2.0,
-2000 runs per world, 70% of them held out; in-process, 2 shared cores):
-    correct release             bound 0.0-1.4   (never above the claim)
-    noise x0.5                  bound 2.6-3.1   (true epsilon of the halved release 5.1)
-    no clipping (update 10 C)   bound 5.6-6.3   (saturated: ln(n / 3.7))
-    per-site sigma^2/m_min      bound 4.0       (participation test, 500 runs per world)
-On Gaussian samples with the same sizes (30 seeds, tests/test_attacks_distinguishing.py::
-test_power_on_gaussian_samples) the halved noise gave bounds 2.60-4.02 and the correct one 0.68-1.59.
+Power (measured with seeds 0-3, delta = 1e-2, claim 1.999 = the PRV epsilon of one release calibrated to 2.0,
+about 2000 runs per world of which 70% are held out, i.e. n = 1393-1407 evaluation runs per world):
+    correct release             bound 0.66-1.36  (never above the claim; 7 releases x 4 seeds)
+    noise x0.5                  bound 2.20-3.49  (true epsilon of the halved release at delta 1e-2: 5.1)
+    no clipping (update 10 C)   bound 5.9        (saturated: ln(n / 3.7))
+    per-site sigma^2/m_min      bound 4.38-4.53, accuracy 0.96-1.00 (participation test; correct: 0.0, 0.50-0.53)
+On Gaussian samples of the same sizes (30 seeds) halved noise gave 2.60-4.02 and the correct shift 0.68-1.59.
+The whole file costs about 50 s on 2 cores when they are not shared (measured 262 s beside other jobs).
 """
 from __future__ import annotations
 
@@ -118,14 +118,14 @@ def test_release_holds_its_claim_and_halved_noise_is_caught(strategy, placement)
 def test_missing_clip_is_caught(strategy, placement):
     config = NeighbourConfig(strategy=strategy, placement=placement, num_canaries=300, num_releases=1)
     result = projection_test(config, variant="no-clipping")
-    assert result.epsilon_lower_bound > 1.5 * result.claimed_epsilon, result  # measured 3.2-4.0 (saturated)
+    assert result.epsilon_lower_bound > 1.5 * result.claimed_epsilon, result  # measured 3.2-4.0 (saturated: ln(n / 3.7), n about 105)
 
 
 def test_distributed_aggregate_does_not_reveal_participation():
     correct = participation_test(NeighbourConfig(placement="distributed"))
     assert not correct.violates_claim and correct.accuracy < 0.6, correct
     broken = participation_test(NeighbourConfig(placement="distributed"), variant="per-site-noise-over-m-min")
-    assert broken.violates_claim and broken.accuracy > 0.95, broken  # measured accuracy 0.996, bound 4.0
+    assert broken.violates_claim and broken.accuracy > 0.9, broken  # measured accuracy 0.96-1.00, bound 4.4-4.5
 
 
 @pytest.mark.slow
