@@ -51,7 +51,7 @@ from pathlib import Path
 import psutil  # a dependency of flwr[simulation] (via ray): to find the SuperLink's detached children
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from credentials import Credentials, make_credentials  # noqa: E402  (this folder is not a package)
+from credentials import make_credentials  # noqa: E402  (this folder is not a package)
 
 APP_DIR = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
