@@ -162,6 +162,9 @@ def projection_test(config: NeighbourConfig = NeighbourConfig(), *, variant: str
     if config.strategy == "mm-pfl-adp":  # the real mask selection: a score above the threshold -> personal
         for i in np.flatnonzero(masked):
             strategy.masker.masks.update(int(i), 0, {"a": 0.0, "b": 1.0})
+            if strategy.masker.personal_groups(int(i)) != frozenset({"b"}):  # the mask rule changed: say so
+                raise ConfigError(f"canary {i}: the mask selection kept {sorted(strategy.masker.personal_groups(int(i)))} "
+                                  "personal for scores a=0, b=1; expected ['b'] (check DEFAULT_MASK's threshold).")
     else:
         masked[:] = False
     value = config.canary_norm / math.sqrt(2.0)
