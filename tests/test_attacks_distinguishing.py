@@ -13,8 +13,8 @@ about 2000 runs per world of which 70% are held out, i.e. n = 1393-1407 evaluati
     no clipping (update 10 C)   bound 5.9        (saturated: ln(n / 3.7))
     per-site sigma^2/m_min      bound 4.12-4.53, accuracy 0.96-1.00 (participation test; correct: 0.0, 0.50-0.53)
 On Gaussian samples of the same sizes (30 seeds) halved noise gave 2.60-4.02 and the correct shift 0.68-1.59.
-Cost: the per-release calls of this file summed to about 60 s on the shared 2-core machine (load average
-about 8); the whole file took 262 s while a seed sweep and other helpers' jobs ran beside it.
+Cost: the per-release calls of this file summed to about 60 s on the shared 2-core machine (other helpers
+jobs running); the whole file took 262 s while a seed sweep and other helpers' jobs ran beside it.
 """
 from __future__ import annotations
 
