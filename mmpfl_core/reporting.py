@@ -25,6 +25,7 @@ def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bo
     matplotlib.use("Agg", force=False)
 
     from .data.summary import cohort_summary_table
+    from .reproduction.report import not_private_lines
     from .plots.cohort import plot_cohort_preview
     from .plots.training import (plot_accuracy_vs_round, plot_communication_vs_accuracy, plot_site_accuracy,
                                  save_axes)
@@ -55,6 +56,7 @@ def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bo
         f"accuracy of the deployed models (personal where a method has them, else global) reaches {cfg.target_accuracy}.",
         "",
         markdown_table(table),
+        *not_private_lines(config),
         "",
         "## Figures",
         *[f"![{name}]({name})" for name in ["cohort_preview.png", *figures]],

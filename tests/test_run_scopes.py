@@ -87,3 +87,13 @@ def test_scopes_are_a_whitelist():
     assert released == {"strategy": "x", "privacy": {"epsilon": 1.0}, "final": {"epsilon": 1.0}}
     assert private == {"masks": {"0": ["head"]}, "megabytes_up": 1.0, "privacy": {"dropped_updates": 2},
                        "final": {"train_loss": 0.3}}
+
+
+def test_reports_name_the_runs_that_are_not_private():
+    from mmpfl_core.experiment import load_experiment
+    from mmpfl_core.reproduction import load_reproduction
+    from mmpfl_core.reproduction.report import _PERSONAL_NOTE, not_private_lines
+    lines = not_private_lines(load_reproduction("smoke").experiment)  # its private methods use reproducible noise
+    assert len(lines) == 2 and "Not private" in lines[1] and "dp-fedavg" in lines[1] and "mm-pfl-adp" in lines[1]
+    assert not_private_lines(load_experiment("quickstart")) == []  # secure noise: nothing to flag
+    assert "NOT covered" in _PERSONAL_NOTE and "never leave" in _PERSONAL_NOTE

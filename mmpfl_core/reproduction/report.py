@@ -27,7 +27,7 @@ _PERSONAL_NOTE = ("*epsilon (site)* covers what leaves the sites: the released g
                   "that epsilon; only *epsilon (patient)* (DP-SGD inside the site) protects its patients.")
 
 
-def _not_private_lines(experiment) -> list[str]:
+def not_private_lines(experiment) -> list[str]:
     """A warning naming the methods that ran with reproducible (regenerable) noise."""
     from ..privacy import NOT_PRIVATE_WARNING
     labels = [m.label for m in experiment.methods if m.kwargs.get("noise") == "reproducible-insecure"]
@@ -58,7 +58,7 @@ def report_markdown(plan: ReproductionPlan, main_alpha: float, main: pd.DataFram
         markdown_table(main),
         "",
         _PERSONAL_NOTE,
-        *_not_private_lines(c),
+        *not_private_lines(c),
         "",
         "## Personalised accuracy vs heterogeneity (lower alpha: more skewed sites)",
         markdown_table(alpha_table),
