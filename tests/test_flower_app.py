@@ -148,6 +148,35 @@ def test_secagg_range_must_cover_clip_plus_noise_tail():
                                      method_args=json.dumps({"min_participants": 2})), model)
 
 
+def test_server_announces_the_connected_participants_and_sites_size_their_share(monkeypatch):
+    """Distributed placement in Flower: m = selected AND connected sites, told to each site (sigma^2/m)."""
+    from flwr.app import ConfigRecord
+
+    import mmpfl_flower.strategy as flower_strategy
+    from mmpfl_core.federated.client import trainable_state
+    from mmpfl_flower.strategy import KitStrategy, to_array_record
+
+    # A Message needs a running Flower run; the content is what this test reads.
+    monkeypatch.setattr(flower_strategy, "Message", lambda content, **kw: SimpleNamespace(content=content, **kw))
+
+    job = load_job(**SMOKE, method="dp-fedavg", placement="distributed")
+    model = new_model(job)
+    core = configured_strategy(job, model)
+    state = trainable_state(model)
+    kit = KitStrategy(job, core, state, node_sites={10: 0, 11: 1, 12: 2})
+    core.before_round(1)
+    grid = SimpleNamespace(get_node_ids=lambda: [10, 12])  # site 1's SuperNode is offline
+    messages = list(kit.configure_train(1, to_array_record(state), ConfigRecord({"method": "dp-fedavg"}), grid))
+    assert kit.selected == [0, 1, 2] and len(messages) == 2  # q = 1 in the smoke preset
+    configs = [dict(m.content.config_records["config"]) for m in messages]
+    assert all(c["participants"] == 2 for c in configs)
+    site = configured_strategy(job, model)  # a SuperNode's own strategy object
+    site.apply_round_instructions(1, {k: float(v) for k, v in configs[0].items()
+                                      if k in ("clip_norm", "participants") or k.startswith("sigma/")})
+    sigma = {g: configs[0][f"sigma/{g}"] for g in site.groups}
+    assert site.participant_noise_stds() == pytest.approx({g: v / math.sqrt(2) for g, v in sigma.items()})
+
+
 def test_site_refuses_values_secagg_would_clip():
     settings = FlowerSettings(secagg=True, secagg_clipping_range=1.0)
     check_secagg_values({"w": np.array([0.5, -1.0])}, settings)
