@@ -1,0 +1,92 @@
+"""Deliberately broken versions of the kit's client-level DP release, for audits that must catch them.
+
+What it is for: an audit or distinguishing test that cannot fail is a defect, so every audit in
+:mod:`mmpfl_core.attacks` is run on the correct release AND on these bugs. Each variant is a patch,
+inside a context manager, of a function that the REAL strategies (``dp-fedavg``, ``dp-fedavg-fisher``,
+``mm-pfl-adp``; all three release through :class:`~mmpfl_core.federated.dp_strategies.DPFedAvg`)
+call from :mod:`mmpfl_core.federated.dp_strategies`: the correct and the broken runs share every
+other line of code, nothing is re-implemented.
+
+Variants (the names the tests and notebook 07 use):
+    * ``no-clipping``: updates pass unclipped (``clip_per_group`` returns its input).
+    * ``noise-x0.5``: every Gaussian draw of the release has half its std (``gaussian_noise_like``).
+    * ``noise-divided-by-10``: a tenth of the std (the gross bug the one-run audit catches).
+    * ``noise-on-mean-scale``: noise calibrated for the average (divided by qN) but added to the sum.
+    * ``per-site-noise-over-m-min``: under distributed placement each site adds sigma_g^2 / m_min
+      (m_min = 1, the old default) whatever the number m of participants, so the aggregate's noise
+      variance m sigma_g^2 / m_min grows with m and reveals participation (the bug of issue 14; the
+      fix shares sigma_g^2 / m over the m announced participants).
+
+It never touches private data and is never used by training code: only audits import it.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+from unittest import mock
+
+from ..errors import ConfigError
+from ..federated import dp_strategies
+from ..privacy import clipping, mechanisms
+
+__all__ = ["BROKEN_VARIANTS", "broken_mechanism"]
+
+
+@contextlib.contextmanager
+def _no_clipping(strategy) -> Iterator[None]:
+    def passthrough(update, groups, clip_bounds):
+        return dict(update), clipping.group_norms(update, groups)
+    with mock.patch.object(dp_strategies, "clip_per_group", passthrough):
+        yield
+
+
+def _scaled_noise(factor: Callable[[object], float]):
+    @contextlib.contextmanager
+    def patch(strategy) -> Iterator[None]:
+        real = mechanisms.gaussian_noise_like
+
+        def scaled(update, stds, groups, source):
+            f = factor(strategy)
+            stds = {g: s * f for g, s in stds.items()} if isinstance(stds, dict) else stds * f
+            return real(update, stds, groups, source)
+        with mock.patch.object(dp_strategies, "gaussian_noise_like", scaled):
+            yield
+    return patch
+
+
+def _noise_over_min_participants(min_participants: int):
+    @contextlib.contextmanager
+    def patch(strategy) -> Iterator[None]:
+        """Each participant's share is sized for ``min_participants`` instead of the m announced ones.
+
+        Patched at ``participant_noise_stds`` (the one place a site sizes its share) with the real
+        split function :func:`~mmpfl_core.privacy.mechanisms.per_participant_noise_std`.
+        """
+        def over_min() -> dict[str, float]:
+            return mechanisms.per_participant_noise_std(strategy.placement, strategy._sigmas,
+                                                        min_participants).participant_std
+        with mock.patch.object(strategy, "participant_noise_stds", over_min):
+            yield
+    return patch
+
+
+#: Deliberate bugs, each a patch of a function the real DP-FedAvg release calls.
+BROKEN_VARIANTS: dict[str, Callable] = {
+    "no-clipping": _no_clipping,
+    "noise-x0.5": _scaled_noise(lambda s: 0.5),
+    "noise-divided-by-10": _scaled_noise(lambda s: 0.1),
+    "noise-on-mean-scale": _scaled_noise(lambda s: 1.0 / s.expected_participants),
+    "per-site-noise-over-m-min": _noise_over_min_participants(1),
+}
+
+
+@contextlib.contextmanager
+def broken_mechanism(variant: str, strategy) -> Iterator[None]:
+    """Context manager that breaks the release of ``strategy`` as ``variant`` ("correct": no change)."""
+    if variant == "correct":
+        yield
+        return
+    if variant not in BROKEN_VARIANTS:
+        raise ConfigError(f"audit variant {variant!r} is unknown; use 'correct' or one of {sorted(BROKEN_VARIANTS)}.")
+    with BROKEN_VARIANTS[variant](strategy):
+        yield
