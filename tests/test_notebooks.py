@@ -184,6 +184,9 @@ def _expect_06(r: dict[str, Any]) -> None:
     # At the same epsilon, masks + Fisher do not lose to plain DP-FedAvg (seeded smoke run; small margin).
     assert r["mm_pfl_adp_minus_dp_fedavg"] >= -0.05
     assert set(r["claims"].values()) <= {"agrees", "does not hold here", "not measured"}
+    # The live regime map: one winner per (sites, epsilon) cell; Ditto (no DP) never competes at a finite epsilon.
+    assert r["regime_sites"] and set(r["regime_winners_per_cell"]) == {1}
+    assert "ditto" not in r["regime_eligible_at_finite_epsilon"] and "local-only" in r["regime_eligible_at_finite_epsilon"]
 
 
 EXPECTATIONS["06_mm_pfl_adp_end_to_end"] = _expect_06
