@@ -36,7 +36,9 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError
-from ..experiment import ExperimentConfig, MethodSpec, make_federation, run_method
+from ..configuration import to_plain
+from ..experiment import ExperimentConfig, MethodSpec, make_federation, model_factory, run_method
+from ..io.run_directory import RunDirectory
 from ..federated.strategies import create_strategy
 from ..metrics.classification import seed_ci
 
@@ -105,6 +107,7 @@ def regime_runs(experiment: ExperimentConfig, grid: RegimeMap, seeds: tuple[int,
                 federation={"num_sites": n, "seed": seed},
                 federated={"client_fraction": q, "sampling": "poisson", "seed": seed})
             federation = make_federation(config)
+            dim = sum(p.numel() for p in model_factory(config, federation)().parameters() if p.requires_grad)
             for label in grid.methods:
                 method = methods[label]
                 private = _is_private(method)
@@ -114,20 +117,32 @@ def regime_runs(experiment: ExperimentConfig, grid: RegimeMap, seeds: tuple[int,
                     fed = dataclasses.replace(federation, sites=[federation.sites[i] for i in keep])
                 for epsilon in (grid.epsilons if private else (None,)):
                     spec = _at_epsilon(method, epsilon) if private else method
-                    run = run_method(cfg, spec, fed, results_dir=out / "runs" / f"sites{n}-seed{seed}", progress=progress)
-                    privacy = run.summary.get("privacy", {})
+                    summary = _finished_or_run(cfg, spec, fed, out / "runs" / f"sites{n}-seed{seed}", progress)
+                    privacy = summary.get("privacy", {})
                     z, qn = privacy.get("noise_multiplier"), privacy.get("expected_participants")
-                    dim = sum(int(t.numel()) for t in run.global_state.values())
                     rows.append({
                         "sites": n, "seed": seed, "method": label, "private": private,
                         "communicates": _communicates(method),
                         "epsilon": epsilon if private else float("nan"),
-                        "personal acc": run.summary["personal_test"]["accuracy"]["point"],
-                        "epsilon spent": run.summary.get("final", {}).get("epsilon"),
+                        "personal acc": summary["personal_test"]["accuracy"]["point"],
+                        "epsilon spent": summary.get("final", {}).get("epsilon"),
                         "noise multiplier": z, "expected participants": qn, "sample rate": q, "parameters": dim,
                         "noise/signal per round": (z * math.sqrt(dim) / qn) if z is not None and qn else None,
                         "sites evaluated": len(fed.sites)})
     return pd.DataFrame(rows)
+
+
+def _finished_or_run(config: ExperimentConfig, method: MethodSpec, federation, results_dir: Path,
+                     progress: bool) -> dict[str, Any]:
+    """A finished run's summary read back (its stored config must equal this one: ``RunDirectory``
+    checks it), else the run trained or resumed by :func:`run_method`. Reading back skips the
+    re-evaluation a resumed run would do: the map has hundreds of runs."""
+    run_config = {**config.to_dict(), "method": to_plain(method)}
+    run_config.pop("methods")
+    run_dir = RunDirectory.create(results_dir, method.label, run_config, exist_ok_resume=True)
+    if run_dir.summary_path.is_file():
+        return run_dir.read_summary()
+    return run_method(config, method, federation, results_dir=results_dir, progress=progress).summary
 
 
 def _communicates(method: MethodSpec) -> bool:
