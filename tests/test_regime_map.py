@@ -102,3 +102,7 @@ def test_smoke_map_runs_end_to_end(tmp_path):
     for heading in ("## Winners", "## At 100 sites or more", "## Why: the noise", "## Every cell"):
         assert heading in text
     assert (tmp_path / "regime_map.png").stat().st_size > 0
+    noise = pd.read_csv(tmp_path / "regime_noise.csv")
+    assert len(noise) == len(grid.num_sites) * len([e for e in grid.epsilons if e < math.inf])
+    ratio = noise["noise multiplier z"] * noise["parameters d"] ** 0.5 / noise["expected participants qN"]
+    assert noise["noise/signal per round z*sqrt(d)/qN"].to_numpy() == pytest.approx(ratio.to_numpy())

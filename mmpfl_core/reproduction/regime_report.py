@@ -18,16 +18,21 @@ def _ci(acc: float, low: float, high: float) -> str:
     return f"{acc:.3f}" if math.isnan(low) else f"{acc:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def noise_table(runs: pd.DataFrame, method: str) -> pd.DataFrame:
-    """sites x epsilon: the accountant's z, the expected participants qN and z sqrt(d) / qN for ``method``."""
+def noise_table(runs: pd.DataFrame, method: str, rounds: int) -> pd.DataFrame:
+    """sites x epsilon for ``method``: the accountant's z, the expected participants qN, the ratio
+    z sqrt(d) / qN, the participants per round that would bring it to 1, and a site's expected
+    number of rounds qT (how often its personal part gets trained at all)."""
     sel = runs[(runs["method"] == method) & runs["epsilon"].notna() & ~runs["epsilon"].isin([math.inf])]
     if sel.empty:
         return pd.DataFrame()
     grouped = sel.groupby(["sites", "epsilon"]).agg(
         q=("sample rate", "first"), qN=("expected participants", "first"), z=("noise multiplier", "first"),
         d=("parameters", "first"), ratio=("noise/signal per round", "first")).reset_index()
+    grouped["participants for ratio 1"] = grouped["z"] * grouped["d"] ** 0.5  # qN at which z sqrt(d) / qN = 1
+    grouped["rounds per site qT"] = grouped["q"] * rounds
     return grouped.rename(columns={"q": "sample rate q", "qN": "expected participants qN", "z": "noise multiplier z",
-                                   "d": "parameters d", "ratio": "noise/signal per round z*sqrt(d)/qN"})
+                                   "d": "parameters d", "ratio": "noise/signal per round z*sqrt(d)/qN",
+                                   "participants for ratio 1": "participants per round for ratio 1 (z*sqrt(d))"})
 
 
 def answer_text(verdict: pd.DataFrame, grid) -> str:
@@ -53,7 +58,7 @@ def run_regime_map(plan: ReproductionPlan, out: Path, *, progress: bool = False)
     runs = regime_runs(base, grid, plan.seeds, out, progress=progress)
     cells = regime_cells(runs, grid)
     winners, verdict = winner_table(cells), regime_verdict(cells, grid)
-    noise = noise_table(runs, grid.rivals[0] if grid.rivals else grid.proposed)
+    noise = noise_table(runs, grid.rivals[0] if grid.rivals else grid.proposed, base.federated.num_rounds)
     save_axes(plot_regime_map(cells), out / "regime_map.png")
     save_axes(plot_regime_accuracy(cells), out / "regime_accuracy.png")
     for name, frame in (("regime_runs", runs), ("regime_cells", cells), ("regime_winners", winners),
@@ -89,7 +94,9 @@ def run_regime_map(plan: ReproductionPlan, out: Path, *, progress: bool = False)
         "The released average is (sum of clipped updates + N(0, z^2 C^2 I_d)) / (qN); a clipped update has norm at most "
         "C, so the noise-to-signal ratio of one round is at best z sqrt(d) / (qN). Below ~1 the shared model can learn "
         "from the federation; far above it the shared part mostly carries noise and personal/local parameters must do "
-        "the work. It falls as qN grows (more sites per round) and as q falls at fixed qN (amplification: smaller z).",
+        "the work. It falls as qN grows (more sites per round) and as q falls at fixed qN (amplification: smaller z). "
+        "A federated personal model is trained only in the rounds its site is sampled (qT of them in expectation), "
+        "while local-only trains every site in every round.",
         markdown_table(noise) if not noise.empty else "(no private runs)", "",
         "## Every cell",
         markdown_table(shown), "",
