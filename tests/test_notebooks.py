@@ -61,6 +61,15 @@ def _expect_04(r: dict[str, Any]) -> None:
     assert r["epsilon_fisher"] == pytest.approx(r["epsilon_uniform"], rel=1e-9)
     assert 0 < r["epsilon_fisher"] <= r["target_epsilon"]
     assert r["accuracy_fisher"] >= r["accuracy_uniform"] - 0.15
+    # The bounded allocation keeps z and its bound; under the smoke settings' heavy noise the proxy predicts
+    # more than proxy_trust nats per round, so the default falls back to uniform noise every round, says why,
+    # and its run is the uniform run exactly.
+    assert r["z_eff_bounded"] == pytest.approx(r["noise_multiplier"], rel=1e-9)
+    assert r["bounded_sigma_spread"] <= r["max_noise_ratio"] ** 2 * (1 + 1e-9)
+    assert r["predicted_noise_loss"]["Fisher bounded"] <= r["predicted_noise_loss"]["uniform"] * (1 + 1e-9)
+    assert r["default_allocation_used"] == "uniform" and "proxy_trust" in r["default_fallback_reason"]
+    assert r["default_fallback_rounds"] == r["num_rounds"] and r["global_state_equal_uniform_default"]
+    assert r["accuracy_fisher"] == r["accuracy_uniform"]
 
 
 def _expect_01(r: dict[str, Any]) -> None:
@@ -145,6 +154,12 @@ def _expect_05(r: dict[str, Any]) -> None:
     acc = r["personal_accuracy"]
     personalised = [acc[m] for m in ("fedper", "ditto", "fedavg-ft", "fedavg-kl-masks")]
     assert float(np.mean(personalised)) >= acc["fedavg"] + 0.1
+    # The noise gate keeps exactly the groups below min_snr at home; 4 sites at epsilon 8 over 3 rounds drown
+    # every group (snr ~ 0.02), so nothing is uploaded and no epsilon is spent.
+    assert set(r["gate_drowned"]) == {g for g, v in r["gate_snr"].items() if v is not None and v < r["gate_min_snr"]}
+    assert set(r["gate_drowned"]) == set(r["groups"])
+    assert r["gate_epsilon"] == 0.0 and r["gate_megabytes_up"] == 0.0
+    assert 0.0 <= r["gate_personal_accuracy"] <= 1.0
     assert acc["fedavg-kl-masks"] >= acc["fedavg"] - 0.05
 
 

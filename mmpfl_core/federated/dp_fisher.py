@@ -174,8 +174,12 @@ class DPFedAvgFisher(DPFedAvg):
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, state = super().state_dict()
-        return tensors, {**state, "fisher": self.fisher}
+        return tensors, {**state, "fisher": self.fisher, "fallback_rounds": self._fallback_rounds,
+                         "allocation_used": self.allocation_used, "fallback_reason": self.fallback_reason}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         super().load_state_dict(tensors, state)
         self.fisher = state.get("fisher")
+        self._fallback_rounds = int(state.get("fallback_rounds", 0))
+        self.allocation_used = state.get("allocation_used", "fisher")
+        self.fallback_reason = state.get("fallback_reason", "")
