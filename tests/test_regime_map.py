@@ -24,7 +24,7 @@ def _runs(acc: dict[tuple[str, float | None], list[float]]) -> pd.DataFrame:
             rows.append({"sites": 100, "seed": seed, "method": method, "private": eps is not None,
                          "communicates": method != "local-only", "epsilon": float("nan") if eps is None else eps,
                          "personal acc": a, "noise/signal per round": 2.0 if eps is not None else None,
-                         "sites evaluated": 100})
+                         "sites evaluated": 100, "missing": False})
     return pd.DataFrame(rows)
 
 

@@ -92,8 +92,10 @@ def _at_epsilon(method: MethodSpec, epsilon: float) -> MethodSpec:
 
 
 def regime_runs(experiment: ExperimentConfig, grid: RegimeMap, seeds: tuple[int, ...], out: Path, *,
-                progress: bool = False) -> pd.DataFrame:
-    """Train every (N, seed, method, epsilon) of the grid (resuming finished runs); one row per run."""
+                progress: bool = False, only_finished: bool = False) -> pd.DataFrame:
+    """Train every (N, seed, method, epsilon) of the grid (resuming finished runs); one row per run.
+    With ``only_finished`` nothing is trained: runs without a summary are listed in ``missing``
+    rows (``personal acc`` NaN), so a map cut short by its time budget says what it lacks."""
     methods = {m.label: m for m in experiment.methods}
     missing = [m for m in grid.methods if m not in methods]
     if missing:
@@ -117,7 +119,14 @@ def regime_runs(experiment: ExperimentConfig, grid: RegimeMap, seeds: tuple[int,
                     fed = dataclasses.replace(federation, sites=[federation.sites[i] for i in keep])
                 for epsilon in (grid.epsilons if private else (None,)):
                     spec = _at_epsilon(method, epsilon) if private else method
-                    summary = _finished_or_run(cfg, spec, fed, out / "runs" / f"sites{n}-seed{seed}", progress)
+                    summary = _finished_or_run(cfg, spec, fed, out / "runs" / f"sites{n}-seed{seed}", progress,
+                                               only_finished)
+                    if summary is None:
+                        rows.append({"sites": n, "seed": seed, "method": label, "private": private,
+                                     "communicates": _communicates(method),
+                                     "epsilon": epsilon if private else float("nan"), "personal acc": float("nan"),
+                                     "missing": True})
+                        continue
                     privacy = summary.get("privacy", {})
                     z, qn = privacy.get("noise_multiplier"), privacy.get("expected_participants")
                     rows.append({
@@ -128,17 +137,19 @@ def regime_runs(experiment: ExperimentConfig, grid: RegimeMap, seeds: tuple[int,
                         "epsilon spent": summary.get("final", {}).get("epsilon"),
                         "noise multiplier": z, "expected participants": qn, "sample rate": q, "parameters": dim,
                         "noise/signal per round": (z * math.sqrt(dim) / qn) if z is not None and qn else None,
-                        "sites evaluated": len(fed.sites)})
+                        "sites evaluated": len(fed.sites), "missing": False})
     return pd.DataFrame(rows)
 
 
 def _finished_or_run(config: ExperimentConfig, method: MethodSpec, federation, results_dir: Path,
-                     progress: bool) -> dict[str, Any]:
+                     progress: bool, only_finished: bool = False) -> dict[str, Any] | None:
     """A finished run's summary read back (its stored config must equal this one: ``RunDirectory``
     checks it), else the run trained or resumed by :func:`run_method`. Reading back skips the
     re-evaluation a resumed run would do: the map has hundreds of runs."""
     run_config = {**config.to_dict(), "method": to_plain(method)}
     run_config.pop("methods")
+    if only_finished and not (results_dir / method.label / "summary.json").is_file():
+        return None
     run_dir = RunDirectory.create(results_dir, method.label, run_config, exist_ok_resume=True)
     if run_dir.summary_path.is_file():
         return run_dir.read_summary()
@@ -157,7 +168,7 @@ def regime_cells(runs: pd.DataFrame, grid: RegimeMap) -> pd.DataFrame:
         for epsilon in grid.epsilons:
             cell = []
             for label in grid.methods:
-                sel = runs[(runs["sites"] == n) & (runs["method"] == label)]
+                sel = runs[(runs["sites"] == n) & (runs["method"] == label) & ~runs["missing"]]
                 private = bool(sel["private"].iloc[0]) if len(sel) else False
                 if private:
                     sel = sel[sel["epsilon"] == epsilon]
@@ -193,7 +204,8 @@ def regime_verdict(cells: pd.DataFrame, grid: RegimeMap, *, min_sites: int = 100
         row: dict[str, Any] = {"sites": n, "epsilon": epsilon, grid.proposed: f"{ours['acc']:.3f} [{ours['low']:.3f}, {ours['high']:.3f}]"}
         beats = []
         for other in (grid.baseline, *grid.rivals):
-            if other not in by.index:
+            if other not in by.index:  # not run (reduced grid): no claim can be made against it
+                row[other], _ = "not run", beats.append(False)
                 continue
             o = by.loc[other]
             row[other] = f"{o['acc']:.3f} [{o['low']:.3f}, {o['high']:.3f}]"

@@ -48,14 +48,16 @@ def answer_text(verdict: pd.DataFrame, grid) -> str:
             f"{grid.baseline}, {', '.join(grid.rivals)}. The noise table below gives the reason in one number per cell.")
 
 
-def run_regime_map(plan: ReproductionPlan, out: Path, *, progress: bool = False):
+def run_regime_map(plan: ReproductionPlan, out: Path, *, progress: bool = False, only_finished: bool = False):
     """Run the plan's regime map (resuming finished runs) and write its report; returns
-    (report path, winners, verdict, cells, runs)."""
+    (report path, winners, verdict, cells, runs). ``only_finished``: train nothing, report the runs
+    that finished and list the missing ones (a map cut short by its time budget)."""
     from ..plots.regime import plot_regime_accuracy, plot_regime_map
     from ..plots.training import save_axes
 
     grid, base = plan.regime_map, plan.experiment
-    runs = regime_runs(base, grid, plan.seeds, out, progress=progress)
+    all_runs = regime_runs(base, grid, plan.seeds, out, progress=progress, only_finished=only_finished)
+    missing, runs = all_runs[all_runs["missing"]], all_runs[~all_runs["missing"]]
     cells = regime_cells(runs, grid)
     winners, verdict = winner_table(cells), regime_verdict(cells, grid)
     noise = noise_table(runs, grid.rivals[0] if grid.rivals else grid.proposed, base.federated.num_rounds)
@@ -85,6 +87,12 @@ def run_regime_map(plan: ReproductionPlan, out: Path, *, progress: bool = False)
         "the noise multiplier to 0. Eligible: private methods at the cell's epsilon, local-only (releases nothing), "
         "non-private methods (Ditto) only at eps = inf.",
         "",
+        *([] if missing.empty else [
+            f"**Reduced grid: {len(missing)} of {len(all_runs)} planned runs did not finish within the time budget** "
+            "and are left out (cells show only the methods and seeds that finished; the `seeds` column of "
+            "`regime_cells.csv` says how many). Missing (sites, epsilon, method: seeds): " + "; ".join(
+                f"({n}, {'-' if pd.isna(e) else f'{e:g}'}, {m}: {sorted(g['seed'])})"
+                for (n, e, m), g in missing.groupby(["sites", "epsilon", "method"], dropna=False)) + ".", ""]),
         "## Winners (tie: the winner's interval overlaps another eligible method's)",
         markdown_table(winners), "",
         f"## At 100 sites or more and epsilon <= 8: does {grid.proposed} beat {grid.baseline} and {', '.join(grid.rivals)}?",
