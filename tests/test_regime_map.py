@@ -90,7 +90,9 @@ def test_smoke_map_runs_end_to_end(tmp_path):
     expected = len(grid.num_sites) * len(plan.seeds) * (len(grid.methods) - len(private) + len(private) * len(grid.epsilons))
     assert len(runs) == expected
     finite = runs[runs["private"] & runs["epsilon"].lt(math.inf)]
-    assert (finite["epsilon spent"] > 0).all() and (finite["epsilon spent"] <= finite["epsilon"] + 1e-9).all()
+    assert (finite["epsilon spent"] >= 0).all() and (finite["epsilon spent"] <= finite["epsilon"] + 1e-9).all()
+    # DP-FedAvg and FedDPA release every round; MM-PFL-ADP's noise gate may keep everything at home (epsilon 0).
+    assert (finite.loc[finite["method"].isin(["dp-fedavg", "feddpa"]), "epsilon spent"] > 0).all()
     # Every private method gets the same noise multiplier in a cell: the same accountant, the same budget.
     assert (finite.groupby(["sites", "seed", "epsilon"])["noise multiplier"].nunique() == 1).all()
     # Local-only is evaluated on a random subset where the federation is large.

@@ -30,7 +30,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -100,6 +100,8 @@ def regime_runs(experiment: ExperimentConfig, grid: RegimeMap, seeds: tuple[int,
     missing = [m for m in grid.methods if m not in methods]
     if missing:
         raise ConfigError(f"regime_map.methods {missing} are not among the experiment's methods {sorted(methods)}.")
+    # d does not depend on N or the seed (same image size, sequences and clinical variables).
+    dim = sum(p.numel() for p in model_factory(experiment, make_federation(experiment))().parameters() if p.requires_grad)
     rows: list[dict[str, Any]] = []
     for n, per_site in zip(grid.num_sites, grid.subjects_per_site):
         q = grid.sample_rate(n)
@@ -108,19 +110,24 @@ def regime_runs(experiment: ExperimentConfig, grid: RegimeMap, seeds: tuple[int,
                 data={"num_subjects": n * per_site + experiment.federation.public_size, "seed": seed},
                 federation={"num_sites": n, "seed": seed},
                 federated={"client_fraction": q, "sampling": "poisson", "seed": seed})
-            federation = make_federation(config)
-            dim = sum(p.numel() for p in model_factory(config, federation)().parameters() if p.requires_grad)
+            built: dict[str, Any] = {}  # the federation is built only if a run has to be trained
+
+            def federation_for(subset: bool, config=config, built=built, n=n, seed=seed):
+                if "all" not in built:
+                    built["all"] = make_federation(config)
+                if not subset:
+                    return built["all"]
+                keep = np.sort(np.random.default_rng([seed, n]).choice(n, grid.local_eval_sites, replace=False))
+                return dataclasses.replace(built["all"], sites=[built["all"].sites[i] for i in keep])
             for label in grid.methods:
                 method = methods[label]
                 private = _is_private(method)
-                fed, cfg = federation, config
-                if not _communicates(method) and grid.local_eval_sites and n > grid.local_eval_sites:
-                    keep = np.sort(np.random.default_rng([seed, n]).choice(n, grid.local_eval_sites, replace=False))
-                    fed = dataclasses.replace(federation, sites=[federation.sites[i] for i in keep])
+                subset = bool(not _communicates(method) and grid.local_eval_sites and n > grid.local_eval_sites)
+                cfg = config
                 for epsilon in (grid.epsilons if private else (None,)):
                     spec = _at_epsilon(method, epsilon) if private else method
-                    summary = _finished_or_run(cfg, spec, fed, out / "runs" / f"sites{n}-seed{seed}", progress,
-                                               only_finished)
+                    summary = _finished_or_run(cfg, spec, lambda: federation_for(subset), out / "runs" / f"sites{n}-seed{seed}",
+                                               progress, only_finished)
                     if summary is None:
                         rows.append({"sites": n, "seed": seed, "method": label, "private": private,
                                      "communicates": _communicates(method),
@@ -137,11 +144,11 @@ def regime_runs(experiment: ExperimentConfig, grid: RegimeMap, seeds: tuple[int,
                         "epsilon spent": summary.get("final", {}).get("epsilon"),
                         "noise multiplier": z, "expected participants": qn, "sample rate": q, "parameters": dim,
                         "noise/signal per round": (z * math.sqrt(dim) / qn) if z is not None and qn else None,
-                        "sites evaluated": len(fed.sites), "missing": False})
+                        "sites evaluated": grid.local_eval_sites if subset else n, "missing": False})
     return pd.DataFrame(rows)
 
 
-def _finished_or_run(config: ExperimentConfig, method: MethodSpec, federation, results_dir: Path,
+def _finished_or_run(config: ExperimentConfig, method: MethodSpec, federation: Callable[[], Any], results_dir: Path,
                      progress: bool, only_finished: bool = False) -> dict[str, Any] | None:
     """A finished run's summary read back (its stored config must equal this one: ``RunDirectory``
     checks it), else the run trained or resumed by :func:`run_method`. Reading back skips the
@@ -153,7 +160,7 @@ def _finished_or_run(config: ExperimentConfig, method: MethodSpec, federation, r
     run_dir = RunDirectory.create(results_dir, method.label, run_config, exist_ok_resume=True)
     if run_dir.summary_path.is_file():
         return run_dir.read_summary()
-    return run_method(config, method, federation, results_dir=results_dir, progress=progress).summary
+    return run_method(config, method, federation(), results_dir=results_dir, progress=progress).summary
 
 
 def _communicates(method: MethodSpec) -> bool:
