@@ -192,8 +192,9 @@ def _expect_06(r: dict[str, Any]) -> None:
     assert {"fedavg", "dp-fedavg", "mm-pfl-adp", "mm-pfl-adp-no-fisher", "mm-pfl-adp-no-masks",
             "mm-pfl-adp-no-dp", "mm-pfl-adp-flair-only", "mm-pfl-adp-patient-dp"} <= methods
     assert all(0.0 <= a <= 1.0 for a in r["personal_accuracy"].values())
-    # The accountant's epsilon stays within the budget the notebook set.
-    assert 0 < r["mm_pfl_adp_epsilon"] <= r["target_epsilon"] + 1e-6
+    # The accountant's epsilon stays within the budget the notebook set (0 when MM-PFL-ADP's noise gate keeps
+    # every group at home: nothing released, nothing charged).
+    assert 0 <= r["mm_pfl_adp_epsilon"] <= r["target_epsilon"] + 1e-6
     # Masks keep groups at home: less traffic than the same method without masks.
     assert r["mm_pfl_adp_megabytes"] < r["no_masks_megabytes"]
     # At the same epsilon, masks + Fisher do not lose to plain DP-FedAvg (seeded smoke run; small margin).
