@@ -15,6 +15,7 @@ from mmpfl_core.privacy.allocation import (
     effective_multiplier_of,
     fisher_noise_allocation,
     fisher_weighted_noise,
+    floor_fisher,
     uniform_noise_allocation,
 )
 
@@ -121,3 +122,48 @@ def test_invalid_inputs_raise():
                                 clip_bounds=bounds, noise_multiplier=1.0)
     with pytest.raises(PrivacyError, match="size"):
         clip_bounds_from_sizes({"a": 0}, 1.0)
+
+
+@pytest.mark.parametrize("z", [0.5, 2.0, 6.0])
+@pytest.mark.parametrize("ratio", [1.0, 1.5, 2.0, 4.0])
+def test_bounded_ratio_keeps_z_and_bounds_every_sigma(z, ratio):
+    bounds = clip_bounds_from_sizes(SIZES, 1.0)
+    bounded = fisher_noise_allocation(group_sizes=SIZES, fisher=FISHER, clip_bounds=bounds, noise_multiplier=z,
+                                      max_noise_ratio=ratio)
+    free = fisher_noise_allocation(group_sizes=SIZES, fisher=FISHER, clip_bounds=bounds, noise_multiplier=z)
+    uniform = uniform_noise_allocation(group_sizes=SIZES, clip_bounds=bounds, noise_multiplier=z)
+    assert effective_multiplier_of(bounded) == pytest.approx(z, rel=1e-9)
+    sigma_u = z * 1.0
+    assert all(sigma_u / ratio * (1 - 1e-9) <= s <= sigma_u * ratio * (1 + 1e-9) for s in bounded.values())
+    # The bounded optimum lies between uniform and the unbounded optimum in the objective.
+    j = {name: fisher_weighted_noise(group_sizes=SIZES, fisher=FISHER, sigmas=a.sigmas)
+         for name, a in (("bounded", bounded), ("free", free), ("uniform", uniform))}
+    assert j["free"] * (1 - 1e-9) <= j["bounded"] <= j["uniform"] * (1 + 1e-9)
+    if ratio == 1.0:
+        assert all(s == pytest.approx(sigma_u, rel=1e-9) for s in bounded.values())
+    # The unbounded allocation here spreads sigma over a factor > 7, so every bound below binds somewhere.
+    assert max(free.values()) / min(free.values()) > 7
+    assert max(bounded.values()) / min(bounded.values()) <= ratio ** 2 * (1 + 1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.lists(st.tuples(st.integers(1, 10**6), positive), min_size=1, max_size=8),
+       z=st.floats(0.1, 20.0), ratio=st.floats(1.0, 10.0))
+def test_bounded_allocation_is_optimal_among_bounded_ones(data, z, ratio):
+    """KKT check: no feasible move of budget between two groups lowers J (bounded water-filling is optimal)."""
+    sizes = {f"g{i}": d for i, (d, _) in enumerate(data)}
+    fisher = {f"g{i}": f for i, (_, f) in enumerate(data)}
+    bounds = clip_bounds_from_sizes(sizes, 1.0)
+    alloc = fisher_noise_allocation(group_sizes=sizes, fisher=fisher, clip_bounds=bounds, noise_multiplier=z,
+                                    max_noise_ratio=ratio)
+    assert effective_multiplier_of(alloc) == pytest.approx(z, rel=1e-9)
+    # Marginal value of budget x_g = C_g^2 / sigma_g^2 in J = sum a_g / x_g is -a_g / x_g^2; at the optimum every
+    # group strictly inside its box has the same marginal value, at least that of groups at their upper bound.
+    x = {g: bounds[g] ** 2 / alloc[g] ** 2 for g in sizes}
+    u = {g: bounds[g] ** 2 / z ** 2 for g in sizes}  # uniform x_g (sum_g C_g^2 = 1)
+    inside = [g for g in sizes if u[g] / ratio**2 * (1 + 1e-6) < x[g] < u[g] * ratio**2 * (1 - 1e-6)]
+    floored = floor_fisher(fisher, list(sizes))  # what the allocation optimises (finite sigmas)
+    marginal = {g: floored[g] * sizes[g] * bounds[g] ** 2 / x[g] ** 2 for g in sizes}
+    if len(inside) > 1:
+        values = [marginal[g] for g in inside]
+        assert max(values) == pytest.approx(min(values), rel=1e-6)

@@ -204,7 +204,8 @@ def test_fisher_allocation_ignores_private_data_and_keeps_z(tiny_federation, tin
     sigmas = []
     for fed in (tiny_federation, other):
         assert isinstance(fed, Federation)
-        s = _configured(fed, tiny_model_factory, name="dp-fedavg-fisher", noise_multiplier=2.0, fisher_batch_size=8)
+        s = _configured(fed, tiny_model_factory, name="dp-fedavg-fisher", noise_multiplier=2.0, fisher_batch_size=8,
+                        proxy_trust=None)  # test the split itself, not the fallback to uniform
         s.before_round(1)
         sigmas.append(s.noise_allocation(1, {n: p.detach() for n, p in tiny_model_factory().named_parameters()}))
         assert effective_multiplier_of(s.last_allocation) == pytest.approx(2.0, rel=1e-9)

@@ -17,7 +17,8 @@ from mmpfl_core.privacy.accounting import compute_epsilon
 # Reproducible (not private) noise: these tests compare runs bit for bit.
 DP = dict(target_epsilon=8.0, delta=1e-5, clip_norm=0.5, fisher_max_batches=1, fisher_batch_size=8,
           noise="reproducible-insecure")
-# A low threshold makes masks appear within two rounds on the tiny federation.
+# A low threshold makes masks appear within two rounds on the tiny federation. The tests of the KL mask
+# machinery switch the noise gate off: on a few tiny sites at epsilon 8 it keeps every group personal.
 MASK = dict(mode="threshold", threshold=1e-4, update_every=1, hysteresis=0.1)
 
 
@@ -61,7 +62,7 @@ def test_fisher_off_uses_the_uniform_allocation(tiny_federation, tiny_model_fact
 
 
 def test_personal_groups_are_never_sent_or_overwritten(tiny_federation, tiny_model_factory):
-    spy = _Spy(mask=MASK, **DP)
+    spy = _Spy(mask=MASK, noise_gate=False, **DP)
     run = run_federated(tiny_federation, model_factory=tiny_model_factory, strategy=spy, config=_config(num_rounds=3),
                         progress=False)
     assert any(spy.personal_at_send), "masks never turned any group personal: the test would prove nothing"
@@ -86,7 +87,7 @@ def test_personal_groups_are_never_sent_or_overwritten(tiny_federation, tiny_mod
 def test_masks_reduce_uploaded_bytes_and_epsilon_is_the_accountants(tiny_federation, tiny_model_factory):
     cfg = _config(num_rounds=3)
     masked = run_federated(tiny_federation, model_factory=tiny_model_factory, config=cfg, progress=False,
-                           strategy=create_strategy("mm-pfl-adp", mask=MASK, **DP))
+                           strategy=create_strategy("mm-pfl-adp", mask=MASK, noise_gate=False, **DP))
     full = run_federated(tiny_federation, model_factory=tiny_model_factory, config=cfg, progress=False,
                          strategy=create_strategy("mm-pfl-adp", masks=False, **DP))
     assert masked.summary["megabytes_up"] < full.summary["megabytes_up"]
@@ -99,13 +100,13 @@ def test_masks_reduce_uploaded_bytes_and_epsilon_is_the_accountants(tiny_federat
 def test_resume_is_bit_identical(tiny_federation, tiny_model_factory, tmp_path):
     cfg = _config(num_rounds=3, checkpoint_every=1)
     whole = run_federated(tiny_federation, model_factory=tiny_model_factory, config=cfg, progress=False,
-                          strategy=create_strategy("mm-pfl-adp", mask=MASK, **DP),
+                          strategy=create_strategy("mm-pfl-adp", mask=MASK, noise_gate=False, **DP),
                           run_dir=RunDirectory.create(tmp_path, "whole", {}, exist_ok_resume=False))
     run_federated(tiny_federation, model_factory=tiny_model_factory, config=cfg, progress=False, stop_after=2,
-                  strategy=create_strategy("mm-pfl-adp", mask=MASK, **DP),
+                  strategy=create_strategy("mm-pfl-adp", mask=MASK, noise_gate=False, **DP),
                   run_dir=RunDirectory.create(tmp_path, "cut", {}, exist_ok_resume=False))
     resumed = run_federated(tiny_federation, model_factory=tiny_model_factory, config=cfg, progress=False,
-                            strategy=create_strategy("mm-pfl-adp", mask=MASK, **DP),
+                            strategy=create_strategy("mm-pfl-adp", mask=MASK, noise_gate=False, **DP),
                             run_dir=RunDirectory.create(tmp_path, "cut", {}, exist_ok_resume=True))
     for name in whole.global_state:
         assert torch.equal(whole.global_state[name], resumed.global_state[name])
@@ -114,7 +115,7 @@ def test_resume_is_bit_identical(tiny_federation, tiny_model_factory, tmp_path):
 
 
 def test_distributed_placement_sends_placeholders_and_local_is_refused(tiny_federation, tiny_model_factory):
-    spy = _Spy(mask=MASK, placement="distributed", **DP)
+    spy = _Spy(mask=MASK, noise_gate=False, placement="distributed", **DP)
     run_federated(tiny_federation, model_factory=tiny_model_factory, strategy=spy, config=_config(num_rounds=3),
                   progress=False)
     assert len({frozenset(k) for k in spy.sent}) == 1  # every site sends every group: masks stay hidden
@@ -127,3 +128,76 @@ def test_no_dp_ablation_runs_without_noise(tiny_federation, tiny_model_factory):
                         strategy=create_strategy("mm-pfl-adp", dp=False, mask=MASK))
     assert run.summary["privacy"]["noise_multiplier"] == 0.0
     assert run.history[-1]["epsilon"] == float("inf")
+
+
+# ---- the noise gate (noise-aware masks)
+def _configured(federation, model_factory, **kwargs):
+    strategy = create_strategy("mm-pfl-adp", **{**DP, **kwargs})
+    strategy.configure(config=_config(), federation=federation, client_ids=[s.site_id for s in federation.sites],
+                       model=model_factory())
+    strategy.before_round(1)
+    return strategy
+
+
+def test_noise_gate_under_heavy_noise_is_local_training_and_charges_nothing(tiny_federation, tiny_model_factory):
+    """3 sites at epsilon 8 over 2 rounds: every group's best-case SNR is far below 1, so every group stays at
+    home, nothing is released or charged, and each site trains exactly as local-only training would."""
+    spy = _Spy(**DP)
+    run = run_federated(tiny_federation, model_factory=tiny_model_factory, strategy=spy, config=_config(), progress=False)
+    local = run_federated(tiny_federation, model_factory=tiny_model_factory, strategy=create_strategy("local"),
+                          config=_config(), progress=False)
+    gate = run.summary["noise_gate"]
+    assert gate["drowned_last_round"] == sorted(spy.group_sizes)
+    assert all(v < 1.0 for v in gate["snr_last_round"].values())
+    assert all(not keys for keys in spy.sent)
+    assert run.history[-1]["epsilon"] == 0.0 and gate["rounds_with_nothing_released"] == 2
+    initial = tiny_model_factory().state_dict()
+    assert all(torch.equal(t, initial[n]) for n, t in run.global_state.items())
+    for site, own in local.strategy.personal.items():
+        assert all(torch.equal(spy.personal[site][n], t) for n, t in own.items())
+
+
+def test_noise_gate_is_public_and_the_released_groups_get_the_whole_budget(tiny_federation, tiny_model_factory):
+    # A threshold between the groups' SNRs (the bounded Fisher split separates them) makes the gate split.
+    probe = _configured(tiny_federation, tiny_model_factory, proxy_trust=None, noise_gate={"min_snr": 0.0})
+    probe.noise_allocation(1, probe._model.state_dict())
+    snrs = sorted(probe.snr.values())
+    assert snrs[0] < snrs[-1]
+    threshold = (snrs[0] + snrs[-1]) / 2
+    strategies = []
+    for federation in (tiny_federation, _with_private_data_changed(tiny_federation)):
+        s = _configured(federation, tiny_model_factory, proxy_trust=None, noise_gate={"min_snr": threshold})
+        strategies.append((s, s.noise_allocation(1, s._model.state_dict())))
+    (a, sig_a), (b, sig_b) = strategies
+    assert a.drowned and a.drowned != frozenset(a.group_sizes)
+    assert a.drowned == b.drowned and sig_a == sig_b  # a site's private data changes nothing
+    released = [g for g in a.group_sizes if g not in a.drowned]
+    assert sum(a.clip_bounds[g] ** 2 for g in released) == pytest.approx(a.clip_norm ** 2, rel=1e-12)
+    assert all(a.clip_bounds[g] == 0.0 and sig_a[g] == 0.0 for g in a.drowned)
+    z_eff = sum(a.clip_bounds[g] ** 2 / sig_a[g] ** 2 for g in released) ** -0.5
+    assert z_eff == pytest.approx(a.update_noise_multiplier, rel=1e-9)
+
+
+def _with_private_data_changed(federation):
+    """The same federation (same public set) with site 0's train and validation labels permuted."""
+    site = federation.sites[0]
+    flip = lambda c: dataclasses.replace(c, labels=c.labels[::-1].copy())  # noqa: E731
+    sites = [dataclasses.replace(site, train=flip(site.train), val=flip(site.val)), *federation.sites[1:]]
+    return dataclasses.replace(federation, sites=sites)
+
+
+def test_fisher_allocation_falls_back_to_uniform_with_a_logged_reason(tiny_federation, tiny_model_factory, caplog):
+    """At epsilon 8 with 3 sites the second-order proxy predicts nats of loss per round: outside its range, so
+    dp-fedavg-fisher uses uniform noise, says why, and its run equals per-group uniform DP-FedAvg exactly."""
+    with caplog.at_level("INFO", logger="mmpfl_core.federated.dp_fisher"):
+        fisher = run_federated(tiny_federation, model_factory=tiny_model_factory, config=_config(), progress=False,
+                               strategy=create_strategy("dp-fedavg-fisher", proxy_trust=0.05, **DP))
+    allocation = fisher.summary["privacy"]["allocation"]
+    assert allocation["used_last_round"] == "uniform" and allocation["fallback_rounds"] == 2
+    assert "proxy_trust" in allocation["fallback_reason"] and "proxy_trust" in caplog.text
+    assert all(row["predicted_noise_loss"] > 0.05 and row["fisher_fallback"] == 1.0 for row in fisher.history)
+    uniform = run_federated(tiny_federation, model_factory=tiny_model_factory, config=_config(), progress=False,
+                            strategy=create_strategy("dp-fedavg", clipping="per-group",
+                                                     **{k: v for k, v in DP.items() if not k.startswith("fisher")}))
+    for name in uniform.global_state:
+        assert torch.equal(fisher.global_state[name], uniform.global_state[name]), name

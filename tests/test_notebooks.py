@@ -65,6 +65,15 @@ def _expect_04(r: dict[str, Any]) -> None:
     assert r["epsilon_fisher"] == pytest.approx(r["epsilon_uniform"], rel=1e-9)
     assert 0 < r["epsilon_fisher"] <= r["target_epsilon"]
     assert r["accuracy_fisher"] >= r["accuracy_uniform"] - 0.15
+    # The bounded allocation keeps z and its bound; under the smoke settings' heavy noise the proxy predicts
+    # more than proxy_trust nats per round, so the default falls back to uniform noise every round, says why,
+    # and its run is the uniform run exactly.
+    assert r["z_eff_bounded"] == pytest.approx(r["noise_multiplier"], rel=1e-9)
+    assert r["bounded_sigma_spread"] <= r["max_noise_ratio"] ** 2 * (1 + 1e-9)
+    assert r["predicted_noise_loss"]["Fisher bounded"] <= r["predicted_noise_loss"]["uniform"] * (1 + 1e-9)
+    assert r["default_allocation_used"] == "uniform" and "proxy_trust" in r["default_fallback_reason"]
+    assert r["default_fallback_rounds"] == r["num_rounds"] and r["global_state_equal_uniform_default"]
+    assert r["accuracy_fisher"] == r["accuracy_uniform"]
 
 
 def _expect_01(r: dict[str, Any]) -> None:
@@ -149,6 +158,12 @@ def _expect_05(r: dict[str, Any]) -> None:
     acc = r["personal_accuracy"]
     personalised = [acc[m] for m in ("fedper", "ditto", "fedavg-ft", "fedavg-kl-masks")]
     assert float(np.mean(personalised)) >= acc["fedavg"] + 0.1
+    # The noise gate keeps exactly the groups below min_snr at home; 4 sites at epsilon 8 over 3 rounds drown
+    # every group (snr ~ 0.02), so nothing is uploaded and no epsilon is spent.
+    assert set(r["gate_drowned"]) == {g for g, v in r["gate_snr"].items() if v is not None and v < r["gate_min_snr"]}
+    assert set(r["gate_drowned"]) == set(r["groups"])
+    assert r["gate_epsilon"] == 0.0 and r["gate_megabytes_up"] == 0.0
+    assert 0.0 <= r["gate_personal_accuracy"] <= 1.0
     assert acc["fedavg-kl-masks"] >= acc["fedavg"] - 0.05
 
 
@@ -181,13 +196,17 @@ def _expect_06(r: dict[str, Any]) -> None:
     assert {"fedavg", "dp-fedavg", "mm-pfl-adp", "mm-pfl-adp-no-fisher", "mm-pfl-adp-no-masks",
             "mm-pfl-adp-no-dp", "mm-pfl-adp-flair-only", "mm-pfl-adp-patient-dp"} <= methods
     assert all(0.0 <= a <= 1.0 for a in r["personal_accuracy"].values())
-    # The accountant's epsilon stays within the budget the notebook set.
-    assert 0 < r["mm_pfl_adp_epsilon"] <= r["target_epsilon"] + 1e-6
+    # The accountant's epsilon stays within the budget the notebook set (0 when MM-PFL-ADP's noise gate keeps
+    # every group at home: nothing released, nothing charged).
+    assert 0 <= r["mm_pfl_adp_epsilon"] <= r["target_epsilon"] + 1e-6
     # Masks keep groups at home: less traffic than the same method without masks.
     assert r["mm_pfl_adp_megabytes"] < r["no_masks_megabytes"]
     # At the same epsilon, masks + Fisher do not lose to plain DP-FedAvg (seeded smoke run; small margin).
     assert r["mm_pfl_adp_minus_dp_fedavg"] >= -0.05
     assert set(r["claims"].values()) <= {"agrees", "does not hold here", "not measured"}
+    # The live regime map: one winner per (sites, epsilon) cell; Ditto (no DP) never competes at a finite epsilon.
+    assert r["regime_sites"] and set(r["regime_winners_per_cell"]) == {1}
+    assert "ditto" not in r["regime_eligible_at_finite_epsilon"] and "local-only" in r["regime_eligible_at_finite_epsilon"]
 
 
 EXPECTATIONS["06_mm_pfl_adp_end_to_end"] = _expect_06

@@ -178,3 +178,32 @@ def test_mask_release_is_recorded_jointly_per_placement():
     assert combine_noise_multipliers(1.0, z_mask) == pytest.approx((1 + 1 / 16) ** -0.5)
     with pytest.raises(PrivacyError, match="server sees each site's mask"):
         mask_release_multiplier(placement="local", noise_multiplier=0.0)
+
+
+def test_forced_personal_groups_need_no_score_and_override_min_shared():
+    masks = PersonalizationMasks(MaskSchedule(threshold=0.5, always_shared=("a",), min_shared_groups=2))
+    masks.set_groups(GROUPS)
+    masks.update(0, 1, {"b": 0.9, "c": 0.8}, forced_personal={"d", "head"})  # d, head unscored; a always shared
+    assert masks.personal_groups(0) == {"b", "d", "head"}  # c (the lower score) dropped: two groups stay shared
+    assert set(masks.scores(0)) == {"b", "c"}
+    masks.update(0, 2, {}, forced_personal=set(GROUPS) - {"a"})  # the gate may keep everything else home
+    assert masks.personal_groups(0) == set(GROUPS) - {"a"} and _partition_ok(masks, 0)
+    masks.update(0, 3, {}, forced_personal=set(GROUPS))  # ...even an always_shared group: noise wins
+    assert masks.personal_groups(0) == set(GROUPS)
+    with pytest.raises(ConfigError, match="scores miss groups"):
+        masks.update(0, 4, {"b": 0.1}, forced_personal={"head"})
+    with pytest.raises(ConfigError, match="forced_personal groups"):
+        masks.update(0, 4, {}, forced_personal={"tail"})
+
+
+def test_release_snr_formula_and_gate():
+    from mmpfl_core.personalization.noise_gate import NoiseGate, release_snr
+    snr = release_snr(clip_bounds={"x": 0.5, "y": 0.1, "off": 0.2}, sigmas={"x": 2.0, "y": 0.5, "off": 0.0},
+                      group_sizes={"x": 100, "y": 4, "off": 9}, expected_participants=5.0, rounds=16)
+    assert snr["x"] == pytest.approx(4 * 5 * 0.5 / (2.0 * 10))  # sqrt(T) qN C_g / (sigma_g sqrt(d_g)) = 0.5
+    assert snr["y"] == pytest.approx(4 * 5 * 0.1 / (0.5 * 2))  # 2.0
+    assert snr["off"] == math.inf  # no noise, nothing drowned
+    assert NoiseGate(min_snr=1.0).drowned(snr) == {"x"}
+    assert NoiseGate(min_snr=0.0).drowned(snr) == frozenset()
+    with pytest.raises(ConfigError, match="noise_gate.min_snr"):
+        NoiseGate(min_snr=-1.0)

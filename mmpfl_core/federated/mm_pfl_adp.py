@@ -4,9 +4,14 @@ One round t, for a sampled site k (the multi-modal ViT is the model; nothing her
 beyond its named parameter groups):
     1. The site starts from the global shared groups merged with its own personal groups.
     2. It trains locally (optionally with sample-level DP-SGD, ``sample_level_dp``).
-    3. If due (every ``update_every`` of its rounds), it scores every group by the KL divergence,
-       on its own validation split, between the global model and the global model with that group
-       replaced by its trained version; groups with high scores become personal (with hysteresis).
+    0. (Server, public.) The noise gate (:mod:`~mmpfl_core.personalization.noise_gate`) computes each
+       group's best-case signal-to-noise ratio over the run from the clip bounds, the noise scales,
+       qN and T; groups below ``min_snr`` are *drowned*: personal at every site and left out of the
+       release, whose clip budget C and noise are spread over the remaining groups only.
+    3. If due (every ``update_every`` of its rounds), it scores every group not drowned by the KL
+       divergence, on its own validation split, between the global model and the global model with
+       that group replaced by its trained version; groups with high scores become personal (with
+       hysteresis).
     4. It clips its update per group (bounds C_g) with personal groups set to zero, then:
        ``server`` placement: sends only the shared groups; the trusted server adds Gaussian noise
        sigma_g per group to the sum (sigma_g from the Fisher allocation on the PUBLIC set);
@@ -16,8 +21,11 @@ beyond its named parameter groups):
 
 Privacy argument (DESIGN 4.1-4.4): a personal group contributes zero to the clipped sum, which is
 within the clipping bound, so the release is the same Gaussian mechanism as DP-FedAvg with the
-Fisher allocation: z_eff = (sum_g C_g^2 / sigma_g^2)^(-1/2) = z, accounted by the ledger with
-sampling rate q. The mask is computed from private validation data, but with ``server`` placement
+Fisher allocation: z_eff = (sum_g C_g^2 / sigma_g^2)^(-1/2) = z over the released groups (sum of
+their C_g^2 = C^2), accounted by the ledger with sampling rate q. The drowned set is a function of
+public quantities only (no site's data), so excluding those groups from the release is fixed in
+advance of the data, like the model's shapes; a round in which every group is drowned releases
+nothing that depends on any site (the global model is returned unchanged), so it is not charged. The mask is computed from private validation data, but with ``server`` placement
 only the trusted server sees it (what it releases, the noisy global model, is covered), and with
 ``distributed`` placement nobody sees it (placeholders). ``local`` placement would reveal masks to
 an untrusted server and needs an accounted release of the scores; it is refused here (use
@@ -31,6 +39,7 @@ the fixed denominator). Single-modality ablations are a data choice (``MethodSpe
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Sequence
 
@@ -39,19 +48,23 @@ from torch import nn
 
 from ..data.contract import CohortDataset
 from ..data.federation import Federation
-from ..errors import ConfigError
+from ..errors import ConfigError, PrivacyError
 from ..personalization.masks import DynamicKLMasks, MaskSchedule
-from ..privacy import NoisePlacement
+from ..personalization.noise_gate import NoiseGate, release_snr
+from ..privacy import NoisePlacement, effective_multiplier_of, uniform_noise_allocation
 from .client import ClientUpdate
 from .config import FederatedConfig
 from .dp_fisher import DPFedAvgFisher
 from .dp_strategies import DPFedAvg
 from .strategies import State, register_strategy
 
+logger = logging.getLogger(__name__)
 
 #: Mask defaults for MM-PFL-ADP: a group turns personal above 0.05 nats of KL per validation sample
-#: (at 1e-3 nearly the whole tiny model turned personal in notebook 05), with 20% hysteresis.
-DEFAULT_MASK = {"mode": "threshold", "threshold": 0.05, "hysteresis": 0.2}
+#: (at 1e-3 nearly the whole tiny model turned personal in notebook 05), with 20% hysteresis; a site
+#: rescores every second round it takes part in (the KL pass cost 0.56x a FedAvg round on the teaching
+#: preset when run every round: bench/client_dp_overhead.py).
+DEFAULT_MASK = {"mode": "threshold", "threshold": 0.05, "hysteresis": 0.2, "update_every": 2}
 
 
 @register_strategy("mm-pfl-adp")
@@ -64,6 +77,8 @@ class MMPFLADP(DPFedAvgFisher):
         dp: client-level DP (False: no clipping, no noise, epsilon infinite; ablation).
         mask: keyword arguments of :class:`~mmpfl_core.personalization.masks.MaskSchedule`
             (``mode``, ``threshold``, ``top_fraction``, ``update_every``, ``hysteresis``, ...).
+        noise_gate: keyword arguments of :class:`~mmpfl_core.personalization.noise_gate.NoiseGate`
+            (``min_snr``, ``rounds``), or False to share whatever the KL rule shares (ablation).
         score_batch_size: batch size of the KL scoring pass.
         **dp_kwargs: every argument of ``dp-fedavg`` / ``dp-fedavg-fisher`` (``target_epsilon``,
             ``delta``, ``clip_norm``, ``placement``, ``fisher_every``, ``sample_level_dp``, ...).
@@ -71,7 +86,8 @@ class MMPFLADP(DPFedAvgFisher):
     """
 
     def __init__(self, *, fisher: bool = True, masks: bool = True, dp: bool = True,
-                 mask: dict[str, Any] | None = None, score_batch_size: int = 256, **dp_kwargs: Any) -> None:
+                 mask: dict[str, Any] | None = None, score_batch_size: int = 256,
+                 noise_gate: dict[str, Any] | bool = True, **dp_kwargs: Any) -> None:
         if not dp:
             if dp_kwargs.get("target_epsilon") is not None or dp_kwargs.get("noise_multiplier"):
                 raise ConfigError("mm-pfl-adp with dp=False takes no target_epsilon/noise_multiplier.")
@@ -86,6 +102,12 @@ class MMPFLADP(DPFedAvgFisher):
         self.use_fisher, self.use_masks, self.use_dp = bool(fisher), bool(masks), bool(dp)
         self.uses_noise_allocation = "fisher" if fisher else "uniform"
         self.masker = DynamicKLMasks(MaskSchedule(**{**DEFAULT_MASK, **(mask or {})}), score_batch_size=score_batch_size)
+        if noise_gate is True:
+            noise_gate = {}
+        self.gate = NoiseGate(**noise_gate) if noise_gate is not False and masks and dp else None
+        self.drowned: frozenset[str] = frozenset()  # public: the same at every site
+        self.snr: dict[str, float] = {}
+        self._skipped_rounds = 0
         self.val_sets: dict[int, CohortDataset] = {}
         self._round_global: State | None = None
         self._start_groups: dict[int, frozenset[str]] = {}
@@ -98,20 +120,88 @@ class MMPFLADP(DPFedAvgFisher):
         # Site-side data for the KL scores (the simulation plays every site; only site k's own split
         # is ever used for site k's mask).
         self.val_sets = {s.site_id: CohortDataset(s.val) for s in federation.sites}
+        self.gate_rounds = (self.gate.rounds if self.gate is not None and self.gate.rounds else
+                            self.calibration_rounds or config.num_rounds)
+
+    # ---- noise: allocation and the public noise gate
+    def _set_bounds(self, clip_norm: float) -> None:
+        """C_g = C sqrt(d_g / d_S) over the released groups S (not drowned), 0 for drowned ones, so that
+        sum_g C_g^2 = C^2 over what is released (DESIGN 4.1). Public: sizes and the gate only."""
+        self.clip_norm = clip_norm
+        drowned = getattr(self, "drowned", frozenset())
+        total = sum(d for g, d in self.group_sizes.items() if g not in drowned)
+        self.clip_bounds = {g: (0.0 if g in drowned else clip_norm * math.sqrt(d / total))
+                            for g, d in self.group_sizes.items()}
+
+    def _allocate(self, sizes: dict[str, int], bounds: dict[str, float], round_index: int):
+        if self.use_fisher:
+            return self.choose_allocation(sizes, bounds, round_index)
+        return uniform_noise_allocation(group_sizes=sizes, clip_bounds=bounds,
+                                        noise_multiplier=self.update_noise_multiplier)  # sigma_g = z C
 
     def noise_allocation(self, round_index: int, global_state: State) -> dict[str, float]:
-        if self.use_fisher:
-            return super().noise_allocation(round_index, global_state)
-        return DPFedAvg.noise_allocation(self, round_index, global_state)  # uniform sigma_g = z C
+        """sigma_g of this round; with the gate on, first decides the drowned groups (module docstring)."""
+        if self.gate is None or self.update_noise_multiplier == 0:
+            if self.use_fisher:
+                return super().noise_allocation(round_index, global_state)
+            return DPFedAvg.noise_allocation(self, round_index, global_state)  # uniform sigma_g = z C
+        if self.use_fisher and (self.fisher is None or (round_index - 1) % self.fisher_every == 0):
+            self.fisher = self.compute_fisher(round_index, global_state)  # public set, released model
+        # The gate looks at the allocation over ALL groups (the full-model clip rule): conservative,
+        # since leaving drowned groups out only raises the others' signal-to-noise.
+        total = sum(self.group_sizes.values())
+        full_bounds = {g: self.clip_norm * math.sqrt(d / total) for g, d in self.group_sizes.items()}
+        reference = self._allocate(self.group_sizes, full_bounds, round_index)
+        self.snr = release_snr(clip_bounds=full_bounds, sigmas=reference.sigmas, group_sizes=self.group_sizes,
+                               expected_participants=self.expected_participants, rounds=self.gate_rounds)
+        drowned = self.gate.drowned(self.snr)
+        if drowned != self.drowned:
+            logger.info("round %d: %s keeps %s personal at every site: best-case release SNR %s < min_snr=%g "
+                        "(z=%.3g, qN=%g, T=%d)", round_index, self.name, sorted(drowned),
+                        {g: round(self.snr[g], 4) for g in sorted(drowned)}, self.gate.min_snr,
+                        self.update_noise_multiplier, self.expected_participants, self.gate_rounds)
+        self.drowned = drowned
+        self._set_bounds(self.clip_norm)
+        released = {g: d for g, d in self.group_sizes.items() if g not in drowned}
+        sigmas = {g: 0.0 for g in self.group_sizes}
+        if released:
+            alloc = self._allocate(released, {g: self.clip_bounds[g] for g in released}, round_index)
+            z_eff = effective_multiplier_of(alloc)
+            if not math.isclose(z_eff, self.update_noise_multiplier, rel_tol=1e-9):
+                raise PrivacyError(f"allocation over the released groups has z_eff={z_eff!r} != "
+                                   f"z={self.update_noise_multiplier!r} (report this bug).")
+            self.last_allocation = alloc
+            sigmas.update(alloc.sigmas)
+        return sigmas
+
+    def release_sum(self, global_state: State, total: State, num_participants: int, round_index: int) -> State:
+        if self.gate is not None and self.drowned and len(self.drowned) == len(self.group_sizes):
+            # Every group is drowned: nothing leaves any site, the global model is returned as it was
+            # (a data-independent output), so nothing is released and nothing is charged.
+            self._skipped_rounds += 1
+            return global_state
+        return super().release_sum(global_state, total, num_participants, round_index)
+
+    def round_instructions(self, round_index: int, global_state: State) -> dict[str, float]:
+        out = super().round_instructions(round_index, global_state)
+        return {**out, **{f"drowned/{g}": float(g in self.drowned) for g in self.groups}}
+
+    def apply_round_instructions(self, round_index: int, instructions: dict[str, float]) -> None:
+        if self.gate is not None:  # before the bounds are set from the server's C
+            self.drowned = frozenset(g for g in self.groups if instructions.get(f"drowned/{g}", 0.0) > 0)
+        super().apply_round_instructions(round_index, instructions)
 
     # ---- masks
+    def _personal_groups(self, site_id: int) -> frozenset[str]:
+        return self.masker.personal_groups(site_id) | self.drowned if self.use_masks else frozenset()
+
     def _personal(self, site_id: int) -> set[str]:
-        return self.masker.personal_names(site_id) if self.use_masks else set()
+        return self.masker.names_of(self._personal_groups(site_id)) if self.use_masks else set()
 
     def client_start_state(self, site_id: int, global_state: State) -> State:
         super().client_start_state(site_id, global_state)
         self._round_global = global_state
-        self._start_groups[site_id] = self.masker.personal_groups(site_id) if self.use_masks else frozenset()
+        self._start_groups[site_id] = self._personal_groups(site_id)
         own = self.personal.get(site_id, {})
         return {**global_state, **{n: own[n] for n in self._personal(site_id) if n in own}}
 
@@ -129,7 +219,8 @@ class MMPFLADP(DPFedAvgFisher):
         if not self.use_masks:
             return
         trained = {n: p.detach() for n, p in model.named_parameters()}
-        self.masker.maybe_update(site_id, self._round, model, self._round_global, trained, self.val_sets[site_id])
+        self.masker.maybe_update(site_id, self._round, model, self._round_global, trained, self.val_sets[site_id],
+                                 forced_personal=self.drowned)
         names = self._personal(site_id)
         if names:
             self.personal[site_id] = {n: trained[n].clone() for n in sorted(names)}
@@ -147,7 +238,10 @@ class MMPFLADP(DPFedAvgFisher):
         sent = super().transmit(masked, round_index)
         if self.placement is NoisePlacement.SERVER:
             return {n: t for n, t in sent.items() if n not in personal}  # never leaves the site
-        return sent  # distributed: noise-only placeholders keep the secure sum's noise and hide the mask
+        # distributed: noise-only placeholders keep the secure sum's noise and hide the (private) KL mask;
+        # drowned groups are public and released by nobody, so they need no placeholder.
+        drowned = self.masker.names_of(self.drowned)
+        return {n: t for n, t in sent.items() if n not in drowned}
 
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
                   round_index: int) -> State:
@@ -159,14 +253,26 @@ class MMPFLADP(DPFedAvgFisher):
     def round_report(self, round_index: int) -> dict[str, float]:
         sites = sorted(self.val_sets)
         return {**super().round_report(round_index),
-                "personal_fraction": self.masker.personal_fraction(sites) if self.use_masks else 0.0,
+                "personal_fraction": self._personal_fraction(sites) if self.use_masks else 0.0,
+                "drowned_groups": float(len(self.drowned)),
                 "mask_changes": float(self.masker.masks.changes_in(round_index)) if self.use_masks else 0.0}
+
+    def _personal_fraction(self, sites: Sequence[int]) -> float:
+        sizes = self.group_sizes
+        total = sum(sizes.values())
+        return float(sum(sum(sizes[g] for g in self._personal_groups(s)) / total for s in sites) / max(len(sites), 1))
 
     def summary_report(self) -> dict[str, Any]:
         out = super().summary_report()
-        out["ablation"] = {"fisher": self.use_fisher, "masks": self.use_masks, "dp": self.use_dp}
+        out["ablation"] = {"fisher": self.use_fisher, "masks": self.use_masks, "dp": self.use_dp,
+                           "noise_gate": self.gate is not None}
+        if self.gate is not None:
+            out["noise_gate"] = {"min_snr": self.gate.min_snr, "rounds": self.gate_rounds,
+                                 "snr_last_round": {g: (v if math.isfinite(v) else None) for g, v in self.snr.items()},
+                                 "drowned_last_round": sorted(self.drowned),
+                                 "rounds_with_nothing_released": self._skipped_rounds}
         if self.use_masks:
-            out["masks"] = {str(s): sorted(self.masker.personal_groups(s)) for s in sorted(self.val_sets)}
+            out["masks"] = {str(s): sorted(self._personal_groups(s)) for s in sorted(self.val_sets)}
             out["mask_privacy"] = ("exact scores seen only by the trusted server (server placement)"
                                    if self.placement is NoisePlacement.SERVER else
                                    "masks hidden by secure aggregation (noise-only placeholders)")
@@ -174,8 +280,12 @@ class MMPFLADP(DPFedAvgFisher):
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, state = super().state_dict()
-        return tensors, {**state, "masker": self.masker.state_dict()}
+        return tensors, {**state, "masker": self.masker.state_dict(), "drowned": sorted(self.drowned),
+                         "skipped_rounds": self._skipped_rounds}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         super().load_state_dict(tensors, state)
         self.masker.load_state_dict(state["masker"])
+        self.drowned = frozenset(state.get("drowned", ()))
+        self._skipped_rounds = int(state.get("skipped_rounds", 0))
+        self._set_bounds(self.clip_norm)

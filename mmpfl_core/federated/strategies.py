@@ -26,6 +26,7 @@ from ..data.federation import Federation
 from ..errors import ConfigError
 from .client import ClientUpdate, LossRegulariser
 from .config import FederatedConfig
+from .server_optimizer import make_server_optimizer, split_server_optimizer_tensors
 
 State = dict[str, torch.Tensor]
 _REGISTRY: dict[str, type["Strategy"]] = {}
@@ -189,7 +190,30 @@ def weighted_average_update(global_state: State, sent: Sequence[State], weights:
 
 @register_strategy("fedavg")
 class FedAvg(Strategy):
-    """Federated averaging (McMahan et al. 2017): sample-weighted mean of the clients' updates."""
+    """Federated averaging (McMahan et al. 2017): sample-weighted mean of the clients' updates.
+
+    ``server_optimizer`` (kwargs of :class:`~.server_optimizer.ServerOptimizerConfig`, e.g.
+    ``{"name": "momentum"}``) turns it into FedAvgM / FedAdam: the server steps from the average.
+    """
+
+    def __init__(self, server_optimizer: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.server_optimizer = make_server_optimizer(server_optimizer)
+
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
+                  round_index: int) -> State:
+        averaged = super().aggregate(global_state, updates, sent, round_index)
+        return averaged if self.server_optimizer is None else self.server_optimizer.step(global_state, averaged)
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, state = super().state_dict()
+        return ({**tensors, **self.server_optimizer.state_dict()} if self.server_optimizer else tensors), state
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        own, rest = split_server_optimizer_tensors(tensors)
+        if self.server_optimizer is not None:
+            self.server_optimizer.load_state_dict(own)
+        super().load_state_dict(rest, state)
 
 
 @register_strategy("fedprox")

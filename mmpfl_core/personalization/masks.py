@@ -12,6 +12,12 @@ Two pieces, reusable by any strategy (FedAvg with masks, MM-PFL-ADP):
 * :class:`DynamicKLMasks`: the two above plus KL scoring on a site's validation data and the
   optional private score release (:mod:`.release`).
 
+Noise-aware masks: every update may pass ``forced_personal``, groups a caller has decided must stay
+personal this round from PUBLIC information only (the noise gate of :mod:`.noise_gate`: groups whose
+release would be drowned by the DP noise). They are personal whatever the scores say, they are not
+scored (that is where the KL pass's time goes), and ``min_shared_groups`` does not override them: if
+the noise drowns every group, every group stays local. Only the remaining groups follow the scores.
+
 It must never send a site's exact scores or mask anywhere; strategies decide what leaves the site.
 """
 from __future__ import annotations
@@ -83,10 +89,14 @@ class MaskSchedule:
         return self.top_fraction + (self.top_fraction_final - self.top_fraction) * progress
 
     def select(self, groups: Sequence[str], scores: Mapping[str, float], current: frozenset[str],
-               round_index: int) -> frozenset[str]:
-        """The new personal set from ``scores`` given the current personal set (hysteresis)."""
+               round_index: int, forced_personal: frozenset[str] = frozenset()) -> frozenset[str]:
+        """The new personal set from ``scores`` given the current personal set (hysteresis).
+
+        ``forced_personal`` (public, e.g. the noise gate) joins ``always_personal`` for this call and
+        overrides ``always_shared`` and ``min_shared_groups``; its groups need no score.
+        """
         h = self.hysteresis
-        forced = set(self.always_shared) | set(self.always_personal)
+        forced = set(self.always_shared) | set(self.always_personal) | set(forced_personal)
         eligible = [g for g in groups if g not in forced]
         if self.mode == "threshold":
             chosen = {g for g in eligible
@@ -97,11 +107,12 @@ class MaskSchedule:
             ranked = sorted((g for g in eligible if scores[g] > 0), key=lambda g: (-effective[g], groups.index(g)))
             chosen = set(ranked[:k])
         # Keep at least min_shared_groups shared: drop the lowest-scoring chosen groups first.
+        kept = set(self.always_personal) | set(forced_personal)
         for g in sorted(chosen, key=lambda g: (scores[g], -groups.index(g))):
-            if len(groups) - len(chosen) - len(self.always_personal) >= self.min_shared_groups:
+            if len(groups) - len(chosen) - len(kept) >= self.min_shared_groups:
                 break
             chosen.discard(g)
-        return frozenset(chosen | set(self.always_personal))
+        return frozenset(chosen | kept)
 
 
 class PersonalizationMasks:
@@ -150,18 +161,28 @@ class PersonalizationMasks:
         last = self._last_update.get(site)
         return last is None or round_index - last >= self.schedule.update_every
 
-    def update(self, site: int, round_index: int, scores: Mapping[str, float]) -> int:
-        """Recompute the site's mask from ``scores``; returns how many groups changed side."""
+    def update(self, site: int, round_index: int, scores: Mapping[str, float],
+               forced_personal: frozenset[str] | Sequence[str] = frozenset()) -> int:
+        """Recompute the site's mask from ``scores``; returns how many groups changed side.
+
+        Groups in ``forced_personal``, ``always_personal`` or ``always_shared`` need no score.
+        """
+        forced_personal = frozenset(forced_personal)
         if self.groups is None:
-            self.set_groups(list(scores))
-        missing = set(self.groups) - set(scores)
+            self.set_groups(list(scores) + [g for g in forced_personal if g not in scores])
+        unknown = forced_personal - set(self.groups)
+        if unknown:
+            raise ConfigError(f"forced_personal groups {sorted(unknown)} are not mask groups {list(self.groups)}.")
+        needed = set(self.groups) - forced_personal - set(self.schedule.always_personal) - set(self.schedule.always_shared)
+        missing = needed - set(scores)
         if missing:
-            raise ConfigError(f"scores miss groups {sorted(missing)}; score every group.")
+            raise ConfigError(f"scores miss groups {sorted(missing)}; score every group not forced to a side.")
+        full = {g: float(scores.get(g, 0.0)) for g in self.groups}  # unscored groups are decided without a score
         old = self.personal_groups(site)
-        new = self.schedule.select(self.groups, scores, old, round_index)
+        new = self.schedule.select(self.groups, full, old, round_index, forced_personal)
         self._personal[site] = new
         self._last_update[site] = int(round_index)
-        self._scores[site] = {g: float(scores[g]) for g in self.groups}
+        self._scores[site] = {g: float(scores[g]) for g in self.groups if g in scores}
         changed = len(old ^ new)
         self._changes[int(round_index)] = self._changes.get(int(round_index), 0) + changed
         return changed
@@ -232,16 +253,26 @@ class DynamicKLMasks:
         return self.names_of(self.personal_groups(site))
 
     def maybe_update(self, site: int, round_index: int, model: nn.Module, global_state: Mapping[str, torch.Tensor],
-                     trained_state: Mapping[str, torch.Tensor], val: CohortDataset) -> bool:
-        """Score and update the site's mask if it is due; True when it was recomputed."""
+                     trained_state: Mapping[str, torch.Tensor], val: CohortDataset,
+                     forced_personal: frozenset[str] = frozenset()) -> bool:
+        """Score and update the site's mask if it is due; True when it was recomputed.
+
+        Only groups whose side is not fixed (``always_*`` or the public ``forced_personal``) are
+        scored; when none is left, no forward pass runs at all.
+        """
         self.configure_from_model(model)
         if not self.masks.due(site, round_index):
             return False
-        scores = kl_group_scores(model, global_state, trained_state, val, self.param_groups,
-                                 batch_size=self.score_batch_size)
-        if self.release is not None:
-            scores = self.release.apply(scores, torch_generator(self.seed, _SCORE_RELEASE_STREAM, round_index, site))
-        self.masks.update(site, round_index, scores)
+        schedule = self.masks.schedule
+        fixed = set(forced_personal) | set(schedule.always_personal) | set(schedule.always_shared)
+        to_score = {g: names for g, names in self.param_groups.items() if g not in fixed}
+        scores: dict[str, float] = {}
+        if to_score:
+            scores = kl_group_scores(model, global_state, trained_state, val, to_score,
+                                     batch_size=self.score_batch_size)
+            if self.release is not None:
+                scores = self.release.apply(scores, torch_generator(self.seed, _SCORE_RELEASE_STREAM, round_index, site))
+        self.masks.update(site, round_index, scores, forced_personal)
         return True
 
     def personal_fraction(self, sites: Sequence[int]) -> float:

@@ -19,6 +19,7 @@ from mmpfl_core.privacy.allocation import (
     fisher_noise_allocation,
     fisher_weighted_noise,
     floor_fisher,
+    predicted_noise_loss,
     uniform_noise_allocation,
 )
 from mmpfl_core.privacy.clipping import (
@@ -50,6 +51,7 @@ __all__ = [
     "compose_epsilon", "compute_epsilon", "diagonal_fisher", "effective_multiplier_of",
     "effective_noise_multiplier", "fisher_noise_allocation", "fisher_weighted_noise",
     "floor_fisher", "gaussian_noise_like", "global_norm", "group_fisher", "group_norms",
-    "per_participant_noise_std", "release_accounting", "server_top_up_std", "uniform_noise_allocation",
+    "per_participant_noise_std", "predicted_noise_loss", "release_accounting", "server_top_up_std",
+    "uniform_noise_allocation",
     "validate_update",
 ]

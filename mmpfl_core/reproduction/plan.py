@@ -11,6 +11,7 @@ import yaml
 from ..attacks.evaluation import MembershipPlan
 from ..errors import ConfigError
 from ..experiment import CONFIG_DIR, ExperimentConfig
+from .regime import RegimeMap
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class ReproductionPlan:
     reference_method: str = "fedavg"  # the paper's baseline in the claims table
     proposed_method: str = "mm-pfl-adp"
     membership_inference: MembershipPlan | None = None
+    #: When set, the reproduction is the regime map (sites x epsilon) instead of the alpha comparison.
+    regime_map: RegimeMap | None = None
 
     def __post_init__(self) -> None:
         labels = {m.label for m in self.experiment.methods}
@@ -60,6 +63,10 @@ class ReproductionPlan:
             missing = set(self.membership_inference.methods) - labels
             if missing:
                 raise ConfigError(f"membership_inference.methods {sorted(missing)} are not among the experiment's methods.")
+        if self.regime_map is not None:
+            missing = set(self.regime_map.methods) - labels
+            if missing:
+                raise ConfigError(f"regime_map.methods {sorted(missing)} are not among the experiment's methods.")
         if not self.alphas or not self.seeds:
             raise ConfigError("reproduction needs at least one alpha and one seed.")
 
@@ -76,6 +83,7 @@ def load_reproduction(preset: str | Path) -> ReproductionPlan:
     section = dict(values.pop("reproduction", {}) or {})
     sweep = section.pop("site_sweep", None)
     membership = section.pop("membership_inference", None)
+    regime = section.pop("regime_map", None)
     allowed = {"alphas", "seeds", "reference_method", "proposed_method"}
     if set(section) - allowed:
         raise ConfigError(f"unknown reproduction key(s) {sorted(set(section) - allowed)}; allowed: {sorted(allowed)}.")
@@ -83,6 +91,7 @@ def load_reproduction(preset: str | Path) -> ReproductionPlan:
         experiment=ExperimentConfig.from_dict(values),
         site_sweep=None if sweep is None else SiteSweep(**{k: tuple(v) if isinstance(v, list) else v for k, v in sweep.items()}),
         membership_inference=None if membership is None else _membership_plan(membership),
+        regime_map=None if regime is None else _regime_map(regime),
         **{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()},
     )
 
@@ -92,3 +101,10 @@ def _membership_plan(values: Mapping[str, Any]) -> MembershipPlan:
     if set(values) - allowed:
         raise ConfigError(f"unknown membership_inference key(s) {sorted(set(values) - allowed)}; allowed: {sorted(allowed)}.")
     return MembershipPlan(**values)
+
+
+def _regime_map(values: Mapping[str, Any]) -> RegimeMap:
+    allowed = {f for f in RegimeMap.__dataclass_fields__}
+    if set(values) - allowed:
+        raise ConfigError(f"unknown regime_map key(s) {sorted(set(values) - allowed)}; allowed: {sorted(allowed)}.")
+    return RegimeMap(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

@@ -17,6 +17,7 @@ from ..federated.simulation import RunResult
 from ..metrics.classification import seed_ci
 from .claims import claims_table
 from .plan import ReproductionPlan
+from .regime_report import run_regime_map
 from .report import plot_epsilon, report_markdown
 
 
@@ -64,6 +65,8 @@ class ReproductionReport:
     claims: pd.DataFrame
     runs: dict[tuple[float, int, str], RunResult] = field(default_factory=dict)
     membership_table: pd.DataFrame | None = None
+    #: The regime map's per-cell table (mean, interval, eligibility, winner) when the plan has one.
+    regime_cells: pd.DataFrame | None = None
 
 
 def _main_alpha(plan: ReproductionPlan) -> float:
@@ -111,6 +114,10 @@ def run_reproduction(plan: ReproductionPlan, out: Path, *, progress: bool = True
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if plan.regime_map is not None:  # the sites x epsilon map replaces the alpha comparison
+        path, winners, verdict, cells, _ = run_regime_map(plan, out, progress=progress)
+        return ReproductionReport(path=path, main_table=winners, alpha_table=pd.DataFrame(), sweep_table=None,
+                                  claims=verdict, regime_cells=cells)
     base = plan.experiment
     runs: dict[tuple[float, int, str], RunResult] = {}
     federations = {}

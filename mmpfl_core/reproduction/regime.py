@@ -1,0 +1,232 @@
+"""The regime map: when does client-level DP federated learning beat training alone?
+
+A grid of federation sizes N x privacy budgets epsilon (``reproduction.regime_map`` in a reproduction
+preset, ``mmpfl reproduce --preset regime_smoke|regime``). In every cell each method is trained on
+the same federation for every seed; the table keeps the mean personal test accuracy over seeds with a
+Student-t 95% interval, and names the winner among the methods that hold that cell's guarantee:
+
+* private methods (those with a ``target_epsilon``) run at the cell's epsilon (``inf``: the same
+  clipping with noise multiplier 0, i.e. no client-level DP);
+* local-only releases nothing, so it is eligible in every cell (its numbers do not depend on epsilon);
+* a non-private federated method (Ditto) releases un-noised models: it is eligible only at
+  epsilon = inf, and shown elsewhere as a reference.
+
+A winner is "clear" when its interval lies above every other eligible method's interval, else the
+cell is a tie. Sites are Poisson-sampled with q = min(1, ``sites_per_round`` / N), so the expected
+number of participants qN (the DP average's fixed denominator) stays near ``sites_per_round`` while
+q, and with it the noise multiplier z the accountant needs, falls as N grows. The per-round
+noise-to-signal ratio of the released average is z C sqrt(d) / (qN) over a clipped update of norm
+at most C, i.e. ``z sqrt(d) / (qN)`` (d: trained parameters): the single number that says where
+client-level DP can pay off.
+
+Local-only sites train independently: with ``local_eval_sites`` set, local-only trains and is
+evaluated on that many sites drawn at random per seed (an unbiased estimate of the federation mean,
+and the only way its N x rounds local trainings fit a CPU budget). Every run keeps its own run
+directory, so an interrupted map resumes where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError
+from ..configuration import to_plain
+from ..experiment import ExperimentConfig, MethodSpec, make_federation, model_factory, run_method
+from ..io.run_directory import RunDirectory
+from ..federated.strategies import create_strategy
+from ..metrics.classification import seed_ci
+
+__all__ = ["RegimeMap", "regime_cells", "regime_runs", "regime_verdict"]
+
+
+@dataclass(frozen=True)
+class RegimeMap:
+    """The grid and the question it answers (see the module docstring)."""
+
+    num_sites: tuple[int, ...] = (5, 20, 100, 500)
+    epsilons: tuple[float, ...] = (1.0, 4.0, 8.0, math.inf)
+    subjects_per_site: tuple[int, ...] = (60, 40, 20, 12)  # one per num_sites: few per site for large N
+    sites_per_round: float = 10.0  # expected participants per round; q = min(1, sites_per_round / N)
+    methods: tuple[str, ...] = ("local-only", "ditto", "dp-fedavg", "feddpa", "mm-pfl-adp")
+    baseline: str = "local-only"
+    proposed: str = "mm-pfl-adp"
+    rivals: tuple[str, ...] = ("dp-fedavg", "feddpa")
+    local_eval_sites: int | None = 50  # local-only on a random subset of this many sites (None: all)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "epsilons", tuple(float(e) for e in self.epsilons))
+        if not self.num_sites or min(self.num_sites) < 2:
+            raise ConfigError(f"regime_map.num_sites={self.num_sites!r} needs federations of >= 2 sites.")
+        if len(self.subjects_per_site) != len(self.num_sites) or min(self.subjects_per_site) < 6:
+            raise ConfigError(f"regime_map.subjects_per_site={self.subjects_per_site!r} needs one entry >= 6 per "
+                              f"num_sites entry {self.num_sites!r} (train, validation and test subjects per site).")
+        if not self.epsilons or min(self.epsilons) <= 0:
+            raise ConfigError(f"regime_map.epsilons={self.epsilons!r} must be > 0 (.inf: no client-level noise).")
+        if not self.sites_per_round >= 1:
+            raise ConfigError(f"regime_map.sites_per_round={self.sites_per_round!r} must be >= 1.")
+        for name in (self.baseline, self.proposed, *self.rivals):
+            if name not in self.methods:
+                raise ConfigError(f"regime_map: {name!r} is not among regime_map.methods {list(self.methods)}.")
+        if self.local_eval_sites is not None and self.local_eval_sites < 2:
+            raise ConfigError(f"regime_map.local_eval_sites={self.local_eval_sites!r} must be >= 2 or null (all sites).")
+
+    def sample_rate(self, num_sites: int) -> float:
+        return min(1.0, self.sites_per_round / num_sites)
+
+
+def _is_private(method: MethodSpec) -> bool:
+    return "target_epsilon" in method.kwargs or "noise_multiplier" in method.kwargs
+
+
+def _at_epsilon(method: MethodSpec, epsilon: float) -> MethodSpec:
+    """The method at budget epsilon; inf keeps the clipping and sets the noise multiplier to 0."""
+    kwargs = {k: v for k, v in method.kwargs.items() if k not in ("target_epsilon", "noise_multiplier")}
+    kwargs.update({"noise_multiplier": 0.0} if math.isinf(epsilon) else {"target_epsilon": float(epsilon)})
+    return dataclasses.replace(method, label=f"{method.label}-eps{epsilon:g}", kwargs=kwargs)
+
+
+def regime_runs(experiment: ExperimentConfig, grid: RegimeMap, seeds: tuple[int, ...], out: Path, *,
+                progress: bool = False, only_finished: bool = False) -> pd.DataFrame:
+    """Train every (N, seed, method, epsilon) of the grid (resuming finished runs); one row per run.
+    With ``only_finished`` nothing is trained: runs without a summary are listed in ``missing``
+    rows (``personal acc`` NaN), so a map cut short by its time budget says what it lacks."""
+    methods = {m.label: m for m in experiment.methods}
+    missing = [m for m in grid.methods if m not in methods]
+    if missing:
+        raise ConfigError(f"regime_map.methods {missing} are not among the experiment's methods {sorted(methods)}.")
+    # d does not depend on N or the seed (same image size, sequences and clinical variables).
+    dim = sum(p.numel() for p in model_factory(experiment, make_federation(experiment))().parameters() if p.requires_grad)
+    rows: list[dict[str, Any]] = []
+    for n, per_site in zip(grid.num_sites, grid.subjects_per_site):
+        q = grid.sample_rate(n)
+        for seed in seeds:
+            config = experiment.replace(
+                data={"num_subjects": n * per_site + experiment.federation.public_size, "seed": seed},
+                federation={"num_sites": n, "seed": seed},
+                federated={"client_fraction": q, "sampling": "poisson", "seed": seed})
+            built: dict[str, Any] = {}  # the federation is built only if a run has to be trained
+
+            def federation_for(subset: bool, config=config, built=built, n=n, seed=seed):
+                if "all" not in built:
+                    built["all"] = make_federation(config)
+                if not subset:
+                    return built["all"]
+                keep = np.sort(np.random.default_rng([seed, n]).choice(n, grid.local_eval_sites, replace=False))
+                return dataclasses.replace(built["all"], sites=[built["all"].sites[i] for i in keep])
+            for label in grid.methods:
+                method = methods[label]
+                private = _is_private(method)
+                subset = bool(not _communicates(method) and grid.local_eval_sites and n > grid.local_eval_sites)
+                cfg = config
+                for epsilon in (grid.epsilons if private else (None,)):
+                    spec = _at_epsilon(method, epsilon) if private else method
+                    summary = _finished_or_run(cfg, spec, lambda: federation_for(subset), out / "runs" / f"sites{n}-seed{seed}",
+                                               progress, only_finished)
+                    if summary is None:
+                        rows.append({"sites": n, "seed": seed, "method": label, "private": private,
+                                     "communicates": _communicates(method),
+                                     "epsilon": epsilon if private else float("nan"), "personal acc": float("nan"),
+                                     "missing": True})
+                        continue
+                    privacy = summary.get("privacy", {})
+                    z, qn = privacy.get("noise_multiplier"), privacy.get("expected_participants")
+                    rows.append({
+                        "sites": n, "seed": seed, "method": label, "private": private,
+                        "communicates": _communicates(method),
+                        "epsilon": epsilon if private else float("nan"),
+                        "personal acc": summary["personal_test"]["accuracy"]["point"],
+                        "epsilon spent": summary.get("final", {}).get("epsilon"),
+                        "noise multiplier": z, "expected participants": qn, "sample rate": q, "parameters": dim,
+                        "noise/signal per round": (z * math.sqrt(dim) / qn) if z is not None and qn else None,
+                        "sites evaluated": grid.local_eval_sites if subset else n, "missing": False})
+    return pd.DataFrame(rows)
+
+
+def _finished_or_run(config: ExperimentConfig, method: MethodSpec, federation: Callable[[], Any], results_dir: Path,
+                     progress: bool, only_finished: bool = False) -> dict[str, Any] | None:
+    """A finished run's summary read back (its stored config must equal this one: ``RunDirectory``
+    checks it), else the run trained or resumed by :func:`run_method`. Reading back skips the
+    re-evaluation a resumed run would do: the map has hundreds of runs."""
+    run_config = {**config.to_dict(), "method": to_plain(method)}
+    run_config.pop("methods")
+    if only_finished and not (results_dir / method.label / "summary.json").is_file():
+        return None
+    run_dir = RunDirectory.create(results_dir, method.label, run_config, exist_ok_resume=True)
+    if run_dir.summary_path.is_file():
+        return run_dir.read_summary()
+    return run_method(config, method, federation(), results_dir=results_dir, progress=progress).summary
+
+
+def _communicates(method: MethodSpec) -> bool:
+    """Whether the method's strategy sends anything (local-only does not)."""
+    return type(create_strategy(method.strategy, **dict(method.kwargs))).communicates
+
+
+def regime_cells(runs: pd.DataFrame, grid: RegimeMap) -> pd.DataFrame:
+    """One row per (N, epsilon, method): mean accuracy over seeds with a t-interval, eligibility, winner."""
+    rows = []
+    for n in grid.num_sites:
+        for epsilon in grid.epsilons:
+            cell = []
+            for label in grid.methods:
+                sel = runs[(runs["sites"] == n) & (runs["method"] == label) & ~runs["missing"]]
+                private = bool(sel["private"].iloc[0]) if len(sel) else False
+                if private:
+                    sel = sel[sel["epsilon"] == epsilon]
+                if sel.empty:
+                    continue
+                mean, low, high = seed_ci(sel["personal acc"].tolist())
+                eligible = private or math.isinf(epsilon) or not bool(sel["communicates"].iloc[0])
+                cell.append({"sites": n, "epsilon": epsilon, "method": label, "acc": mean, "low": low, "high": high,
+                             "seeds": len(sel), "eligible": eligible,
+                             "noise/signal per round": sel["noise/signal per round"].mean() if private else None})
+            eligible = [c for c in cell if c["eligible"]]
+            best = max(eligible, key=lambda c: c["acc"]) if eligible else None
+            for c in cell:
+                c["winner"] = best is not None and c is best
+                others = [o["high"] for o in eligible if o is not c]
+                c["clear"] = bool(c["winner"] and not math.isnan(c["low"]) and all(c["low"] > h for h in others))
+            rows += cell
+    return pd.DataFrame(rows)
+
+
+def regime_verdict(cells: pd.DataFrame, grid: RegimeMap, *, min_sites: int = 100, max_epsilon: float = 8.0
+                   ) -> pd.DataFrame:
+    """For every cell with N >= ``min_sites`` and epsilon <= ``max_epsilon``: does the proposed method's
+    interval lie above the baseline's and each rival's? (The issue's done-when question.)"""
+    rows = []
+    for (n, epsilon), cell in cells.groupby(["sites", "epsilon"]):
+        if n < min_sites or epsilon > max_epsilon:
+            continue
+        by = cell.set_index("method")
+        if grid.proposed not in by.index:
+            continue
+        ours = by.loc[grid.proposed]
+        row: dict[str, Any] = {"sites": n, "epsilon": epsilon, grid.proposed: f"{ours['acc']:.3f} [{ours['low']:.3f}, {ours['high']:.3f}]"}
+        beats = []
+        for other in (grid.baseline, *grid.rivals):
+            if other not in by.index:  # not run (reduced grid): no claim can be made against it
+                row[other], _ = "not run", beats.append(False)
+                continue
+            o = by.loc[other]
+            row[other] = f"{o['acc']:.3f} [{o['low']:.3f}, {o['high']:.3f}]"
+            beats.append(bool(ours["low"] > o["high"]))
+        row["beats all (CIs apart)"] = bool(beats) and all(beats)
+        row["noise/signal per round"] = ours["noise/signal per round"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def winner_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """sites x epsilon: the winning method, with '(tie)' where its interval overlaps another eligible one."""
+    wins = cells[cells["winner"]].copy()
+    wins["text"] = [f"{m} {a:.2f}" + ("" if c else " (tie)") for m, a, c in zip(wins["method"], wins["acc"], wins["clear"])]
+    table = wins.pivot(index="sites", columns="epsilon", values="text")
+    table.columns = [f"eps={e:g}" for e in table.columns]
+    return table.reset_index()

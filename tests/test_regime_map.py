@@ -1,0 +1,110 @@
+"""The regime map: eligibility and winners from a known table, epsilon handling, and the smoke preset end to end."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import yaml
+
+from mmpfl_core.cli import main
+from mmpfl_core.errors import ConfigError
+from mmpfl_core.experiment import MethodSpec
+from mmpfl_core.reproduction import load_reproduction
+from mmpfl_core.reproduction.regime import RegimeMap, _at_epsilon, regime_cells, regime_verdict, winner_table
+
+GRID = RegimeMap(num_sites=(100,), subjects_per_site=(10,), epsilons=(4.0, math.inf),
+                 methods=("local-only", "ditto", "dp-fedavg", "mm-pfl-adp"), rivals=("dp-fedavg",))
+
+
+def _runs(acc: dict[tuple[str, float | None], list[float]]) -> pd.DataFrame:
+    rows = []
+    for (method, eps), values in acc.items():
+        for seed, a in enumerate(values):
+            rows.append({"sites": 100, "seed": seed, "method": method, "private": eps is not None,
+                         "communicates": method != "local-only", "epsilon": float("nan") if eps is None else eps,
+                         "personal acc": a, "noise/signal per round": 2.0 if eps is not None else None,
+                         "sites evaluated": 100, "missing": False})
+    return pd.DataFrame(rows)
+
+
+def test_winner_is_the_best_eligible_method_and_clear_only_when_intervals_separate():
+    runs = _runs({("local-only", None): [0.60, 0.62, 0.61], ("ditto", None): [0.90, 0.91, 0.92],
+                  ("dp-fedavg", 4.0): [0.40, 0.41, 0.42], ("dp-fedavg", math.inf): [0.70, 0.71, 0.72],
+                  ("mm-pfl-adp", 4.0): [0.70, 0.72, 0.71], ("mm-pfl-adp", math.inf): [0.80, 0.60, 0.95]})
+    cells = regime_cells(runs, GRID).set_index(["epsilon", "method"])
+    # Ditto releases un-noised models: not eligible at a finite epsilon, though it scores highest.
+    assert not cells.loc[(4.0, "ditto"), "eligible"] and cells.loc[(math.inf, "ditto"), "eligible"]
+    assert cells.loc[(4.0, "mm-pfl-adp"), "winner"] and cells.loc[(4.0, "mm-pfl-adp"), "clear"]
+    assert cells.loc[(math.inf, "ditto"), "winner"]
+    assert cells.loc[(4.0, "local-only"), "acc"] == pytest.approx(0.61)
+    # Local-only ignores epsilon: the same numbers in every column.
+    assert cells.loc[(4.0, "local-only"), "high"] == cells.loc[(math.inf, "local-only"), "high"]
+    verdict = regime_verdict(regime_cells(runs, GRID), GRID)
+    assert list(verdict["epsilon"]) == [4.0] and bool(verdict["beats all (CIs apart)"].iloc[0])
+    table = winner_table(regime_cells(runs, GRID))
+    assert table.loc[0, "eps=4"].startswith("mm-pfl-adp 0.71") and "(tie)" not in table.loc[0, "eps=4"]
+
+
+def test_overlapping_intervals_are_a_tie_and_no_verdict():
+    runs = _runs({("local-only", None): [0.60, 0.75, 0.68], ("ditto", None): [0.5, 0.5, 0.5],
+                  ("dp-fedavg", 4.0): [0.40, 0.41, 0.42], ("dp-fedavg", math.inf): [0.4, 0.4, 0.4],
+                  ("mm-pfl-adp", 4.0): [0.70, 0.66, 0.71], ("mm-pfl-adp", math.inf): [0.4, 0.4, 0.4]})
+    cells = regime_cells(runs, GRID).set_index(["epsilon", "method"])
+    assert cells.loc[(4.0, "mm-pfl-adp"), "winner"] and not cells.loc[(4.0, "mm-pfl-adp"), "clear"]
+    assert not regime_verdict(regime_cells(runs, GRID), GRID)["beats all (CIs apart)"].any()
+
+
+def test_epsilon_inf_keeps_the_clipping_and_removes_the_noise():
+    spec = MethodSpec("dp-fedavg", kwargs={"target_epsilon": 8.0, "clip_norm": 0.5})
+    assert _at_epsilon(spec, math.inf).kwargs == {"clip_norm": 0.5, "noise_multiplier": 0.0}
+    assert _at_epsilon(spec, 1.0).kwargs == {"clip_norm": 0.5, "target_epsilon": 1.0}
+    assert _at_epsilon(spec, 1.0).label == "dp-fedavg-eps1"
+
+
+def test_bad_regime_maps_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="subjects_per_site"):
+        RegimeMap(num_sites=(5, 20), subjects_per_site=(10,))
+    with pytest.raises(ConfigError, match="not among regime_map.methods"):
+        RegimeMap(methods=("local-only", "dp-fedavg"))
+    values = yaml.safe_load(open(load_reproduction.__globals__["CONFIG_DIR"] / "reproduce_regime_smoke.yaml"))
+    values["reproduction"]["regime_map"]["methods"].append("fedavg-typo")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError, match="fedavg-typo"):
+        load_reproduction(tmp_path / "bad.yaml")
+
+
+def test_full_preset_is_the_map_the_issue_asks_for():
+    grid = load_reproduction("regime").regime_map
+    assert grid.num_sites == (5, 20, 100, 500) and grid.epsilons == (1.0, 4.0, 8.0, math.inf)
+    assert set(grid.methods) == {"local-only", "ditto", "dp-fedavg", "feddpa", "mm-pfl-adp"}
+    assert len(load_reproduction("regime").seeds) >= 2
+
+
+def test_smoke_map_runs_end_to_end(tmp_path):
+    assert main(["reproduce", "--preset", "regime_smoke", "--out", str(tmp_path), "--no-progress"]) == 0
+    plan = load_reproduction("regime_smoke")
+    grid = plan.regime_map
+    runs = pd.read_csv(tmp_path / "regime_runs.csv")
+    private = [m.label for m in plan.experiment.methods if "target_epsilon" in m.kwargs and m.label in grid.methods]
+    expected = len(grid.num_sites) * len(plan.seeds) * (len(grid.methods) - len(private) + len(private) * len(grid.epsilons))
+    assert len(runs) == expected
+    finite = runs[runs["private"] & runs["epsilon"].lt(math.inf)]
+    assert (finite["epsilon spent"] >= 0).all() and (finite["epsilon spent"] <= finite["epsilon"] + 1e-9).all()
+    # DP-FedAvg and FedDPA release every round; MM-PFL-ADP's noise gate may keep everything at home (epsilon 0).
+    assert (finite.loc[finite["method"].isin(["dp-fedavg", "feddpa"]), "epsilon spent"] > 0).all()
+    # Every private method gets the same noise multiplier in a cell: the same accountant, the same budget.
+    assert (finite.groupby(["sites", "seed", "epsilon"])["noise multiplier"].nunique() == 1).all()
+    # Local-only is evaluated on a random subset where the federation is large.
+    local = runs[runs["method"] == grid.baseline]
+    assert (local.loc[local["sites"] > grid.local_eval_sites, "sites evaluated"] == grid.local_eval_sites).all()
+    cells = pd.read_csv(tmp_path / "regime_cells.csv")
+    assert (cells.groupby(["sites", "epsilon"])["winner"].sum() == 1).all()
+    text = (tmp_path / "REPORT.md").read_text()
+    for heading in ("## Winners", "## At 100 sites or more", "## Why: the noise", "## Every cell"):
+        assert heading in text
+    assert (tmp_path / "regime_map.png").stat().st_size > 0
+    noise = pd.read_csv(tmp_path / "regime_noise.csv")
+    assert len(noise) == len(grid.num_sites) * len([e for e in grid.epsilons if e < math.inf])
+    ratio = noise["noise multiplier z"] * noise["parameters d"] ** 0.5 / noise["expected participants qN"]
+    assert noise["noise/signal per round z*sqrt(d)/qN"].to_numpy() == pytest.approx(ratio.to_numpy())
