@@ -399,3 +399,21 @@ def test_cnn_init_is_deterministic_and_validated():
         create_model("cnn", depth=3)
     with pytest.raises(ConfigError, match="stem='patch'"):
         create_model("cnn", pretrained=True)
+
+
+@pytest.mark.parametrize("strategy, kwargs", [("fedavg", {}), ("fedper", {}),
+                                              ("dp-fedavg", dict(noise_multiplier=1.0, clip_norm=0.5,
+                                                                 clipping="per-group"))])
+def test_cnn_and_hybrid_vit_run_through_the_federated_engine(tiny_federation, strategy, kwargs):
+    """The CNN and the hybrid ViT are registry models: the round loop, personal groups and per-group
+    DP clipping take them unchanged (one round, one local step)."""
+    from mmpfl_core.federated.config import FederatedConfig, LocalTrainingConfig
+    from mmpfl_core.federated.simulation import run_federated
+    from mmpfl_core.federated.strategies import create_strategy
+
+    cfg = FederatedConfig(num_rounds=1, local=LocalTrainingConfig(local_steps=1, batch_size=16), checkpoint_every=0,
+                          bootstrap_resamples=0, device="cpu")
+    for preset, extra in (("cnn", dict(channels=(4, 8, 8, 8))), ("hybrid-tiny", dict(embed_dim=16, depth=1))):
+        run = run_federated(tiny_federation, model_factory=lambda: create_model(preset, seed=0, **extra),
+                            strategy=create_strategy(strategy, **kwargs), config=cfg, progress=False)
+        assert run.global_state and all(torch.isfinite(t).all() for t in run.global_state.values())
