@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -138,8 +138,8 @@ def evaluate(model: nn.Module, test: Cohort, *, seed: int = 0, num_resamples: in
 
 
 def compare_over_seeds(variants: Mapping[str, tuple[Callable[[int], nn.Module], TrainingRecipe, Cohort, Cohort]],
-                       seeds: tuple[int, ...], *, device: str | torch.device = "cpu",
-                       num_resamples: int = 200) -> tuple[pd.DataFrame, pd.DataFrame]:
+                       seeds: Sequence[int], *, device: str | torch.device = "cpu",
+                       num_resamples: int = 200) -> tuple[pd.DataFrame, pd.DataFrame, dict[tuple[str, int], nn.Module]]:
     """Train every variant once per seed; return per-run rows and a per-variant summary.
 
     Args:
@@ -147,15 +147,17 @@ def compare_over_seeds(variants: Mapping[str, tuple[Callable[[int], nn.Module], 
         seeds: training seeds (model init, shuffling, augmentation); the data stay fixed.
 
     Returns:
-        ``(runs, summary)``: ``runs`` has one row per (variant, seed) with balanced accuracy, its
-        bootstrap CI, accuracy and seconds; ``summary`` one row per variant with the mean balanced
-        accuracy over seeds and its 95% Student-t interval (``seed_low``, ``seed_high``).
+        ``(runs, summary, models)``: ``runs`` has one row per (variant, seed) with balanced accuracy,
+        its bootstrap CI, accuracy and seconds; ``summary`` one row per variant with the mean
+        balanced accuracy over seeds and its 95% Student-t interval (``seed_low``, ``seed_high``;
+        NaN with one seed); ``models`` the trained models by ``(variant, seed)``.
     """
-    rows = []
+    rows, models = [], {}
     for label, (make_model, recipe, train, test) in variants.items():
         for seed in seeds:
             trained = train_centralized(make_model(seed), train, recipe, seed=seed, device=device)
             scores = evaluate(trained.model, test, seed=seed, num_resamples=num_resamples, device=device)
+            models[(label, seed)] = trained.model
             rows.append({"variant": label, "seed": seed, **scores, "seconds": trained.seconds,
                          "final_loss": trained.losses[-1]})
     runs = pd.DataFrame(rows)
@@ -164,4 +166,4 @@ def compare_over_seeds(variants: Mapping[str, tuple[Callable[[int], nn.Module], 
         mean, low, high = seed_ci(group["balanced_accuracy"].tolist())
         summary.append({"variant": label, "mean": mean, "seed_low": low, "seed_high": high,
                         "accuracy": float(group["accuracy"].mean()), "seconds": float(group["seconds"].mean())})
-    return runs, pd.DataFrame(summary)
+    return runs, pd.DataFrame(summary), models
