@@ -1,8 +1,11 @@
 """`MultiModalViT`: a timm Vision Transformer that fuses MRI sequences and clinical variables.
 
-Built from timm components (``timm.layers.PatchEmbed``, ``timm.models.vision_transformer.Block``)
-plus the tiny embedding modules of :mod:`.layers`, so that Opacus hooks mode has a per-sample
-gradient rule for every trainable parameter. Three fusion modes (``ViTConfig.fusion``):
+Built from timm components (``timm.layers.PatchEmbed`` or ``HybridEmbed``,
+``timm.models.vision_transformer.Block``) plus the tiny embedding modules of :mod:`.layers`, so that
+Opacus hooks mode has a per-sample gradient rule for every trainable parameter. The tokeniser
+(``ViTConfig.stem``) is a linear patch embedding (``"patch"``, the classic ViT) or a small
+convolutional stem (``"conv"``, the hybrid ViT of the ``hybrid-*`` presets), which is what lets the
+model learn lesions from a few hundred small slices (notebook 01 measures it). Three fusion modes (``ViTConfig.fusion``):
 
 * ``early``: sequences stacked as input channels of one patch embedding (missing ones zeroed).
 * ``token``: one patch embedding per sequence plus a learned modality embedding; all tokens share
