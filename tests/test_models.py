@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from mmpfl_core.errors import ConfigError
-from mmpfl_core.models import FUSIONS, ViTConfig, create_model, get_config, list_presets
+from mmpfl_core.models import FUSIONS, CNNConfig, MultiModalCNN, ViTConfig, create_model, get_config, list_presets
+from mmpfl_core.models.layers import STEMS
 
 # a very small architecture so that everything below runs in seconds on 2 CPU cores
 MICRO = dict(image_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, late_depth=1)
@@ -206,13 +207,24 @@ def test_attention_maps(fusion):
         model.attention_maps(images, mask, clinical, block=5)
 
 
+@pytest.mark.parametrize("stem", STEMS)
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # inputs need no grad: expected
-def test_opacus_per_sample_gradients_match_autograd(fusion):
+def test_opacus_per_sample_gradients_match_autograd(fusion, stem):
+    model = create_model(get_config("tiny", **MICRO), fusion=fusion, stem=stem, seed=0)
+    _check_per_sample_gradients(model)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_cnn_opacus_per_sample_gradients_match_autograd():
+    _check_per_sample_gradients(create_model("cnn", image_size=16, channels=(4, 8, 8, 8), seed=0))
+
+
+def _check_per_sample_gradients(model):
     from opacus import GradSampleModule
     from opacus.validators import ModuleValidator
 
-    model = create_model(get_config("tiny", **MICRO), fusion=fusion, seed=0).double()  # exact maths
+    model = model.double()  # exact maths
     assert ModuleValidator.validate(model, strict=False) == []
     images, mask, clinical, labels = _batch(model.config, MASK[:3])
     images, clinical = images.double(), clinical.double()
@@ -300,3 +312,108 @@ def test_per_sample_fisher_vmaps_through_the_vit_with_a_missing_sequence(fusion)
         assert torch.allclose(sampled["hooks"][name], value, rtol=1e-4, atol=1e-10), name
     assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in model.modules())
     assert all(p.grad is None and not hasattr(p, "grad_sample") for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- conv stem (hybrid ViT)
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_conv_stem_keeps_tokens_groups_and_masking(fusion):
+    """The conv stem changes only how patches become tokens: same token count, same group names,
+    a masked sequence still cannot reach the output."""
+    patch = create_model(get_config("tiny", **MICRO), fusion=fusion, seed=0)
+    conv = create_model(get_config("tiny", **MICRO), fusion=fusion, stem="conv", seed=0).eval()
+    assert list(conv.parameter_groups()) == list(patch.parameter_groups())
+    names = [n for ns in conv.parameter_groups().values() for n in ns]
+    assert sorted(names) == sorted(n for n, _ in conv.named_parameters())
+    stem_params = [n for n in names if ".backbone." in n]
+    assert stem_params and all("patch_embed" in n for n in stem_params)
+    images, mask, clinical, _ = _batch(conv.config)
+    assert conv(images, mask, clinical).shape == (4, 3)
+    if fusion != "early":  # early fusion zeroes a masked channel, so only zeros are invariant there
+        noisy = images.clone()
+        noisy[~mask] = torch.rand_like(noisy[~mask]) * 100.0
+        with torch.no_grad():
+            torch.testing.assert_close(conv(noisy, mask, clinical), conv(images, mask, clinical), atol=1e-6, rtol=0)
+    x = torch.rand(2, 1 if fusion != "early" else 3, 16, 16)
+    embed = conv.patch_embed if fusion == "early" else (
+        conv.patch_embed["t1"] if fusion == "token" else conv.encoders["t1"].patch_embed)
+    assert embed(x).shape == (2, conv.config.num_patches, conv.config.embed_dim)  # (B, N, D)
+
+
+@pytest.mark.parametrize("fusion", ["early", "token"])
+def test_conv_stem_staged_forward_matches(fusion):
+    model = create_model(get_config("tiny", **MICRO), fusion=fusion, stem="conv", seed=2).eval()
+    images, mask, clinical, _ = _batch(model.config)
+    with torch.no_grad():
+        expected = model(images, mask, clinical)
+        inputs, keep = model.block_inputs(images, mask, clinical)
+        for start in range(model.config.depth + 1):
+            torch.testing.assert_close(model.forward_from_block(inputs[start], keep, clinical, start), expected,
+                                       atol=1e-6, rtol=1e-5)
+
+
+def test_conv_stem_validation_and_presets():
+    with pytest.raises(ConfigError, match="power of 2"):
+        create_model("tiny", image_size=24, patch_size=6, stem="conv")
+    with pytest.raises(ConfigError, match="stem"):
+        create_model("tiny", stem="resnet")
+    with pytest.raises(ConfigError, match="stem='patch'"):
+        create_model("hybrid-tiny", pretrained=True)
+    assert get_config("hybrid-tiny").stem == "conv" and get_config("tiny").stem == "patch"
+    assert get_config("hybrid-teaching").image_size == 64
+
+
+# --------------------------------------------------------------------------- CNN baseline
+def test_cnn_shapes_groups_and_missing_sequences():
+    model = create_model("cnn", image_size=16, channels=(4, 8, 8, 8), seed=0).eval()
+    assert isinstance(model, MultiModalCNN) and isinstance(model.config, CNNConfig)
+    groups = model.parameter_groups()
+    assert list(groups) == ["stem", "stage.0", "stage.1", "stage.2", "stage.3", "clinical", "head"]
+    names = [n for ns in groups.values() for n in ns]
+    assert len(names) == len(set(names)) and set(names) == {n for n, _ in model.named_parameters()}
+    assert sum(model.group_sizes().values()) == sum(p.numel() for p in model.parameters())
+    images, mask, clinical, _ = _batch(model.config)
+    logits = model(images, mask, clinical)
+    assert logits.shape == (4, 3) and torch.isfinite(logits).all()
+    noisy = images.clone()
+    noisy[~mask] = torch.rand_like(noisy[~mask]) * 100.0  # a masked sequence is zeroed before the stem
+    with torch.no_grad():
+        torch.testing.assert_close(model(noisy, mask, clinical), model(images, mask, clinical), atol=1e-6, rtol=0)
+    assert model.first_block_of_group("head") is None
+    images_only = create_model("cnn", image_size=16, use_clinical=False, seed=0)
+    assert "clinical" not in images_only.parameter_groups()
+    assert images_only(images, mask, clinical).shape == (4, 3)
+    no_norm_buffers = [n for n, _ in model.named_buffers()]
+    assert no_norm_buffers == [], "GroupNorm keeps no running statistics (FedAvg would not average them)"
+
+
+def test_cnn_init_is_deterministic_and_validated():
+    state = torch.random.get_rng_state()
+    a, b = create_model("cnn", seed=5), create_model("cnn", seed=5)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    for overrides, field in [(dict(fusion="token"), "fusion"), (dict(channels=(16, 32)), "channels"),
+                             (dict(image_size=8), "image_size"), (dict(num_clinical=0), "use_clinical")]:
+        with pytest.raises(ConfigError, match=field):
+            create_model("cnn", **overrides)
+    with pytest.raises(ConfigError, match="unknown CNNConfig field"):
+        create_model("cnn", depth=3)
+    with pytest.raises(ConfigError, match="stem='patch'"):
+        create_model("cnn", pretrained=True)
+
+
+@pytest.mark.parametrize("strategy, kwargs", [("fedavg", {}), ("fedper", {}),
+                                              ("dp-fedavg", dict(noise_multiplier=1.0, clip_norm=0.5,
+                                                                 clipping="per-group"))])
+def test_cnn_and_hybrid_vit_run_through_the_federated_engine(tiny_federation, strategy, kwargs):
+    """The CNN and the hybrid ViT are registry models: the round loop, personal groups and per-group
+    DP clipping take them unchanged (one round, one local step)."""
+    from mmpfl_core.federated.config import FederatedConfig, LocalTrainingConfig
+    from mmpfl_core.federated.simulation import run_federated
+    from mmpfl_core.federated.strategies import create_strategy
+
+    cfg = FederatedConfig(num_rounds=1, local=LocalTrainingConfig(local_steps=1, batch_size=16), checkpoint_every=0,
+                          bootstrap_resamples=0, device="cpu")
+    for preset, extra in (("cnn", dict(channels=(4, 8, 8, 8))), ("hybrid-tiny", dict(embed_dim=16, depth=1))):
+        run = run_federated(tiny_federation, model_factory=lambda: create_model(preset, seed=0, **extra),
+                            strategy=create_strategy(strategy, **kwargs), config=cfg, progress=False)
+        assert run.global_state and all(torch.isfinite(t).all() for t in run.global_state.values())

@@ -77,30 +77,46 @@ def _expect_04(r: dict[str, Any]) -> None:
 
 
 def _expect_01(r: dict[str, Any]) -> None:
-    acc = r["accuracy"]
-    assert set(acc) == {"early fusion", "token fusion", "late fusion", "T1 only", "T2 only", "FLAIR only",
-                        "clinical only", "images only"}
-    assert all(0.0 <= a <= 1.0 for a in acc.values())
-    for low, high in r["accuracy_ci"].values():
-        assert 0.0 <= low <= high <= 1.0
-    # Above chance: the fused model and clinical-only beat always guessing the majority class
-    # (smoke seeds 0-1: fused 0.63, clinical 0.66 vs majority 0.37).
-    assert r["fused_accuracy"] > max(0.4, r["majority_rate"] + 0.05)
-    assert acc["clinical only"] > r["majority_rate"] + 0.05
-    # Bookkeeping is consistent with the recorded accuracies (deterministic).
-    singles = {m: acc[f"{m} only"] for m in ("T1", "T2", "FLAIR")}
+    acc, ci = r["balanced_accuracy"], r["balanced_accuracy_seed_ci"]
+    assert set(acc) == {"ViT, images", "CNN, images", "ViT, T1 only", "ViT, T2 only", "ViT, FLAIR only",
+                        "clinical only", "ViT, images + clinical"}
+    assert len(r["seeds"]) >= 2 and r["chance"] == pytest.approx(1 / 3)
+    for variant, (low, high) in ci.items():  # Student-t over seeds (T1, T2: bootstrap, one seed)
+        assert 0.0 <= acc[variant] <= 1.0 and low <= acc[variant] <= high, variant
+    assert all(0.0 <= run["low"] <= run["balanced_accuracy"] <= run["high"] <= 1.0
+               for run in r["balanced_accuracy_per_run"])
+    assert set(r["ablation"]) == {"linear patches, constant lr", "linear patches, warm-up + cosine",
+                                  "conv stem, constant lr", "conv stem, warm-up + cosine (kept)",
+                                  "kept + MRI augmentation", "kept + label smoothing"}
+    # The kept ablation row is the seed-SEED run of "ViT, images" (reused, not retrained).
+    kept_run = [x for x in r["balanced_accuracy_per_run"] if x["variant"] == "ViT, images" and x["seed"] == r["seeds"][0]]
+    assert r["ablation"]["conv stem, warm-up + cosine (kept)"] == pytest.approx(kept_run[0]["balanced_accuracy"])
+    # Bookkeeping is consistent with the recorded numbers (deterministic).
+    singles = {m: acc[f"ViT, {m} only"] for m in ("T1", "T2", "FLAIR")}
     assert singles[r["best_single_sequence"]] == max(singles.values())
-    assert r["fused_minus_best_single"] == pytest.approx(acc["token fusion"] - max(singles.values()))
+    assert r["vit_minus_cnn_images"] == pytest.approx(acc["ViT, images"] - acc["CNN, images"])
+    assert r["fused_minus_clinical"] == pytest.approx(acc["ViT, images + clinical"] - acc["clinical only"])
+    assert r["fused_separated_from_both"] == (
+        ci["ViT, images + clinical"][0] > max(ci["ViT, images"][1], ci["clinical only"][1]))
+    assert r["flair_above_chance"] == (ci["ViT, FLAIR only"][0] > r["chance"])
+    assert r["conv_stem_gain"] == pytest.approx(r["ablation"]["conv stem, warm-up + cosine (kept)"]
+                                                - r["ablation"]["linear patches, warm-up + cosine"])
+    # At smoke settings (3 epochs, 325 pooled subjects, 2 seeds) only the clinical model has learned
+    # (seeds 0-1: clinical 0.64, every image model 0.34-0.41 vs chance 0.33). The orderings the notebook
+    # is about (ViT >= CNN - 0.02, fused above images and clinical, FLAIR above chance) are measured at
+    # its defaults (10 epochs, 910 subjects, 3 seeds) and reported in the notebook text, not here.
+    assert acc["clinical only"] > r["chance"] + 0.15
     # Attention grid: one subject, 3 sequences, (image / patch)^2 patches.
     g = SMOKE_PARAMETERS["IMAGE_SIZE"] // 8
-    assert r["attention_grid_shape"] == [1, 3, g, g]
+    assert r["attention_grid_shape"] == [1, 3, g, g] and r["grid_size"] == g
     assert sum(r["attention_share"].values()) <= 1.0 + 1e-4
-    # A masked sequence's pixels never change the output, in any fusion mode.
-    assert set(r["masked_pixels_max_abs_diff"]) == {"early", "token", "late"}
+    # A masked sequence's pixels never change the output: three ViT fusion modes and the CNN.
+    assert set(r["masked_pixels_max_abs_diff"]) == {"early", "token", "late", "cnn"}
     assert max(r["masked_pixels_max_abs_diff"].values()) < 1e-5
     # Losing T2 at test time costs little (the model saw a site without T2).
-    assert r["accuracy_t2_missing"] >= r["accuracy_t2_present"] - 0.15
-    assert r["parameter_counts"]["late"] > r["parameter_counts"]["token"]
+    assert r["balanced_accuracy_t2_missing"] >= r["balanced_accuracy_t2_present"] - 0.2  # smoke seed 0: 0.48 -> 0.33
+    counts = r["parameter_counts"]
+    assert counts["hybrid-tiny"] > counts["tiny"] and counts["cnn"] > counts["hybrid-tiny"]
 
 
 def _expect_02(r: dict[str, Any]) -> None:

@@ -35,6 +35,34 @@ Classes (:data:`~mmpfl_core.data.contract.CLASS_NAMES`):
   ("Dawson's fingers"), some juxtacortical and deep; mild atrophy; age 20-45, about 3:1 female.
 * ``progressive_ms``: higher lesion load, more T1 black holes, marked atrophy, older, about 1:1.
 
+Knobs and the clinical fact each stands for (:class:`SyntheticCohortConfig`; site and scanner knobs
+live in :mod:`mmpfl_core.data.scanners` and :mod:`mmpfl_core.data.federation`):
+
+=====================  =========================================================================
+knob                   clinical fact it stands for
+=====================  =========================================================================
+``num_subjects``       size of a multi-centre MS imaging study (hundreds to a few thousand)
+``image_size``         in-plane resolution of one axial slice (64 px ~ 3.5 mm, 32 px ~ 7 mm pixels:
+                       small lesions blur into one or two pixels, as in thick low-resolution slices)
+``class_proportions``  case mix of an MS clinic cohort: controls, relapsing-remitting MS (most MS
+                       patients at diagnosis), progressive MS (about 15% at onset, more later)
+``difficulty``         how much the classes overlap in reality: spread of lesion load within a
+                       class, healthy white-matter hyperintensities with age and migraine, atrophy
+                       variance between people, and EDSS rater noise and relapse fluctuation
+``seed``               which patients were recruited (every draw derives from it)
+=====================  =========================================================================
+
+Fixed class-conditional facts (in :func:`_draw_latents`): median lesion count 5 (RRMS) and 9
+(progressive), T1 "black hole" fraction 0.3 and 0.6, atrophy latent 0.08 / 0.16 / 0.30 rising with
+age, RRMS about 3:1 female with onset 20-45, progressive about 1:1 and older, EDSS about 2.4 vs 4.6.
+
+What the images carry at the default settings (measured for notebook 01, quickstart cohort, 32 px,
+910 training subjects, balanced accuracy on 280 held-out subjects, 10 epochs, 3 seeds): hybrid ViT on
+the three sequences 0.66 (seeds 0.71 / 0.56 / 0.70), small ResNet 0.61, FLAIR alone 0.64 and 0.68 for
+two seeds (a third stayed at chance), clinical variables alone 0.66, images fused with clinical
+0.80; chance is 0.33. At 64 px a linear probe (tests/test_synthetic.py) gives FLAIR 0.58, images
+0.62, clinical 0.65, fused 0.68: learnable, far from trivial, fused above either source.
+
 ``difficulty`` in [0, 1] widens every class-conditional distribution (lesion load, atrophy, clinical
 noise, healthy white-matter hyperintensities), so classes overlap more. At the default 0.5, neither
 images nor clinical variables alone separate the classes well; fused they do better. Measured with a

@@ -22,15 +22,20 @@ per-sample gradients are functions of one sample only.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List
 
 import torch
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
+from timm.layers import HybridEmbed, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
 __all__ = ["AdditiveEmbedding", "ModalityEmbedding", "ClassToken", "make_blocks", "run_blocks",
-           "attention_weights", "init_module"]
+           "attention_weights", "init_module", "make_patch_embed", "STEMS"]
+
+#: Patch-embedding types of :func:`make_patch_embed` (``ViTConfig.stem``).
+STEMS: tuple[str, ...] = ("patch", "conv")
 
 
 class AdditiveEmbedding(nn.Module):
@@ -143,19 +148,44 @@ def attention_weights(block: Block, x: torch.Tensor, keep: torch.Tensor | None) 
     return scores.softmax(dim=-1)
 
 
+def make_patch_embed(stem: str, image_size: int, patch_size: int, in_chans: int, embed_dim: int,
+                     stem_channels: int) -> nn.Module:
+    """The tokeniser: ``(B, C, H, W)`` images -> ``(B, N, D)`` tokens, N = (H / patch_size)^2.
+
+    * ``patch``: timm ``PatchEmbed``, one linear map of each non-overlapping p x p patch (ViT).
+    * ``conv``: timm ``HybridEmbed`` over a small convolutional stem (Xiao et al., "Early
+      convolutions help transformers see better", NeurIPS 2021): log2(p) blocks of
+      3x3 conv (stride 2) + GroupNorm + GELU, widths ``stem_channels, 2 * stem_channels, ...``,
+      then HybridEmbed's 1x1 projection to D. Overlapping 3x3 filters give the small-data ViT the
+      locality prior a patch projection lacks: a lesion that straddles a patch border is still one
+      local pattern. GroupNorm, not BatchNorm: no running statistics (which federated averaging
+      would not aggregate) and an exact Opacus per-sample gradient rule.
+    """
+    if stem == "patch":
+        return PatchEmbed(image_size, patch_size, in_chans, embed_dim)
+    layers, width, chans = [], stem_channels, in_chans
+    for _ in range(int(math.log2(patch_size))):
+        layers += [nn.Conv2d(chans, width, 3, stride=2, padding=1, bias=False),
+                   nn.GroupNorm(min(8, width // 4) or 1, width), nn.GELU()]
+        chans, width = width, width * 2
+    # HybridEmbed probes the backbone with one zero image to size its projection (no RNG use).
+    return HybridEmbed(nn.Sequential(*layers) if layers else nn.Identity(), img_size=image_size, patch_size=1,
+                       in_chans=in_chans, embed_dim=embed_dim)
+
+
 def init_module(module: nn.Module, g: torch.Generator) -> None:
     """timm-style init of one module from generator ``g`` (parameters owned directly by it)."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02, generator=g)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Conv2d):  # patch embedding: LeCun normal, as timm's jax-style init
+    elif isinstance(module, nn.Conv2d):  # patch embedding and conv stem: LeCun normal (jax-style init)
         fan_in = module.weight[0].numel()
         nn.init.trunc_normal_(module.weight, std=fan_in ** -0.5, a=-2 * fan_in ** -0.5,
                               b=2 * fan_in ** -0.5, generator=g)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
+    elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
     elif isinstance(module, (AdditiveEmbedding, ModalityEmbedding, ClassToken)):

@@ -1,8 +1,11 @@
 """`MultiModalViT`: a timm Vision Transformer that fuses MRI sequences and clinical variables.
 
-Built from timm components (``timm.layers.PatchEmbed``, ``timm.models.vision_transformer.Block``)
-plus the tiny embedding modules of :mod:`.layers`, so that Opacus hooks mode has a per-sample
-gradient rule for every trainable parameter. Three fusion modes (``ViTConfig.fusion``):
+Built from timm components (``timm.layers.PatchEmbed`` or ``HybridEmbed``,
+``timm.models.vision_transformer.Block``) plus the tiny embedding modules of :mod:`.layers`, so that
+Opacus hooks mode has a per-sample gradient rule for every trainable parameter. The tokeniser
+(``ViTConfig.stem``) is a linear patch embedding (``"patch"``, the classic ViT) or a small
+convolutional stem (``"conv"``, the hybrid ViT of the ``hybrid-*`` presets), which is what lets the
+model learn lesions from a few hundred small slices (notebook 01 measures it). Three fusion modes (``ViTConfig.fusion``):
 
 * ``early``: sequences stacked as input channels of one patch embedding (missing ones zeroed).
 * ``token``: one patch embedding per sequence plus a learned modality embedding; all tokens share
@@ -20,12 +23,11 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
-from timm.layers import PatchEmbed
 from torch import nn
 
 from ..errors import ConfigError, check_range
-from .layers import (AdditiveEmbedding, ClassToken, ModalityEmbedding, attention_weights, init_module,
-                     make_blocks, run_blocks)
+from .layers import (STEMS, AdditiveEmbedding, ClassToken, ModalityEmbedding, attention_weights, init_module,
+                     make_blocks, make_patch_embed, run_blocks)
 
 __all__ = ["ViTConfig", "MultiModalViT", "FUSIONS", "DEFAULT_MODALITY_NAMES"]
 
@@ -54,6 +56,8 @@ class ViTConfig:
     late_depth: int | None = None  # blocks per sequence encoder in late fusion; None = depth
     modality_names: tuple[str, ...] | None = None  # group/module names; None = t1,t2,flair or m0..
     qkv_bias: bool = True  # as timm's ViTs (and needed to load their weights)
+    stem: Literal["patch", "conv"] = "patch"  # tokeniser: linear patches, or a conv stem (layers.make_patch_embed)
+    stem_channels: int = 16  # width of the conv stem's first layer (doubles per stride-2 layer)
 
     def __post_init__(self) -> None:
         for f in fields(self):  # catch bools/floats where ints are meant (e.g. YAML "depth: 4.0")
@@ -62,7 +66,7 @@ class ViTConfig:
                 if not isinstance(v, int) or isinstance(v, bool):
                     raise ConfigError(f"ViTConfig.{f.name}={v!r} must be an int. Pass a whole number.")
         for name in ("image_size", "patch_size", "num_modalities", "num_classes", "embed_dim",
-                     "depth", "num_heads"):
+                     "depth", "num_heads", "stem_channels"):
             check_range(f"ViTConfig.{name}", getattr(self, name), low=1, fix="Use a positive integer.")
         check_range("ViTConfig.num_clinical", self.num_clinical, low=0, fix="Use 0 or more.")
         check_range("ViTConfig.mlp_ratio", self.mlp_ratio, low=0, low_inclusive=False)
@@ -77,6 +81,12 @@ class ViTConfig:
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"ViTConfig.embed_dim={self.embed_dim} is not divisible by num_heads="
                               f"{self.num_heads}. Pick num_heads among the divisors of embed_dim.")
+        if self.stem not in STEMS:
+            raise ConfigError(f"ViTConfig.stem={self.stem!r} is unknown; allowed: {STEMS}.")
+        if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
+            raise ConfigError(f"ViTConfig.patch_size={self.patch_size} with stem='conv': the conv stem "
+                              "halves the resolution per layer, so the patch size must be a power of 2 "
+                              "(e.g. 4 or 8), or use stem='patch'.")
         if self.fusion not in FUSIONS:
             raise ConfigError(f"ViTConfig.fusion={self.fusion!r} is unknown; allowed: {FUSIONS}.")
         if self.use_clinical and self.num_clinical == 0:
@@ -115,7 +125,8 @@ class SequenceEncoder(nn.Module):
 
     def __init__(self, cfg: ViTConfig, in_chans: int, depth: int) -> None:
         super().__init__()
-        self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, in_chans, cfg.embed_dim)
+        self.patch_embed = make_patch_embed(cfg.stem, cfg.image_size, cfg.patch_size, in_chans, cfg.embed_dim,
+                                            cfg.stem_channels)
         self.cls_token = ClassToken(cfg.embed_dim)
         self.pos_embed = AdditiveEmbedding(1 + cfg.num_patches, cfg.embed_dim)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
@@ -169,11 +180,13 @@ class MultiModalViT(nn.Module):
                     {s: SequenceEncoder(cfg, 1, cfg.encoder_depth) for s in cfg.names})
             else:
                 if cfg.fusion == "early":
-                    self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, M, D)
+                    self.patch_embed = make_patch_embed(cfg.stem, cfg.image_size, cfg.patch_size, M, D,
+                                                        cfg.stem_channels)
                     self.pos_embed = AdditiveEmbedding(1 + cfg.num_patches, D)  # incl. class token
                 else:
                     self.patch_embed = nn.ModuleDict(
-                        {s: PatchEmbed(cfg.image_size, cfg.patch_size, 1, D) for s in cfg.names})
+                        {s: make_patch_embed(cfg.stem, cfg.image_size, cfg.patch_size, 1, D, cfg.stem_channels)
+                         for s in cfg.names})
                     self.pos_embed = AdditiveEmbedding(cfg.num_patches, D)  # shared by sequences
                     self.modality_embed = ModalityEmbedding(M, D)
                 self.cls_token = ClassToken(D)
