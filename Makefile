@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmpfl-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast reproduce bench notebooks-clean clean flower-sim flower-deploy
+.PHONY: install demo test test-fast reproduce bench notebooks-clean clean flower-sim flower-deploy flower-deploy-secure
 
 install: $(STAMP)
 
@@ -48,6 +48,11 @@ flower-sim: $(STAMP)
 ## flower-deploy: a SuperLink and one SuperNode per site on 127.0.0.1 (insecure, loopback only), the app, clean shutdown
 flower-deploy: $(STAMP)
 	$(PY) flower_app/deploy_loopback.py --sites $(FLOWER_SITES) --run-config "$(FLOWER_CONFIG)"
+
+## flower-deploy-secure: the same with TLS (a throw-away CA made at run time) and SuperNode authentication;
+## one unregistered SuperNode tries to join and is refused
+flower-deploy-secure: $(STAMP)
+	$(PY) flower_app/deploy_loopback.py --sites $(FLOWER_SITES) --secure --intruders 1 --run-config "$(FLOWER_CONFIG)"
 
 ## notebooks-clean: strip outputs from committed notebooks
 notebooks-clean: $(STAMP)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 REPO_URL = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
 #: Notebooks whose body cannot take a user's cohort yet, with the reason (shown if the list goes stale).
-NO_COHORT = {"08_scale_out_with_flower": "the Flower app's run config has no cohort key yet"}
+NO_COHORT: dict[str, str] = {}
 
 
 def _code(path: Path) -> list:
@@ -64,5 +64,6 @@ def test_cohort_path_parameter_is_read_by_the_body(path: Path):
         return
     assert "COHORT_PATH" in params and params["COHORT_PATH"] is None, f"{path.name}: add COHORT_PATH = None"
     body = "\n".join(c.source for c in code[3:])
-    assert re.search(r"with_cohort\(.*COHORT_PATH", body), (
+    # In-process notebooks call with_cohort; notebook 08 passes the Flower app's `cohort` key, which calls it.
+    assert re.search(r"with_cohort\(.*COHORT_PATH|cohort=str\(COHORT_PATH\)", body), (
         f"{path.name}: the body must pass COHORT_PATH to mmpfl_core.experiment.with_cohort(config, COHORT_PATH)")

@@ -26,7 +26,7 @@ from mmpfl_core.data.cohort_federation import CohortSource, federation_from_coho
 from mmpfl_core.data.federation import FederationConfig
 from mmpfl_core.data.io import load_cohort
 from mmpfl_core.data.loaders import load_nifti_subjects, read_dicom_series
-from mmpfl_core.errors import DataError
+from mmpfl_core.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 NIFTI = Path(data_path)
@@ -271,3 +271,16 @@ def test_fisher_method_without_public_set_fails_before_any_run_directory(cohorts
     shutil.copy(cohorts["nifti"].with_suffix(".json"), broken.with_suffix(".json"))
     assert mmpfl(["train", "--data", str(broken), "--method", "fedavg", "--rounds", "1", "--out", str(out)]) == 2
     assert "broken.npz" in capsys.readouterr().err and not out.exists()
+
+
+def test_flower_app_reads_a_converted_cohort(cohorts):
+    """Notebook 08's COHORT_PATH: the Flower run config's ``cohort`` key, one SuperNode per site id."""
+    import sys
+    sys.path.insert(0, str(REPO / "flower_app"))
+    from mmpfl_flower.task import load_job, site_data
+    job = load_job(preset="reproduce_smoke", method="fedavg", cohort=str(cohorts["nifti"]), num_rounds=1)
+    assert isinstance(job.experiment.data, CohortSource) and job.experiment.data.cohort == str(cohorts["nifti"])
+    assert job.num_sites == 2 and job.flower.min_nodes == 2  # sites 0 and 1; site -1 is the public set
+    assert sum(len(site_data(job, k)["train"]) for k in range(2)) > 0
+    with pytest.raises(ConfigError, match="num-subjects.*drop num-subjects"):
+        load_job(preset="reproduce_smoke", method="fedavg", cohort=str(cohorts["nifti"]), num_subjects=100)

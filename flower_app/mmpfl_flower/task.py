@@ -28,10 +28,12 @@ import numpy as np
 import torch
 
 from mmpfl_core.configuration import to_plain
+from mmpfl_core.data.cohort_federation import CohortSource
 from mmpfl_core.data.contract import CohortDataset
 from mmpfl_core.data.federation import Federation
 from mmpfl_core.errors import ConfigError, PrivacyError
-from mmpfl_core.experiment import ExperimentConfig, MethodSpec, load_experiment, make_federation, model_factory
+from mmpfl_core.experiment import (ExperimentConfig, MethodSpec, load_experiment, make_federation, model_factory,
+                                   with_cohort)
 from mmpfl_core.federated.client import trainable_state
 from mmpfl_core.federated.dp_strategies import CLIP_INDICATOR, DPFedAvg
 from mmpfl_core.federated.strategies import State, Strategy, create_strategy
@@ -92,11 +94,21 @@ class Job:
 
     @property
     def num_sites(self) -> int:
-        return self.experiment.federation.num_sites
+        """Sites of the federation: the cohort's own sites when it is partitioned naturally (its site column)."""
+        return len(federation_of(self).sites) if _natural_cohort(self.experiment) else self.experiment.federation.num_sites
 
     def key(self) -> str:
         """A stable JSON key (for per-process caches)."""
         return json.dumps({"e": self.experiment.to_dict(), "m": to_plain(self.method)}, sort_keys=True, default=str)
+
+
+def _natural_cohort(experiment: ExperimentConfig) -> bool:
+    return isinstance(experiment.data, CohortSource) and experiment.data.partition == "natural"
+
+
+def _site_count(experiment: ExperimentConfig) -> int:
+    """How many SuperNodes the experiment needs (a natural cohort: one per site id in its site column)."""
+    return len(make_federation(experiment).sites) if _natural_cohort(experiment) else experiment.federation.num_sites
 
 
 def _number(run_config: Mapping[str, Any], key: str, kind: type) -> Any:
@@ -125,6 +137,13 @@ def load_job(run_config: Mapping[str, Any] | None = None, **overrides: Any) -> J
         experiment = load_reproduction(preset.removeprefix("reproduce_")).experiment
     else:
         experiment = load_experiment(preset)
+    cohort = str(values["cohort"])
+    if cohort:
+        for key in ("num-subjects", "image-size"):
+            if _number(values, key, int) > 0:
+                raise ConfigError(f"{key}={values[key]!r} sizes the synthetic cohort, but cohort={cohort!r} is given: "
+                                  f"a converted cohort has its own subjects and image size; drop {key}.")
+        experiment = with_cohort(experiment, cohort)
     labels = [m.label for m in experiment.methods]
     if values["method"] not in labels:
         raise ConfigError(f"method={values['method']!r} is not a method of preset {values['preset']!r}; "
@@ -168,7 +187,7 @@ def load_job(run_config: Mapping[str, Any] | None = None, **overrides: Any) -> J
         raise ConfigError(f"secagg=on needs placement='distributed' (got {placement!r}): with server placement the "
                           "trusted server adds the noise and must see the sum of CLIPPED updates only after it "
                           "could validate them; use placement='distributed'.")
-    min_nodes = _number(values, "min-nodes", int) or experiment.federation.num_sites
+    min_nodes = _number(values, "min-nodes", int) or _site_count(experiment)
     flower = FlowerSettings(secagg=use_secagg, secagg_clipping_range=_number(values, "secagg-clipping-range", float),
                             secagg_quantization_range=_number(values, "secagg-quantization-range", int),
                             secagg_tail_sigmas=_number(values, "secagg-tail-sigmas", float),
