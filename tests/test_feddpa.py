@@ -16,7 +16,8 @@ from mmpfl_core.io.run_directory import RunDirectory
 
 CONFIG = FederatedConfig(num_rounds=2, local=LocalTrainingConfig(local_steps=1, batch_size=16),
                          optimizer=OptimizerConfig(lr=2e-3), bootstrap_resamples=20, checkpoint_every=0, device="cpu")
-DP = dict(target_epsilon=8.0, delta=1e-5, clip_norm=0.5, accountant="rdp")
+# Reproducible (not private) noise: the resume test compares runs bit for bit.
+DP = dict(target_epsilon=8.0, delta=1e-5, clip_norm=0.5, accountant="rdp", noise="reproducible-insecure")
 
 
 class _Spy(FedDPA):

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -239,8 +240,11 @@ def test_flower_simulation_equals_in_process_engine(flower_runs, label):
     # Same results layout as the in-process engine: config.json, metrics.csv (its columns first), summary, checkpoint.
     metrics = run_dir.read_metrics(include_private=True)  # counts, losses and bytes are operator-only
     assert "num_clients" not in run_dir.read_metrics().columns
+    # The in-process engine's operator-only columns lead private/round_metrics.csv, in its order.
     inprocess_columns = ["round", "num_clients", "train_loss", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down"]
-    assert list(metrics.columns[:len(inprocess_columns)]) == inprocess_columns
+    private_columns = list(pd.read_csv(run_dir.private_metrics_path, nrows=0).columns)
+    assert private_columns[:len(inprocess_columns)] == inprocess_columns
+    assert list(run_dir.read_metrics().columns)[0] == "round" and set(inprocess_columns) <= set(metrics.columns)
     assert list(metrics["round"]) == [1, 2] and (metrics["num_responded"] == 3).all()
     history = cmp["inprocess"].history
     assert list(metrics["bytes_up"]) == [r["bytes_up"] for r in history]

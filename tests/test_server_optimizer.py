@@ -55,7 +55,8 @@ def test_dp_epsilon_is_unchanged_by_the_server_optimizer(tiny_federation, tiny_m
     assert any(not torch.equal(runs[0].global_state[n], runs[1].global_state[n]) for n in runs[0].global_state)
 
 
-@pytest.mark.parametrize("strategy,kwargs", [("fedavg", {}), ("dp-fedavg", {"target_epsilon": 8.0, "clip_norm": 0.5})])
+@pytest.mark.parametrize("strategy,kwargs", [("fedavg", {}), ("dp-fedavg", {"target_epsilon": 8.0, "clip_norm": 0.5,
+                                                                                       "noise": "reproducible-insecure"})])
 def test_resume_with_server_momentum_is_bit_identical(strategy, kwargs, tiny_federation, tiny_model_factory, tmp_path):
     make = lambda: create_strategy(strategy, server_optimizer={"name": "momentum", "momentum": 0.9}, **kwargs)  # noqa: E731
     cfg = _config(checkpoint_every=1)
