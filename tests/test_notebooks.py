@@ -253,7 +253,9 @@ def _expect_07(r: dict[str, Any]) -> None:
     # Every epsilon comes from a run's ledger and stays within its budget; non-private runs have none.
     for label, spent in r["epsilon_spent"].items():
         if "eps=" in label:
-            assert 0 < spent <= float(label.split("eps=")[1]) * (1 + 1e-6)
+            # MM-PFL-ADP's noise gate may keep every group personal: nothing released, nothing spent.
+            floor_ok = spent >= 0 if "mm-pfl-adp" in label.lower() else spent > 0
+            assert floor_ok and spent <= float(label.split("eps=")[1]) * (1 + 1e-6), (label, spent)
         else:
             assert spent is None
     auc, band = r["mia_auc"], r["chance_band"]
