@@ -201,3 +201,84 @@ def test_fisher_allocation_falls_back_to_uniform_with_a_logged_reason(tiny_feder
                                                      **{k: v for k, v in DP.items() if not k.startswith("fisher")}))
     for name in uniform.global_state:
         assert torch.equal(fisher.global_state[name], uniform.global_state[name]), name
+
+
+# ---- the Fisher is skipped when the noise gate keeps every group at home (speed, issue 15)
+class _CountingFisher(MMPFLADP):
+    """Records the round index of every public-set Fisher estimate."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.fisher_rounds = []
+
+    def compute_fisher(self, round_index, global_state):
+        self.fisher_rounds.append(round_index)
+        return super().compute_fisher(round_index, global_state)
+
+
+class _NoShortcut(_CountingFisher):
+    """The behaviour before the shortcut: the Fisher is estimated whatever the gate decides."""
+
+    def _snr_bound(self, full_bounds):
+        return None
+
+
+def test_fisher_is_not_estimated_when_the_gate_keeps_every_group_home(tiny_federation, tiny_model_factory):
+    """3 sites at epsilon 8: every group is drowned under any bounded split, so the Fisher is never estimated;
+    the run is bit for bit the run that estimates it (nothing released either way)."""
+    runs = {}
+    for cls in (_CountingFisher, _NoShortcut):
+        strategy = cls(**DP)
+        runs[cls] = (strategy, run_federated(tiny_federation, model_factory=tiny_model_factory, strategy=strategy,
+                                             config=_config(), progress=False))
+    (fast, fast_run), (slow, slow_run) = runs[_CountingFisher], runs[_NoShortcut]
+    assert fast.fisher_rounds == [] and slow.fisher_rounds == [1, 2]
+    assert fast.drowned == slow.drowned == frozenset(fast.group_sizes)
+    # The bound without the Fisher is above the gate's SNR with it (an upper bound), and the same decision.
+    assert all(fast.snr[g] >= slow.snr[g] for g in fast.group_sizes)
+    assert fast_run.summary["privacy"]["allocation"]["used_last_round"] == "none"
+    assert fast_run.history[-1]["epsilon"] == slow_run.history[-1]["epsilon"] == 0.0
+    for name, t in slow_run.global_state.items():
+        assert torch.equal(fast_run.global_state[name], t), name
+    for site, own in slow.personal.items():
+        assert all(torch.equal(fast.personal[site][n], t) for n, t in own.items())
+
+
+def test_snr_bound_holds_for_the_bounded_fisher_split(tiny_federation, tiny_model_factory):
+    """The shortcut is sound only if no allocation the allocator may pick beats the bound: check it against the
+    bounded split for the real public-set Fisher and for extreme made-up Fisher values."""
+    s = _configured(tiny_federation, tiny_model_factory, proxy_trust=None, min_gain=0.0, noise_gate={"min_snr": 0.0})
+    total = sum(s.group_sizes.values())
+    full = {g: s.clip_norm * (d / total) ** 0.5 for g, d in s.group_sizes.items()}
+    bound = s._snr_bound(full)
+    real = s.compute_fisher(1, s._model.state_dict())
+    extreme = {g: (1e6 if i == 0 else 1e-9) for i, g in enumerate(s.group_sizes)}
+    from mmpfl_core.personalization.noise_gate import release_snr
+    for fisher in (real, extreme):
+        s.fisher = fisher
+        alloc = s.choose_allocation(s.group_sizes, full, 1)
+        assert s.allocation_used == "fisher"
+        snr = release_snr(clip_bounds=full, sigmas=alloc.sigmas, group_sizes=s.group_sizes,
+                          expected_participants=s.expected_participants, rounds=s.gate_rounds)
+        assert all(snr[g] <= bound[g] for g in snr)
+    assert max(snr.values()) > 0.999 * max(bound.values()) / (1 + 1e-6)  # the extreme split reaches it: tight
+    assert _configured(tiny_federation, tiny_model_factory, max_noise_ratio=None)._snr_bound(full) is None
+
+
+def test_a_skipped_fisher_is_computed_later_as_it_was_due(tiny_federation, tiny_model_factory):
+    """fisher_every=2: round 1 is skipped (gate keeps everything home), round 2 shares: the Fisher used in
+    round 2 is the one due in round 1 (its random stream, the unchanged global model), and so is its allocation."""
+    lazy = _configured(tiny_federation, tiny_model_factory, fisher_every=2, proxy_trust=None)
+    eager = _configured(tiny_federation, tiny_model_factory, fisher_every=2, proxy_trust=None,
+                        noise_gate={"min_snr": 0.0})
+    counted = []
+    for s in (lazy, eager):
+        original = s.compute_fisher
+        s.compute_fisher = lambda r, g, _o=original, _s=s: counted.append((_s is lazy, r)) or _o(r, g)
+    state = lazy._model.state_dict()
+    assert all(v == 0.0 for v in lazy.noise_allocation(1, state).values())  # all drowned: nothing to allocate
+    eager.noise_allocation(1, state)
+    lazy.gate = dataclasses.replace(lazy.gate, min_snr=0.0)  # round 2: now every group is shared
+    lazy_sigmas, eager_sigmas = lazy.noise_allocation(2, state), eager.noise_allocation(2, state)
+    assert counted == [(False, 1), (True, 1)]  # eager: due round 1; lazy: computed in round 2 as of round 1
+    assert lazy.fisher == eager.fisher and lazy_sigmas == eager_sigmas

@@ -84,6 +84,7 @@ class DPFedAvgFisher(DPFedAvg):
             raise ConfigError(f"dp-fedavg-fisher min_gain={min_gain!r} must lie in [0, 1).")
         self.max_noise_ratio, self.proxy_trust, self.min_gain = max_noise_ratio, proxy_trust, float(min_gain)
         self.fisher: dict[str, float] | None = None
+        self._fisher_round: int | None = None  # the round whose Fisher ``self.fisher`` is
         self.allocation_used, self.fallback_reason, self.predicted_loss = "fisher", "", float("nan")
         self._fallback_rounds = 0
         self._fisher_method = "hooks"
@@ -119,11 +120,24 @@ class DPFedAvgFisher(DPFedAvg):
             fisher = run("loop")
         return group_fisher(fisher, self.groups)
 
+    def refresh_fisher(self, round_index: int, global_state: State) -> None:
+        """Estimate the Fisher when one is due: in rounds 1, 1 + k, 1 + 2k, ... (k = ``fisher_every``).
+
+        A subclass may skip the estimate in rounds that release nothing (MM-PFL-ADP when its noise gate
+        keeps every group at home). The first round that needs it afterwards then computes the estimate
+        of the round it was due, with that round's random stream, on a global model that the skipped
+        rounds left unchanged (they released nothing): the same Fisher, so the same allocation, as
+        without the skip. Public inputs only (the public set and the released global model).
+        """
+        due = round_index - (round_index - 1) % self.fisher_every
+        if self.fisher is None or self._fisher_round != due:
+            self.fisher = self.compute_fisher(due, global_state)
+            self._fisher_round = due
+
     def noise_allocation(self, round_index: int, global_state: State) -> dict[str, float]:
         if self.update_noise_multiplier == 0:
             return {g: 0.0 for g in self.groups}
-        if self.fisher is None or (round_index - 1) % self.fisher_every == 0:
-            self.fisher = self.compute_fisher(round_index, global_state)
+        self.refresh_fisher(round_index, global_state)
         alloc = self.choose_allocation(self.group_sizes, self.clip_bounds, round_index)
         z_eff = effective_multiplier_of(alloc)
         if not math.isclose(z_eff, self.update_noise_multiplier, rel_tol=1e-9):
@@ -174,12 +188,14 @@ class DPFedAvgFisher(DPFedAvg):
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, state = super().state_dict()
-        return tensors, {**state, "fisher": self.fisher, "fallback_rounds": self._fallback_rounds,
+        return tensors, {**state, "fisher": self.fisher, "fisher_round": self._fisher_round,
+                         "fallback_rounds": self._fallback_rounds,
                          "allocation_used": self.allocation_used, "fallback_reason": self.fallback_reason}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         super().load_state_dict(tensors, state)
         self.fisher = state.get("fisher")
+        self._fisher_round = state.get("fisher_round")  # absent in older checkpoints: re-estimated next round
         self._fallback_rounds = int(state.get("fallback_rounds", 0))
         self.allocation_used = state.get("allocation_used", "fisher")
         self.fallback_reason = state.get("fallback_reason", "")

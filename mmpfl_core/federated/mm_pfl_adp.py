@@ -7,7 +7,10 @@ beyond its named parameter groups):
     0. (Server, public.) The noise gate (:mod:`~mmpfl_core.personalization.noise_gate`) computes each
        group's best-case signal-to-noise ratio over the run from the clip bounds, the noise scales,
        qN and T; groups below ``min_snr`` are *drowned*: personal at every site and left out of the
-       release, whose clip budget C and noise are spread over the remaining groups only.
+       release, whose clip budget C and noise are spread over the remaining groups only. When every
+       group is drowned even under the most favourable split the allocator may pick (r = ``max_noise_ratio``
+       times uniform SNR), the round releases nothing and the public-set Fisher is not estimated at all
+       (``allocation used: none``); the next round that shares computes the Fisher that was due.
     3. If due (every ``update_every`` of its rounds), it scores every group not drowned by the KL
        divergence, on its own validation split, between the global model and the global model with
        that group replaced by its trained version; groups with high scores become personal (with
@@ -145,15 +148,22 @@ class MMPFLADP(DPFedAvgFisher):
             if self.use_fisher:
                 return super().noise_allocation(round_index, global_state)
             return DPFedAvg.noise_allocation(self, round_index, global_state)  # uniform sigma_g = z C
-        if self.use_fisher and (self.fisher is None or (round_index - 1) % self.fisher_every == 0):
-            self.fisher = self.compute_fisher(round_index, global_state)  # public set, released model
         # The gate looks at the allocation over ALL groups (the full-model clip rule): conservative,
         # since leaving drowned groups out only raises the others' signal-to-noise.
         total = sum(self.group_sizes.values())
         full_bounds = {g: self.clip_norm * math.sqrt(d / total) for g, d in self.group_sizes.items()}
-        reference = self._allocate(self.group_sizes, full_bounds, round_index)
-        self.snr = release_snr(clip_bounds=full_bounds, sigmas=reference.sigmas, group_sizes=self.group_sizes,
-                               expected_participants=self.expected_participants, rounds=self.gate_rounds)
+        bound = self._snr_bound(full_bounds)
+        if bound is not None and self.gate.drowned(bound) == frozenset(self.group_sizes):
+            # Every group is drowned whatever the Fisher says: skip the public-set Fisher (the round
+            # releases nothing, so no allocation is used; bench/client_dp_overhead.py).
+            self.snr = bound
+            self.allocation_used, self.fallback_reason, self.predicted_loss = "none", "", float("nan")
+        else:
+            if self.use_fisher:
+                self.refresh_fisher(round_index, global_state)  # public set, released model
+            reference = self._allocate(self.group_sizes, full_bounds, round_index)
+            self.snr = release_snr(clip_bounds=full_bounds, sigmas=reference.sigmas, group_sizes=self.group_sizes,
+                                   expected_participants=self.expected_participants, rounds=self.gate_rounds)
         drowned = self.gate.drowned(self.snr)
         if drowned != self.drowned:
             logger.info("round %d: %s keeps %s personal at every site: best-case release SNR %s < min_snr=%g "
@@ -173,6 +183,23 @@ class MMPFLADP(DPFedAvgFisher):
             self.last_allocation = alloc
             sigmas.update(alloc.sigmas)
         return sigmas
+
+    def _snr_bound(self, full_bounds: dict[str, float]) -> dict[str, float] | None:
+        """An upper bound on every group's gate SNR under any allocation :meth:`_allocate` may return, computed
+        without the Fisher; None when there is none (the unbounded Fisher split, ``max_noise_ratio=None``).
+
+        The allocator returns uniform noise sigma_u (uniform ablation, or its fallback) or the bounded
+        Fisher split, whose every sigma_g >= sigma_u / r (r = ``max_noise_ratio``, up to rounding: margin
+        1e-6). snr_g is proportional to 1 / sigma_g, so snr_g <= r snr_g(uniform). Public inputs only.
+        """
+        ratio = (self.max_noise_ratio if self.use_fisher else 1.0)
+        if ratio is None:
+            return None
+        uniform = uniform_noise_allocation(group_sizes=self.group_sizes, clip_bounds=full_bounds,
+                                           noise_multiplier=self.update_noise_multiplier)
+        snr = release_snr(clip_bounds=full_bounds, sigmas=uniform.sigmas, group_sizes=self.group_sizes,
+                          expected_participants=self.expected_participants, rounds=self.gate_rounds)
+        return {g: v * ratio * (1 + 1e-6) for g, v in snr.items()}
 
     def release_sum(self, global_state: State, total: State, num_participants: int, round_index: int) -> State:
         if self.gate is not None and self.drowned and len(self.drowned) == len(self.group_sizes):
