@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--note", default="", help="conditions of the measurement to record (e.g. other jobs running)")
     args = parser.parse_args(argv)
 
     federation = bench_federation(args.preset, num_subjects=args.num_subjects, num_sites=args.num_sites, seed=args.seed)
@@ -117,6 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     base = float(table.loc[table["variant"] == "fedavg", "seconds"].iloc[0]) if "fedavg" in args.variants else None
     if base:
         table["ratio_vs_fedavg"] = table["seconds"] / base
+        # Paired: each variant's round t over FedAvg's round t (run next to each other), then the median; less
+        # sensitive than the ratio of medians when other jobs slow some rounds of a shared machine.
+        wide = steady.pivot(index="round", columns="variant", values="seconds")
+        table["paired_ratio_median"] = [float((wide[v] / wide["fedavg"]).median()) for v in table["variant"]]
     table = table.round(4)
     notes = (f"Preset `{args.preset}`, {args.num_sites} sites (all take part), batch {args.batch_size}, one local epoch, "
              f"device {args.device}; median over rounds 2..{args.rounds} of before_round + run_round (no evaluation). "
@@ -125,8 +130,9 @@ def main(argv: list[str] | None = None) -> None:
              "with the Fisher where used; transmit runs once per site: clipping and, with distributed placement, "
              "noise; aggregate adds server noise; before_round asks the accountant for the budget check, and "
              "round_report finds that answer cached; the epsilon cache is cleared before every round of every variant, "
-             "so each pays for its own query as a run on its own does). setup_s: building the simulation, including noise calibration and "
-             "Fisher/mask set-up. Target: DP round <= 1.10x FedAvg.")
+             "so each pays for its own query as a run on its own does). paired_ratio_median: the median over rounds of "
+             "the variant's round over FedAvg's same round. setup_s: building the simulation, including noise calibration and "
+             "Fisher/mask set-up. Target: DP round <= 1.10x FedAvg." + (f" {args.note}" if args.note else ""))
     print(table.to_string(index=False))
     suffix = ("" if args.preset == "tiny" else f"_{args.preset}") + ("" if args.device == "cpu" else "_" + args.device.split(":")[0])
     print("wrote", write_results(f"client_dp_overhead{suffix}", table, notes))
