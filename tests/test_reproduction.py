@@ -89,3 +89,22 @@ def test_bad_reproduction_configs_are_named(tmp_path):
         load_reproduction(path)
     with pytest.raises(ConfigError, match="presets"):
         load_reproduction("no-such-preset")
+
+
+def test_claims_say_when_the_proposed_method_released_nothing():
+    """A claim that "agrees" only because MM-PFL-ADP's noise gate kept the whole model at home says so, with
+    local-only's figure beside it; a method that released something gets no such note."""
+    from types import SimpleNamespace
+
+    from mmpfl_core.reproduction.claims import claims_table
+    plan = SimpleNamespace(reference_method="fedavg", proposed_method="mm-pfl-adp", alphas=[0.1, 0.5])
+    alpha = pd.DataFrame({"method": ["local-only", "fedavg", "mm-pfl-adp"], "alpha=0.1": [0.832, 0.700, 0.832],
+                          "alpha=0.5": [0.696, 0.632, 0.696]})
+    for mb, noted in ((0.0, True), (17.4, False)):
+        main_table = pd.DataFrame({"method": ["local-only", "fedavg", "mm-pfl-adp"], "rounds to target": [6, 8, 6],
+                                   "MB total": [0.0, 91.5, mb]})
+        claims = claims_table(plan, main_table, alpha, None)
+        assert list(claims["verdict"][:3]) == ["agrees"] * 3
+        assert all(("released nothing" in text) == noted for text in claims["ours"][:3])
+        if noted:
+            assert "local-only: 6 rounds" in claims["ours"][0] and "local-only: 0.832" in claims["ours"][2]

@@ -36,15 +36,28 @@ def claims_table(plan: ReproductionPlan, main: pd.DataFrame, alpha_table: pd.Dat
     mb_ref, mb_ours = row.loc[ref, "MB total"], row.loc[ours, "MB total"]
     acc = alpha_table.set_index("method")
     acc_ref, acc_ours = acc.loc[ref, f"alpha={extreme:g}"], acc.loc[ours, f"alpha={extreme:g}"]
+    # When the proposed method released nothing (its noise gate kept every group at home), a claim can "agree" only
+    # because it trained each site alone: say so beside the number, with local-only's figure where it ran.
+    local = "local-only" if "local-only" in row.index else None
+    idle = float(mb_ours) == 0.0
+    def caveat(local_figure: str) -> str:
+        if not idle:
+            return ""
+        return (f" ({ours} released nothing: its noise gate kept every group at every site, so it trained each site "
+                f"alone" + (f"; local-only: {local_figure}" if local else "") + ")")
+    membership_row = _membership_verdict(membership, ours, verdict)
+    if idle and membership is not None:
+        membership_row["ours"] += f" ({ours}'s global model was never updated: nothing was released)"
     return pd.DataFrame([
-        {"claim": PAPER_CLAIMS["rounds_to_converge"], "ours": f"{ours}: {r_ours}, {ref}: {r_ref} rounds to target",
-         "verdict": verdict(rounds_ok)},
-        {"claim": PAPER_CLAIMS["communication"], "ours": f"{ours}: {mb_ours:.2f} MB, {ref}: {mb_ref:.2f} MB in total",
-         "verdict": verdict(bool(mb_ours < mb_ref))},
+        {"claim": PAPER_CLAIMS["rounds_to_converge"], "ours": f"{ours}: {r_ours}, {ref}: {r_ref} rounds to target"
+         + caveat(f"{row.loc[local, 'rounds to target'] if local else ''} rounds"), "verdict": verdict(rounds_ok)},
+        {"claim": PAPER_CLAIMS["communication"], "ours": f"{ours}: {mb_ours:.2f} MB, {ref}: {mb_ref:.2f} MB in total"
+         + caveat("0 MB"), "verdict": verdict(bool(mb_ours < mb_ref))},
         {"claim": PAPER_CLAIMS["heterogeneity"],
-         "ours": f"personal accuracy at alpha={extreme:g}: {ours} {acc_ours:.3f}, {ref} {acc_ref:.3f}",
+         "ours": f"personal accuracy at alpha={extreme:g}: {ours} {acc_ours:.3f}, {ref} {acc_ref:.3f}"
+         + caveat(f"{acc.loc[local, f'alpha={extreme:g}']:.3f}" if local else ""),
          "verdict": verdict(bool(acc_ours > acc_ref))},
-        {"claim": PAPER_CLAIMS["membership_inference"], **_membership_verdict(membership, ours, verdict)},
+        {"claim": PAPER_CLAIMS["membership_inference"], **membership_row},
     ])
 
 
