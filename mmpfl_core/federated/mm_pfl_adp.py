@@ -10,7 +10,9 @@ beyond its named parameter groups):
        release, whose clip budget C and noise are spread over the remaining groups only. When every
        group is drowned even under the most favourable split the allocator may pick (r = ``max_noise_ratio``
        times uniform SNR), the round releases nothing and the public-set Fisher is not estimated at all
-       (``allocation used: none``); the next round that shares computes the Fisher that was due.
+       (allocation ``used_last_round: none``, the SNR reported is uniform noise's, and the summary's
+       ``noise_gate.rounds_fisher_skipped`` counts such rounds); the next round that shares computes
+       the Fisher that was due.
     3. If due (every ``update_every`` of its rounds), it scores every group not drowned by the KL
        divergence, on its own validation split, between the global model and the global model with
        that group replaced by its trained version; groups with high scores become personal (with
@@ -110,7 +112,7 @@ class MMPFLADP(DPFedAvgFisher):
         self.gate = NoiseGate(**noise_gate) if noise_gate is not False and masks and dp else None
         self.drowned: frozenset[str] = frozenset()  # public: the same at every site
         self.snr: dict[str, float] = {}
-        self._skipped_rounds = 0
+        self._skipped_rounds = self._fisher_skipped = 0
         self.val_sets: dict[int, CohortDataset] = {}
         self._round_global: State | None = None
         self._start_groups: dict[int, frozenset[str]] = {}
@@ -155,9 +157,11 @@ class MMPFLADP(DPFedAvgFisher):
         bound = self._snr_bound(full_bounds)
         if bound is not None and self.gate.drowned(bound) == frozenset(self.group_sizes):
             # Every group is drowned whatever the Fisher says: skip the public-set Fisher (the round
-            # releases nothing, so no allocation is used; bench/client_dp_overhead.py).
-            self.snr = bound
+            # releases nothing, so no allocation is used; bench/client_dp_overhead.py). Reported: the SNR
+            # under uniform noise (what the allocator's fallback gives; the bound is max_noise_ratio times it).
+            self.snr = self._uniform_snr(full_bounds)
             self.allocation_used, self.fallback_reason, self.predicted_loss = "none", "", float("nan")
+            self._fisher_skipped += 1
         else:
             if self.use_fisher:
                 self.refresh_fisher(round_index, global_state)  # public set, released model
@@ -195,11 +199,13 @@ class MMPFLADP(DPFedAvgFisher):
         ratio = (self.max_noise_ratio if self.use_fisher else 1.0)
         if ratio is None:
             return None
+        return {g: v * ratio * (1 + 1e-6) for g, v in self._uniform_snr(full_bounds).items()}
+
+    def _uniform_snr(self, full_bounds: dict[str, float]) -> dict[str, float]:
         uniform = uniform_noise_allocation(group_sizes=self.group_sizes, clip_bounds=full_bounds,
                                            noise_multiplier=self.update_noise_multiplier)
-        snr = release_snr(clip_bounds=full_bounds, sigmas=uniform.sigmas, group_sizes=self.group_sizes,
-                          expected_participants=self.expected_participants, rounds=self.gate_rounds)
-        return {g: v * ratio * (1 + 1e-6) for g, v in snr.items()}
+        return release_snr(clip_bounds=full_bounds, sigmas=uniform.sigmas, group_sizes=self.group_sizes,
+                           expected_participants=self.expected_participants, rounds=self.gate_rounds)
 
     def release_sum(self, global_state: State, total: State, num_participants: int, round_index: int) -> State:
         if self.gate is not None and self.drowned and len(self.drowned) == len(self.group_sizes):
@@ -297,7 +303,9 @@ class MMPFLADP(DPFedAvgFisher):
             out["noise_gate"] = {"min_snr": self.gate.min_snr, "rounds": self.gate_rounds,
                                  "snr_last_round": {g: (v if math.isfinite(v) else None) for g, v in self.snr.items()},
                                  "drowned_last_round": sorted(self.drowned),
-                                 "rounds_with_nothing_released": self._skipped_rounds}
+                                 "rounds_with_nothing_released": self._skipped_rounds,
+                                 # rounds whose gate decided from max_noise_ratio x the uniform SNR, without the Fisher
+                                 "rounds_fisher_skipped": self._fisher_skipped}
         if self.use_masks:
             out["masks"] = {str(s): sorted(self._personal_groups(s)) for s in sorted(self.val_sets)}
             out["mask_privacy"] = ("exact scores seen only by the trusted server (server placement)"
