@@ -237,6 +237,7 @@ def test_fisher_is_not_estimated_when_the_gate_keeps_every_group_home(tiny_feder
     # Reported SNR: uniform noise's, which is what the estimating run used too (its allocator fell back to uniform).
     assert slow.allocation_used == "uniform" and fast.snr == slow.snr
     assert fast_run.summary["privacy"]["allocation"]["used_last_round"] == "none"
+    assert "nothing is released" in fast_run.summary["privacy"]["allocation"]["fallback_reason"]
     assert fast_run.summary["noise_gate"]["rounds_fisher_skipped"] == 2
     assert slow_run.summary["noise_gate"]["rounds_fisher_skipped"] == 0
     assert fast_run.history[-1]["epsilon"] == slow_run.history[-1]["epsilon"] == 0.0

@@ -160,7 +160,12 @@ class MMPFLADP(DPFedAvgFisher):
             # releases nothing, so no allocation is used; bench/client_dp_overhead.py). Reported: the SNR
             # under uniform noise (what the allocator's fallback gives; the bound is max_noise_ratio times it).
             self.snr = self._uniform_snr(full_bounds)
-            self.allocation_used, self.fallback_reason, self.predicted_loss = "none", "", float("nan")
+            reason = (f"the noise gate keeps every group at every site (best-case SNR at most {max(bound.values()):.3g} "
+                      f"< min_snr={self.gate.min_snr:g} under any allocation): nothing is released, so no allocation "
+                      "is used and the Fisher is not estimated")
+            if reason != self.fallback_reason:
+                logger.info("round %d: %s: %s", round_index, self.name, reason)
+            self.allocation_used, self.fallback_reason, self.predicted_loss = "none", reason, float("nan")
             self._fisher_skipped += 1
         else:
             if self.use_fisher:
