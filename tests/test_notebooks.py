@@ -77,20 +77,36 @@ def _expect_04(r: dict[str, Any]) -> None:
 
 
 def _expect_01(r: dict[str, Any]) -> None:
+    # Run at the notebook's defaults (RUN_AT_DEFAULTS): quickstart cohort, 10 epochs per model.
     acc, ci = r["balanced_accuracy"], r["balanced_accuracy_seed_ci"]
     assert set(acc) == {"ViT, images", "CNN, images", "ViT, T1 only", "ViT, T2 only", "ViT, FLAIR only",
                         "clinical only", "ViT, images + clinical"}
-    assert len(r["seeds"]) >= 2 and r["chance"] == pytest.approx(1 / 3)
+    assert r["chance"] == pytest.approx(1 / 3) and r["epochs"] == 10 and r["num_train"] == 910
+    assert r["seeds_per_variant"] == {"ViT, images": 5, "CNN, images": 5, "ViT, images + clinical": 5,
+                                      "ViT, FLAIR only": 3, "clinical only": 3, "ViT, T1 only": 1, "ViT, T2 only": 1}
     for variant, (low, high) in ci.items():  # Student-t over seeds (T1, T2: bootstrap, one seed)
-        assert 0.0 <= acc[variant] <= 1.0 and low <= acc[variant] <= high, variant
+        assert 0.0 <= low <= acc[variant] <= high <= 1.0, variant
     assert all(0.0 <= run["low"] <= run["balanced_accuracy"] <= run["high"] <= 1.0
                for run in r["balanced_accuracy_per_run"])
-    assert set(r["ablation"]) == {"linear patches, constant lr", "linear patches, warm-up + cosine",
-                                  "conv stem, constant lr", "conv stem, warm-up + cosine (kept)",
-                                  "kept + MRI augmentation", "kept + label smoothing"}
+    # Issue 16's done-when, at the defaults (measured on 2 cores, two trainings side by side: ViT 0.664 vs
+    # CNN 0.660 at its best lr; fused 0.769 [0.725, 0.812] vs images 0.664 [0.624, 0.705] and clinical
+    # 0.669 [0.667, 0.672]; FLAIR 0.676 [0.643, 0.709]):
+    # the images-only ViT is within 0.02 of the CNN or better at the same budget,
+    assert acc["ViT, images"] >= acc["CNN, images"] - 0.02
+    # the fused interval lies above both the images-only and the clinical-only interval,
+    assert ci["ViT, images + clinical"][0] > max(ci["ViT, images"][1], ci["clinical only"][1])
+    assert r["fused_separated_from_both"]
+    # and FLAIR alone is above chance with its interval.
+    assert ci["ViT, FLAIR only"][0] > r["chance"] + 0.1 and r["flair_above_chance"]
+    # Every image model learned (no seed left at the constant guess, balanced accuracy 1/3).
+    assert min(run["balanced_accuracy"] for run in r["balanced_accuracy_per_run"]) > r["chance"] + 0.1
+    assert set(r["ablation"]) == {"linear patches, warm-up + cosine", "conv stem, constant lr",
+                                  "conv stem, warm-up + cosine (kept)", "kept + MRI augmentation"}
     # The kept ablation row is the seed-SEED run of "ViT, images" (reused, not retrained).
     kept_run = [x for x in r["balanced_accuracy_per_run"] if x["variant"] == "ViT, images" and x["seed"] == r["seeds"][0]]
     assert r["ablation"]["conv stem, warm-up + cosine (kept)"] == pytest.approx(kept_run[0]["balanced_accuracy"])
+    # The conv stem is what makes the ViT learn from the images (measured +0.21 at the defaults).
+    assert r["conv_stem_gain"] > 0.05
     # Bookkeeping is consistent with the recorded numbers (deterministic).
     singles = {m: acc[f"ViT, {m} only"] for m in ("T1", "T2", "FLAIR")}
     assert singles[r["best_single_sequence"]] == max(singles.values())
@@ -101,20 +117,15 @@ def _expect_01(r: dict[str, Any]) -> None:
     assert r["flair_above_chance"] == (ci["ViT, FLAIR only"][0] > r["chance"])
     assert r["conv_stem_gain"] == pytest.approx(r["ablation"]["conv stem, warm-up + cosine (kept)"]
                                                 - r["ablation"]["linear patches, warm-up + cosine"])
-    # At smoke settings (3 epochs, 325 pooled subjects, 2 seeds) only the clinical model has learned
-    # (seeds 0-1: clinical 0.64, every image model 0.34-0.41 vs chance 0.33). The orderings the notebook
-    # is about (ViT >= CNN - 0.02, fused above images and clinical, FLAIR above chance) are measured at
-    # its defaults (10 epochs, 910 subjects, 3 seeds) and reported in the notebook text, not here.
-    assert acc["clinical only"] > r["chance"] + 0.15
-    # Attention grid: one subject, 3 sequences, (image / patch)^2 patches.
-    g = SMOKE_PARAMETERS["IMAGE_SIZE"] // 8
-    assert r["attention_grid_shape"] == [1, 3, g, g] and r["grid_size"] == g
+    # Attention grid: one subject, 3 sequences, (image / patch)^2 patches (32 px, patch 8).
+    assert r["attention_grid_shape"] == [1, 3, 4, 4] and r["grid_size"] == 4
     assert sum(r["attention_share"].values()) <= 1.0 + 1e-4
     # A masked sequence's pixels never change the output: three ViT fusion modes and the CNN.
     assert set(r["masked_pixels_max_abs_diff"]) == {"early", "token", "late", "cnn"}
     assert max(r["masked_pixels_max_abs_diff"].values()) < 1e-5
-    # Losing T2 at test time costs little (the model saw a site without T2).
-    assert r["balanced_accuracy_t2_missing"] >= r["balanced_accuracy_t2_present"] - 0.2  # smoke seed 0: 0.48 -> 0.33
+    # Without T2 at test time the fused model still works (it saw a site without T2 in training), but it
+    # loses accuracy: it leans on T2 (measured at the defaults: 0.816 with T2, 0.648 without).
+    assert r["chance"] + 0.1 < r["balanced_accuracy_t2_missing"] <= r["balanced_accuracy_t2_present"] + 0.05
     counts = r["parameter_counts"]
     assert counts["hybrid-tiny"] > counts["tiny"] and counts["cnn"] > counts["hybrid-tiny"]
 
@@ -193,6 +204,12 @@ EXPECTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
 }
 
 
+#: Notebooks run at their own defaults, not the smoke parameters: their claims are the done-when of an
+#: issue and only hold at the defaults. Notebook 01 (five-minute rule on 2 cores) asserts that its ViT
+#: learns from the images as well as a CNN and that fusion beats each source, which 3 epochs cannot show.
+RUN_AT_DEFAULTS = {"01_vit_multimodal_fusion"}
+
+
 @pytest.mark.notebook
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -201,7 +218,10 @@ def test_notebook_executes_and_records(path: Path, tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("MMPFL_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("MMPFL_RESULTS_DIR", str(tmp_path / "results"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    params = dict(SMOKE_PARAMETERS, OUTPUT_DIR=str(tmp_path))
+    if path.stem in RUN_AT_DEFAULTS:
+        params = {"DEVICE": "cpu", "OUTPUT_DIR": str(tmp_path)}
+    else:
+        params = dict(SMOKE_PARAMETERS, OUTPUT_DIR=str(tmp_path))
     pm.execute_notebook(str(path), str(tmp_path / path.name), parameters=params, kernel_name="python3",
                         cwd=str(NOTEBOOK_DIR), progress_bar=False)
     EXPECTATIONS[path.stem](load_results(path.stem, tmp_path))

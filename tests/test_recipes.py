@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -84,3 +85,40 @@ def test_compare_over_seeds_gives_intervals_over_seeds(tiny_federation):
     row = summary.set_index("variant").loc["vit"]
     assert row["seed_low"] <= row["mean"] <= row["seed_high"]
     assert row["mean"] == pytest.approx(runs["balanced_accuracy"].mean())
+
+
+def test_compare_over_seeds_in_parallel_threads_gives_the_same_runs(tiny_federation):
+    """Trainings side by side (workers=2) equal trainings in a row at the same intra-op thread count."""
+    train = concatenate([site.train for site in tiny_federation.sites])
+    test = tiny_federation.global_test
+    recipe = TrainingRecipe(epochs=1, warmup_epochs=0.0)
+    variants = {"vit": (lambda s: create_model("hybrid-tiny", seed=s, use_clinical=False, **SMALL_VIT), recipe, train, test),
+                "cnn": (lambda s: create_model("cnn", seed=s, use_clinical=False),
+                        recipe, train, test)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        in_a_row, _, models_in_a_row = compare_over_seeds(variants, (0, 1), num_resamples=50)
+    finally:
+        torch.set_num_threads(threads)
+    side_by_side, _, models_side_by_side = compare_over_seeds(variants, (0, 1), num_resamples=50, workers=2)
+    assert torch.get_num_threads() == threads  # restored
+    columns = ["variant", "seed", "balanced_accuracy", "low", "high", "accuracy", "final_loss"]
+    pd.testing.assert_frame_equal(in_a_row[columns], side_by_side[columns])
+    for key, model in models_in_a_row.items():
+        for a, b in zip(model.state_dict().values(), models_side_by_side[key].state_dict().values()):
+            assert torch.equal(a, b), key
+
+
+def test_compare_over_seeds_takes_seeds_per_variant(tiny_federation):
+    train = concatenate([site.train for site in tiny_federation.sites])
+    recipe = TrainingRecipe(epochs=1, warmup_epochs=0.0)
+    make = lambda s: create_model("hybrid-tiny", seed=s, use_clinical=False, **SMALL_VIT)  # noqa: E731
+    variants = {"a": (make, recipe, train, tiny_federation.global_test),
+                "b": (make, recipe, train, tiny_federation.global_test)}
+    runs, summary, _ = compare_over_seeds(variants, {"a": (0, 1, 2), "b": (5,)}, num_resamples=20)
+    assert list(zip(runs["variant"], runs["seed"])) == [("a", 0), ("a", 1), ("a", 2), ("b", 5)]
+    assert summary.set_index("variant")["seeds"].to_dict() == {"a": 3, "b": 1}
+    assert np.isnan(summary.set_index("variant").loc["b", "seed_low"])  # one seed: no interval over seeds
+    with pytest.raises(ConfigError, match="give seeds for exactly the variants"):
+        compare_over_seeds(variants, {"a": (0,)})

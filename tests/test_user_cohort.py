@@ -277,8 +277,17 @@ def test_flower_app_reads_a_converted_cohort(cohorts):
     """Notebook 08's COHORT_PATH: the Flower run config's ``cohort`` key, one SuperNode per site id."""
     import sys
     sys.path.insert(0, str(REPO / "flower_app"))
+    import mmpfl_flower.task as task
     from mmpfl_flower.task import load_job, site_data
-    job = load_job(preset="reproduce_smoke", method="fedavg", cohort=str(cohorts["nifti"]), num_rounds=1)
+    builds = []
+    original = task.make_federation
+    task.make_federation = lambda experiment: builds.append(1) or original(experiment)
+    try:
+        job = load_job(preset="reproduce_smoke", method="fedavg", cohort=str(cohorts["nifti"]), num_rounds=1)
+        assert job.num_sites == 2 and sum(len(site_data(job, k)["train"]) for k in range(2)) > 0
+    finally:
+        task.make_federation = original
+    assert len(builds) == 1  # counting the sites and serving them share one build of the federation
     assert isinstance(job.experiment.data, CohortSource) and job.experiment.data.cohort == str(cohorts["nifti"])
     assert job.num_sites == 2 and job.flower.min_nodes == 2  # sites 0 and 1; site -1 is the public set
     assert sum(len(site_data(job, k)["train"]) for k in range(2)) > 0

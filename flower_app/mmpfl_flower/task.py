@@ -108,7 +108,7 @@ def _natural_cohort(experiment: ExperimentConfig) -> bool:
 
 def _site_count(experiment: ExperimentConfig) -> int:
     """How many SuperNodes the experiment needs (a natural cohort: one per site id in its site column)."""
-    return len(make_federation(experiment).sites) if _natural_cohort(experiment) else experiment.federation.num_sites
+    return len(_federation(experiment).sites) if _natural_cohort(experiment) else experiment.federation.num_sites
 
 
 def _number(run_config: Mapping[str, Any], key: str, kind: type) -> Any:
@@ -220,10 +220,16 @@ _FEDERATIONS: dict[str, Federation] = {}
 
 def federation_of(job: Job) -> Federation:
     """The (deterministic) federation; cached per process, since a SuperNode's process runs many rounds."""
-    key = job.key()
+    return _federation(job.experiment)
+
+
+def _federation(experiment: ExperimentConfig) -> Federation:
+    # Keyed by the experiment alone (the federation does not depend on the method), so counting a natural
+    # cohort's sites in load_job and serving the job later build it once.
+    key = json.dumps(experiment.to_dict(), sort_keys=True, default=str)
     if key not in _FEDERATIONS:
-        _FEDERATIONS.clear()  # one job at a time per process
-        _FEDERATIONS[key] = make_federation(job.experiment)
+        _FEDERATIONS.clear()  # one experiment at a time per process
+        _FEDERATIONS[key] = make_federation(experiment)
     return _FEDERATIONS[key]
 
 

@@ -26,7 +26,7 @@ from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
 from ..errors import ConfigError, check_range
-from .layers import init_module
+from .layers import GroupedModel, init_module
 from .vit import DEFAULT_MODALITY_NAMES
 
 __all__ = ["CNNConfig", "MultiModalCNN"]
@@ -108,7 +108,7 @@ def _group_norm(num_channels: int, **kwargs) -> nn.GroupNorm:
     return nn.GroupNorm(min(8, num_channels // 4), num_channels, **kwargs)
 
 
-class MultiModalCNN(nn.Module):
+class MultiModalCNN(GroupedModel):
     """ResNet over stacked MRI sequences ``(B, M, H, W)`` fused with clinical variables ``(B, K)``.
 
     Args:
@@ -178,10 +178,6 @@ class MultiModalCNN(nn.Module):
             if names:
                 out[group] = names
         return out
-
-    def group_sizes(self) -> dict[str, int]:
-        params = dict(self.named_parameters())
-        return {g: sum(params[n].numel() for n in names) for g, names in self.parameter_groups().items()}
 
     def reset_classifier(self, num_classes: int, *, generator: torch.Generator | None = None) -> None:
         self.num_classes = num_classes

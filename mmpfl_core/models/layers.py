@@ -31,11 +31,24 @@ from timm.layers import HybridEmbed, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-__all__ = ["AdditiveEmbedding", "ModalityEmbedding", "ClassToken", "make_blocks", "run_blocks",
+__all__ = ["GroupedModel", "AdditiveEmbedding", "ModalityEmbedding", "ClassToken", "make_blocks", "run_blocks",
            "attention_weights", "init_module", "make_patch_embed", "STEMS"]
 
 #: Patch-embedding types of :func:`make_patch_embed` (``ViTConfig.stem``).
 STEMS: tuple[str, ...] = ("patch", "conv")
+
+
+class GroupedModel(nn.Module):
+    """A model whose parameters are split into named groups (``parameter_groups``): the unit of masks,
+    clipping bounds and noise allocation. Shared by the ViT and the CNN so both count groups alike."""
+
+    def parameter_groups(self) -> Dict[str, List[str]]:  # pragma: no cover - every model overrides it
+        raise NotImplementedError
+
+    def group_sizes(self) -> Dict[str, int]:
+        """Number of scalars per parameter group, in the order of :meth:`parameter_groups`."""
+        params = dict(self.named_parameters())
+        return {g: sum(params[n].numel() for n in names) for g, names in self.parameter_groups().items()}
 
 
 class AdditiveEmbedding(nn.Module):

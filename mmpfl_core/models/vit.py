@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, check_range
-from .layers import (STEMS, AdditiveEmbedding, ClassToken, ModalityEmbedding, attention_weights, init_module,
-                     make_blocks, make_patch_embed, run_blocks)
+from .layers import (STEMS, AdditiveEmbedding, ClassToken, GroupedModel, ModalityEmbedding, attention_weights,
+                     init_module, make_blocks, make_patch_embed, run_blocks)
 
 __all__ = ["ViTConfig", "MultiModalViT", "FUSIONS", "DEFAULT_MODALITY_NAMES"]
 
@@ -142,7 +142,7 @@ class SequenceEncoder(nn.Module):
         return self.norm(run_blocks(self.blocks, self.embed(x), None))  # (B, 1 + N, D)
 
 
-class MultiModalViT(nn.Module):
+class MultiModalViT(GroupedModel):
     """Multi-modal ViT over MRI sequences ``(B, M, H, W)`` and clinical variables ``(B, K)``.
 
     Parameter groups (:meth:`parameter_groups`, in this order; empty groups omitted). ``{s}``
@@ -357,11 +357,6 @@ class MultiModalViT(nn.Module):
             if names:
                 out[group] = names
         return out
-
-    def group_sizes(self) -> dict[str, int]:
-        """Number of scalars per parameter group, in the order of :meth:`parameter_groups`."""
-        params = dict(self.named_parameters())
-        return {g: sum(params[n].numel() for n in names) for g, names in self.parameter_groups().items()}
 
     # ------------------------------------------------------------------ attention
     def attention_maps(self, images: torch.Tensor, modality_mask: torch.Tensor,
