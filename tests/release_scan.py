@@ -15,8 +15,9 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -122,7 +123,7 @@ class FigureProvenance:
     def __init__(self) -> None:
         self.by_path: dict[str, str] = {}
 
-    def install(self, monkeypatch, federation) -> "FigureProvenance":
+    def install(self, monkeypatch, federation) -> FigureProvenance:
         import mmpfl_core.plots.cohort as cohort_plots
         import mmpfl_core.plots.training as training
         import mmpfl_core.reproduction.run as reproduction_run

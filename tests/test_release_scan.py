@@ -16,11 +16,11 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
+from release_scan import FigureProvenance, released_files, scan_released
 
 from mmpfl_core.experiment import ExperimentConfig, make_federation
 from mmpfl_core.notebook_tools import load_results, record_results
 from mmpfl_core.reporting import write_comparison_report
-from release_scan import FigureProvenance, released_files, scan_released
 
 NOTEBOOK_05 = Path(__file__).resolve().parent.parent / "notebooks" / "05_personalisation_masks.ipynb"
 MASK = {"mode": "threshold", "threshold": 1e-4, "update_every": 1}
@@ -118,7 +118,6 @@ def test_the_scan_flags_each_planted_leak(released, plant, tmp_path):
         test_id = str(federation.sites[1].test.subject_ids[0])
         (report / "REPORT.md").write_text((report / "REPORT.md").read_text() + f"\nExample scan: {test_id}\n")
     elif plant == "figure of site patients":
-        from mmpfl_core.plots.cohort import plot_cohort_preview
         provenance_spy = FigureProvenance()
         with pytest.MonkeyPatch.context() as mp:
             provenance_spy.install(mp, federation)
