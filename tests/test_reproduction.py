@@ -1,6 +1,8 @@
 """The reproduction command runs end to end on the smoke preset and reports every method honestly."""
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import yaml
@@ -37,6 +39,11 @@ def test_nothing_private_is_released_by_the_reproduction(smoke_report):
     assert scan_released(smoke_report, groups=groups, federation=federation, provenance=_PROVENANCE) == []
     for name in ("communication.csv", "claims.csv", "site_accuracy.png", "communication_vs_accuracy.png"):
         assert (smoke_report / "private" / name).is_file(), name
+    # mm-pfl-adp-patient-dp holds its claim: its masks were scored on the public set, not on validation patients.
+    summaries = sorted(smoke_report.glob("runs/alpha*/mm-pfl-adp-patient-dp/summary.json"))
+    assert summaries
+    for summary in summaries:
+        assert "public set" in json.loads(summary.read_text())["mask_privacy"]
 
 
 def test_report_has_every_method_alpha_and_claim(smoke_report):
