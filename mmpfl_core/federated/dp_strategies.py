@@ -55,7 +55,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -386,8 +387,15 @@ class DPFedAvg(SampleLevelHooks):
         placement the m announced participants each added sigma_g^2 / m, so when s < m (dropouts, a
         failed secure sum, m = 0) the server adds the missing N(0, sigma_g^2 (m - s) / m): the
         released sum always carries exactly sigma_g^2, and nothing is ever aborted.
+
+        Write-ahead ledger (DESIGN 4.8): the round is entered in the ledger, and with a run
+        directory appended to its file and fsynced, before noise is drawn and before the new model
+        is returned. A run resumed from an earlier checkpoint re-runs this round with FRESH secret
+        noise: that is a second release of the same round and is charged again (the ledger file
+        keeps the first one), never forgotten.
         """
         sigmas = self._round_sigmas(global_state)
+        self._record_release(round_index)  # write-ahead: charged before anything is released
         new_state = {n: total[n] for n in global_state}
         server_std, source = self._server_noise_fraction(num_participants), self._source(round_index, 0)
         if server_std > 0 and any(v > 0 for v in sigmas.values()):
@@ -408,12 +416,17 @@ class DPFedAvg(SampleLevelHooks):
             step = math.exp(-self.clip_lr * (fraction - self.target_quantile))
             self._set_bounds(min(self._initial_clip * _ADAPTIVE_RANGE,
                                  max(self._initial_clip / _ADAPTIVE_RANGE, self.clip_norm * step)))
+        return new_state
+
+    def _record_release(self, round_index: int) -> None:
+        """Enter this round's release in the ledger: on disk (fsynced) when the run has a ledger file,
+        BEFORE any noise is drawn or the new model computed (write-ahead, DESIGN 4.8)."""
+        if self.adaptive:
             self.ledger.record_joint(name="update+clip_count", round=round_index, sample_rate=self.release.sample_rate,
                                      noise_multipliers=[self.update_noise_multiplier, self.count_noise_multiplier])
         else:
             self.ledger.record(name="update", noise_multiplier=self.release.noise_multiplier,
                                sample_rate=self.release.sample_rate, round=round_index)
-        return new_state
 
     def _server_noise_fraction(self, arrived: int) -> float:
         """The server's noise std as a fraction of sigma_g: 1 (server placement), the top-up
@@ -440,6 +453,12 @@ class DPFedAvg(SampleLevelHooks):
             out["not_private"] = NOT_PRIVATE_WARNING
         out["adjacency"], out["trust_model"] = _TRUST[self.placement]
         return {"privacy": out, **self._sample_summary()}
+
+    def attach_ledger_journals(self, *, server: Path, site: Callable[[int], Path], sites: Iterable[int]) -> None:
+        """The client-level ledger writes ahead to ``server`` (and adopts what it holds); the per-site
+        DP-SGD ledgers to ``site(k)`` (:meth:`SampleLevelHooks.attach_ledger_journals`)."""
+        super().attach_ledger_journals(server=server, site=site, sites=sites)
+        self.ledger.attach_journal(server)
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, _ = super().state_dict()
