@@ -188,6 +188,7 @@ class DPFedAvg(SampleLevelHooks):
         self.calibration_rounds = calibration_rounds
         self.ledger = PrivacyLedger(delta=self.delta, accountant=accountant, target_epsilon=target_epsilon)
         self._round, self._dropped, self._dropped_total = 0, 0, 0
+        self._topped_up_total = 0  # distributed rounds where some but not all announced shares arrived
         self._announced: int | None = None  # m: participants announced for this round (distributed shares)
         self._configured, self._sigmas = False, None
 
@@ -398,6 +399,8 @@ class DPFedAvg(SampleLevelHooks):
         self._record_release(round_index)  # write-ahead: charged before anything is released
         new_state = {n: total[n] for n in global_state}
         server_std, source = self._server_noise_fraction(num_participants), self._source(round_index, 0)
+        if self.placement is NoisePlacement.DISTRIBUTED and 0 < server_std < 1:
+            self._topped_up_total += 1  # the server knows part of this round's noise (threat_statements)
         if server_std > 0 and any(v > 0 for v in sigmas.values()):
             noise = gaussian_noise_like(new_state, {g: v * server_std for g, v in sigmas.items()}, self.groups, source)
             new_state = {n: t + noise[n] for n, t in new_state.items()}
@@ -452,7 +455,45 @@ class DPFedAvg(SampleLevelHooks):
         if not self.secret_randomness:
             out["not_private"] = NOT_PRIVATE_WARNING
         out["adjacency"], out["trust_model"] = _TRUST[self.placement]
+        out.update(self.threat_statements())
+        out["rounds_topped_up"] = self._topped_up_total
         return {"privacy": out, **self._sample_summary()}
+
+    def threat_statements(self) -> dict[str, Any]:
+        """Epsilon against each observer, all from the ledger's accountant (never typed in).
+
+        * ``epsilon_outsiders``: whoever sees only what is released (global models, reports) and not
+          who took part: the ledger's epsilon, with amplification by Poisson sampling at rate q.
+        * ``epsilon_participants``: a site (or anyone) who learns who took part in each round (the
+          participants are told the announced count m; a site knows its own participation): no
+          amplification, so the accountant at q = 1 over every recorded release
+          (:meth:`PrivacyLedger.epsilon_without_amplification`, an upper bound).
+        * ``epsilon_server``: the server chose the sample, so no amplification either. ``server``
+          placement: None, the trusted server sees every clipped update (no guarantee against it).
+          ``distributed``: the q = 1 bound, assuming secure aggregation (the server sees only the
+          sum); None if in some round the server had to top up the noise of announced shares that
+          did not arrive while others did (it then knows part of the sum's noise; no bound stated).
+          ``local``: the q = 1 bound (each update is private on its own).
+        """
+        outsiders, insiders = self.ledger.epsilon(), self.ledger.epsilon_without_amplification()
+        notes = {"outsiders": f"see the releases only; amplification by Poisson sampling at q={self.sample_rate:g} "
+                              "(the sample is secret)",
+                 "participants": "learn who took part: no amplification, the accountant at q = 1 over every "
+                                 "recorded release (an upper bound)"}
+        if self.placement is NoisePlacement.SERVER:
+            server = None
+            notes["server"] = "trusted: it sees every clipped update, so no guarantee holds against it"
+        elif self.placement is NoisePlacement.DISTRIBUTED and self._topped_up_total:
+            server = None
+            notes["server"] = (f"in {self._topped_up_total} round(s) the server topped up missing noise shares and "
+                               "knows that part of the noise: no bound is stated against it")
+        else:
+            server = insiders
+            notes["server"] = ("chose the sample: no amplification (q = 1 bound); sees only the sum through secure "
+                               "aggregation" if self.placement is NoisePlacement.DISTRIBUTED else
+                               "chose the sample: no amplification; every update is private on its own")
+        return {"epsilon_outsiders": outsiders, "epsilon_participants": insiders, "epsilon_server": server,
+                "threats": notes}
 
     def attach_ledger_journals(self, *, server: Path, site: Callable[[int], Path], sites: Iterable[int]) -> None:
         """The client-level ledger writes ahead to ``server`` (and adopts what it holds); the per-site
@@ -465,7 +506,7 @@ class DPFedAvg(SampleLevelHooks):
         if self.server_optimizer is not None:
             tensors = {**tensors, **self.server_optimizer.state_dict()}
         return tensors, {"ledger": self.ledger.state_dict(), "clip_norm": self.clip_norm,
-                         "dropped_total": self._dropped_total,
+                         "dropped_total": self._dropped_total, "topped_up_total": self._topped_up_total,
                          "sample_dp": None if self.sample_dp is None else self.sample_dp.state_dict()}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -476,5 +517,6 @@ class DPFedAvg(SampleLevelHooks):
         self.ledger.load_state_dict(state["ledger"])
         self._set_bounds(float(state["clip_norm"]))
         self._dropped_total = int(state["dropped_total"])
+        self._topped_up_total = int(state.get("topped_up_total", 0))
         if self.sample_dp is not None:
             self.sample_dp.load_state_dict(state["sample_dp"])
