@@ -64,10 +64,11 @@ def select_round(strategy: Strategy, client_ids: list[int], config: FederatedCon
     """Server side, step 1: the clients of round t.
 
     Drawn from the stream ``(seed, 1, t)``, or, when the strategy declares ``secret_randomness``
-    (a private strategy in its default ``noise="secure"`` mode), from a fresh generator keyed from
-    OS entropy (:func:`~mmpfl_core.privacy.randomness.secure_numpy_generator`), because
-    amplification by sampling assumes nobody outside the protocol can tell who was sampled: a
-    sample regenerated from the published seed would void it. Shared by the in-process loop and the
+    (a private strategy in its default ``noise="secure"`` mode), from the OS CSPRNG, the same source
+    as the noise (:class:`~mmpfl_core.privacy.randomness.SecureRandom`: Poisson sampling compares
+    CSPRNG uniforms with q; no key, no state), because amplification by sampling assumes nobody
+    outside the protocol can tell who was sampled: a sample regenerated from the published seed, or
+    from a keyed generator whose key could leak, would void it. Shared by the in-process loop and the
     Flower server app, so both engines pick the same sites whenever the sample is reproducible.
     """
     if getattr(strategy, "secret_randomness", False):
