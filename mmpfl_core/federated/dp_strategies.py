@@ -41,8 +41,9 @@ equals the calibrated z.
 
 Randomness (``noise=``): ``"secure"`` (the default) draws every noise vector, every adaptive-clipping
 count noise and the Poisson sample of sites from the OS CSPRNG (:mod:`mmpfl_core.privacy.randomness`):
-nothing about them derives from the run seed, nothing is stored, and a resumed run continues with
-the same ledger (same epsilon), not the same bits. ``"reproducible-insecure"`` derives them from
+nothing about them derives from the run seed, nothing is stored, and a resumed run does not repeat
+the same bits: its ledger is a write-ahead file (:meth:`release_sum`), so a round released before a
+crash and run again after the resume is charged twice, never forgotten. ``"reproducible-insecure"`` derives them from
 (run seed, round, party): bit-identical runs and resumes for teaching and tests, and NOT private,
 because anyone holding the seed regenerates the noise and subtracts it
 (:func:`mmpfl_core.attacks.noise_subtraction.subtract_regenerated_noise`); it warns, and the

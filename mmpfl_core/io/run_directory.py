@@ -28,7 +28,8 @@ A checkpoint holds the global model, the strategy's state (per-site personal mod
 the ledger, the adaptive clip bound), the communication counters (per site) and the per-round
 history with its private columns; it holds no state of the secret random sources (there is none
 to hold: :mod:`mmpfl_core.privacy.randomness`). It is as secret as the sites' data. Resuming a
-private run from it gives the same epsilon (the ledger), not the same bits; with
+private run from it does not repeat the same bits, and its ledger files (below) charge every
+release made, those after the checkpoint included; with
 ``noise="reproducible-insecure"`` resuming is bit-identical and nothing is private.
 
 Ledger files (DESIGN 4.8, :mod:`mmpfl_core.privacy.ledger`): every release is appended to its
