@@ -337,6 +337,7 @@ class RunDirectory:
                                           "pooled evaluation outside the guarantee (DESIGN 4.6)",
                                 PRIVATE_TO_SITE: "derived from one site's private data: that site only",
                                 OPERATOR_ONLY: "held by whoever runs the simulation (it plays every site): participant "
-                                               "lists, exact losses, byte counters, checkpoints; as secret as the data"}}
+                                               "lists, exact losses, byte counters, checkpoints, the privacy ledger's write-ahead file; as secret as "
+                                               "the data"}}
         _write_text_atomic(self.manifest_path, json.dumps(manifest, indent=1))
         return manifest["scopes"]
