@@ -181,9 +181,12 @@ def model_factory(config: ExperimentConfig, federation: Federation) -> Callable[
 
 
 def _remove_unused_run(path: Path) -> None:
-    """Delete a run directory this call created if it holds no metrics and no checkpoint (nothing to resume)."""
-    checkpoints = path / "checkpoints"
+    """Delete a run directory this call created if it holds no metrics, no checkpoint and no recorded
+    release (a ledger file with entries is kept: its releases were made and stay spent, DESIGN 4.8)."""
+    checkpoints = path / "private" / "checkpoints"
     if (path / "metrics.csv").exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return
+    if (path / "config.json").is_file() and RunDirectory(path).has_releases():
         return
     shutil.rmtree(path, ignore_errors=True)
 

@@ -36,7 +36,7 @@ from mmpfl_core.federated.dp_strategies import CLIP_INDICATOR
 from mmpfl_core.federated.simulation import select_round
 from mmpfl_core.federated.strategies import StopTraining
 from mmpfl_core.io.checkpoint import checkpoint_path, save_checkpoint
-from mmpfl_core.io.run_directory import RunDirectory
+from mmpfl_core.io.run_directory import RunDirectory, RunDirectoryError
 from mmpfl_core.configuration import to_plain
 
 from .task import Job, check_secagg_range, configured_strategy, global_names, load_jobs, new_model, results_dir
@@ -167,6 +167,33 @@ def secure_round(grid: Grid, context: Context, kit: KitStrategy, job: Job, names
     kit.apply_secure_sum(t, total, m, losses)
 
 
+def open_run_directory(job: Job, run_config: dict[str, Any], core: Any) -> RunDirectory:
+    """The run directory of a Flower run, its privacy ledger writing ahead to ``private/ledger.jsonl``.
+
+    A Flower run is not resumed (a restarted server starts from round 1 with a fresh model). A run
+    name whose ledger already records a release is refused: a fresh ledger there would forget
+    those releases (DESIGN 4.8), and adding the restarted run's releases to them would charge a
+    model nobody continues. A run name with no recorded release (a run that died before its first
+    release) is reused.
+
+    Raises:
+        RunDirectoryError: the run name already has releases in its ledger (choose another).
+    """
+    root, name = results_dir(job), job.flower.run_name
+    existing = root / name
+    if (existing / "config.json").is_file() and RunDirectory(existing).has_releases():
+        raise RunDirectoryError(
+            f"Flower run {existing} already recorded releases in its privacy ledger (private/ledger.jsonl); a "
+            "restarted Flower server does not resume, and reusing the name would forget them. Set another "
+            "run-name (or results-dir); keep the old directory, its releases stay spent.")
+    run_dir = RunDirectory.create(root, name, run_config, exist_ok_resume=True)
+    run_dir.truncate_after(0)  # a Flower run is not resumed: start its metrics afresh
+    attach = getattr(core, "attach_ledger_journals", None)
+    if attach is not None:  # every release is on disk before the server returns the new model
+        attach(server=run_dir.ledger_path, site=run_dir.site_ledger_path, sites=run_dir.site_ledger_sites())
+    return run_dir
+
+
 def run_rounds(grid: Grid, context: Context, job: Job) -> dict[str, Any]:
     """The whole run; returns the summary (also written to the run directory)."""
     cfg = job.experiment.federated
@@ -178,8 +205,7 @@ def run_rounds(grid: Grid, context: Context, job: Job) -> dict[str, Any]:
     run_config = {**job.experiment.to_dict(), "method": to_plain(job.method), "engine": "flower",
                   "flower": to_plain(job.flower)}
     run_config.pop("methods")
-    run_dir = RunDirectory.create(results_dir(job), job.flower.run_name, run_config, exist_ok_resume=True)
-    run_dir.truncate_after(0)  # a Flower run is not resumed: start its metrics afresh
+    run_dir = open_run_directory(job, run_config, core)
     history: list[dict[str, Any]] = []
     stopped = None
     for t in range(1, cfg.num_rounds + 1):

@@ -41,8 +41,9 @@ equals the calibrated z.
 
 Randomness (``noise=``): ``"secure"`` (the default) draws every noise vector, every adaptive-clipping
 count noise and the Poisson sample of sites from the OS CSPRNG (:mod:`mmpfl_core.privacy.randomness`):
-nothing about them derives from the run seed, nothing is stored, and a resumed run continues with
-the same ledger (same epsilon), not the same bits. ``"reproducible-insecure"`` derives them from
+nothing about them derives from the run seed, nothing is stored, and a resumed run does not repeat
+the same bits: its ledger is a write-ahead file (:meth:`release_sum`), so a round released before a
+crash and run again after the resume is charged twice, never forgotten. ``"reproducible-insecure"`` derives them from
 (run seed, round, party): bit-identical runs and resumes for teaching and tests, and NOT private,
 because anyone holding the seed regenerates the noise and subtracts it
 (:func:`mmpfl_core.attacks.noise_subtraction.subtract_regenerated_noise`); it warns, and the
@@ -55,7 +56,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -187,6 +189,7 @@ class DPFedAvg(SampleLevelHooks):
         self.calibration_rounds = calibration_rounds
         self.ledger = PrivacyLedger(delta=self.delta, accountant=accountant, target_epsilon=target_epsilon)
         self._round, self._dropped, self._dropped_total = 0, 0, 0
+        self._topped_up_total = 0  # distributed rounds where some but not all announced shares arrived
         self._announced: int | None = None  # m: participants announced for this round (distributed shares)
         self._configured, self._sigmas = False, None
 
@@ -386,10 +389,19 @@ class DPFedAvg(SampleLevelHooks):
         placement the m announced participants each added sigma_g^2 / m, so when s < m (dropouts, a
         failed secure sum, m = 0) the server adds the missing N(0, sigma_g^2 (m - s) / m): the
         released sum always carries exactly sigma_g^2, and nothing is ever aborted.
+
+        Write-ahead ledger (DESIGN 4.8): the round is entered in the ledger, and with a run
+        directory appended to its file and fsynced, before noise is drawn and before the new model
+        is returned. A run resumed from an earlier checkpoint re-runs this round with FRESH secret
+        noise: that is a second release of the same round and is charged again (the ledger file
+        keeps the first one), never forgotten.
         """
         sigmas = self._round_sigmas(global_state)
+        self._record_release(round_index)  # write-ahead: charged before anything is released
         new_state = {n: total[n] for n in global_state}
         server_std, source = self._server_noise_fraction(num_participants), self._source(round_index, 0)
+        if self.placement is NoisePlacement.DISTRIBUTED and 0 < server_std < 1:
+            self._topped_up_total += 1  # the server knows part of this round's noise (threat_statements)
         if server_std > 0 and any(v > 0 for v in sigmas.values()):
             noise = gaussian_noise_like(new_state, {g: v * server_std for g, v in sigmas.items()}, self.groups, source)
             new_state = {n: t + noise[n] for n, t in new_state.items()}
@@ -408,12 +420,17 @@ class DPFedAvg(SampleLevelHooks):
             step = math.exp(-self.clip_lr * (fraction - self.target_quantile))
             self._set_bounds(min(self._initial_clip * _ADAPTIVE_RANGE,
                                  max(self._initial_clip / _ADAPTIVE_RANGE, self.clip_norm * step)))
+        return new_state
+
+    def _record_release(self, round_index: int) -> None:
+        """Enter this round's release in the ledger: on disk (fsynced) when the run has a ledger file,
+        BEFORE any noise is drawn or the new model computed (write-ahead, DESIGN 4.8)."""
+        if self.adaptive:
             self.ledger.record_joint(name="update+clip_count", round=round_index, sample_rate=self.release.sample_rate,
                                      noise_multipliers=[self.update_noise_multiplier, self.count_noise_multiplier])
         else:
             self.ledger.record(name="update", noise_multiplier=self.release.noise_multiplier,
                                sample_rate=self.release.sample_rate, round=round_index)
-        return new_state
 
     def _server_noise_fraction(self, arrived: int) -> float:
         """The server's noise std as a fraction of sigma_g: 1 (server placement), the top-up
@@ -439,14 +456,58 @@ class DPFedAvg(SampleLevelHooks):
         if not self.secret_randomness:
             out["not_private"] = NOT_PRIVATE_WARNING
         out["adjacency"], out["trust_model"] = _TRUST[self.placement]
+        out.update(self.threat_statements())
+        out["rounds_topped_up"] = self._topped_up_total
         return {"privacy": out, **self._sample_summary()}
+
+    def threat_statements(self) -> dict[str, Any]:
+        """Epsilon against each observer, all from the ledger's accountant (never typed in).
+
+        * ``epsilon_outsiders``: whoever sees only what is released (global models, reports) and not
+          who took part: the ledger's epsilon, with amplification by Poisson sampling at rate q.
+        * ``epsilon_participants``: a site (or anyone) who learns who took part in each round (the
+          participants are told the announced count m; a site knows its own participation): no
+          amplification, so the accountant at q = 1 over every recorded release
+          (:meth:`PrivacyLedger.epsilon_without_amplification`, an upper bound).
+        * ``epsilon_server``: the server chose the sample, so no amplification either. ``server``
+          placement: None, the trusted server sees every clipped update (no guarantee against it).
+          ``distributed``: the q = 1 bound, assuming secure aggregation (the server sees only the
+          sum); None if in some round the server had to top up the noise of announced shares that
+          did not arrive while others did (it then knows part of the sum's noise; no bound stated).
+          ``local``: the q = 1 bound (each update is private on its own).
+        """
+        outsiders, insiders = self.ledger.epsilon(), self.ledger.epsilon_without_amplification()
+        notes = {"outsiders": f"see the releases only; amplification by Poisson sampling at q={self.sample_rate:g} "
+                              "(the sample is secret)",
+                 "participants": "learn who took part: no amplification, the accountant at q = 1 over every "
+                                 "recorded release (an upper bound)"}
+        if self.placement is NoisePlacement.SERVER:
+            server = None
+            notes["server"] = "trusted: it sees every clipped update, so no guarantee holds against it"
+        elif self.placement is NoisePlacement.DISTRIBUTED and self._topped_up_total:
+            server = None
+            notes["server"] = (f"in {self._topped_up_total} round(s) the server topped up missing noise shares and "
+                               "knows that part of the noise: no bound is stated against it")
+        else:
+            server = insiders
+            notes["server"] = ("chose the sample: no amplification (q = 1 bound); sees only the sum through secure "
+                               "aggregation" if self.placement is NoisePlacement.DISTRIBUTED else
+                               "chose the sample: no amplification; every update is private on its own")
+        return {"epsilon_outsiders": outsiders, "epsilon_participants": insiders, "epsilon_server": server,
+                "threats": notes}
+
+    def attach_ledger_journals(self, *, server: Path, site: Callable[[int], Path], sites: Iterable[int]) -> None:
+        """The client-level ledger writes ahead to ``server`` (and adopts what it holds); the per-site
+        DP-SGD ledgers to ``site(k)`` (:meth:`SampleLevelHooks.attach_ledger_journals`)."""
+        super().attach_ledger_journals(server=server, site=site, sites=sites)
+        self.ledger.attach_journal(server)
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, _ = super().state_dict()
         if self.server_optimizer is not None:
             tensors = {**tensors, **self.server_optimizer.state_dict()}
         return tensors, {"ledger": self.ledger.state_dict(), "clip_norm": self.clip_norm,
-                         "dropped_total": self._dropped_total,
+                         "dropped_total": self._dropped_total, "topped_up_total": self._topped_up_total,
                          "sample_dp": None if self.sample_dp is None else self.sample_dp.state_dict()}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -457,5 +518,6 @@ class DPFedAvg(SampleLevelHooks):
         self.ledger.load_state_dict(state["ledger"])
         self._set_bounds(float(state["clip_norm"]))
         self._dropped_total = int(state["dropped_total"])
+        self._topped_up_total = int(state.get("topped_up_total", 0))
         if self.sample_dp is not None:
             self.sample_dp.load_state_dict(state["sample_dp"])

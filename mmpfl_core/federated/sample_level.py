@@ -6,7 +6,8 @@ comes from its own ledger over the DP-SGD steps it took (:mod:`mmpfl_core.privac
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +46,14 @@ class SampleLevelHooks(Strategy):
     def _record_sample_level(self, update: ClientUpdate, round_index: int) -> None:
         if self.sample_dp is not None:
             self.sample_dp.record(update.site_id, self._site_training[update.site_id], update.num_steps, round_index)
+
+    def attach_ledger_journals(self, *, server: Path, site: Callable[[int], Path], sites: Iterable[int]) -> None:
+        """Give the run's ledgers their write-ahead files (:mod:`mmpfl_core.privacy.ledger`) and adopt
+        what the files already hold (a resumed run): the per-site DP-SGD ledgers here, ``site(k)``
+        for site k; ``sites`` are the sites that already have a file. Subclasses with a client-level
+        ledger add ``server``. Called by the round loop after a checkpoint is restored."""
+        if self.sample_dp is not None:
+            self.sample_dp.attach_journals(site, sites)
 
     def _sample_report(self) -> dict[str, float]:
         return {} if self.sample_dp is None else {"sample_epsilon_max": self.sample_dp.max_epsilon()}

@@ -16,7 +16,9 @@ match bit for bit (``tests/test_federated.py`` checks this). Secret draws are th
 strategy with ``secret_randomness = True`` (every private strategy with its default
 ``noise="secure"``) samples its sites, its patients' batches and its noise from the OS CSPRNG
 (:mod:`mmpfl_core.privacy.randomness`), never from the seed, and no state of them is checkpointed:
-a resumed private run has the same epsilon (the ledger is checkpointed), not the same bits.
+a resumed private run does not repeat the same bits. Its ledgers are write-ahead files in the run
+directory (DESIGN 4.8): a round released before a crash and run again after the resume is a second
+release with fresh noise and is charged twice, so the final epsilon covers every release made.
 """
 from __future__ import annotations
 
@@ -62,10 +64,11 @@ def select_round(strategy: Strategy, client_ids: list[int], config: FederatedCon
     """Server side, step 1: the clients of round t.
 
     Drawn from the stream ``(seed, 1, t)``, or, when the strategy declares ``secret_randomness``
-    (a private strategy in its default ``noise="secure"`` mode), from a fresh generator keyed from
-    OS entropy (:func:`~mmpfl_core.privacy.randomness.secure_numpy_generator`), because
-    amplification by sampling assumes nobody outside the protocol can tell who was sampled: a
-    sample regenerated from the published seed would void it. Shared by the in-process loop and the
+    (a private strategy in its default ``noise="secure"`` mode), from the OS CSPRNG, the same source
+    as the noise (:class:`~mmpfl_core.privacy.randomness.SecureRandom`: Poisson sampling compares
+    CSPRNG uniforms with q; no key, no state), because amplification by sampling assumes nobody
+    outside the protocol can tell who was sampled: a sample regenerated from the published seed, or
+    from a keyed generator whose key could leak, would void it. Shared by the in-process loop and the
     Flower server app, so both engines pick the same sites whenever the sample is reproducible.
     """
     if getattr(strategy, "secret_randomness", False):
@@ -212,6 +215,7 @@ class FederatedSimulation:
         path = latest_checkpoint(self.run_dir.checkpoint_dir)
         if path is None:
             self.run_dir.truncate_after(0)
+            self._attach_ledgers()
             return 1
         tensors, state = load_checkpoint(path)
         self.global_state = {k: v.to(self.device) for k, v in tensors["global"].items()}
@@ -220,7 +224,21 @@ class FederatedSimulation:
         self.counter.load_state_dict(state["communication"])
         self.history = list(state["history"])
         self.run_dir.truncate_after(int(state["round"]))
+        self._attach_ledgers()
         return int(state["round"]) + 1
+
+    def _attach_ledgers(self) -> None:
+        """Write-ahead ledgers (DESIGN 4.8): the strategy's ledgers append every release to their files
+        in the run directory before it leaves, and adopt what the files already hold. A release made
+        after the checkpoint just restored (the process died between a release and the next
+        checkpoint) is in the file, so it stays charged; the round is then run again with fresh
+        secret noise, a new release, and charged again. Nothing is ever forgotten."""
+        attach = getattr(self.strategy, "attach_ledger_journals", None)
+        if attach is None or self.run_dir is None:
+            return
+        attach(server=self.run_dir.ledger_path, site=self.run_dir.site_ledger_path,
+               sites=self.run_dir.site_ledger_sites())
+        self.run_dir.write_manifest()
 
     # -------------------------------------------------------------------- run
     def run(self, *, stop_after: int | None = None) -> RunResult:

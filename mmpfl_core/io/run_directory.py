@@ -10,7 +10,9 @@ Layout of ``<root>/<name>/`` (``MANIFEST.json`` tags every file with its scope):
       round_metrics.csv    operator-only: the other columns (participant counts, exact training
                            losses, bytes, timing, per-site accuracies, mask statistics)
       summary.json         operator-only: the other summary keys (bytes, per-site epsilons, ...)
+      ledger.jsonl         operator-only: the client-level privacy ledger's write-ahead file
       site_<k>/masks.json  private-to-site: site k's personalisation mask (parameter groups)
+      site_<k>/dp_sgd_ledger.jsonl  private-to-site: site k's DP-SGD (per-patient) ledger file
       checkpoints/         operator-only: round_NNNN.safetensors + .json (mmpfl_core.io.checkpoint)
 
 Scopes. *released*: what may be published beside the model: quantities covered by the DP
@@ -26,8 +28,18 @@ A checkpoint holds the global model, the strategy's state (per-site personal mod
 the ledger, the adaptive clip bound), the communication counters (per site) and the per-round
 history with its private columns; it holds no state of the secret random sources (there is none
 to hold: :mod:`mmpfl_core.privacy.randomness`). It is as secret as the sites' data. Resuming a
-private run from it gives the same epsilon (the ledger), not the same bits; with
+private run from it does not repeat the same bits, and its ledger files (below) charge every
+release made, those after the checkpoint included; with
 ``noise="reproducible-insecure"`` resuming is bit-identical and nothing is private.
+
+Ledger files (DESIGN 4.8, :mod:`mmpfl_core.privacy.ledger`): every release is appended to its
+ledger's file and fsynced before it leaves, and a resumed run adopts the files, not only the
+checkpoint, so a release made after the last checkpoint is never forgotten (a round run again is
+charged again). The client-level file holds only public mechanism parameters (z, q, round), whose
+composition (epsilon) is released in ``metrics.csv`` / ``summary.json``; it is kept operator-only
+all the same, beside the checkpoints it completes. A site's DP-SGD file lists the rounds it took
+part in and its step counts (functions of its sample and size): private to that site. Never delete
+a ledger file of a run that released anything: its releases stay spent.
 
 Resuming checks that the stored config equals the requested one (environment info is ignored,
 so a resumed run may use a newer library), and :meth:`RunDirectory.truncate_after` drops metric
@@ -129,6 +141,28 @@ class RunDirectory:
     private_summary_path = property(lambda self: self.path / "private" / "summary.json")
     #: Checkpoints are as secret as the data (personal models, masks, per-site counters): private/.
     checkpoint_dir = property(lambda self: self.path / "private" / "checkpoints")
+    #: The client-level ledger's write-ahead file (module docstring).
+    ledger_path = property(lambda self: self.path / "private" / "ledger.jsonl")
+
+    def site_ledger_path(self, site: int) -> Path:
+        """Site ``site``'s DP-SGD ledger file, ``private/site_<k>/dp_sgd_ledger.jsonl`` (private to the site)."""
+        return self.private_dir / f"site_{int(site)}" / "dp_sgd_ledger.jsonl"
+
+    def site_ledger_sites(self) -> list[int]:
+        """The sites that have a DP-SGD ledger file in this run directory."""
+        found = []
+        for path in self.private_dir.glob("site_*/dp_sgd_ledger.jsonl"):
+            suffix = path.parent.name.removeprefix("site_")
+            if suffix.isdigit():
+                found.append(int(suffix))
+        return sorted(found)
+
+    def has_releases(self) -> bool:
+        """True if a ledger file of this run records a release (its directory must then be kept)."""
+        from mmpfl_core.privacy.ledger import read_journal  # io does not need privacy otherwise
+
+        files = [self.ledger_path, *(self.site_ledger_path(s) for s in self.site_ledger_sites())]
+        return any(p.is_file() and read_journal(p)[1] for p in files)
 
     @classmethod
     def create(cls, root: Path | str, name: str, config: Mapping[str, Any], *,
@@ -303,6 +337,7 @@ class RunDirectory:
                                           "pooled evaluation outside the guarantee (DESIGN 4.6)",
                                 PRIVATE_TO_SITE: "derived from one site's private data: that site only",
                                 OPERATOR_ONLY: "held by whoever runs the simulation (it plays every site): participant "
-                                               "lists, exact losses, byte counters, checkpoints; as secret as the data"}}
+                                               "lists, exact losses, byte counters, checkpoints, the privacy ledger's write-ahead file; as secret as "
+                                               "the data"}}
         _write_text_atomic(self.manifest_path, json.dumps(manifest, indent=1))
         return manifest["scopes"]

@@ -18,7 +18,12 @@ __all__ = ["OPERATOR_ONLY", "PRIVATE_TO_SITE", "RELEASED", "RELEASED_COLUMNS", "
 
 RELEASED, PRIVATE_TO_SITE, OPERATOR_ONLY = "released", "private-to-site", "operator-only"
 #: Per-round columns that may be published: accountant output, post-processed clip bound, round.
-RELEASED_COLUMNS = frozenset({"round", "epsilon", "clip_norm", "sample_epsilon_max"})
+#: Not ``sample_epsilon_max`` (the max over the sites' DP-SGD epsilons so far): it rises exactly in the
+#: rounds the site with the largest epsilon took part in, so publishing it every round publishes that
+#: site's participation (which amplification by sampling assumes secret, issue 21). It stays in the
+#: operator's round rows; the final value is released once, in the summary
+#: (``sample_level_privacy.max_epsilon``).
+RELEASED_COLUMNS = frozenset({"round", "epsilon", "clip_norm"})
 #: Pooled evaluation of the global / deployed models (released, outside the guarantee: DESIGN 4.6).
 _POOLED_EVALUATION = re.compile(r"^(global|personal)_(val|test)_[a-z0-9_]+$")
 #: Summary keys that may be published (nested dicts are filtered by _PRIVATE_SUBKEYS).
@@ -26,7 +31,7 @@ RELEASED_SUMMARY_KEYS = frozenset({
     "strategy", "engine", "num_rounds", "rounds_run", "seed", "stopped_early", "personal_test", "global_test",
     "target_accuracy", "rounds_to_target", "final", "privacy", "sample_level_privacy", "ablation", "mask_privacy",
     "flower"})
-_PRIVATE_SUBKEYS = {"privacy": {"dropped_updates"}, "sample_level_privacy": {"per_site_epsilon"},
+_PRIVATE_SUBKEYS = {"privacy": {"dropped_updates", "rounds_topped_up"}, "sample_level_privacy": {"per_site_epsilon"},
                     "flower": {"nodes"}}
 
 

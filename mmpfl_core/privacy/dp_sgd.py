@@ -36,7 +36,8 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -158,6 +159,7 @@ class SampleLevelDP:
         self.noise_multiplier, self.target_epsilon = noise_multiplier, target_epsilon
         self.max_grad_norm, self.delta, self.accountant = float(max_grad_norm), float(delta), accountant
         self.ledgers: dict[int, PrivacyLedger] = {}
+        self._journal_for: Callable[[int], Path] | None = None  # site -> write-ahead ledger file
         self._z: dict[int, float] = {}
         self._calibrated: dict[tuple[float, int], float] = {}
 
@@ -182,10 +184,35 @@ class SampleLevelDP:
                                secret_randomness=self.noise == "secure")
 
     def record(self, site_id: int, training: PrivateTraining, steps: int, round_index: int) -> None:
-        """Charge site ``site_id`` for the ``steps`` DP-SGD steps it took in ``round_index``."""
-        ledger = self.ledgers.setdefault(site_id, PrivacyLedger(delta=self.delta, accountant=self.accountant))
+        """Charge site ``site_id`` for the ``steps`` DP-SGD steps it took in ``round_index``.
+
+        Called by the site before its update leaves it; with journals attached the entry is on disk
+        (fsynced) when this returns (:mod:`mmpfl_core.privacy.ledger`, write-ahead journal).
+        """
+        ledger = self._ledger_of(site_id)
         ledger.record(name="dp-sgd", noise_multiplier=training.noise_multiplier,
                       sample_rate=training.sample_rate, steps=steps, round=round_index)
+
+    def _ledger_of(self, site_id: int) -> PrivacyLedger:
+        if site_id not in self.ledgers:
+            ledger = PrivacyLedger(delta=self.delta, accountant=self.accountant)
+            if self._journal_for is not None:  # adopts the file's entries if the site has one
+                ledger.attach_journal(self._journal_for(site_id))
+            self.ledgers[site_id] = ledger
+        return self.ledgers[site_id]
+
+    def attach_journals(self, path_for_site: Callable[[int], Path], sites: Iterable[int] = ()) -> None:
+        """Give every site's ledger a write-ahead file, ``path_for_site(site)``; ledgers created later
+        get theirs on creation. ``sites``: sites that already have a file (a resumed run), whose
+        entries are adopted (:meth:`PrivacyLedger.attach_journal`: a checkpoint's entries must be a
+        prefix of the file's). One file per site: a site's ledger is its own (its participation and
+        step counts are private to it)."""
+        self._journal_for = path_for_site
+        for site in sorted({int(s) for s in sites} | set(self.ledgers)):
+            if site in self.ledgers:
+                self.ledgers[site].attach_journal(path_for_site(site))
+            else:
+                self._ledger_of(site)
 
     def epsilons(self) -> dict[int, float]:
         """Per-site epsilon so far, from each site's accountant."""
@@ -201,3 +228,5 @@ class SampleLevelDP:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ledgers = {int(k): PrivacyLedger.from_state_dict(v) for k, v in state["ledgers"].items()}
         self._z = {int(k): float(v) for k, v in state["z"].items()}
+        if self._journal_for is not None:  # the files stay the ledgers of the run: re-adopt them
+            self.attach_journals(self._journal_for)

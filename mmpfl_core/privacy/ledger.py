@@ -20,18 +20,39 @@ see tests/test_accounting.py). Separate entries are valid when the releases use 
 samples (e.g. adaptive-clipping counts in their own sampled step) or when q = 1 (then both agree).
 The ledger never merges entries on its own: only the caller knows whether two releases share a
 sample.
+
+Write-ahead journal (DESIGN 4.8). A ledger attached to a file (:meth:`PrivacyLedger.attach_journal`)
+appends every entry to it as one JSON line and flushes it to disk (``fsync``) inside
+:meth:`~PrivacyLedger.record`, BEFORE ``record`` returns, and its callers record a release before
+its result leaves their hands (the server before ``release_sum`` returns the new model, a site
+before ``transmit`` returns its update). So a release that left the process is in the file even if
+the process dies one instruction later, before the next checkpoint. Attaching to an existing file
+reads it back: the file, not the checkpoint, is the ledger of the run, and the entries a checkpoint
+holds must be a prefix of it (else the two belong to different runs and attaching refuses). A round
+released before a crash and run again after the resume is therefore charged twice: under secret
+noise the re-run draws FRESH noise (and a fresh sample), so it is a new release of the same data,
+and an adversary who saw both outputs holds two independent noisy views; it must be charged again,
+never forgotten. A torn last line (the process died inside ``record``) is dropped: ``record`` had
+not returned, so that release never left.
+
+The journal holds what the ledger holds: public mechanism parameters (z, q, steps, round), no data.
 """
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any, Sequence
 
 from mmpfl_core.errors import PrivacyError
 from mmpfl_core.privacy.accounting import (ACCOUNTANTS, _check_delta, _check_release,
                                            combine_noise_multipliers, compose_epsilon)
 
-__all__ = ["PrivacyLedger"]
+__all__ = ["PrivacyLedger", "read_journal"]
 
 _STATE_VERSION = 1
+_JOURNAL_FORMAT = "mmpfl-privacy-ledger"
+_ENTRY_KEYS = ("name", "noise_multiplier", "sample_rate", "steps", "round")
 
 
 class PrivacyLedger:
@@ -63,6 +84,7 @@ class PrivacyLedger:
         self.accountant = accountant
         self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
         self._entries: list[dict[str, Any]] = []
+        self._journal: Path | None = None  # write-ahead file (attach_journal); None: in memory only
 
     # ------------------------------------------------------------------ recording
     def record(self, *, name: str, noise_multiplier: float, sample_rate: float, steps: int = 1,
@@ -76,9 +98,12 @@ class PrivacyLedger:
             raise PrivacyError("name must be a non-empty string such as 'update' or "
                                "'adaptive_clip_count'.")
         _check_release(noise_multiplier, sample_rate, steps)
-        self._entries.append({"name": str(name), "noise_multiplier": float(noise_multiplier),
-                              "sample_rate": float(sample_rate), "steps": int(steps),
-                              "round": None if round is None else int(round)})
+        entry = {"name": str(name), "noise_multiplier": float(noise_multiplier),
+                 "sample_rate": float(sample_rate), "steps": int(steps),
+                 "round": None if round is None else int(round)}
+        if self._journal is not None:  # on disk first: if this raises, the caller must not release
+            _append_line(self._journal, {"entry": entry})
+        self._entries.append(entry)
 
     def record_joint(self, *, name: str, noise_multipliers: Sequence[float], sample_rate: float,
                      steps: int = 1, round: int | None = None) -> None:  # noqa: A002
@@ -112,6 +137,20 @@ class PrivacyLedger:
         """
         # compose_epsilon caches by history, so asking again after record() is free
         return self._epsilon_of(self._entries, self.delta if delta is None else float(delta))
+
+    def epsilon_without_amplification(self, delta: float | None = None) -> float:
+        """Epsilon against an observer who knows who took part in every release (the server, and
+        participants told the announced count): every entry composed at sample rate q = 1.
+
+        Amplification by sampling (the rate q of each entry) holds only while the sample is secret.
+        An observer who sees it faces, in each release, the Gaussian mechanism with the entry's
+        multiplier z on the sampled units, with no amplification. Composing every entry at q = 1
+        charges a unit also for the releases it did not take part in (which reveal nothing about
+        it), so this is an upper bound on that observer's epsilon, from the same accountant.
+        """
+        releases = [(e["noise_multiplier"], 1.0, e["steps"]) for e in self._entries]
+        return compose_epsilon(releases=releases, delta=self.delta if delta is None else float(delta),
+                               accountant=self.accountant)
 
     def epsilon_curve(self) -> list[tuple[int, float]]:
         """(round, epsilon after that round) for each round that has entries, in round order.
@@ -159,6 +198,55 @@ class PrivacyLedger:
                 f"the budget {self.target_epsilon:.4g}; stop the run or increase the budget "
                 f"(epsilon at delta={self.delta:g}, {self.accountant} accountant).")
 
+    # ------------------------------------------------------------------ write-ahead journal
+    @property
+    def journal_path(self) -> Path | None:
+        """The write-ahead file this ledger appends to, or None (in memory only)."""
+        return self._journal
+
+    def _settings(self) -> dict[str, Any]:
+        return {"format": _JOURNAL_FORMAT, "version": _STATE_VERSION, "delta": self.delta,
+                "accountant": self.accountant, "target_epsilon": self.target_epsilon}
+
+    def attach_journal(self, path: Path | str) -> None:
+        """Make ``path`` this ledger's write-ahead file (module docstring) and adopt what it holds.
+
+        * No file yet: it is created with a header line of the ledger's settings (and fsynced). If
+          the ledger already holds entries (restored from a checkpoint) this refuses: a run that
+          made releases has its file, so a missing one means they cannot all be accounted for.
+        * A file: its settings must equal the ledger's, the ledger's entries must be a prefix of the
+          file's, and the ledger then holds ALL the file's entries (releases made after the
+          checkpoint it was restored from included).
+
+        Raises:
+            PrivacyError: settings differ, the entries disagree, the file is corrupt, or the
+                ledger has entries but no file exists.
+        """
+        path = Path(path)
+        if path.is_file():
+            settings, entries = read_journal(path)
+            mine = self._settings()
+            if settings != mine:
+                diff = sorted(k for k in mine if settings.get(k) != mine[k])
+                raise PrivacyError(f"ledger file {path} was written with other settings ({diff}: "
+                                   f"{ {k: settings.get(k) for k in diff} } vs { {k: mine[k] for k in diff} }); "
+                                   "resume with the run's original privacy config, or start a new run.")
+            if entries[:len(self._entries)] != self._entries:
+                raise PrivacyError(f"ledger file {path} ({len(entries)} entries) does not extend the ledger "
+                                   f"restored from the checkpoint ({len(self._entries)} entries): they belong to "
+                                   "different runs. Resume from this run's own checkpoints, or start a new run.")
+            self._entries = [dict(e) for e in entries]
+        else:
+            if self._entries:
+                raise PrivacyError(f"the ledger holds {len(self._entries)} releases (from a checkpoint) but its "
+                                   f"write-ahead file {path} does not exist, so releases made after that "
+                                   "checkpoint cannot be accounted for (a run directory from an older version, or "
+                                   "a deleted file). Start a new run; the old run's releases stay spent.")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _append_line(path, self._settings())
+            _fsync_directory(path.parent)  # the new file's name is durable too
+        self._journal = path
+
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable plain dict: configuration and all entries."""
@@ -175,7 +263,11 @@ class PrivacyLedger:
         for e in state["entries"]:
             fresh.record(name=e["name"], noise_multiplier=e["noise_multiplier"],
                          sample_rate=e["sample_rate"], steps=e["steps"], round=e["round"])
+        journal = self._journal
         self.__dict__.update(fresh.__dict__)
+        if journal is not None:  # an attached file stays the ledger of the run: re-adopt it
+            self._journal = None
+            self.attach_journal(journal)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "PrivacyLedger":
@@ -196,3 +288,75 @@ class PrivacyLedger:
                 "epsilon": eps,  # inf if some release had no noise
                 "num_entries": len(self._entries), "releases_by_name": per_name,
                 "last_round": max(rounds) if rounds else None}
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line and force it to disk before returning (the write-ahead step)."""
+    line = json.dumps(record, allow_nan=False) + "\n"
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise PrivacyError(f"could not write the privacy ledger file {path} ({exc}); the release was NOT made. "
+                           "Free disk space or fix permissions, then resume.") from exc
+
+
+def _fsync_directory(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory handles (Windows): the file itself was synced
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_journal(path: Path | str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(settings, entries) of a ledger's write-ahead file (:meth:`PrivacyLedger.attach_journal`).
+
+    A torn last line (the writer died inside ``record``, before the release) is dropped and cut
+    from the file, so later appends start on a fresh line; any other unreadable line is an error.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    if tail:
+        try:
+            json.loads(tail)
+            whole = True  # a whole record lacking only its newline: keep it (charging it is the safe side)
+        except ValueError:
+            whole = False
+        if whole:
+            lines.append(tail)
+        with open(path, "r+b") as fh:  # cut the torn tail (or restore the missing newline) and sync
+            fh.truncate(len(raw) - len(tail))
+            if whole:
+                fh.seek(0, os.SEEK_END)
+                fh.write(tail + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except ValueError as exc:
+            raise PrivacyError(f"ledger file {path} line {number} is not valid JSON ({exc}); the file is damaged. "
+                               "Restore it from a backup; never delete it (its releases were made).") from exc
+    if not records or records[0].get("format") != _JOURNAL_FORMAT:
+        raise PrivacyError(f"{path} is not a privacy ledger file (no '{_JOURNAL_FORMAT}' header line).")
+    if records[0].get("version") != _STATE_VERSION:
+        raise PrivacyError(f"ledger file {path} has version {records[0].get('version')!r}, not {_STATE_VERSION}.")
+    entries = []
+    for number, record in enumerate(records[1:], start=2):
+        entry = record.get("entry") if isinstance(record, dict) else None
+        if not isinstance(entry, dict) or set(entry) != set(_ENTRY_KEYS):
+            raise PrivacyError(f"ledger file {path} line {number} is not a ledger entry: {record!r}.")
+        _check_release(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
+        entries.append({k: entry[k] for k in _ENTRY_KEYS})
+    return records[0], entries

@@ -19,7 +19,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 
 from mmpfl_core.errors import PrivacyError
-from mmpfl_core.privacy.randomness import secure_standard_normal
+from mmpfl_core.privacy.randomness import secure_gaussian, secure_standard_normal
 
 __all__ = ["NOT_PRIVATE_WARNING", "NoisePlacement", "NoiseSource", "NoiseSplit", "ReleaseAccounting",
            "gaussian_noise_like", "per_participant_noise_std", "release_accounting", "server_top_up_std"]
@@ -34,8 +34,10 @@ class NoiseSource:
     * ``secure()`` (the default of every private strategy): each draw reads the OS CSPRNG afresh
       (:func:`~mmpfl_core.privacy.randomness.secure_standard_normal`: ``os.urandom`` + Box-Muller).
       No seed, no state, nothing to write to a checkpoint: noise cannot be regenerated, and a
-      resumed run has the same epsilon but not the same bits. Caveat: a floating-point sampler
-      (see :mod:`mmpfl_core.privacy.randomness`).
+      resumed run is charged for every release (write-ahead ledger) but does not repeat the bits.
+      Each normal is the sum of 4 float64 draws (Opacus ``secure_mode``'s mitigation of
+      floating-point attacks) and is scaled by sigma in float64 before the cast
+      (:mod:`mmpfl_core.privacy.randomness`).
     * ``seeded(seed)``: one ``torch.Generator`` whose state advances with every draw, so a run is
       reproducible and resumable bit for bit (save :meth:`get_state`). NOT private: whoever knows
       the seed regenerates the noise and subtracts it (``mmpfl_core.attacks.noise_subtraction``).
@@ -66,6 +68,15 @@ class NoiseSource:
         if self._generator is None:
             return secure_standard_normal(tuple(shape), dtype=dtype)
         return torch.randn(tuple(shape), generator=self._generator, dtype=dtype)
+
+    def gaussian(self, shape: Sequence[int] | torch.Size, std: float, *, dtype: torch.dtype = torch.float32
+                 ) -> torch.Tensor:
+        """N(0, std^2) draws of ``shape`` on the CPU. Secure: the multi-draw float64 sampler scaled by
+        ``std`` in float64, cast once (:func:`~mmpfl_core.privacy.randomness.secure_gaussian`). Seeded:
+        ``torch.randn`` in ``dtype`` times ``std``, bit for bit as before (reproducible runs and tests)."""
+        if self._generator is None:
+            return secure_gaussian(tuple(shape), std, dtype=dtype)
+        return self.standard_normal(shape, dtype=dtype) * std
 
     def generator(self) -> torch.Generator:
         """A torch generator for code that needs one (seeded: the source's own generator).
@@ -128,8 +139,7 @@ def gaussian_noise_like(update: Mapping[str, torch.Tensor], stds: Mapping[str, f
             noise[name] = torch.zeros_like(ref)
             continue
         dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
-        draw = source.standard_normal(ref.shape, dtype=dtype)
-        noise[name] = (draw * std).to(device=ref.device, dtype=ref.dtype)
+        noise[name] = source.gaussian(ref.shape, std, dtype=dtype).to(device=ref.device, dtype=ref.dtype)
     return {name: noise[name] for name in update}
 
 

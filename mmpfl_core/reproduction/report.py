@@ -24,7 +24,11 @@ def plot_epsilon(runs: Mapping[str, RunResult]):
 #: Said wherever personalised accuracy stands beside a client-level epsilon (DESIGN 4.6).
 _PERSONAL_NOTE = ("*epsilon (site)* covers what leaves the sites: the released global model. Personal parameters "
                   "never leave their site, and a personalised model that is released or queried is NOT covered by "
-                  "that epsilon; only *epsilon (patient)* (DP-SGD inside the site) protects its patients.")
+                  "that epsilon; only *epsilon (patient)* (DP-SGD inside the site) protects its patients. "
+                  "*epsilon (site)* holds against outsiders, who do not know which sites took part (amplification by "
+                  "sampling); *epsilon (site, insiders)* against the server and the participants, who do: the "
+                  "accountant at sampling rate 1, an upper bound (with server placement the trusted server itself "
+                  "sees the clipped updates and is not covered).")
 
 
 #: What the released folder leaves out, and where it is (DESIGN 6).

@@ -46,7 +46,10 @@ def _row(label: str, runs: list[RunResult]) -> dict[str, Any]:
     rounds = [r.summary.get("rounds_to_target") for r in runs]
     mb_target = [r.summary.get("megabytes_to_target") for r in runs]
     eps = [r.summary.get("final", {}).get("epsilon") for r in runs]
-    patient_eps = [r.summary.get("final", {}).get("sample_epsilon_max") for r in runs]
+    # epsilon against the server and participants, who know who took part (no amplification, q = 1)
+    insider_eps = [r.summary.get("privacy", {}).get("epsilon_participants") for r in runs]
+    # per-patient DP-SGD: released once, at the end (max over the sites' ledgers)
+    patient_eps = [r.summary.get("sample_level_privacy", {}).get("max_epsilon") for r in runs]
     return {
         "method": label,
         "personal acc [95% CI]": text(stat("personal_test", "accuracy")),
@@ -57,6 +60,7 @@ def _row(label: str, runs: list[RunResult]) -> dict[str, Any]:
         "MB to target": None if any(m is None for m in mb_target) else float(np.mean(mb_target)),
         "MB total": float(np.mean([r.summary["megabytes_up"] + r.summary["megabytes_down"] for r in runs])),
         "epsilon (site)": "none" if any(e is None for e in eps) else float(np.mean(eps)),
+        "epsilon (site, insiders)": "none" if any(e is None for e in insider_eps) else float(np.mean(insider_eps)),
         "epsilon (patient)": "none" if any(e is None for e in patient_eps) else float(np.mean(patient_eps)),
     }
 
@@ -92,7 +96,7 @@ def _sweep(plan: ReproductionPlan, out: Path, progress: bool) -> pd.DataFrame:
             final = run.summary.get("final", {})
             rows.append({"sites": n, "sampled per round (expected)": sweep.client_fraction * n, "method": method.label,
                          "noise multiplier": run.summary.get("privacy", {}).get("noise_multiplier"),
-                         "epsilon (site)": final.get("epsilon"), "epsilon (patient)": final.get("sample_epsilon_max"),
+                         "epsilon (site)": final.get("epsilon"), "epsilon (patient)": run.summary.get("sample_level_privacy", {}).get("max_epsilon"),
                          "personal acc": run.summary["personal_test"]["accuracy"]["point"],
                          "global acc": run.summary.get("global_test", {}).get("accuracy", {}).get("point")})
     return pd.DataFrame(rows)
