@@ -479,3 +479,108 @@ def test_the_real_client_refuses_a_release_with_a_missing_or_unknown_key():
         with pytest.raises(PrivacyError, match="different strategy configurations"):
             client_app._train_step(job, _site_context(0), state_to_numpy(state),
                                    {"method": job.method.label, "site": 0, **bad})
+
+
+# ------------------------------------------------------------------ Ray: MM-PFL-ADP's gated release through the app
+def _run_with_ray_retry(**overrides):
+    from mmpfl_flower.simulate import run_flower_simulation
+    if not _ray_can_start():
+        pytest.skip("Ray is not installed: pip install 'flwr[simulation]'")
+    for attempt in (1, 2):  # Ray waits a fixed 30 s for its raylet: a loaded 2-core machine may need a retry
+        try:
+            return run_flower_simulation(**overrides)[0]
+        except RuntimeError as exc:
+            if not _ray_startup_failure(exc):
+                raise
+            if attempt == 2:
+                pytest.skip(f"Ray could not start here (twice): {exc!r}")
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_flower_mm_pfl_adp_split_gate_releases_only_accounted_noise(tmp_path, monkeypatch):
+    """Through the ServerApp and ClientApps on the simulation engine, MM-PFL-ADP (server placement) with a
+    gate that keeps some groups home: no site sends a drowned group, no drowned group changes in the
+    released model, and every released tensor differs from the noiseless aggregate theta + sum(sent) / qN
+    by noise of the accounted scale sigma_g / qN (chi-square band, two-sided 1e-6, per tensor)."""
+    from scipy.stats import chi2
+
+    from mmpfl_flower.strategy import KitStrategy
+
+    seen: list[dict] = []
+    real_parse, real_aggregate = KitStrategy._parse, KitStrategy.aggregate_train
+
+    def parse(self, server_round, replies):  # the server's view: what each site sent
+        parsed = real_parse(self, server_round, replies)
+        seen.append({"round": server_round, "sent": [s for _, s in parsed]})
+        return parsed
+
+    def aggregate(self, server_round, replies):
+        before = {n: t.clone() for n, t in self.global_state.items()}
+        out = real_aggregate(self, server_round, replies)
+        seen[-1].update(before=before, after={n: t.clone() for n, t in self.global_state.items()},
+                        release=self.core.round_release, groups=self.core.groups)
+        return out
+
+    # The ServerApp runs in this process (the ClientApps in Ray actors): spy on what reaches the server.
+    monkeypatch.setattr(KitStrategy, "_parse", parse)
+    monkeypatch.setattr(KitStrategy, "aggregate_train", aggregate)
+    runs = _run_with_ray_retry(**SMOKE, method="mm-pfl-adp", method_args=_gate_args(True), results_dir=str(tmp_path))
+    assert [r["round"] for r in seen] == [1, 2]
+    drowned_checked = released_checked = 0
+    for r in seen:
+        release, groups, before, after = r["release"], r["groups"], r["before"], r["after"]
+        assert release.drowned and release.released_groups and len(r["sent"]) == 3
+        for g in release.drowned:
+            for n in groups[g]:
+                assert all(n not in s for s in r["sent"]), f"round {r['round']}: a site sent drowned {n}"
+                assert torch.equal(after[n], before[n]), f"round {r['round']}: drowned {n} changed"
+                drowned_checked += 1
+        qN = release.expected_participants
+        for g in release.released_groups:
+            for n in groups[g]:
+                total = sum((s[n].double() for s in r["sent"] if n in s), torch.zeros(before[n].shape, dtype=torch.float64))
+                residual = after[n].double() - before[n].double() - total / qN  # = noise / qN
+                stat = float(((residual * qN / release.sigmas[g]) ** 2).sum())
+                d = residual.numel()
+                assert chi2.ppf(1e-6, d) <= stat <= chi2.ppf(1 - 1e-6, d), (r["round"], n, stat, d)
+                released_checked += 1
+    assert drowned_checked and released_checked
+    summary = runs[0][1].read_summary()
+    assert summary["engine"] == "flower" and 0 < summary["privacy"]["epsilon"] < math.inf
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_flower_mm_pfl_adp_distributed_secagg_keeps_drowned_groups_home(tmp_path, monkeypatch):
+    """Distributed placement through SecAgg+ (m = 3 announced): the sites' fixed-length vectors carry zeros in
+    the slots of drowned groups, the secure sum of those slots is exactly zero, the drowned groups do not
+    change, the released ones do, and the summary states delta + the SecAgg+ refusal probability."""
+    from mmpfl_flower.strategy import KitStrategy
+
+    seen: list[dict] = []
+    real = KitStrategy.apply_secure_sum
+
+    def secure_sum(self, server_round, total, num_participants, train_losses):
+        before = {n: t.clone() for n, t in self.global_state.items()}
+        real(self, server_round, total, num_participants, train_losses)
+        seen.append(dict(round=server_round, total=total, m=num_participants, before=before, release=self.core.round_release,
+                         after={n: t.clone() for n, t in self.global_state.items()}, groups=self.core.groups))
+
+    monkeypatch.setattr(KitStrategy, "apply_secure_sum", secure_sum)
+    runs = _run_with_ray_retry(**{**SMOKE, "num_rounds": 1}, method="mm-pfl-adp", placement="distributed",
+                               method_args=_gate_args(True), results_dir=str(tmp_path))
+    assert [r["round"] for r in seen] == [1] and seen[0]["m"] == 3 and seen[0]["release"].participants == 3
+    r = seen[0]
+    release, groups = r["release"], r["groups"]
+    assert release.drowned and release.released_groups
+    for g in release.drowned:
+        for n in groups[g]:
+            assert not bool(torch.any(r["total"][n] != 0)) and torch.equal(r["after"][n], r["before"][n]), n
+    assert all(not torch.equal(r["after"][n], r["before"][n]) for g in release.released_groups for n in groups[g])
+    summary = runs[0][1].read_summary()
+    assert summary["flower"]["secagg"] is True
+    assert summary["flower"]["delta_with_secagg_refusal"] == pytest.approx(1e-5 + 1e-9, rel=1e-12)
+    assert 0 <= summary["flower"]["secagg_refusal_bound_max"] <= 1e-9
