@@ -20,6 +20,13 @@ models"; DESIGN 4.1-4.3), unit of privacy = one site (add/remove-one-site adjace
        multiplier z_eff = (sum_g C_g^2 / sigma_g^2)^(-1/2) and rate q (``release_accounting``:
        local placement is z/2 at rate 1, charged every round for every site: an upper bound).
 
+The round's public state (C, C_g, sigma_g, drowned groups, m, qN, q, z_eff, noise mode) is ONE object,
+:class:`~mmpfl_core.privacy.release.RoundRelease`: the server half builds it once per round
+(:meth:`DPFedAvg.release_for`), :meth:`DPFedAvg.round_instructions` serialises it whole for a remote
+site, :meth:`DPFedAvg.apply_round_instructions` installs it whole on a site (which never computes
+sigma_g itself), and ``transmit`` / ``release_sum`` read the site's share, the names to send, the
+server's noise and top-up and the accounting from it.
+
 Empty rounds: Poisson sampling may select nobody. The round still releases theta + noise / (qN);
 the subsampled-Gaussian analysis covers that outcome (it is one of the mechanism's outputs), and
 skipping the noise would reveal that nobody took part. So empty rounds add noise and are charged,
@@ -66,7 +73,7 @@ from ..privacy import (NOT_PRIVATE_WARNING, NoisePlacement, NoiseSource, Privacy
                        clip_per_group, gaussian_noise_like,
                        release_accounting, server_top_up_std, uniform_noise_allocation, validate_update)
 from ..privacy.dp_sgd import SampleLevelDP
-from ..privacy.release import RoundRelease
+from ..privacy.release import NOISE_MODES, RoundRelease
 from ..seeding import torch_generator
 from .client import ClientUpdate
 from .config import FederatedConfig
@@ -82,10 +89,6 @@ _NOISE_STREAM = 41
 _ADAPTIVE_RANGE = 100.0
 #: Reserved key of the transmitted dict that carries the (noised) adaptive-clipping indicator.
 CLIP_INDICATOR = "_dp.clip_indicator"
-
-
-#: ``secure``: OS CSPRNG, private (default). ``reproducible-insecure``: from the seed, NOT private.
-NOISE_MODES = ("secure", "reproducible-insecure")
 
 
 def check_noise_mode(noise: str, who: str) -> bool:
