@@ -1,6 +1,11 @@
 """The Flower app (flower_app/, issue 7): config mapping, reply validation, SecAgg+ range checks (fast),
 and equivalence with the in-process engine on Flower's Ray simulation engine (one Ray start-up).
 
+Issue 21: what a SuperNode sends is tested on the REAL client step (``client_app._train_step``) with the
+server's whole release record, against deliberately broken sites (the old hand-picked filter, no noise
+share, a share for m = 1) that must be flagged; MM-PFL-ADP with a noise gate that splits the groups runs
+through the app on Ray with server placement and with distributed placement over SecAgg+ (two Ray start-ups).
+
 The simulation test trains FedAvg and DP-FedAvg for 2 rounds on the smoke preset through the SAME
 ServerApp/ClientApp that `flwr run` uses and checks the final global parameters and epsilon against
 ``run_method`` (in-process, one torch thread as in each virtual SuperNode): bit-identical here, the
@@ -584,3 +589,32 @@ def test_flower_mm_pfl_adp_distributed_secagg_keeps_drowned_groups_home(tmp_path
     assert summary["flower"]["secagg"] is True
     assert summary["flower"]["delta_with_secagg_refusal"] == pytest.approx(1e-5 + 1e-9, rel=1e-12)
     assert 0 <= summary["flower"]["secagg_refusal_bound_max"] <= 1e-9
+
+
+def test_the_server_never_moves_a_drowned_group_whatever_a_site_sends():
+    """Server half, defence in depth: a reply that carries a drowned group (a site on another configuration,
+    or a forged reply) is summed by the strategy but the release leaves every drowned group as it was; the
+    released groups still move."""
+    from mmpfl_core.federated.client import trainable_state
+    from mmpfl_flower.strategy import KitStrategy
+
+    job = load_job(**SMOKE, method="mm-pfl-adp", method_args=_gate_args(True))
+    model = new_model(job)
+    core = configured_strategy(job, model)
+    state = trainable_state(model)
+    kit = KitStrategy(job, core, state, node_sites={10: 0, 11: 1, 12: 2})
+    kit.selected = [0, 1, 2]
+    core.before_round(1)
+    core.round_instructions(1, state)
+    release = core.round_release
+    assert release.drowned
+    gen = torch.Generator().manual_seed(3)
+    replies = [_reply(10 + s, s, {n: (0.01 * torch.randn(t.shape, generator=gen)).numpy() for n, t in state.items()}, 20)
+               for s in range(3)]
+    arrays, metrics = kit.aggregate_train(1, replies)
+    assert metrics["num_responded"] == 3
+    after = arrays.to_torch_state_dict()
+    drowned = [n for g in release.drowned for n in core.groups[g]]
+    released = [n for g in release.released_groups for n in core.groups[g]]
+    assert all(torch.equal(after[n], state[n]) for n in drowned)
+    assert all(not torch.equal(after[n], state[n]) for n in released)

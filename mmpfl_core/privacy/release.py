@@ -29,6 +29,10 @@ The mechanism it describes, round t (unit of privacy: one site, add/remove adjac
        subsampled at rate q (server, distributed; local: z_eff / 2 at rate 1), which
        :func:`~mmpfl_core.privacy.mechanisms.release_accounting` maps to the ledger's inputs.
        A round with S empty releases nothing that depends on a site and is not charged.
+    6. Masks (DESIGN 4.4): a site's personal groups (its private choice) count as a zero update,
+       within the clip bound, so they change nothing above. Under ``server`` placement they are not
+       sent (only the trusted server sees which); under ``distributed`` / ``local`` they are sent as
+       noise-only placeholders, so the server cannot tell them apart (:meth:`RoundRelease.names_to_send`).
 
 Privacy argument of the object itself: every field is a function of the configuration, the model's
 shapes, the accountant's calibration, the public server set and already-released models (the Fisher
