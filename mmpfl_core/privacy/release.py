@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 from mmpfl_core.errors import PrivacyError
@@ -128,8 +129,9 @@ class RoundRelease:
                                f"({list(groups)}).")
         set_("groups", groups)
         set_("drowned", drowned)
-        set_("clip_bounds", {g: float(self.clip_bounds[g]) for g in groups})
-        set_("sigmas", {g: _finite_nonneg(f"sigma/{g}", self.sigmas[g]) for g in groups})
+        # read-only views: the release is immutable once validated
+        set_("clip_bounds", MappingProxyType({g: float(self.clip_bounds[g]) for g in groups}))
+        set_("sigmas", MappingProxyType({g: _finite_nonneg(f"sigma/{g}", self.sigmas[g]) for g in groups}))
         if not float(self.clip_norm) > 0:
             raise PrivacyError(f"release clip_norm={self.clip_norm!r} must be > 0.")
         set_("clip_norm", float(self.clip_norm))
