@@ -531,7 +531,9 @@ def test_flower_mm_pfl_adp_split_gate_releases_only_accounted_noise(tmp_path, mo
     # The ServerApp runs in this process (the ClientApps in Ray actors): spy on what reaches the server.
     monkeypatch.setattr(KitStrategy, "_parse", parse)
     monkeypatch.setattr(KitStrategy, "aggregate_train", aggregate)
-    runs = _run_with_ray_retry(**SMOKE, method="mm-pfl-adp", method_args=_gate_args(True), results_dir=str(tmp_path))
+    # Reproducible (NOT private) noise only so that the in-process engine can be compared bit for bit below.
+    runs = _run_with_ray_retry(**SMOKE, method="mm-pfl-adp", method_args=_gate_args(True, noise="reproducible-insecure"),
+                               results_dir=str(tmp_path))
     assert [r["round"] for r in seen] == [1, 2]
     drowned_checked = released_checked = 0
     for r in seen:
@@ -554,6 +556,13 @@ def test_flower_mm_pfl_adp_split_gate_releases_only_accounted_noise(tmp_path, mo
     assert drowned_checked and released_checked
     summary = runs[0][1].read_summary()
     assert summary["engine"] == "flower" and 0 < summary["privacy"]["epsilon"] < math.inf
+    # The same release as the in-process engine (one object, built by the server, applied whole by the sites).
+    from mmpfl_flower.simulate import compare_with_inprocess
+    cmp = compare_with_inprocess(*runs[0])
+    assert cmp["max_abs_diff"] <= 1e-6
+    assert cmp["epsilon_flower"] == pytest.approx(cmp["epsilon_inprocess"], rel=1e-12)
+    print(f"mm-pfl-adp split gate, Flower vs in-process: max |diff| = {cmp['max_abs_diff']:.3g}, "
+          f"epsilon {cmp['epsilon_flower']:.6g} vs {cmp['epsilon_inprocess']:.6g}")
 
 
 @pytest.mark.flower
