@@ -15,7 +15,12 @@ different processes (simulation) and a restarted SuperNode keeps its ``context``
 
 Messages (current Message API):
   * ``query``: reply with this node's site id (the server maps node ids to sites once).
-  * ``train``: arrays = global model, config = round, site, clip norm and noise scales (public).
+  * ``train``: arrays = global model, config = the method and site (transport) and the round's
+    release, whole (:class:`~mmpfl_core.privacy.release.RoundRelease` record: round, C and C_g,
+    sigma_g, the noise gate's drowned groups, m, qN, q, z_eff, noise mode; all public). Every key
+    but the transport's goes to the site strategy's ``apply_round_instructions``, which refuses a
+    missing or unknown one: no hand-picked subset (one dropped the noise gate's decision and
+    released gated groups with no noise, issue 21).
     Reply: arrays = what the strategy transmits, metrics = site, num-examples, train-loss, ...
     Under SecAgg+ (``secaggplus_mod``, distributed placement) the same step runs in the legacy
     FitIns/FitRes layout, the site checks its values fit the quantisation range, and only the
@@ -39,6 +44,8 @@ from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from mmpfl_core.errors import PrivacyError
+from mmpfl_core.federated.dp_strategies import DPFedAvg
 from mmpfl_core.federated.evaluation import predict_proba
 from mmpfl_core.federated.simulation import client_round
 from mmpfl_core.privacy.dp_sgd import SampleLevelDP  # noqa: F401  (documents the local ledger's type)
@@ -47,6 +54,9 @@ from .task import (Job, check_secagg_values, configured_strategy, global_names, 
                    numpy_to_state, restore_strategy_state, site_data, state_to_numpy, strategy_state_to_json)
 
 _STATE = "mmpfl.{}.site-{}"  # per method label: tensors / JSON state
+#: Keys of a train message's config that address the message (which method, which site); every other
+#: key is the round's release record and goes to the site strategy whole.
+TRANSPORT_KEYS = ("method", "site")
 
 
 _OBJECTS: dict[str, tuple[torch.nn.Module, Any, tuple[dict, str]]] = {}
@@ -100,9 +110,12 @@ def _train_step(job: Job, context: Context, global_arrays: dict[str, np.ndarray]
         raise ValueError(f"message for site {config['site']} reached the SuperNode of site {site}.")
     t = int(config["round"])
     model, strategy = _load(job, context)
-    instructions = {k: float(v) for k, v in config.items()
-                    if k in ("clip_norm", "participants") or k.startswith("sigma/")}
-    strategy.apply_round_instructions(t, instructions)
+    release_record = {k: v for k, v in config.items() if k not in TRANSPORT_KEYS}
+    if not isinstance(strategy, DPFedAvg) and set(release_record) != {"round"}:
+        raise PrivacyError(f"method {job.method.label!r} ({strategy.name}) takes no release instructions, but the "
+                           f"server sent {sorted(set(release_record) - {'round'})}: server and site run different "
+                           "configurations.")
+    strategy.apply_round_instructions(t, release_record)
     data = site_data(job, site)
     update, sent = client_round(strategy, model, data["train"], site_id=site, global_state=numpy_to_state(global_arrays),
                                 round_index=t, config=job.experiment.federated, device=torch.device("cpu"))
@@ -144,7 +157,10 @@ def make_client_app(**overrides: Any) -> ClientApp:
             arrays = dict(zip(names, parameters_to_ndarrays(fitins.parameters)))
             sent, metrics = _train_step(job, context, arrays, dict(fitins.config))
             extra = [n for n in sent if n not in names]
-            ordered = [sent[n] for n in names] + [sent[n] for n in sorted(extra)]
+            # SecAgg+ sums fixed-length vectors: a group nobody releases (drowned) is not sent, so its slot
+            # carries zeros (data-independent; the server ignores it, RoundRelease / release_sum).
+            ordered = [sent[n] if n in sent else np.zeros_like(arrays[n]) for n in names] + \
+                      [sent[n] for n in sorted(extra)]
             check_secagg_values(dict(zip(names + sorted(extra), ordered)), job.flower)
             # Weight 1: SecAgg+ returns the mean of the masked vectors; the server multiplies back to the sum.
             fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(ordered), 1,

@@ -141,7 +141,9 @@ def secure_round(grid: Grid, context: Context, kit: KitStrategy, job: Job, names
         _, metrics = kit.aggregate_train(t, replies)
         kit._secure_losses = [float(metrics["train_loss"])]
         return
-    check_secagg_range(core, instructions, job.flower)
+    kit.secagg_refusal_bound = max(kit.secagg_refusal_bound,
+                                   check_secagg_range(core, instructions, job.flower,
+                                                      rounds=job.experiment.federated.num_rounds))
     adapter = _SecAggAdapter(kit, grid, context.run_id, instructions)
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=job.experiment.federated.num_rounds),
                            strategy=adapter, client_manager=SimpleClientManager())
@@ -252,10 +254,22 @@ def run_rounds(grid: Grid, context: Context, job: Job) -> dict[str, Any]:
                                "flower": {"secagg": job.flower.secagg, "nodes": {str(n): s for n, s in node_sites.items()},
                                           "secagg_clipping_range": job.flower.secagg_clipping_range,
                                           "secagg_quantization_range": job.flower.secagg_quantization_range,
+                                          **_secagg_delta(job, core, kit),
                                           "outside_guarantee": "per-site train loss, example counts and accuracies"}}
     summary.update(core.summary_report())
     run_dir.write_summary(summary)
     return summary
+
+
+def _secagg_delta(job: Job, core: Any, kit: KitStrategy) -> dict[str, Any]:
+    """Under SecAgg+, a site refuses to send when a noised value leaves [-R, R]: an event of probability
+    at most beta over the run (checked every round, task.check_secagg_range) on which the release
+    differs, so the run is (epsilon, delta + beta)-DP: reported beside the accountant's epsilon."""
+    if not job.flower.secagg:
+        return {}
+    beta = job.flower.secagg_refusal_probability
+    return {"secagg_refusal_probability": beta, "secagg_refusal_bound_max": kit.secagg_refusal_bound,
+            "delta_with_secagg_refusal": float(core.delta) + beta}
 
 
 def make_server_app(**overrides: Any) -> ServerApp:

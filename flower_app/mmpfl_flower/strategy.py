@@ -2,8 +2,9 @@
 
 :class:`KitStrategy` is a ``flwr.serverapp.strategy.Strategy`` whose every decision is the kit's
 strategy hook (``mmpfl_core.federated``): who takes part (:func:`select_round`, stream (seed, 1, t),
-Poisson sampling for DP), what the sites are told (``round_instructions``: clip bounds and Fisher
-noise scales from PUBLIC data), how the replies are aggregated (``aggregate``: per-group clipped
+Poisson sampling for DP), what the sites are told (``round_instructions``: the round's whole
+:class:`~mmpfl_core.privacy.release.RoundRelease` record, clip bounds, the noise gate's drowned groups
+and Fisher noise scales from PUBLIC data, sent with every train message), how the replies are aggregated (``aggregate``: per-group clipped
 sum + Gaussian noise / qN, masked groups as zeros) and what is accounted (the strategy's
 ``PrivacyLedger``). Flower's own DP wrappers are not used: they noise all arrays uniformly and their
 accountant knows neither sampling amplification nor masked groups (FACTS).
@@ -76,6 +77,8 @@ class KitStrategy(FlowerStrategy):
         #: each site's sample-level epsilon from its OWN DP-SGD ledger (reported by the site; the server
         #: keeps no per-patient ledger of its own in this engine)
         self.site_epsilons: dict[int, float] = {}
+        #: the largest union bound on a SecAgg+ refusal seen over the run (0 without SecAgg+)
+        self.secagg_refusal_bound = 0.0
 
     # ------------------------------------------------------------------ training
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -103,8 +106,11 @@ class KitStrategy(FlowerStrategy):
         return out
 
     def train_messages(self, server_round: int, sites: list[int], arrays: ArrayRecord, config: ConfigRecord,
-                       instructions: dict[str, float]) -> list[Message]:
-        """One train message per site in ``sites`` (already selected, connected and announced)."""
+                       instructions: dict[str, Any]) -> list[Message]:
+        """One train message per site in ``sites`` (already selected, connected and announced); its config is
+        the transport keys (method, site) plus the round's release record, whole."""
+        if instructions.get("round", server_round) != server_round:
+            raise ValueError(f"round {server_round}: the release record is for round {instructions['round']}.")
         messages = []
         for site in sites:
             self.counter.add_download(server_round, site, self.global_state)

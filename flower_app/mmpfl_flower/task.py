@@ -39,7 +39,7 @@ from mmpfl_core.federated.dp_strategies import CLIP_INDICATOR, DPFedAvg
 from mmpfl_core.federated.strategies import State, Strategy, create_strategy
 from mmpfl_core.paths import results_root
 from mmpfl_core.reproduction import load_reproduction
-from mmpfl_core.privacy import NoisePlacement, per_participant_noise_std
+from mmpfl_core.privacy.release import RoundRelease
 
 APP_DIR = Path(__file__).resolve().parent.parent
 #: The defaults of every run-config key: ``[tool.flwr.app.config]`` of this app's pyproject.toml.
@@ -54,16 +54,20 @@ class FlowerSettings:
     vector to round((clip(x, -R, R) + R) * Q / 2R) with stochastic rounding, R = ``secagg_clipping_range``,
     Q = ``secagg_quantization_range``. A value beyond R is silently clipped to R, which would break
     the DP argument (the released sum would no longer be sum + Gaussian noise) and bias the model.
-    So (1) :func:`check_secagg_range` refuses, at set-up, a range that does not cover the clip bound
-    C plus ``secagg_tail_sigmas`` standard deviations of a site's noise share, and (2) every site
-    checks max|x| <= R before masking and otherwise refuses to send (a dropout, not a clipped value).
+    So (1) every site checks max|x| <= R before masking and otherwise refuses to send (a dropout, not
+    a clipped value), and (2) :func:`check_secagg_range` refuses, every round, a range R for which
+    such a refusal could happen in the run with probability above beta = ``secagg_refusal_probability``:
+    a union bound over every coordinate of the whole vector, every participant and all T rounds
+    (:func:`secagg_refusal_bound`). A refusal depends on the site's noised update (so on its data):
+    it is an event of probability at most beta on which the release differs, so the run is
+    (epsilon, delta + beta)-DP; the summary reports delta + beta (``flower.delta_with_secagg_refusal``).
     The quantisation error per value is at most 2R/Q per site (R=8, Q=2^22: 3.8e-6), unbiased.
     """
 
     secagg: bool = False
     secagg_clipping_range: float = 8.0
     secagg_quantization_range: int = 2**22
-    secagg_tail_sigmas: float = 6.0
+    secagg_refusal_probability: float = 1e-9
     round_timeout: float = 120.0
     min_nodes: int = 1
     node_wait: float = 120.0
@@ -75,9 +79,9 @@ class FlowerSettings:
             raise ConfigError(f"secagg-clipping-range={self.secagg_clipping_range!r} must be finite and > 0.")
         if self.secagg_quantization_range < 2:
             raise ConfigError(f"secagg-quantization-range={self.secagg_quantization_range!r} must be >= 2 (2^22).")
-        if not self.secagg_tail_sigmas >= 3:
-            raise ConfigError(f"secagg-tail-sigmas={self.secagg_tail_sigmas!r} must be >= 3 (6 recommended): values "
-                              "beyond the range would be clipped silently by SecAgg+.")
+        if not 0 < self.secagg_refusal_probability < 1:
+            raise ConfigError(f"secagg-refusal-probability={self.secagg_refusal_probability!r} must lie in (0, 1) and "
+                              "well below delta (1e-9 by default): it is added to the run's delta.")
         if not self.round_timeout > 0 or not self.node_wait > 0:
             raise ConfigError(f"round-timeout={self.round_timeout!r} and node-wait={self.node_wait!r} must be > 0.")
         if self.min_nodes < 1:
@@ -190,7 +194,7 @@ def load_job(run_config: Mapping[str, Any] | None = None, **overrides: Any) -> J
     min_nodes = _number(values, "min-nodes", int) or _site_count(experiment)
     flower = FlowerSettings(secagg=use_secagg, secagg_clipping_range=_number(values, "secagg-clipping-range", float),
                             secagg_quantization_range=_number(values, "secagg-quantization-range", int),
-                            secagg_tail_sigmas=_number(values, "secagg-tail-sigmas", float),
+                            secagg_refusal_probability=_number(values, "secagg-refusal-probability", float),
                             round_timeout=_number(values, "round-timeout", float), min_nodes=min_nodes,
                             node_wait=_number(values, "node-wait", float), results_dir=str(values["results-dir"]),
                             run_name=str(values["run-name"]) or f"{method.label}-flower")
@@ -309,36 +313,84 @@ def validate_reply(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[
 
 
 # ------------------------------------------------------------------ secure aggregation ranges
-def per_site_noise_std(strategy: Strategy, instructions: Mapping[str, float]) -> float:
-    """The largest per-coordinate noise std one site adds under distributed placement (0 otherwise)."""
-    if not isinstance(strategy, DPFedAvg) or strategy.placement is not NoisePlacement.DISTRIBUTED:
+def _two_sided_tail(margin: float, std: float) -> float:
+    """P(|N(0, std^2)| > margin) = erfc(margin / (std sqrt 2)); 1 when margin < 0, 0 with no noise."""
+    if margin < 0:
+        return 1.0
+    if std == 0:
         return 0.0
-    sigmas = {g: float(instructions[f"sigma/{g}"]) for g in strategy.groups}
-    # sigma_g / sqrt(m) for the m announced participants; SecAgg+ runs only with m >= 2 (server_app.py)
-    participants = max(2, int(instructions.get("participants", 2)))
-    stds = per_participant_noise_std(strategy.placement, sigmas, participants).participant_std
-    return float(max(stds.values())) if stds else 0.0
+    return math.erfc(margin / (std * math.sqrt(2.0)))
 
 
-def check_secagg_range(strategy: Strategy, instructions: Mapping[str, float], settings: FlowerSettings) -> None:
-    """Refuse a SecAgg+ range that would clip a site's clipped-and-noised update (see :class:`FlowerSettings`).
+def secagg_refusal_bound(release: RoundRelease, group_sizes: Mapping[str, int], clipping_range: float, *,
+                         rounds: int, adaptive: bool = False) -> float:
+    """Union bound on the probability that some participant refuses to send (a value beyond R) in the run.
 
-    A coordinate of a clipped update is at most C_g <= C in absolute value; its noise share is
-    N(0, s^2) with s = sigma_g / sqrt(m) for the round's m >= 2 announced participants (checked
-    every round). Requiring R >= C + k s (k = ``secagg_tail_sigmas``)
-    makes a clipped coordinate a k-sigma event; the site-side check :func:`check_secagg_values`
-    still refuses to send if one happens.
+    A participant's coordinate of released group g is c + n with |c| <= C_g (a coordinate of a
+    vector of norm <= C_g; personal groups are noise-only placeholders, c = 0) and n ~ N(0, s_g^2),
+    s_g = sigma_g / sqrt(m) (this round's share); drowned groups are zeros. So
+    P(|c + n| > R) <= P(|n| > R - C_g) and, over the d_g coordinates of every group, the m
+    participants and T rounds (each round's release is checked with budget beta / T):
+        P(refusal in the run) <= T m [ sum_{g in S} d_g erfc((R - C_g) / (s_g sqrt 2))
+                                       + 1[adaptive] erfc((R - 1) / (s_b sqrt 2)) ],
+    s_b = z_b / sqrt(m) the clip indicator's share (b in {0, 1}). Returned for the given ``rounds``.
+    """
+    m = max(1, int(release.participants or 0))
+    stds = release.participant_stds() if release.participants else {g: 0.0 for g in release.groups}
+    per_participant = sum(group_sizes[g] * _two_sided_tail(clipping_range - release.clip_bounds[g], stds[g])
+                          for g in release.released_groups)
+    if adaptive:
+        per_participant += _two_sided_tail(clipping_range - 1.0, release.count_participant_std())
+    return min(1.0, rounds * m * per_participant)
+
+
+def secagg_min_range(release: RoundRelease, group_sizes: Mapping[str, int], *, rounds: int, refusal_probability: float,
+                     adaptive: bool = False) -> float:
+    """The smallest R (to 1e-6 relative, by bisection) with :func:`secagg_refusal_bound` <= ``refusal_probability``."""
+    low, high = 0.0, max([1.0, *release.clip_bounds.values()])
+    while secagg_refusal_bound(release, group_sizes, high, rounds=rounds, adaptive=adaptive) > refusal_probability:
+        low, high = high, 2 * high
+    while high - low > 1e-6 * high:
+        mid = (low + high) / 2
+        if secagg_refusal_bound(release, group_sizes, mid, rounds=rounds, adaptive=adaptive) > refusal_probability:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def check_secagg_range(strategy: Strategy, instructions: Mapping[str, Any] | RoundRelease,
+                       settings: FlowerSettings, *, rounds: int) -> float:
+    """Refuse a SecAgg+ range R under which a site could refuse to send (see :class:`FlowerSettings`).
+
+    ``instructions`` is the round's release (or its record, as sent to the sites). The bound is
+    :func:`secagg_refusal_bound` over the whole vector, the m announced participants and all
+    T = ``rounds`` rounds of the run, against beta = ``settings.secagg_refusal_probability``, which must not exceed
+    delta / 10 (it is added to delta). Returns the bound for the run at this round's release.
     """
     if not isinstance(strategy, DPFedAvg):
         raise ConfigError(f"secure aggregation is only wired for the client-level DP strategies; {strategy.name!r} "
                           "sends example-weighted updates (use dp-fedavg / mm-pfl-adp with placement='distributed').")
-    clip = float(instructions["clip_norm"])
-    need = clip + settings.secagg_tail_sigmas * per_site_noise_std(strategy, instructions)
-    if need > settings.secagg_clipping_range:
-        raise ConfigError(f"secagg-clipping-range={settings.secagg_clipping_range} < C + {settings.secagg_tail_sigmas:g} "
-                          f"x per-site noise std = {need:.4g}: SecAgg+ would silently clip noised updates and void "
-                          f"the privacy argument. Raise secagg-clipping-range to >= {math.ceil(need)} (the "
+    release = instructions if isinstance(instructions, RoundRelease) else \
+        RoundRelease.from_record(instructions, groups=list(strategy.groups))
+    beta = settings.secagg_refusal_probability
+    if beta > strategy.delta / 10:
+        raise ConfigError(f"secagg-refusal-probability={beta:g} is added to delta={strategy.delta:g}; keep it at most "
+                          f"delta / 10 = {strategy.delta / 10:g} (default 1e-9).")
+    if int(rounds) != rounds or rounds < 1:
+        raise ConfigError(f"rounds={rounds!r} (the run's T) must be an integer >= 1.")
+    bound = secagg_refusal_bound(release, strategy.group_sizes, settings.secagg_clipping_range, rounds=rounds,
+                                 adaptive=strategy.adaptive)
+    if bound > beta:
+        need = secagg_min_range(release, strategy.group_sizes, rounds=rounds, refusal_probability=beta,
+                                adaptive=strategy.adaptive)
+        raise ConfigError(f"secagg-clipping-range={settings.secagg_clipping_range} lets a site's noised value leave "
+                          f"[-R, R] with probability up to {bound:.3g} over the run (d={sum(strategy.group_sizes.values())} "
+                          f"coordinates, m={release.participants}, T={rounds}), above secagg-refusal-probability="
+                          f"{beta:g}: SecAgg+ would silently clip (the site refuses instead, which depends on its "
+                          f"data). Raise secagg-clipping-range to >= {math.ceil(need * 100) / 100:g} (the "
                           "quantisation step 2R/Q grows with it; raise secagg-quantization-range too if needed).")
+    return bound
 
 
 def check_secagg_values(arrays: Mapping[str, np.ndarray], settings: FlowerSettings) -> None:

@@ -20,6 +20,13 @@ models"; DESIGN 4.1-4.3), unit of privacy = one site (add/remove-one-site adjace
        multiplier z_eff = (sum_g C_g^2 / sigma_g^2)^(-1/2) and rate q (``release_accounting``:
        local placement is z/2 at rate 1, charged every round for every site: an upper bound).
 
+The round's public state (C, C_g, sigma_g, drowned groups, m, qN, q, z_eff, noise mode) is ONE object,
+:class:`~mmpfl_core.privacy.release.RoundRelease`: the server half builds it once per round
+(:meth:`DPFedAvg.release_for`), :meth:`DPFedAvg.round_instructions` serialises it whole for a remote
+site, :meth:`DPFedAvg.apply_round_instructions` installs it whole on a site (which never computes
+sigma_g itself), and ``transmit`` / ``release_sum`` read the site's share, the names to send, the
+server's noise and top-up and the accounting from it.
+
 Empty rounds: Poisson sampling may select nobody. The round still releases theta + noise / (qN);
 the subsampled-Gaussian analysis covers that outcome (it is one of the mechanism's outputs), and
 skipping the noise would reveal that nobody took part. So empty rounds add noise and are charged,
@@ -65,9 +72,10 @@ from torch import nn
 from ..data.federation import Federation
 from ..errors import ConfigError, PrivacyError
 from ..privacy import (NOT_PRIVATE_WARNING, NoisePlacement, NoiseSource, PrivacyLedger, UpdateRejected, calibrate_noise,
-                       clip_per_group, gaussian_noise_like, per_participant_noise_std,
+                       clip_per_group, gaussian_noise_like,
                        release_accounting, server_top_up_std, uniform_noise_allocation, validate_update)
 from ..privacy.dp_sgd import SampleLevelDP
+from ..privacy.release import NOISE_MODES, RoundRelease
 from ..seeding import torch_generator
 from .client import ClientUpdate
 from .config import FederatedConfig
@@ -83,10 +91,6 @@ _NOISE_STREAM = 41
 _ADAPTIVE_RANGE = 100.0
 #: Reserved key of the transmitted dict that carries the (noised) adaptive-clipping indicator.
 CLIP_INDICATOR = "_dp.clip_indicator"
-
-
-#: ``secure``: OS CSPRNG, private (default). ``reproducible-insecure``: from the seed, NOT private.
-NOISE_MODES = ("secure", "reproducible-insecure")
 
 
 def check_noise_mode(noise: str, who: str) -> bool:
@@ -192,6 +196,9 @@ class DPFedAvg(SampleLevelHooks):
         self._topped_up_total = 0  # distributed rounds where some but not all announced shares arrived
         self._announced: int | None = None  # m: participants announced for this round (distributed shares)
         self._configured, self._sigmas = False, None
+        #: this round's public release (:class:`RoundRelease`): built by the server half, applied whole by a site
+        self.round_release: RoundRelease | None = None
+        self._release_from_server = False  # True on a site that got its release from the server (Flower)
 
     # ------------------------------------------------------------------ set-up
     def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
@@ -274,39 +281,73 @@ class DPFedAvg(SampleLevelHooks):
         if not self._configured:
             raise PrivacyError(f"{self.name} was not configured; run it through FederatedSimulation.")
         self._round, self._dropped, self._sigmas, self._announced = round_index, 0, None, None
+        self.round_release = None
         if self.budget_stop and self.ledger.would_exceed(*self.release):
             raise StopTraining(f"round {round_index} would take epsilon above the budget "
                                f"{self.target_epsilon} (now {self.ledger.epsilon():.4g}, delta={self.delta:g})")
 
-    def round_instructions(self, round_index: int, global_state: State) -> dict[str, float]:
-        """Server side: this round's clip norm C and per-group noise scales sigma_g (public: they come
-        from the calibration, the public set and released models, never from a site's data)."""
+    def round_instructions(self, round_index: int, global_state: State) -> dict[str, Any]:
+        """Server side: this round's :class:`~mmpfl_core.privacy.release.RoundRelease`, serialised whole
+        (:meth:`RoundRelease.to_record`): C, every C_g and sigma_g, the noise gate's drowned groups, m
+        (distributed), qN, q, z_eff, the noise mode. Public: from the calibration, the public set and
+        released models, never from a site's data."""
+        return self.release_for(round_index, global_state).to_record()
+
+    def release_for(self, round_index: int, global_state: State | None = None) -> RoundRelease:
+        """The round's release: the one a site received (:meth:`apply_round_instructions`), or, on the
+        server (and in-process, where one object plays both halves), built once per round from public
+        quantities (:meth:`_build_release`). A site that got its release from the server never builds one."""
+        release = self.round_release
+        if release is not None and release.round == round_index:
+            return release
+        if self._release_from_server:
+            raise PrivacyError(f"round {round_index}: this site has no release from the server for this round "
+                               f"(it has round {None if release is None else release.round}); a site never computes "
+                               "the server's noise scales itself.")
+        self.round_release = self._build_release(round_index, global_state)
+        return self.round_release
+
+    def _build_release(self, round_index: int, global_state: State | None) -> RoundRelease:
+        """Server half: the round's public release from C, the allocation sigma_g and (distributed) m."""
         sigmas = self._round_sigmas(global_state)
-        out = {"clip_norm": float(self.clip_norm), **{f"sigma/{g}": float(sigmas[g]) for g in self.groups}}
+        participants = None
         if self.placement is NoisePlacement.DISTRIBUTED:
             if self._announced is None:
                 raise PrivacyError(f"round {round_index}: announce the participant count (select() or "
                                    "announce_participants()) before the instructions of a distributed round.")
-            out["participants"] = float(self._announced)
-        return out
+            participants = self._announced
+        return RoundRelease(round=round_index, placement=self.placement, clip_norm=self.clip_norm,
+                            clip_bounds=self.clip_bounds, sigmas=sigmas, drowned=self._drowned_groups(),
+                            participants=participants, expected_participants=self.expected_participants,
+                            sample_rate=self.sample_rate, noise_multiplier=self.update_noise_multiplier,
+                            count_noise_multiplier=self.count_noise_multiplier if self.adaptive else 0.0,
+                            noise=self.noise)
 
-    def apply_round_instructions(self, round_index: int, instructions: dict[str, float]) -> None:
-        """Site side (Flower): use the server's C and sigma_g, so the site clips and noises exactly as the
-        in-process loop would (and never recomputes them from its own data)."""
+    def _drowned_groups(self) -> frozenset[str]:
+        """Groups nobody releases this round (public). None here; MM-PFL-ADP's noise gate overrides."""
+        return frozenset()
+
+    def apply_round_instructions(self, round_index: int, instructions: dict[str, Any]) -> None:
+        """Site side (Flower): install the server's release WHOLE (:meth:`RoundRelease.from_record`
+        refuses a missing or unknown key), so the site clips, noises and leaves out exactly what the
+        in-process loop would, and never recomputes the server's noise scales from its own state."""
         if not self._configured:
             raise PrivacyError(f"{self.name} was not configured on the site; call configure() first.")
-        missing = [k for k in ["clip_norm", *(f"sigma/{g}" for g in self.groups)] if k not in instructions]
-        if missing:
-            raise PrivacyError(f"round {round_index}: the server's instructions lack {missing}; the site cannot "
-                               "clip and noise its update (server and site run different strategy configs?).")
+        release = RoundRelease.from_record(instructions, groups=list(self.groups))
+        mine = {"round": round_index, "placement": self.placement, "noise": self.noise}
+        theirs = {"round": release.round, "placement": release.placement, "noise": release.noise}
+        if mine != theirs or not (math.isclose(release.sample_rate, self.sample_rate, rel_tol=1e-12) and
+                                  math.isclose(release.expected_participants, self.expected_participants, rel_tol=1e-12)):
+            raise PrivacyError(f"the server's release for round {release.round} (placement {release.placement.value}, "
+                               f"noise {release.noise}, q={release.sample_rate}, qN={release.expected_participants}) "
+                               f"does not match this site (round {round_index}, placement {self.placement.value}, "
+                               f"noise {self.noise}, q={self.sample_rate}, qN={self.expected_participants}): server "
+                               "and site run different configurations.")
         self._round, self._dropped = round_index, 0
-        self._set_bounds(float(instructions["clip_norm"]))
-        self._sigmas = {g: float(instructions[f"sigma/{g}"]) for g in self.groups}
-        if self.placement is NoisePlacement.DISTRIBUTED:
-            if "participants" not in instructions:
-                raise PrivacyError(f"round {round_index}: a distributed round needs the announced participant count "
-                                   "('participants') to size this site's noise share sigma^2/m.")
-            self.announce_participants(int(instructions["participants"]))
+        self.round_release, self._release_from_server = release, True
+        self.clip_norm, self.clip_bounds = release.clip_norm, dict(release.clip_bounds)
+        self._sigmas = dict(release.sigmas)
+        self._announced = release.participants
 
     def _round_sigmas(self, global_state: State) -> dict[str, float]:
         if self._sigmas is None:  # once per round, from public quantities only
@@ -318,7 +359,9 @@ class DPFedAvg(SampleLevelHooks):
         return global_state
 
     def transmit(self, update: ClientUpdate, round_index: int) -> State:
-        """Site side: validate, clip per group, add this site's share of the noise."""
+        """Site side: validate, clip per group (the release's C_g), add this site's share of the noise,
+        and send only :meth:`RoundRelease.names_to_send` (never a group nobody releases)."""
+        release = self.release_for(round_index)
         self._record_sample_level(update, round_index)
         delta = {n: update.delta[n] for n in self.shapes if n in update.delta}
         rejected = False
@@ -329,7 +372,7 @@ class DPFedAvg(SampleLevelHooks):
                            update.site_id, exc)
             self._dropped, self._dropped_total, rejected = self._dropped + 1, self._dropped_total + 1, True
             delta = {n: torch.zeros(s) for n, s in self.shapes.items()}
-        clipped, norms = clip_per_group(delta, self.groups, self.clip_bounds)
+        clipped, norms = clip_per_group(delta, self.groups, dict(release.clip_bounds))
         if self.placement is not NoisePlacement.SERVER:
             stds = self.participant_noise_stds()
             noise = gaussian_noise_like(clipped, stds, self.groups, self._source(round_index, update.site_id + 1))
@@ -339,16 +382,13 @@ class DPFedAvg(SampleLevelHooks):
             indicator = torch.tensor([bit], dtype=torch.float64)
             if self.placement is NoisePlacement.DISTRIBUTED:
                 source = self._source(round_index, update.site_id + 1)
-                share = self.count_noise_multiplier / math.sqrt(self._participants_for_shares())
+                share = release.count_participant_std()
                 indicator = indicator + share * source.standard_normal((1,), dtype=torch.float64)
+        keep = release.names_to_send(self.groups)
+        clipped = {n: t for n, t in clipped.items() if n in keep}
+        if self.adaptive:
             clipped[CLIP_INDICATOR] = indicator
         return clipped
-
-    def _participants_for_shares(self) -> int:
-        if self._announced is None:
-            raise PrivacyError("a distributed-placement site needs the announced participant count m before it can "
-                               "draw its noise share sigma^2/m (select() / announce_participants() / instructions).")
-        return max(1, self._announced)
 
     def participant_noise_stds(self) -> dict[str, float]:
         """Site side: the std per group this site adds (distributed: sigma_g / sqrt(m); local: sigma_g).
@@ -356,8 +396,7 @@ class DPFedAvg(SampleLevelHooks):
         The one place the share is sized: a deliberately broken variant (sigma_g / sqrt(m_min), whose
         aggregate variance grows with the participant count) is a subclass overriding this method.
         """
-        m = self._participants_for_shares() if self.placement is NoisePlacement.DISTRIBUTED else 1
-        return per_participant_noise_std(self.placement, self._sigmas, m).participant_std
+        return self.release_for(self._round).participant_stds()
 
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
                   round_index: int) -> State:
@@ -396,14 +435,23 @@ class DPFedAvg(SampleLevelHooks):
         noise: that is a second release of the same round and is charged again (the ledger file
         keeps the first one), never forgotten.
         """
-        sigmas = self._round_sigmas(global_state)
-        self._record_release(round_index)  # write-ahead: charged before anything is released
+        release = self.release_for(round_index, global_state)
+        self._record_release(round_index, release)  # write-ahead: charged before anything is released
         new_state = {n: total[n] for n in global_state}
+        # A group nobody releases (drowned) stays as it was, whatever arrived (defence in depth: a site on
+        # another configuration, or a forged reply, cannot move it without noise).
+        unreleased = {n for g in release.groups if g not in release.released_groups for n in self.groups[g]}
+        for n in unreleased & set(new_state):
+            if bool(torch.any(new_state[n] != 0)):
+                logger.warning("round %d: ignored a nonzero sum for %s, a group nobody releases this round",
+                               round_index, n)
+            new_state[n] = torch.zeros_like(new_state[n])
         server_std, source = self._server_noise_fraction(num_participants), self._source(round_index, 0)
         if self.placement is NoisePlacement.DISTRIBUTED and 0 < server_std < 1:
             self._topped_up_total += 1  # the server knows part of this round's noise (threat_statements)
-        if server_std > 0 and any(v > 0 for v in sigmas.values()):
-            noise = gaussian_noise_like(new_state, {g: v * server_std for g, v in sigmas.items()}, self.groups, source)
+        stds = release.server_stds(num_participants)
+        if any(v > 0 for v in stds.values()):
+            noise = gaussian_noise_like(new_state, stds, self.groups, source)
             new_state = {n: t + noise[n] for n, t in new_state.items()}
         new_state = {n: global_state[n] + (t / self.expected_participants).to(global_state[n].dtype)
                      for n, t in new_state.items()}
@@ -422,15 +470,20 @@ class DPFedAvg(SampleLevelHooks):
                                  max(self._initial_clip / _ADAPTIVE_RANGE, self.clip_norm * step)))
         return new_state
 
-    def _record_release(self, round_index: int) -> None:
+    def _record_release(self, round_index: int, release: RoundRelease) -> None:
         """Enter this round's release in the ledger: on disk (fsynced) when the run has a ledger file,
-        BEFORE any noise is drawn or the new model computed (write-ahead, DESIGN 4.8)."""
+        BEFORE any noise is drawn or the new model computed (write-ahead, DESIGN 4.8). The entry is
+        the release object's own accounting, checked against the calibration."""
         if self.adaptive:
             self.ledger.record_joint(name="update+clip_count", round=round_index, sample_rate=self.release.sample_rate,
                                      noise_multipliers=[self.update_noise_multiplier, self.count_noise_multiplier])
         else:
-            self.ledger.record(name="update", noise_multiplier=self.release.noise_multiplier,
-                               sample_rate=self.release.sample_rate, round=round_index)
+            accounting = release.accounting()
+            if accounting != self.release:
+                raise PrivacyError(f"round {round_index}: the release's accounting {accounting} differs from the "
+                                   f"calibrated {self.release} (report this bug).")
+            self.ledger.record(name="update", noise_multiplier=accounting.noise_multiplier,
+                               sample_rate=accounting.sample_rate, round=round_index)
 
     def _server_noise_fraction(self, arrived: int) -> float:
         """The server's noise std as a fraction of sigma_g: 1 (server placement), the top-up

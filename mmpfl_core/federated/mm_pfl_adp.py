@@ -79,7 +79,7 @@ from ..privacy import NoisePlacement, effective_multiplier_of, uniform_noise_all
 from .client import ClientUpdate
 from .config import FederatedConfig
 from .dp_fisher import DPFedAvgFisher
-from .dp_strategies import DPFedAvg
+from .dp_strategies import CLIP_INDICATOR, DPFedAvg
 from .strategies import State, register_strategy
 
 logger = logging.getLogger(__name__)
@@ -264,14 +264,13 @@ class MMPFLADP(DPFedAvgFisher):
             return global_state
         return super().release_sum(global_state, total, num_participants, round_index)
 
-    def round_instructions(self, round_index: int, global_state: State) -> dict[str, float]:
-        out = super().round_instructions(round_index, global_state)
-        return {**out, **{f"drowned/{g}": float(g in self.drowned) for g in self.groups}}
+    def _drowned_groups(self) -> frozenset[str]:
+        return self.drowned  # the gate's public decision, part of the round's release
 
-    def apply_round_instructions(self, round_index: int, instructions: dict[str, float]) -> None:
-        if self.gate is not None:  # before the bounds are set from the server's C
-            self.drowned = frozenset(g for g in self.groups if instructions.get(f"drowned/{g}", 0.0) > 0)
+    def apply_round_instructions(self, round_index: int, instructions: dict[str, Any]) -> None:
+        """Site side: the server's release, whole; its drowned groups are personal at this site too."""
         super().apply_round_instructions(round_index, instructions)
+        self.drowned = self.round_release.drowned
 
     # ---- masks
     def _personal_groups(self, site_id: int) -> frozenset[str]:
@@ -326,12 +325,10 @@ class MMPFLADP(DPFedAvgFisher):
                               train_loss=update.train_loss, metrics=update.metrics,
                               delta={n: (torch.zeros_like(d) if n in personal else d) for n, d in update.delta.items()})
         sent = super().transmit(masked, round_index)
-        if self.placement is NoisePlacement.SERVER:
-            return {n: t for n, t in sent.items() if n not in personal}  # never leaves the site
-        # distributed: noise-only placeholders keep the secure sum's noise and hide the (private) KL mask;
-        # drowned groups are public and released by nobody, so they need no placeholder.
-        drowned = self.masker.names_of(self.drowned)
-        return {n: t for n, t in sent.items() if n not in drowned}
+        # server: personal groups never leave the site; distributed: noise-only placeholders keep the secure
+        # sum's noise and hide the (private) KL mask; drowned groups are released by nobody (RoundRelease).
+        keep = self.release_for(round_index).names_to_send(self.groups, personal=personal) | {CLIP_INDICATOR}
+        return {n: t for n, t in sent.items() if n in keep}
 
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
                   round_index: int) -> State:
