@@ -158,3 +158,20 @@ def test_pretraining_refuses_site_data_and_the_factory_freezes_the_public_part(t
     assert all(torch.equal(p.detach(), state[n]) for n, p in built.named_parameters())
     assert {n for n, p in built.named_parameters() if p.requires_grad} == set(built.parameter_groups()["head"])
     assert math.isclose(private_dimension(built), built.group_sizes()["head"])
+
+
+def test_where_collaboration_pays_bench_runs_and_reports_every_arm(tmp_path, monkeypatch):
+    """The bench's plumbing at smoke size: pretraining cache, arms in worker processes, the table."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setenv("MMPFL_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    sys.modules.pop("where_collaboration_pays", None)
+    bench = importlib.import_module("where_collaboration_pays")
+    bench.main(["--quick", "--seeds", "0", "--workers", "1", "--arms", "public-model-only", "scratch/local",
+                "--set", "rounds=1", "num_sites=3"])
+    table = (tmp_path / "where_collaboration_pays.csv").read_text()
+    assert "public-model-only" in table and "scratch/local" in table
+    assert list((tmp_path / ".cache").glob("public_*.safetensors"))  # pretrained once, reused by the arms
