@@ -113,7 +113,11 @@ def _from_report(folder: Path | None) -> tuple[pd.DataFrame, str]:
         subprocess.run([sys.executable, "-m", "mmpfl_core.cli", "reproduce", "--preset", "smoke", "--out", str(folder),
                         "--no-progress"], check=True, cwd=REPO)
     shown = folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder
-    return pd.read_csv(folder / "main.csv"), f"`{shown}/main.csv` (target accuracy as set in that run's config)"
+    main = pd.read_csv(folder / "main.csv")
+    traffic = folder / "private" / "communication.csv"  # byte counts are operator-only (issue 21)
+    if traffic.exists() and "MB total" not in main.columns:
+        main = main.merge(pd.read_csv(traffic), on="method", how="left")
+    return main, f"`{shown}/main.csv` + `private/communication.csv` (target accuracy as set in that run's config)"
 
 
 if __name__ == "__main__":

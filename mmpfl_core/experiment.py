@@ -249,6 +249,18 @@ def comparison_table(runs: Mapping[str, RunResult]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+#: Columns of :func:`comparison_table` computed from byte counters, which depend on the sites' private masks and
+#: on who took part (secret under sampling): operator-only, written under ``private/`` (DESIGN 6).
+COMMUNICATION_COLUMNS = ("MB total", "MB to target")
+
+
+def split_comparison_table(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(released, private) parts of a :func:`comparison_table`: the private part is ``method`` plus the
+    byte-count columns (:data:`COMMUNICATION_COLUMNS`); the released part is everything else."""
+    private = [c for c in COMMUNICATION_COLUMNS if c in table.columns]
+    return table.drop(columns=private), table[["method", *private]]
+
+
 def compare_methods(config: ExperimentConfig, *, results_dir: Path | None = None, progress: bool = True
                     ) -> tuple[pd.DataFrame, dict[str, RunResult], Federation]:
     """Train every method of ``config`` on one shared federation; return the table and the runs."""

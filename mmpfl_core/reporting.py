@@ -1,4 +1,13 @@
-"""Write a comparison report: ``<out>/REPORT.md`` with the table, figures and the cohort summary."""
+"""Write a comparison report: ``<out>/REPORT.md`` with the table, figures and the cohort summary.
+
+What lands where (DESIGN 6, issue 21). Beside ``REPORT.md`` (released): the comparison table without byte
+counts, pooled-accuracy figures, and a cohort preview drawn from the server's PUBLIC set only (no site's
+patient is ever drawn). Under ``<out>/private/`` (operator only, never linked as released): per-site tables
+and figures (``cohort_summary.csv``, ``site_accuracy.png``) and everything computed from byte counters
+(``communication.csv``, ``communication_vs_accuracy.png``), since bytes depend on the sites' private masks
+and on who took part. Each run keeps its own scoped run directory (``<out>/<label>/``).
+It must never write a site's test patients, per-site metrics, masks or byte counts outside ``private/``.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,9 +17,25 @@ import matplotlib
 
 import pandas as pd
 
-from .experiment import ExperimentConfig, compare_methods
+from .experiment import ExperimentConfig, compare_methods, split_comparison_table
 from .federated.simulation import RunResult
 from .tables import markdown_table
+
+
+#: Said under the released table: what was left out of it, and where it is.
+_PRIVATE_NOTE = ("Per-site figures (`private/site_accuracy.png`, `private/cohort_summary.csv`) and communication "
+                 "(`private/communication.csv`, `private/communication_vs_accuracy.png`: byte counts depend on the sites' "
+                 "private masks and on who took part) are under `private/`, for the operator only; each method's run "
+                 "directory scopes its own files the same way (`MANIFEST.json`).")
+
+
+def _cohort_totals(federation) -> str:
+    """Pooled counts only (no per-site row): the subjects held by all sites together, and the public set."""
+    sites = federation.sites
+    split = {name: sum(len(getattr(s, name)) for s in sites) for name in ("train", "val", "test")}
+    public = 0 if federation.public is None else len(federation.public)
+    return (f"{len(sites)} sites hold {split['train']} training, {split['val']} validation and {split['test']} test "
+            f"subjects in all; the server's public set has {public}. The per-site table is in `private/cohort_summary.csv`.")
 
 
 @dataclass
@@ -35,18 +60,25 @@ def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bo
     out = Path(out)
     # Trained (and checked) first: a bad input fails before the results folder exists.
     table, runs, federation = compare_methods(config, results_dir=out, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "comparison.csv", index=False)
-    summary = cohort_summary_table(federation)
-    summary.to_csv(out / "cohort_summary.csv", index=False)
-    plot_cohort_preview(federation.global_test, out / "cohort_preview.png")  # saves itself
-    figures = {
-        "accuracy_vs_round.png": lambda: plot_accuracy_vs_round(runs),
+    private = out / "private"
+    private.mkdir(parents=True, exist_ok=True)
+    released_table, communication = split_comparison_table(table)
+    released_table.to_csv(out / "comparison.csv", index=False)
+    communication.to_csv(private / "communication.csv", index=False)
+    summary = cohort_summary_table(federation)  # one row per site: operator only
+    summary.to_csv(private / "cohort_summary.csv", index=False)
+    figures = {"accuracy_vs_round.png": lambda: plot_accuracy_vs_round(runs)}  # pooled accuracy only
+    private_figures = {
         "site_accuracy.png": lambda: plot_site_accuracy(runs),
         "communication_vs_accuracy.png": lambda: plot_communication_vs_accuracy(runs),
     }
-    for name, draw in figures.items():
-        save_axes(draw(), out / name)
+    for folder, drawings in ((out, figures), (private, private_figures)):
+        for name, draw in drawings.items():
+            save_axes(draw(), folder / name)
+    shown = list(figures)
+    if federation.public is not None and len(federation.public):
+        plot_cohort_preview(federation.public, out / "cohort_preview.png")  # saves itself; PUBLIC subjects only
+        shown.insert(0, "cohort_preview.png")
     cfg = config.federated
     text = [
         f"# {config.name}: method comparison",
@@ -57,14 +89,18 @@ def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bo
         f"Rounds to target: first round at which the {cfg.smoothing_window}-round moving average of validation "
         f"accuracy of the deployed models (personal where a method has them, else global) reaches {cfg.target_accuracy}.",
         "",
-        markdown_table(table),
+        markdown_table(released_table),
         *not_private_lines(config),
         "",
+        _PRIVATE_NOTE,
+        "",
         "## Figures",
-        *[f"![{name}]({name})" for name in ["cohort_preview.png", *figures]],
+        *[f"![{name}]({name})" for name in shown],
+        *([] if "cohort_preview.png" in shown else
+          ["No public server set: no cohort preview is drawn (the sites' scans are private)."]),
         "",
         "## Cohort",
-        markdown_table(summary),
+        _cohort_totals(federation),
         "",
     ]
     path = out / "REPORT.md"

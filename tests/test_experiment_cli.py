@@ -64,8 +64,12 @@ def test_cli_compare_writes_report_and_resumes(tiny_yaml: Path, tmp_path: Path, 
     assert main(["compare", "--config", str(tiny_yaml), "--out", str(out), "--no-progress"]) == 0
     report = (out / "REPORT.md").read_text()
     assert "| centralized |" in report and "| prox |" in report
-    for name in ("comparison.csv", "cohort_summary.csv", "accuracy_vs_round.png", "site_accuracy.png"):
+    for name in ("comparison.csv", "accuracy_vs_round.png", "private/cohort_summary.csv", "private/site_accuracy.png",
+                 "private/communication.csv"):
         assert (out / name).is_file(), name
+    # Per-site tables, byte counts and (without a public set) any scan of a patient stay out of the released folder.
+    assert not (out / "cohort_summary.csv").exists() and not (out / "cohort_preview.png").exists()
+    assert "MB total" not in (out / "comparison.csv").read_text()
     summary = json.loads((out / "fedavg" / "summary.json").read_text())
     private = json.loads((out / "fedavg" / "private" / "summary.json").read_text())
     assert summary["num_rounds"] == 2 and private["megabytes_up"] > 0  # byte counters are operator-only

@@ -10,11 +10,33 @@ from mmpfl_core.errors import ConfigError
 from mmpfl_core.reproduction import PAPER_CLAIMS, load_reproduction
 
 
+_PROVENANCE: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory):
+    from release_scan import FigureProvenance
+
+    from mmpfl_core.experiment import make_federation
     out = tmp_path_factory.mktemp("reproduce")
-    assert main(["reproduce", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # records what each figure is drawn from (tests/release_scan.py)
+        spy = FigureProvenance().install(mp, make_federation(load_reproduction("smoke").experiment))
+        assert main(["reproduce", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0
+    _PROVENANCE.update(spy.by_path)
     return out
+
+
+def test_nothing_private_is_released_by_the_reproduction(smoke_report):
+    """Per-site figures, byte counts and the communication claim's figures are under private/ only (issue 21)."""
+    from release_scan import scan_released
+
+    from mmpfl_core.experiment import make_federation
+    from mmpfl_core.models.presets import create_model
+    federation = make_federation(load_reproduction("smoke").experiment)
+    groups = list(create_model("tiny", embed_dim=32, depth=1, image_size=32).parameter_groups())
+    assert scan_released(smoke_report, groups=groups, federation=federation, provenance=_PROVENANCE) == []
+    for name in ("communication.csv", "claims.csv", "site_accuracy.png", "communication_vs_accuracy.png"):
+        assert (smoke_report / "private" / name).is_file(), name
 
 
 def test_report_has_every_method_alpha_and_claim(smoke_report):
@@ -29,7 +51,11 @@ def test_report_has_every_method_alpha_and_claim(smoke_report):
     assert [c for c in alpha.columns if c.startswith("alpha=")] == [f"alpha={a:g}" for a in plan.alphas]
     claims = pd.read_csv(smoke_report / "claims.csv")
     assert list(claims["claim"]) == list(PAPER_CLAIMS.values())
-    assert set(claims["verdict"]) <= {"agrees", "does not hold here", "not measured"}
+    assert set(claims["verdict"]) <= {"agrees", "does not hold here", "not measured", "not released"}
+    # The communication claim is decided from byte counts (private): its verdict is in private/claims.csv only.
+    assert claims.set_index("claim").loc[PAPER_CLAIMS["communication"], "verdict"] == "not released"
+    private_claims = pd.read_csv(smoke_report / "private" / "claims.csv").set_index("claim")
+    assert private_claims.loc[PAPER_CLAIMS["communication"], "verdict"] in {"agrees", "does not hold here"}
     sweep = pd.read_csv(smoke_report / "sweep.csv")
     assert len(sweep) == len(plan.site_sweep.num_sites) * len(plan.site_sweep.methods)
 
@@ -44,8 +70,10 @@ def test_privacy_columns_come_from_the_accountant_and_respect_the_budget(smoke_r
     assert main_table.loc["fedavg", "epsilon (site)"] == "none"
     assert main_table.loc["mm-pfl-adp-no-dp", "epsilon (site)"] == "inf"
     assert 0 < float(main_table.loc["mm-pfl-adp-patient-dp", "epsilon (patient)"]) <= 8.0
-    # Masks keep groups at home: less traffic than the same method without them.
-    assert main_table.loc["mm-pfl-adp", "MB total"] < main_table.loc["mm-pfl-adp-no-masks", "MB total"]
+    # Masks keep groups at home: less traffic than the same method without them (byte counts: operator only).
+    assert "MB total" not in main_table.columns
+    traffic = pd.read_csv(smoke_report / "private" / "communication.csv").set_index("method")
+    assert traffic.loc["mm-pfl-adp", "MB total"] < traffic.loc["mm-pfl-adp-no-masks", "MB total"]
 
 
 def test_membership_inference_is_measured_for_the_planned_methods(smoke_report):

@@ -33,6 +33,19 @@ by the Gaussian mechanism because the zeroed update is still within the clip bou
 (noise-only placeholders: the server sees only the secure sum, never the mask); with ``"local"``
 every coordinate carries the full noise, so the zeros are hidden the same way. The deployed personal
 model is outside the client-level guarantee (DESIGN 4.6). Never released: F, m, exact norms.
+
+Patient-level DP (``sample_level_dp``, DESIGN 4.5): the server is not trusted with patients, and
+the zeros of the update show m to it, so a Fisher on the site's raw training patients would release
+them outside the DP-SGD ledger. Under patient-level DP the Fisher is therefore computed on the
+server's PUBLIC set (``fisher_data="public"``, the default there and the only choice):
+
+    F = empirical Fisher of (the site's previous DP-SGD-trained model, or the global model) on public data,
+
+a function of the site's own DP release (accounted in its ledger), the released global model and
+public data only (:meth:`FedDPA.fisher_scoring_data`): m and everything it changes in the upload
+are post-processing. ``fisher_data="train"`` together with ``sample_level_dp`` is refused. Tested:
+with the trained model pinned, removing a training patient leaves what the site sends unchanged
+(``tests/test_patient_dp_masks.py``, which also flags the variant with the Fisher on raw data).
 """
 from __future__ import annotations
 
@@ -75,14 +88,32 @@ class FedDPA(DPFedAvg):
         fisher_threshold: normalised-Fisher threshold above which a coordinate is personal (0.4).
         lambda_1: weight of R1, the personal coordinates' pull toward the global model (0.1).
         lambda_2: weight of R2, the shared update's norm toward the clip bound C (0.05).
-        fisher_batch_size, fisher_max_batches: the site's Fisher pass (on its training split).
+        fisher_batch_size, fisher_max_batches: the site's Fisher pass.
+        fisher_data: where the Fisher is computed: ``"train"`` (the site's training split, the authors'
+            choice and the default without ``sample_level_dp``) or ``"public"`` (the server's public set:
+            the default, and the only choice, with ``sample_level_dp``; module docstring).
         **dp_kwargs: every argument of ``dp-fedavg`` (``target_epsilon`` or ``noise_multiplier``,
             ``delta``, ``clip_norm``, ``placement``, ``accountant``, ...).
     """
 
     def __init__(self, *, fisher_threshold: float = 0.4, lambda_1: float = 0.1, lambda_2: float = 0.05,
-                 fisher_batch_size: int = 32, fisher_max_batches: int = 1, **dp_kwargs: Any) -> None:
+                 fisher_batch_size: int = 32, fisher_max_batches: int = 1, fisher_data: str | None = None,
+                 **dp_kwargs: Any) -> None:
         super().__init__(**dp_kwargs)
+        patient_dp = self.sample_dp is not None
+        fisher_data = fisher_data if fisher_data is not None else ("public" if patient_dp else "train")
+        if fisher_data not in ("train", "public"):
+            raise ConfigError(f"feddpa fisher_data={fisher_data!r} is unknown; use 'train' or 'public'.")
+        if fisher_data == "train" and patient_dp:
+            raise ConfigError("feddpa with sample_level_dp and fisher_data='train' would compute its Fisher masks on "
+                              "the site's raw training patients, and the zeros of its update would release them outside "
+                              "the DP-SGD ledger (DESIGN 4.5). Use fisher_data='public' (the default with "
+                              "sample_level_dp: the Fisher of the DP-trained model on the server's public set).")
+        if patient_dp and (lambda_1 or lambda_2):
+            raise ConfigError(f"feddpa with sample_level_dp needs lambda_1=0 and lambda_2=0 (got {lambda_1!r}, {lambda_2!r}): "
+                              "the kit's DP-SGD takes no local regulariser yet (R1/R2 would need per-sample clipping).")
+        self.fisher_data = fisher_data
+        self._public: CohortDataset | None = None
         if not 0 <= fisher_threshold <= 1:
             raise ConfigError(f"feddpa fisher_threshold={fisher_threshold!r} must lie in [0, 1] (it thresholds a "
                               "min-max normalised Fisher; the authors use 0.4).")
@@ -99,6 +130,11 @@ class FedDPA(DPFedAvg):
 
     def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
                   model: nn.Module) -> None:
+        if self.fisher_data == "public":
+            if federation.public is None or len(federation.public) == 0:
+                raise ConfigError("feddpa with fisher_data='public' needs the server's public set; set "
+                                  "federation.public_size > 0.")
+            self._public = CohortDataset(federation.public)  # public by construction: no site's subjects
         super().configure(config=config, federation=federation, client_ids=client_ids, model=model)
         self._scratch = copy.deepcopy(model)  # the site's Fisher pass runs on a copy, never on the loop's model
 
@@ -107,10 +143,19 @@ class FedDPA(DPFedAvg):
         return dict(self.train_sets)
 
     # ---- site side: Fisher, mask, start state, constrained objective
+    def fisher_scoring_data(self, site_id: int) -> CohortDataset:
+        """The samples site ``site_id``'s Fisher is computed on: the server's PUBLIC set (``fisher_data=
+        "public"``, forced under patient-level DP) or the site's own training split (``"train"``, private)."""
+        if self.fisher_data == "public":
+            assert self._public is not None, "configure() sets the public set"
+            return self._public
+        return self.train_sets[site_id]
+
     def _site_fisher(self, site_id: int, state: State) -> dict[str, torch.Tensor]:
-        """Empirical diagonal Fisher of ``state`` on site ``site_id``'s own training data (private)."""
+        """Empirical diagonal Fisher of ``state`` (the site's previous model or the global one) on
+        :meth:`fisher_scoring_data`: its training split (private) or the public set."""
         self._scratch.load_state_dict(state, strict=False)
-        data, device = self.train_sets[site_id], next(self._scratch.parameters()).device
+        data, device = self.fisher_scoring_data(site_id), next(self._scratch.parameters()).device
         n = len(data)
 
         def batches():
@@ -175,9 +220,13 @@ class FedDPA(DPFedAvg):
 
     def summary_report(self) -> dict[str, Any]:
         out = super().summary_report()
-        out["privacy"]["mask_privacy"] = (
-            "per-coordinate masks from each site's private Fisher; zeros seen only by the trusted server"
-            if self.placement.value == "server" else "masks hidden: every coordinate carries noise (placeholders)")
+        if self.fisher_data == "public":
+            out["privacy"]["mask_privacy"] = ("per-coordinate masks from the Fisher of each site's DP-SGD-trained model "
+                                              "on the server's public set: post-processing, no raw patient used")
+        else:
+            out["privacy"]["mask_privacy"] = (
+                "per-coordinate masks from each site's private Fisher; zeros seen only by the trusted server"
+                if self.placement.value == "server" else "masks hidden: every coordinate carries noise (placeholders)")
         out["feddpa"] = {"fisher_threshold": self.fisher_threshold, "lambda_1": self.lambda_1, "lambda_2": self.lambda_2,
                          "simplification": "personal and shared parts trained jointly in one local pass"}
         return out

@@ -14,8 +14,9 @@ beyond its named parameter groups):
        ``noise_gate.rounds_fisher_skipped`` counts such rounds); the next round that shares computes
        the Fisher that was due.
     3. If due (every ``update_every`` of its rounds), it scores every group not drowned by the KL
-       divergence, on its own validation split, between the global model and the global model with
-       that group replaced by its trained version; groups with high scores become personal (with
+       divergence, on the mask scoring set (``mask_data``: its own validation split, or the server's
+       PUBLIC set under patient-level DP), between the global model and the global model with that
+       group replaced by its trained version; groups with high scores become personal (with
        hysteresis).
     4. It clips its update per group (bounds C_g) with personal groups set to zero, then:
        ``server`` placement: sends only the shared groups; the trusted server adds Gaussian noise
@@ -37,6 +38,24 @@ an untrusted server and needs an accounted release of the scores; it is refused 
 ``dp-fedavg`` with ``placement="local"``). The personal groups themselves never leave the site and
 are outside the client-level guarantee (DESIGN 4.6): only sample-level DP protects the patients of
 a deployed personalised model.
+
+Patient-level DP (``sample_level_dp``, DESIGN 4.5). The unit is one patient of one site, and the
+server is not trusted with patients: whatever the site lets show is a release of its patients,
+which groups it uploads included. Scoring the masks on the site's raw validation patients would
+release them outside the DP-SGD ledger (measured: removing one of 16 validation patients flipped
+``block.0`` from personal to shared and the upload went from 16 to 28 tensors, at the same DP-SGD
+epsilon). So under patient-level DP the scores are
+
+    s_g = KL score of (trained_state, global_state) on the server's PUBLIC set,
+
+a function of the DP-SGD-trained model (the site's DP release, accounted in its ledger), the
+released global model and public data only (:meth:`MMPFLADP.mask_scoring_data`), i.e.
+post-processing: the mask, the groups sent and the bytes add no privacy cost, and no validation
+patient enters what leaves the site. ``mask_data="validation"`` together with ``sample_level_dp`` is
+refused (an accounted release of validation scores composed into the site's DP-SGD ledger is not
+implemented). Tested: removing a validation patient leaves every transmitted tensor unchanged, and
+with the trained model pinned, removing a training patient does too
+(``tests/test_patient_dp_masks.py``, which also flags the variant scored on raw data).
 
 Ablations are switches: ``fisher=False`` (uniform allocation), ``masks=False`` (exactly
 ``dp-fedavg-fisher``), ``dp=False`` (no clipping or noise: masked FedAvg with uniform weights and
@@ -72,6 +91,23 @@ logger = logging.getLogger(__name__)
 DEFAULT_MASK = {"mode": "threshold", "threshold": 0.05, "hysteresis": 0.2, "update_every": 2}
 
 
+MASK_DATA = ("validation", "public")
+
+
+def _mask_data(mask_data: str | None, *, patient_dp: bool, masks: bool) -> str:
+    """Resolve and check where masks are scored (module docstring, "Patient-level DP")."""
+    if mask_data is None:
+        return "public" if patient_dp else "validation"
+    if mask_data not in MASK_DATA:
+        raise ConfigError(f"mm-pfl-adp mask_data={mask_data!r} is unknown; use 'validation' or 'public'.")
+    if mask_data == "validation" and patient_dp and masks:
+        raise ConfigError("mm-pfl-adp with sample_level_dp and mask_data='validation' would score masks on the "
+                          "site's raw validation patients, and the groups it uploads would release them outside the "
+                          "DP-SGD ledger (DESIGN 4.5). Use mask_data='public' (the default with sample_level_dp: "
+                          "scores on the server's public set with the DP-trained model, post-processing), or masks=False.")
+    return mask_data
+
+
 @register_strategy("mm-pfl-adp")
 class MMPFLADP(DPFedAvgFisher):
     """MM-PFL-ADP (module docstring). Keyword arguments:
@@ -85,6 +121,10 @@ class MMPFLADP(DPFedAvgFisher):
         noise_gate: keyword arguments of :class:`~mmpfl_core.personalization.noise_gate.NoiseGate`
             (``min_snr``, ``rounds``), or False to share whatever the KL rule shares (ablation).
         score_batch_size: batch size of the KL scoring pass.
+        mask_data: where the KL scores are computed: ``"validation"`` (the site's own validation split;
+            the default without ``sample_level_dp``: exact masks, hidden by the trusted server or by
+            placeholders, DESIGN 4.4) or ``"public"`` (the server's public set, scored with the site's
+            trained model: the default, and the only choice, with ``sample_level_dp``; module docstring).
         **dp_kwargs: every argument of ``dp-fedavg`` / ``dp-fedavg-fisher`` (``target_epsilon``,
             ``delta``, ``clip_norm``, ``placement``, ``fisher_every``, ``sample_level_dp``, ...).
             Per-group clipping is forced: the allocation is per group.
@@ -92,7 +132,7 @@ class MMPFLADP(DPFedAvgFisher):
 
     def __init__(self, *, fisher: bool = True, masks: bool = True, dp: bool = True,
                  mask: dict[str, Any] | None = None, score_batch_size: int = 256,
-                 noise_gate: dict[str, Any] | bool = True, **dp_kwargs: Any) -> None:
+                 noise_gate: dict[str, Any] | bool = True, mask_data: str | None = None, **dp_kwargs: Any) -> None:
         if not dp:
             if dp_kwargs.get("target_epsilon") is not None or dp_kwargs.get("noise_multiplier"):
                 raise ConfigError("mm-pfl-adp with dp=False takes no target_epsilon/noise_multiplier.")
@@ -105,6 +145,7 @@ class MMPFLADP(DPFedAvgFisher):
                               "see private masks (use dp-fedavg with placement='local').")
         super().__init__(**dp_kwargs)
         self.use_fisher, self.use_masks, self.use_dp = bool(fisher), bool(masks), bool(dp)
+        self.mask_data = _mask_data(mask_data, patient_dp=self.sample_dp is not None, masks=self.use_masks)
         self.uses_noise_allocation = "fisher" if fisher else "uniform"
         self.masker = DynamicKLMasks(MaskSchedule(**{**DEFAULT_MASK, **(mask or {})}), score_batch_size=score_batch_size)
         if noise_gate is True:
@@ -114,6 +155,7 @@ class MMPFLADP(DPFedAvgFisher):
         self.snr: dict[str, float] = {}
         self._skipped_rounds = self._fisher_skipped = 0
         self.val_sets: dict[int, CohortDataset] = {}
+        self.site_ids: tuple[int, ...] = ()
         self._round_global: State | None = None
         self._start_groups: dict[int, frozenset[str]] = {}
 
@@ -122,9 +164,11 @@ class MMPFLADP(DPFedAvgFisher):
         super().configure(config=config, federation=federation, client_ids=client_ids, model=model)
         self.masker.seed = int(config.seed)
         self.masker.set_param_groups(model.parameter_groups(), model.group_sizes())  # type: ignore[operator]
+        self.site_ids = tuple(sorted(s.site_id for s in federation.sites))
         # Site-side data for the KL scores (the simulation plays every site; only site k's own split
-        # is ever used for site k's mask).
-        self.val_sets = {s.site_id: CohortDataset(s.val) for s in federation.sites}
+        # is ever used for site k's mask). Under patient-level DP no site's split is even held here.
+        self.val_sets = ({s.site_id: CohortDataset(s.val) for s in federation.sites}
+                         if self.mask_data == "validation" else {})
         self.gate_rounds = (self.gate.rounds if self.gate is not None and self.gate.rounds else
                             self.calibration_rounds or config.num_rounds)
 
@@ -253,12 +297,20 @@ class MMPFLADP(DPFedAvgFisher):
         own = self.personal.get(site_id) if self.use_masks else None
         return None if not own else {**global_state, **own}
 
+    def mask_scoring_data(self, site_id: int) -> CohortDataset:
+        """The samples site ``site_id`` scores its mask on: the server's PUBLIC set (``mask_data="public"``,
+        forced under patient-level DP: the scores are then a function of the site's DP-trained model, the
+        released global model and public data only) or the site's own validation split (``"validation"``)."""
+        return self._public if self.mask_data == "public" else self.val_sets[site_id]
+
     def after_local(self, site_id: int, model: nn.Module) -> None:
+        """Site side: rescore the mask when due, from (trained model, round's global model, scoring set)
+        only, and keep the personal groups' trained tensors at the site."""
         if not self.use_masks:
             return
         trained = {n: p.detach() for n, p in model.named_parameters()}
-        self.masker.maybe_update(site_id, self._round, model, self._round_global, trained, self.val_sets[site_id],
-                                 forced_personal=self.drowned)
+        self.masker.maybe_update(site_id, self._round, model, self._round_global, trained,
+                                 self.mask_scoring_data(site_id), forced_personal=self.drowned)
         names = self._personal(site_id)
         if names:
             self.personal[site_id] = {n: trained[n].clone() for n in sorted(names)}
@@ -289,7 +341,7 @@ class MMPFLADP(DPFedAvgFisher):
 
     # ---- reports and state
     def round_report(self, round_index: int) -> dict[str, float]:
-        sites = sorted(self.val_sets)
+        sites = list(self.site_ids)
         return {**super().round_report(round_index),
                 "personal_fraction": self._personal_fraction(sites) if self.use_masks else 0.0,
                 "drowned_groups": float(len(self.drowned)),
@@ -312,10 +364,14 @@ class MMPFLADP(DPFedAvgFisher):
                                  # rounds whose gate decided from max_noise_ratio x the uniform SNR, without the Fisher
                                  "rounds_fisher_skipped": self._fisher_skipped}
         if self.use_masks:
-            out["masks"] = {str(s): sorted(self._personal_groups(s)) for s in sorted(self.val_sets)}
-            out["mask_privacy"] = ("exact scores seen only by the trusted server (server placement)"
-                                   if self.placement is NoisePlacement.SERVER else
-                                   "masks hidden by secure aggregation (noise-only placeholders)")
+            out["masks"] = {str(s): sorted(self._personal_groups(s)) for s in self.site_ids}
+            if self.mask_data == "public":
+                out["mask_privacy"] = ("scored on the server's public set with each site's DP-SGD-trained model: "
+                                       "post-processing of the patient-level release, no validation patient used")
+            else:
+                out["mask_privacy"] = ("exact scores seen only by the trusted server (server placement)"
+                                       if self.placement is NoisePlacement.SERVER else
+                                       "masks hidden by secure aggregation (noise-only placeholders)")
         return out
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -16,9 +16,13 @@ own. It is large exactly where the personal group is confident and the global mo
 little probability anyway. Both distributions are softmaxes (full support), so the score is finite;
 it is 0 when the group is unchanged.
 
-Privacy: the scores are computed from a site's private validation data. They must never leave the
-site as they are, except to a trusted aggregator (``server`` noise placement); otherwise release
-them through :func:`mmpfl_core.personalization.release.release_scores` (DESIGN 4.4).
+Privacy: the scores are a function of exactly the inputs of :func:`kl_group_scores`: the model's
+architecture, the global state (released), the site's trained state and ``dataset``. With a site's
+private validation split they must never leave the site as they are, except to a trusted aggregator
+(``server`` noise placement, client-level DP only); otherwise release them through
+:func:`mmpfl_core.personalization.release.release_scores` (DESIGN 4.4). Under patient-level DP the
+server is not trusted with patients: score on the PUBLIC set with the DP-SGD-trained state, which
+makes the scores post-processing of the site's DP release (DESIGN 4.5; ``mm-pfl-adp``'s ``mask_data``).
 """
 from __future__ import annotations
 
@@ -58,7 +62,7 @@ def kl_group_scores(model: nn.Module, global_state: State, personal_state: State
         model: any module of the architecture (its own parameter values are ignored).
         global_state: parameter name -> global tensor (every trainable parameter).
         personal_state: parameter name -> the site's trained tensor; names it lacks count as global.
-        dataset: the site's validation split (private).
+        dataset: the site's validation split (private), or the server's public set (patient-level DP).
         groups: ordered ``{group: [parameter names]}`` (``model.parameter_groups()``).
 
     Returns:

@@ -61,6 +61,21 @@ def claims_table(plan: ReproductionPlan, main: pd.DataFrame, alpha_table: pd.Dat
     ])
 
 
+#: The verdict of a claim decided from private quantities, in the released claims table.
+NOT_RELEASED = "not released"
+
+
+def release_claims(claims: pd.DataFrame) -> pd.DataFrame:
+    """The released claims table: the communication claim is decided from byte counts, which depend on the sites'
+    private masks and on who took part, so its figures and verdict stay in ``private/claims.csv``."""
+    out = claims.copy()
+    row = out["claim"] == PAPER_CLAIMS["communication"]
+    out.loc[row, "ours"] = ("decided from byte counts, which depend on the sites' private masks: see "
+                            "private/claims.csv and private/communication.csv (operator only)")
+    out.loc[row, "verdict"] = NOT_RELEASED
+    return out
+
+
 def _membership_verdict(membership: pd.DataFrame | None, proposed: str, verdict) -> dict[str, str]:
     if membership is None:
         return {"ours": "membership inference was not run (add a membership_inference section)", "verdict": verdict(None)}

@@ -27,6 +27,12 @@ _PERSONAL_NOTE = ("*epsilon (site)* covers what leaves the sites: the released g
                   "that epsilon; only *epsilon (patient)* (DP-SGD inside the site) protects its patients.")
 
 
+#: What the released folder leaves out, and where it is (DESIGN 6).
+_PRIVATE_NOTE = ("Communication (`MB total`, `MB to target`, the communication claim and its figure: byte counts depend "
+                 "on the sites' private masks and on who took part) and per-site accuracies (`site_accuracy.png`) are in "
+                 "`private/`, for the operator only.")
+
+
 def not_private_lines(experiment) -> list[str]:
     """A warning naming the methods that ran with reproducible (regenerable) noise."""
     from ..privacy import NOT_PRIVATE_WARNING
@@ -86,5 +92,6 @@ def report_markdown(plan: ReproductionPlan, main_alpha: float, main: pd.DataFram
               markdown_table(claims), "",
               "Where a claim does not hold here, the cohort is synthetic and small and the rounds are few: read the "
               "tables above for the size of the difference, not only its sign.", "",
-              "## Figures", *[f"![{name}]({name})" for name in figures], ""]
+              "## Figures", *[f"![{name}]({name})" for name in figures], "",
+              _PRIVATE_NOTE, ""]
     return "\n".join(lines)

@@ -1,6 +1,11 @@
 """Running a reproduction plan: every method at every alpha and seed, the site sweep, the attacks,
 then the tables, figures and ``REPORT.md``. Each run keeps its own run directory, so an interrupted
-reproduction resumes where it stopped."""
+reproduction resumes where it stopped.
+
+Scopes (DESIGN 6, issue 21): byte counts depend on the sites' private masks and on who took part, and
+per-site accuracies are per-site metrics, so ``MB total`` / ``MB to target`` (``private/communication.csv``),
+the communication claim's figures (``private/claims.csv``), ``site_accuracy.png`` and
+``communication_vs_accuracy.png`` are written under ``<out>/private/``; the released tables leave them out."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,10 +17,10 @@ import numpy as np
 import pandas as pd
 
 from ..attacks.evaluation import attack_method, membership_frame
-from ..experiment import ExperimentConfig, make_federation, run_method
+from ..experiment import ExperimentConfig, make_federation, run_method, split_comparison_table
 from ..federated.simulation import RunResult
 from ..metrics.classification import seed_ci
-from .claims import claims_table
+from .claims import claims_table, release_claims
 from .plan import ReproductionPlan
 from .regime_report import run_regime_map
 from .report import plot_epsilon, report_markdown
@@ -140,19 +145,26 @@ def run_reproduction(plan: ReproductionPlan, out: Path, *, progress: bool = True
     claims = claims_table(plan, main, alpha_table, membership)
 
     first = {m.label: runs[main_alpha, plan.seeds[0], m.label] for m in base.methods}
-    figures = {"accuracy_vs_round.png": lambda: plot_accuracy_vs_round(first),
-               "communication_vs_accuracy.png": lambda: plot_communication_vs_accuracy(first),
-               "site_accuracy.png": lambda: plot_site_accuracy(first)}
+    figures = {"accuracy_vs_round.png": lambda: plot_accuracy_vs_round(first)}
+    private_figures = {"communication_vs_accuracy.png": lambda: plot_communication_vs_accuracy(first),
+                       "site_accuracy.png": lambda: plot_site_accuracy(first)}
     dp_runs = {k: v for k, v in first.items() if "epsilon" in v.history[-1]}
     if dp_runs:
         figures["epsilon_vs_round.png"] = lambda: plot_epsilon(dp_runs)
-    for name, draw in figures.items():
-        save_axes(draw(), out / name)
-    for name, frame in (("main", main), ("alpha", alpha_table), ("claims", claims), ("sweep", sweep),
-                        ("membership", membership)):
+    private = out / "private"
+    private.mkdir(exist_ok=True)
+    for folder, drawings in ((out, figures), (private, private_figures)):
+        for name, draw in drawings.items():
+            save_axes(draw(), folder / name)
+    released_main, communication = split_comparison_table(main)
+    released_claims = release_claims(claims)
+    for folder, name, frame in ((out, "main", released_main), (out, "alpha", alpha_table), (out, "claims", released_claims),
+                                (out, "sweep", sweep), (out, "membership", membership),
+                                (private, "communication", communication), (private, "claims", claims)):
         if frame is not None:
-            frame.to_csv(out / f"{name}.csv", index=False)
+            frame.to_csv(folder / f"{name}.csv", index=False)
     path = out / "REPORT.md"
-    path.write_text(report_markdown(plan, main_alpha, main, alpha_table, sweep, claims, list(figures), membership))
+    path.write_text(report_markdown(plan, main_alpha, released_main, alpha_table, sweep, released_claims, list(figures),
+                                    membership))
     return ReproductionReport(path=path, main_table=main, alpha_table=alpha_table, sweep_table=sweep, claims=claims,
                               runs=runs, membership_table=membership)
