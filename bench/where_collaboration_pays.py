@@ -55,7 +55,7 @@ class Setting:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-DP = "dp"
+DP = "_patient_dp"  # marker: add DP-SGD inside the sites (not a strategy argument)
 #: label -> (strategy, kwargs, pretrained?)
 ARMS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "scratch/centralized": ("centralized", {}, False),
@@ -70,6 +70,10 @@ ARMS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "public/fedavg+dp-sgd": ("dp-sgd-fedavg", {DP: True}, True),
     "public/mr-mtl+dp-sgd": ("mr-mtl", {"lam": 1.0, DP: True}, True),
     "public/mr-mtl-0.1+dp-sgd": ("mr-mtl", {"lam": 0.1, DP: True}, True),
+    # MM-PFL-ADP with patients as the unit: no client-level noise (dp=False), DP-SGD inside each site, KL masks
+    # scored on the PUBLIC set with the DP-trained model (mask_data='public', the default under sample_level_dp).
+    "public/mm-pfl-adp+dp-sgd": ("mm-pfl-adp", {"dp": False, DP: True}, True),
+    "public/mm-pfl-adp": ("mm-pfl-adp", {"dp": False}, True),
 }
 
 

@@ -175,3 +175,20 @@ def test_where_collaboration_pays_bench_runs_and_reports_every_arm(tmp_path, mon
     table = (tmp_path / "where_collaboration_pays.csv").read_text()
     assert "public-model-only" in table and "scratch/local" in table
     assert list((tmp_path / ".cache").glob("public_*.safetensors"))  # pretrained once, reused by the arms
+
+
+@pytest.mark.parametrize("name,kwargs", [("mm-pfl-adp", {"dp": False}), ("dp-fedavg", {"noise_multiplier": 1.0})])
+def test_engines_train_and_send_only_the_private_part(tiny_federation, name, kwargs):
+    def base():
+        return create_model("tiny", seed=0, image_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    public = {n: p.detach().clone() for n, p in base().named_parameters()}
+    factory = pretrained_model_factory(base, public, "head+norm")
+    with pytest.warns(UserWarning) if "noise_multiplier" in kwargs else _nothing():
+        strategy = create_strategy(name, noise="reproducible-insecure", **kwargs) if "noise_multiplier" in kwargs \
+            else create_strategy(name, **kwargs)
+    run = run_federated(tiny_federation, model_factory=factory, strategy=strategy, config=CFG, progress=False)
+    private = set(factory().parameter_groups()["head"]) | set(factory().parameter_groups()["norm"])
+    assert set(run.global_state) == private  # only the private part is exchanged
+    for site in tiny_federation.sites:
+        deployed = strategy.personal_state(site.site_id, run.global_state) or run.global_state
+        assert set(deployed) <= private
