@@ -212,19 +212,19 @@ def build_federation(cohort_config: SyntheticCohortConfig, federation_config: Fe
     profiles = default_site_profiles(fc.num_sites, fc.seed, missing_modalities=fc.missing_modality_sites)
     sites = []
     for k, (part, profile) in enumerate(zip(parts, profiles)):
-        cohort = _scan(subjects.subset(rest[part]), profile, numpy_generator(fc.seed, 2, k), site=k)
+        cohort = acquire_cohort(subjects.subset(rest[part]), profile, numpy_generator(fc.seed, 2, k), site=k)
         train, val, test = _stratified_split(cohort.labels, fc.val_fraction, fc.test_fraction,
                                              numpy_generator(fc.seed, 3, k))
         sites.append(SiteData(site_id=k, name=profile.name, profile=profile, train=cohort.subset(train),
                               val=cohort.subset(val), test=cohort.subset(test)))
     public = None
     if fc.public_size > 0:
-        public = _scan(subjects.subset(public_idx), reference_profile(), numpy_generator(fc.seed, 4), site=-1)
+        public = acquire_cohort(subjects.subset(public_idx), reference_profile(), numpy_generator(fc.seed, 4), site=-1)
     return Federation(sites=tuple(sites), global_test=concatenate([s.test for s in sites]), public=public,
                       cohort_config=cohort_config, federation_config=fc)
 
 
-def _scan(cohort: Cohort, profile: ScannerProfile, rng: np.random.Generator, site: int) -> Cohort:
+def acquire_cohort(cohort: Cohort, profile: ScannerProfile, rng: np.random.Generator, site: int) -> Cohort:
     """The cohort as acquired by ``profile``, labelled with ``site``."""
     images, mask = apply_scanner(cohort.images, profile, rng, modality_names=cohort.modality_names)
     return replace(cohort, images=images, modality_mask=mask, sites=np.full(len(cohort), site, dtype=np.int64))

@@ -134,15 +134,16 @@ def _private_local_update(model: nn.Module, dataset: CohortDataset, *, site_id: 
 
     Poisson batches with rate q = B / n and per-sample clipping and noise by Opacus; batches and
     noise from the OS CSPRNG (``private.secret_randomness``, default) or, reproducibly and NOT
-    privately, from ``generator``. A regulariser would be a
-    data-independent term added after clipping; it is not supported here (ConfigError).
+    privately, from ``generator``.
+
+    A ``regulariser`` (FedProx's or MR-MTL's pull towards the global model) must depend on the
+    parameters and on public or already-released values only, never on the site's patients: its
+    gradient is then added AFTER Opacus clipped the per-sample gradients and added the noise, which
+    is post-processing of the private gradient and costs no privacy (Liu et al. 2022, MR-MTL with
+    DP-SGD). Adding it before the clipping would clip a data-independent term with the patients'.
     """
-    from ..errors import ConfigError
     from ..privacy.dp_sgd import make_private, poisson_batch
 
-    if regulariser is not None:
-        raise ConfigError("sample-level DP-SGD does not support a local regulariser (FedProx/Ditto) yet; "
-                          "use fedavg-style strategies.")
     model.to(device).train()
     start = trainable_state(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -167,7 +168,14 @@ def _private_local_update(model: nn.Module, dataset: CohortDataset, *, site_id: 
                 loss = loss_fn(forward_batch(wrapped, batch, device), batch["label"].to(device))
                 loss.backward()
                 total_loss += loss.detach()
-            opt.step()
+            if regulariser is None:
+                opt.step()
+            elif opt.pre_step():  # per-sample clip, noise, average: the private gradient in p.grad
+                extra = torch.autograd.grad(regulariser(model), params, allow_unused=True)
+                for p, g in zip(params, extra):
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad + g
+                opt.original_optimizer.step()
             steps += 1
     finally:
         wrapped._close()  # remove Opacus hooks from the working model

@@ -163,7 +163,9 @@ class MMPFLADP(DPFedAvgFisher):
                   model: nn.Module) -> None:
         super().configure(config=config, federation=federation, client_ids=client_ids, model=model)
         self.masker.seed = int(config.seed)
-        self.masker.set_param_groups(model.parameter_groups(), model.group_sizes())  # type: ignore[operator]
+        # Only the trainable (private) groups: frozen public parameters (mmpfl_core.pretraining) are never
+        # trained, sent or personal; self.groups / self.group_sizes already hold just those.
+        self.masker.set_param_groups(self.groups, self.group_sizes)
         self.site_ids = tuple(sorted(s.site_id for s in federation.sites))
         # Site-side data for the KL scores (the simulation plays every site; only site k's own split
         # is ever used for site k's mask). Under patient-level DP no site's split is even held here.
