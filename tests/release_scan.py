@@ -7,11 +7,14 @@ Used by tests/test_release_scan.py (a comparison, its report and notebook record
   masks and mask scores, byte counts and timings;
 * values: maps keyed by site ids, lists of parameter-group names (a mask), cells naming a group, any site
   subject id (a patient of a site, test patients included);
+* notebooks' recording cells, statically (:func:`recording_findings`): the released dict's keys and the names
+  its values read;
 * PNGs by provenance: every figure must have been drawn, in this process, by a plotting call whose inputs
   are pooled or public (:class:`FigureProvenance` spies on the writers' plotting functions).
 """
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import re
@@ -24,8 +27,13 @@ import numpy as np
 #: Names that say a quantity is per site, a mask or its scores, a byte count or a timing.
 #: (Masks themselves are found by value: a list of group names, a map keyed by site ids; a key named "masks"
 #: may be a setting, e.g. the ablation switch ``masks: false``.)
+#: Also a site's figure picked out of the per-site ones (worst / best site), one site's update norms, and the
+#: figures of the noise-subtraction attack and of gradient inversion (functions of the unnoised sum of clipped
+#: updates, and of a site's patients).
 PRIVATE_NAME = re.compile(r"(^|[^a-z])site\d+_|^site$|^site_(?!sweep$)|partitions?$|kl_score|mask_changes|"
-                          r"personal_fraction|bytes|megabytes|(^|\W)MB(\W|$)|seconds|num_clients", re.I)
+                          r"personal_fraction|bytes|megabytes|(^|\W)MB(\W|$)|seconds|num_clients|"
+                          r"(worst|best)[ _]site|update_norm|clipped_norm|noise_to_signal|noise_subtraction|"
+                          r"relative_error|psnr", re.I)
 #: Lists of group names that are public: all of the model's groups, and the noise gate's decision (computed from
 #: public quantities only, personalization/noise_gate.py).
 PUBLIC_GROUP_LISTS = {"groups", "gate_drowned"}
@@ -156,3 +164,38 @@ class FigureProvenance:
             return preview(cohort, path_or_ax)
         monkeypatch.setattr(cohort_plots, "plot_cohort_preview", spy_preview)
         return self
+
+
+def scan_notebook_records(folder: Path, *, groups: Iterable[str], subject_ids: Iterable[str]) -> list[str]:
+    """All findings in a notebooks' records folder outside ``private/`` (every file there, not only the records:
+    a figure or a stray file is a finding too, since nothing there has a provenance)."""
+    return [f for p in released_files(Path(folder))
+            for f in scan_file(p, Path(folder), set(groups), set(map(str, subject_ids)), provenance={})]
+
+
+def _call_name(node: ast.AST) -> str:
+    func = node.func if isinstance(node, ast.Call) else None
+    return getattr(func, "id", getattr(func, "attr", ""))
+
+
+def recording_findings(source: str, where: str) -> list[str]:
+    """Static check of a notebook cell: every ``record_results(notebook, values, ...)`` call releases a dict
+    literal (so it can be read here) whose keys, and every string inside each value's expression (the keys
+    it reads, e.g. ``row["site0_..."]``, and the names of nested keys), pass the :data:`PRIVATE_NAME` rule.
+    What goes to ``private=`` is not checked: it is written under ``private/``."""
+    found: list[str] = []
+    for call in (n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call) and _call_name(n) == "record_results"):
+        released = call.args[1] if len(call.args) > 1 else next((k.value for k in call.keywords if k.arg == "values"), None)
+        if not isinstance(released, ast.Dict) or any(k is None for k in released.keys):
+            shown = ast.unparse(released)[:60] if released is not None else "nothing"
+            found.append(f"{where}: record_results releases {shown}, not a dict literal: write the released "
+                         "values as {...} so the scan can read them")
+            continue
+        for key, value in zip(released.keys, released.values):
+            if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
+                found.append(f"{where}: released key {ast.unparse(key)} is not a string literal")
+                continue
+            found += _name_finding(where, key.value)
+            found += [f for c in ast.walk(value) if isinstance(c, ast.Constant) and isinstance(c.value, str)
+                      for f in _name_finding(f"{where}.{key.value}", c.value)]
+    return found

@@ -12,7 +12,9 @@ from typing import Any, Callable
 import numpy as np
 import papermill as pm
 import pytest
+from release_scan import scan_notebook_records
 
+from mmpfl_core.models.presets import PRESETS, create_model
 from mmpfl_core.notebook_tools import SMOKE_PARAMETERS, load_results
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -210,6 +212,13 @@ EXPECTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
 RUN_AT_DEFAULTS = {"01_vit_multimodal_fusion"}
 
 
+def _scan_records(folder: Path) -> list[str]:
+    """What the records folder shows outside ``private/`` (issue 21): the scanner of tests/release_scan.py with
+    every preset's parameter groups (a mask is a list of them) and every synthetic subject id (``syn-%06d``)."""
+    groups = {g for preset in PRESETS for g in create_model(preset, seed=0).parameter_groups()}
+    return scan_notebook_records(folder, groups=groups, subject_ids=[f"syn-{i:06d}" for i in range(5000)])
+
+
 @pytest.mark.notebook
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -218,14 +227,17 @@ def test_notebook_executes_and_records(path: Path, tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("MMPFL_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("MMPFL_RESULTS_DIR", str(tmp_path / "results"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    records = tmp_path / "records"  # the records alone, so that everything in it outside private/ is scanned
     if path.stem in RUN_AT_DEFAULTS:
-        params = {"DEVICE": "cpu", "OUTPUT_DIR": str(tmp_path)}
+        params = {"DEVICE": "cpu", "OUTPUT_DIR": str(records)}
     else:
-        params = dict(SMOKE_PARAMETERS, OUTPUT_DIR=str(tmp_path))
+        params = dict(SMOKE_PARAMETERS, OUTPUT_DIR=str(records))
     pm.execute_notebook(str(path), str(tmp_path / path.name), parameters=params, kernel_name="python3",
                         cwd=str(NOTEBOOK_DIR), progress_bar=False)
     # The checks read the operator's view: released record merged with its private/ part (per-site, masks, bytes).
-    EXPECTATIONS[path.stem](load_results(path.stem, tmp_path, include_private=True))
+    EXPECTATIONS[path.stem](load_results(path.stem, records, include_private=True))
+    # What is released beside the notebook shows no per-site figure, mask, byte count, timing or patient.
+    assert _scan_records(records) == []
 
 
 def _expect_06(r: dict[str, Any]) -> None:
@@ -240,7 +252,10 @@ def _expect_06(r: dict[str, Any]) -> None:
     assert r["mm_pfl_adp_megabytes"] < r["no_masks_megabytes"]
     # At the same epsilon, masks + Fisher do not lose to plain DP-FedAvg (seeded smoke run; small margin).
     assert r["mm_pfl_adp_minus_dp_fedavg"] >= -0.05
-    assert set(r["claims"].values()) <= {"agrees", "does not hold here", "not measured"}
+    verdicts = {"agrees", "does not hold here", "not measured"}
+    # The communication claim is decided from byte counts: its verdict is released as "not released" only.
+    assert set(r["claims"].values()) <= verdicts | {"not released"} and "not released" in r["claims"].values()
+    assert set(r["claims_private"].values()) <= verdicts and set(r["claims_private"]) == set(r["claims"])
     # The live regime map: one winner per (sites, epsilon) cell; Ditto (no DP) never competes at a finite epsilon.
     assert r["regime_sites"] and set(r["regime_winners_per_cell"]) == {1}
     assert "ditto" not in r["regime_eligible_at_finite_epsilon"] and "local-only" in r["regime_eligible_at_finite_epsilon"]
@@ -368,7 +383,7 @@ def test_notebook_02_runs_on_a_converted_cohort(converted_cohort: Path, tmp_path
     params = dict(SMOKE_PARAMETERS, OUTPUT_DIR=str(tmp_path), COHORT_PATH=str(converted_cohort), NUM_ROUNDS=1)
     pm.execute_notebook(str(path), str(tmp_path / path.name), parameters=params, kernel_name="python3",
                         cwd=str(NOTEBOOK_DIR), progress_bar=False)
-    r = load_results(path.stem, tmp_path)
+    r = load_results(path.stem, tmp_path, include_private=True)
     assert r["num_sites"] == 4  # the cohort's site column, not NUM_CLIENTS
     assert r["fedavg_bytes_per_round"] == [r["expected_bytes_per_round"]] == [2 * 4 * r["model_bytes"]]
     assert set(r["global_accuracy"]) == {"centralized", "local-only", "fedavg", "fedprox"}

@@ -3,7 +3,9 @@ notebook's records write, with a planted leak per kind to prove the scan can fai
 
 The comparison runs FedAvg, MM-PFL-ADP (client-level DP, noise gate on) and MM-PFL-ADP under patient-level DP
 with masks that appear, at smoke size; the report is ``write_comparison_report``; the notebook record is
-notebook 05's own recording cell, executed on these runs. Scanner rules: tests/release_scan.py.
+notebook 05's own recording cell, executed on these runs. Every notebook's recording cell is also checked
+statically (what it releases, by name), and tests/test_notebooks.py scans the records each notebook wrote.
+Scanner rules: tests/release_scan.py.
 """
 from __future__ import annotations
 
@@ -16,13 +18,21 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
-from release_scan import FigureProvenance, released_files, scan_released
+from release_scan import (
+    FigureProvenance,
+    recording_findings,
+    released_files,
+    scan_notebook_records,
+    scan_released,
+)
 
 from mmpfl_core.experiment import ExperimentConfig, make_federation
 from mmpfl_core.notebook_tools import load_results, record_results
 from mmpfl_core.reporting import write_comparison_report
 
-NOTEBOOK_05 = Path(__file__).resolve().parent.parent / "notebooks" / "05_personalisation_masks.ipynb"
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOK_05 = NOTEBOOK_DIR / "05_personalisation_masks.ipynb"
 MASK = {"mode": "threshold", "threshold": 1e-4, "update_every": 1}
 ADP = {"fisher_max_batches": 1, "fisher_batch_size": 8, "noise": "reproducible-insecure"}
 CONFIG = {
@@ -128,3 +138,59 @@ def test_the_scan_flags_each_planted_leak(released, plant, tmp_path):
         shutil.copy(report / "private" / "site_accuracy.png", report / "per_site.png")
     findings = scan_released(copy, groups=groups, federation=federation, provenance=provenance)
     assert findings, plant
+
+
+def _recording_cells(path: Path) -> list[str]:
+    return [c.source for c in nbformat.read(path, as_version=4).cells
+            if c.cell_type == "code" and "record_results(" in c.source]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_notebook_releases_nothing_private_in_its_record(path):
+    """Per-site figures, masks, KL scores, byte counts, participant counts and timings go to ``private=``."""
+    cells = _recording_cells(path)
+    assert cells, f"{path.name}: no recording cell found"
+    for source in cells:
+        assert recording_findings(source, path.stem) == []
+
+
+STATIC_PLANTS = {
+    "per-site figure released": ('}, OUTPUT_DIR, private={', '    "site_accuracy": {},\n}, OUTPUT_DIR, private={'),
+    "byte count released": ('}, OUTPUT_DIR, private={', '    "fedavg_total_bytes": 1,\n}, OUTPUT_DIR, private={'),
+    "timing released": ('}, OUTPUT_DIR, private={', '    "wall_seconds": 1.0,\n}, OUTPUT_DIR, private={'),
+    "a released value reads a site's figure": ('}, OUTPUT_DIR, private={',
+                                               '    "best": last["site0_personal_test_accuracy"],\n}, OUTPUT_DIR, private={'),
+    "released values not a dict literal": ('record_results("02_federated_baselines", {',
+                                           'record_results("02_federated_baselines", values := {'),
+}
+
+
+@pytest.mark.parametrize("plant", sorted(STATIC_PLANTS))
+def test_the_static_check_flags_each_planted_leak(plant):
+    (source,) = _recording_cells(NOTEBOOK_DIR / "02_federated_baselines.ipynb")
+    old, new = STATIC_PLANTS[plant]
+    assert old in source
+    assert recording_findings(source.replace(old, new, 1), "02") != [], plant
+
+
+GROUPS = ["patch_embed.t1", "tokens", "clinical", "block.0", "block.1", "norm", "head"]
+IDS = ["syn-000007", "syn-000042"]
+RECORD_PLANTS = {
+    "worst site of a sweep": {"alpha_sweep": {"fedavg_alpha_0.1": {"global test": 0.4, "worst site": 0.1}}},
+    "site-keyed map": {"personal_accuracy": {"0": 0.5, "1": 0.7}},
+    "mask": {"kept_home": ["block.1", "head"]},
+    "subject id": {"example": "syn-000042"},
+    "timing": {"seconds": 3.0},
+}
+
+
+@pytest.mark.parametrize("plant", sorted(RECORD_PLANTS) + ["figure"])
+def test_the_records_scan_flags_each_planted_leak(plant, tmp_path):
+    clean = {"num_sites": 5, "personal_accuracy": {"fedavg": 0.5}, "groups": GROUPS, "gate_drowned": ["head"]}
+    record_results("clean", clean, tmp_path, private={"seconds": 1.0, "final_masks": {"0": ["head"]}})
+    assert scan_notebook_records(tmp_path, groups=GROUPS, subject_ids=IDS) == []
+    if plant == "figure":
+        (tmp_path / "site_accuracy.png").write_bytes(b"\x89PNG")
+    else:
+        record_results("planted", {"num_sites": 5, **RECORD_PLANTS[plant]}, tmp_path)
+    assert scan_notebook_records(tmp_path, groups=GROUPS, subject_ids=IDS) != [], plant
