@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmpfl-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast reproduce bench notebooks-clean clean flower-sim flower-deploy flower-deploy-secure
+.PHONY: install lint demo test test-fast research reproduce bench notebooks-clean clean flower-sim flower-deploy flower-deploy-secure
 
 install: $(STAMP)
 
@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+## lint: ruff (lint rules and the formatter's check) and mypy on mmpfl_core/, configured in pyproject.toml
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mmpfl_core
+	$(VENV)/bin/ruff format --check mmpfl_core
+	$(VENV)/bin/mypy mmpfl_core
 
 ## demo: the main job on the embedded synthetic cohort (results/ holds its outputs)
 demo: $(STAMP)

@@ -87,7 +87,7 @@ def select_method(config, name: str, privacy: dict[str, float]):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .data.io import save_federation
+    from .data.cohort_files import save_federation
     from .data.summary import cohort_summary_table
     from .experiment import make_federation
     from .paths import data_root

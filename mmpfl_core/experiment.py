@@ -18,7 +18,8 @@ import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 import pandas as pd
 import yaml
@@ -32,7 +33,7 @@ from .errors import ConfigError
 from .experiment_checks import build_checked_strategy, check_model_matches_data, data_shape
 from .federated.config import FederatedConfig
 from .federated.simulation import RunResult, run_federated
-from .federated.strategies import available_strategies, create_strategy
+from .federated.strategies import available_strategies
 from .io.run_directory import RunDirectory
 from .models.presets import create_model, list_presets
 
@@ -80,7 +81,7 @@ class ExperimentConfig:
     methods: tuple[MethodSpec, ...] = (MethodSpec("fedavg"),)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "ExperimentConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> ExperimentConfig:
         values = dict(values)
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - allowed)
@@ -99,7 +100,7 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
 
-    def replace(self, **sections: Mapping[str, Any]) -> "ExperimentConfig":
+    def replace(self, **sections: Mapping[str, Any]) -> ExperimentConfig:
         """A copy with some fields of some sections changed, e.g. ``replace(federated={"num_rounds": 3})``."""
         values = self.to_dict()
         for section, changes in sections.items():
@@ -166,7 +167,7 @@ def load_experiment(path_or_name: str | Path) -> ExperimentConfig:
 def make_federation(config: ExperimentConfig) -> Federation:
     """The federation of ``config``: generated (synthetic) or read from the user's cohort file."""
     if isinstance(config.data, CohortSource):
-        from .data.io import load_cohort, load_federation
+        from .data.cohort_files import load_cohort, load_federation
         if Path(config.data.cohort).is_dir():  # a saved federation (`mmpfl generate`): its sites and splits as written
             return load_federation(config.data.cohort)
         return federation_from_cohort(load_cohort(config.data.cohort), config.data, config.federation)

@@ -112,7 +112,7 @@ def test_failed_train_leaves_no_results_folder(argv, message, tiny_yaml: Path, t
 
 def test_cohort_data_in_yaml_and_model_checks(tmp_path: Path):
     from mmpfl_core.data.cohort_federation import CohortSource
-    from mmpfl_core.data.io import save_cohort
+    from mmpfl_core.data.cohort_files import save_cohort
     from mmpfl_core.data.synthetic import SyntheticCohortConfig, generate_subjects
     from mmpfl_core.experiment import make_federation, with_cohort
     from mmpfl_core.experiment_checks import check_model_matches_data
@@ -134,7 +134,7 @@ def test_cohort_data_in_yaml_and_model_checks(tmp_path: Path):
     with pytest.raises(ConfigError, match="unknown key"):
         ExperimentConfig.from_dict({**TINY, "data": {"cohort": str(path), "num_subjects": 3}})
     # A saved federation's folder (what `mmpfl generate` writes) is read with its sites and splits as written.
-    from mmpfl_core.data.io import save_federation
+    from mmpfl_core.data.cohort_files import save_federation
     saved = make_federation(with_cohort(config, save_federation(fed, tmp_path / "fed")))
     assert [len(s.train) for s in saved.sites] == [len(s.train) for s in fed.sites]
     with pytest.raises(ConfigError, match="number of classes 3"):

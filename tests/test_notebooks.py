@@ -339,7 +339,7 @@ def converted_cohort(tmp_path: Path) -> Path:
 
     from nibabel.testing import data_path
 
-    from mmpfl_core.data.io import save_cohort
+    from mmpfl_core.data.cohort_files import save_cohort
     from mmpfl_core.data.loaders import load_nifti_subjects
     root = tmp_path / "raw"
     rows = ["subject,label,site"]

@@ -22,7 +22,7 @@ It never touches private data and is never used by training code: only audits im
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 from unittest import mock
 
 from ..errors import ConfigError

@@ -55,7 +55,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -37,7 +37,8 @@ model is outside the client-level guarantee (DESIGN 4.6). Never released: F, m, 
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn

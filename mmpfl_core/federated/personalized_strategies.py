@@ -15,7 +15,8 @@ DP guarantee (DESIGN 4.6): only sample-level DP protects the patients of a deplo
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence, Set
 
 import torch
 from torch import nn
@@ -70,7 +71,7 @@ class _SecondModelTrainer:
         return self._scratch
 
     def _train(self, model: nn.Module, dataset: CohortDataset, *, stream: int, round_index: int, site: int,
-               training: LocalTrainingConfig | None = None, frozen: set[str] = frozenset(),
+               training: LocalTrainingConfig | None = None, frozen: Set[str] = frozenset(),
                regulariser: LossRegulariser | None = None) -> ClientUpdate:
         """``local_update`` on ``model`` with the parameters in ``frozen`` held fixed."""
         device = next(model.parameters()).device
@@ -278,6 +279,7 @@ class Ditto(_SecondModelTrainer, Strategy):
 
     def after_local(self, site_id: int, model: nn.Module) -> None:
         scratch = self._scratch_model(model)
+        assert self._round_global is not None  # set by client_start_state() before the site trains
         anchor = {n: t.detach() for n, t in self._round_global.items()}
         scratch.load_state_dict(self.personal.get(site_id, anchor), strict=False)
 
@@ -386,6 +388,7 @@ class FedAvgKLMasks(PartialSharingStrategy):
     def _after_training(self, site_id: int, model: nn.Module) -> None:
         self._participants.append(site_id)
         trained = {n: p.detach() for n, p in model.named_parameters()}
+        assert self._round_global is not None  # set by client_start_state() before the site trains
         self.masker.maybe_update(site_id, self._round, model, self._round_global, trained, self.val_sets[site_id])
 
     def round_report(self, round_index: int) -> dict[str, float]:

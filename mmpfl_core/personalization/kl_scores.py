@@ -23,7 +23,7 @@ them through :func:`mmpfl_core.personalization.release.release_scores` (DESIGN 4
 from __future__ import annotations
 
 import copy
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn

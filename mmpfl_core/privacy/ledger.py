@@ -23,7 +23,8 @@ sample.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from mmpfl_core.errors import PrivacyError
 from mmpfl_core.privacy.accounting import (ACCOUNTANTS, _check_delta, _check_release,
@@ -178,7 +179,7 @@ class PrivacyLedger:
         self.__dict__.update(fresh.__dict__)
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "PrivacyLedger":
+    def from_state_dict(cls, state: dict[str, Any]) -> PrivacyLedger:
         """Create a ledger from :meth:`state_dict` output."""
         ledger = cls(delta=state["delta"], accountant=state["accountant"])
         ledger.load_state_dict(state)

@@ -28,14 +28,14 @@ labels, a labels row without a folder, and a named site column absent from the t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import nibabel as nib
 import numpy as np
 
-from ..errors import DataError
-from .contract import CLINICAL_FEATURES, Cohort, normalise_intensity
-from .loaders_common import (canonical_modalities, check_image_size, clinical_from_table, read_subject_table,
+from ...errors import DataError
+from ..contract import CLINICAL_FEATURES, Cohort, normalise_intensity
+from .common import (canonical_modalities, check_image_size, clinical_from_table, read_subject_table,
                              resize_images, resolve_class_names, sites_from_table)
 
 FindFiles = Callable[[Path, tuple[str, ...]], dict[str, Path]]

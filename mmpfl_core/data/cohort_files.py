@@ -77,7 +77,7 @@ def _write(npz_path: Path, arrays: dict[str, np.ndarray], json_path: Path, doc: 
                         "Keep Cohort.meta to numbers, strings, lists and dicts.") from err
     npz_path.parent.mkdir(parents=True, exist_ok=True)
     with open(npz_path, "wb") as fh:  # a handle, so numpy does not append a second ".npz"
-        np.savez_compressed(fh, **arrays)
+        np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     json_path.write_text(text)
 
 

@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
-from ..errors import DataError
-from .contract import MODALITIES, Cohort
-from .loaders_volumes import load_volume_subjects, one_line
+from ...errors import DataError
+from ..contract import MODALITIES, Cohort
+from .volumes import load_volume_subjects, one_line
 
 _NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 
