@@ -34,7 +34,7 @@ def _privacy_overrides(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _load(args: argparse.Namespace):
-    from .experiment import load_experiment, with_cohort
+    from .experiment_config import load_experiment, with_cohort
     config = with_cohort(load_experiment(args.config), args.data)
     if args.rounds is not None:
         config = config.replace(federated={"num_rounds": args.rounds})
@@ -59,7 +59,7 @@ def select_method(config, name: str, privacy: dict[str, float]):
     ``privacy`` (``target_epsilon``/``delta``) overrides the method's arguments; the label says the budget."""
     import dataclasses
 
-    from .experiment import MethodSpec
+    from .experiment_config import MethodSpec
     from .federated.strategies import available_strategies
     method = (next((m for m in config.methods if m.label == name), None)
               or next((m for m in config.methods if m.strategy == name), None))
@@ -71,18 +71,10 @@ def select_method(config, name: str, privacy: dict[str, float]):
         method = MethodSpec(name)
     elif method.label != name:
         method = dataclasses.replace(method, label=name)
-    if privacy:
+    if privacy:  # checked where the strategy is built, once (experiment_checks.build_checked_strategy)
         method = dataclasses.replace(method, kwargs={**method.kwargs, **privacy})
         if "target_epsilon" in privacy:
             method = dataclasses.replace(method, label=f"{name}-eps{privacy['target_epsilon']:g}")
-        from .federated.strategies import create_strategy
-        try:  # built once here so that a non-private method given --epsilon says so plainly
-            create_strategy(method.strategy, **dict(method.kwargs))
-        except ConfigError as exc:
-            if "unexpected keyword" in str(exc):
-                raise ConfigError(f"--epsilon/--delta apply to differentially private methods; {name!r} takes no "
-                                  f"privacy budget. Drop them, or pick a DP method (e.g. dp-fedavg, mm-pfl-adp).") from exc
-            raise
     return method
 
 
@@ -117,16 +109,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import dataclasses
-
+    from .experiment_config import with_privacy_budget
     from .reporting import write_comparison_report
     from .tables import markdown_table
     config = _load(args)
-    privacy = _privacy_overrides(args)
-    if privacy:  # the budget of every DP method (those that take a target_epsilon)
-        config = dataclasses.replace(config, methods=tuple(
-            dataclasses.replace(m, kwargs={**m.kwargs, **privacy}) if "target_epsilon" in m.kwargs else m
-            for m in config.methods))
+    config = with_privacy_budget(config, args.epsilon, delta=args.delta)  # the budget of every DP method
     out = _results_dir(args, config.name)
     report = write_comparison_report(config, out, progress=not args.no_progress)
     print(markdown_table(report.table))

@@ -7,16 +7,12 @@ only read configs and the federation; they never train and never write.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from .data.cohort_federation import CohortSource
 from .data.federation import Federation
 from .errors import ConfigError
+from .experiment_config import ExperimentConfig, MethodSpec
 from .federated.strategies import Strategy, create_strategy
 from .models.presets import get_config
-
-if TYPE_CHECKING:
-    from .experiment import ExperimentConfig, MethodSpec
 
 
 def describe_data(config: ExperimentConfig, federation: Federation) -> str:
@@ -78,7 +74,15 @@ def build_checked_strategy(method: MethodSpec, federation: Federation) -> Strate
     """
     from .federated.dp_fisher import DPFedAvgFisher
 
-    strategy = create_strategy(method.strategy, **dict(method.kwargs))
+    try:
+        strategy = create_strategy(method.strategy, **dict(method.kwargs))
+    except ConfigError as exc:
+        budget = sorted({"target_epsilon", "delta"} & set(method.kwargs))
+        if budget and "unexpected keyword" in str(exc):
+            raise ConfigError(f"method {method.label!r}: --epsilon/--delta ({', '.join(budget)}) apply to "
+                              f"differentially private methods; {method.strategy!r} takes no privacy budget. "
+                              "Drop them, or pick a DP method (e.g. dp-fedavg, mm-pfl-adp).") from exc
+        raise
     if isinstance(strategy, DPFedAvgFisher) and (federation.public is None or len(federation.public) == 0):
         raise ConfigError(
             f"method {method.label!r} ({method.strategy}) estimates the Fisher information on a public server set, "

@@ -133,6 +133,10 @@ def test_cohort_data_in_yaml_and_model_checks(tmp_path: Path):
     assert resplit.num_sites == 4 and len(resplit.public) == 14
     with pytest.raises(ConfigError, match="unknown key"):
         ExperimentConfig.from_dict({**TINY, "data": {"cohort": str(path), "num_subjects": 3}})
+    # The .json sidecar names the same cohort (it used to fail as "corrupt ... allow_pickle").
+    sidecar = make_federation(with_cohort(config, path.with_suffix(".json")))
+    assert [len(s) for s in sidecar.sites] == [len(s) for s in fed.sites]
+    assert (sidecar.public.labels == fed.public.labels).all()
     # A saved federation's folder (what `mmpfl generate` writes) is read with its sites and splits as written.
     from mmpfl_core.data.cohort_files import save_federation
     saved = make_federation(with_cohort(config, save_federation(fed, tmp_path / "fed")))
@@ -141,3 +145,22 @@ def test_cohort_data_in_yaml_and_model_checks(tmp_path: Path):
         check_model_matches_data(config.replace(model={"overrides": {"num_classes": 2}}), fed)
     with pytest.raises(ConfigError, match="not a multiple"):
         check_model_matches_data(config.replace(model={"overrides": {"patch_size": 6}}), fed)
+
+
+def test_cohort_sidecar_without_its_npz_says_to_pass_the_npz(tmp_path: Path, capsys):
+    """A lone ``cohort.json`` (its .npz moved away) fails naming the sidecar and the fix, not pickling."""
+    from mmpfl_core.data.cohort_files import load_cohort, save_cohort
+    from mmpfl_core.data.synthetic import SyntheticCohortConfig, generate_subjects
+    from mmpfl_core.errors import DataError
+
+    path = save_cohort(generate_subjects(SyntheticCohortConfig(num_subjects=12, image_size=16, seed=1)),
+                       tmp_path / "cohort.npz")
+    assert len(load_cohort(path.with_suffix(".json"))) == 12  # either file names the cohort
+    path.rename(tmp_path / "elsewhere.npz")
+    with pytest.raises(DataError, match=r"JSON sidecar.*Pass the cohort's \.npz") as info:
+        load_cohort(tmp_path / "cohort.json")
+    assert "pickle" not in str(info.value)
+    assert main(["train", "--config", "quickstart", "--data", str(tmp_path / "cohort.json"), "--method", "fedavg",
+                 "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "JSON sidecar" in err and "allow_pickle" not in err and not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_run_config
 from mmpfl_core.data.contract import CohortDataset
 from mmpfl_core.errors import ConfigError
 from mmpfl_core.federated.client import forward_batch, trainable_state
@@ -19,10 +20,8 @@ from mmpfl_core.seeding import numpy_generator
 
 
 def _config(**changes) -> FederatedConfig:
-    base = FederatedConfig(num_rounds=3, local=LocalTrainingConfig(local_epochs=1, batch_size=16),
-                           optimizer=OptimizerConfig(name="adamw", lr=2e-3), bootstrap_resamples=50,
-                           checkpoint_every=1, device="cpu")
-    return dataclasses.replace(base, **changes)
+    return tiny_run_config(**{"num_rounds": 3, "local_steps": None, "optimizer": OptimizerConfig(name="adamw", lr=2e-3),
+                              "bootstrap_resamples": 50, "checkpoint_every": 1, **changes})
 
 
 def _without_timing(history):

@@ -47,14 +47,13 @@ from torch import nn
 
 from ..errors import ConfigError, check_range
 from ..federated.client import forward_batch
-from ..plots.attacks_inversion import plot_reconstructions
 from ..privacy.accounting import ACCOUNTANTS, calibrate_noise
 from ..privacy.clipping import clip_flat
 from ..privacy.mechanisms import NoisePlacement, NoiseSource, gaussian_noise_like, release_accounting
 from ..seeding import numpy_generator, torch_generator
 
 __all__ = ["DefenceResult", "Inversion", "InversionConfig", "compare_defences", "invert_update",
-           "plot_reconstructions", "psnr", "ssim", "transmitted_update"]
+           "psnr", "ssim", "transmitted_update"]
 
 Update = Mapping[str, torch.Tensor]
 

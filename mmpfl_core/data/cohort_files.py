@@ -106,8 +106,17 @@ def save_cohort(cohort: Cohort, path: str | Path) -> Path:
 
 
 def load_cohort(path: str | Path) -> Cohort:
-    """Read a cohort written by :func:`save_cohort` (no pickle); DataError if corrupt or missing."""
+    """Read a cohort written by :func:`save_cohort` (no pickle); DataError if corrupt or missing.
+
+    ``path`` is the ``.npz`` or its ``.json`` sidecar (both are written side by side; either names the cohort).
+    """
     path = Path(path)
+    if path.suffix == ".json":  # the sidecar: the arrays are in the .npz beside it
+        npz = path.with_suffix(".npz")
+        if not npz.is_file():
+            raise DataError(f"{path} is the JSON sidecar of a converted cohort, and {npz.name} is not beside it. "
+                            "Pass the cohort's .npz file (written by data_scripts/convert_*.py) to --data.")
+        path = npz
     arrays, doc = _read(path, path.with_suffix(".json"))
     try:
         return _cohort(arrays, doc)

@@ -37,7 +37,7 @@ from ..io.run_directory import RunDirectory
 from ..metrics.classification import metrics_with_ci
 from ..metrics.communication import CommunicationCounter
 from ..metrics.convergence import rounds_to_target
-from ..notebook_tools.environment import resolve_device
+from ..devices import resolve_device
 from ..privacy.randomness import secure_numpy_generator
 from ..seeding import numpy_generator, torch_generator
 from .client import ClientUpdate, local_update, trainable_state

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import yaml
 
-from ..attacks.evaluation import MembershipPlan
+from .membership import MembershipPlan
 from ..errors import ConfigError
 from ..experiment import CONFIG_DIR, ExperimentConfig
 from .regime import RegimeMap
