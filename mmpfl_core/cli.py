@@ -177,28 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpfl", description=__doc__.splitlines()[0], epilog=_epilog(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("generate", help="generate the synthetic cohort and its federation into the data root")
-    _common(p)
-    p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("train", help="train one method and write its report", epilog=_epilog(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(p)
-    p.add_argument("--method", default="fedavg", help="a method name (see `mmpfl methods`) or a label of the config")
-    p.set_defaults(func=cmd_train)
-    p = sub.add_parser("compare", help="train every method of the config and write a report")
-    _common(p)
-    p.set_defaults(func=cmd_compare)
-    p = sub.add_parser("reproduce", help="the paper-style comparison: all methods, alphas, seeds, site sweep")
+
+    def command(name: str, help: str, func, *, common: bool = True, **kwargs) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, **kwargs)
+        if common:
+            _common(p)
+        p.set_defaults(func=func)
+        return p
+
+    command("generate", "generate the synthetic cohort and its federation into the data root", cmd_generate)
+    command("train", "train one method and write its report", cmd_train, epilog=_epilog(),
+            formatter_class=argparse.RawDescriptionHelpFormatter).add_argument(
+        "--method", default="fedavg", help="a method name (see `mmpfl methods`) or a label of the config")
+    command("compare", "train every method of the config and write a report", cmd_compare)
+    p = command("reproduce", "the paper-style comparison: all methods, alphas, seeds, site sweep", cmd_reproduce,
+                common=False)
     p.add_argument("--preset", default="teaching", help="smoke | teaching | paper, or a YAML path")
     p.add_argument("--data", type=Path, help="a converted cohort file for the main comparison (see train --data)")
     p.add_argument("--out", type=Path, help="results folder (default results/reproduce-<preset>)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=cmd_reproduce)
-    p = sub.add_parser("demo", help="the quickstart comparison on the embedded cohort (what `make demo` runs)")
-    _common(p)
-    p.set_defaults(func=cmd_compare)
-    p = sub.add_parser("methods", help="list the registered methods, model presets and experiment presets")
-    p.set_defaults(func=cmd_methods)
+    command("demo", "the quickstart comparison on the embedded cohort (what `make demo` runs)", cmd_compare)
+    command("methods", "list the registered methods, model presets and experiment presets", cmd_methods, common=False)
     return parser
 
 

@@ -82,6 +82,39 @@ def test_cli_train_and_error_exit_code(tiny_yaml: Path, tmp_path: Path, capsys):
     assert "unknown" in capsys.readouterr().err
 
 
+def test_each_strategy_is_built_once_per_run(tiny_yaml: Path, tmp_path: Path, monkeypatch):
+    """compare/train build every method's strategy exactly once (checked, then trained), not again per stage."""
+    import mmpfl_core.experiment_checks as checks
+    from mmpfl_core.federated import strategies
+
+    built = []
+    real = strategies.create_strategy
+    monkeypatch.setattr(checks, "create_strategy", lambda name, **kw: built.append(name) or real(name, **kw))
+    monkeypatch.setattr(strategies, "create_strategy", lambda name, **kw: built.append(name) or real(name, **kw))
+    assert main(["compare", "--config", str(tiny_yaml), "--rounds", "1", "--out", str(tmp_path / "c"),
+                 "--no-progress"]) == 0
+    assert sorted(built) == ["centralized", "fedavg", "fedprox"]
+    built.clear()
+    assert main(["train", "--config", str(tiny_yaml), "--method", "dp-fedavg", "--epsilon", "8", "--rounds", "1",
+                 "--out", str(tmp_path / "t"), "--no-progress"]) == 0
+    assert built == ["dp-fedavg"]
+
+
+def test_overrides_edit_the_typed_config():
+    """--rounds/--seed/--sites edit the typed sections (validated again), without a dict round trip."""
+    config = ExperimentConfig.from_dict(TINY)
+    changed = config.replace(federated={"num_rounds": 5, "local": {"batch_size": 8}}, data={"seed": 9},
+                             model={"overrides": {"depth": 2}})
+    assert changed.federated.num_rounds == 5 and changed.federated.local.batch_size == 8
+    assert changed.federated.local.local_epochs == config.federated.local.local_epochs  # untouched fields kept
+    assert changed.data.seed == 9 and dict(changed.model.overrides) == {"embed_dim": 32, "depth": 2}
+    assert changed.methods == config.methods and config.federated.num_rounds == 2  # the original is unchanged
+    with pytest.raises(ConfigError, match="unknown field"):
+        config.replace(federated={"num_round": 3})
+    with pytest.raises(ConfigError):  # each section validates itself again
+        config.replace(federated={"num_rounds": 0})
+
+
 def test_methods_and_help_list_the_registries(capsys):
     from mmpfl_core.federated.strategies import available_strategies
     from mmpfl_core.models.presets import list_presets

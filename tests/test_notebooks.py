@@ -184,9 +184,12 @@ def _expect_05(r: dict[str, Any]) -> None:
     assert r["num_sites"] == n and r["alpha"] == 0.1
     methods = {"fedavg", "fedper", "ditto", "fedavg-ft", "fedavg-kl-masks"}
     assert set(r["personal_accuracy"]) == methods
-    for table in (r["personal_accuracy"], r["global_accuracy"]):
-        assert all(0.0 <= a <= 1.0 for a in table.values())
-    assert all(0.0 <= a <= 1.0 for sites in r["site_accuracy"].values() for a in sites.values())
+    assert set(r["global_accuracy"]) == set(r["site_accuracy"]) == methods
+    # The personal accuracy is the pooled accuracy over the sites' test sets, a weighted mean of the site
+    # accuracies: it lies between the worst and the best site's.
+    for method, sites in r["site_accuracy"].items():
+        assert len(sites) == n
+        assert min(sites.values()) - 1e-9 <= r["personal_accuracy"][method] <= max(sites.values()) + 1e-9, method
     # Masks partition the model's groups exactly, at every site.
     assert r["partition_ok"]
     for shared, personal in r["partitions"].values():
@@ -204,6 +207,9 @@ def _expect_05(r: dict[str, Any]) -> None:
     assert r["mask_changes_per_round"][0] > 0, "round 1 sets the first masks"
     assert all(v >= 0 for s in r["kl_scores"].values() for v in s.values())
     assert all(0 < e <= r["target_epsilon"] * (1 + 1e-6) for e in r["adp_epsilon"].values())
+    # The smoke setting where MM-PFL-ADP shares: without the noise gate (server placement) it uploads at least
+    # one group (more than 0 bytes, less than FedAvg's) and the accountant charges for it (epsilon > 0 above).
+    assert 0 < r["bytes_ratio_by_method"]["mm-pfl-adp (server)"] < 1
     # At alpha 0.1 personalisation pays at home: the personalised methods beat FedAvg's own-site
     # accuracy on average (smoke seeds 0-1: mean 0.80 and 0.56 vs FedAvg 0.36 and 0.34;
     # kl-masks 0.84 and 0.59).
@@ -215,7 +221,6 @@ def _expect_05(r: dict[str, Any]) -> None:
     assert set(r["gate_drowned"]) == {g for g, v in r["gate_snr"].items() if v is not None and v < r["gate_min_snr"]}
     assert set(r["gate_drowned"]) == set(r["groups"])
     assert r["gate_epsilon"] == 0.0 and r["gate_megabytes_up"] == 0.0
-    assert 0.0 <= r["gate_personal_accuracy"] <= 1.0
     assert acc["fedavg-kl-masks"] >= acc["fedavg"] - 0.05
 
 
@@ -263,17 +268,35 @@ def test_notebook_claims_at_its_defaults(stem: str, tmp_path: Path, monkeypatch:
 
 def _expect_06(r: dict[str, Any]) -> None:
     methods = set(r["methods"])
-    assert {"fedavg", "dp-fedavg", "mm-pfl-adp", "mm-pfl-adp-no-fisher", "mm-pfl-adp-no-masks",
+    assert {"local-only", "fedavg", "dp-fedavg", "mm-pfl-adp", "mm-pfl-adp-no-fisher", "mm-pfl-adp-no-masks",
             "mm-pfl-adp-no-dp", "mm-pfl-adp-flair-only", "mm-pfl-adp-patient-dp"} <= methods
-    assert all(0.0 <= a <= 1.0 for a in r["personal_accuracy"].values())
-    # The accountant's epsilon stays within the budget the notebook set (0 when MM-PFL-ADP's noise gate keeps
-    # every group at home: nothing released, nothing charged).
-    assert 0 <= r["mm_pfl_adp_epsilon"] <= r["target_epsilon"] + 1e-6
+    acc = r["personal_accuracy"]
+    assert set(acc) == methods
     # Masks keep groups at home: less traffic than the same method without masks.
-    assert r["mm_pfl_adp_megabytes"] < r["no_masks_megabytes"]
-    # At the same epsilon, masks + Fisher do not lose to plain DP-FedAvg (seeded smoke run; small margin).
-    assert r["mm_pfl_adp_minus_dp_fedavg"] >= -0.05
-    assert set(r["claims"].values()) <= {"agrees", "does not hold here", "not measured"}
+    assert r["mm_pfl_adp_megabytes"] == r["megabytes"]["mm-pfl-adp"] < r["no_masks_megabytes"]
+    assert r["mm_pfl_adp_minus_dp_fedavg"] == pytest.approx(acc["mm-pfl-adp"] - acc["dp-fedavg"])
+    if r["mm_pfl_adp_megabytes"] == 0.0:
+        # Its noise gate kept every group at every site (smoke: 4 sites, epsilon 8, 3 rounds): nothing released,
+        # nothing charged, and each site trained alone, so it IS local-only training, not a DP comparison.
+        assert r["mm_pfl_adp_epsilon"] == 0.0
+        assert acc["mm-pfl-adp"] == pytest.approx(acc["local-only"], abs=1e-12)
+    else:
+        # It shared groups: charged within the budget, and at the same epsilon masks + Fisher do not lose to plain
+        # DP-FedAvg beyond a small margin.
+        assert 0 < r["mm_pfl_adp_epsilon"] <= r["target_epsilon"] + 1e-6
+        assert r["mm_pfl_adp_minus_dp_fedavg"] >= -0.05
+    # Each verdict follows from the recorded numbers (recomputed here as reproduction.claims states them).
+    ours, ref = r["proposed_method"], r["reference_method"]
+    said = {True: "agrees", False: "does not hold here"}
+    claims = r["claims"]
+    assert claims["MM-PFL-ADP needs less communication than FedAvg"] == said[r["megabytes"][ours] < r["megabytes"][ref]]
+    assert claims["MM-PFL-ADP keeps its accuracy under extreme non-IID data"] == said[
+        r["alpha_accuracy"][ours] > r["alpha_accuracy"][ref]]
+    r_ours, r_ref = r["rounds_to_target"][ours], r["rounds_to_target"][ref]
+    rounds = ("not measured" if r_ours == r_ref == "never" else said[r_ref == "never"] if "never" in (r_ours, r_ref)
+              else said[float(r_ours) < float(r_ref)])
+    assert claims["MM-PFL-ADP converges in 47 rounds vs 85 for FedAvg"] == rounds
+    assert claims["membership-inference success 52.1% (random: 50%)"] == "not measured"  # no attack section here
     # The live regime map: one winner per (sites, epsilon) cell; Ditto (no DP) never competes at a finite epsilon.
     assert r["regime_sites"] and set(r["regime_winners_per_cell"]) == {1}
     assert "ditto" not in r["regime_eligible_at_finite_epsilon"] and "local-only" in r["regime_eligible_at_finite_epsilon"]
@@ -295,8 +318,8 @@ def _expect_08(r: dict[str, Any]) -> None:
     assert r["secagg_ran"]
     assert 0 < r["secagg_max_abs_diff"] < 0.1 * r["secagg_release_noise_std"]
     assert r["secagg_epsilon_flower"] == pytest.approx(r["secagg_epsilon_inprocess"], rel=1e-12)
-    # The loopback deployment is skipped in SMOKE mode (tests/test_flower_deploy.py runs it); if it ran, it completed.
-    assert r["deployment_completed"] in ((True,) if r["deployment_ran"] else (None,))
+    # The loopback deployment is skipped at the smoke settings: the deploy tier (tests/test_flower_deploy.py) runs it.
+    assert r["deployment_ran"] is False and r["deployment_completed"] is None
 
 
 EXPECTATIONS["08_scale_out_with_flower"] = _expect_08

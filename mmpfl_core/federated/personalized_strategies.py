@@ -15,7 +15,7 @@ DP guarantee (DESIGN 4.6): only sample-level DP protects the patients of a deplo
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 from collections.abc import Mapping, Sequence, Set
 
 import torch
@@ -24,6 +24,7 @@ from torch import nn
 from ..data.contract import CohortDataset
 from ..data.federation import Federation
 from ..errors import ConfigError
+from ..models.layers import GroupedModel
 from ..personalization.masks import DynamicKLMasks, MaskSchedule
 from ..personalization.release import ScoreRelease
 from ..seeding import torch_generator
@@ -59,7 +60,7 @@ class _SecondModelTrainer:
 
     def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
                   model: nn.Module) -> None:
-        super().configure(config=config, federation=federation, client_ids=client_ids, model=model)  # type: ignore[misc]
+        super().configure(config=config, federation=federation, client_ids=client_ids, model=model)  # type: ignore[misc]  # a mixin: the next class in the MRO is a Strategy
         training, optimizer, seed = self._explicit
         self.training = config.local if training is None else self.training
         self.optimizer = config.optimizer if optimizer is None else self.optimizer
@@ -123,8 +124,9 @@ class PartialSharingStrategy(Strategy):
     def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
                   model: nn.Module) -> None:
         super().configure(config=config, federation=federation, client_ids=client_ids, model=model)
-        self.param_groups = model.parameter_groups()  # type: ignore[operator]
-        self.group_sizes = model.group_sizes()  # type: ignore[operator]
+        grouped = cast(GroupedModel, model)  # ViT and CNN alike (models.layers.GroupedModel)
+        self.param_groups = grouped.parameter_groups()
+        self.group_sizes = grouped.group_sizes()
         self._check_groups(self.param_groups)
 
     def _check_groups(self, groups: Mapping[str, Sequence[str]]) -> None:

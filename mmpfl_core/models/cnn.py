@@ -122,7 +122,7 @@ class MultiModalCNN(GroupedModel):
         self.config = cfg = config
         self.num_classes = cfg.num_classes
         with torch.random.fork_rng(devices=[]):  # creation leaves the global RNG untouched
-            self.backbone = ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=cfg.channels,  # type: ignore[arg-type]
+            self.backbone = ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=cfg.channels,  # type: ignore[arg-type]  # timm types block as an instance; it takes the class
                                    in_chans=cfg.num_modalities, num_classes=0, stem_width=cfg.channels[0],
                                    stem_type="deep", norm_layer=_group_norm, act_layer=_relu,
                                    block_args={"attn_layer": _OutOfPlaceResidual})
@@ -131,7 +131,7 @@ class MultiModalCNN(GroupedModel):
             self.clinical_proj = nn.Linear(cfg.num_clinical, width) if cfg.use_clinical else None
             self.num_features = width * (2 if cfg.use_clinical else 1)
             self.head_drop = nn.Dropout(cfg.drop_rate)
-            self.head: nn.Module = nn.Linear(self.num_features, cfg.num_classes)
+            self.head = nn.Linear(self.num_features, cfg.num_classes)
         self.init_weights(generator)
 
     @torch.no_grad()
@@ -179,9 +179,3 @@ class MultiModalCNN(GroupedModel):
                 out[group] = names
         return out
 
-    def reset_classifier(self, num_classes: int, *, generator: torch.Generator | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            g = generator or torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
-            init_module(self.head, g)

@@ -43,6 +43,10 @@ class GroupedModel(nn.Module):
     """A model whose parameters are split into named groups (``parameter_groups``): the unit of masks,
     clipping bounds and noise allocation. Shared by the ViT and the CNN so both count groups alike."""
 
+    num_features: int  # width of the features the head reads
+    num_classes: int
+    head: nn.Module
+
     def parameter_groups(self) -> dict[str, list[str]]:  # pragma: no cover - every model overrides it
         raise NotImplementedError
 
@@ -50,6 +54,14 @@ class GroupedModel(nn.Module):
         """Number of scalars per parameter group, in the order of :meth:`parameter_groups`."""
         params = dict(self.named_parameters())
         return {g: sum(params[n].numel() for n in names) for g, names in self.parameter_groups().items()}
+
+    def reset_classifier(self, num_classes: int, *, generator: torch.Generator | None = None) -> None:
+        """Replace the head on ``self.num_features`` (``num_classes=0`` gives an identity head, as in timm)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            g = generator or torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
+            init_module(self.head, g)
 
 
 class AdditiveEmbedding(nn.Module):
@@ -237,16 +249,19 @@ _RULES: dict[type[nn.Module], Callable[[Any, torch.Tensor], torch.Tensor]] = {
 }
 
 
+def _embedding_grad_sample(layer: nn.Module, backprops: torch.Tensor) -> tuple[nn.Parameter, torch.Tensor | None]:
+    """The layer's weight and its per-sample gradients (B, *weight.shape), or None when it is frozen."""
+    weight = cast(nn.Parameter, layer.weight)
+    return weight, (_RULES[type(layer)](layer, backprops) if weight.requires_grad else None)
+
+
 @register_grad_sampler([AdditiveEmbedding, ModalityEmbedding, ClassToken])
 def compute_embedding_grad_sample(
     layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients of the embedding modules of this file (see module docstring)."""
-    if not layer.weight.requires_grad:
-        return {}
-    weight = cast(nn.Parameter, layer.weight)
-    gs = _RULES[type(layer)](layer, backprops)
-    return {weight: gs.to(weight.dtype)}
+    weight, gs = _embedding_grad_sample(layer, backprops)
+    return {} if gs is None else {weight: gs.to(weight.dtype)}
 
 
 @register_norm_sampler([AdditiveEmbedding, ModalityEmbedding, ClassToken])
@@ -254,8 +269,5 @@ def compute_embedding_norm_sample(
     layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradient norms (ghost clipping): the parameters are small, so materialise them."""
-    if not layer.weight.requires_grad:
-        return {}
-    weight = cast(nn.Parameter, layer.weight)
-    gs = _RULES[type(layer)](layer, backprops)
-    return {weight: gs.flatten(start_dim=1).norm(2, dim=1)}  # (B,)
+    weight, gs = _embedding_grad_sample(layer, backprops)
+    return {} if gs is None else {weight: gs.flatten(start_dim=1).norm(2, dim=1)}  # (B,)

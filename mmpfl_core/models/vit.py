@@ -204,7 +204,7 @@ class MultiModalViT(GroupedModel):
                     clinical_width = D
             self.num_features = D + clinical_width
             self.head_drop = nn.Dropout(cfg.drop_rate)
-            self.head: nn.Module = nn.Linear(self.num_features, cfg.num_classes)
+            self.head = nn.Linear(self.num_features, cfg.num_classes)
         self.init_weights(generator)
 
     # ------------------------------------------------------------------ init
@@ -319,13 +319,6 @@ class MultiModalViT(GroupedModel):
         """Logits (B, num_classes) for images (B, M, H, W), mask (B, M) bool, clinical (B, K)."""
         return self.forward_head(self.forward_features(images, modality_mask, clinical))
 
-    def reset_classifier(self, num_classes: int, *, generator: torch.Generator | None = None) -> None:
-        """Replace the head (``num_classes=0`` gives an identity head, as in timm)."""
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            g = generator or torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
-            init_module(self.head, g)
 
     # ------------------------------------------------------------------ groups
     def _group_paths(self) -> list[tuple[str, list[str]]]:

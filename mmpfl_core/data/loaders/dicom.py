@@ -43,7 +43,7 @@ import numpy as np
 
 from ...errors import DataError
 from ..contract import MODALITIES, Cohort
-from .volumes import load_volume_subjects, one_line
+from .volumes import assign_sequence, load_volume_subjects, one_line
 
 #: Relative tolerance on the spacing between consecutive slices.
 _SLICE_STEP_TOLERANCE = 0.01
@@ -182,14 +182,7 @@ def _find_series_folders(subject_dir: Path, modalities: tuple[str, ...]) -> dict
     """Map each modality to its series folder in ``subject_dir`` (``t1/`` or ``*_t1/``), if any."""
     found: dict[str, Path] = {}
     for path in sorted(p for p in subject_dir.iterdir() if p.is_dir()):
-        name = path.name.lower()
-        for modality in modalities:
-            key = modality.lower()
-            if name == key or name.endswith("_" + key):
-                if modality in found:
-                    raise DataError(f"subject folder {subject_dir} has two {modality} series folders: "
-                                    f"{found[modality].name} and {path.name}; keep one.")
-                found[modality] = path
+        assign_sequence(found, modalities, path.name.lower(), path, subject_dir, "series folders")
     return found
 
 

@@ -205,3 +205,16 @@ def subject_files(root: Path, subject: str, modalities: tuple[str, ...], require
                         f"{example.format(m=modalities[0].lower(), s=subject)}"
                         + (" (require_all=True)." if files else "."))
     return files
+
+
+def assign_sequence(found: dict[str, Path], modalities: Sequence[str], stem: str, path: Path, subject_dir: Path,
+                    kind: str) -> None:
+    """Record ``path`` under the modality its lower-cased ``stem`` names (``t1`` or ``*_t1``; ``_t1`` does not
+    match ``_t1ce``), refusing a second file or folder for the same modality (``kind`` names which)."""
+    for modality in modalities:
+        key = modality.lower()
+        if stem == key or stem.endswith("_" + key):
+            if modality in found:
+                raise DataError(f"subject folder {subject_dir} has two {modality} {kind}: "
+                                f"{found[modality].name} and {path.name}; keep one.")
+            found[modality] = path
