@@ -31,7 +31,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -m "not research" $(PYTEST_ARGS)
 
-## test-fast: unit + integration (no notebooks, no deployment), under 4 minutes on 2 cores
+## test-fast: unit + integration (no notebooks, no Flower/Ray, no deployment), under 4 minutes on 2 cores
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "unit or integration" $(PYTEST_ARGS)
 

@@ -12,12 +12,14 @@ tier           what                                                          bud
 unit           maths, configs, data, single modules (seconds)                60 s
 integration    federated runs, the CLI end to end, attacks on real releases  300 s
 notebook       a notebook under papermill at the smoke settings              900 s
-deploy         the Flower loopback deployment (SuperLink + SuperNodes)       660 s
+deploy         Flower: the simulation engine (Ray) and the loopback          660 s
+               deployment (SuperLink + SuperNodes), every ``flower`` test
 research       a claim checked at full defaults (``make research``)          1800 s
 =============  ============================================================  ==============
 
 A test file's tier is set in :data:`INTEGRATION_FILES` / :data:`DEPLOY_FILES` (else unit), or by an explicit
-marker on the test (``notebook``, ``research``), which wins. An explicit ``@pytest.mark.timeout`` wins over
+marker on the test (``notebook``, ``research``), which wins; a test marked ``flower`` (it starts Ray or
+Flower processes, ~50 s of start-up) is in the deploy tier. An explicit ``@pytest.mark.timeout`` wins over
 the tier's budget.
 """
 from __future__ import annotations
@@ -67,6 +69,8 @@ def _tier(item: pytest.Item) -> str:
         raise pytest.UsageError(f"{item.nodeid} is marked with several tiers {explicit}; keep one.")
     if explicit:
         return explicit[0]
+    if item.get_closest_marker("flower") is not None:
+        return "deploy"
     name = item.path.name
     return "deploy" if name in DEPLOY_FILES else "integration" if name in INTEGRATION_FILES else "unit"
 
