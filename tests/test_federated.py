@@ -164,3 +164,20 @@ def test_rounds_to_target_follows_the_deployed_models(tiny_federation, tiny_mode
     summary = sim.summarise()
     assert summary["rounds_to_target"] == 3
     assert summary["megabytes_to_target"] == pytest.approx(3 * 250 * 4 / 1e6)
+
+
+def test_proximal_term_is_half_weight_squared_distance_and_its_gradient():
+    """FedProx's and Ditto's shared term: (w/2)||theta - anchor||^2 over the anchored parameters only."""
+    from mmpfl_core.federated.strategies import proximal_term
+
+    model = torch.nn.Linear(3, 2)
+    anchor = {"weight": torch.zeros(2, 3), "bias": torch.ones(2)}
+    anchor_weight_only = {"weight": anchor["weight"]}
+    term = proximal_term(anchor, 0.4)(model)
+    expected = 0.2 * (model.weight.detach().pow(2).sum() + (model.bias.detach() - 1).pow(2).sum())
+    assert float(term) == pytest.approx(float(expected), rel=1e-6)
+    term.backward()
+    assert torch.allclose(model.weight.grad, 0.4 * model.weight.detach())
+    assert torch.allclose(model.bias.grad, 0.4 * (model.bias.detach() - 1))
+    assert float(proximal_term(anchor_weight_only, 0.4)(model)) == pytest.approx(
+        float(0.2 * model.weight.detach().pow(2).sum()), rel=1e-6)  # unanchored parameters are free

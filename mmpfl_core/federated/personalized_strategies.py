@@ -30,7 +30,7 @@ from ..personalization.release import ScoreRelease
 from ..seeding import torch_generator
 from .client import ClientUpdate, LossRegulariser, local_update, trainable_state
 from .config import FederatedConfig, LocalTrainingConfig, OptimizerConfig
-from .strategies import State, Strategy, register_strategy
+from .strategies import State, Strategy, proximal_term, register_strategy
 
 __all__ = ["Ditto", "FedAvgFineTune", "FedAvgKLMasks", "FedPer", "FedRep", "PartialSharingStrategy"]
 
@@ -284,12 +284,8 @@ class Ditto(_SecondModelTrainer, Strategy):
         assert self._round_global is not None  # set by client_start_state() before the site trains
         anchor = {n: t.detach() for n, t in self._round_global.items()}
         scratch.load_state_dict(self.personal.get(site_id, anchor), strict=False)
-
-        def proximal(m: nn.Module) -> torch.Tensor:
-            terms = [((p - anchor[n]) ** 2).sum() for n, p in m.named_parameters() if n in anchor]
-            return 0.5 * self.lam * torch.stack(terms).sum()
         self._train(scratch, self.train_sets[site_id], stream=_DITTO_STREAM, round_index=self._round, site=site_id,
-                    regulariser=proximal if self.lam > 0 else None)
+                    regulariser=proximal_term(anchor, self.lam) if self.lam > 0 else None)
         self.personal[site_id] = trainable_state(scratch)
 
     def personal_state(self, site_id: int, global_state: State) -> State | None:

@@ -228,14 +228,18 @@ class FedProx(Strategy):
         self.mu = mu
 
     def regulariser(self, site_id: int, global_state: State) -> LossRegulariser | None:
-        if self.mu == 0:
-            return None
-        anchor = {n: t.detach() for n, t in global_state.items()}
+        return proximal_term(global_state, self.mu) if self.mu > 0 else None
 
-        def proximal(model: nn.Module) -> torch.Tensor:
-            terms = [((p - anchor[n].to(p.device)) ** 2).sum() for n, p in model.named_parameters() if n in anchor]
-            return 0.5 * self.mu * torch.stack(terms).sum()
-        return proximal
+
+def proximal_term(anchor_state: State, weight: float) -> LossRegulariser:
+    """``(weight / 2) * ||theta - anchor||^2`` over the parameters named in ``anchor_state`` (detached):
+    FedProx's term toward the global model and Ditto's toward it for the personal model."""
+    anchor = {n: t.detach() for n, t in anchor_state.items()}
+
+    def proximal(model: nn.Module) -> torch.Tensor:
+        terms = [((p - anchor[n].to(p.device)) ** 2).sum() for n, p in model.named_parameters() if n in anchor]
+        return 0.5 * weight * torch.stack(terms).sum()
+    return proximal
 
 
 @register_strategy("centralized")
