@@ -1,16 +1,14 @@
-"""An experiment: data, federation, model and round-loop configs, plus the methods to compare.
+"""Running an experiment: its federation, model factory, one method's run, and the comparison table.
 
-This is the edge where YAML (``configs/*.yaml``), the CLI and notebook parameters become typed
-configs. :func:`run_method` trains one method; :func:`compare_methods` trains several on the same
-federation and returns a table with 95% confidence intervals.
+The typed configs (and their YAML/CLI edge) live in :mod:`mmpfl_core.experiment_config` and are
+re-exported here. :func:`run_method` trains one method; :func:`compare_methods` trains several on the
+same federation and returns a table with 95% confidence intervals.
 
-``data`` is either the synthetic cohort (:class:`SyntheticCohortConfig`, the default) or a cohort
-file a user converted from their own NIfTI/DICOM/PNG files (:class:`CohortSource`, YAML
-``data: {cohort: PATH}``, CLI ``--data PATH``), split into sites by its site column. Before any run
-directory is created, every method is built and checked against the data (a Fisher method needs a
-public set; the model's image size, sequences and classes must match the cohort), so a bad input
-fails with one clear error and leaves nothing behind; a run that fails before its first checkpoint
-or metrics row is removed again.
+Before any run directory is created, every method's strategy is built once and checked against the
+data (:func:`~mmpfl_core.experiment_checks.build_checked_strategy`: a Fisher method needs a public
+set; the model's image size, sequences and classes must match the cohort), so a bad input fails with
+one clear error and leaves nothing behind; each run then trains with the strategy built for it. A
+run that fails before its first checkpoint or metrics row is removed again.
 """
 from __future__ import annotations
 
