@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmpfl-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast reproduce bench notebooks-clean clean flower-sim flower-deploy flower-deploy-secure
+.PHONY: install lint demo test test-fast research reproduce bench notebooks-clean clean flower-sim flower-deploy flower-deploy-secure
 
 install: $(STAMP)
 
@@ -17,20 +17,30 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+## lint: ruff (lint rules and the formatter's check) and mypy on mmpfl_core/, configured in pyproject.toml
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mmpfl_core
+	$(VENV)/bin/ruff format --check mmpfl_core
+	$(VENV)/bin/mypy mmpfl_core
+
 ## demo: the main job on the embedded synthetic cohort (results/ holds its outputs)
 demo: $(STAMP)
 	$(VENV)/bin/mmpfl demo
 
-## test: the whole suite, notebooks included (papermill, smoke parameters)
+## test: every tier but research: unit, integration, notebooks (papermill, smoke parameters), the Flower deployment
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not research" $(PYTEST_ARGS)
 
-## test-fast: everything except the notebook runs
+## test-fast: unit + integration (no notebooks, no Flower/Ray, no deployment), under 4 minutes on 2 cores
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not notebook" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "unit or integration" $(PYTEST_ARGS)
 
-## reproduce: the paper-style reproduction at teaching scale (results/reproduce-teaching/REPORT.md)
-reproduce: $(STAMP)
+## research: claims checked at full defaults (e.g. notebook 01 at its defaults, ~5 minutes on 2 cores)
+research: $(STAMP)
+	$(PY) -m pytest -m research $(PYTEST_ARGS)
+
+## reproduce: the research tier, then the paper-style reproduction at teaching scale (results/reproduce-teaching/)
+reproduce: research
 	$(VENV)/bin/mmpfl reproduce --preset teaching
 
 ## bench: benchmarks that print ratios (bench/results/)

@@ -3,7 +3,7 @@
 Why this exists: issue 16 asks that the lesion signal the generator plants be learnable but not
 trivially so at 64 px (a CNN does not reach 1.0, FLAIR alone is above chance, images fused with the
 clinical variables beat every single source). This trains, with notebook 01's recipe
-(:func:`mmpfl_core.recipes.train_centralized`, warm-up + cosine, AdamW), on the pooled training splits of
+(:func:`mmpfl_core.centralized.train_centralized`, warm-up + cosine, AdamW), on the pooled training splits of
 the quickstart federation and prints balanced accuracy on the global test set per variant, with a
 95% Student-t interval over seeds (bootstrap over test subjects with one seed). It also sweeps the
 CNN's learning rate (``--cnn-lrs``), so notebook 01 compares its ViT with the CNN at the CNN's best.
@@ -27,7 +27,7 @@ from mmpfl_core.data.contract import concatenate
 from mmpfl_core.data.transforms import clinical_only, select_modalities
 from mmpfl_core.experiment import ExperimentConfig, make_federation
 from mmpfl_core.models import create_model
-from mmpfl_core.recipes import TrainingRecipe, compare_over_seeds
+from mmpfl_core.centralized import TrainingRecipe, compare_over_seeds
 
 #: Model presets per resolution: the hybrid ViT and the CNN baseline of that size.
 PRESETS = {32: ("hybrid-tiny", "cnn"), 64: ("hybrid-teaching", "cnn-teaching")}

@@ -16,7 +16,7 @@ import numpy as np
 from nibabel.testing import data_path
 
 from mmpfl_core.data.contract import normalise_intensity
-from mmpfl_core.data.loaders_nifti import load_nifti_image
+from mmpfl_core.data.loaders.nifti import load_nifti_image
 
 PATH = f"{data_path}/anatomical.nii"
 REPEATS = 50

@@ -6,7 +6,7 @@ Example::
         --image-size 64 --modalities T1 T2 FLAIR
 
 The loading rules (folder names, slice order, geometry, missing sequences, labels CSV) are documented
-in ``mmpfl_core.data.loaders_dicom``; this script only parses arguments and saves.
+in ``mmpfl_core.data.loaders.dicom``; this script only parses arguments and saves.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ Example::
         --split train --image-size 64 --class-names normal pneumonia
 
 Nothing is downloaded. The loading rules are documented in
-``mmpfl_core.data.loaders_images.load_medmnist_npz``; this script only parses arguments and saves.
+``mmpfl_core.data.loaders.images.load_medmnist_npz``; this script only parses arguments and saves.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from mmpfl_core.errors import DataError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("npz", type=Path, help="MedMNIST .npz file")
-    parser.add_argument("out", type=Path, help="output cohort file (written by mmpfl_core.data.io.save_cohort)")
+    parser.add_argument("out", type=Path, help="output cohort file (written by mmpfl_core.data.cohort_files.save_cohort)")
     parser.add_argument("--split", choices=("train", "val", "test"), default="train")
     parser.add_argument("--image-size", type=int, default=None, help="output side length (default: keep)")
     parser.add_argument("--class-names", nargs="+", default=None, help="the dataset's class names, in label order")
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from mmpfl_core.data.io import save_cohort  # imported here so that --help works without the io module
+    from mmpfl_core.data.cohort_files import save_cohort  # imported here so that --help works without the io module
 
     try:
         cohort = load_medmnist_npz(args.npz, split=args.split, image_size=args.image_size,

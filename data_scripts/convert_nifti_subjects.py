@@ -6,7 +6,7 @@ Example::
         --image-size 64 --modalities T1 T2 FLAIR --slices-per-subject 3
 
 The loading rules (file names, slice choice, missing sequences, labels CSV) are documented in
-``mmpfl_core.data.loaders_nifti.load_nifti_subjects``; this script only parses arguments and saves.
+``mmpfl_core.data.loaders.nifti.load_nifti_subjects``; this script only parses arguments and saves.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ Example::
         --image-size 64 --modalities T1 T2 FLAIR --clinical-csv ~/data/ms_slices/clinical.csv
 
 The loading rules (modality suffixes, missing sequences, clinical CSV) are documented in
-``mmpfl_core.data.loaders_images.load_slice_folders``; this script only parses arguments and saves.
+``mmpfl_core.data.loaders.images.load_slice_folders``; this script only parses arguments and saves.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from mmpfl_core.errors import DataError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="folder with one sub-folder per class")
-    parser.add_argument("out", type=Path, help="output cohort file (written by mmpfl_core.data.io.save_cohort)")
+    parser.add_argument("out", type=Path, help="output cohort file (written by mmpfl_core.data.cohort_files.save_cohort)")
     parser.add_argument("--image-size", type=int, default=64, help="output side length H = W (default 64)")
     parser.add_argument("--modalities", nargs="+", default=list(MODALITIES), help="sequence names, in order")
     parser.add_argument("--class-names", nargs="+", default=None, help="fixed class list (default: folder names)")
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from mmpfl_core.data.io import save_cohort  # imported here so that --help works without the io module
+    from mmpfl_core.data.cohort_files import save_cohort  # imported here so that --help works without the io module
 
     try:
         cohort = load_slice_folders(args.root, image_size=args.image_size, modalities=args.modalities,

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from mmpfl_core.data.federation import FederationConfig, build_federation
-from mmpfl_core.data.io import save_federation
+from mmpfl_core.data.cohort_files import save_federation
 from mmpfl_core.data.summary import cohort_summary_table
 from mmpfl_core.data.synthetic import SyntheticCohortConfig
 from mmpfl_core.paths import data_root

@@ -34,7 +34,7 @@ def _privacy_overrides(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _load(args: argparse.Namespace):
-    from .experiment import load_experiment, with_cohort
+    from .experiment_config import load_experiment, with_cohort
     config = with_cohort(load_experiment(args.config), args.data)
     if args.rounds is not None:
         config = config.replace(federated={"num_rounds": args.rounds})
@@ -59,7 +59,7 @@ def select_method(config, name: str, privacy: dict[str, float]):
     ``privacy`` (``target_epsilon``/``delta``) overrides the method's arguments; the label says the budget."""
     import dataclasses
 
-    from .experiment import MethodSpec
+    from .experiment_config import MethodSpec
     from .federated.strategies import available_strategies
     method = (next((m for m in config.methods if m.label == name), None)
               or next((m for m in config.methods if m.strategy == name), None))
@@ -71,23 +71,15 @@ def select_method(config, name: str, privacy: dict[str, float]):
         method = MethodSpec(name)
     elif method.label != name:
         method = dataclasses.replace(method, label=name)
-    if privacy:
+    if privacy:  # checked where the strategy is built, once (experiment_checks.build_checked_strategy)
         method = dataclasses.replace(method, kwargs={**method.kwargs, **privacy})
         if "target_epsilon" in privacy:
             method = dataclasses.replace(method, label=f"{name}-eps{privacy['target_epsilon']:g}")
-        from .federated.strategies import create_strategy
-        try:  # built once here so that a non-private method given --epsilon says so plainly
-            create_strategy(method.strategy, **dict(method.kwargs))
-        except ConfigError as exc:
-            if "unexpected keyword" in str(exc):
-                raise ConfigError(f"--epsilon/--delta apply to differentially private methods; {name!r} takes no "
-                                  f"privacy budget. Drop them, or pick a DP method (e.g. dp-fedavg, mm-pfl-adp).") from exc
-            raise
     return method
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .data.io import save_federation
+    from .data.cohort_files import save_federation
     from .data.summary import cohort_summary_table
     from .experiment import make_federation
     from .paths import data_root
@@ -117,16 +109,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import dataclasses
-
+    from .experiment_config import with_privacy_budget
     from .reporting import write_comparison_report
     from .tables import markdown_table
     config = _load(args)
-    privacy = _privacy_overrides(args)
-    if privacy:  # the budget of every DP method (those that take a target_epsilon)
-        config = dataclasses.replace(config, methods=tuple(
-            dataclasses.replace(m, kwargs={**m.kwargs, **privacy}) if "target_epsilon" in m.kwargs else m
-            for m in config.methods))
+    config = with_privacy_budget(config, args.epsilon, delta=args.delta)  # the budget of every DP method
     out = _results_dir(args, config.name)
     report = write_comparison_report(config, out, progress=not args.no_progress)
     print(markdown_table(report.table))
@@ -190,28 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpfl", description=__doc__.splitlines()[0], epilog=_epilog(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("generate", help="generate the synthetic cohort and its federation into the data root")
-    _common(p)
-    p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("train", help="train one method and write its report", epilog=_epilog(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(p)
-    p.add_argument("--method", default="fedavg", help="a method name (see `mmpfl methods`) or a label of the config")
-    p.set_defaults(func=cmd_train)
-    p = sub.add_parser("compare", help="train every method of the config and write a report")
-    _common(p)
-    p.set_defaults(func=cmd_compare)
-    p = sub.add_parser("reproduce", help="the paper-style comparison: all methods, alphas, seeds, site sweep")
+
+    def command(name: str, help: str, func, *, common: bool = True, **kwargs) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, **kwargs)
+        if common:
+            _common(p)
+        p.set_defaults(func=func)
+        return p
+
+    command("generate", "generate the synthetic cohort and its federation into the data root", cmd_generate)
+    command("train", "train one method and write its report", cmd_train, epilog=_epilog(),
+            formatter_class=argparse.RawDescriptionHelpFormatter).add_argument(
+        "--method", default="fedavg", help="a method name (see `mmpfl methods`) or a label of the config")
+    command("compare", "train every method of the config and write a report", cmd_compare)
+    p = command("reproduce", "the paper-style comparison: all methods, alphas, seeds, site sweep", cmd_reproduce,
+                common=False)
     p.add_argument("--preset", default="teaching", help="smoke | teaching | paper, or a YAML path")
     p.add_argument("--data", type=Path, help="a converted cohort file for the main comparison (see train --data)")
     p.add_argument("--out", type=Path, help="results folder (default results/reproduce-<preset>)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=cmd_reproduce)
-    p = sub.add_parser("demo", help="the quickstart comparison on the embedded cohort (what `make demo` runs)")
-    _common(p)
-    p.set_defaults(func=cmd_compare)
-    p = sub.add_parser("methods", help="list the registered methods, model presets and experiment presets")
-    p.set_defaults(func=cmd_methods)
+    command("demo", "the quickstart comparison on the embedded cohort (what `make demo` runs)", cmd_compare)
+    command("methods", "list the registered methods, model presets and experiment presets", cmd_methods, common=False)
     return parser
 
 

@@ -5,7 +5,8 @@ Only the edges call these; library code takes the dataclasses themselves.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Mapping
 
 from .errors import ConfigError
 
@@ -19,7 +20,7 @@ def dataclass_from_dict(cls: type[T], values: Mapping[str, Any] | None, where: s
     validates the values.
     """
     values = dict(values or {})
-    allowed = {f.name for f in dataclasses.fields(cls)}
+    allowed = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # T is a dataclass type
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}.")

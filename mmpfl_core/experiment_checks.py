@@ -7,19 +7,15 @@ only read configs and the federation; they never train and never write.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from .data.cohort_federation import CohortSource
 from .data.federation import Federation
 from .errors import ConfigError
+from .experiment_config import ExperimentConfig, MethodSpec
 from .federated.strategies import Strategy, create_strategy
 from .models.presets import get_config
 
-if TYPE_CHECKING:
-    from .experiment import ExperimentConfig, MethodSpec
 
-
-def describe_data(config: "ExperimentConfig", federation: Federation) -> str:
+def describe_data(config: ExperimentConfig, federation: Federation) -> str:
     """One sentence for reports: what the data is and how it was split."""
     ref = federation.sites[0].train
     public = 0 if federation.public is None else len(federation.public)
@@ -45,7 +41,7 @@ def data_shape(federation: Federation) -> dict[str, int]:
                 num_clinical=len(reference.clinical_names), num_classes=reference.num_classes)
 
 
-def check_model_matches_data(config: "ExperimentConfig", federation: Federation) -> None:
+def check_model_matches_data(config: ExperimentConfig, federation: Federation) -> None:
     """Raise :class:`ConfigError` when the model config cannot take the data (named field, both values, fix)."""
     shape = data_shape(federation)
     reference = federation.sites[0].train
@@ -56,7 +52,7 @@ def check_model_matches_data(config: "ExperimentConfig", federation: Federation)
                 f"model.overrides.{key}={wanted!r} but the data has {_SHAPE_FIELDS[key]} {value} "
                 f"(sequences {reference.modality_names}, classes {reference.class_names}). Remove the override "
                 "(the model takes its shape from the data), or convert the data again to match.")
-    patch = config.model.overrides.get("patch_size", get_config(config.model.preset).patch_size)
+    patch = config.model.overrides.get("patch_size", getattr(get_config(config.model.preset), "patch_size", 1))  # a CNN has none
     if shape["image_size"] % patch:
         raise ConfigError(
             f"the data's images are {shape['image_size']}x{shape['image_size']} px, not a multiple of the model "
@@ -70,7 +66,7 @@ def check_model_matches_data(config: "ExperimentConfig", federation: Federation)
                               f"its sequences are {reference.modality_names}.")
 
 
-def build_checked_strategy(method: "MethodSpec", federation: Federation) -> Strategy:
+def build_checked_strategy(method: MethodSpec, federation: Federation) -> Strategy:
     """The method's strategy, checked against the data before anything is trained or written.
 
     A strategy that allocates noise with the Fisher information (``dp-fedavg-fisher``,
@@ -78,7 +74,15 @@ def build_checked_strategy(method: "MethodSpec", federation: Federation) -> Stra
     """
     from .federated.dp_fisher import DPFedAvgFisher
 
-    strategy = create_strategy(method.strategy, **dict(method.kwargs))
+    try:
+        strategy = create_strategy(method.strategy, **dict(method.kwargs))
+    except ConfigError as exc:
+        budget = sorted({"target_epsilon", "delta"} & set(method.kwargs))
+        if budget and "unexpected keyword" in str(exc):
+            raise ConfigError(f"method {method.label!r}: --epsilon/--delta ({', '.join(budget)}) apply to "
+                              f"differentially private methods; {method.strategy!r} takes no privacy budget. "
+                              "Drop them, or pick a DP method (e.g. dp-fedavg, mm-pfl-adp).") from exc
+        raise
     if isinstance(strategy, DPFedAvgFisher) and (federation.public is None or len(federation.public) == 0):
         raise ConfigError(
             f"method {method.label!r} ({method.strategy}) estimates the Fisher information on a public server set, "

@@ -105,3 +105,21 @@ def test_multi_round_sampled_release_passes_too():
     assert 0 < result.claimed_epsilon <= 2.0 and result.epsilon_lower_bound <= result.claimed_epsilon
     broken, _, _ = audit_client_level_dp(config, variant="noise-divided-by-10")
     assert broken.violates_claim
+
+
+def test_broken_variants_restore_exactly_what_they_patched():
+    """A broken variant patches the real release only inside its context: afterwards the module functions
+    and the strategy's own methods are the originals again (an audit must not leave a broken mechanism behind)."""
+    from mmpfl_core.attacks.variants import broken_mechanism
+    from mmpfl_core.federated import dp_strategies
+    from mmpfl_core.federated.strategies import create_strategy
+
+    strategy = create_strategy("dp-fedavg", noise_multiplier=1.0, accountant="rdp")
+    before = (dp_strategies.clip_per_group, dp_strategies.gaussian_noise_like)
+    for variant in ("no-clipping", "noise-x0.5", "per-site-noise-over-m-min"):
+        with broken_mechanism(variant, strategy):
+            patched = (dp_strategies.clip_per_group, dp_strategies.gaussian_noise_like,
+                       "participant_noise_stds" in vars(strategy))
+            assert patched != (*before, False), variant
+        assert (dp_strategies.clip_per_group, dp_strategies.gaussian_noise_like) == before, variant
+        assert "participant_noise_stds" not in vars(strategy), variant  # the class's method shows through again

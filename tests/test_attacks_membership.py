@@ -11,7 +11,8 @@ from sklearn.metrics import roc_auc_score
 from mmpfl_core.attacks.membership import (attack_metrics, cross_fitted_predictions, lira_offline_scores,
                                            logit_confidence, loss_scores, random_guess_auc_band,
                                            reference_calibrated_scores, roc, tpr_at_fpr)
-from mmpfl_core.attacks.targets import MembershipConfig, membership_candidates, run_membership_attacks, train_shadows
+from mmpfl_core.attacks.targets import MembershipConfig, membership_candidates, run_membership_attacks
+from mmpfl_core.reproduction.membership import train_shadows
 from mmpfl_core.errors import ConfigError, DataError
 from mmpfl_core.experiment import ExperimentConfig, MethodSpec, make_federation, model_factory, run_method
 
@@ -136,7 +137,7 @@ def test_attacks_run_on_the_global_and_personal_models(tiny_runs, target):
 def test_the_papers_claim_is_judged_by_the_confidence_interval():
     import pandas as pd
 
-    from mmpfl_core.attacks.evaluation import PAPER_MIA_SUCCESS, membership_claim
+    from mmpfl_core.reproduction.membership import PAPER_MIA_SUCCESS, membership_claim
 
     def frame(low: float, point: float) -> pd.DataFrame:
         return pd.DataFrame([{"method": "mm-pfl-adp", "target": "global model", "attack": "LiRA (offline)",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mmpfl_core.data.federation import FederationConfig, build_federation
-from mmpfl_core.data.io import load_cohort, load_federation, save_cohort, save_federation
+from mmpfl_core.data.cohort_files import load_cohort, load_federation, save_cohort, save_federation
 from mmpfl_core.data.synthetic import SyntheticCohortConfig, generate_subjects
 from mmpfl_core.errors import DataError
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import PLAIN_SGD, tiny_run_config
 from mmpfl_core.data.federation import Federation
 from mmpfl_core.errors import ConfigError
 from mmpfl_core.federated.client import ClientUpdate
-from mmpfl_core.federated.config import FederatedConfig, LocalTrainingConfig, OptimizerConfig
+from mmpfl_core.federated.config import FederatedConfig
 from mmpfl_core.federated.dp_strategies import DPFedAvg
 from mmpfl_core.federated.simulation import FederatedSimulation, run_federated
 from mmpfl_core.federated.strategies import Strategy, create_strategy, weighted_average_update
@@ -21,10 +22,7 @@ from mmpfl_core.seeding import numpy_generator
 
 
 def _config(**changes) -> FederatedConfig:
-    base = FederatedConfig(num_rounds=2, local=LocalTrainingConfig(local_steps=1, batch_size=16),
-                           optimizer=OptimizerConfig(name="sgd", lr=0.05, momentum=0.0, weight_decay=0.0),
-                           bootstrap_resamples=0, checkpoint_every=0, device="cpu")
-    return dataclasses.replace(base, **changes)
+    return tiny_run_config(**{"local_steps": 1, "optimizer": PLAIN_SGD, "bootstrap_resamples": 0, **changes})
 
 
 def _without_timing(history):

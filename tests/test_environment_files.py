@@ -1,6 +1,7 @@
 """The dependency lists of pyproject.toml, environment.yml and binder/environment.yml agree."""
 from __future__ import annotations
 
+import shlex
 import tomllib
 from pathlib import Path
 
@@ -30,9 +31,29 @@ def test_binder_environment_matches_pyproject():
     assert _conda_pip_requirements(ROOT / "binder" / "environment.yml") == _pyproject_requirements()
 
 
+def _post_build_commands(text: str) -> list[list[str]]:
+    return [shlex.split(line) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _post_build_problems(text: str) -> list[str]:
+    """What would make Binder's build wrong: a failing step that does not stop it, no editable install of
+    the kit (without re-resolving the pinned environment), or a script that does not exist."""
+    commands = _post_build_commands(text)
+    problems = []
+    if ["set", "-euo", "pipefail"] not in commands:
+        problems.append("no `set -euo pipefail`: a failing step would not fail the build")
+    if ["python", "-m", "pip", "install", "--no-deps", "-e", "."] not in commands:
+        problems.append("no `python -m pip install --no-deps -e .` (the kit, over binder/environment.yml)")
+    for cmd in commands:
+        if cmd[0] == "python" and cmd[1].endswith(".py") and not (ROOT / cmd[1]).is_file():
+            problems.append(f"{cmd[1]} does not exist")
+    return problems
+
+
 def test_binder_post_build_installs_the_kit():
-    post_build = (ROOT / "binder" / "postBuild").read_text()
-    assert "pip install" in post_build and " -e ." in post_build
+    assert _post_build_problems((ROOT / "binder" / "postBuild").read_text()) == []
+    # ...and flags the broken scripts it guards against.
+    assert len(_post_build_problems("pip install -e .\npython data_scripts/gone.py\n")) == 3
 
 
 def test_python_version_agrees():

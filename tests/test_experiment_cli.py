@@ -86,6 +86,39 @@ def test_cli_train_and_error_exit_code(tiny_yaml: Path, tmp_path: Path, capsys):
     assert "unknown" in capsys.readouterr().err
 
 
+def test_each_strategy_is_built_once_per_run(tiny_yaml: Path, tmp_path: Path, monkeypatch):
+    """compare/train build every method's strategy exactly once (checked, then trained), not again per stage."""
+    import mmpfl_core.experiment_checks as checks
+    from mmpfl_core.federated import strategies
+
+    built = []
+    real = strategies.create_strategy
+    monkeypatch.setattr(checks, "create_strategy", lambda name, **kw: built.append(name) or real(name, **kw))
+    monkeypatch.setattr(strategies, "create_strategy", lambda name, **kw: built.append(name) or real(name, **kw))
+    assert main(["compare", "--config", str(tiny_yaml), "--rounds", "1", "--out", str(tmp_path / "c"),
+                 "--no-progress"]) == 0
+    assert sorted(built) == ["centralized", "fedavg", "fedprox"]
+    built.clear()
+    assert main(["train", "--config", str(tiny_yaml), "--method", "dp-fedavg", "--epsilon", "8", "--rounds", "1",
+                 "--out", str(tmp_path / "t"), "--no-progress"]) == 0
+    assert built == ["dp-fedavg"]
+
+
+def test_overrides_edit_the_typed_config():
+    """--rounds/--seed/--sites edit the typed sections (validated again), without a dict round trip."""
+    config = ExperimentConfig.from_dict(TINY)
+    changed = config.replace(federated={"num_rounds": 5, "local": {"batch_size": 8}}, data={"seed": 9},
+                             model={"overrides": {"depth": 2}})
+    assert changed.federated.num_rounds == 5 and changed.federated.local.batch_size == 8
+    assert changed.federated.local.local_epochs == config.federated.local.local_epochs  # untouched fields kept
+    assert changed.data.seed == 9 and dict(changed.model.overrides) == {"embed_dim": 32, "depth": 2}
+    assert changed.methods == config.methods and config.federated.num_rounds == 2  # the original is unchanged
+    with pytest.raises(ConfigError, match="unknown field"):
+        config.replace(federated={"num_round": 3})
+    with pytest.raises(ConfigError):  # each section validates itself again
+        config.replace(federated={"num_rounds": 0})
+
+
 def test_methods_and_help_list_the_registries(capsys):
     from mmpfl_core.federated.strategies import available_strategies
     from mmpfl_core.models.presets import list_presets
@@ -116,7 +149,7 @@ def test_failed_train_leaves_no_results_folder(argv, message, tiny_yaml: Path, t
 
 def test_cohort_data_in_yaml_and_model_checks(tmp_path: Path):
     from mmpfl_core.data.cohort_federation import CohortSource
-    from mmpfl_core.data.io import save_cohort
+    from mmpfl_core.data.cohort_files import save_cohort
     from mmpfl_core.data.synthetic import SyntheticCohortConfig, generate_subjects
     from mmpfl_core.experiment import make_federation, with_cohort
     from mmpfl_core.experiment_checks import check_model_matches_data
@@ -137,11 +170,34 @@ def test_cohort_data_in_yaml_and_model_checks(tmp_path: Path):
     assert resplit.num_sites == 4 and len(resplit.public) == 14
     with pytest.raises(ConfigError, match="unknown key"):
         ExperimentConfig.from_dict({**TINY, "data": {"cohort": str(path), "num_subjects": 3}})
+    # The .json sidecar names the same cohort (it used to fail as "corrupt ... allow_pickle").
+    sidecar = make_federation(with_cohort(config, path.with_suffix(".json")))
+    assert [len(s) for s in sidecar.sites] == [len(s) for s in fed.sites]
+    assert (sidecar.public.labels == fed.public.labels).all()
     # A saved federation's folder (what `mmpfl generate` writes) is read with its sites and splits as written.
-    from mmpfl_core.data.io import save_federation
+    from mmpfl_core.data.cohort_files import save_federation
     saved = make_federation(with_cohort(config, save_federation(fed, tmp_path / "fed")))
     assert [len(s.train) for s in saved.sites] == [len(s.train) for s in fed.sites]
     with pytest.raises(ConfigError, match="number of classes 3"):
         check_model_matches_data(config.replace(model={"overrides": {"num_classes": 2}}), fed)
     with pytest.raises(ConfigError, match="not a multiple"):
         check_model_matches_data(config.replace(model={"overrides": {"patch_size": 6}}), fed)
+
+
+def test_cohort_sidecar_without_its_npz_says_to_pass_the_npz(tmp_path: Path, capsys):
+    """A lone ``cohort.json`` (its .npz moved away) fails naming the sidecar and the fix, not pickling."""
+    from mmpfl_core.data.cohort_files import load_cohort, save_cohort
+    from mmpfl_core.data.synthetic import SyntheticCohortConfig, generate_subjects
+    from mmpfl_core.errors import DataError
+
+    path = save_cohort(generate_subjects(SyntheticCohortConfig(num_subjects=12, image_size=16, seed=1)),
+                       tmp_path / "cohort.npz")
+    assert len(load_cohort(path.with_suffix(".json"))) == 12  # either file names the cohort
+    path.rename(tmp_path / "elsewhere.npz")
+    with pytest.raises(DataError, match=r"JSON sidecar.*Pass the cohort's \.npz") as info:
+        load_cohort(tmp_path / "cohort.json")
+    assert "pickle" not in str(info.value)
+    assert main(["train", "--config", "quickstart", "--data", str(tmp_path / "cohort.json"), "--method", "fedavg",
+                 "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "JSON sidecar" in err and "allow_pickle" not in err and not (tmp_path / "out").exists()

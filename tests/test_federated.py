@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_run_config
 from mmpfl_core.data.contract import CohortDataset
 from mmpfl_core.errors import ConfigError
 from mmpfl_core.federated.client import forward_batch, trainable_state
@@ -19,10 +20,8 @@ from mmpfl_core.seeding import numpy_generator
 
 
 def _config(**changes) -> FederatedConfig:
-    base = FederatedConfig(num_rounds=3, local=LocalTrainingConfig(local_epochs=1, batch_size=16),
-                           optimizer=OptimizerConfig(name="adamw", lr=2e-3), bootstrap_resamples=50,
-                           checkpoint_every=1, device="cpu")
-    return dataclasses.replace(base, **changes)
+    return tiny_run_config(**{"num_rounds": 3, "local_steps": None, "optimizer": OptimizerConfig(name="adamw", lr=2e-3),
+                              "bootstrap_resamples": 50, "checkpoint_every": 1, **changes})
 
 
 def _without_timing(history):
@@ -165,3 +164,20 @@ def test_rounds_to_target_follows_the_deployed_models(tiny_federation, tiny_mode
     summary = sim.summarise()
     assert summary["rounds_to_target"] == 3
     assert summary["megabytes_to_target"] == pytest.approx(3 * 250 * 4 / 1e6)
+
+
+def test_proximal_term_is_half_weight_squared_distance_and_its_gradient():
+    """FedProx's and Ditto's shared term: (w/2)||theta - anchor||^2 over the anchored parameters only."""
+    from mmpfl_core.federated.strategies import proximal_term
+
+    model = torch.nn.Linear(3, 2)
+    anchor = {"weight": torch.zeros(2, 3), "bias": torch.ones(2)}
+    anchor_weight_only = {"weight": anchor["weight"]}
+    term = proximal_term(anchor, 0.4)(model)
+    expected = 0.2 * (model.weight.detach().pow(2).sum() + (model.bias.detach() - 1).pow(2).sum())
+    assert float(term) == pytest.approx(float(expected), rel=1e-6)
+    term.backward()
+    assert torch.allclose(model.weight.grad, 0.4 * model.weight.detach())
+    assert torch.allclose(model.bias.grad, 0.4 * (model.bias.detach() - 1))
+    assert float(proximal_term(anchor_weight_only, 0.4)(model)) == pytest.approx(
+        float(0.2 * model.weight.detach().pow(2).sum()), rel=1e-6)  # unanchored parameters are free

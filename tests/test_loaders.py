@@ -343,9 +343,9 @@ def test_medmnist_corrupt_archive(tmp_path: Path) -> None:
 def _run_script(name: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> list[Cohort]:
     """Run data_scripts/<name>.py's main() with save_cohort replaced by a recorder (io is tested elsewhere)."""
     saved: list[Cohort] = []
-    fake_io = types.ModuleType("mmpfl_core.data.io")
+    fake_io = types.ModuleType("mmpfl_core.data.cohort_files")
     fake_io.save_cohort = lambda cohort, path: saved.append(cohort)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "mmpfl_core.data.io", fake_io)
+    monkeypatch.setitem(sys.modules, "mmpfl_core.data.cohort_files", fake_io)
     spec = importlib.util.spec_from_file_location(name, REPO / "data_scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None

@@ -6,8 +6,9 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import tiny_run_config
 from mmpfl_core.errors import ConfigError
-from mmpfl_core.federated.config import FederatedConfig, LocalTrainingConfig, OptimizerConfig
+from mmpfl_core.federated.config import FederatedConfig
 from mmpfl_core.federated.mm_pfl_adp import MMPFLADP
 from mmpfl_core.federated.simulation import run_federated
 from mmpfl_core.federated.strategies import create_strategy
@@ -23,10 +24,7 @@ MASK = dict(mode="threshold", threshold=1e-4, update_every=1, hysteresis=0.1)
 
 
 def _config(**changes) -> FederatedConfig:
-    base = FederatedConfig(num_rounds=2, local=LocalTrainingConfig(local_steps=2, batch_size=16),
-                           optimizer=OptimizerConfig(lr=3e-3), bootstrap_resamples=20, checkpoint_every=0,
-                           device="cpu")
-    return dataclasses.replace(base, **changes)
+    return tiny_run_config(**changes)
 
 
 class _Spy(MMPFLADP):

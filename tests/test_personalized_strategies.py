@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import tiny_run_config
 from mmpfl_core.federated.config import FederatedConfig, LocalTrainingConfig, OptimizerConfig
 from mmpfl_core.federated.personalized_strategies import FedAvgKLMasks, FedPer
 from mmpfl_core.federated.simulation import FederatedSimulation, run_federated
@@ -20,9 +21,7 @@ KWARGS = {"fedper": {}, "fedrep": TRAINERS, "ditto": TRAINERS, "fedavg-ft": TRAI
 
 
 def _config(**changes) -> FederatedConfig:
-    base = FederatedConfig(num_rounds=2, local=LOCAL, optimizer=OPT, bootstrap_resamples=20, checkpoint_every=0,
-                           device="cpu")
-    return dataclasses.replace(base, **changes)
+    return tiny_run_config(**{"local_steps": LOCAL.local_steps, "optimizer": OPT, **changes})
 
 
 def _two_sites(federation):

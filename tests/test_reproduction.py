@@ -63,6 +63,19 @@ def test_report_has_every_method_alpha_and_claim(smoke_report):
     assert claims.set_index("claim").loc[PAPER_CLAIMS["communication"], "verdict"] == "not released"
     private_claims = pd.read_csv(smoke_report / "private" / "claims.csv").set_index("claim")
     assert private_claims.loc[PAPER_CLAIMS["communication"], "verdict"] in {"agrees", "does not hold here"}
+    # The verdicts follow from the tables, recomputed here from main.csv and alpha.csv.
+    row = main_table.set_index("method")
+    ours, ref = plan.proposed_method, plan.reference_method
+    verdict = dict(zip(claims["claim"], claims["verdict"], strict=True))
+
+    def said(ok):
+        return "agrees" if ok else "does not hold here"
+    extreme = alpha.set_index("method")[f"alpha={min(plan.alphas):g}"].astype(float)
+    assert verdict[PAPER_CLAIMS["heterogeneity"]] == said(extreme[ours] > extreme[ref])
+    r_ours, r_ref = str(row.loc[ours, "rounds to target"]), str(row.loc[ref, "rounds to target"])
+    expected_rounds = ("not measured" if r_ours == r_ref == "never" else said(r_ref == "never") if "never" in (r_ours, r_ref)
+                       else said(float(r_ours) < float(r_ref)))
+    assert verdict[PAPER_CLAIMS["rounds_to_converge"]] == expected_rounds
     sweep = pd.read_csv(smoke_report / "sweep.csv")
     assert len(sweep) == len(plan.site_sweep.num_sites) * len(plan.site_sweep.methods)
 

@@ -2,16 +2,17 @@
 it is not private. (Issue 14: the seed written beside the model regenerated the noise.)"""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from conftest import PLAIN_SGD, tiny_run_config
 from mmpfl_core.errors import ConfigError
-from mmpfl_core.federated.config import FederatedConfig, LocalTrainingConfig, OptimizerConfig
+from mmpfl_core.federated.config import FederatedConfig
 from mmpfl_core.federated.simulation import FederatedSimulation, run_federated, select_round
 from mmpfl_core.federated.strategies import create_strategy
 from mmpfl_core.io.run_directory import RunDirectory
@@ -21,11 +22,8 @@ from mmpfl_core.privacy.randomness import secure_numpy_generator, secure_standar
 
 
 def _config(**changes) -> FederatedConfig:
-    base = FederatedConfig(num_rounds=2, client_fraction=0.67, sampling="poisson",
-                           local=LocalTrainingConfig(local_steps=1, batch_size=16),
-                           optimizer=OptimizerConfig(name="sgd", lr=0.05, momentum=0.0, weight_decay=0.0),
-                           bootstrap_resamples=0, checkpoint_every=0, device="cpu")
-    return dataclasses.replace(base, **changes)
+    return tiny_run_config(**{"client_fraction": 0.67, "sampling": "poisson", "local_steps": 1, "optimizer": PLAIN_SGD,
+                              "bootstrap_resamples": 0, **changes})
 
 
 def test_secure_draws_are_standard_and_unrepeatable():
@@ -84,9 +82,38 @@ def test_resumed_private_run_has_the_same_epsilon_and_no_secret_in_the_checkpoin
                             progress=False, run_dir=RunDirectory.create(tmp_path, "r", {}, exist_ok_resume=True))
     assert resumed.history[-1]["epsilon"] == compute_epsilon(noise_multiplier=1.2, sample_rate=0.67, steps=3,
                                                              delta=1e-5, accountant="rdp")
-    for meta in (tmp_path / "r").rglob("round_*.json"):  # no generator state or noise seed is checkpointed
-        text = json.dumps(json.loads(meta.read_text()))
-        assert "rng" not in text.lower() and "generator" not in text.lower()
+    metas = sorted((tmp_path / "r").rglob("round_*.json"))
+    assert metas and metas[-1].name == "round_0003.json"  # older ones are pruned
+    for meta in metas:  # no generator state or noise seed is checkpointed, in the JSON or in the tensors
+        assert _generator_state_in(json.loads(meta.read_text())) == [], meta
+        tensors = load_file(meta.with_suffix(".safetensors"))
+        assert not [n for n, t in tensors.items() if t.dtype == torch.uint8 and t.numel() == _TORCH_STATE_BYTES], meta
+    # The check must catch what it guards against: a checkpoint holding a generator's state or its seed.
+    leaky = {"strategy": {"noise": {"rng": np.random.default_rng(5).bit_generator.state}}}
+    assert _generator_state_in(leaky) and _generator_state_in({"x": torch.Generator().get_state().tolist()})
+    assert _generator_state_in({"dp": {"noise_seed": 1234}})
+
+
+_TORCH_STATE_BYTES = torch.Generator().get_state().numel()  # a CPU generator's state (Mersenne twister)
+
+
+def _generator_state_in(obj, path: str = "") -> list[str]:
+    """Where ``obj`` (parsed JSON) holds a numpy bit-generator state, a torch generator's byte state or a seed."""
+    found = []
+    if isinstance(obj, dict):
+        if "bit_generator" in obj and "state" in obj:
+            found.append(path)
+        for key, value in obj.items():
+            if "seed" in str(key).lower() and isinstance(value, int):
+                found.append(f"{path}/{key}")
+            found += _generator_state_in(value, f"{path}/{key}")
+    elif isinstance(obj, list):
+        if len(obj) == _TORCH_STATE_BYTES and all(isinstance(v, int) and 0 <= v < 256 for v in obj):
+            found.append(path)
+        else:
+            for i, value in enumerate(obj):
+                found += _generator_state_in(value, f"{path}[{i}]")
+    return found
 
 
 def test_dp_sgd_noise_is_secret_by_default(tiny_federation, tiny_model_factory):

@@ -2,13 +2,12 @@
 and a resumed run is bit-identical (the optimiser's buffers are checkpointed)."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
+from conftest import tiny_run_config
 from mmpfl_core.errors import ConfigError
-from mmpfl_core.federated.config import FederatedConfig, LocalTrainingConfig, OptimizerConfig
+from mmpfl_core.federated.config import FederatedConfig
 from mmpfl_core.federated.server_optimizer import ServerOptimizer, ServerOptimizerConfig, make_server_optimizer
 from mmpfl_core.federated.simulation import run_federated
 from mmpfl_core.federated.strategies import create_strategy
@@ -16,9 +15,7 @@ from mmpfl_core.io.run_directory import RunDirectory
 
 
 def _config(**changes) -> FederatedConfig:
-    base = FederatedConfig(num_rounds=3, local=LocalTrainingConfig(local_steps=2, batch_size=16),
-                           optimizer=OptimizerConfig(lr=3e-3), bootstrap_resamples=20, checkpoint_every=0, device="cpu")
-    return dataclasses.replace(base, **changes)
+    return tiny_run_config(**{"num_rounds": 3, **changes})
 
 
 def test_momentum_is_fedavgm_by_hand_and_sgd_lr1_is_the_average():

@@ -24,7 +24,7 @@ from pydicom.uid import generate_uid
 from mmpfl_core.cli import main as mmpfl
 from mmpfl_core.data.cohort_federation import CohortSource, federation_from_cohort, patient_groups
 from mmpfl_core.data.federation import FederationConfig
-from mmpfl_core.data.io import load_cohort
+from mmpfl_core.data.cohort_files import load_cohort
 from mmpfl_core.data.loaders import load_nifti_subjects, read_dicom_series
 from mmpfl_core.errors import ConfigError, DataError
 
@@ -258,7 +258,7 @@ def test_fisher_method_without_public_set_fails_before_any_run_directory(cohorts
     no_public = tmp_path / "no_public.npz"
     from dataclasses import replace
 
-    from mmpfl_core.data.io import save_cohort
+    from mmpfl_core.data.cohort_files import save_cohort
     save_cohort(replace(cohort, sites=np.where(cohort.sites < 0, 1, cohort.sites)), no_public)
     out = tmp_path / "results"
     assert mmpfl(["train", "--data", str(no_public), "--method", "mm-pfl-adp", "--epsilon", "8", "--rounds", "1",

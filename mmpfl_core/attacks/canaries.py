@@ -27,7 +27,7 @@ relies on is the multi-run distinguishing test (:mod:`.neighbours`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

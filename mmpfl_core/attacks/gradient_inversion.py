@@ -38,7 +38,8 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,14 +47,13 @@ from torch import nn
 
 from ..errors import ConfigError, check_range
 from ..federated.client import forward_batch
-from ..plots.attacks_inversion import plot_reconstructions
 from ..privacy.accounting import ACCOUNTANTS, calibrate_noise
 from ..privacy.clipping import clip_flat
 from ..privacy.mechanisms import NoisePlacement, NoiseSource, gaussian_noise_like, release_accounting
 from ..seeding import numpy_generator, torch_generator
 
 __all__ = ["DefenceResult", "Inversion", "InversionConfig", "compare_defences", "invert_update",
-           "plot_reconstructions", "psnr", "ssim", "transmitted_update"]
+           "psnr", "ssim", "transmitted_update"]
 
 Update = Mapping[str, torch.Tensor]
 
@@ -163,7 +163,7 @@ def ssim(reconstruction: torch.Tensor, target: torch.Tensor, modality_mask: torc
 def _unfused_attention(model: nn.Module) -> Iterator[None]:
     """Temporarily use timm's explicit attention: the attack differentiates the gradient (double
     backward), which the fused SDPA kernels do not all support on CPU. Restored afterwards."""
-    saved = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+    saved: list[tuple[Any, Any]] = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
     try:
         for m, _ in saved:
             m.fused_attn = False
@@ -177,7 +177,7 @@ def _gradients(model: nn.Module, names: Sequence[str], batch: Mapping[str, torch
                create_graph: bool) -> list[torch.Tensor]:
     params = dict(model.named_parameters())
     device = next(model.parameters()).device
-    loss = F.cross_entropy(forward_batch(model, batch, device), batch["label"].to(device))
+    loss = F.cross_entropy(forward_batch(model, dict(batch), device), batch["label"].to(device))
     return list(torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph,
                                     allow_unused=True, materialize_grads=True))
 
@@ -191,7 +191,7 @@ def transmitted_update(model: nn.Module, batch: Mapping[str, torch.Tensor], *,
     """
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     grads = _gradients(model, names, batch, create_graph=False)
-    return {n: -local_lr * g.detach() for n, g in zip(names, grads)}
+    return {n: -local_lr * g.detach() for n, g in zip(names, grads, strict=True)}
 
 
 # ---------------------------------------------------------------------------------- the attack
@@ -244,7 +244,7 @@ def invert_update(model: nn.Module, update: Update, *, modality_mask: torch.Tens
     device = next(model.parameters()).device
     targets = [-update[n].detach().to(device).flatten().double() for n in names]
     mask = modality_mask.to(torch.bool).cpu()
-    cfg = getattr(model, "config", None)
+    cfg: Any = getattr(model, "config", None)
     if cfg is None and (image_shape is None or num_clinical is None):
         raise ConfigError(f"{type(model).__name__} has no .config to read the input shapes from; "
                           "pass image_shape=(M, H, W) and num_clinical=K.")
@@ -265,7 +265,7 @@ def invert_update(model: nn.Module, update: Update, *, modality_mask: torch.Tens
                 batch = {"images": x * present, "modality_mask": mask, "clinical": c, "label": labels}
                 grads = _gradients(model, names, batch, create_graph=True)
                 cos = torch.stack([F.cosine_similarity(gr.flatten().double(), t, dim=0, eps=1e-30)
-                                   for gr, t in zip(grads, targets)])  # (P,) one per tensor
+                                   for gr, t in zip(grads, targets, strict=True)])  # (P,) one per tensor
                 loss = 1.0 - cos.mean()
                 loss = loss + config.tv_weight * _total_variation(x * present)
                 x.grad, c.grad = torch.autograd.grad(loss, [x, c])
@@ -326,12 +326,12 @@ def compare_defences(model: nn.Module, batch: Mapping[str, torch.Tensor], *, cli
         releases.append(("clipping + noise", float(eps), z, {n: clipped[n] + noise[n] for n in clipped}))
     images, mask = batch["images"].cpu(), batch["modality_mask"].cpu()
     results = []
-    for name, eps, z, released in releases:
+    for name, eps_release, z_release, released in releases:
         inv = invert_update(model, released, modality_mask=mask, labels=batch["label"], config=config,
                             image_shape=images.shape[1:], num_clinical=batch["clinical"].shape[1])
         rmse = float(((inv.clinical - batch["clinical"].cpu()) ** 2).mean().sqrt())
-        results.append(DefenceResult(name=name, epsilon=eps, reconstruction=inv.images,
+        results.append(DefenceResult(name=name, epsilon=eps_release, reconstruction=inv.images,
                                      psnr=psnr(inv.images, images, mask), ssim=ssim(inv.images, images, mask),
-                                     noise_multiplier=z, clinical_rmse=rmse,
+                                     noise_multiplier=z_release, clinical_rmse=rmse,
                                      baseline_psnr=psnr(inv.initial, images, mask)))
     return results

@@ -126,7 +126,7 @@ def _strategy(config: NeighbourConfig, model: nn.Module, client_ids: list[int], 
     # federation, replaced by public stand-ins (module docstring).
     DPFedAvg.configure(strategy, config=fed, federation=None, client_ids=client_ids, model=model)
     if config.strategy != "dp-fedavg":
-        public = dict(zip(_GROUPS, config.public_fisher))
+        public = dict(zip(_GROUPS, config.public_fisher, strict=True))
         strategy.compute_fisher = lambda round_index, global_state: dict(public)
     if config.strategy == "mm-pfl-adp":
         strategy.masker.set_param_groups(model.parameter_groups(), model.group_sizes())
@@ -180,7 +180,7 @@ def projection_test(config: NeighbourConfig = NeighbourConfig(), *, variant: str
         for t in range(1, config.num_releases + 1):
             world = numpy_generator(config.seed, _COIN, t).random(k) < 0.5  # True: canary i in D1
 
-            def deltas(i: int) -> dict[str, torch.Tensor]:
+            def deltas(i: int, world: np.ndarray = world) -> dict[str, torch.Tensor]:  # bound now, not late
                 sign = 1.0 if (world[i] or not local) else -1.0
                 out = {g: torch.zeros(k) for g in _GROUPS}
                 for g in _GROUPS:

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -93,7 +94,7 @@ def attack_one_round(federation: Federation, *, model_factory: Callable[[], nn.M
                         for n, t in global_state.items()}
         return aggregate(global_state, updates, sent, round_index)
 
-    strategy.aggregate = spy  # type: ignore[method-assign]
+    strategy.aggregate = spy  # type: ignore[method-assign]  # the attacker's spy on this one instance
     before = {n: t.clone() for n, t in sim.global_state.items()}
     strategy.before_round(1)
     sim.run_round(1)

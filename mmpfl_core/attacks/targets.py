@@ -12,7 +12,8 @@ Candidates of the attacked sites: members are their training subjects; non-membe
 validation and test subjects (same site, same scanner, same distribution, never trained on).
 
 Shadow models (for the reference-calibrated attack and offline LiRA) are trained by the attacker
-with the target's own recipe (same method, same hyperparameters, same engine: :func:`run_method`)
+with the target's own recipe (same method, same hyperparameters, same engine; trained by
+:func:`mmpfl_core.reproduction.membership.train_shadows`)
 on a fresh federation drawn from the same population with other seeds: none of the candidates is
 in it, so every shadow is an OUT model, as offline LiRA requires (Carlini et al. 2022, Sec. VI-C).
 In the synthetic kit "the same population" is the generator with another seed; in a real study it
@@ -21,8 +22,8 @@ would be public or purchased data of the same kind, which is a strong assumption
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +32,6 @@ from torch import nn
 from ..data.contract import Cohort, CohortDataset, concatenate
 from ..data.federation import Federation
 from ..errors import ConfigError
-from ..experiment import ExperimentConfig, MethodSpec, make_federation, run_method
 from ..federated.evaluation import predict_proba
 from ..federated.simulation import RunResult
 from ..seeding import numpy_generator
@@ -39,7 +39,7 @@ from .membership import (AttackMetrics, attack_metrics, lira_offline_scores, log
                          reference_calibrated_scores)
 
 __all__ = ["Candidates", "MembershipConfig", "MembershipResult", "deployed_proba", "membership_candidates",
-           "run_membership_attacks", "train_shadows"]
+           "run_membership_attacks"]
 
 Target = Literal["global", "personal"]
 _BOOTSTRAP_STREAM = 81
@@ -110,21 +110,6 @@ def deployed_proba(run: RunResult, model: nn.Module, candidates: Candidates, *, 
         model.load_state_dict(state if state is not None else run.global_state, strict=False)
         proba[rows] = predict_proba(model, CohortDataset(cohort.subset(rows)), batch_size=batch_size, device=device)
     return proba
-
-
-def train_shadows(config: ExperimentConfig, method: MethodSpec, *, num_shadows: int, seed_offset: int = 1000,
-                  results_dir: Path | None = None, progress: bool = False) -> list[RunResult]:
-    """Train ``num_shadows`` OUT shadow runs of ``method`` on fresh federations (module docstring).
-
-    With ``results_dir`` each shadow keeps a run directory ``<results_dir>/shadow<s>/<label>`` and resumes.
-    """
-    runs = []
-    for s in range(num_shadows):
-        seed = config.federated.seed + seed_offset + s
-        shadow = config.replace(data={"seed": seed}, federation={"seed": seed}, federated={"seed": seed})
-        run_dir = None if results_dir is None else Path(results_dir) / f"shadow{s}"
-        runs.append(run_method(shadow, method, make_federation(shadow), results_dir=run_dir, progress=progress))
-    return runs
 
 
 @dataclass

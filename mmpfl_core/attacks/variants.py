@@ -22,8 +22,8 @@ It never touches private data and is never used by training code: only audits im
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
-from unittest import mock
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from ..errors import ConfigError
 from ..federated import dp_strategies
@@ -31,12 +31,29 @@ from ..privacy import clipping, mechanisms
 
 __all__ = ["BROKEN_VARIANTS", "broken_mechanism"]
 
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def _patched(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name = value`` for the duration, then exactly what was there before (a module function, or an
+    instance attribute shadowing a method). Library code, so not ``unittest.mock``, a test-time tool."""
+    before = owner.__dict__.get(name, _ABSENT) if hasattr(owner, "__dict__") else _ABSENT
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        if before is _ABSENT:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, before)
+
 
 @contextlib.contextmanager
 def _no_clipping(strategy) -> Iterator[None]:
     def passthrough(update, groups, clip_bounds):
         return dict(update), clipping.group_norms(update, groups)
-    with mock.patch.object(dp_strategies, "clip_per_group", passthrough):
+    with _patched(dp_strategies, "clip_per_group", passthrough):
         yield
 
 
@@ -49,7 +66,7 @@ def _scaled_noise(factor: Callable[[object], float]):
             f = factor(strategy)
             stds = {g: s * f for g, s in stds.items()} if isinstance(stds, dict) else stds * f
             return real(update, stds, groups, source)
-        with mock.patch.object(dp_strategies, "gaussian_noise_like", scaled):
+        with _patched(dp_strategies, "gaussian_noise_like", scaled):
             yield
     return patch
 
@@ -65,7 +82,7 @@ def _noise_over_min_participants(min_participants: int):
         def over_min() -> dict[str, float]:
             return mechanisms.per_participant_noise_std(strategy.placement, strategy._sigmas,
                                                         min_participants).participant_std
-        with mock.patch.object(strategy, "participant_noise_stds", over_min):
+        with _patched(strategy, "participant_noise_stds", over_min):
             yield
     return patch
 

@@ -127,7 +127,7 @@ def federation_from_cohort(cohort: Cohort, source: CohortSource, federation_conf
         members = [private[np.isin(inverse, part)] for part in parts]
         names = [f"site {k} (re-split)" for k in range(fc.num_sites)]
     sites = tuple(_split_site(cohort, rows, fc, k, name, groups, source.seed)
-                  for k, (rows, name) in enumerate(zip(members, names)))
+                  for k, (rows, name) in enumerate(zip(members, names, strict=True)))
     public = None
     if public_rows.any():
         public_cohort = cohort.subset(public_rows)

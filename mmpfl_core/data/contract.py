@@ -33,7 +33,8 @@ default collate, Opacus and Flower all see the same sample.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -162,7 +163,7 @@ class Cohort:
         if self.lesion_masks is not None and self.lesion_masks.shape != (n, *self.images.shape[2:]):
             raise DataError(f"lesion_masks shape {self.lesion_masks.shape} does not match images {(n, *self.images.shape[2:])}.")
 
-    def subset(self, index: np.ndarray | Sequence[int]) -> "Cohort":
+    def subset(self, index: np.ndarray | Sequence[int]) -> Cohort:
         """The cohort restricted to ``index`` (integer positions or a boolean mask), same order."""
         idx = np.asarray(index)
         if idx.dtype == np.bool_:

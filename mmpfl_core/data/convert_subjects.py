@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import DataError
 from .contract import MODALITIES, Cohort
@@ -26,7 +26,7 @@ def subject_folder_parser(description: str, root_help: str) -> argparse.Argument
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("root", type=Path, help=root_help)
     parser.add_argument("labels_csv", type=Path, help="CSV with columns subject,label[,site,age,...]")
-    parser.add_argument("out", type=Path, help="output cohort file (written by mmpfl_core.data.io.save_cohort)")
+    parser.add_argument("out", type=Path, help="output cohort file (written by mmpfl_core.data.cohort_files.save_cohort)")
     parser.add_argument("--image-size", type=int, default=64, help="output side length H = W (default 64)")
     parser.add_argument("--modalities", nargs="+", default=list(MODALITIES), help="sequence names, in order")
     parser.add_argument("--class-names", nargs="+", default=None, help="fixed class list (default: labels in CSV)")
@@ -43,7 +43,7 @@ def subject_folder_parser(description: str, root_help: str) -> argparse.Argument
 
 def convert_subject_folders(loader: Callable[..., Cohort], args: argparse.Namespace) -> int:
     """Load with ``loader`` and save the cohort; a data defect prints one error line and returns 2."""
-    from .io import save_cohort
+    from .cohort_files import save_cohort
 
     try:
         cohort = loader(args.root, args.labels_csv, image_size=args.image_size, modalities=args.modalities,

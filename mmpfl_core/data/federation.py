@@ -182,10 +182,10 @@ def _public_indices(labels: np.ndarray, size: int, num_classes: int, rng: np.ran
     """About ``size / num_classes`` subjects per class (topped up from others when a class is short)."""
     per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
     quota = _largest_remainder(size, np.ones(num_classes))
-    take = [p[:q] for p, q in zip(per_class, quota)]
+    take = [p[:q] for p, q in zip(per_class, quota, strict=True)]
     short = size - sum(t.size for t in take)
     if short > 0:
-        rest = rng.permutation(np.concatenate([p[q:] for p, q in zip(per_class, quota)]))
+        rest = rng.permutation(np.concatenate([p[q:] for p, q in zip(per_class, quota, strict=True)]))
         take.append(rest[:short])
     return np.sort(np.concatenate(take)).astype(np.int64)
 
@@ -204,6 +204,7 @@ def build_federation(cohort_config: SyntheticCohortConfig, federation_config: Fe
                           f"fewer than num_sites * min_subjects_per_site = "
                           f"{fc.num_sites * fc.min_subjects_per_site}; raise num_subjects or lower the others.")
     subjects = generate_subjects(cohort_config)
+    assert isinstance(subjects, Cohort)  # return_tissue_maps=False: the cohort alone
     rng = numpy_generator(fc.seed, 1)
     public_idx = _public_indices(subjects.labels, fc.public_size, subjects.num_classes, rng)
     rest = np.setdiff1d(np.arange(n), public_idx)
@@ -211,7 +212,7 @@ def build_federation(cohort_config: SyntheticCohortConfig, federation_config: Fe
                                       fc.min_subjects_per_site)
     profiles = default_site_profiles(fc.num_sites, fc.seed, missing_modalities=fc.missing_modality_sites)
     sites = []
-    for k, (part, profile) in enumerate(zip(parts, profiles)):
+    for k, (part, profile) in enumerate(zip(parts, profiles, strict=True)):
         cohort = acquire_cohort(subjects.subset(rest[part]), profile, numpy_generator(fc.seed, 2, k), site=k)
         train, val, test = _stratified_split(cohort.labels, fc.val_fraction, fc.test_fraction,
                                              numpy_generator(fc.seed, 3, k))

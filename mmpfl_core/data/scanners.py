@@ -99,13 +99,15 @@ def default_site_profiles(num_sites: int, seed: int, *,
         missing.setdefault(int(site), []).append(mod)
     profiles = []
     for k in range(num_sites):
-        field, gain, gamma, bias, noise, blur, scale, offset = _TEMPLATES[k % len(_TEMPLATES)]
+        field, gain3, gamma3, bias, noise, blur, scale, offset = _TEMPLATES[k % len(_TEMPLATES)]
+        gain: tuple[float, ...] = gain3
+        gamma: tuple[float, ...] = gamma3
         # Draw the jitter for every site (so site k's profile does not depend on num_sites); apply
         # it only after the first cycle so the documented templates stay exact.
         j = rng.normal(0.0, 1.0, 9)
         if k >= len(_TEMPLATES):
-            gain = tuple(float(np.clip(g * (1 + 0.05 * e), 0.5, 2.0)) for g, e in zip(gain, j[:3]))
-            gamma = tuple(float(np.clip(g * (1 + 0.05 * e), 0.5, 2.0)) for g, e in zip(gamma, j[3:6]))
+            gain = tuple(float(np.clip(g * (1 + 0.05 * e), 0.5, 2.0)) for g, e in zip(gain, j[:3], strict=True))
+            gamma = tuple(float(np.clip(g * (1 + 0.05 * e), 0.5, 2.0)) for g, e in zip(gamma, j[3:6], strict=True))
             bias = float(np.clip(bias * (1 + 0.3 * j[6]), 0.0, 1.0))
             noise = float(np.clip(noise * (1 + 0.3 * j[7]), 0.005, 0.2))
             scale = float(scale * np.exp(0.3 * j[8]))

@@ -25,13 +25,14 @@ def cohort_summary_table(federation: Federation) -> pd.DataFrame:
         counts = s.train.class_counts() + s.val.class_counts() + s.test.class_counts()
         if real:  # sequences no subject of the site has, read off the modality masks
             present = np.concatenate([c.modality_mask for c in (s.train, s.val, s.test)]).any(axis=0)
-            missing = [m for m, p in zip(s.train.modality_names, present) if not p]
+            present_list = [bool(p) for p in np.atleast_1d(present)]
+            missing = [m for m, p in zip(s.train.modality_names, present_list, strict=True) if not p]
         else:
             missing = list(s.profile.missing_modalities)
         rows.append({
             "site": s.site_id, "name": s.name, "field_strength_t": None if real else s.profile.field_strength_t,
             "n_train": len(s.train), "n_val": len(s.val), "n_test": len(s.test),
-            **{f"n_{c}": int(k) for c, k in zip(s.train.class_names, counts)},
+            **{f"n_{c}": int(k) for c, k in zip(s.train.class_names, counts, strict=True)},
             "missing_sequences": " ".join(missing),
         })
     if federation.public is not None:
@@ -39,6 +40,6 @@ def cohort_summary_table(federation: Federation) -> pd.DataFrame:
         rows.append({"site": -1, "name": "public" if real else "public (reference 3T)",
                      "field_strength_t": None if real else 3.0,
                      "n_train": 0, "n_val": 0, "n_test": 0,
-                     **{f"n_{c}": int(k) for c, k in zip(pub.class_names, pub.class_counts())},
+                     **{f"n_{c}": int(k) for c, k in zip(pub.class_names, pub.class_counts(), strict=True)},
                      "missing_sequences": ""})
     return pd.DataFrame(rows)

@@ -353,7 +353,7 @@ def _render_lesions(lesions: dict[str, np.ndarray], lo: int, hi: int, ub: np.nda
     owner = les["owner"] - lo
     occ = np.zeros(ub.shape, dtype=np.float32)
     occ_t1 = np.zeros(ub.shape, dtype=np.float32)
-    f32 = lambda a: a.astype(np.float32)[:, None, None]  # noqa: E731 -- (L,) -> (L, 1, 1)
+    f32 = lambda a: a.astype(np.float32)[:, None, None]  # (L,) -> (L, 1, 1)
     for k in range(int(les["slot"].max(initial=-1)) + 1):
         sel = np.flatnonzero(les["slot"] == k)
         who = owner[sel]

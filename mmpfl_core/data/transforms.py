@@ -16,7 +16,7 @@ information.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -5,4 +5,4 @@ modules import ``strategies``; registering them here, not at the end of ``strate
 import graph free of cycles).
 """
 from . import strategies  # noqa: F401  (the registry and the plain strategies)
-from . import dp_fisher, dp_strategies, feddpa, mm_pfl_adp, mr_mtl, personalized_strategies, sample_level  # noqa: F401,E402  (register themselves)
+from . import dp_fisher, dp_strategies, feddpa, mm_pfl_adp, mr_mtl, personalized_strategies, sample_level  # noqa: F401  (imported to register themselves)

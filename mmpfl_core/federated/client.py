@@ -11,7 +11,8 @@ computes ``delta = theta_local - theta_global`` for every trainable parameter.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -80,7 +81,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def local_update(model: nn.Module, dataset: CohortDataset, *, site_id: int, training: LocalTrainingConfig,
                  optimizer: OptimizerConfig, generator: torch.Generator, device: torch.device,
                  regulariser: LossRegulariser | None = None,
-                 private_training: "PrivateTraining | None" = None) -> ClientUpdate:
+                 private_training: PrivateTraining | None = None) -> ClientUpdate:
     """Train ``model`` in place on ``dataset`` and return the parameter delta.
 
     Steps: 1) remember the starting parameters theta_0; 2) run the batch schedule with a fresh
@@ -129,7 +130,7 @@ def steps_per_round(num_examples: int, config: LocalTrainingConfig) -> int:
 
 def _private_local_update(model: nn.Module, dataset: CohortDataset, *, site_id: int, training: LocalTrainingConfig,
                           optimizer: OptimizerConfig, generator: torch.Generator, device: torch.device,
-                          regulariser: LossRegulariser | None, private: "PrivateTraining") -> ClientUpdate:
+                          regulariser: LossRegulariser | None, private: PrivateTraining) -> ClientUpdate:
     """DP-SGD version of :func:`local_update` (algorithm in :mod:`mmpfl_core.privacy.dp_sgd`).
 
     Poisson batches with rate q = B / n and per-sample clipping and noise by Opacus; batches and
@@ -162,7 +163,8 @@ def _private_local_update(model: nn.Module, dataset: CohortDataset, *, site_id: 
             opt.zero_grad(set_to_none=True)
             if len(index) == 0:  # an empty Poisson batch still releases (noise only) and is charged
                 for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+                    p.grad_sample = torch.zeros(  # type: ignore[attr-defined]  # Opacus's per-sample slot
+                        (0, *p.shape), device=p.device, dtype=p.dtype)
             else:
                 batch = dataset.batch(index)
                 loss = loss_fn(forward_batch(wrapped, batch, device), batch["label"].to(device))

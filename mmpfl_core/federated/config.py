@@ -93,7 +93,7 @@ class FederatedConfig:
                               "build them from dicts with FederatedConfig.from_dict().")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "FederatedConfig":
+    def from_dict(cls, values: dict[str, Any]) -> FederatedConfig:
         """Build from a plain mapping (YAML), nesting ``local`` and ``optimizer``; unknown keys are errors."""
         values = dict(values)
         local = dataclass_from_dict(LocalTrainingConfig, values.pop("local", {}), "federated.local")

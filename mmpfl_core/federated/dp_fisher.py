@@ -21,7 +21,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -50,7 +50,8 @@ with the trained model pinned, removing a training patient leaves what the site 
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn

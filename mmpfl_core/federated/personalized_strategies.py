@@ -15,7 +15,8 @@ DP guarantee (DESIGN 4.6): only sample-level DP protects the patients of a deplo
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Sequence
+from typing import Any, cast
+from collections.abc import Mapping, Sequence, Set
 
 import torch
 from torch import nn
@@ -23,12 +24,13 @@ from torch import nn
 from ..data.contract import CohortDataset
 from ..data.federation import Federation
 from ..errors import ConfigError
+from ..models.layers import GroupedModel
 from ..personalization.masks import DynamicKLMasks, MaskSchedule
 from ..personalization.release import ScoreRelease
 from ..seeding import torch_generator
 from .client import ClientUpdate, LossRegulariser, local_update, trainable_state
 from .config import FederatedConfig, LocalTrainingConfig, OptimizerConfig
-from .strategies import State, Strategy, register_strategy
+from .strategies import State, Strategy, proximal_term, register_strategy
 
 __all__ = ["Ditto", "FedAvgFineTune", "FedAvgKLMasks", "FedPer", "FedRep", "PartialSharingStrategy"]
 
@@ -58,7 +60,7 @@ class _SecondModelTrainer:
 
     def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
                   model: nn.Module) -> None:
-        super().configure(config=config, federation=federation, client_ids=client_ids, model=model)  # type: ignore[misc]
+        super().configure(config=config, federation=federation, client_ids=client_ids, model=model)  # type: ignore[misc]  # a mixin: the next class in the MRO is a Strategy
         training, optimizer, seed = self._explicit
         self.training = config.local if training is None else self.training
         self.optimizer = config.optimizer if optimizer is None else self.optimizer
@@ -70,7 +72,7 @@ class _SecondModelTrainer:
         return self._scratch
 
     def _train(self, model: nn.Module, dataset: CohortDataset, *, stream: int, round_index: int, site: int,
-               training: LocalTrainingConfig | None = None, frozen: set[str] = frozenset(),
+               training: LocalTrainingConfig | None = None, frozen: Set[str] = frozenset(),
                regulariser: LossRegulariser | None = None) -> ClientUpdate:
         """``local_update`` on ``model`` with the parameters in ``frozen`` held fixed."""
         device = next(model.parameters()).device
@@ -122,8 +124,9 @@ class PartialSharingStrategy(Strategy):
     def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
                   model: nn.Module) -> None:
         super().configure(config=config, federation=federation, client_ids=client_ids, model=model)
-        self.param_groups = model.parameter_groups()  # type: ignore[operator]
-        self.group_sizes = model.group_sizes()  # type: ignore[operator]
+        grouped = cast(GroupedModel, model)  # ViT and CNN alike (models.layers.GroupedModel)
+        self.param_groups = grouped.parameter_groups()
+        self.group_sizes = grouped.group_sizes()
         self._check_groups(self.param_groups)
 
     def _check_groups(self, groups: Mapping[str, Sequence[str]]) -> None:
@@ -278,14 +281,11 @@ class Ditto(_SecondModelTrainer, Strategy):
 
     def after_local(self, site_id: int, model: nn.Module) -> None:
         scratch = self._scratch_model(model)
+        assert self._round_global is not None  # set by client_start_state() before the site trains
         anchor = {n: t.detach() for n, t in self._round_global.items()}
         scratch.load_state_dict(self.personal.get(site_id, anchor), strict=False)
-
-        def proximal(m: nn.Module) -> torch.Tensor:
-            terms = [((p - anchor[n]) ** 2).sum() for n, p in m.named_parameters() if n in anchor]
-            return 0.5 * self.lam * torch.stack(terms).sum()
         self._train(scratch, self.train_sets[site_id], stream=_DITTO_STREAM, round_index=self._round, site=site_id,
-                    regulariser=proximal if self.lam > 0 else None)
+                    regulariser=proximal_term(anchor, self.lam) if self.lam > 0 else None)
         self.personal[site_id] = trainable_state(scratch)
 
     def personal_state(self, site_id: int, global_state: State) -> State | None:
@@ -386,6 +386,7 @@ class FedAvgKLMasks(PartialSharingStrategy):
     def _after_training(self, site_id: int, model: nn.Module) -> None:
         self._participants.append(site_id)
         trained = {n: p.detach() for n, p in model.named_parameters()}
+        assert self._round_global is not None  # set by client_start_state() before the site trains
         self.masker.maybe_update(site_id, self._round, model, self._round_global, trained, self.val_sets[site_id])
 
     def round_report(self, round_index: int) -> dict[str, float]:

@@ -32,7 +32,8 @@ class SampleLevelHooks(Strategy):
     sample_dp: SampleLevelDP | None = None
 
     def _configure_sample_level(self, config: FederatedConfig) -> None:
-        self._local, self._num_rounds, self._site_training = config.local, config.num_rounds, {}
+        self._local, self._num_rounds = config.local, config.num_rounds
+        self._site_training: dict[int, Any] = {}
 
     def private_training(self, site_id: int, num_examples: int) -> PrivateTraining | None:
         if self.sample_dp is None:
@@ -107,8 +108,10 @@ class DPSGDFedAvg(SampleLevelHooks):
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, _ = super().state_dict()
+        assert self.sample_dp is not None  # set in configure()
         return tensors, {"sample_dp": self.sample_dp.state_dict()}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         super().load_state_dict(tensors, state)
+        assert self.sample_dp is not None  # set in configure()
         self.sample_dp.load_state_dict(state["sample_dp"])

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
+from collections.abc import Mapping
 
 import torch
 
@@ -86,6 +87,7 @@ class ServerOptimizer:
         for name, p in self._params.items():
             p.copy_(global_state[name])
             p.grad = (global_state[name] - aggregated[name]).to(p.dtype)  # g_t = -Delta_t
+        assert self._optimizer is not None  # built above
         self._optimizer.step()
         out = dict(aggregated)
         out.update({n: p.detach().clone().to(global_state[n].dtype) for n, p in self._params.items()})
@@ -117,6 +119,7 @@ class ServerOptimizer:
             if name not in index:
                 raise ConfigError(f"server optimizer state names parameter {name!r}, which the model lacks.")
             state.setdefault(index[name], {})[buffer] = value.to(self._params[name].device)
+        assert self._optimizer is not None  # _install_pending runs after _build
         self._optimizer.load_state_dict({"state": state, "param_groups": self._optimizer.state_dict()["param_groups"]})
 
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from ..io.run_directory import RunDirectory
 from ..metrics.classification import metrics_with_ci
 from ..metrics.communication import CommunicationCounter
 from ..metrics.convergence import rounds_to_target
-from ..notebook_tools.environment import resolve_device
+from ..devices import resolve_device
 from ..privacy.randomness import secure_numpy_generator
 from ..seeding import numpy_generator, torch_generator
 from .client import ClientUpdate, local_update, trainable_state

@@ -15,7 +15,8 @@ FedAvg, FedProx, centralized and local-only training are small subclasses. Regis
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,14 +30,14 @@ from .config import FederatedConfig
 from .server_optimizer import make_server_optimizer, split_server_optimizer_tensors
 
 State = dict[str, torch.Tensor]
-_REGISTRY: dict[str, type["Strategy"]] = {}
+_REGISTRY: dict[str, type[Strategy]] = {}
 
 
 class StopTraining(Exception):
     """Raised by ``Strategy.before_round`` to end a run early; the message says why (kept in the summary)."""
 
 
-def register_strategy(name: str) -> Callable[[type["Strategy"]], type["Strategy"]]:
+def register_strategy(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
     """Class decorator that makes a strategy available to :func:`create_strategy` under ``name``."""
     def decorator(cls: type[Strategy]) -> type[Strategy]:
         if name in _REGISTRY:
@@ -51,7 +52,7 @@ def available_strategies() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_strategy(name: str, **kwargs: Any) -> "Strategy":
+def create_strategy(name: str, **kwargs: Any) -> Strategy:
     """Build a registered strategy; unknown names and bad arguments raise :class:`ConfigError`."""
     if name not in _REGISTRY:
         raise ConfigError(f"unknown strategy {name!r}; available: {available_strategies()}.")
@@ -178,12 +179,12 @@ def weighted_average_update(global_state: State, sent: Sequence[State], weights:
     """
     new_state = {}
     for name, value in global_state.items():
-        contributions = [(w, s[name]) for w, s in zip(weights, sent) if name in s]
+        contributions = [(w, s[name]) for w, s in zip(weights, sent, strict=True) if name in s]
         total = float(sum(w for w, _ in contributions))
         if total <= 0:
             new_state[name] = value
             continue
-        step = sum(w * d for w, d in contributions) / total
+        step = torch.stack([w * d for w, d in contributions]).sum(0) / total
         new_state[name] = value + step.to(value.dtype)
     return new_state
 
@@ -227,14 +228,18 @@ class FedProx(Strategy):
         self.mu = mu
 
     def regulariser(self, site_id: int, global_state: State) -> LossRegulariser | None:
-        if self.mu == 0:
-            return None
-        anchor = {n: t.detach() for n, t in global_state.items()}
+        return proximal_term(global_state, self.mu) if self.mu > 0 else None
 
-        def proximal(model: nn.Module) -> torch.Tensor:
-            terms = [((p - anchor[n].to(p.device)) ** 2).sum() for n, p in model.named_parameters() if n in anchor]
-            return 0.5 * self.mu * torch.stack(terms).sum()
-        return proximal
+
+def proximal_term(anchor_state: State, weight: float) -> LossRegulariser:
+    """``(weight / 2) * ||theta - anchor||^2`` over the parameters named in ``anchor_state`` (detached):
+    FedProx's term toward the global model and Ditto's toward it for the personal model."""
+    anchor = {n: t.detach() for n, t in anchor_state.items()}
+
+    def proximal(model: nn.Module) -> torch.Tensor:
+        terms = [((p - anchor[n].to(p.device)) ** 2).sum() for n, p in model.named_parameters() if n in anchor]
+        return 0.5 * weight * torch.stack(terms).sum()
+    return proximal
 
 
 @register_strategy("centralized")

@@ -166,7 +166,7 @@ class RunDirectory:
 
     @classmethod
     def create(cls, root: Path | str, name: str, config: Mapping[str, Any], *,
-               exist_ok_resume: bool) -> "RunDirectory":
+               exist_ok_resume: bool) -> RunDirectory:
         """Create ``<root>/<name>/`` or, with ``exist_ok_resume=True``, reopen it to resume.
 
         Args:

@@ -35,7 +35,7 @@ class BootstrapCI(tuple):
     num_resamples: int
 
     def __new__(cls, point: float, low: float, high: float, *, num_skipped: int = 0,
-                num_resamples: int = 0) -> "BootstrapCI":
+                num_resamples: int = 0) -> BootstrapCI:
         obj = super().__new__(cls, (float(point), float(low), float(high)))
         obj.num_skipped = int(num_skipped)
         obj.num_resamples = int(num_resamples)

@@ -19,7 +19,7 @@ The model knows no federation and no privacy maths: it exposes named parameter g
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from timm.models.resnet import BasicBlock, ResNet
@@ -122,11 +122,11 @@ class MultiModalCNN(GroupedModel):
         self.config = cfg = config
         self.num_classes = cfg.num_classes
         with torch.random.fork_rng(devices=[]):  # creation leaves the global RNG untouched
-            self.backbone = ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=cfg.channels,
+            self.backbone = ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=cfg.channels,  # type: ignore[arg-type]  # timm types block as an instance; it takes the class
                                    in_chans=cfg.num_modalities, num_classes=0, stem_width=cfg.channels[0],
                                    stem_type="deep", norm_layer=_group_norm, act_layer=_relu,
                                    block_args={"attn_layer": _OutOfPlaceResidual})
-            self.backbone.maxpool = nn.Identity()  # keep resolution for 32-64 px slices
+            self.backbone.maxpool = nn.Identity()  # type: ignore[assignment]  # keep resolution for 32-64 px slices
             width = self.backbone.num_features
             self.clinical_proj = nn.Linear(cfg.num_clinical, width) if cfg.use_clinical else None
             self.num_features = width * (2 if cfg.use_clinical else 1)
@@ -143,8 +143,8 @@ class MultiModalCNN(GroupedModel):
         for module in self.modules():
             init_module(module, generator)
         for stage in (self.backbone.layer1, self.backbone.layer2, self.backbone.layer3, self.backbone.layer4):
-            for block in stage:
-                block.zero_init_last()
+            for block in cast(nn.Sequential, stage):
+                cast(BasicBlock, block).zero_init_last()
 
     def forward_features(self, images: torch.Tensor, modality_mask: torch.Tensor,
                          clinical: torch.Tensor) -> torch.Tensor:
@@ -169,7 +169,7 @@ class MultiModalCNN(GroupedModel):
 
     def parameter_groups(self) -> dict[str, list[str]]:
         """Ordered ``{group: [parameter names]}``: ``stem``, ``stage.0..3``, ``clinical``, ``head``."""
-        prefixes = [("stem", ("backbone.conv1", "backbone.bn1"))]
+        prefixes: list[tuple[str, tuple[str, ...]]] = [("stem", ("backbone.conv1", "backbone.bn1"))]
         prefixes += [(f"stage.{i}", (f"backbone.layer{i + 1}",)) for i in range(4)]
         prefixes += [("clinical", ("clinical_proj",)), ("head", ("head",))]
         out: dict[str, list[str]] = {}
@@ -179,9 +179,3 @@ class MultiModalCNN(GroupedModel):
                 out[group] = names
         return out
 
-    def reset_classifier(self, num_classes: int, *, generator: torch.Generator | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            g = generator or torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
-            init_module(self.head, g)

@@ -23,7 +23,8 @@ per-sample gradients are functions of one sample only.
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
@@ -42,13 +43,25 @@ class GroupedModel(nn.Module):
     """A model whose parameters are split into named groups (``parameter_groups``): the unit of masks,
     clipping bounds and noise allocation. Shared by the ViT and the CNN so both count groups alike."""
 
-    def parameter_groups(self) -> Dict[str, List[str]]:  # pragma: no cover - every model overrides it
+    num_features: int  # width of the features the head reads
+    num_classes: int
+    head: nn.Module
+
+    def parameter_groups(self) -> dict[str, list[str]]:  # pragma: no cover - every model overrides it
         raise NotImplementedError
 
-    def group_sizes(self) -> Dict[str, int]:
+    def group_sizes(self) -> dict[str, int]:
         """Number of scalars per parameter group, in the order of :meth:`parameter_groups`."""
         params = dict(self.named_parameters())
         return {g: sum(params[n].numel() for n in names) for g, names in self.parameter_groups().items()}
+
+    def reset_classifier(self, num_classes: int, *, generator: torch.Generator | None = None) -> None:
+        """Replace the head on ``self.num_features`` (``num_classes=0`` gives an identity head, as in timm)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            g = generator or torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
+            init_module(self.head, g)
 
 
 class AdditiveEmbedding(nn.Module):
@@ -150,7 +163,7 @@ def attention_weights(block: Block, x: torch.Tensor, keep: torch.Tensor | None) 
 
     timm's fused (SDPA) path never materialises the weights, so recompute them from ``qkv``.
     """
-    attn = block.attn
+    attn: Any = block.attn  # timm's Attention: q_norm/k_norm/scale are untyped attributes
     B, T, _ = x.shape
     qkv = attn.qkv(block.norm1(x)).reshape(B, T, 3, attn.num_heads, attn.head_dim)  # (B, T, 3, h, d)
     q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, T, d)
@@ -229,30 +242,32 @@ def _class_token_grad_sample(layer: ClassToken, backprops: torch.Tensor) -> torc
     return backprops[:, :1].unsqueeze(1)  # (B, 1, D) -> (B, 1, 1, D) == (B, *weight.shape)
 
 
-_RULES = {
+_RULES: dict[type[nn.Module], Callable[[Any, torch.Tensor], torch.Tensor]] = {
     AdditiveEmbedding: _additive_grad_sample,
     ModalityEmbedding: _modality_grad_sample,
     ClassToken: _class_token_grad_sample,
 }
 
 
+def _embedding_grad_sample(layer: nn.Module, backprops: torch.Tensor) -> tuple[nn.Parameter, torch.Tensor | None]:
+    """The layer's weight and its per-sample gradients (B, *weight.shape), or None when it is frozen."""
+    weight = cast(nn.Parameter, layer.weight)
+    return weight, (_RULES[type(layer)](layer, backprops) if weight.requires_grad else None)
+
+
 @register_grad_sampler([AdditiveEmbedding, ModalityEmbedding, ClassToken])
 def compute_embedding_grad_sample(
-    layer: nn.Module, activations: List[torch.Tensor], backprops: torch.Tensor
-) -> Dict[nn.Parameter, torch.Tensor]:
+    layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients of the embedding modules of this file (see module docstring)."""
-    if not layer.weight.requires_grad:
-        return {}
-    gs = _RULES[type(layer)](layer, backprops)
-    return {layer.weight: gs.to(layer.weight.dtype)}
+    weight, gs = _embedding_grad_sample(layer, backprops)
+    return {} if gs is None else {weight: gs.to(weight.dtype)}
 
 
 @register_norm_sampler([AdditiveEmbedding, ModalityEmbedding, ClassToken])
 def compute_embedding_norm_sample(
-    layer: nn.Module, activations: List[torch.Tensor], backprops: torch.Tensor
-) -> Dict[nn.Parameter, torch.Tensor]:
+    layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradient norms (ghost clipping): the parameters are small, so materialise them."""
-    if not layer.weight.requires_grad:
-        return {}
-    gs = _RULES[type(layer)](layer, backprops)
-    return {layer.weight: gs.flatten(start_dim=1).norm(2, dim=1)}  # (B,)
+    weight, gs = _embedding_grad_sample(layer, backprops)
+    return {} if gs is None else {weight: gs.flatten(start_dim=1).norm(2, dim=1)}  # (B,)

@@ -135,32 +135,34 @@ def load_timm_vit_weights(model: MultiModalViT, source: str | torch.nn.Module = 
                 "Download them once with network access (timm.create_model(name, pretrained=True)) "
                 "or point HF_HOME / HF_HUB_CACHE at a cache that holds them, or use pretrained=False."
             ) from exc
-    src_blocks = source.blocks
+    # timm's submodules reach us through nn.Module.__getattr__ (typed Tensor | Module): read them untyped
+    vit: Any = source
+    src_blocks = vit.blocks
     enc_depth = cfg.encoder_depth if cfg.fusion == "late" else cfg.depth
-    src_grid = getattr(source.patch_embed, "grid_size", None)
-    if (source.embed_dim != cfg.embed_dim or src_blocks[0].attn.num_heads != cfg.num_heads
+    src_grid = getattr(vit.patch_embed, "grid_size", None)
+    if (vit.embed_dim != cfg.embed_dim or src_blocks[0].attn.num_heads != cfg.num_heads
             or enc_depth > len(src_blocks) or tuple(src_grid or ()) != (cfg.grid_size, cfg.grid_size)
-            or source.patch_embed.patch_size != (cfg.patch_size, cfg.patch_size)):
+            or vit.patch_embed.patch_size != (cfg.patch_size, cfg.patch_size)):
         raise ConfigError(
-            f"pretrained source (embed_dim={source.embed_dim}, depth={len(src_blocks)}, "
+            f"pretrained source (embed_dim={vit.embed_dim}, depth={len(src_blocks)}, "
             f"grid={src_grid}) does not fit ViTConfig(embed_dim={cfg.embed_dim}, num_heads="
             f"{cfg.num_heads}, depth={enc_depth}, image_size={cfg.image_size}, patch_size="
             f"{cfg.patch_size}). Use the 'paper' preset (depth <= 12) or pretrained=False.")
     from timm.models import adapt_input_conv
 
-    src_pos = source.pos_embed.detach()  # (1, 1 + N, D) incl. the class token's position
+    src_pos = vit.pos_embed.detach()  # (1, 1 + N, D) incl. the class token's position
     with torch.no_grad():
-        trunks = list(model.encoders.values()) if cfg.fusion == "late" else [model]
+        trunks: list[Any] = list(model.encoders.values()) if cfg.fusion == "late" else [model]
         for trunk in trunks:
             for i in range(enc_depth):
                 trunk.blocks[i].load_state_dict(src_blocks[i].state_dict())
-            trunk.norm.load_state_dict(source.norm.state_dict())
-            trunk.cls_token.weight.copy_(source.cls_token.detach())
+            trunk.norm.load_state_dict(vit.norm.state_dict())
+            trunk.cls_token.weight.copy_(vit.cls_token.detach())
             # token fusion positions cover patches only (1, N, D); others include the class token
             pos = src_pos[:, 1:] if cfg.fusion == "token" else src_pos
             trunk.pos_embed.weight.copy_(pos)
             embeds = trunk.patch_embed.values() if cfg.fusion == "token" else [trunk.patch_embed]
             for pe in embeds:
-                w = adapt_input_conv(pe.proj.in_channels, source.patch_embed.proj.weight.detach())
+                w = adapt_input_conv(pe.proj.in_channels, vit.patch_embed.proj.weight.detach())
                 pe.proj.weight.copy_(w)
-                pe.proj.bias.copy_(source.patch_embed.proj.bias.detach())
+                pe.proj.bias.copy_(vit.patch_embed.proj.bias.detach())

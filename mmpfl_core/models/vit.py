@@ -20,9 +20,10 @@ stable, named parameter groups (:meth:`MultiModalViT.parameter_groups`) that tho
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..errors import ConfigError, check_range
@@ -180,7 +181,7 @@ class MultiModalViT(GroupedModel):
                     {s: SequenceEncoder(cfg, 1, cfg.encoder_depth) for s in cfg.names})
             else:
                 if cfg.fusion == "early":
-                    self.patch_embed = make_patch_embed(cfg.stem, cfg.image_size, cfg.patch_size, M, D,
+                    self.patch_embed: nn.Module = make_patch_embed(cfg.stem, cfg.image_size, cfg.patch_size, M, D,
                                                         cfg.stem_channels)
                     self.pos_embed = AdditiveEmbedding(1 + cfg.num_patches, D)  # incl. class token
                 else:
@@ -226,7 +227,7 @@ class MultiModalViT(GroupedModel):
             x = self.pos_embed(self.cls_token(self.patch_embed(x)))  # (B, 1 + N, D)
             return self.pos_drop(x), None
         B, N = images.shape[0], cfg.num_patches
-        tokens = torch.stack([pe(images[:, m:m + 1]) for m, pe in enumerate(self.patch_embed.values())],
+        tokens = torch.stack([pe(images[:, m:m + 1]) for m, pe in enumerate(cast(nn.ModuleDict, self.patch_embed).values())],
                              dim=1)  # (B, M, N, D)
         tokens = self.modality_embed(self.pos_embed(tokens))  # (B, M, N, D)
         x = tokens.flatten(1, 2)  # (B, M * N, D)
@@ -318,13 +319,6 @@ class MultiModalViT(GroupedModel):
         """Logits (B, num_classes) for images (B, M, H, W), mask (B, M) bool, clinical (B, K)."""
         return self.forward_head(self.forward_features(images, modality_mask, clinical))
 
-    def reset_classifier(self, num_classes: int, *, generator: torch.Generator | None = None) -> None:
-        """Replace the head (``num_classes=0`` gives an identity head, as in timm)."""
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            g = generator or torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
-            init_module(self.head, g)
 
     # ------------------------------------------------------------------ groups
     def _group_paths(self) -> list[tuple[str, list[str]]]:
@@ -374,10 +368,12 @@ class MultiModalViT(GroupedModel):
         idx = block % depth
         if cfg.fusion != "late":
             x, keep = self._tokens(images, modality_mask, clinical)
-            x = run_blocks(self.blocks[:idx], x, keep)
-            return attention_weights(self.blocks[idx], x, keep)
+            blocks = self.blocks
+            x = run_blocks(blocks[:idx], x, keep)
+            return attention_weights(cast(Block, blocks[idx]), x, keep)
         maps = []
-        for m, enc in enumerate(self.encoders.values()):
+        encoders: list[Any] = list(self.encoders.values())  # ViTEncoder modules, typed Module by ModuleDict
+        for m, enc in enumerate(encoders):
             x = run_blocks(enc.blocks[:idx], enc.embed(images[:, m:m + 1]), None)
             maps.append(attention_weights(enc.blocks[idx], x, None))  # (B, h, 1 + N, 1 + N)
         B, h, t, _ = maps[0].shape

@@ -1,4 +1,4 @@
-"""Device choice and the environment printout every notebook ends its imports cell with."""
+"""The environment printout every notebook ends its imports cell with (device choice: :mod:`mmpfl_core.devices`)."""
 from __future__ import annotations
 
 import platform
@@ -7,21 +7,9 @@ from importlib import metadata
 
 import torch
 
+from ..devices import resolve_device
+
 _REPORTED_PACKAGES = ("torch", "timm", "opacus", "numpy", "flwr")
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when present, else CPU; any other string is passed to ``torch.device``.
-
-    Asking for CUDA on a machine without it raises a ``RuntimeError`` that says so, rather than
-    failing later inside a kernel.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"DEVICE={name!r} but CUDA is not available here; set DEVICE='auto' or 'cpu'.")
-    return device
 
 
 def _version(package: str) -> str:

@@ -27,7 +27,7 @@ makes the scores post-processing of the site's DP release (DESIGN 4.5; ``mm-pfl-
 from __future__ import annotations
 
 import copy
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn

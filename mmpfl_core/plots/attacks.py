@@ -1,7 +1,7 @@
 """Figures of privacy attacks: membership-inference ROC curves (log scale), attack success vs epsilon, audit scores."""
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import matplotlib.pyplot as plt
 import numpy as np

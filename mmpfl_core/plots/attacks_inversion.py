@@ -7,7 +7,8 @@ patient data: put real scans in a figure only where the data agreement allows it
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import torch

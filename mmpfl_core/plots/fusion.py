@@ -5,7 +5,7 @@ Reads only the ``summary`` of finished runs (``summary["global_test"]["accuracy"
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import matplotlib.pyplot as plt
 import numpy as np

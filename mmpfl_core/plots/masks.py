@@ -8,7 +8,8 @@ diagnostics (DESIGN 4.4): in a deployment only the site itself, or a trusted agg
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np

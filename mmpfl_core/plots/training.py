@@ -1,7 +1,7 @@
 """Figures of federated runs: accuracy per round, per-site accuracy, communication vs accuracy."""
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import matplotlib.pyplot as plt
 import pandas as pd

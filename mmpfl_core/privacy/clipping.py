@@ -14,7 +14,7 @@ ledger). Functions never modify their inputs.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 

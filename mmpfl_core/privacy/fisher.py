@@ -14,7 +14,7 @@ the noise scales and would have to be privatised and accounted.
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F

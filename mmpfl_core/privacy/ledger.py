@@ -270,7 +270,7 @@ class PrivacyLedger:
             self.attach_journal(journal)
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "PrivacyLedger":
+    def from_state_dict(cls, state: dict[str, Any]) -> PrivacyLedger:
         """Create a ledger from :meth:`state_dict` output."""
         ledger = cls(delta=state["delta"], accountant=state["accountant"])
         ledger.load_state_dict(state)

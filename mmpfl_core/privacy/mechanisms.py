@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 import secrets
 from enum import Enum
-from typing import Mapping, NamedTuple, Sequence
+from typing import NamedTuple
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -47,14 +48,14 @@ class NoiseSource:
         self._generator = generator  # None means secure
 
     @classmethod
-    def seeded(cls, seed: int) -> "NoiseSource":
+    def seeded(cls, seed: int) -> NoiseSource:
         """Reproducible source (teaching, experiments, tests). Not private."""
         g = torch.Generator(device="cpu")
         g.manual_seed(int(seed))
         return cls(generator=g)
 
     @classmethod
-    def secure(cls) -> "NoiseSource":
+    def secure(cls) -> NoiseSource:
         """Source that reads the OS CSPRNG for every draw (not reproducible, no state)."""
         return cls(generator=None)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..attacks.evaluation import membership_claim
+from .membership import membership_claim
 from .plan import ReproductionPlan
 
 #: The paper's headline claims (Scientific Reports, 2026), quoted for the side-by-side.

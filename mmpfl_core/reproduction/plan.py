@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import yaml
 
-from ..attacks.evaluation import MembershipPlan
+from .membership import MembershipPlan
 from ..errors import ConfigError
 from ..experiment import CONFIG_DIR, ExperimentConfig
 from .regime import RegimeMap

@@ -30,7 +30,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -103,7 +104,7 @@ def regime_runs(experiment: ExperimentConfig, grid: RegimeMap, seeds: tuple[int,
     # d does not depend on N or the seed (same image size, sequences and clinical variables).
     dim = sum(p.numel() for p in model_factory(experiment, make_federation(experiment))().parameters() if p.requires_grad)
     rows: list[dict[str, Any]] = []
-    for n, per_site in zip(grid.num_sites, grid.subjects_per_site):
+    for n, per_site in zip(grid.num_sites, grid.subjects_per_site, strict=True):
         q = grid.sample_rate(n)
         for seed in seeds:
             config = experiment.replace(
@@ -126,7 +127,7 @@ def regime_runs(experiment: ExperimentConfig, grid: RegimeMap, seeds: tuple[int,
                 cfg = config
                 for epsilon in (grid.epsilons if private else (None,)):
                     spec = _at_epsilon(method, epsilon) if private else method
-                    summary = _finished_or_run(cfg, spec, lambda: federation_for(subset), out / "runs" / f"sites{n}-seed{seed}",
+                    summary = _finished_or_run(cfg, spec, lambda subset=subset: federation_for(subset), out / "runs" / f"sites{n}-seed{seed}",
                                                progress, only_finished)
                     if summary is None:
                         rows.append({"sites": n, "seed": seed, "method": label, "private": private,
@@ -226,7 +227,7 @@ def regime_verdict(cells: pd.DataFrame, grid: RegimeMap, *, min_sites: int = 100
 def winner_table(cells: pd.DataFrame) -> pd.DataFrame:
     """sites x epsilon: the winning method, with '(tie)' where its interval overlaps another eligible one."""
     wins = cells[cells["winner"]].copy()
-    wins["text"] = [f"{m} {a:.2f}" + ("" if c else " (tie)") for m, a, c in zip(wins["method"], wins["acc"], wins["clear"])]
+    wins["text"] = [f"{m} {a:.2f}" + ("" if c else " (tie)") for m, a, c in zip(wins["method"], wins["acc"], wins["clear"], strict=True)]
     table = wins.pivot(index="sites", columns="epsilon", values="text")
     table.columns = [f"eps={e:g}" for e in table.columns]
     return table.reset_index()

@@ -41,7 +41,7 @@ def answer_text(verdict: pd.DataFrame, grid) -> str:
         return "No cell of this map has N >= 100 and epsilon <= 8: the question is not measured here."
     won = verdict[verdict["beats all (CIs apart)"]]
     if not won.empty:
-        cells = ", ".join(f"N={n}, eps={e:g}" for n, e in zip(won["sites"], won["epsilon"]))
+        cells = ", ".join(f"N={n}, eps={e:g}" for n, e in zip(won["sites"], won["epsilon"], strict=True))
         return (f"**Yes** at {cells}: {grid.proposed}'s 95% interval lies above those of {grid.baseline} and "
                 f"{', '.join(grid.rivals)}.")
     return (f"**No**: in no cell with N >= 100 and epsilon <= 8 does {grid.proposed}'s interval lie above all of "
@@ -66,7 +66,7 @@ def run_regime_map(plan: ReproductionPlan, out: Path, *, progress: bool = False,
     for name, frame in (("regime_runs", runs), ("regime_cells", cells), ("regime_winners", winners),
                         ("regime_verdict", verdict), ("regime_noise", noise)):
         frame.to_csv(out / f"{name}.csv", index=False)
-    shown = cells.assign(**{"personal acc [95% CI]": [_ci(a, lo, hi) for a, lo, hi in zip(cells["acc"], cells["low"], cells["high"])]})
+    shown = cells.assign(**{"personal acc [95% CI]": [_ci(a, lo, hi) for a, lo, hi in zip(cells["acc"], cells["low"], cells["high"], strict=True)]})
     shown = shown[["sites", "epsilon", "method", "personal acc [95% CI]", "eligible", "winner", "clear"]]
     f = base.federated
     lines = [
@@ -80,7 +80,7 @@ def run_regime_map(plan: ReproductionPlan, out: Path, *, progress: bool = False,
         f"{dict(base.model.overrides)}, alpha = {base.federation.alpha:g}, {f.num_rounds} rounds, "
         f"{f.local.local_epochs} local epoch(s) of batch {f.local.batch_size}; Poisson sampling with "
         f"q = min(1, {grid.sites_per_round:g} / N); sites x subjects per site: "
-        + ", ".join(f"{n} x {s}" for n, s in zip(grid.num_sites, grid.subjects_per_site)) + ". "
+        + ", ".join(f"{n} x {s}" for n, s in zip(grid.num_sites, grid.subjects_per_site, strict=True)) + ". "
         + (f"Local-only trains and is evaluated on {grid.local_eval_sites} random sites per seed where N is larger "
            "(sites train independently: an unbiased estimate of the mean). " if grid.local_eval_sites else "")
         + "Epsilons come from each run's accountant (delta as configured); eps = inf keeps the clipping and sets "

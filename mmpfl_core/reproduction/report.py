@@ -1,7 +1,7 @@
 """The reproduction's written report and its privacy figure."""
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import pandas as pd
 

@@ -16,7 +16,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
-from ..attacks.evaluation import attack_method, membership_frame
+from .membership import attack_method, membership_frame
 from ..experiment import ExperimentConfig, make_federation, run_method, split_comparison_table
 from ..federated.simulation import RunResult
 from ..metrics.classification import seed_ci

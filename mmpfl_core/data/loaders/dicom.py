@@ -28,7 +28,7 @@ position along the normal n = r x c; the slice step is the spacing of those posi
 must agree to 1%, else a slice is missing). The voxel-to-RAS affine is then
 ``diag(-1, -1, 1) @ [r * dx, c * dy, n * dz, IPP_0]`` and the volume goes through the same
 ``as_closest_canonical`` as NIfTI, so a sagittal or coronal acquisition is reformatted to axial
-order and the rest of the pipeline (:mod:`loaders_volumes`) is shared.
+order and the rest of the pipeline (:mod:`volumes`) is shared.
 
 pydicom reads a truncated file without complaint and fails only at ``pixel_array`` (FACTS.md), so
 every slice's pixels are decoded here, inside one try/except, and the error names the file.
@@ -36,14 +36,14 @@ every slice's pixels are decoded here, inside one try/except, and the error name
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
 
-from ..errors import DataError
-from .contract import MODALITIES, Cohort
-from .loaders_volumes import load_volume_subjects, one_line
+from ...errors import DataError
+from ..contract import MODALITIES, Cohort
+from .volumes import assign_sequence, load_volume_subjects, one_line
 
 #: Relative tolerance on the spacing between consecutive slices.
 _SLICE_STEP_TOLERANCE = 0.01
@@ -182,14 +182,7 @@ def _find_series_folders(subject_dir: Path, modalities: tuple[str, ...]) -> dict
     """Map each modality to its series folder in ``subject_dir`` (``t1/`` or ``*_t1/``), if any."""
     found: dict[str, Path] = {}
     for path in sorted(p for p in subject_dir.iterdir() if p.is_dir()):
-        name = path.name.lower()
-        for modality in modalities:
-            key = modality.lower()
-            if name == key or name.endswith("_" + key):
-                if modality in found:
-                    raise DataError(f"subject folder {subject_dir} has two {modality} series folders: "
-                                    f"{found[modality].name} and {path.name}; keep one.")
-                found[modality] = path
+        assign_sequence(found, modalities, path.name.lower(), path, subject_dir, "series folders")
     return found
 
 
@@ -201,7 +194,7 @@ def load_dicom_subjects(root: str | Path, labels_csv: str | Path, *, image_size:
     """Load ``root/<subject>/<modality>/*.dcm`` series as axial 2D slices in a :class:`Cohort`.
 
     The arguments, the labels table and the cohort are exactly those of
-    :func:`~mmpfl_core.data.loaders_nifti.load_nifti_subjects`; only the reader differs
+    :func:`~mmpfl_core.data.nifti.load_nifti_subjects`; only the reader differs
     (:func:`read_dicom_series`). ``cohort.meta["source"]`` is ``"dicom_subjects"``.
     """
     return load_volume_subjects(root, labels_csv, find=_find_series_folders, read=read_dicom_series,

@@ -77,7 +77,7 @@ def _write(npz_path: Path, arrays: dict[str, np.ndarray], json_path: Path, doc: 
                         "Keep Cohort.meta to numbers, strings, lists and dicts.") from err
     npz_path.parent.mkdir(parents=True, exist_ok=True)
     with open(npz_path, "wb") as fh:  # a handle, so numpy does not append a second ".npz"
-        np.savez_compressed(fh, **arrays)
+        np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     json_path.write_text(text)
 
 
@@ -106,8 +106,17 @@ def save_cohort(cohort: Cohort, path: str | Path) -> Path:
 
 
 def load_cohort(path: str | Path) -> Cohort:
-    """Read a cohort written by :func:`save_cohort` (no pickle); DataError if corrupt or missing."""
+    """Read a cohort written by :func:`save_cohort` (no pickle); DataError if corrupt or missing.
+
+    ``path`` is the ``.npz`` or its ``.json`` sidecar (both are written side by side; either names the cohort).
+    """
     path = Path(path)
+    if path.suffix == ".json":  # the sidecar: the arrays are in the .npz beside it
+        npz = path.with_suffix(".npz")
+        if not npz.is_file():
+            raise DataError(f"{path} is the JSON sidecar of a converted cohort, and {npz.name} is not beside it. "
+                            "Pass the cohort's .npz file (written by data_scripts/convert_*.py) to --data.")
+        path = npz
     arrays, doc = _read(path, path.with_suffix(".json"))
     try:
         return _cohort(arrays, doc)

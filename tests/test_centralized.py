@@ -1,4 +1,4 @@
-"""Tests of the centralized training recipe (mmpfl_core.recipes) and the MRI augmentation (data.augment)."""
+"""Tests of the centralized training recipe (mmpfl_core.centralized) and the MRI augmentation (data.augment)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +10,7 @@ from mmpfl_core.data.augment import AugmentConfig, MRIAugment
 from mmpfl_core.data.contract import concatenate
 from mmpfl_core.errors import ConfigError
 from mmpfl_core.models import create_model
-from mmpfl_core.recipes import TrainingRecipe, compare_over_seeds, evaluate, train_centralized
+from mmpfl_core.centralized import TrainingRecipe, compare_over_seeds, evaluate, train_centralized
 
 SMALL_VIT = dict(embed_dim=16, depth=1, num_heads=2)
 

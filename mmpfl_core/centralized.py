@@ -25,9 +25,8 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -190,7 +189,7 @@ def compare_over_seeds(variants: Mapping[str, tuple[Callable[[int], nn.Module], 
         finally:
             torch.set_num_threads(threads)
     runs = pd.DataFrame([row for row, _ in results])
-    models = {job: model for job, (_, model) in zip(jobs, results)}
+    models = {job: model for job, (_, model) in zip(jobs, results, strict=True)}
     summary = []
     for label, group in runs.groupby("variant", sort=False):
         mean, low, high = seed_ci(group["balanced_accuracy"].tolist())

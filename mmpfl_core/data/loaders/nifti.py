@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
-from ..errors import DataError
-from .contract import MODALITIES, Cohort
-from .loaders_volumes import load_volume_subjects, one_line
+from ...errors import DataError
+from ..contract import MODALITIES, Cohort
+from .volumes import assign_sequence, load_volume_subjects, one_line
 
 _NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 
@@ -82,14 +82,7 @@ def _find_sequence_files(subject_dir: Path, modalities: tuple[str, ...]) -> dict
         suffix = next((s for s in _NIFTI_SUFFIXES if name.endswith(s)), None)
         if suffix is None or not path.is_file():
             continue
-        stem = name[: -len(suffix)]
-        for modality in modalities:
-            key = modality.lower()
-            if stem == key or stem.endswith("_" + key):  # '_t1' does not match '_t1ce', which is wanted
-                if modality in found:
-                    raise DataError(f"subject folder {subject_dir} has two {modality} files: "
-                                    f"{found[modality].name} and {path.name}; keep one.")
-                found[modality] = path
+        assign_sequence(found, modalities, name[: -len(suffix)], path, subject_dir, "files")
     return found
 
 

@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DataError
-from .contract import CLINICAL_FEATURES, MODALITIES, Cohort, normalise_intensity
-from .loaders_common import (canonical_modalities, check_image_size, clinical_from_table, read_subject_table,
+from ...errors import DataError
+from ..contract import CLINICAL_FEATURES, MODALITIES, Cohort, normalise_intensity
+from .common import (canonical_modalities, check_image_size, clinical_from_table, read_subject_table,
                              resize_images, resolve_class_names, sites_from_table)
 
 #: File extensions read as slice images (compared lower-cased).
@@ -135,7 +135,7 @@ def load_slice_folders(root: str | Path, *, image_size: int = 64, modalities: Se
         class_names: fixed class list (label = index); None uses the sorted folder names.
         single_modality: which of ``modalities`` files without a modality suffix are.
         site: site id for subjects without a ``site`` value in the CSV.
-        clinical_csv: optional per-subject CSV (see :mod:`loaders_common`).
+        clinical_csv: optional per-subject CSV (see :mod:`common`).
 
     Returns:
         A cohort with one row per subject, ordered by class folder then subject id.

@@ -1,18 +1,18 @@
 """Real-data loaders: one import path for every loader that turns files a user brings into a Cohort.
 
-The loaders live in two modules by file kind; this module re-exports them so that callers write
+The loaders live in one module per file kind (images, NIfTI, DICOM; volumes and common hold what they share); this module re-exports them so that callers write
 ``from mmpfl_core.data.loaders import load_slice_folders`` whatever the file kind:
 
 =============================  ================================================  =======================
 loader                         reads                                             module
 =============================  ================================================  =======================
-:func:`load_slice_folders`     ``root/<class>/<subject>_<modality>.png|jpg|tif``  :mod:`loaders_images`
-:func:`load_medmnist_npz`      a MedMNIST ``.npz`` (``train_images`` ...)          :mod:`loaders_images`
-:func:`load_nifti_subjects`    ``root/<subject>/<modality>.nii.gz`` + labels CSV  :mod:`loaders_nifti`
-:func:`load_dicom_subjects`    ``root/<subject>/<modality>/*.dcm`` + labels CSV   :mod:`loaders_dicom`
-:func:`load_image_file`        one 2D image (forced decode)                      :mod:`loaders_images`
-:func:`load_nifti_volume`      one 3D NIfTI volume (forced read, NaN check)      :mod:`loaders_nifti`
-:func:`read_dicom_series`      one DICOM series folder -> 3D volume + affine     :mod:`loaders_dicom`
+:func:`load_slice_folders`     ``root/<class>/<subject>_<modality>.png|jpg|tif``  :mod:`images`
+:func:`load_medmnist_npz`      a MedMNIST ``.npz`` (``train_images`` ...)          :mod:`images`
+:func:`load_nifti_subjects`    ``root/<subject>/<modality>.nii.gz`` + labels CSV  :mod:`nifti`
+:func:`load_dicom_subjects`    ``root/<subject>/<modality>/*.dcm`` + labels CSV   :mod:`dicom`
+:func:`load_image_file`        one 2D image (forced decode)                      :mod:`images`
+:func:`load_nifti_volume`      one 3D NIfTI volume (forced read, NaN check)      :mod:`nifti`
+:func:`read_dicom_series`      one DICOM series folder -> 3D volume + affine     :mod:`dicom`
 =============================  ================================================  =======================
 
 All return arrays that satisfy the sample contract (:mod:`mmpfl_core.data.contract`): images
@@ -23,10 +23,10 @@ never downloads anything and never returns partial data silently.
 """
 from __future__ import annotations
 
-from .loaders_common import read_subject_table, resize_images
-from .loaders_images import IMAGE_SUFFIXES, load_image_file, load_medmnist_npz, load_slice_folders
-from .loaders_dicom import load_dicom_subjects, load_dicom_volume, read_dicom_series
-from .loaders_nifti import load_nifti_image, load_nifti_subjects, load_nifti_volume
+from .common import read_subject_table, resize_images
+from .images import IMAGE_SUFFIXES, load_image_file, load_medmnist_npz, load_slice_folders
+from .dicom import load_dicom_subjects, load_dicom_volume, read_dicom_series
+from .nifti import load_nifti_image, load_nifti_subjects, load_nifti_volume
 
 __all__ = ["IMAGE_SUFFIXES", "load_dicom_subjects", "load_dicom_volume", "load_image_file", "load_medmnist_npz",
            "load_nifti_image", "load_nifti_subjects", "load_nifti_volume", "load_slice_folders", "read_dicom_series",

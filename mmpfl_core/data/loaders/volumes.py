@@ -28,14 +28,14 @@ labels, a labels row without a folder, and a named site column absent from the t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import nibabel as nib
 import numpy as np
 
-from ..errors import DataError
-from .contract import CLINICAL_FEATURES, Cohort, normalise_intensity
-from .loaders_common import (canonical_modalities, check_image_size, clinical_from_table, read_subject_table,
+from ...errors import DataError
+from ..contract import CLINICAL_FEATURES, Cohort, normalise_intensity
+from .common import (canonical_modalities, check_image_size, clinical_from_table, read_subject_table,
                              resize_images, resolve_class_names, sites_from_table)
 
 FindFiles = Callable[[Path, tuple[str, ...]], dict[str, Path]]
@@ -205,3 +205,16 @@ def subject_files(root: Path, subject: str, modalities: tuple[str, ...], require
                         f"{example.format(m=modalities[0].lower(), s=subject)}"
                         + (" (require_all=True)." if files else "."))
     return files
+
+
+def assign_sequence(found: dict[str, Path], modalities: Sequence[str], stem: str, path: Path, subject_dir: Path,
+                    kind: str) -> None:
+    """Record ``path`` under the modality its lower-cased ``stem`` names (``t1`` or ``*_t1``; ``_t1`` does not
+    match ``_t1ce``), refusing a second file or folder for the same modality (``kind`` names which)."""
+    for modality in modalities:
+        key = modality.lower()
+        if stem == key or stem.endswith("_" + key):
+            if modality in found:
+                raise DataError(f"subject folder {subject_dir} has two {modality} {kind}: "
+                                f"{found[modality].name} and {path.name}; keep one.")
+            found[modality] = path

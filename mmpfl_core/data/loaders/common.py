@@ -1,6 +1,6 @@
 """Helpers shared by the real-data loaders: resizing, subject tables (CSV), clinical columns, labels.
 
-Nothing here reads image files; :mod:`loaders_images` and :mod:`loaders_nifti` do. What these helpers
+Nothing here reads image files; :mod:`images` and :mod:`nifti` do. What these helpers
 must never do is guess: a value that cannot be parsed, a duplicated subject or an unknown label is a
 :class:`~mmpfl_core.errors.DataError` naming the file and the fix, never a silently dropped row.
 
@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
-from .contract import CLINICAL_FEATURES, standardise_clinical
+from ...errors import DataError
+from ..contract import CLINICAL_FEATURES, standardise_clinical
 
 #: Cell values that mean "not recorded" (compared after strip() and lower()).
 MISSING_TOKENS: frozenset[str] = frozenset({"", "na", "n/a", "nan", "none", "null"})
@@ -92,7 +92,7 @@ def read_subject_table(path: str | Path, *, required: Sequence[str] = ("subject"
         raise DataError(f"table {path} lacks column(s) {missing}; found {header}. Rename the header to include them.")
     table: dict[str, dict[str, str]] = {}
     for line, values in enumerate(rows, start=2):  # line 1 is the header
-        row = dict(zip(header, values))
+        row = dict(zip(header, values, strict=True))
         subject = row.get("subject", "")
         if not subject:
             raise DataError(f"table {path} line {line} has an empty 'subject' cell; fill it or delete the row.")

@@ -1,4 +1,7 @@
-"""Membership inference as part of a comparison: which methods to attack, the table, and the paper's claim.
+"""Membership inference as part of a comparison: which methods to attack, the shadows, the table, the paper's claim.
+
+The orchestration of :mod:`mmpfl_core.attacks.targets` (the attack itself), which trains runs through the
+experiment layer; it lives here so that ``attacks`` never imports the experiment layer above it.
 
 Used by :mod:`mmpfl_core.reproduction` (the ``membership_inference`` section of
 ``configs/reproduce_*.yaml``) and by notebook 07. For each attacked method it attacks the released
@@ -11,17 +14,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import pandas as pd
 
+from ..attacks.targets import MembershipConfig, MembershipResult, run_membership_attacks
 from ..data.federation import Federation
 from ..errors import ConfigError
-from ..experiment import ExperimentConfig, MethodSpec, model_factory
+from ..experiment import ExperimentConfig, MethodSpec, make_federation, model_factory, run_method
 from ..federated.simulation import RunResult
-from .targets import MembershipConfig, MembershipResult, run_membership_attacks, train_shadows
 
-__all__ = ["MembershipPlan", "attack_method", "membership_claim", "membership_frame"]
+__all__ = ["MembershipPlan", "attack_method", "membership_claim", "membership_frame", "train_shadows"]
 
 #: The paper's reported membership-inference success (balanced attack accuracy; random guessing is 0.5).
 PAPER_MIA_SUCCESS = 0.521
@@ -108,3 +112,18 @@ def membership_claim(frame: pd.DataFrame, proposed: str) -> tuple[str, bool | No
     text = (f"{proposed}, global model, {best['attack']}: balanced attack accuracy {best['balanced acc [95% CI]']}, "
             f"AUC {best['AUC [95% CI]']} at epsilon {eps}")
     return text, bool(best["balanced acc low"] <= PAPER_MIA_SUCCESS)
+
+
+def train_shadows(config: ExperimentConfig, method: MethodSpec, *, num_shadows: int, seed_offset: int = 1000,
+                  results_dir: Path | None = None, progress: bool = False) -> list[RunResult]:
+    """Train ``num_shadows`` OUT shadow runs of ``method`` on fresh federations (module docstring).
+
+    With ``results_dir`` each shadow keeps a run directory ``<results_dir>/shadow<s>/<label>`` and resumes.
+    """
+    runs = []
+    for s in range(num_shadows):
+        seed = config.federated.seed + seed_offset + s
+        shadow = config.replace(data={"seed": seed}, federation={"seed": seed}, federated={"seed": seed})
+        run_dir = None if results_dir is None else Path(results_dir) / f"shadow{s}"
+        runs.append(run_method(shadow, method, make_federation(shadow), results_dir=run_dir, progress=progress))
+    return runs

@@ -1,0 +1,184 @@
+"""The typed configs of an experiment: data, federation, model, round loop, and the methods to compare.
+
+This is the edge where YAML (``configs/*.yaml``), the CLI and notebook parameters become typed
+configs; nothing here trains or reads data. :mod:`mmpfl_core.experiment` runs them and
+:mod:`mmpfl_core.experiment_checks` checks them against the data (both import this module, which
+imports neither, so the three form no import circle).
+
+``data`` is either the synthetic cohort (:class:`SyntheticCohortConfig`, the default) or a cohort
+file a user converted from their own NIfTI/DICOM/PNG files (:class:`CohortSource`, YAML
+``data: {cohort: PATH}``, CLI ``--data PATH``), split into sites by its site column.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .configuration import dataclass_from_dict, to_plain
+from .data.cohort_federation import CohortSource
+from .data.federation import FederationConfig
+from .data.synthetic import SyntheticCohortConfig
+from .errors import ConfigError
+from .federated.config import FederatedConfig
+from .federated.strategies import available_strategies
+from .models.presets import list_presets
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model preset plus :class:`~mmpfl_core.models.vit.ViTConfig` overrides (e.g. ``fusion``)."""
+
+    preset: str = "tiny"
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.preset not in list_presets():
+            raise ConfigError(f"model.preset={self.preset!r} is unknown; available: {list_presets()}.")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of a comparison: a registered strategy, its arguments and a display label."""
+
+    strategy: str
+    label: str = ""
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    #: Train and evaluate with only these sequences (e.g. ("FLAIR",)): the single-modality ablation.
+    modalities: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in available_strategies():
+            raise ConfigError(f"method strategy={self.strategy!r} is unknown; available: {available_strategies()}.")
+        if self.modalities is not None:
+            object.__setattr__(self, "modalities", tuple(self.modalities))
+        if not self.label:
+            object.__setattr__(self, "label", self.strategy)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "quickstart"
+    data: SyntheticCohortConfig | CohortSource = field(default_factory=SyntheticCohortConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    methods: tuple[MethodSpec, ...] = (MethodSpec("fedavg"),)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ExperimentConfig:
+        values = dict(values)
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            raise ConfigError(f"unknown top-level key(s) {unknown}; allowed: {sorted(allowed)}.")
+        methods = tuple(_method_from_dict(m) for m in values.get("methods", [{"strategy": "fedavg"}]))
+        return cls(
+            name=str(values.get("name", "experiment")),
+            data=_data_from_dict(values.get("data")),
+            federation=dataclass_from_dict(FederationConfig, values.get("federation"), "federation"),
+            model=dataclass_from_dict(ModelSpec, values.get("model"), "model"),
+            federated=FederatedConfig.from_dict(values.get("federated") or {}),
+            methods=methods,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    def replace(self, **sections: Mapping[str, Any]) -> ExperimentConfig:
+        """A copy with some fields of some sections changed, e.g. ``replace(federated={"num_rounds": 3})``.
+
+        Edits the typed sections directly (:func:`dataclasses.replace`, so each section's
+        ``__post_init__`` validates again); a nested mapping edits a nested config or merges into a
+        mapping field (``model={"overrides": {...}}``). An unknown field is a :class:`ConfigError`.
+        """
+        changes: dict[str, Any] = {}
+        for section, values in sections.items():
+            if not hasattr(self, section):
+                raise ConfigError(f"unknown section {section!r}; sections: {[f.name for f in dataclasses.fields(self)]}.")
+            current = getattr(self, section)
+            changes[section] = (_replace_fields(current, values, section)
+                                if dataclasses.is_dataclass(current) and isinstance(values, Mapping) else values)
+        return dataclasses.replace(self, **changes)
+
+
+def _replace_fields(obj: Any, values: Mapping[str, Any], where: str) -> Any:
+    """``obj`` (a config dataclass) with ``values`` set, recursing into nested configs and merging mappings."""
+    names = {f.name for f in dataclasses.fields(obj)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(names)}.")
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        current = getattr(obj, key)
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(current):
+            value = _replace_fields(current, value, f"{where}.{key}")
+        elif isinstance(value, Mapping) and isinstance(current, Mapping):
+            value = {**current, **value}
+        elif isinstance(value, list):  # frozen dataclasses hold tuples
+            value = tuple(value)
+        changes[key] = value
+    return dataclasses.replace(obj, **changes)
+
+
+def _data_from_dict(values: Mapping[str, Any] | None) -> SyntheticCohortConfig | CohortSource:
+    """``data:`` is a user's cohort when it names one (``cohort: PATH``), else the synthetic cohort."""
+    if values is not None and not isinstance(values, Mapping):
+        raise ConfigError(f"data={values!r} must be a mapping: {{cohort: PATH}} or synthetic cohort fields.")
+    if values and "cohort" in values:
+        return dataclass_from_dict(CohortSource, values, "data (a cohort file)")
+    return dataclass_from_dict(SyntheticCohortConfig, values, "data")
+
+
+def with_cohort(config: ExperimentConfig, cohort_path: str | Path | None) -> ExperimentConfig:
+    """``config`` reading its data from ``cohort_path`` (a converted cohort .npz); None keeps ``config``.
+
+    This is what ``--data PATH`` and the notebooks' ``COHORT_PATH`` parameter do. The seed carries over.
+    """
+    if cohort_path is None:
+        return config
+    return dataclasses.replace(config, data=CohortSource(cohort=str(cohort_path), seed=config.data.seed))
+
+
+def _method_from_dict(values: Mapping[str, Any] | str) -> MethodSpec:
+    if isinstance(values, str):
+        return MethodSpec(values)
+    values = dict(values)
+    strategy = values.pop("strategy", None)
+    if strategy is None:
+        raise ConfigError(f"method entry {values} needs a 'strategy' key; available: {available_strategies()}.")
+    label = values.pop("label", "")
+    modalities = values.pop("modalities", None)
+    # Strategy arguments may sit beside "strategy" (YAML) or under "kwargs" (a saved config).
+    kwargs = {**dict(values.pop("kwargs", None) or {}), **values}
+    return MethodSpec(strategy=strategy, label=label, kwargs=kwargs, modalities=modalities)
+
+
+def load_experiment(path_or_name: str | Path) -> ExperimentConfig:
+    """Read a YAML experiment: a file path, or the name of a preset in ``configs/`` (``quickstart``)."""
+    path = Path(path_or_name)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{path_or_name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+        raise ConfigError(f"experiment config {str(path_or_name)!r} not found; presets: {known}, or pass a YAML path.")
+    return ExperimentConfig.from_dict(yaml.safe_load(path.read_text()) or {})
+
+
+def with_privacy_budget(config: ExperimentConfig, target_epsilon: float | None = None, *,
+                        delta: float | None = None) -> ExperimentConfig:
+    """The same experiment with every method that has a ``target_epsilon`` given this budget.
+
+    ``target_epsilon`` and ``delta`` (each when not None) replace the arguments of the differentially
+    private methods (those configured with a ``target_epsilon``); the others are left as they are.
+    """
+    budget = {k: v for k, v in (("target_epsilon", target_epsilon), ("delta", delta)) if v is not None}
+    methods = tuple(dataclasses.replace(m, kwargs={**m.kwargs, **budget}) if "target_epsilon" in m.kwargs else m
+                    for m in config.methods)
+    return dataclasses.replace(config, methods=methods)
