@@ -16,6 +16,9 @@ Variants (the names the tests and notebook 07 use):
       (m_min = 1, the old default) whatever the number m of participants, so the aggregate's noise
       variance m sigma_g^2 / m_min grows with m and reveals participation (the bug of issue 14; the
       fix shares sigma_g^2 / m over the m announced participants).
+    * ``realised-count-denominator``: the server divides the noised sum by the realised number of
+      updates in it instead of the fixed qN (``DPFedAvg._denominator``), so the release's scale
+      reveals how many sites took part.
 
 It never touches private data and is never used by training code: only audits import it.
 """
@@ -87,6 +90,22 @@ def _noise_over_min_participants(min_participants: int):
     return patch
 
 
+@contextlib.contextmanager
+def _realised_count_denominator(strategy) -> Iterator[None]:
+    """The server divides the noised sum by the realised number s of updates in it (at least 1) instead of
+    the fixed qN: patched at ``DPFedAvg._denominator``, the one place release_sum picks its divisor.
+
+    Why it leaks: the released average (sum + noise) / s changes scale with one site's presence, so
+    with the other sites' updates known (or all zero) the whitened norm of the release reveals s,
+    i.e. who took part. Set on the instance and removed afterwards (no other patching machinery).
+    """
+    strategy._denominator = lambda num_participants: float(max(int(num_participants), 1))
+    try:
+        yield
+    finally:
+        del strategy._denominator
+
+
 #: Deliberate bugs, each a patch of a function the real DP-FedAvg release calls.
 BROKEN_VARIANTS: dict[str, Callable] = {
     "no-clipping": _no_clipping,
@@ -94,6 +113,7 @@ BROKEN_VARIANTS: dict[str, Callable] = {
     "noise-divided-by-10": _scaled_noise(lambda s: 0.1),
     "noise-on-mean-scale": _scaled_noise(lambda s: 1.0 / s.expected_participants),
     "per-site-noise-over-m-min": _noise_over_min_participants(1),
+    "realised-count-denominator": _realised_count_denominator,
 }
 
 

@@ -453,8 +453,8 @@ class DPFedAvg(SampleLevelHooks):
         if any(v > 0 for v in stds.values()):
             noise = gaussian_noise_like(new_state, stds, self.groups, source)
             new_state = {n: t + noise[n] for n, t in new_state.items()}
-        new_state = {n: global_state[n] + (t / self.expected_participants).to(global_state[n].dtype)
-                     for n, t in new_state.items()}
+        denominator = self._denominator(num_participants)
+        new_state = {n: global_state[n] + (t / denominator).to(global_state[n].dtype) for n, t in new_state.items()}
         if self.server_optimizer is not None:  # post-processing of the release above
             new_state = self.server_optimizer.step(global_state, new_state)
         if self.adaptive:
@@ -469,6 +469,14 @@ class DPFedAvg(SampleLevelHooks):
             self._set_bounds(min(self._initial_clip * _ADAPTIVE_RANGE,
                                  max(self._initial_clip / _ADAPTIVE_RANGE, self.clip_norm * step)))
         return new_state
+
+    def _denominator(self, num_participants: int) -> float:
+        """The divisor of the released sum: the FIXED qN (step 4 of the module docstring), whatever the
+        number ``num_participants`` of updates in it. Dividing by that realised count would scale the
+        release with who took part (one site more or less changes every coordinate), which the
+        accountant does not cover. The one place the divisor is chosen: the audit's broken variant
+        ``realised-count-denominator`` (:mod:`mmpfl_core.attacks.variants`) replaces it."""
+        return self.expected_participants
 
     def _record_release(self, round_index: int, release: RoundRelease) -> None:
         """Enter this round's release in the ledger: on disk (fsynced) when the run has a ledger file,
