@@ -91,7 +91,7 @@ def _public_state(s: Setting, seed: int, cache: Path):
 
     from mmpfl_core.models.presets import create_model
     from mmpfl_core.pretraining import pretrain_public_model, public_cohort
-    from mmpfl_core.recipes import TrainingRecipe
+    from mmpfl_core.centralized import TrainingRecipe
 
     path = cache / f"public_{s.preset}_{s.image_size}_{s.public_subjects}_{s.public_epochs}_{seed}.safetensors"
     if path.exists():

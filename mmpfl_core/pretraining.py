@@ -11,7 +11,7 @@ This module is that first stage for the kit:
    stands in for public MRI collections; on a GPU, timm's ImageNet ViT weights are another source
    (``create_model(..., pretrained=True)``).
 2. :func:`pretrain_public_model` trains the image and clinical encoders on it with the centralized
-   recipe of notebook 01 (:func:`mmpfl_core.recipes.train_centralized`: AdamW, warm-up + cosine).
+   recipe of notebook 01 (:func:`mmpfl_core.centralized.train_centralized`: AdamW, warm-up + cosine).
 3. :func:`restrict_trainable` freezes every parameter group outside the private part
    (``requires_grad = False``); the federated engines exchange, clip, noise and account only
    ``requires_grad`` parameters, so d, the dimension every accountant-sized noise vector has, is
@@ -37,7 +37,8 @@ from .data.federation import acquire_cohort
 from .data.scanners import reference_profile
 from .data.synthetic import SyntheticCohortConfig, generate_subjects
 from .errors import ConfigError, check_range
-from .recipes import TrainedModel, TrainingRecipe, train_centralized
+from .models.layers import GroupedModel
+from .centralized import TrainedModel, TrainingRecipe, train_centralized
 from .seeding import numpy_generator
 
 __all__ = ["PRIVATE_PARTS", "PublicPretrainingConfig", "public_cohort", "pretrain_public_model",
@@ -92,6 +93,7 @@ def public_cohort(num_subjects: int, *, image_size: int, seed: int, difficulty: 
                           "sites' own patients. Give the public cohort a seed of its own.")
     subjects = generate_subjects(SyntheticCohortConfig(num_subjects=num_subjects, image_size=image_size,
                                                        difficulty=difficulty, seed=int(seed)))
+    assert isinstance(subjects, Cohort)  # without return_tissue_maps it is the cohort alone
     return acquire_cohort(subjects, reference_profile(), numpy_generator(int(seed), _PUBLIC_SCAN_STREAM), site=-1)
 
 
@@ -119,7 +121,7 @@ def restrict_trainable(model: nn.Module, private_part: str | Sequence[str] | Non
         for p in model.parameters():
             p.requires_grad_(True)
         return private_dimension(model)
-    if not hasattr(model, "parameter_groups"):
+    if not isinstance(model, GroupedModel):
         raise ConfigError("restrict_trainable needs a model with parameter_groups() (the kit's ViT or CNN).")
     known = model.parameter_groups()
     unknown = [g for g in groups if g not in known]

@@ -18,7 +18,7 @@ from mmpfl_core.pretraining import (PRIVATE_PARTS, pretrain_public_model, pretra
                                     public_cohort, restrict_trainable)
 from mmpfl_core.privacy import compute_epsilon
 from mmpfl_core.privacy.dp_sgd import PrivateTraining
-from mmpfl_core.recipes import TrainingRecipe
+from mmpfl_core.centralized import TrainingRecipe
 
 CFG = FederatedConfig(num_rounds=2, local=LocalTrainingConfig(local_steps=2, batch_size=16),
                       optimizer=OptimizerConfig(name="sgd", lr=0.05, momentum=0.0, weight_decay=0.0),
