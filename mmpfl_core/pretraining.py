@@ -27,7 +27,7 @@ What this module must never do: read a federation's site splits, or be handed pr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn

@@ -174,7 +174,7 @@ def _private_local_update(model: nn.Module, dataset: CohortDataset, *, site_id: 
                 opt.step()
             elif opt.pre_step():  # per-sample clip, noise, average: the private gradient in p.grad
                 extra = torch.autograd.grad(regulariser(model), params, allow_unused=True)
-                for p, g in zip(params, extra):
+                for p, g in zip(params, extra, strict=False):
                     if g is not None:
                         p.grad = g if p.grad is None else p.grad + g
                 opt.original_optimizer.step()

@@ -152,6 +152,7 @@ class DPFedAvgFisher(DPFedAvg):
         not help (class docstring); records ``allocation_used``, ``fallback_reason`` and ``predicted_loss``.
         Public inputs only: the public-set Fisher, sizes, bounds, z and qN."""
         z = self.update_noise_multiplier
+        assert self.fisher is not None, "refresh_fisher() before choose_allocation()"
         fisher = {g: self.fisher[g] for g in group_sizes}
         uniform = uniform_noise_allocation(group_sizes=group_sizes, clip_bounds=clip_bounds, noise_multiplier=z)
         alloc = fisher_noise_allocation(group_sizes=group_sizes, fisher=fisher, clip_bounds=clip_bounds,

@@ -60,17 +60,21 @@ norms, raw clip indicators, noise, seeds of secret draws.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import operator
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from ..data.federation import Federation
 from ..errors import ConfigError, PrivacyError
+from ..models.layers import GroupedModel
 from ..privacy import (NOT_PRIVATE_WARNING, NoisePlacement, NoiseSource, PrivacyLedger, UpdateRejected, calibrate_noise,
                        clip_per_group, gaussian_noise_like,
                        release_accounting, server_top_up_std, uniform_noise_allocation, validate_update)
@@ -195,7 +199,8 @@ class DPFedAvg(SampleLevelHooks):
         self._round, self._dropped, self._dropped_total = 0, 0, 0
         self._topped_up_total = 0  # distributed rounds where some but not all announced shares arrived
         self._announced: int | None = None  # m: participants announced for this round (distributed shares)
-        self._configured, self._sigmas = False, None
+        self._configured = False
+        self._sigmas: dict[str, float] | None = None
         #: this round's public release (:class:`RoundRelease`): built by the server half, applied whole by a site
         self.round_release: RoundRelease | None = None
         self._release_from_server = False  # True on a site that got its release from the server (Flower)
@@ -214,7 +219,7 @@ class DPFedAvg(SampleLevelHooks):
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
         if self.clipping == "per-group":
-            if not hasattr(model, "parameter_groups"):
+            if not isinstance(model, GroupedModel):
                 raise ConfigError("clipping='per-group' needs a model with parameter_groups(); use clipping='flat'.")
             keep = set(names)
             self.groups = {g: [n for n in ns if n in keep] for g, ns in model.parameter_groups().items()}
@@ -227,6 +232,7 @@ class DPFedAvg(SampleLevelHooks):
         if self._z_given is not None:
             z = float(self._z_given)
         else:  # local: accountant sees z/2 at rate 1 (replace-one sensitivity 2C, no amplification)
+            assert self.target_epsilon is not None  # exactly one of z / target_epsilon (validated)
             z = calibrate_noise(target_epsilon=self.target_epsilon, target_delta=self.delta,
                                 sample_rate=1.0 if local else q, steps=rounds, accountant=self.accountant)
             z = 2.0 * z if local else z
@@ -349,8 +355,10 @@ class DPFedAvg(SampleLevelHooks):
         self._sigmas = dict(release.sigmas)
         self._announced = release.participants
 
-    def _round_sigmas(self, global_state: State) -> dict[str, float]:
+    def _round_sigmas(self, global_state: State | None) -> dict[str, float]:
         if self._sigmas is None:  # once per round, from public quantities only
+            if global_state is None:
+                raise PrivacyError(f"round {self._round}: the noise allocation needs the round's global model.")
             self._sigmas = self.noise_allocation(self._round, global_state)
         return self._sigmas
 
@@ -402,7 +410,7 @@ class DPFedAvg(SampleLevelHooks):
                   round_index: int) -> State:
         """Server side: re-validate, sum, then :meth:`release_sum` (noise, qN, ledger)."""
         valid = []
-        for update, s in zip(updates, sent):
+        for update, s in zip(updates, sent, strict=False):
             params = {n: t for n, t in s.items() if n != CLIP_INDICATOR}
             try:
                 validate_update(params, self.shapes)
@@ -413,7 +421,7 @@ class DPFedAvg(SampleLevelHooks):
                 self._dropped, self._dropped_total = self._dropped + 1, self._dropped_total + 1
         total: State = {}
         for name, value in global_state.items():  # summed in arrival order, as FedAvg does
-            total[name] = sum(s[name] for s in valid) if valid else torch.zeros_like(value)
+            total[name] = functools.reduce(operator.add, (s[name] for s in valid)) if valid else torch.zeros_like(value)
         if self.adaptive:
             total[CLIP_INDICATOR] = sum((s[CLIP_INDICATOR].sum() for s in valid), torch.zeros((), dtype=torch.float64))
         return self.release_sum(global_state, total, len(valid), round_index)

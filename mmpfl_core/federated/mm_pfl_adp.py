@@ -180,7 +180,7 @@ class MMPFLADP(DPFedAvgFisher):
         """C_g = C sqrt(d_g / d_S) over the released groups S (not drowned), 0 for drowned ones, so that
         sum_g C_g^2 = C^2 over what is released (DESIGN 4.1). Public: sizes and the gate only."""
         self.clip_norm = clip_norm
-        drowned = getattr(self, "drowned", frozenset())
+        drowned: frozenset[str] = getattr(self, "drowned", frozenset())
         total = sum(d for g, d in self.group_sizes.items() if g not in drowned)
         self.clip_bounds = {g: (0.0 if g in drowned else clip_norm * math.sqrt(d / total))
                             for g, d in self.group_sizes.items()}
@@ -273,6 +273,7 @@ class MMPFLADP(DPFedAvgFisher):
     def apply_round_instructions(self, round_index: int, instructions: dict[str, Any]) -> None:
         """Site side: the server's release, whole; its drowned groups are personal at this site too."""
         super().apply_round_instructions(round_index, instructions)
+        assert self.round_release is not None  # installed by the call above
         self.drowned = self.round_release.drowned
 
     # ---- masks
@@ -311,6 +312,7 @@ class MMPFLADP(DPFedAvgFisher):
         if not self.use_masks:
             return
         trained = {n: p.detach() for n, p in model.named_parameters()}
+        assert self._round_global is not None  # client_start_state ran for this round
         self.masker.maybe_update(site_id, self._round, model, self._round_global, trained,
                                  self.mask_scoring_data(site_id), forced_personal=self.drowned)
         names = self._personal(site_id)

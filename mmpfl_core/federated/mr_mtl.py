@@ -24,7 +24,8 @@ Without ``sample_level_dp`` both are the non-private baselines (not private: say
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -7,7 +7,8 @@ comes from its own ledger over the DP-SGD steps it took (:mod:`mmpfl_core.privac
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn

@@ -72,6 +72,7 @@ def select_round(strategy: Strategy, client_ids: list[int], config: FederatedCon
     from a keyed generator whose key could leak, would void it. Shared by the in-process loop and the
     Flower server app, so both engines pick the same sites whenever the sample is reproducible.
     """
+    rng: Any  # numpy Generator or the CSPRNG's SecureRandom: both offer random()/choice()
     if getattr(strategy, "secret_randomness", False):
         rng = secure_numpy_generator()
     else:
@@ -175,14 +176,21 @@ class FederatedSimulation:
                 parts.append(self._proba(state if state is not None else self.global_state, dataset))
         return np.concatenate(parts)
 
+    def _deployed(self, site: int) -> State:
+        """A site's deployed model where the strategy has no global one (local-only: always its own)."""
+        state = self.strategy.personal_state(site, self.global_state)
+        if state is None:
+            raise RuntimeError(f"{self.strategy.name} has no global model and no deployed model for site {site}.")
+        return state
+
     def _global_metrics(self, view: _SplitView, prefix: str) -> tuple[dict[str, float], np.ndarray | None]:
         labels = view.cohort.labels
         if self.strategy.has_global_model:
             proba = self._proba(self.global_state, view.dataset)
             return evaluate_predictions(labels, proba, self.num_classes, prefix), proba
         # Local-only has no global model: report the mean over the sites' own models on the pooled split.
-        per_model = [evaluate_predictions(labels, self._proba(self.strategy.personal_state(s, self.global_state), view.dataset),
-                                          self.num_classes, prefix) for s in view.per_site]
+        per_model = [evaluate_predictions(labels, self._proba(self._deployed(s), view.dataset), self.num_classes, prefix)
+                     for s in view.per_site]
         return {k: float(np.mean([m[k] for m in per_model])) for k in per_model[0]}, None
 
     def evaluate(self) -> dict[str, float]:

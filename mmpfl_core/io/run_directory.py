@@ -236,7 +236,7 @@ class RunDirectory:
         for path, part in ((self.metrics_path, released), (self.private_metrics_path, private)):
             columns = self._columns(path)
             new_file = columns is None
-            columns = [str(k) for k in part] if new_file else columns
+            columns = [str(k) for k in part] if columns is None else columns
             extra = [k for k in part if str(k) not in columns]
             if extra:  # checked for both files before either is written
                 raise RunDirectoryError(f"metrics row has new columns {extra}; {path.name} has {columns}. "

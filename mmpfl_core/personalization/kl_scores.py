@@ -27,6 +27,7 @@ makes the scores post-processing of the site's DP release (DESIGN 4.5; ``mm-pfl-
 from __future__ import annotations
 
 import copy
+from typing import Any
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -80,7 +81,7 @@ def kl_group_scores(model: nn.Module, global_state: State, personal_state: State
     n = len(dataset)
     if n == 0 or not swaps:
         return totals
-    scratch = _global_copy(model, base, device)
+    scratch: Any = _global_copy(model, base, device)  # Any: the staged forward is a MultiModalViT method
     params = dict(scratch.named_parameters())
     entry = getattr(scratch, "first_block_of_group", None)
     starts = {g: entry(g) if entry is not None else None for g in swaps}

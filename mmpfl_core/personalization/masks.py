@@ -172,6 +172,7 @@ class PersonalizationMasks:
         forced_personal = frozenset(forced_personal)
         if self.groups is None:
             self.set_groups(list(scores) + [g for g in forced_personal if g not in scores])
+        assert self.groups is not None  # set just above on a first update
         unknown = forced_personal - set(self.groups)
         if unknown:
             raise ConfigError(f"forced_personal groups {sorted(unknown)} are not mask groups {list(self.groups)}.")
@@ -267,6 +268,7 @@ class DynamicKLMasks:
             return False
         schedule = self.masks.schedule
         fixed = set(forced_personal) | set(schedule.always_personal) | set(schedule.always_shared)
+        assert self.param_groups is not None, "call set_param_groups() before maybe_update()"
         to_score = {g: names for g, names in self.param_groups.items() if g not in fixed}
         scores: dict[str, float] = {}
         if to_score:

@@ -43,7 +43,7 @@ def clip_scores(scores: Mapping[str, float], clip: float) -> dict[str, float]:
         raise PrivacyError(f"mask scores {dict(scores)} contain NaN/Inf; refuse to release them.")
     norm = float(values.norm()) if len(values) else 0.0
     scale = min(1.0, clip / norm) if norm > 0 else 1.0
-    return {g: float(v) * scale for g, v in zip(scores, values.tolist())}
+    return {g: float(v) * scale for g, v in zip(scores, values.tolist(), strict=False)}
 
 
 def release_scores(scores: Mapping[str, float], *, clip: float, noise_multiplier: float,
@@ -62,7 +62,7 @@ def release_scores(scores: Mapping[str, float], *, clip: float, noise_multiplier
                            "(0 releases clipped but exact scores: no privacy).")
     clipped = clip_scores(scores, clip)
     noise = torch.randn(len(clipped), generator=generator, dtype=torch.float64) * (noise_multiplier * clip)
-    return {g: v + float(e) for (g, v), e in zip(clipped.items(), noise)}
+    return {g: v + float(e) for (g, v), e in zip(clipped.items(), noise, strict=False)}
 
 
 def mask_release_multiplier(*, placement: NoisePlacement | str, noise_multiplier: float) -> float | None:

@@ -94,7 +94,7 @@ def plot_mask_timeline(history: pd.DataFrame, *, axes=None):
         _, axes = plt.subplots(1, len(sites), figsize=(2.6 * len(sites) + 1.5, 0.35 * len(groups) + 1.5),
                                sharey=True, squeeze=False)
         axes = axes[0]
-    for ax, site in zip(axes, sites):
+    for ax, site in zip(axes, sites, strict=False):
         grid = (history[history["site"] == site].pivot(index="group", columns="round", values="personal")
                 .reindex(groups).astype(float))  # (groups, rounds)
         sns.heatmap(grid, vmin=0, vmax=1, cmap="Blues", cbar=False, linewidths=0.5, linecolor="white", ax=ax)

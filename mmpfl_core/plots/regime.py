@@ -24,7 +24,7 @@ def plot_regime_map(cells: pd.DataFrame, *, title: str = "Who wins? personal acc
     """Sites (rows) x epsilon (columns), coloured by the winning method; the text gives its accuracy and
     "tie" where its 95% interval overlaps another eligible method's."""
     methods = list(dict.fromkeys(cells["method"]))
-    palette = dict(zip(methods, sns.color_palette("Set2", len(methods))))
+    palette = dict(zip(methods, sns.color_palette("Set2", len(methods)), strict=False))
     sites = sorted(cells["sites"].unique())
     eps = sorted(cells["epsilon"].unique())
     fig, ax = plt.subplots(figsize=(1.6 * len(eps) + 2.5, 0.9 * len(sites) + 1.5))
@@ -52,9 +52,9 @@ def plot_regime_accuracy(cells: pd.DataFrame):
     sites = sorted(cells["sites"].unique())
     eps = sorted(cells["epsilon"].unique())
     methods = list(dict.fromkeys(cells["method"]))
-    palette = dict(zip(methods, sns.color_palette("Set2", len(methods))))
+    palette = dict(zip(methods, sns.color_palette("Set2", len(methods)), strict=False))
     fig, axes = plt.subplots(1, len(sites), figsize=(3.2 * len(sites), 3.4), sharey=True, squeeze=False)
-    for ax, n in zip(axes[0], sites):
+    for ax, n in zip(axes[0], sites, strict=False):
         for k, m in enumerate(methods):
             sel = cells[(cells["sites"] == n) & (cells["method"] == m)].set_index("epsilon").reindex(eps)
             x = np.arange(len(eps)) + (k - len(methods) / 2) * 0.06

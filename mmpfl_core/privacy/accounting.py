@@ -300,7 +300,7 @@ def effective_noise_multiplier(clip_bounds: Sequence[float], noise_stds: Sequenc
         raise PrivacyError(f"clip_bounds has {len(clip_bounds)} entries but noise_stds has "
                            f"{len(noise_stds)}; pass one bound and one std per group.")
     total = 0.0
-    for c, s in zip(clip_bounds, noise_stds):
+    for c, s in zip(clip_bounds, noise_stds, strict=False):
         if not (0.0 <= c < math.inf and 0.0 <= s < math.inf):
             raise PrivacyError(f"clip bound {c!r} and noise std {s!r} must be finite and >= 0.")
         if c == 0.0:

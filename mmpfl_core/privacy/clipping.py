@@ -100,7 +100,7 @@ def group_norms(update: Update, groups: Mapping[str, Sequence[str]]) -> dict[str
     index = torch.tensor([position[owner[n]] for n in names], dtype=torch.long)
     sq = torch.zeros(len(order), dtype=torch.float64)
     sq.index_add_(0, index, _norms([update[n] for n in names]) ** 2)  # (G,)
-    return dict(zip(order, sq.sqrt().tolist()))
+    return dict(zip(order, sq.sqrt().tolist(), strict=False))
 
 
 def _check_bound(name: str, bound: float) -> None:
@@ -135,7 +135,7 @@ def clip_flat(update: Update, max_norm: float) -> tuple[dict[str, torch.Tensor],
     scale = 1.0 if norm <= max_norm else max_norm / norm
     names = list(update)
     clipped = torch._foreach_mul([update[n] for n in names], scale) if names else []
-    return dict(zip(names, clipped)), scale, norm
+    return dict(zip(names, clipped, strict=False)), scale, norm
 
 
 def clip_per_group(update: Update, groups: Mapping[str, Sequence[str]],
@@ -178,4 +178,4 @@ def clip_per_group(update: Update, groups: Mapping[str, Sequence[str]],
     names = list(update)
     clipped = (torch._foreach_mul([update[n] for n in names], [scales[owner[n]] for n in names])
                if names else [])
-    return dict(zip(names, clipped)), norms
+    return dict(zip(names, clipped, strict=False)), norms

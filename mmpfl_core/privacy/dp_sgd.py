@@ -37,7 +37,8 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -176,6 +177,7 @@ class SampleLevelDP:
             else:  # sites with the same (q, steps) share one calibration (hundreds of sites in a sweep)
                 key = (q, steps)
                 if key not in self._calibrated:
+                    assert self.target_epsilon is not None  # exactly one of z / target_epsilon (validated)
                     self._calibrated[key] = calibrate_noise(target_epsilon=self.target_epsilon, target_delta=self.delta,
                                                             sample_rate=q, steps=steps, accountant=self.accountant)
                 self._z[site_id] = self._calibrated[key]

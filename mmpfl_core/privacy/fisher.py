@@ -66,8 +66,9 @@ def _hooks_sq_grads(sampler: nn.Module, params: dict[str, nn.Parameter], inputs:
     F.cross_entropy(logits, y.long(), reduction="sum").backward()
     sums = {}
     for k, p in params.items():
-        sums[k] = (p.grad_sample ** 2).sum(0)
-        p.grad_sample, p.grad = None, None
+        grad_sample = p.grad_sample  # type: ignore[attr-defined]  # set by Opacus' hooks
+        sums[k] = (grad_sample ** 2).sum(0)
+        p.grad_sample, p.grad = None, None  # type: ignore[attr-defined]
     return sums, int(y.shape[0])
 
 

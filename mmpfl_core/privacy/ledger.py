@@ -42,7 +42,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from mmpfl_core.errors import PrivacyError
 from mmpfl_core.privacy.accounting import (ACCOUNTANTS, _check_delta, _check_release,

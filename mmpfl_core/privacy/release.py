@@ -46,7 +46,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 from mmpfl_core.errors import PrivacyError
 from mmpfl_core.privacy.mechanisms import (NoisePlacement, ReleaseAccounting, per_participant_noise_std,
@@ -228,7 +229,10 @@ class RoundRelease:
             raise PrivacyError(f"round {self.round}: the server announced m = 0 participants, so no site was asked "
                                "to contribute; a site that got this release must not send anything.")
         m = self.participants if self.placement is NoisePlacement.DISTRIBUTED else 1
-        return dict(per_participant_noise_std(self.placement, self.sigmas, m).participant_std)
+        assert m is not None  # validated: distributed releases carry m
+        stds = per_participant_noise_std(self.placement, dict(self.sigmas), m).participant_std
+        assert isinstance(stds, dict)  # per-group sigmas in, per-group stds out
+        return dict(stds)
 
     def count_participant_std(self) -> float:
         """Distributed adaptive clipping: the std of this participant's share of the count noise, z_b / sqrt(m)."""
@@ -256,6 +260,7 @@ class RoundRelease:
             return dict(self.sigmas)
         if self.placement is NoisePlacement.LOCAL:
             return {g: 0.0 for g in self.groups}
+        assert self.participants is not None  # validated: distributed releases carry m
         return {g: server_top_up_std(s, self.participants, arrived) for g, s in self.sigmas.items()}
 
     def count_server_std(self, arrived: int) -> float:
@@ -264,6 +269,7 @@ class RoundRelease:
             return self.count_noise_multiplier
         if self.placement is NoisePlacement.LOCAL:
             return 0.0
+        assert self.participants is not None  # validated: distributed releases carry m
         return server_top_up_std(self.count_noise_multiplier, self.participants, arrived)
 
     # ------------------------------------------------------------------ wire format
@@ -283,7 +289,7 @@ class RoundRelease:
         return out
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any], *, groups: Sequence[str] | None = None) -> "RoundRelease":
+    def from_record(cls, record: Mapping[str, Any], *, groups: Sequence[str] | None = None) -> RoundRelease:
         """Read :meth:`to_record`'s dict back, refusing a missing or unknown key, or (``groups`` given: the
         site's own groups) a different set of groups. Each refusal means the server and the site run
         different configurations; the site must not guess."""
@@ -309,7 +315,8 @@ class RoundRelease:
             value = record[key]
             if isinstance(value, bool) or not isinstance(value, int):
                 raise PrivacyError(f"release {key}={value!r} must be an integer.")
-        return cls(round=record["round"], placement=placement, noise=str(record["noise"]),
+        return cls(round=record["round"], placement=placement,  # type: ignore[arg-type]  # __post_init__ converts
+                   noise=str(record["noise"]),
                    clip_norm=float(record["clip_norm"]), sample_rate=float(record["sample_rate"]),
                    expected_participants=float(record["expected_participants"]),
                    noise_multiplier=float(record["noise_multiplier"]),
