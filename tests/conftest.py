@@ -47,6 +47,9 @@ INTEGRATION_FILES = {
     "test_federated.py", "test_flower_app.py", "test_mm_pfl_adp.py", "test_personalized_strategies.py",
     "test_regime_map.py", "test_reproduction.py", "test_run_scopes.py", "test_secret_randomness.py",
     "test_server_optimizer.py", "test_user_cohort.py",
+    # issue 21-23 files: runs through the release, resume, scans of whole comparisons, the vectorised engine
+    "test_distinguishing_real_paths.py", "test_patient_dp_masks.py", "test_patient_level.py", "test_release.py",
+    "test_release_scan.py", "test_threat_statements.py", "test_vectorized.py", "test_write_ahead_ledger.py",
 }
 DEPLOY_FILES = {"test_flower_deploy.py"}
 
