@@ -37,7 +37,6 @@ from .data.federation import acquire_cohort
 from .data.scanners import reference_profile
 from .data.synthetic import SyntheticCohortConfig, generate_subjects
 from .errors import ConfigError, check_range
-from .models.layers import GroupedModel
 from .centralized import TrainedModel, TrainingRecipe, train_centralized
 from .seeding import numpy_generator
 
@@ -121,9 +120,10 @@ def restrict_trainable(model: nn.Module, private_part: str | Sequence[str] | Non
         for p in model.parameters():
             p.requires_grad_(True)
         return private_dimension(model)
-    if not isinstance(model, GroupedModel):
+    groups_of = getattr(model, "parameter_groups", None)
+    if not callable(groups_of):
         raise ConfigError("restrict_trainable needs a model with parameter_groups() (the kit's ViT or CNN).")
-    known = model.parameter_groups()
+    known = groups_of()
     unknown = [g for g in groups if g not in known]
     if unknown:
         raise ConfigError(f"private part names unknown parameter groups {unknown}; the model has {list(known)}.")

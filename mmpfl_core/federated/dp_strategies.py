@@ -74,7 +74,6 @@ from torch import nn
 
 from ..data.federation import Federation
 from ..errors import ConfigError, PrivacyError
-from ..models.layers import GroupedModel
 from ..privacy import (NOT_PRIVATE_WARNING, NoisePlacement, NoiseSource, PrivacyLedger, UpdateRejected, calibrate_noise,
                        clip_per_group, gaussian_noise_like,
                        release_accounting, server_top_up_std, uniform_noise_allocation, validate_update)
@@ -219,10 +218,11 @@ class DPFedAvg(SampleLevelHooks):
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
         if self.clipping == "per-group":
-            if not isinstance(model, GroupedModel):
+            groups_of = getattr(model, "parameter_groups", None)  # duck-typed: audit models have it too
+            if not callable(groups_of):
                 raise ConfigError("clipping='per-group' needs a model with parameter_groups(); use clipping='flat'.")
             keep = set(names)
-            self.groups = {g: [n for n in ns if n in keep] for g, ns in model.parameter_groups().items()}
+            self.groups = {g: [n for n in ns if n in keep] for g, ns in groups_of().items()}
             self.groups = {g: ns for g, ns in self.groups.items() if ns}
         else:
             self.groups = {"all": names}
