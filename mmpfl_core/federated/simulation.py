@@ -129,17 +129,7 @@ class FederatedSimulation:
     def run_round(self, t: int) -> dict[str, Any]:
         cfg = self.config
         selected = select_round(self.strategy, sorted(self.clients), cfg, t)
-        updates: list[ClientUpdate] = []
-        sent: list[State] = []
-        for site in selected:
-            update, transmitted = client_round(self.strategy, self.model, self.clients[site], site_id=site,
-                                               global_state=self.global_state, round_index=t, config=cfg,
-                                               device=self.device)
-            if self.strategy.communicates:
-                self.counter.add_download(t, site, self.strategy.broadcast(site, self.global_state))
-                self.counter.add_upload(t, site, transmitted)
-            updates.append(update)
-            sent.append(transmitted)
+        updates, sent = self.train_clients(selected, t)
         self.global_state = self.strategy.aggregate(self.global_state, updates, sent, t)
         traffic = self.counter.round_totals(t)
         cumulative = self.counter.cumulative_totals(t)
@@ -154,6 +144,28 @@ class FederatedSimulation:
         if t == 1 or t % cfg.eval_every == 0 or t == cfg.num_rounds:
             row.update(self.evaluate())
         return row
+
+    def train_clients(self, selected: list[int], t: int) -> tuple[list[ClientUpdate], list[State]]:
+        """Steps 2-3 for the selected sites, in order: what each computed and what it transmitted.
+
+        The one method an engine overrides (:class:`~.vectorized.VectorizedSimulation` trains the
+        sites together); selection, aggregation, evaluation and checkpoints stay here.
+        """
+        updates: list[ClientUpdate] = []
+        sent: list[State] = []
+        for site in selected:
+            update, transmitted = client_round(self.strategy, self.model, self.clients[site], site_id=site,
+                                               global_state=self.global_state, round_index=t, config=self.config,
+                                               device=self.device)
+            self.count_traffic(t, site, transmitted)
+            updates.append(update)
+            sent.append(transmitted)
+        return updates, sent
+
+    def count_traffic(self, t: int, site: int, transmitted: State) -> None:
+        if self.strategy.communicates:
+            self.counter.add_download(t, site, self.strategy.broadcast(site, self.global_state))
+            self.counter.add_upload(t, site, transmitted)
 
     # ------------------------------------------------------------- evaluation
     def _proba(self, state: State, dataset: CohortDataset) -> np.ndarray:
@@ -291,7 +303,15 @@ class FederatedSimulation:
 def run_federated(federation: Federation, *, model_factory: Callable[[], nn.Module], strategy: Strategy,
                   config: FederatedConfig, run_dir: RunDirectory | None = None, progress: bool = True,
                   stop_after: int | None = None) -> RunResult:
-    """Convenience wrapper: build a :class:`FederatedSimulation` and run it."""
-    sim = FederatedSimulation(federation, model_factory=model_factory, strategy=strategy, config=config,
-                              run_dir=run_dir, progress=progress)
+    """Convenience wrapper: build the simulation of ``config.engine`` and run it.
+
+    ``engine="loop"`` (the reference) is :class:`FederatedSimulation`; ``"vectorized"`` is
+    :class:`~.vectorized.VectorizedSimulation`, which trains a round's sites together.
+    """
+    engine = FederatedSimulation
+    if config.engine == "vectorized":
+        from .vectorized import VectorizedSimulation
+        engine = VectorizedSimulation
+    sim = engine(federation, model_factory=model_factory, strategy=strategy, config=config,
+                 run_dir=run_dir, progress=progress)
     return sim.run(stop_after=stop_after)
