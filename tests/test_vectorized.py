@@ -18,7 +18,8 @@ from mmpfl_core.errors import ConfigError
 from mmpfl_core.federated.config import FederatedConfig, LocalTrainingConfig, OptimizerConfig
 from mmpfl_core.federated.simulation import FederatedSimulation, run_federated
 from mmpfl_core.federated.strategies import create_strategy
-from mmpfl_core.federated.vectorized import (VectorizedSimulation, _plan_chunk, _SitePool, site_batches,
+from mmpfl_core.federated.client import ClientUpdate
+from mmpfl_core.federated.vectorized import (VectorizedSimulation, _plan_chunk, _SitePool, clipped_sum, site_batches,
                                              train_stacked)
 from mmpfl_core.io.run_directory import RunDirectory
 from mmpfl_core.models.presets import create_model
@@ -92,6 +93,8 @@ CASES = {
     "fedprox": ("fedprox", {"mu": 0.5}, {}),
     "local": ("local", {}, dict(local=LocalTrainingConfig(local_steps=3, batch_size=8))),
     "dp-fedavg-server": ("dp-fedavg", {**DP, "target_epsilon": 8.0}, dict(client_fraction=0.7, sampling="poisson")),
+    "dp-fedavg-fisher-server": ("dp-fedavg-fisher", {**DP, "noise_multiplier": 0.8, "clipping": "per-group",
+                                                      "fisher_batch_size": 8, "fisher_max_batches": 1}, {}),
     "dp-fedavg-distributed": ("dp-fedavg", {**DP, "noise_multiplier": 0.8, "placement": "distributed",
                                             "clipping": "per-group"}, dict(client_fraction=0.7, sampling="poisson")),
     "dp-fedavg-local": ("dp-fedavg", {**DP, "noise_multiplier": 0.8, "placement": "local"}, {}),
@@ -114,6 +117,8 @@ def test_vectorized_releases_what_the_loop_engine_releases(uneven_federation, ca
         assert (own_loop is None) == (own_vec is None)
         for n, value in (own_loop or {}).items():
             torch.testing.assert_close(own_vec[n], value, atol=atol, rtol=1e-4)
+    # server-placement DP-FedAvg takes the stacked clip-and-sum release; every other case the per-site hooks
+    assert vec._stacked_release == (case in ("dp-fedavg-server", "dp-fedavg-fisher-server"))
     if name.startswith("dp") or name == "mm-pfl-adp":
         assert math.isfinite(row_loop["epsilon"]) and row_loop["epsilon"] > 0
         assert vec.strategy.summary_report()["privacy"]["epsilon"] == loop.strategy.summary_report()["privacy"]["epsilon"]
@@ -205,3 +210,30 @@ def test_run_directory_and_resume_behave_as_in_the_loop_engine(uneven_federation
                          config=dataclasses.replace(cfg, engine="loop"))
     assert loop.summary["privacy"]["epsilon"] == whole.summary["privacy"]["epsilon"]
     assert set(loop.summary) == set(whole.summary)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per-group"])
+def test_stacked_clip_and_sum_equals_the_strategys_transmit_and_aggregate(uneven_federation, clipping):
+    """The stacked release's clipped sum against the strategy's own per-site transmit (validate, clip
+    per group) summed; some updates are far above their bounds, some below. An unclipped sum and a
+    flat clip in place of the per-group one (the broken mechanisms) are told apart."""
+    _, vec = _pair(uneven_federation, _config(), "dp-fedavg", {**DP, "noise_multiplier": 1.0, "clipping": clipping})
+    strategy = vec.strategy
+    strategy.before_round(1)
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.tensor([0.001, 0.01, 1.0, 5.0, 0.2])  # ||Delta|| from ~0.01 to ~50 vs C = 0.5
+    deltas = {n: scales.view(-1, *[1] * len(shape)) * torch.randn(5, *shape, generator=generator)
+              for n, shape in strategy.shapes.items()}
+    total, finite = clipped_sum(deltas, strategy.groups, strategy.clip_bounds)
+    assert finite
+    sent = [strategy.transmit(ClientUpdate(site_id=k, delta={n: d[k] for n, d in deltas.items()}, num_examples=1,
+                                           num_steps=1, train_loss=0.0), 1) for k in range(5)]
+    for n in strategy.shapes:
+        torch.testing.assert_close(total[n], sum(s[n] for s in sent), atol=1e-6, rtol=1e-5)
+    unclipped = {n: d.sum(0) for n, d in deltas.items()}
+    assert max((unclipped[n] - total[n]).abs().max().item() for n in total) > 1.0
+    if clipping == "per-group":
+        flat, _ = clipped_sum(deltas, {"all": list(strategy.shapes)}, {"all": strategy.clip_norm})
+        assert max((flat[n] - total[n]).abs().max().item() for n in total) > 1e-3
+    deltas[next(iter(deltas))][2, 0] = float("nan")
+    assert not clipped_sum(deltas, strategy.groups, strategy.clip_bounds)[1]  # -> the per-site path rejects it

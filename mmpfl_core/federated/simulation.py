@@ -130,7 +130,7 @@ class FederatedSimulation:
         cfg = self.config
         selected = select_round(self.strategy, sorted(self.clients), cfg, t)
         updates, sent = self.train_clients(selected, t)
-        self.global_state = self.strategy.aggregate(self.global_state, updates, sent, t)
+        self.global_state = self.aggregate(updates, sent, t)
         traffic = self.counter.round_totals(t)
         cumulative = self.counter.cumulative_totals(t)
         row: dict[str, Any] = {
@@ -161,6 +161,10 @@ class FederatedSimulation:
             updates.append(update)
             sent.append(transmitted)
         return updates, sent
+
+    def aggregate(self, updates: list[ClientUpdate], sent: list[State], t: int) -> State:
+        """Step 4: the strategy's aggregation of what the sites transmitted."""
+        return self.strategy.aggregate(self.global_state, updates, sent, t)
 
     def count_traffic(self, t: int, site: int, transmitted: State) -> None:
         if self.strategy.communicates:

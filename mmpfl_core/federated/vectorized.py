@@ -106,6 +106,21 @@ def site_batches(num_examples: int, training: LocalTrainingConfig, *, seed: int,
     return batch_schedule(num_examples, training, generator)
 
 
+def _releases_a_clipped_sum(strategy: Strategy) -> bool:
+    """Whether the round's release may be computed as one stacked clip-and-sum (:func:`clipped_sum`)
+    handed to the strategy's ``release_sum``: DP-FedAvg (and its Fisher variant) with trusted-server
+    noise, no adaptive clipping and the strategy's own ``transmit``/``aggregate`` (which, for this
+    placement, clip each update per group and sum: nothing else). Every other case goes through the
+    strategy's per-site hooks. ``tests/test_vectorized.py`` checks both give the same release."""
+    from ..privacy import NoisePlacement
+    from .dp_strategies import DPFedAvg
+
+    return (strategy.name in ("dp-fedavg", "dp-fedavg-fisher") and isinstance(strategy, DPFedAvg)
+            and type(strategy).transmit is DPFedAvg.transmit and type(strategy).aggregate is DPFedAvg.aggregate
+            and strategy.placement is NoisePlacement.SERVER and not strategy.adaptive
+            and strategy.sample_dp is None)
+
+
 def explicit_attention_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (the stateless template ``functional_call`` runs) whose timm attention
     computes softmax(q k^T / sqrt(d)) explicitly: torch has no ``vmap`` rule for the fused CPU kernel
@@ -139,34 +154,51 @@ class _SitePool:
 
 @dataclass
 class _Plan:
-    """One chunk: its sites, and per local step the (S, B_s) global row index, weights and active sites."""
+    """One chunk: its sites and, per local step, the sites that have that step (``rows``, positions in
+    the chunk; None = all), their (S_s, B_s) global example indices and weights (0 = padding)."""
 
     sites: list[int]
-    index: list[torch.Tensor]  # per step (S, B_s) long
-    weight: list[torch.Tensor]  # per step (S, B_s) float, 1 = real example, 0 = padding
-    active: list[torch.Tensor]  # per step (S,) bool: the site has this step
+    rows: list[torch.Tensor | None]  # per step (S_s,) long
+    index: list[torch.Tensor]  # per step (S_s, B_s) long
+    weight: list[torch.Tensor]  # per step (S_s, B_s) float, 1 = real example, 0 = padding
     steps: torch.Tensor  # (S,) steps per site
 
 
 def _plan_chunk(sites: list[int], batches: dict[int, list[torch.Tensor]], offset: dict[int, int]) -> _Plan:
     num_steps = max(len(batches[s]) for s in sites)
-    index, weight, active = [], [], []
+    rows, index, weight = [], [], []
     for step in range(num_steps):
-        rows = [batches[s][step] + offset[s] if step < len(batches[s]) else None for s in sites]
-        width = max((len(r) for r in rows if r is not None), default=1)
-        idx = torch.zeros(len(sites), width, dtype=torch.long)
-        w = torch.zeros(len(sites), width)
-        for i, r in enumerate(rows):
-            if r is None:
-                continue
+        active = [i for i, s in enumerate(sites) if step < len(batches[s])]
+        parts = [batches[sites[i]][step] + offset[sites[i]] for i in active]
+        width = max(len(r) for r in parts)
+        idx = torch.zeros(len(parts), width, dtype=torch.long)
+        w = torch.zeros(len(parts), width)
+        for i, r in enumerate(parts):
             idx[i, :len(r)] = r
             idx[i, len(r):] = r[0]  # padding repeats a real row of the site: finite inputs, weight 0
             w[i, :len(r)] = 1.0
+        rows.append(None if len(active) == len(sites) else torch.tensor(active))
         index.append(idx)
         weight.append(w)
-        active.append(torch.tensor([r is not None for r in rows]))
     steps = torch.tensor([len(batches[s]) for s in sites])
-    return _Plan(sites=sites, index=index, weight=weight, active=active, steps=steps)
+    return _Plan(sites=sites, rows=rows, index=index, weight=weight, steps=steps)
+
+
+def plan_chunks(order: list[int], batches: dict[int, list[torch.Tensor]], chunk_size: int, *,
+                max_padding: float = 1.3, min_sites: int = 8) -> list[list[int]]:
+    """Cut sites (sorted by schedule) into chunks of at most ``chunk_size``; a chunk also ends where
+    the next site's first batch is more than ``max_padding`` times the chunk's first (once it holds
+    ``min_sites``), so padding wastes at most ~30% of a chunk's compute."""
+    chunks: list[list[int]] = []
+    for site in order:
+        if chunks:
+            chunk = chunks[-1]
+            first = len(batches[chunk[0]][0])
+            if len(chunk) < chunk_size and (len(chunk) < min_sites or len(batches[site][0]) <= max_padding * first):
+                chunk.append(site)
+                continue
+        chunks.append([site])
+    return chunks
 
 
 class _ParamView:
@@ -185,12 +217,12 @@ class _ParamView:
 
 class _StackedOptimizer:
     """torch's SGD (momentum, weight decay; ``dampening=0``, no Nesterov) and AdamW on (S, *shape)
-    tensors, one row per site, with rows of inactive sites left untouched.
+    tensors, one row per site; a step updates only the rows of the sites that have it.
 
     Written out because ``torch.optim`` updates whole tensors; the formulas are torch's own
     (``torch.optim.SGD`` / ``torch.optim.AdamW`` defaults: betas (0.9, 0.999), eps 1e-8), so a site's
-    row follows the trajectory its own optimiser would. Every active site has taken the same number
-    of steps (schedules are prefixes), so one step counter serves the chunk.
+    row follows the trajectory its own optimiser would. A site's k-th step is the chunk's k-th step
+    (schedules are prefixes), so one step counter serves every row.
     """
 
     def __init__(self, config: OptimizerConfig, params: dict[str, torch.Tensor]) -> None:
@@ -198,38 +230,42 @@ class _StackedOptimizer:
         self.state: dict[str, list[torch.Tensor]] = {}
         if config.name == "adamw":
             self.state = {n: [torch.zeros_like(p), torch.zeros_like(p)] for n, p in params.items()}
+        elif config.momentum:  # torch's first step sets buf = grad: with zeros, buf * m + grad is the same
+            self.state = {n: [torch.zeros_like(p)] for n, p in params.items()}
 
     def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
-             active: torch.Tensor | None) -> dict[str, torch.Tensor]:
+             rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """New parameters; ``grads`` hold the rows ``rows`` only (None: every row)."""
         cfg = self.config
         self.step_count += 1
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t if rows is None else t.index_select(0, rows)
+
+        def put(full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+            return part if rows is None else full.index_copy(0, rows, part)
+
         out = {}
-        for name, p in params.items():
-            g = grads[name]
-            keep = None if active is None else active.view(-1, *([1] * (p.dim() - 1)))  # (S, 1, ...)
+        for name, full in params.items():
+            p, g = take(full), grads[name]
             if cfg.name == "adamw":
                 beta1, beta2, eps = 0.9, 0.999, 1e-8
                 exp_avg, exp_avg_sq = self.state[name]
-                new_avg = exp_avg.lerp(g, 1 - beta1)
-                new_sq = exp_avg_sq * beta2 + (1 - beta2) * g * g
+                avg = take(exp_avg).lerp(g, 1 - beta1)
+                sq = take(exp_avg_sq) * beta2 + (1 - beta2) * g * g
                 bias1 = 1 - beta1 ** self.step_count
                 bias2_sqrt = math.sqrt(1 - beta2 ** self.step_count)
-                denom = new_sq.sqrt() / bias2_sqrt + eps
-                new_p = p * (1 - cfg.lr * cfg.weight_decay) - (cfg.lr / bias1) * new_avg / denom
-                if keep is not None:
-                    new_avg, new_sq = torch.where(keep, new_avg, exp_avg), torch.where(keep, new_sq, exp_avg_sq)
-                self.state[name] = [new_avg, new_sq]
+                denom = sq.sqrt() / bias2_sqrt + eps
+                new_p = p * (1 - cfg.lr * cfg.weight_decay) - (cfg.lr / bias1) * avg / denom
+                self.state[name] = [put(exp_avg, avg), put(exp_avg_sq, sq)]
             else:
                 d_p = g + cfg.weight_decay * p if cfg.weight_decay else g
                 if cfg.momentum:
-                    buf = self.state.get(name)
-                    buf = d_p.clone() if buf is None else buf * cfg.momentum + d_p
-                    if keep is not None and name in self.state:
-                        buf = torch.where(keep, buf, self.state[name])
-                    self.state[name] = buf
+                    buf = take(self.state[name][0]) * cfg.momentum + d_p
+                    self.state[name] = [put(self.state[name][0], buf)]
                     d_p = buf
                 new_p = p - cfg.lr * d_p
-            out[name] = new_p if keep is None else torch.where(keep, new_p, p)
+            out[name] = put(full, new_p)
         return out
 
 
@@ -243,13 +279,14 @@ def train_stacked(model: nn.Module, start: dict[str, torch.Tensor], plan: _Plan,
     Per step and site k: ``L_k = sum_i w_ki CE(f(theta_k, x_ki), y_ki) / sum_i w_ki`` (+ the
     regulariser), the gradient by ``vmap(grad(L))`` over the site axis, optional per-site gradient
     clipping to ``max_grad_norm`` (``torch.nn.utils.clip_grad_norm_``'s rule), then one optimiser step.
+    Sites without a k-th step are left out of step k (not computed, not updated).
     """
     buffers = {n: b.to(device) for n, b in model.named_buffers()}
 
     def site_loss(params, images, mask, clinical, labels, weights):
         logits = functional_call(model, (params, buffers), (images, mask, clinical))  # (B, classes)
         per_example = F.cross_entropy(logits, labels, reduction="none")  # (B,)
-        loss = (per_example * weights).sum() / weights.sum().clamp(min=1.0)
+        loss = (per_example * weights).sum() / weights.sum()
         if regulariser is not None:
             loss = loss + regulariser(_ParamView(params))
         return loss, loss.detach()
@@ -261,19 +298,20 @@ def train_stacked(model: nn.Module, start: dict[str, torch.Tensor], plan: _Plan,
     was_training = model.training
     model.train()
     try:
-        for index, weight, active in zip(plan.index, plan.weight, plan.active):
-            images, mask, clinical, labels = pool.gather(index, device)  # (S, B, ...) each
-            grads, losses = step_grad(params, images, mask, clinical, labels, weight.to(device))
-            act = active.to(device)
+        for rows, index, weight in zip(plan.rows, plan.index, plan.weight):
+            rows = None if rows is None else rows.to(device)
+            images, mask, clinical, labels = pool.gather(index, device)  # (S_s, B_s, ...) each
+            active = params if rows is None else {n: p.index_select(0, rows) for n, p in params.items()}
+            grads, losses = step_grad(active, images, mask, clinical, labels, weight.to(device))
             if training.max_grad_norm is not None:
-                norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))  # (S,)
+                norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))  # (S_s,)
                 coef = (training.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
                 grads = {n: g * coef.view(-1, *([1] * (g.dim() - 1))) for n, g in grads.items()}
-            params = opt.step(params, grads, None if bool(active.all()) else act)
-            total_loss += torch.where(act, losses, torch.zeros_like(losses))
+            params = opt.step(params, grads, rows)
+            total_loss = total_loss + losses if rows is None else total_loss.index_add(0, rows, losses)
     finally:
         model.train(was_training)
-    return params, total_loss / plan.steps.to(device).clamp(min=1)
+    return params, total_loss / plan.steps.to(device)
 
 
 def _bytes_per_example(model: nn.Module, pool: _SitePool, device: torch.device) -> int:
@@ -315,6 +353,29 @@ def auto_chunk_size(model: nn.Module, pool: _SitePool, training: LocalTrainingCo
     return int(max(1, min(MAX_AUTO_CHUNK, fraction * available_memory_bytes(device) // per_site)))
 
 
+def clipped_sum(deltas: dict[str, torch.Tensor], groups: dict[str, list[str]],
+                clip_bounds: dict[str, float]) -> tuple[dict[str, torch.Tensor], bool]:
+    """sum_k clip(Delta_k) over the S stacked updates (S, *shape), clipped per group as
+    :func:`~mmpfl_core.privacy.clipping.clip_per_group` clips one update: ||Delta_kg|| in float64,
+    scale_kg = min(1, C_g / ||Delta_kg||), then the scaled updates summed. Returns the sum and whether
+    every update was finite (if not, the caller must use the strategy's own per-site path, which
+    rejects and logs the bad update). The per-site norms never leave this function."""
+    index = {n: g for g, names in groups.items() for n in names}
+    sq = {g: 0.0 for g in groups}
+    for name, d in deltas.items():
+        sq[index[name]] = sq[index[name]] + d.flatten(1).to(torch.float64).pow(2).sum(1)  # (S,)
+    scales, finite = {}, True
+    for g, value in sq.items():
+        if not torch.is_tensor(value):
+            continue
+        norm = value.sqrt()
+        finite = finite and bool(torch.isfinite(norm).all())
+        bound = float(clip_bounds[g])
+        scales[g] = torch.where(norm <= bound, torch.ones_like(norm), bound / norm)  # (S,)
+    total = {n: torch.tensordot(scales[index[n]].to(d.dtype), d, dims=1) for n, d in deltas.items()}
+    return total, finite
+
+
 class VectorizedSimulation(FederatedSimulation):
     """:class:`~.simulation.FederatedSimulation` with the sites of a round trained together (module
     docstring). Construction refuses what the engine cannot reproduce (``check_vectorizable``)."""
@@ -329,6 +390,8 @@ class VectorizedSimulation(FederatedSimulation):
         self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
         # after_local needs each site's trained model only where the strategy overrides it
         self._needs_trained_model = type(self.strategy).after_local is not Strategy.after_local
+        self._stacked_release = _releases_a_clipped_sum(self.strategy)
+        self._pending: tuple[dict[str, torch.Tensor], int] | None = None
 
     def _regulariser(self, sites: list[int]) -> Callable[[Any], torch.Tensor] | None:
         """The strategy's local regulariser, which must be the same for every site of the round."""
@@ -364,29 +427,44 @@ class VectorizedSimulation(FederatedSimulation):
         deltas: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
         trained_rows: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
         losses: dict[int, float] = {}
-        for begin in range(0, len(order), self.chunk_size):
-            sites = order[begin:begin + self.chunk_size]
+        stacked = self._stacked_release  # stays True while every update is finite
+        total: dict[str, torch.Tensor] = {}
+        for sites in plan_chunks(order, batches, self.chunk_size):
             plan = _plan_chunk(sites, batches, self.pool.offset)
             start = self._stack_starts(sites)
             trained, loss = train_stacked(self.train_model, start, plan, self.pool, training=cfg.local,
                                           optimizer=cfg.optimizer, device=self.device, regulariser=regulariser)
             delta = {n: trained[n] - start[n] for n in self.trainable}  # (S, *shape)
+            if stacked:
+                part, finite = clipped_sum(delta, self.strategy.groups, self.strategy.clip_bounds)
+                stacked = finite  # a NaN/Inf update: the strategy's per-site path rejects and logs it
+                total = {n: total[n] + v if n in total else v for n, v in part.items()}
             for row, (site, value) in enumerate(zip(sites, loss.tolist())):
                 deltas[site], losses[site] = (delta, row), value
                 if self._needs_trained_model:
                     trained_rows[site] = (trained, row)
         updates, sent = [], []
         for site in selected:  # the release, site by site, in the loop engine's order and through its hooks
-            stacked, row = deltas.pop(site)
-            update = ClientUpdate(site_id=site, delta={n: stacked[n][row] for n in self.trainable},
+            site_deltas, row = deltas.pop(site)
+            update = ClientUpdate(site_id=site, delta={n: site_deltas[n][row] for n in self.trainable},
                                   num_examples=len(self.clients[site]), num_steps=len(batches[site]),
                                   train_loss=losses[site])
             if self._needs_trained_model:
                 trained, row = trained_rows.pop(site)
                 self.model.load_state_dict({n: trained[n][row] for n in self.trainable}, strict=False)
                 self.strategy.after_local(site, self.model)
-            transmitted = self.strategy.transmit(update, t)
+            # the stacked release transmits clip(delta): the same names, shapes and bytes as the delta
+            transmitted = update.delta if stacked else self.strategy.transmit(update, t)
             self.count_traffic(t, site, transmitted)
             updates.append(update)
             sent.append(transmitted)
+        self._pending = (total, len(selected)) if stacked else None
         return updates, sent
+
+    def aggregate(self, updates: list[ClientUpdate], sent: list[State], t: int) -> State:
+        """The strategy's ``aggregate``; for the stacked clip-and-sum release, its ``release_sum`` of
+        the clipped sum (server noise, fixed denominator qN, ledger), as after a secure sum."""
+        if self._pending is None:
+            return super().aggregate(updates, sent, t)
+        (total, count), self._pending = self._pending, None
+        return self.strategy.release_sum(self.global_state, total, count, t)
