@@ -7,6 +7,7 @@ after every round to float32 tolerance, and the epsilon the ledger reports exact
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -237,3 +238,25 @@ def test_stacked_clip_and_sum_equals_the_strategys_transmit_and_aggregate(uneven
         assert max((flat[n] - total[n]).abs().max().item() for n in total) > 1e-3
     deltas[next(iter(deltas))][2, 0] = float("nan")
     assert not clipped_sum(deltas, strategy.groups, strategy.clip_bounds)[1]  # -> the per-site path rejects it
+
+
+def test_cli_engine_flag_runs_the_vectorized_engine_and_refusals_exit_cleanly(tmp_path, capsys):
+    import yaml
+
+    from mmpfl_core.cli import main
+    config = {"name": "tiny-vec", "data": {"num_subjects": 90, "image_size": 16, "seed": 3},
+              "federation": {"num_sites": 4, "alpha": 1.0, "public_size": 0, "seed": 3},
+              "model": {"preset": "tiny", "overrides": {"embed_dim": 32, "depth": 1, "patch_size": 8}},
+              "federated": {"num_rounds": 1, "local": {"batch_size": 8}, "bootstrap_resamples": 20,
+                            "checkpoint_every": 1},
+              "methods": [{"strategy": "fedavg"}, {"strategy": "ditto"}]}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "r"
+    assert main(["train", "--config", str(path), "--method", "fedavg", "--engine", "vectorized", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert (out / "fedavg" / "metrics.csv").is_file()
+    assert json.loads((out / "fedavg" / "config.json").read_text())["config"]["federated"]["engine"] == "vectorized"
+    assert main(["train", "--config", str(path), "--method", "ditto", "--engine", "vectorized",
+                 "--out", str(tmp_path / "r2"), "--no-progress"]) == 2
+    assert "engine: loop" in capsys.readouterr().err and not (tmp_path / "r2").exists()

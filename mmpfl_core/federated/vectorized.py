@@ -106,6 +106,12 @@ def site_batches(num_examples: int, training: LocalTrainingConfig, *, seed: int,
     return batch_schedule(num_examples, training, generator)
 
 
+def _rows(stacked: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """(S, *shape) tensors by name -> S dicts of views, one per site (no copy)."""
+    names = list(stacked)
+    return [dict(zip(names, views)) for views in zip(*(stacked[n].unbind(0) for n in names))]
+
+
 def _releases_a_clipped_sum(strategy: Strategy) -> bool:
     """Whether the round's release may be computed as one stacked clip-and-sum (:func:`clipped_sum`)
     handed to the strategy's ``release_sum``: DP-FedAvg (and its Fisher variant) with trusted-server
@@ -392,6 +398,8 @@ class VectorizedSimulation(FederatedSimulation):
         self._needs_trained_model = type(self.strategy).after_local is not Strategy.after_local
         self._stacked_release = _releases_a_clipped_sum(self.strategy)
         self._pending: tuple[dict[str, torch.Tensor], int] | None = None
+        self._param_dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
+        self._proxies: dict[frozenset[str], list[torch.Tensor]] = {}
 
     def _regulariser(self, sites: list[int]) -> Callable[[Any], torch.Tensor] | None:
         """The strategy's local regulariser, which must be the same for every site of the round."""
@@ -424,8 +432,8 @@ class VectorizedSimulation(FederatedSimulation):
         # similar schedules side by side: little padding inside a chunk
         order = sorted(selected, key=lambda s: (len(batches[s]), [len(b) for b in batches[s]]))
         regulariser = self._regulariser(selected)
-        deltas: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
-        trained_rows: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
+        deltas: dict[int, dict[str, torch.Tensor]] = {}
+        trained_rows: dict[int, dict[str, torch.Tensor]] = {}
         losses: dict[int, float] = {}
         stacked = self._stacked_release  # stays True while every update is finite
         total: dict[str, torch.Tensor] = {}
@@ -439,19 +447,19 @@ class VectorizedSimulation(FederatedSimulation):
                 part, finite = clipped_sum(delta, self.strategy.groups, self.strategy.clip_bounds)
                 stacked = finite  # a NaN/Inf update: the strategy's per-site path rejects and logs it
                 total = {n: total[n] + v if n in total else v for n, v in part.items()}
+            delta_rows = _rows(delta)
+            trained_by_site = _rows({n: trained[n] for n in self.trainable}) if self._needs_trained_model else None
             for row, (site, value) in enumerate(zip(sites, loss.tolist())):
-                deltas[site], losses[site] = (delta, row), value
-                if self._needs_trained_model:
-                    trained_rows[site] = (trained, row)
+                deltas[site], losses[site] = delta_rows[row], value
+                if trained_by_site is not None:
+                    trained_rows[site] = trained_by_site[row]
         updates, sent = [], []
         for site in selected:  # the release, site by site, in the loop engine's order and through its hooks
-            site_deltas, row = deltas.pop(site)
-            update = ClientUpdate(site_id=site, delta={n: site_deltas[n][row] for n in self.trainable},
+            update = ClientUpdate(site_id=site, delta=deltas.pop(site),
                                   num_examples=len(self.clients[site]), num_steps=len(batches[site]),
                                   train_loss=losses[site])
             if self._needs_trained_model:
-                trained, row = trained_rows.pop(site)
-                self.model.load_state_dict({n: trained[n][row] for n in self.trainable}, strict=False)
+                self.model.load_state_dict(trained_rows.pop(site), strict=False)
                 self.strategy.after_local(site, self.model)
             # the stacked release transmits clip(delta): the same names, shapes and bytes as the delta
             transmitted = update.delta if stacked else self.strategy.transmit(update, t)
@@ -460,6 +468,28 @@ class VectorizedSimulation(FederatedSimulation):
             sent.append(transmitted)
         self._pending = (total, len(selected)) if stacked else None
         return updates, sent
+
+    def count_traffic(self, t: int, site: int, transmitted: State) -> None:
+        """As the loop engine, but a state holding model parameters only is charged through a one-tensor
+        stand-in per dtype on the meta device (same numel, same dtype, no memory): the bytes of a state
+        depend only on which parameters it holds, and counting 28 tensors per site twice cost more than
+        a thousand sites' clipping."""
+        if not self.strategy.communicates:
+            return
+        down = self.strategy.broadcast(site, self.global_state)
+        self.counter.add_download(t, site, self._byte_proxy(down))
+        self.counter.add_upload(t, site, self._byte_proxy(transmitted))
+
+    def _byte_proxy(self, state: State) -> State | list[torch.Tensor]:
+        key = frozenset(state)
+        if key not in self._proxies:
+            if not key <= self._param_dtypes.keys() or any(state[n].dtype != self._param_dtypes[n] for n in key):
+                return state  # something else than the model's parameters as they are: count it as it is
+            numel: dict[torch.dtype, int] = {}
+            for n in key:
+                numel[state[n].dtype] = numel.get(state[n].dtype, 0) + state[n].numel()
+            self._proxies[key] = [torch.empty(k, dtype=d, device="meta") for d, k in numel.items()]
+        return self._proxies[key]
 
     def aggregate(self, updates: list[ClientUpdate], sent: list[State], t: int) -> State:
         """The strategy's ``aggregate``; for the stacked clip-and-sum release, its ``release_sum`` of
