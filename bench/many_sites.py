@@ -79,14 +79,20 @@ class PeakMemory:
         self.peak = max(self.peak, _rss_bytes())
 
 
+_SETTINGS: dict[tuple[int, int, int], tuple] = {}
+
+
 def regime_setting(num_sites: int, subjects_per_site: int, seed: int):
-    """The regime map's experiment at ``num_sites`` sites: (config, federation, model factory)."""
-    base = load_reproduction("regime").experiment
-    config = base.replace(data={"num_subjects": num_sites * subjects_per_site + base.federation.public_size,
-                                "seed": seed},
-                          federation={"num_sites": num_sites, "seed": seed})
-    federation = make_federation(config)
-    return config, federation, model_factory(config, federation)
+    """The regime map's experiment at ``num_sites`` sites: (config, federation, model factory), built once."""
+    key = (num_sites, subjects_per_site, seed)
+    if key not in _SETTINGS:
+        base = load_reproduction("regime").experiment
+        config = base.replace(data={"num_subjects": num_sites * subjects_per_site + base.federation.public_size,
+                                    "seed": seed},
+                              federation={"num_sites": num_sites, "seed": seed})
+        federation = make_federation(config)
+        _SETTINGS[key] = (config, federation, model_factory(config, federation))
+    return _SETTINGS[key]
 
 
 def strategy_for(config, name: str, num_rounds: int):
@@ -95,49 +101,44 @@ def strategy_for(config, name: str, num_rounds: int):
     return create_strategy(name, **kwargs)
 
 
-def federated_config(config, *, engine: str, num_rounds: int, client_fraction: float = 1.0,
+def federated_config(config, *, engine: str, num_rounds: int, device: str, client_fraction: float = 1.0,
                      chunk_size: int | None = None, eval_every: int = 10**6) -> FederatedConfig:
     return dataclasses.replace(config.federated, num_rounds=num_rounds, client_fraction=client_fraction,
                                sampling="poisson", eval_every=eval_every, checkpoint_every=0, bootstrap_resamples=0,
-                               engine=engine, chunk_size=chunk_size, device="cpu")
+                               engine=engine, chunk_size=chunk_size, device=device)
 
 
-def time_rounds(sim, rounds: int) -> list[float]:
-    """Seconds of rounds 2..rounds+1 (round 1 is a warm-up)."""
-    sim.evaluate = lambda: {}
-    times = []
-    for t in range(1, rounds + 2):
-        sim.strategy.before_round(t)
-        started = time.perf_counter()
-        sim.run_round(t)
-        if t > 1:
-            times.append(time.perf_counter() - started)
-    return times
+def one_round(sim, t: int, device: str) -> float:
+    """Seconds of round t of ``sim`` (evaluation off; CUDA work synchronised before the clock stops)."""
+    sim.strategy.before_round(t)
+    started = time.perf_counter()
+    sim.run_round(t)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
 
 
-def centralized_pass(factory, federation, config, repeats: int) -> float:
-    """Median seconds of one forward+backward over all training examples (batches of CENTRAL_BATCH) + one step."""
-    model = factory()
+def centralized_pass(factory, federation, config, device: str):
+    """A function running one forward+backward over all training examples (batches of CENTRAL_BATCH) + one step."""
+    model = factory().to(device)
     data = CohortDataset(concatenate([s.train for s in federation.sites]))
+    inputs = [t.to(device) for t in (data.images, data.modality_mask, data.clinical, data.labels)]
     opt = torch.optim.AdamW(model.parameters(), lr=config.federated.optimizer.lr,
                             weight_decay=config.federated.optimizer.weight_decay)
     n = len(data)
 
-    def one_pass() -> None:
+    def one_pass() -> float:
+        started = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         for start in range(0, n, CENTRAL_BATCH):
-            batch = data.batch(torch.arange(start, min(n, start + CENTRAL_BATCH)))
-            logits = model(batch["images"], batch["modality_mask"], batch["clinical"])
-            loss = torch.nn.functional.cross_entropy(logits, batch["label"], reduction="sum") / n
+            images, mask, clinical, labels = (t[start:start + CENTRAL_BATCH] for t in inputs)
+            loss = torch.nn.functional.cross_entropy(model(images, mask, clinical), labels, reduction="sum") / n
             loss.backward()
         opt.step()
-    one_pass()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        one_pass()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+    return one_pass
 
 
 def bench_setting(num_sites: int, strategy: str, args) -> dict:
@@ -145,31 +146,43 @@ def bench_setting(num_sites: int, strategy: str, args) -> dict:
     examples = sum(len(s.train) for s in federation.sites)
     loop_sites = min(num_sites, args.loop_sites)
     subset = dataclasses.replace(federation, sites=federation.sites[:loop_sites])
-    loop = FederatedSimulation(subset, model_factory=factory, strategy=strategy_for(config, strategy, args.repeats + 1),
-                               config=federated_config(config, engine="loop", num_rounds=args.repeats + 1),
+    rounds = args.repeats + 1
+    loop = FederatedSimulation(subset, model_factory=factory, strategy=strategy_for(config, strategy, rounds),
+                               config=federated_config(config, engine="loop", num_rounds=rounds, device=args.device),
                                progress=False)
-    loop_seconds = statistics.median(time_rounds(loop, args.repeats)) * num_sites / loop_sites
-    del loop
-    vec = VectorizedSimulation(federation, model_factory=factory, strategy=strategy_for(config, strategy, args.repeats + 1),
-                               config=federated_config(config, engine="vectorized", num_rounds=args.repeats + 1,
-                                                       chunk_size=args.chunk_size), progress=False)
-    with PeakMemory() as memory:
-        vec_seconds = statistics.median(time_rounds(vec, args.repeats))
-    chunk = vec.chunk_size
-    del vec
-    central = centralized_pass(factory, federation, config, args.repeats)
-    row = {"strategy": strategy, "sites_per_round": num_sites, "train_examples": examples,
-           "loop_s_per_round": round(loop_seconds, 3),
-           "loop_timed_on_sites": loop_sites, "vectorized_s_per_round": round(vec_seconds, 3),
-           "chunk_size": chunk, "centralized_pass_s": round(central, 3),
-           "vectorized_peak_rss_mb": round(memory.peak / 1e6), "vectorized_rss_increase_mb":
-               round((memory.peak - memory.before) / 1e6),
-           "speedup_vs_loop": round(loop_seconds / vec_seconds, 2), "vs_centralized": round(vec_seconds / central, 2)}
+    vec = VectorizedSimulation(federation, model_factory=factory, strategy=strategy_for(config, strategy, rounds),
+                               config=federated_config(config, engine="vectorized", num_rounds=rounds,
+                                                       device=args.device, chunk_size=args.chunk_size), progress=False)
+    central = centralized_pass(factory, federation, config, args.device)
+    loop.evaluate = vec.evaluate = lambda: {}
+    times: dict[str, list[float]] = {"loop": [], "vec": [], "central": []}
+    peak = before = 0
+    for t in range(1, rounds + 1):  # interleaved, so slow phases of a shared machine hit every side
+        loop_s = one_round(loop, t, args.device) * num_sites / loop_sites
+        with PeakMemory() as memory:
+            vec_s = one_round(vec, t, args.device)
+        central_s = central()
+        peak, before = max(peak, memory.peak), max(before, memory.before)
+        if t > 1:  # round 1 warms up
+            times["loop"].append(loop_s)
+            times["vec"].append(vec_s)
+            times["central"].append(central_s)
+    loop_seconds, vec_seconds, central_seconds = (statistics.median(times[k]) for k in ("loop", "vec", "central"))
+    gpu_peak = torch.cuda.max_memory_allocated() / 1e6 if args.device.startswith("cuda") else float("nan")
+    row = {"strategy": strategy, "device": args.device, "sites_per_round": num_sites, "train_examples": examples,
+           "loop_s_per_round": round(loop_seconds, 3), "loop_timed_on_sites": loop_sites,
+           "vectorized_s_per_round": round(vec_seconds, 3), "chunk_size": vec.chunk_size,
+           "centralized_pass_s": round(central_seconds, 3), "vectorized_peak_rss_mb": round(peak / 1e6),
+           "vectorized_rss_increase_mb": round((peak - before) / 1e6), "cuda_peak_allocated_mb": round(gpu_peak) if gpu_peak == gpu_peak else None,
+           "speedup_vs_loop": round(loop_seconds / vec_seconds, 2),
+           "vs_centralized": round(vec_seconds / central_seconds, 2)}
     extrapolated = "" if loop_sites == num_sites else f" (timed on {loop_sites} sites, x{num_sites / loop_sites:g})"
-    print(f"{strategy} sites={num_sites} examples={examples}: loop {loop_seconds:.2f} s/round{extrapolated}, "
-          f"vectorized {vec_seconds:.3f} s/round (chunk {chunk}, peak RSS {row['vectorized_peak_rss_mb']} MB, "
-          f"+{row['vectorized_rss_increase_mb']} MB), centralized pass {central:.3f} s "
-          f"speedup_vs_loop={row['speedup_vs_loop']:.1f} vs_centralized={row['vs_centralized']:.2f}", flush=True)
+    memory_text = (f"CUDA peak {row['cuda_peak_allocated_mb']} MB" if args.device.startswith("cuda") else
+                   f"peak RSS {row['vectorized_peak_rss_mb']} MB, +{row['vectorized_rss_increase_mb']} MB")
+    print(f"{strategy} {args.device} sites={num_sites} examples={examples}: loop {loop_seconds:.2f} s/round{extrapolated}, "
+          f"vectorized {vec_seconds:.3f} s/round (chunk {vec.chunk_size}, {memory_text}), centralized pass "
+          f"{central_seconds:.3f} s speedup_vs_loop={row['speedup_vs_loop']:.1f} vs_centralized={row['vs_centralized']:.2f}",
+          flush=True)
     return row
 
 
@@ -177,7 +190,7 @@ def bench_run(args) -> dict:
     """A whole DP-FedAvg run, 1,000 sites a round of 10,000 (q = 0.1), ``args.run_rounds`` rounds."""
     population, per_round = 10 * args.run_sites_per_round, args.run_sites_per_round
     config, federation, factory = regime_setting(population, args.subjects_per_site, args.seed)
-    fed_config = federated_config(config, engine="vectorized", num_rounds=args.run_rounds,
+    fed_config = federated_config(config, engine="vectorized", num_rounds=args.run_rounds, device=args.device,
                                   client_fraction=per_round / population, chunk_size=args.chunk_size,
                                   eval_every=args.run_rounds)
     started = time.perf_counter()
@@ -186,11 +199,11 @@ def bench_run(args) -> dict:
     seconds = time.perf_counter() - started
     per_round_s = statistics.median(row["seconds"] for row in result.history)
     projected = per_round_s * 100
-    print(f"dp-fedavg run: {args.run_rounds} rounds, {per_round} of {population} sites a round (q={per_round / population:g}), "
+    print(f"dp-fedavg run ({args.device}): {args.run_rounds} rounds, {per_round} of {population} sites a round (q={per_round / population:g}), "
           f"vectorized: {seconds:.1f} s in all (evaluation at the end included), median {per_round_s:.2f} s/round; "
           f"100 rounds projected {projected / 60:.1f} min; epsilon {result.summary['privacy']['epsilon']:.3g} "
           f"(calibrated for {args.run_rounds} rounds)", flush=True)
-    return {"strategy": "dp-fedavg run", "sites_per_round": per_round, "population": population,
+    return {"strategy": "dp-fedavg run", "device": args.device, "sites_per_round": per_round, "population": population,
             "rounds": args.run_rounds, "run_s": round(seconds, 1), "median_s_per_round": round(per_round_s, 3),
             "projected_100_rounds_min": round(projected / 60, 2)}
 
@@ -206,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-rounds", type=int, default=0, help="also time a whole DP-FedAvg run of this many rounds")
     parser.add_argument("--run-sites-per-round", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (2: the laptop target)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU rows: bench/gpu_suite.py)")
+    parser.add_argument("--name", default="many_sites", help="results file name under bench/results")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -220,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
              f"(batches of {CENTRAL_BATCH}) and one optimiser step. Peak RSS: whole process while the vectorised "
              "rounds ran (increase: over the memory before them). Measured on a machine shared with other jobs: "
              "timings are pessimistic.")
-    print("wrote", write_results("many_sites", frame, notes))
+    print("wrote", write_results(args.name, frame, notes))
 
 
 if __name__ == "__main__":
