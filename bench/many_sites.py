@@ -95,7 +95,8 @@ def regime_setting(num_sites: int, subjects_per_site: int, seed: int):
     return _SETTINGS[key]
 
 
-def strategy_for(config, name: str, num_rounds: int):
+def strategy_for(config, name: str):
+    """FedAvg, or the regime map's DP-FedAvg (epsilon 8, delta 1e-5, clip 0.5, RDP accountant)."""
     method = next(m for m in config.methods if m.strategy == name) if name != "fedavg" else None
     kwargs = dict(method.kwargs) if method else {}
     return create_strategy(name, **kwargs)
@@ -147,10 +148,10 @@ def bench_setting(num_sites: int, strategy: str, args) -> dict:
     loop_sites = min(num_sites, args.loop_sites)
     subset = dataclasses.replace(federation, sites=federation.sites[:loop_sites])
     rounds = args.repeats + 1
-    loop = FederatedSimulation(subset, model_factory=factory, strategy=strategy_for(config, strategy, rounds),
+    loop = FederatedSimulation(subset, model_factory=factory, strategy=strategy_for(config, strategy),
                                config=federated_config(config, engine="loop", num_rounds=rounds, device=args.device),
                                progress=False)
-    vec = VectorizedSimulation(federation, model_factory=factory, strategy=strategy_for(config, strategy, rounds),
+    vec = VectorizedSimulation(federation, model_factory=factory, strategy=strategy_for(config, strategy),
                                config=federated_config(config, engine="vectorized", num_rounds=rounds,
                                                        device=args.device, chunk_size=args.chunk_size), progress=False)
     central = centralized_pass(factory, federation, config, args.device)
@@ -173,15 +174,18 @@ def bench_setting(num_sites: int, strategy: str, args) -> dict:
            "loop_s_per_round": round(loop_seconds, 3), "loop_timed_on_sites": loop_sites,
            "vectorized_s_per_round": round(vec_seconds, 3), "chunk_size": vec.chunk_size,
            "centralized_pass_s": round(central_seconds, 3), "vectorized_peak_rss_mb": round(peak / 1e6),
-           "vectorized_rss_increase_mb": round((peak - before) / 1e6), "cuda_peak_allocated_mb": round(gpu_peak) if gpu_peak == gpu_peak else None,
+           "vectorized_rss_increase_mb": round((peak - before) / 1e6),
+           "cuda_peak_allocated_mb": round(gpu_peak) if gpu_peak == gpu_peak else None,
            "speedup_vs_loop": round(loop_seconds / vec_seconds, 2),
            "vs_centralized": round(vec_seconds / central_seconds, 2)}
     extrapolated = "" if loop_sites == num_sites else f" (timed on {loop_sites} sites, x{num_sites / loop_sites:g})"
     memory_text = (f"CUDA peak {row['cuda_peak_allocated_mb']} MB" if args.device.startswith("cuda") else
                    f"peak RSS {row['vectorized_peak_rss_mb']} MB, +{row['vectorized_rss_increase_mb']} MB")
-    print(f"{strategy} {args.device} sites={num_sites} examples={examples}: loop {loop_seconds:.2f} s/round{extrapolated}, "
+    print(f"{strategy} {args.device} sites={num_sites} examples={examples}: "
+          f"loop {loop_seconds:.2f} s/round{extrapolated}, "
           f"vectorized {vec_seconds:.3f} s/round (chunk {vec.chunk_size}, {memory_text}), centralized pass "
-          f"{central_seconds:.3f} s speedup_vs_loop={row['speedup_vs_loop']:.1f} vs_centralized={row['vs_centralized']:.2f}",
+          f"{central_seconds:.3f} s speedup_vs_loop={row['speedup_vs_loop']:.1f} "
+          f"vs_centralized={row['vs_centralized']:.2f}",
           flush=True)
     return row
 
@@ -194,12 +198,14 @@ def bench_run(args) -> dict:
                                   client_fraction=per_round / population, chunk_size=args.chunk_size,
                                   eval_every=args.run_rounds)
     started = time.perf_counter()
-    result = run_federated(federation, model_factory=factory, strategy=strategy_for(config, "dp-fedavg", args.run_rounds),
+    result = run_federated(federation, model_factory=factory,
+                           strategy=strategy_for(config, "dp-fedavg"),
                            config=fed_config, progress=False)
     seconds = time.perf_counter() - started
     per_round_s = statistics.median(row["seconds"] for row in result.history)
     projected = per_round_s * 100
-    print(f"dp-fedavg run ({args.device}): {args.run_rounds} rounds, {per_round} of {population} sites a round (q={per_round / population:g}), "
+    print(f"dp-fedavg run ({args.device}): {args.run_rounds} rounds, {per_round} of {population} sites a round "
+          f"(q={per_round / population:g}), "
           f"vectorized: {seconds:.1f} s in all (evaluation at the end included), median {per_round_s:.2f} s/round; "
           f"100 rounds projected {projected / 60:.1f} min; epsilon {result.summary['privacy']['epsilon']:.3g} "
           f"(calibrated for {args.run_rounds} rounds)", flush=True)
@@ -225,9 +231,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    rows = [bench_setting(n, s, args) for n in args.sites for s in args.strategies]
-    run = [bench_run(args)] if args.run_rounds else []
-    frame = pd.DataFrame(rows + run)
     notes = (f"Regime map setting (16 px, 1-block ViT, batch 16, one local epoch, AdamW), {args.subjects_per_site} "
              f"subjects per site, every site in every round; median of {args.repeats} rounds after a warm-up; "
              f"{args.threads} torch threads. Loop figures above {args.loop_sites} sites are timed on {args.loop_sites} "
@@ -235,7 +238,14 @@ def main(argv: list[str] | None = None) -> None:
              f"(batches of {CENTRAL_BATCH}) and one optimiser step. Peak RSS: whole process while the vectorised "
              "rounds ran (increase: over the memory before them). Measured on a machine shared with other jobs: "
              "timings are pessimistic.")
-    print("wrote", write_results(args.name, frame, notes))
+    rows = []
+    for n in args.sites:  # results rewritten after every setting: a run cut short keeps what it measured
+        for strategy in args.strategies:
+            rows.append(bench_setting(n, strategy, args))
+            write_results(args.name, pd.DataFrame(rows), notes)
+    if args.run_rounds:
+        rows.append(bench_run(args))
+    print("wrote", write_results(args.name, pd.DataFrame(rows), notes))
 
 
 if __name__ == "__main__":

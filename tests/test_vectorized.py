@@ -53,7 +53,8 @@ def _factory():
 
 def _config(**changes) -> FederatedConfig:
     base = FederatedConfig(num_rounds=3, local=LocalTrainingConfig(local_epochs=1, batch_size=8),
-                           optimizer=OptimizerConfig(name="sgd", lr=0.05, momentum=0.9), bootstrap_resamples=0, checkpoint_every=0,
+                           optimizer=OptimizerConfig(name="sgd", lr=0.05, momentum=0.9), bootstrap_resamples=0,
+                           checkpoint_every=0,
                            eval_every=100, device="cpu")
     return dataclasses.replace(base, **changes)
 
@@ -114,7 +115,8 @@ def test_vectorized_releases_what_the_loop_engine_releases(uneven_federation, ca
     loop, vec = _pair(uneven_federation, config, name, kwargs, chunk_size=4)
     row_loop, _ = _assert_same_rounds(loop, vec, 3, atol)
     for site in loop.clients:
-        own_loop, own_vec = loop.strategy.personal_state(site, loop.global_state), vec.strategy.personal_state(site, vec.global_state)
+        own_loop = loop.strategy.personal_state(site, loop.global_state)
+        own_vec = vec.strategy.personal_state(site, vec.global_state)
         assert (own_loop is None) == (own_vec is None)
         for n, value in (own_loop or {}).items():
             torch.testing.assert_close(own_vec[n], value, atol=atol, rtol=1e-4)
@@ -122,7 +124,8 @@ def test_vectorized_releases_what_the_loop_engine_releases(uneven_federation, ca
     assert vec._stacked_release == (case in ("dp-fedavg-server", "dp-fedavg-fisher-server"))
     if name.startswith("dp") or name == "mm-pfl-adp":
         assert math.isfinite(row_loop["epsilon"]) and row_loop["epsilon"] > 0
-        assert vec.strategy.summary_report()["privacy"]["epsilon"] == loop.strategy.summary_report()["privacy"]["epsilon"]
+        privacy_loop, privacy_vec = loop.strategy.summary_report()["privacy"], vec.strategy.summary_report()["privacy"]
+        assert privacy_vec["epsilon"] == privacy_loop["epsilon"]
     if name == "mm-pfl-adp":  # masks appeared and are the same, so the test exercised the personal split
         masks = loop.strategy.summary_report()["masks"]
         assert any(masks.values()) and vec.strategy.summary_report()["masks"] == masks
@@ -168,7 +171,8 @@ def test_padding_contributes_zero_gradient_and_a_broken_mask_is_caught(uneven_fe
 
 @pytest.mark.parametrize("name, kwargs, match", [
     ("ditto", {}, "engine: loop"),
-    ("dp-sgd-fedavg", {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "noise": "reproducible-insecure"}, "engine: loop"),
+    ("dp-sgd-fedavg", {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "noise": "reproducible-insecure"},
+     "engine: loop"),
 ])
 def test_unserved_strategies_are_refused_naming_the_loop_engine(uneven_federation, name, kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -178,7 +182,8 @@ def test_unserved_strategies_are_refused_naming_the_loop_engine(uneven_federatio
 
 def test_models_with_dropout_are_refused(uneven_federation):
     with pytest.raises(ConfigError, match="dropout.*engine: loop"):
-        VectorizedSimulation(uneven_federation, model_factory=lambda: create_model("tiny", seed=0, drop_rate=0.1, **SMALL),
+        VectorizedSimulation(uneven_federation,
+                             model_factory=lambda: create_model("tiny", seed=0, drop_rate=0.1, **SMALL),
                              strategy=create_strategy("fedavg"), config=_config(engine="vectorized"), progress=False)
 
 

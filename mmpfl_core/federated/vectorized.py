@@ -103,7 +103,8 @@ def check_vectorizable(strategy: Strategy, model: nn.Module) -> None:
     stochastic = [name for name, m in model.named_modules()
                   if (isinstance(m, nn.Dropout) and m.p > 0) or getattr(m, "drop_prob", 0.0) > 0]
     if stochastic:
-        raise ConfigError(f"engine='vectorized' needs a model without dropout or stochastic depth (found {stochastic[:3]}): "
+        raise ConfigError(f"engine='vectorized' needs a model without dropout or stochastic depth "
+                          f"(found {stochastic[:3]}): "
                           "the loop engine's random masks could not be reproduced. Set drop_rate=0 and "
                           "drop_path_rate=0, or use federated.engine: loop (--engine loop).")
 
@@ -299,7 +300,8 @@ class _StackedOptimizer:
         cfg, names = self.config, list(params)
         steps = [torch.tensor(float(self.step_count), device=params[names[0]].device) for _ in names]
         if rows is None:
-            ps, avgs, sqs = [params[n] for n in names], [self.state[n][0] for n in names], [self.state[n][1] for n in names]
+            ps = [params[n] for n in names]
+            avgs, sqs = [self.state[n][0] for n in names], [self.state[n][1] for n in names]
         else:
             ps = [params[n].index_select(0, rows) for n in names]
             avgs = [self.state[n][0].index_select(0, rows) for n in names]
