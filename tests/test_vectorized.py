@@ -265,3 +265,24 @@ def test_cli_engine_flag_runs_the_vectorized_engine_and_refusals_exit_cleanly(tm
     assert main(["train", "--config", str(path), "--method", "ditto", "--engine", "vectorized",
                  "--out", str(tmp_path / "r2"), "--no-progress"]) == 2
     assert "engine: loop" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+
+
+def test_chunk_size_follows_memory_and_plans_cut_where_padding_grows(uneven_federation, monkeypatch):
+    import mmpfl_core.federated.vectorized as vectorized
+    from mmpfl_core.data.contract import CohortDataset
+    model = vectorized.explicit_attention_copy(_factory())
+    pool = _SitePool({s.site_id: CohortDataset(s.train) for s in uneven_federation.sites})
+    training = LocalTrainingConfig(batch_size=16)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(vectorized, "available_memory_bytes", lambda device: 2**40)
+    assert vectorized.auto_chunk_size(model, pool, training, cpu) == vectorized.MAX_AUTO_CHUNK
+    monkeypatch.setattr(vectorized, "available_memory_bytes", lambda device: 4 * 2**20)
+    small = vectorized.auto_chunk_size(model, pool, training, cpu)
+    assert 1 <= small < vectorized.MAX_AUTO_CHUNK  # 1 MiB for a chunk: a handful of sites
+    params = sum(p.numel() * 4 for p in model.parameters())
+    assert small * 6 * params <= 2**20
+    # sorted schedules with first batches of 2, 2, 2, 8, 8 examples: cut before the 8s (padding > 30%) ...
+    batches = {s: [torch.arange(n)] for s, n in enumerate([2, 2, 2, 8, 8])}
+    assert vectorized.plan_chunks(list(batches), batches, 16, min_sites=2) == [[0, 1, 2], [3, 4]]
+    # ... and at chunk_size; a chunk below min_sites takes the next site whatever its padding
+    assert vectorized.plan_chunks(list(batches), batches, 2, min_sites=2) == [[0, 1], [2, 3], [4]]
