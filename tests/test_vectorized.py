@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -286,3 +287,11 @@ def test_chunk_size_follows_memory_and_plans_cut_where_padding_grows(uneven_fede
     assert vectorized.plan_chunks(list(batches), batches, 16, min_sites=2) == [[0, 1, 2], [3, 4]]
     # ... and at chunk_size; a chunk below min_sites takes the next site whatever its padding
     assert vectorized.plan_chunks(list(batches), batches, 2, min_sites=2) == [[0, 1], [2, 3], [4]]
+
+
+def test_a_site_without_training_examples_sends_a_zero_update_in_both_engines(uneven_federation):
+    sites = list(uneven_federation.sites)
+    sites[1] = dataclasses.replace(sites[1], train=sites[1].train.subset(np.zeros(0, dtype=np.int64)))
+    federation = dataclasses.replace(uneven_federation, sites=tuple(sites))
+    loop, vec = _pair(federation, _config(num_rounds=2), "dp-fedavg", {**DP, "noise_multiplier": 0.5}, chunk_size=4)
+    _assert_same_rounds(loop, vec, 2)

@@ -472,7 +472,9 @@ class VectorizedSimulation(FederatedSimulation):
         batches = {s: site_batches(len(self.clients[s]), cfg.local, seed=cfg.seed, round_index=t, site_id=s)
                    for s in selected}
         # similar schedules side by side: little padding inside a chunk
-        order = sorted(selected, key=lambda s: (len(batches[s]), [len(b) for b in batches[s]]))
+        # a site without training examples takes no step: its update is zero, as in local_update
+        order = sorted((s for s in selected if batches[s]),
+                       key=lambda s: (len(batches[s]), [len(b) for b in batches[s]]))
         regulariser = self._regulariser(selected)
         deltas: dict[int, dict[str, torch.Tensor]] = {}
         trained_rows: dict[int, dict[str, torch.Tensor]] = {}
@@ -495,6 +497,11 @@ class VectorizedSimulation(FederatedSimulation):
                 deltas[site], losses[site] = delta_rows[row], value
                 if trained_by_site is not None:
                     trained_rows[site] = trained_by_site[row]
+        for site in (s for s in selected if not batches[s]):
+            start = self._stack_starts([site])
+            deltas[site], losses[site] = _rows({n: torch.zeros_like(start[n]) for n in self.trainable})[0], 0.0
+            if self._needs_trained_model:
+                trained_rows[site] = _rows(start)[0]
         updates, sent = [], []
         for site in selected:  # the release, site by site, in the loop engine's order and through its hooks
             update = ClientUpdate(site_id=site, delta=deltas.pop(site),
