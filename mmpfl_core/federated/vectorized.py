@@ -15,8 +15,8 @@ default) and differs only in how step 2 (local training) is computed:
    keeps them: 4 d bytes a site, 78 MB per 1,000 sites on the regime map's model.)
 3. In a chunk the parameters of its S sites are stacked along a leading site axis (S, *shape), and
    each local step is one call of ``vmap(grad(loss))`` over (per-site parameters, per-site batch)
-   with :func:`torch.func.functional_call` on a copy of the model whose attention is explicit
-   (:func:`explicit_attention_copy`): the same FLOPs as training the sites one after another, in a
+   with :func:`torch.func.functional_call` on a copy of the model whose attention is explicit and
+   whose patch embeddings are matrix products (:func:`explicit_attention_copy`): the same FLOPs as training the sites one after another, in a
    few large batched kernels instead of thousands of small ones. Batches of unequal size are
    padded; a padded example has weight 0 in the site's loss ``sum_i w_i CE_i / sum_i w_i`` (the mean
    over its real examples), so it contributes exactly zero gradient. Sites whose schedule has no
