@@ -148,8 +148,9 @@ class FederatedSimulation:
     def train_clients(self, selected: list[int], t: int) -> tuple[list[ClientUpdate], list[State]]:
         """Steps 2-3 for the selected sites, in order: what each computed and what it transmitted.
 
-        The one method an engine overrides (:class:`~.vectorized.VectorizedSimulation` trains the
-        sites together); selection, aggregation, evaluation and checkpoints stay here.
+        What another engine overrides, with :meth:`aggregate` and :meth:`count_traffic`
+        (:class:`~.vectorized.VectorizedSimulation` trains the sites together); selection, the round's
+        bookkeeping, evaluation and checkpoints stay here.
         """
         updates: list[ClientUpdate] = []
         sent: list[State] = []
@@ -167,6 +168,7 @@ class FederatedSimulation:
         return self.strategy.aggregate(self.global_state, updates, sent, t)
 
     def count_traffic(self, t: int, site: int, transmitted: State) -> None:
+        """Bytes down (the strategy's broadcast) and up (what the site transmitted) of one site."""
         if self.strategy.communicates:
             self.counter.add_download(t, site, self.strategy.broadcast(site, self.global_state))
             self.counter.add_upload(t, site, transmitted)
