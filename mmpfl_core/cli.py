@@ -25,6 +25,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epsilon", type=float, help="client-level privacy budget (target_epsilon) of the DP methods")
     parser.add_argument("--delta", type=float, help="delta of the DP methods' (epsilon, delta) guarantee")
     parser.add_argument("--seed", type=int, help="override the seed of data, federation and training")
+    parser.add_argument("--engine", choices=["loop", "vectorized"], help="override federated.engine: 'loop' (the "
+                        "reference) or 'vectorized' (a round's sites trained together; many sites per round)")
     parser.add_argument("--out", type=Path, help="results folder (default results/<experiment name>)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -41,6 +43,8 @@ def _load(args: argparse.Namespace):
     if args.seed is not None:
         config = config.replace(data={"seed": args.seed}, federation={"seed": args.seed},
                                 federated={"seed": args.seed})
+    if getattr(args, "engine", None) is not None:
+        config = config.replace(federated={"engine": args.engine})
     if args.sites is not None:
         config = config.replace(federation={"num_sites": args.sites})
         if args.data is not None:

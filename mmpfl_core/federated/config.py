@@ -14,6 +14,7 @@ from ..errors import ConfigError, check_range
 
 OptimizerName = Literal["sgd", "adamw"]
 SamplingName = Literal["fraction", "poisson"]
+EngineName = Literal["loop", "vectorized"]
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,16 @@ class FederatedConfig:
     bootstrap_resamples: int = 1000
     seed: int = 0
     device: str = "auto"
+    engine: EngineName = "loop"  # "vectorized": a round's sites train together (federated/vectorized.py)
+    chunk_size: int | None = None  # vectorized engine: sites per batched chunk; None: sized from free memory
 
     def __post_init__(self) -> None:
+        if self.engine not in ("loop", "vectorized"):
+            raise ConfigError(f"federated.engine={self.engine!r} is unknown; use 'loop' (the reference) or "
+                              "'vectorized' (sites of a round trained together).")
+        if self.chunk_size is not None:
+            check_range("federated.chunk_size", self.chunk_size, low=1,
+                        fix="It is the number of sites the vectorized engine trains in one batch (null: automatic).")
         check_range("federated.num_rounds", self.num_rounds, low=1, high=100_000)
         check_range("federated.client_fraction", self.client_fraction, low=0.0, low_inclusive=False, high=1.0,
                     fix="It is the share of sites sampled per round.")

@@ -134,18 +134,8 @@ class FederatedSimulation:
     def run_round(self, t: int) -> dict[str, Any]:
         cfg = self.config
         selected = select_round(self.strategy, sorted(self.clients), cfg, t)
-        updates: list[ClientUpdate] = []
-        sent: list[State] = []
-        for site in selected:
-            update, transmitted = client_round(self.strategy, self.model, self.clients[site], site_id=site,
-                                               global_state=self.global_state, round_index=t, config=cfg,
-                                               device=self.device)
-            if self.strategy.communicates:
-                self.counter.add_download(t, site, self.strategy.broadcast(site, self.global_state))
-                self.counter.add_upload(t, site, transmitted)
-            updates.append(update)
-            sent.append(transmitted)
-        self.global_state = self.strategy.aggregate(self.global_state, updates, sent, t)
+        updates, sent = self.train_clients(selected, t)
+        self.global_state = self.aggregate(updates, sent, t)
         traffic = self.counter.round_totals(t)
         cumulative = self.counter.cumulative_totals(t)
         row: dict[str, Any] = {
@@ -159,6 +149,34 @@ class FederatedSimulation:
         if t == 1 or t % cfg.eval_every == 0 or t == cfg.num_rounds:
             row.update(self.evaluate())
         return row
+
+    def train_clients(self, selected: list[int], t: int) -> tuple[list[ClientUpdate], list[State]]:
+        """Steps 2-3 for the selected sites, in order: what each computed and what it transmitted.
+
+        What another engine overrides, with :meth:`aggregate` and :meth:`count_traffic`
+        (:class:`~.vectorized.VectorizedSimulation` trains the sites together); selection, the round's
+        bookkeeping, evaluation and checkpoints stay here.
+        """
+        updates: list[ClientUpdate] = []
+        sent: list[State] = []
+        for site in selected:
+            update, transmitted = client_round(self.strategy, self.model, self.clients[site], site_id=site,
+                                               global_state=self.global_state, round_index=t, config=self.config,
+                                               device=self.device)
+            self.count_traffic(t, site, transmitted)
+            updates.append(update)
+            sent.append(transmitted)
+        return updates, sent
+
+    def aggregate(self, updates: list[ClientUpdate], sent: list[State], t: int) -> State:
+        """Step 4: the strategy's aggregation of what the sites transmitted."""
+        return self.strategy.aggregate(self.global_state, updates, sent, t)
+
+    def count_traffic(self, t: int, site: int, transmitted: State) -> None:
+        """Bytes down (the strategy's broadcast) and up (what the site transmitted) of one site."""
+        if self.strategy.communicates:
+            self.counter.add_download(t, site, self.strategy.broadcast(site, self.global_state))
+            self.counter.add_upload(t, site, transmitted)
 
     # ------------------------------------------------------------- evaluation
     def _proba(self, state: State, dataset: CohortDataset) -> np.ndarray:
@@ -318,7 +336,15 @@ class FederatedSimulation:
 def run_federated(federation: Federation, *, model_factory: Callable[[], nn.Module], strategy: Strategy,
                   config: FederatedConfig, run_dir: RunDirectory | None = None, progress: bool = True,
                   stop_after: int | None = None) -> RunResult:
-    """Convenience wrapper: build a :class:`FederatedSimulation` and run it."""
-    sim = FederatedSimulation(federation, model_factory=model_factory, strategy=strategy, config=config,
-                              run_dir=run_dir, progress=progress)
+    """Convenience wrapper: build the simulation of ``config.engine`` and run it.
+
+    ``engine="loop"`` (the reference) is :class:`FederatedSimulation`; ``"vectorized"`` is
+    :class:`~.vectorized.VectorizedSimulation`, which trains a round's sites together.
+    """
+    engine = FederatedSimulation
+    if config.engine == "vectorized":
+        from .vectorized import VectorizedSimulation
+        engine = VectorizedSimulation
+    sim = engine(federation, model_factory=model_factory, strategy=strategy, config=config,
+                 run_dir=run_dir, progress=progress)
     return sim.run(stop_after=stop_after)

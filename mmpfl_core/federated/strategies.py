@@ -184,7 +184,11 @@ def weighted_average_update(global_state: State, sent: Sequence[State], weights:
         if total <= 0:
             new_state[name] = value
             continue
-        step = torch.stack([w * d for w, d in contributions]).sum(0) / total
+        # one stacked weighted sum, not a Python sum of per-site tensors: with a thousand sites a round
+        # (engine: vectorized) the Python sum cost more than the sites' training
+        deltas = torch.stack([d for _, d in contributions])  # (K, *shape)
+        coefficients = torch.tensor([float(w) for w, _ in contributions], dtype=deltas.dtype, device=deltas.device)
+        step = torch.tensordot(coefficients, deltas, dims=1) / total
         new_state[name] = value + step.to(value.dtype)
     return new_state
 

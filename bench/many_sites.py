@@ -1,0 +1,252 @@
+"""Benchmark: seconds per round with 100, 1,000 (and 10,000) sites a round, loop vs vectorised engine.
+
+The regime map's setting (``configs/reproduce_regime.yaml``: 16 px, a one-block ViT, batch 16, one
+local epoch, AdamW) with ``--subjects-per-site`` subjects per site (12: about 8 training subjects)
+and every site taking part in every round (q = 1, so sites per round = sites). For each number of
+sites and each strategy it times:
+
+* the loop engine (:class:`FederatedSimulation`), the reference. Above ``--loop-sites`` sites it is
+  timed on that many sites and scaled linearly (its rounds are a Python loop over sites; the output
+  says when a figure is extrapolated);
+* the vectorised engine (:class:`VectorizedSimulation`, ``engine: vectorized``), its chunk size, and
+  the peak resident memory of the process while it runs (sampled every 5 ms, minus the memory
+  before the round);
+* one centralised pass over the same examples: one forward and backward pass of the plain model
+  over every training example of the round, in batches of up to 8,192 (the same FLOPs as the
+  round's training in a few large batches), and one optimiser step: the limit a batched engine can
+  approach.
+
+Evaluation, checkpoints and bootstrap CIs are off; rounds are timed after one warm-up round. One line
+per setting ends ``speedup_vs_loop=<x> vs_centralized=<y>``. ``--run-rounds R`` also times a whole
+DP-FedAvg run (run_federated, ``engine: vectorized``) of R rounds with 1,000 sites per round out of
+10,000 (Poisson, q = 0.1), evaluation at the end, and projects 100 rounds. Writes
+``bench/results/many_sites.{csv,md}``. Plain script, no asserts; timings on a shared machine are
+pessimistic.
+
+    python bench/many_sites.py                       # 100 and 1,000 sites, fedavg and dp-fedavg
+    python bench/many_sites.py --sites 100 1000 10000 --run-rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
+from mmpfl_core.data.contract import CohortDataset, concatenate  # noqa: E402
+from mmpfl_core.experiment import make_federation, model_factory  # noqa: E402
+from mmpfl_core.federated.config import FederatedConfig  # noqa: E402
+from mmpfl_core.federated.simulation import FederatedSimulation, run_federated  # noqa: E402
+from mmpfl_core.federated.strategies import create_strategy  # noqa: E402
+from mmpfl_core.federated.vectorized import VectorizedSimulation  # noqa: E402
+from mmpfl_core.reproduction.plan import load_reproduction  # noqa: E402
+
+CENTRAL_BATCH = 8192
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+class PeakMemory:
+    """Peak resident memory of this process while the block runs, sampled every 5 ms."""
+
+    def __enter__(self) -> "PeakMemory":
+        self.before = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+_SETTINGS: dict[tuple[int, int, int], tuple] = {}
+
+
+def regime_setting(num_sites: int, subjects_per_site: int, seed: int):
+    """The regime map's experiment at ``num_sites`` sites: (config, federation, model factory), built once."""
+    key = (num_sites, subjects_per_site, seed)
+    if key not in _SETTINGS:
+        base = load_reproduction("regime").experiment
+        config = base.replace(data={"num_subjects": num_sites * subjects_per_site + base.federation.public_size,
+                                    "seed": seed},
+                              federation={"num_sites": num_sites, "seed": seed})
+        federation = make_federation(config)
+        _SETTINGS[key] = (config, federation, model_factory(config, federation))
+    return _SETTINGS[key]
+
+
+def strategy_for(config, name: str):
+    """FedAvg, or the regime map's DP-FedAvg (epsilon 8, delta 1e-5, clip 0.5, RDP accountant)."""
+    method = next(m for m in config.methods if m.strategy == name) if name != "fedavg" else None
+    kwargs = dict(method.kwargs) if method else {}
+    return create_strategy(name, **kwargs)
+
+
+def federated_config(config, *, engine: str, num_rounds: int, device: str, client_fraction: float = 1.0,
+                     chunk_size: int | None = None, eval_every: int = 10**6) -> FederatedConfig:
+    return dataclasses.replace(config.federated, num_rounds=num_rounds, client_fraction=client_fraction,
+                               sampling="poisson", eval_every=eval_every, checkpoint_every=0, bootstrap_resamples=0,
+                               engine=engine, chunk_size=chunk_size, device=device)
+
+
+def one_round(sim, t: int, device: str) -> float:
+    """Seconds of round t of ``sim`` (evaluation off; CUDA work synchronised before the clock stops)."""
+    sim.strategy.before_round(t)
+    started = time.perf_counter()
+    sim.run_round(t)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def centralized_pass(factory, federation, config, device: str):
+    """A function running one forward+backward over all training examples (batches of CENTRAL_BATCH) + one step."""
+    model = factory().to(device)
+    data = CohortDataset(concatenate([s.train for s in federation.sites]))
+    inputs = [t.to(device) for t in (data.images, data.modality_mask, data.clinical, data.labels)]
+    opt = torch.optim.AdamW(model.parameters(), lr=config.federated.optimizer.lr,
+                            weight_decay=config.federated.optimizer.weight_decay)
+    n = len(data)
+
+    def one_pass() -> float:
+        started = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        for start in range(0, n, CENTRAL_BATCH):
+            images, mask, clinical, labels = (t[start:start + CENTRAL_BATCH] for t in inputs)
+            loss = torch.nn.functional.cross_entropy(model(images, mask, clinical), labels, reduction="sum") / n
+            loss.backward()
+        opt.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+    return one_pass
+
+
+def bench_setting(num_sites: int, strategy: str, args) -> dict:
+    config, federation, factory = regime_setting(num_sites, args.subjects_per_site, args.seed)
+    examples = sum(len(s.train) for s in federation.sites)
+    loop_sites = min(num_sites, args.loop_sites)
+    subset = dataclasses.replace(federation, sites=federation.sites[:loop_sites])
+    rounds = args.repeats + 1
+    loop = FederatedSimulation(subset, model_factory=factory, strategy=strategy_for(config, strategy),
+                               config=federated_config(config, engine="loop", num_rounds=rounds, device=args.device),
+                               progress=False)
+    vec = VectorizedSimulation(federation, model_factory=factory, strategy=strategy_for(config, strategy),
+                               config=federated_config(config, engine="vectorized", num_rounds=rounds,
+                                                       device=args.device, chunk_size=args.chunk_size), progress=False)
+    central = centralized_pass(factory, federation, config, args.device)
+    loop.evaluate = vec.evaluate = lambda: {}
+    times: dict[str, list[float]] = {"loop": [], "vec": [], "central": []}
+    peak = before = 0
+    for t in range(1, rounds + 1):  # interleaved, so slow phases of a shared machine hit every side
+        loop_s = one_round(loop, t, args.device) * num_sites / loop_sites
+        with PeakMemory() as memory:
+            vec_s = one_round(vec, t, args.device)
+        central_s = central()
+        peak, before = max(peak, memory.peak), max(before, memory.before)
+        if t > 1:  # round 1 warms up
+            times["loop"].append(loop_s)
+            times["vec"].append(vec_s)
+            times["central"].append(central_s)
+    loop_seconds, vec_seconds, central_seconds = (statistics.median(times[k]) for k in ("loop", "vec", "central"))
+    gpu_peak = torch.cuda.max_memory_allocated() / 1e6 if args.device.startswith("cuda") else float("nan")
+    row = {"strategy": strategy, "device": args.device, "sites_per_round": num_sites, "train_examples": examples,
+           "loop_s_per_round": round(loop_seconds, 3), "loop_timed_on_sites": loop_sites,
+           "vectorized_s_per_round": round(vec_seconds, 3), "chunk_size": vec.chunk_size,
+           "centralized_pass_s": round(central_seconds, 3), "vectorized_peak_rss_mb": round(peak / 1e6),
+           "vectorized_rss_increase_mb": round((peak - before) / 1e6),
+           "cuda_peak_allocated_mb": round(gpu_peak) if gpu_peak == gpu_peak else None,
+           "speedup_vs_loop": round(loop_seconds / vec_seconds, 2),
+           "vs_centralized": round(vec_seconds / central_seconds, 2)}
+    extrapolated = "" if loop_sites == num_sites else f" (timed on {loop_sites} sites, x{num_sites / loop_sites:g})"
+    memory_text = (f"CUDA peak {row['cuda_peak_allocated_mb']} MB" if args.device.startswith("cuda") else
+                   f"peak RSS {row['vectorized_peak_rss_mb']} MB, +{row['vectorized_rss_increase_mb']} MB")
+    print(f"{strategy} {args.device} sites={num_sites} examples={examples}: "
+          f"loop {loop_seconds:.2f} s/round{extrapolated}, "
+          f"vectorized {vec_seconds:.3f} s/round (chunk {vec.chunk_size}, {memory_text}), centralized pass "
+          f"{central_seconds:.3f} s speedup_vs_loop={row['speedup_vs_loop']:.1f} "
+          f"vs_centralized={row['vs_centralized']:.2f}",
+          flush=True)
+    return row
+
+
+def bench_run(args) -> dict:
+    """A whole DP-FedAvg run, 1,000 sites a round of 10,000 (q = 0.1), ``args.run_rounds`` rounds."""
+    population, per_round = 10 * args.run_sites_per_round, args.run_sites_per_round
+    config, federation, factory = regime_setting(population, args.subjects_per_site, args.seed)
+    fed_config = federated_config(config, engine="vectorized", num_rounds=args.run_rounds, device=args.device,
+                                  client_fraction=per_round / population, chunk_size=args.chunk_size,
+                                  eval_every=args.run_rounds)
+    started = time.perf_counter()
+    result = run_federated(federation, model_factory=factory,
+                           strategy=strategy_for(config, "dp-fedavg"),
+                           config=fed_config, progress=False)
+    seconds = time.perf_counter() - started
+    per_round_s = statistics.median(row["seconds"] for row in result.history)
+    projected = per_round_s * 100
+    print(f"dp-fedavg run ({args.device}): {args.run_rounds} rounds, {per_round} of {population} sites a round "
+          f"(q={per_round / population:g}), "
+          f"vectorized: {seconds:.1f} s in all (evaluation at the end included), median {per_round_s:.2f} s/round; "
+          f"100 rounds projected {projected / 60:.1f} min; epsilon {result.summary['privacy']['epsilon']:.3g} "
+          f"(calibrated for {args.run_rounds} rounds)", flush=True)
+    return {"strategy": "dp-fedavg run", "device": args.device, "sites_per_round": per_round, "population": population,
+            "rounds": args.run_rounds, "run_s": round(seconds, 1), "median_s_per_round": round(per_round_s, 3),
+            "projected_100_rounds_min": round(projected / 60, 2)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--strategies", nargs="+", default=["fedavg", "dp-fedavg"], choices=["fedavg", "dp-fedavg"])
+    parser.add_argument("--subjects-per-site", type=int, default=12)
+    parser.add_argument("--loop-sites", type=int, default=100, help="time the loop engine on at most this many sites")
+    parser.add_argument("--chunk-size", type=int, default=None, help="vectorised chunk (default: from free memory)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--run-rounds", type=int, default=0, help="also time a whole DP-FedAvg run of this many rounds")
+    parser.add_argument("--run-sites-per-round", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (2: the laptop target)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU rows: bench/gpu_suite.py)")
+    parser.add_argument("--name", default="many_sites", help="results file name under bench/results")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    notes = (f"Regime map setting (16 px, 1-block ViT, batch 16, one local epoch, AdamW), {args.subjects_per_site} "
+             f"subjects per site, every site in every round; median of {args.repeats} rounds after a warm-up; "
+             f"{args.threads} torch threads. Loop figures above {args.loop_sites} sites are timed on {args.loop_sites} "
+             "sites and scaled linearly. Centralised pass: one forward/backward over the same training examples "
+             f"(batches of {CENTRAL_BATCH}) and one optimiser step. Peak RSS: whole process while the vectorised "
+             "rounds ran (increase: over the memory before them). Measured on a machine shared with other jobs: "
+             "timings are pessimistic.")
+    rows = []
+    for n in args.sites:  # results rewritten after every setting: a run cut short keeps what it measured
+        for strategy in args.strategies:
+            rows.append(bench_setting(n, strategy, args))
+            write_results(args.name, pd.DataFrame(rows), notes)
+    if args.run_rounds:
+        rows.append(bench_run(args))
+    print("wrote", write_results(args.name, pd.DataFrame(rows), notes))
+
+
+if __name__ == "__main__":
+    main()
