@@ -62,7 +62,8 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,9 @@ from .client import ClientUpdate, batch_schedule
 from .config import LocalTrainingConfig, OptimizerConfig
 from .simulation import _TRAINING_STREAM, FederatedSimulation
 from .strategies import State, Strategy
+
+if TYPE_CHECKING:  # imported at run time where needed (the stacked release is for DPFedAvg only)
+    from .dp_strategies import DPFedAvg
 
 __all__ = ["VECTORIZED_STRATEGIES", "VectorizedSimulation", "auto_chunk_size", "check_vectorizable", "site_batches",
            "train_stacked"]
@@ -125,7 +129,7 @@ def site_batches(num_examples: int, training: LocalTrainingConfig, *, seed: int,
 def _rows(stacked: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """(S, *shape) tensors by name -> S dicts of views, one per site (no copy)."""
     names = list(stacked)
-    return [dict(zip(names, views)) for views in zip(*(stacked[n].unbind(0) for n in names))]
+    return [dict(zip(names, views, strict=False)) for views in zip(*(stacked[n].unbind(0) for n in names), strict=False)]
 
 
 def _releases_a_clipped_sum(strategy: Strategy) -> bool:
@@ -178,9 +182,9 @@ def explicit_attention_copy(model: nn.Module) -> nn.Module:
     clone = copy.deepcopy(model)
     for module in list(clone.modules()):
         if hasattr(module, "fused_attn"):
-            module.fused_attn = False
+            setattr(module, "fused_attn", False)  # noqa: B010  (timm's attention flag; setattr keeps mypy quiet)
         for name, child in list(module.named_children()):
-            if _is_patch_conv(child):
+            if isinstance(child, nn.Conv2d) and _is_patch_conv(child):
                 setattr(module, name, _PatchLinear(child))
     return clone
 
@@ -340,7 +344,7 @@ class _StackedOptimizer:
         torch._fused_adamw_(ps, [grads[n] for n in names], avgs, sqs, [], steps, lr=cfg.lr, beta1=0.9, beta2=0.999,
                             weight_decay=cfg.weight_decay, eps=1e-8, amsgrad=False, maximize=False)
         if rows is not None:
-            for n, p, avg, sq in zip(names, ps, avgs, sqs):
+            for n, p, avg, sq in zip(names, ps, avgs, sqs, strict=False):
                 params[n].index_copy_(0, rows, p)
                 self.state[n][0].index_copy_(0, rows, avg)
                 self.state[n][1].index_copy_(0, rows, sq)
@@ -376,7 +380,7 @@ def train_stacked(model: nn.Module, start: dict[str, torch.Tensor], plan: _Plan,
     was_training = model.training
     model.train()
     try:
-        for rows, index, weight in zip(plan.rows, plan.index, plan.weight):
+        for rows, index, weight in zip(plan.rows, plan.index, plan.weight, strict=False):
             rows = None if rows is None else rows.to(device)
             images, mask, clinical, labels = pool.gather(index, device)  # (S_s, B_s, ...) each
             active = params if rows is None else {n: p.index_select(0, rows) for n, p in params.items()}
@@ -443,7 +447,8 @@ def clipped_sum(deltas: dict[str, torch.Tensor], groups: dict[str, list[str]],
     for name, d in deltas.items():
         norm = torch.linalg.vector_norm(d.flatten(1), dim=1, dtype=torch.float64)  # (S,), float64 accumulation
         sq[index[name]] = sq[index[name]] + norm * norm
-    scales, finite = {}, True
+    scales: dict[str, torch.Tensor] = {}
+    finite = True
     for g, value in sq.items():
         if not torch.is_tensor(value):
             continue
@@ -519,12 +524,13 @@ class VectorizedSimulation(FederatedSimulation):
                                           optimizer=cfg.optimizer, device=self.device, regulariser=regulariser)
             delta = {n: trained[n] - start[n] for n in self.trainable}  # (S, *shape)
             if stacked:
-                part, finite = clipped_sum(delta, self.strategy.groups, self.strategy.clip_bounds)
+                dp = cast("DPFedAvg", self.strategy)  # stacked only for DPFedAvg's own release (_releases_a_clipped_sum)
+                part, finite = clipped_sum(delta, dp.groups, dp.clip_bounds)
                 stacked = finite  # a NaN/Inf update: the strategy's per-site path rejects and logs it
                 total = {n: total[n] + v if n in total else v for n, v in part.items()}
             delta_rows = _rows(delta)
             trained_by_site = _rows({n: trained[n] for n in self.trainable}) if self._needs_trained_model else None
-            for row, (site, value) in enumerate(zip(sites, loss.tolist())):
+            for row, (site, value) in enumerate(zip(sites, loss.tolist(), strict=False)):
                 deltas[site], losses[site] = delta_rows[row], value
                 if trained_by_site is not None:
                     trained_rows[site] = trained_by_site[row]
@@ -577,4 +583,4 @@ class VectorizedSimulation(FederatedSimulation):
         if self._pending is None:
             return super().aggregate(updates, sent, t)
         (total, count), self._pending = self._pending, None
-        return self.strategy.release_sum(self.global_state, total, count, t)
+        return cast("DPFedAvg", self.strategy).release_sum(self.global_state, total, count, t)
