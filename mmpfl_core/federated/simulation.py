@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..data.contract import Cohort, CohortDataset, concatenate
 from ..data.federation import Federation
+from ..errors import ConfigError
 from ..io.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from ..io.run_directory import RunDirectory
 from ..metrics.classification import metrics_with_ci
@@ -333,6 +334,11 @@ class FederatedSimulation:
         return summary
 
 
+#: Engines by the name ``FederatedConfig.engine`` takes; :mod:`.vectorized` registers itself (importing the
+#: ``federated`` package registers every engine, as it does every strategy, without an import circle).
+ENGINES: dict[str, type[FederatedSimulation]] = {"loop": FederatedSimulation}
+
+
 def run_federated(federation: Federation, *, model_factory: Callable[[], nn.Module], strategy: Strategy,
                   config: FederatedConfig, run_dir: RunDirectory | None = None, progress: bool = True,
                   stop_after: int | None = None) -> RunResult:
@@ -341,10 +347,8 @@ def run_federated(federation: Federation, *, model_factory: Callable[[], nn.Modu
     ``engine="loop"`` (the reference) is :class:`FederatedSimulation`; ``"vectorized"`` is
     :class:`~.vectorized.VectorizedSimulation`, which trains a round's sites together.
     """
-    engine = FederatedSimulation
-    if config.engine == "vectorized":
-        from .vectorized import VectorizedSimulation
-        engine = VectorizedSimulation
-    sim = engine(federation, model_factory=model_factory, strategy=strategy, config=config,
+    if config.engine not in ENGINES:
+        raise ConfigError(f"engine {config.engine!r} is not registered; use one of {sorted(ENGINES)}.")
+    sim = ENGINES[config.engine](federation, model_factory=model_factory, strategy=strategy, config=config,
                  run_dir=run_dir, progress=progress)
     return sim.run(stop_after=stop_after)

@@ -75,7 +75,7 @@ from ..errors import ConfigError
 from ..seeding import torch_generator
 from .client import ClientUpdate, batch_schedule
 from .config import LocalTrainingConfig, OptimizerConfig
-from .simulation import _TRAINING_STREAM, FederatedSimulation
+from .simulation import _TRAINING_STREAM, ENGINES, FederatedSimulation
 from .strategies import State, Strategy
 
 if TYPE_CHECKING:  # imported at run time where needed (the stacked release is for DPFedAvg only)
@@ -584,3 +584,6 @@ class VectorizedSimulation(FederatedSimulation):
             return super().aggregate(updates, sent, t)
         (total, count), self._pending = self._pending, None
         return cast("DPFedAvg", self.strategy).release_sum(self.global_state, total, count, t)
+
+
+ENGINES["vectorized"] = VectorizedSimulation
