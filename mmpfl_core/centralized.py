@@ -20,6 +20,7 @@ clients) and does not use these schedules; a centralized run there (``run_method
 ``centralized`` strategy) is plain AdamW. What this module must never do: touch data other than the
 cohorts it is given, or use a global random state (shuffling, augmentation and init come from seeds).
 """
+
 from __future__ import annotations
 
 import time
@@ -62,8 +63,13 @@ class TrainingRecipe:
         check_range("TrainingRecipe.batch_size", self.batch_size, low=1, high=65536)
         check_range("TrainingRecipe.lr", self.lr, low=0.0, low_inclusive=False, high=10.0)
         check_range("TrainingRecipe.weight_decay", self.weight_decay, low=0.0, high=1.0)
-        check_range("TrainingRecipe.warmup_epochs", self.warmup_epochs, low=0.0, high=float(self.epochs),
-                    fix="Warm up for fewer epochs than the whole budget.")
+        check_range(
+            "TrainingRecipe.warmup_epochs",
+            self.warmup_epochs,
+            low=0.0,
+            high=float(self.epochs),
+            fix="Warm up for fewer epochs than the whole budget.",
+        )
         check_range("TrainingRecipe.min_lr", self.min_lr, low=0.0, high=self.lr)
         check_range("TrainingRecipe.label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_inclusive=False)
         if self.max_grad_norm is not None:
@@ -79,8 +85,14 @@ class TrainedModel:
     seconds: float = 0.0
 
 
-def train_centralized(model: nn.Module, train: Cohort, recipe: TrainingRecipe = TrainingRecipe(), *,
-                      seed: int = 0, device: str | torch.device = "cpu") -> TrainedModel:
+def train_centralized(
+    model: nn.Module,
+    train: Cohort,
+    recipe: TrainingRecipe = TrainingRecipe(),
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> TrainedModel:
     """Train ``model`` in place on the pooled cohort ``train`` with ``recipe``.
 
     Steps per epoch: shuffle (torch generator from ``seed``); for each batch, augment the images
@@ -95,21 +107,28 @@ def train_centralized(model: nn.Module, train: Cohort, recipe: TrainingRecipe = 
     gen = torch_generator(seed, 31)
     steps_per_epoch = -(-len(data) // recipe.batch_size)
     total = recipe.epochs * steps_per_epoch
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
-                            weight_decay=recipe.weight_decay)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=recipe.lr, weight_decay=recipe.weight_decay
+    )
     warmup = int(round(recipe.warmup_epochs * steps_per_epoch))
-    sched = CosineLRScheduler(opt, t_initial=total if recipe.cosine else 10 ** 12, lr_min=recipe.min_lr,
-                              warmup_t=warmup, warmup_lr_init=recipe.lr / 100, t_in_epochs=False)
+    sched = CosineLRScheduler(
+        opt,
+        t_initial=total if recipe.cosine else 10**12,
+        lr_min=recipe.min_lr,
+        warmup_t=warmup,
+        warmup_lr_init=recipe.lr / 100,
+        t_in_epochs=False,
+    )
     augment = None if recipe.augment is None else MRIAugment(recipe.augment, image_size=train.image_size)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     result, step, started = TrainedModel(model), 0, time.perf_counter()
     for _ in range(recipe.epochs):
         if augment is not None:
-            augment.reseed(int(torch.randint(2 ** 31, (1,), generator=gen)))
+            augment.reseed(int(torch.randint(2**31, (1,), generator=gen)))
         order = torch.randperm(len(data), generator=gen)
         total_loss = 0.0
         for start in range(0, len(data), recipe.batch_size):
-            batch = data.batch(order[start:start + recipe.batch_size])
+            batch = data.batch(order[start : start + recipe.batch_size])
             if augment is not None:
                 batch["images"] = augment(batch["images"], batch["modality_mask"])
             opt.zero_grad(set_to_none=True)
@@ -127,20 +146,30 @@ def train_centralized(model: nn.Module, train: Cohort, recipe: TrainingRecipe = 
     return result
 
 
-def evaluate(model: nn.Module, test: Cohort, *, seed: int = 0, num_resamples: int = 1000,
-             device: str | torch.device = "cpu") -> dict[str, float]:
+def evaluate(
+    model: nn.Module, test: Cohort, *, seed: int = 0, num_resamples: int = 1000, device: str | torch.device = "cpu"
+) -> dict[str, float]:
     """Balanced accuracy (point and 95% bootstrap CI over test subjects) and plain accuracy."""
     proba = predict_proba(model, CohortDataset(test), batch_size=256, device=torch.device(device))
-    ci = bootstrap_ci(test.labels, proba, metric="balanced_accuracy", num_resamples=num_resamples,
-                      rng=numpy_generator(seed, 77))
-    return {"balanced_accuracy": ci.point, "low": ci.low, "high": ci.high,
-            "accuracy": float((proba.argmax(1) == test.labels).mean())}
+    ci = bootstrap_ci(
+        test.labels, proba, metric="balanced_accuracy", num_resamples=num_resamples, rng=numpy_generator(seed, 77)
+    )
+    return {
+        "balanced_accuracy": ci.point,
+        "low": ci.low,
+        "high": ci.high,
+        "accuracy": float((proba.argmax(1) == test.labels).mean()),
+    }
 
 
-def compare_over_seeds(variants: Mapping[str, tuple[Callable[[int], nn.Module], TrainingRecipe, Cohort, Cohort]],
-                       seeds: Sequence[int] | Mapping[str, Sequence[int]], *, device: str | torch.device = "cpu",
-                       num_resamples: int = 200,
-                       workers: int = 1) -> tuple[pd.DataFrame, pd.DataFrame, dict[tuple[str, int], nn.Module]]:
+def compare_over_seeds(
+    variants: Mapping[str, tuple[Callable[[int], nn.Module], TrainingRecipe, Cohort, Cohort]],
+    seeds: Sequence[int] | Mapping[str, Sequence[int]],
+    *,
+    device: str | torch.device = "cpu",
+    num_resamples: int = 200,
+    workers: int = 1,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[tuple[str, int], nn.Module]]:
     """Train every variant once per seed; return per-run rows and a per-variant summary.
 
     Args:
@@ -166,8 +195,10 @@ def compare_over_seeds(variants: Mapping[str, tuple[Callable[[int], nn.Module], 
     check_range("compare_over_seeds workers", workers, low=1, high=64)
     seeds_of = seeds if isinstance(seeds, Mapping) else {label: seeds for label in variants}
     if set(seeds_of) != set(variants):
-        raise ConfigError(f"compare_over_seeds: seeds are given for {sorted(seeds_of)} but the variants are "
-                          f"{sorted(variants)}; give seeds for exactly the variants.")
+        raise ConfigError(
+            f"compare_over_seeds: seeds are given for {sorted(seeds_of)} but the variants are "
+            f"{sorted(variants)}; give seeds for exactly the variants."
+        )
     jobs = [(label, seed) for label in variants for seed in seeds_of[label]]
 
     def run(job: tuple[str, int]) -> tuple[dict, nn.Module]:
@@ -175,8 +206,10 @@ def compare_over_seeds(variants: Mapping[str, tuple[Callable[[int], nn.Module], 
         make_model, recipe, train, test = variants[label]
         trained = train_centralized(make_model(seed), train, recipe, seed=seed, device=device)
         scores = evaluate(trained.model, test, seed=seed, num_resamples=num_resamples, device=device)
-        return ({"variant": label, "seed": seed, **scores, "seconds": trained.seconds,
-                 "final_loss": trained.losses[-1]}, trained.model)
+        return (
+            {"variant": label, "seed": seed, **scores, "seconds": trained.seconds, "final_loss": trained.losses[-1]},
+            trained.model,
+        )
 
     if workers == 1:
         results = [run(job) for job in jobs]
@@ -193,6 +226,15 @@ def compare_over_seeds(variants: Mapping[str, tuple[Callable[[int], nn.Module], 
     summary = []
     for label, group in runs.groupby("variant", sort=False):
         mean, low, high = seed_ci(group["balanced_accuracy"].tolist())
-        summary.append({"variant": label, "seeds": len(group), "mean": mean, "seed_low": low, "seed_high": high,
-                        "accuracy": float(group["accuracy"].mean()), "seconds": float(group["seconds"].mean())})
+        summary.append(
+            {
+                "variant": label,
+                "seeds": len(group),
+                "mean": mean,
+                "seed_low": low,
+                "seed_high": high,
+                "accuracy": float(group["accuracy"].mean()),
+                "seconds": float(group["seconds"].mean()),
+            }
+        )
     return runs, pd.DataFrame(summary), models

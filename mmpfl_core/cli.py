@@ -6,6 +6,7 @@ newly registered strategy appears in ``mmpfl methods`` and is accepted by ``--me
 edit here. A failed command exits with status 2, prints one ``mmpfl: error:`` line, and leaves no
 empty results folder behind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,16 +18,28 @@ from .errors import ConfigError, MMPFLError
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="quickstart", help="preset name in configs/ or a YAML path")
-    parser.add_argument("--data", type=Path, help="a cohort file converted from your own images "
-                        "(data_scripts/convert_*.py); sites come from its site column. Default: the synthetic cohort")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="a cohort file converted from your own images "
+        "(data_scripts/convert_*.py); sites come from its site column. Default: the synthetic cohort",
+    )
     parser.add_argument("--rounds", type=int, help="override federated.num_rounds")
-    parser.add_argument("--sites", type=int, help="number of sites (synthetic data); with --data: re-split the "
-                        "cohort into this many sites by Dirichlet label skew instead of its site column")
+    parser.add_argument(
+        "--sites",
+        type=int,
+        help="number of sites (synthetic data); with --data: re-split the "
+        "cohort into this many sites by Dirichlet label skew instead of its site column",
+    )
     parser.add_argument("--epsilon", type=float, help="client-level privacy budget (target_epsilon) of the DP methods")
     parser.add_argument("--delta", type=float, help="delta of the DP methods' (epsilon, delta) guarantee")
     parser.add_argument("--seed", type=int, help="override the seed of data, federation and training")
-    parser.add_argument("--engine", choices=["loop", "vectorized"], help="override federated.engine: 'loop' (the "
-                        "reference) or 'vectorized' (a round's sites trained together; many sites per round)")
+    parser.add_argument(
+        "--engine",
+        choices=["loop", "vectorized"],
+        help="override federated.engine: 'loop' (the "
+        "reference) or 'vectorized' (a round's sites trained together; many sites per round)",
+    )
     parser.add_argument("--out", type=Path, help="results folder (default results/<experiment name>)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -37,12 +50,12 @@ def _privacy_overrides(args: argparse.Namespace) -> dict[str, float]:
 
 def _load(args: argparse.Namespace):
     from .experiment_config import load_experiment, with_cohort
+
     config = with_cohort(load_experiment(args.config), args.data)
     if args.rounds is not None:
         config = config.replace(federated={"num_rounds": args.rounds})
     if args.seed is not None:
-        config = config.replace(data={"seed": args.seed}, federation={"seed": args.seed},
-                                federated={"seed": args.seed})
+        config = config.replace(data={"seed": args.seed}, federation={"seed": args.seed}, federated={"seed": args.seed})
     if getattr(args, "engine", None) is not None:
         config = config.replace(federated={"engine": args.engine})
     if args.sites is not None:
@@ -54,6 +67,7 @@ def _load(args: argparse.Namespace):
 
 def _results_dir(args: argparse.Namespace, name: str) -> Path:
     from .paths import results_root
+
     return args.out if args.out is not None else results_root() / name
 
 
@@ -65,13 +79,17 @@ def select_method(config, name: str, privacy: dict[str, float]):
 
     from .experiment_config import MethodSpec
     from .federated.strategies import available_strategies
-    method = (next((m for m in config.methods if m.label == name), None)
-              or next((m for m in config.methods if m.strategy == name), None))
+
+    method = next((m for m in config.methods if m.label == name), None) or next(
+        (m for m in config.methods if m.strategy == name), None
+    )
     if method is None:
         if name not in available_strategies():
             labels = [m.label for m in config.methods]
-            raise ConfigError(f"--method {name!r} is unknown: neither a registered method {available_strategies()} nor a "
-                              f"label of the config {labels}; run `mmpfl methods` for the list.")
+            raise ConfigError(
+                f"--method {name!r} is unknown: neither a registered method {available_strategies()} nor a "
+                f"label of the config {labels}; run `mmpfl methods` for the list."
+            )
         method = MethodSpec(name)
     elif method.label != name:
         method = dataclasses.replace(method, label=name)
@@ -87,6 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .data.summary import cohort_summary_table
     from .experiment import make_federation
     from .paths import data_root
+
     config = _load(args)
     federation = make_federation(config)
     out = args.out if args.out is not None else data_root() / config.name
@@ -102,11 +121,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .reporting import write_comparison_report
     from .tables import markdown_table
+
     config = _load(args)
     method = select_method(config, args.method, _privacy_overrides(args))
     out = _results_dir(args, config.name)
-    report = write_comparison_report(dataclasses.replace(config, methods=(method,)), out,
-                                     progress=not args.no_progress)
+    report = write_comparison_report(dataclasses.replace(config, methods=(method,)), out, progress=not args.no_progress)
     print(markdown_table(report.table))
     print(f"\nrun written to {out / method.label}; report written to {report.path}")
     return 0
@@ -116,6 +135,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .experiment_config import with_privacy_budget
     from .reporting import write_comparison_report
     from .tables import markdown_table
+
     config = _load(args)
     config = with_privacy_budget(config, args.epsilon, delta=args.delta)  # the budget of every DP method
     out = _results_dir(args, config.name)
@@ -132,16 +152,24 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .paths import results_root
     from .reproduction import load_reproduction, run_reproduction
     from .tables import markdown_table
+
     plan = load_reproduction(args.preset)
     if args.data is not None:
         # Your cohort's sites come from its site column, so there is no label skew to sweep, and the site
         # sweep (10-200 sites) and the shadow-model attacks need the synthetic generator: the main
         # comparison (every method, every seed) and its claims are what runs on your data.
         experiment = with_cohort(plan.experiment, args.data)
-        plan = dataclasses.replace(plan, experiment=experiment, alphas=(experiment.federation.alpha,),
-                                   site_sweep=None, membership_inference=None)
-        print("reproduce --data: the main comparison on your cohort's sites; the alpha and site sweeps and the "
-              "membership-inference section need the synthetic cohort and are skipped.")
+        plan = dataclasses.replace(
+            plan,
+            experiment=experiment,
+            alphas=(experiment.federation.alpha,),
+            site_sweep=None,
+            membership_inference=None,
+        )
+        print(
+            "reproduce --data: the main comparison on your cohort's sites; the alpha and site sweeps and the "
+            "membership-inference section need the synthetic cohort and are skipped."
+        )
     out = args.out if args.out is not None else results_root() / plan.experiment.name
     report = run_reproduction(plan, out, progress=not args.no_progress)
     print(markdown_table(report.main_table))
@@ -156,13 +184,16 @@ def method_listing() -> str:
     from .experiment import CONFIG_DIR
     from .federated.strategies import available_strategies
     from .models.presets import list_presets
+
     configs = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
-    return "\n".join([
-        "methods (--method):        " + ", ".join(available_strategies()),
-        "model presets (model.preset): " + ", ".join(list_presets()),
-        "experiment presets (--config): " + ", ".join(configs),
-        "DP methods take --epsilon and --delta; e.g. mmpfl train --method dp-fedavg --epsilon 8 --rounds 5",
-    ])
+    return "\n".join(
+        [
+            "methods (--method):        " + ", ".join(available_strategies()),
+            "model presets (model.preset): " + ", ".join(list_presets()),
+            "experiment presets (--config): " + ", ".join(configs),
+            "DP methods take --epsilon and --delta; e.g. mmpfl train --method dp-fedavg --epsilon 8 --rounds 5",
+        ]
+    )
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -178,8 +209,12 @@ def _epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmpfl", description=__doc__.splitlines()[0], epilog=_epilog(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mmpfl",
+        description=__doc__.splitlines()[0],
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str, func, *, common: bool = True, **kwargs) -> argparse.ArgumentParser:
@@ -190,12 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     command("generate", "generate the synthetic cohort and its federation into the data root", cmd_generate)
-    command("train", "train one method and write its report", cmd_train, epilog=_epilog(),
-            formatter_class=argparse.RawDescriptionHelpFormatter).add_argument(
-        "--method", default="fedavg", help="a method name (see `mmpfl methods`) or a label of the config")
+    command(
+        "train",
+        "train one method and write its report",
+        cmd_train,
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).add_argument("--method", default="fedavg", help="a method name (see `mmpfl methods`) or a label of the config")
     command("compare", "train every method of the config and write a report", cmd_compare)
-    p = command("reproduce", "the paper-style comparison: all methods, alphas, seeds, site sweep", cmd_reproduce,
-                common=False)
+    p = command(
+        "reproduce", "the paper-style comparison: all methods, alphas, seeds, site sweep", cmd_reproduce, common=False
+    )
     p.add_argument("--preset", default="teaching", help="smoke | teaching | paper, or a YAML path")
     p.add_argument("--data", type=Path, help="a converted cohort file for the main comparison (see train --data)")
     p.add_argument("--out", type=Path, help="results folder (default results/reproduce-<preset>)")

@@ -2,6 +2,7 @@
 
 Only the edges call these; library code takes the dataclasses themselves.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -3,6 +3,7 @@
 The round loop (:mod:`mmpfl_core.federated.simulation`) and the notebooks both call it; it lives at the
 bottom of the package so that neither the core nor the notebook tools import upwards to reach it.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Project errors. Every error names the problem, the offending value, and the fix."""
+
 from __future__ import annotations
 
 
@@ -18,8 +19,16 @@ class PrivacyError(MMPFLError, ValueError):
     """A privacy parameter is invalid, or a release would exceed the configured budget."""
 
 
-def check_range(name: str, value: float, *, low: float | None = None, high: float | None = None,
-                low_inclusive: bool = True, high_inclusive: bool = True, fix: str = "") -> None:
+def check_range(
+    name: str,
+    value: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    fix: str = "",
+) -> None:
     """Raise ConfigError unless ``low <= value <= high`` (bounds optional, inclusivity configurable).
 
     The message names the field, the value, the allowed interval, and (if given) how to fix it.

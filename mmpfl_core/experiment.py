@@ -10,6 +10,7 @@ set; the model's image size, sequences and classes must match the cohort), so a 
 one clear error and leaves nothing behind; each run then trains with the strategy built for it. A
 run that fails before its first checkpoint or metrics row is removed again.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -24,22 +25,41 @@ from .data.cohort_federation import CohortSource, federation_from_cohort
 from .data.federation import Federation, build_federation
 from .data.transforms import map_federation, select_modalities
 from .experiment_checks import build_checked_strategy, check_model_matches_data, data_shape
-from .experiment_config import (CONFIG_DIR, ExperimentConfig, MethodSpec, ModelSpec, load_experiment, with_cohort,
-                                with_privacy_budget)
+from .experiment_config import (
+    CONFIG_DIR,
+    ExperimentConfig,
+    MethodSpec,
+    ModelSpec,
+    load_experiment,
+    with_cohort,
+    with_privacy_budget,
+)
 from .federated.simulation import RunResult, run_federated
 from .federated.strategies import Strategy
 from .io.run_directory import RunDirectory
 from .models.presets import create_model
 
-__all__ = ["CONFIG_DIR", "ExperimentConfig", "MethodSpec", "ModelSpec", "load_experiment", "with_cohort",
-           "with_privacy_budget", "make_federation", "model_factory", "run_method", "comparison_table",
-           "compare_methods"]
+__all__ = [
+    "CONFIG_DIR",
+    "ExperimentConfig",
+    "MethodSpec",
+    "ModelSpec",
+    "load_experiment",
+    "with_cohort",
+    "with_privacy_budget",
+    "make_federation",
+    "model_factory",
+    "run_method",
+    "comparison_table",
+    "compare_methods",
+]
 
 
 def make_federation(config: ExperimentConfig) -> Federation:
     """The federation of ``config``: generated (synthetic) or read from the user's cohort file."""
     if isinstance(config.data, CohortSource):
         from .data.cohort_files import load_cohort, load_federation
+
         if Path(config.data.cohort).is_dir():  # a saved federation (`mmpfl generate`): its sites and splits as written
             return load_federation(config.data.cohort)
         return federation_from_cohort(load_cohort(config.data.cohort), config.data, config.federation)
@@ -64,9 +84,16 @@ def _remove_unused_run(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def run_method(config: ExperimentConfig, method: MethodSpec, federation: Federation | None = None, *,
-               results_dir: Path | None = None, progress: bool = True, resume: bool = True,
-               strategy: Strategy | None = None) -> RunResult:
+def run_method(
+    config: ExperimentConfig,
+    method: MethodSpec,
+    federation: Federation | None = None,
+    *,
+    results_dir: Path | None = None,
+    progress: bool = True,
+    resume: bool = True,
+    strategy: Strategy | None = None,
+) -> RunResult:
     """Train one method. With ``results_dir``, the run lives in ``<results_dir>/<label>/`` and resumes.
 
     ``strategy``: the method's strategy when the caller already built and checked it
@@ -80,16 +107,23 @@ def run_method(config: ExperimentConfig, method: MethodSpec, federation: Federat
     if strategy is None:
         strategy = build_checked_strategy(method, federation)
     if results_dir is None:
-        return run_federated(federation, model_factory=factory, strategy=strategy, config=config.federated,
-                             progress=progress)
+        return run_federated(
+            federation, model_factory=factory, strategy=strategy, config=config.federated, progress=progress
+        )
     run_config = {**config.to_dict(), "method": to_plain(method)}
     run_config.pop("methods")
     path = Path(results_dir) / method.label
     created, root_created = not path.exists(), not Path(results_dir).exists()
     try:
         run_dir = RunDirectory.create(results_dir, method.label, run_config, exist_ok_resume=resume)
-        return run_federated(federation, model_factory=factory, strategy=strategy, config=config.federated,
-                             run_dir=run_dir, progress=progress)
+        return run_federated(
+            federation,
+            model_factory=factory,
+            strategy=strategy,
+            config=config.federated,
+            run_dir=run_dir,
+            progress=progress,
+        )
     except BaseException:
         if created:
             _remove_unused_run(path)
@@ -116,18 +150,20 @@ def comparison_table(runs: Mapping[str, RunResult]) -> pd.DataFrame:
             global_text = f"{s['final']['global_test_accuracy']:.3f} (mean of site models)"
         else:
             global_text = "n/a"
-        rows.append({
-            "method": label,
-            "global acc [95% CI]": global_text,
-            "personal acc [95% CI]": _ci_text(personal.get("accuracy")),
-            # Every method has deployed (personal) predictions; a global model only some have.
-            "balanced acc (personal)": personal["balanced_accuracy"]["point"],
-            "macro-F1 (personal)": personal["macro_f1"]["point"],
-            "AUROC (personal)": personal["auroc"]["point"],
-            "rounds to target": s.get("rounds_to_target"),
-            "MB total": s["megabytes_up"] + s["megabytes_down"],
-            "MB to target": s.get("megabytes_to_target"),
-        })
+        rows.append(
+            {
+                "method": label,
+                "global acc [95% CI]": global_text,
+                "personal acc [95% CI]": _ci_text(personal.get("accuracy")),
+                # Every method has deployed (personal) predictions; a global model only some have.
+                "balanced acc (personal)": personal["balanced_accuracy"]["point"],
+                "macro-F1 (personal)": personal["macro_f1"]["point"],
+                "AUROC (personal)": personal["auroc"]["point"],
+                "rounds to target": s.get("rounds_to_target"),
+                "MB total": s["megabytes_up"] + s["megabytes_down"],
+                "MB to target": s.get("megabytes_to_target"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -143,14 +179,18 @@ def split_comparison_table(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFr
     return table.drop(columns=private), table[["method", *private]]
 
 
-def compare_methods(config: ExperimentConfig, *, results_dir: Path | None = None, progress: bool = True
-                    ) -> tuple[pd.DataFrame, dict[str, RunResult], Federation]:
+def compare_methods(
+    config: ExperimentConfig, *, results_dir: Path | None = None, progress: bool = True
+) -> tuple[pd.DataFrame, dict[str, RunResult], Federation]:
     """Train every method of ``config`` on one shared federation; return the table and the runs."""
     federation = make_federation(config)
     check_model_matches_data(config, federation)
     # every method built and checked before the first one trains; each run then uses its strategy
     strategies = {m.label: build_checked_strategy(m, federation) for m in config.methods}
-    runs = {m.label: run_method(config, m, federation, results_dir=results_dir, progress=progress,
-                                strategy=strategies[m.label])
-            for m in config.methods}
+    runs = {
+        m.label: run_method(
+            config, m, federation, results_dir=results_dir, progress=progress, strategy=strategies[m.label]
+        )
+        for m in config.methods
+    }
     return comparison_table(runs), runs, federation

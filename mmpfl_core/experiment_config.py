@@ -9,6 +9,7 @@ imports neither, so the three form no import circle).
 file a user converted from their own NIfTI/DICOM/PNG files (:class:`CohortSource`, YAML
 ``data: {cohort: PATH}``, CLI ``--data PATH``), split into sites by its site column.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,10 +102,15 @@ class ExperimentConfig:
         changes: dict[str, Any] = {}
         for section, values in sections.items():
             if not hasattr(self, section):
-                raise ConfigError(f"unknown section {section!r}; sections: {[f.name for f in dataclasses.fields(self)]}.")
+                raise ConfigError(
+                    f"unknown section {section!r}; sections: {[f.name for f in dataclasses.fields(self)]}."
+                )
             current = getattr(self, section)
-            changes[section] = (_replace_fields(current, values, section)
-                                if dataclasses.is_dataclass(current) and isinstance(values, Mapping) else values)
+            changes[section] = (
+                _replace_fields(current, values, section)
+                if dataclasses.is_dataclass(current) and isinstance(values, Mapping)
+                else values
+            )
         return dataclasses.replace(self, **changes)
 
 
@@ -171,14 +177,17 @@ def load_experiment(path_or_name: str | Path) -> ExperimentConfig:
     return ExperimentConfig.from_dict(yaml.safe_load(path.read_text()) or {})
 
 
-def with_privacy_budget(config: ExperimentConfig, target_epsilon: float | None = None, *,
-                        delta: float | None = None) -> ExperimentConfig:
+def with_privacy_budget(
+    config: ExperimentConfig, target_epsilon: float | None = None, *, delta: float | None = None
+) -> ExperimentConfig:
     """The same experiment with every method that has a ``target_epsilon`` given this budget.
 
     ``target_epsilon`` and ``delta`` (each when not None) replace the arguments of the differentially
     private methods (those configured with a ``target_epsilon``); the others are left as they are.
     """
     budget = {k: v for k, v in (("target_epsilon", target_epsilon), ("delta", delta)) if v is not None}
-    methods = tuple(dataclasses.replace(m, kwargs={**m.kwargs, **budget}) if "target_epsilon" in m.kwargs else m
-                    for m in config.methods)
+    methods = tuple(
+        dataclasses.replace(m, kwargs={**m.kwargs, **budget}) if "target_epsilon" in m.kwargs else m
+        for m in config.methods
+    )
     return dataclasses.replace(config, methods=methods)

@@ -1,4 +1,5 @@
 """Where data and results live. ``MMPFL_DATA_DIR`` and ``MMPFL_RESULTS_DIR`` are read here and nowhere else."""
+
 from __future__ import annotations
 
 import os

@@ -24,6 +24,7 @@ later release is post-processing of them plus the site-private training that the
 What this module must never do: read a federation's site splits, or be handed private data as the
 "public" cohort (it cannot tell; the caller's config names the source).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -40,8 +41,15 @@ from .errors import ConfigError, check_range
 from .centralized import TrainedModel, TrainingRecipe, train_centralized
 from .seeding import numpy_generator
 
-__all__ = ["PRIVATE_PARTS", "PublicPretrainingConfig", "public_cohort", "pretrain_public_model",
-           "restrict_trainable", "pretrained_model_factory", "private_dimension"]
+__all__ = [
+    "PRIVATE_PARTS",
+    "PublicPretrainingConfig",
+    "public_cohort",
+    "pretrain_public_model",
+    "restrict_trainable",
+    "pretrained_model_factory",
+    "private_dimension",
+]
 
 #: Named private parts: the parameter groups (``model.parameter_groups()``) a site trains privately.
 #: ``all`` trains every group (no pretraining benefit in d, the from-scratch baseline).
@@ -71,16 +79,21 @@ class PublicPretrainingConfig:
     difficulty: float = 0.5  # the population's difficulty: the same disease, other subjects
 
     def __post_init__(self) -> None:
-        check_range("PublicPretrainingConfig.num_subjects", self.num_subjects, low=30,
-                    fix="A public cohort needs at least a few dozen subjects (2,000 is the kit's default).")
+        check_range(
+            "PublicPretrainingConfig.num_subjects",
+            self.num_subjects,
+            low=30,
+            fix="A public cohort needs at least a few dozen subjects (2,000 is the kit's default).",
+        )
         if self.private_part not in PRIVATE_PARTS:
             raise ConfigError(f"private_part={self.private_part!r} is unknown; use one of {list(PRIVATE_PARTS)}.")
         if isinstance(self.recipe, dict):
             object.__setattr__(self, "recipe", TrainingRecipe(**self.recipe))
 
 
-def public_cohort(num_subjects: int, *, image_size: int, seed: int, difficulty: float = 0.5,
-                  forbidden_seeds: Sequence[int] = ()) -> Cohort:
+def public_cohort(
+    num_subjects: int, *, image_size: int, seed: int, difficulty: float = 0.5, forbidden_seeds: Sequence[int] = ()
+) -> Cohort:
     """A public cohort: ``num_subjects`` fresh synthetic subjects (own ``seed``) on the reference scanner.
 
     Args:
@@ -88,20 +101,26 @@ def public_cohort(num_subjects: int, *, image_size: int, seed: int, difficulty: 
             seed would re-draw the sites' own patients, so it is refused.
     """
     if int(seed) in {int(s) for s in forbidden_seeds}:
-        raise ConfigError(f"public seed {seed} equals a private cohort's seed: the 'public' subjects would be the "
-                          "sites' own patients. Give the public cohort a seed of its own.")
-    subjects = generate_subjects(SyntheticCohortConfig(num_subjects=num_subjects, image_size=image_size,
-                                                       difficulty=difficulty, seed=int(seed)))
+        raise ConfigError(
+            f"public seed {seed} equals a private cohort's seed: the 'public' subjects would be the "
+            "sites' own patients. Give the public cohort a seed of its own."
+        )
+    subjects = generate_subjects(
+        SyntheticCohortConfig(num_subjects=num_subjects, image_size=image_size, difficulty=difficulty, seed=int(seed))
+    )
     assert isinstance(subjects, Cohort)  # without return_tissue_maps it is the cohort alone
     return acquire_cohort(subjects, reference_profile(), numpy_generator(int(seed), _PUBLIC_SCAN_STREAM), site=-1)
 
 
-def pretrain_public_model(model: nn.Module, cohort: Cohort, recipe: TrainingRecipe, *, seed: int = 0,
-                          device: str | torch.device = "cpu") -> TrainedModel:
+def pretrain_public_model(
+    model: nn.Module, cohort: Cohort, recipe: TrainingRecipe, *, seed: int = 0, device: str | torch.device = "cpu"
+) -> TrainedModel:
     """Train ``model`` (all parameters) in place on the public ``cohort`` with the centralized recipe."""
     if cohort.sites is not None and len(cohort) and int(cohort.sites.max()) >= 0:
-        raise ConfigError("pretrain_public_model got a cohort with site ids >= 0 (a site's private data?); the "
-                          "public cohort carries site -1 (public_cohort or Federation.public).")
+        raise ConfigError(
+            "pretrain_public_model got a cohort with site ids >= 0 (a site's private data?); the "
+            "public cohort carries site -1 (public_cohort or Federation.public)."
+        )
     return train_centralized(model, cohort, recipe, seed=seed, device=device)
 
 
@@ -111,11 +130,14 @@ def restrict_trainable(model: nn.Module, private_part: str | Sequence[str] | Non
     ``private_part`` is a name of :data:`PRIVATE_PARTS`, a sequence of group names of
     ``model.parameter_groups()``, or None (every parameter stays trainable).
     """
-    groups = PRIVATE_PARTS[private_part] if isinstance(private_part, str) and private_part in PRIVATE_PARTS \
-        else private_part
+    groups = (
+        PRIVATE_PARTS[private_part] if isinstance(private_part, str) and private_part in PRIVATE_PARTS else private_part
+    )
     if isinstance(groups, str):
-        raise ConfigError(f"private part {private_part!r} is unknown; use one of {list(PRIVATE_PARTS)} or a list of "
-                          "parameter-group names.")
+        raise ConfigError(
+            f"private part {private_part!r} is unknown; use one of {list(PRIVATE_PARTS)} or a list of "
+            "parameter-group names."
+        )
     if groups is None:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -138,8 +160,11 @@ def private_dimension(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
-def pretrained_model_factory(base_factory: Callable[[], nn.Module], public_state: dict[str, torch.Tensor],
-                             private_part: str | Sequence[str] | None) -> Callable[[], nn.Module]:
+def pretrained_model_factory(
+    base_factory: Callable[[], nn.Module],
+    public_state: dict[str, torch.Tensor],
+    private_part: str | Sequence[str] | None,
+) -> Callable[[], nn.Module]:
     """A factory of models that hold the public weights and train only ``private_part``."""
     frozen = {n: t.detach().clone() for n, t in public_state.items()}
 
@@ -147,8 +172,10 @@ def pretrained_model_factory(base_factory: Callable[[], nn.Module], public_state
         model = base_factory()
         missing, unexpected = model.load_state_dict(frozen, strict=False)
         if unexpected or missing:
-            raise ConfigError(f"public weights do not fit the model (missing {missing[:3]}, unexpected "
-                              f"{unexpected[:3]}); pretrain the same preset the federation uses.")
+            raise ConfigError(
+                f"public weights do not fit the model (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}); pretrain the same preset the federation uses."
+            )
         restrict_trainable(model, private_part)
         return model
 

@@ -8,6 +8,7 @@ and figures (``cohort_summary.csv``, ``site_accuracy.png``) and everything compu
 and on who took part. Each run keeps its own scoped run directory (``<out>/<label>/``).
 It must never write a site's test patients, per-site metrics, masks or byte counts outside ``private/``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,10 +24,12 @@ from .tables import markdown_table
 
 
 #: Said under the released table: what was left out of it, and where it is.
-_PRIVATE_NOTE = ("Per-site figures (`private/site_accuracy.png`, `private/cohort_summary.csv`) and communication "
-                 "(`private/communication.csv`, `private/communication_vs_accuracy.png`: byte counts depend on the sites' "
-                 "private masks and on who took part) are under `private/`, for the operator only; each method's run "
-                 "directory scopes its own files the same way (`MANIFEST.json`).")
+_PRIVATE_NOTE = (
+    "Per-site figures (`private/site_accuracy.png`, `private/cohort_summary.csv`) and communication "
+    "(`private/communication.csv`, `private/communication_vs_accuracy.png`: byte counts depend on the sites' "
+    "private masks and on who took part) are under `private/`, for the operator only; each method's run "
+    "directory scopes its own files the same way (`MANIFEST.json`)."
+)
 
 
 def _cohort_totals(federation) -> str:
@@ -34,8 +37,10 @@ def _cohort_totals(federation) -> str:
     sites = federation.sites
     split = {name: sum(len(getattr(s, name)) for s in sites) for name in ("train", "val", "test")}
     public = 0 if federation.public is None else len(federation.public)
-    return (f"{len(sites)} sites hold {split['train']} training, {split['val']} validation and {split['test']} test "
-            f"subjects in all; the server's public set has {public}. The per-site table is in `private/cohort_summary.csv`.")
+    return (
+        f"{len(sites)} sites hold {split['train']} training, {split['val']} validation and {split['test']} test "
+        f"subjects in all; the server's public set has {public}. The per-site table is in `private/cohort_summary.csv`."
+    )
 
 
 @dataclass
@@ -52,8 +57,7 @@ def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bo
     from .data.summary import cohort_summary_table
     from .reproduction.report import not_private_lines
     from .plots.cohort import plot_cohort_preview
-    from .plots.training import (plot_accuracy_vs_round, plot_communication_vs_accuracy, plot_site_accuracy,
-                                 save_axes)
+    from .plots.training import plot_accuracy_vs_round, plot_communication_vs_accuracy, plot_site_accuracy, save_axes
 
     from .experiment_checks import describe_data
 
@@ -96,8 +100,11 @@ def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bo
         "",
         "## Figures",
         *[f"![{name}]({name})" for name in shown],
-        *([] if "cohort_preview.png" in shown else
-          ["No public server set: no cohort preview is drawn (the sites' scans are private)."]),
+        *(
+            []
+            if "cohort_preview.png" in shown
+            else ["No public server set: no cohort preview is drawn (the sites' scans are private)."]
+        ),
         "",
         "## Cohort",
         _cohort_totals(federation),

@@ -1,4 +1,5 @@
 """Explicit random generators derived from one seed. Nothing here touches global RNG state."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -21,6 +21,7 @@ the claim does not mean the claim is loose. The numbers k+ and k- must be fixed 
 scores (choosing them afterwards is multiple testing). Nothing here touches private data: it only
 reads scores and the auditor's own inclusion bits.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,10 +36,16 @@ __all__ = ["AuditResult", "epsilon_lower_bound", "guess_from_scores", "one_run_a
 
 
 def _check_counts(m: int, r: int, v: int) -> None:
-    if not (isinstance(m, (int, np.integer)) and isinstance(r, (int, np.integer))
-            and isinstance(v, (int, np.integer)) and 0 <= v <= r <= m):
-        raise ConfigError(f"audit counts must be integers with 0 <= v <= r <= m; got m={m!r} canaries, "
-                          f"r={r!r} guesses, v={v!r} correct.")
+    if not (
+        isinstance(m, (int, np.integer))
+        and isinstance(r, (int, np.integer))
+        and isinstance(v, (int, np.integer))
+        and 0 <= v <= r <= m
+    ):
+        raise ConfigError(
+            f"audit counts must be integers with 0 <= v <= r <= m; got m={m!r} canaries, "
+            f"r={r!r} guesses, v={v!r} correct."
+        )
 
 
 def _check_delta_confidence(delta: float, confidence: float) -> None:
@@ -76,8 +83,9 @@ def p_value_dp_audit(*, m: int, r: int, v: int, epsilon: float, delta: float) ->
     return min(1.0, beta + 2.0 * m * delta * alpha)
 
 
-def epsilon_lower_bound(*, m: int, r: int, v: int, delta: float, confidence: float = 0.95,
-                        tolerance: float = 1e-6) -> float:
+def epsilon_lower_bound(
+    *, m: int, r: int, v: int, delta: float, confidence: float = 0.95, tolerance: float = 1e-6
+) -> float:
     """The largest epsilon rejected at ``confidence``: sup{eps : p_value(eps) < 1 - confidence}.
 
     Algorithm: the p-value grows with eps (q grows), so bracket the crossing by doubling an upper
@@ -113,13 +121,14 @@ def guess_from_scores(scores: np.ndarray, *, num_in: int, num_out: int) -> np.nd
     if s.ndim != 1 or not np.isfinite(s).all():
         raise ConfigError(f"audit scores must be a finite 1-D array; got shape {s.shape}.")
     if num_in < 0 or num_out < 0 or num_in + num_out > s.size:
-        raise ConfigError(f"num_in={num_in} + num_out={num_out} guesses must be >= 0 and at most the "
-                          f"{s.size} canaries.")
+        raise ConfigError(
+            f"num_in={num_in} + num_out={num_out} guesses must be >= 0 and at most the {s.size} canaries."
+        )
     order = np.argsort(-s, kind="stable")  # highest first
     guesses = np.zeros(s.size, dtype=np.int8)
     guesses[order[:num_in]] = 1
     if num_out:
-        guesses[order[s.size - num_out:]] = -1
+        guesses[order[s.size - num_out :]] = -1
     return guesses
 
 
@@ -147,9 +156,17 @@ class AuditResult:
         return self.claimed_epsilon is not None and self.epsilon_lower_bound > self.claimed_epsilon
 
 
-def one_run_audit(scores: np.ndarray, included: np.ndarray, *, num_in: int, num_out: int, delta: float,
-                  confidence: float = 0.95, claimed_epsilon: float | None = None,
-                  variant: str = "correct") -> AuditResult:
+def one_run_audit(
+    scores: np.ndarray,
+    included: np.ndarray,
+    *,
+    num_in: int,
+    num_out: int,
+    delta: float,
+    confidence: float = 0.95,
+    claimed_epsilon: float | None = None,
+    variant: str = "correct",
+) -> AuditResult:
     """Guess from ``scores`` (higher = more likely included), count correct guesses, bound epsilon.
 
     Args:
@@ -166,6 +183,13 @@ def one_run_audit(scores: np.ndarray, included: np.ndarray, *, num_in: int, num_
     r = int(np.count_nonzero(guesses))
     v = int(np.count_nonzero(guesses == truth))
     bound = epsilon_lower_bound(m=int(inc.size), r=r, v=v, delta=delta, confidence=confidence)
-    return AuditResult(num_canaries=int(inc.size), num_guesses=r, num_correct=v, delta=float(delta),
-                       confidence=float(confidence), epsilon_lower_bound=bound,
-                       claimed_epsilon=claimed_epsilon, variant=variant)
+    return AuditResult(
+        num_canaries=int(inc.size),
+        num_guesses=r,
+        num_correct=v,
+        delta=float(delta),
+        confidence=float(confidence),
+        epsilon_lower_bound=bound,
+        claimed_epsilon=claimed_epsilon,
+        variant=variant,
+    )

@@ -24,6 +24,7 @@ calibrated for the average, i.e. divided by qN, but added to the sum: a classic 
 limited (it saturates near ln(k/3) and misses halved noise): it is a teaching tool; the audit CI
 relies on is the multi-run distinguishing test (:mod:`.neighbours`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -67,10 +68,16 @@ class CanaryAuditConfig:
     noise: str = "reproducible-insecure"  # the audit's own runs are deterministic (NOT private; never for training)
 
     def __post_init__(self) -> None:
-        if self.num_canaries < 2 or self.num_guesses_in < 0 or self.num_guesses_out < 0 \
-                or self.num_guesses_in + self.num_guesses_out > self.num_canaries:
-            raise ConfigError(f"audit needs num_canaries >= 2 and 0 <= k+ + k- <= m; got m={self.num_canaries}, "
-                              f"k+={self.num_guesses_in}, k-={self.num_guesses_out}.")
+        if (
+            self.num_canaries < 2
+            or self.num_guesses_in < 0
+            or self.num_guesses_out < 0
+            or self.num_guesses_in + self.num_guesses_out > self.num_canaries
+        ):
+            raise ConfigError(
+                f"audit needs num_canaries >= 2 and 0 <= k+ + k- <= m; got m={self.num_canaries}, "
+                f"k+={self.num_guesses_in}, k-={self.num_guesses_out}."
+            )
         if not self.canary_norm > 0 or not self.clip_norm > 0:
             raise ConfigError(f"canary_norm={self.canary_norm} and clip_norm={self.clip_norm} must be > 0.")
 
@@ -78,23 +85,37 @@ class CanaryAuditConfig:
 #: The bugs the one-run audit catches at its default size (each proven with bound > 2x the claim). It does
 #: NOT catch ``noise-x0.5`` (measured bound 1.43-1.62 vs the halved mechanism's true epsilon 4.37): CI
 #: uses the multi-run distinguishing test of :mod:`.neighbours` for that (notebook 07 explains why).
-BROKEN_VARIANTS: dict[str, Callable] = {name: ALL_VARIANTS[name] for name in
-                                        ("no-clipping", "noise-divided-by-10", "noise-on-mean-scale")}
+BROKEN_VARIANTS: dict[str, Callable] = {
+    name: ALL_VARIANTS[name] for name in ("no-clipping", "noise-divided-by-10", "noise-on-mean-scale")
+}
 
 
-def audit_client_level_dp(config: CanaryAuditConfig = CanaryAuditConfig(), *, variant: str = "correct",
-                          strategy_name: str = "dp-fedavg") -> tuple[AuditResult, np.ndarray, np.ndarray]:
+def audit_client_level_dp(
+    config: CanaryAuditConfig = CanaryAuditConfig(), *, variant: str = "correct", strategy_name: str = "dp-fedavg"
+) -> tuple[AuditResult, np.ndarray, np.ndarray]:
     """Run the canary audit (module docstring) on the real strategy; optionally with a broken variant.
 
     Returns:
         (audit result, scores (m,), inclusion bits (m,)).
     """
     m = config.num_canaries
-    strategy = create_strategy(strategy_name, target_epsilon=config.target_epsilon, delta=config.delta,
-                               clip_norm=config.clip_norm, placement=config.placement,
-                               accountant=config.accountant, budget_stop=False, noise=config.noise)
-    fed_config = FederatedConfig(num_rounds=config.num_rounds, client_fraction=config.client_fraction,
-                                 sampling="poisson", seed=config.seed, checkpoint_every=0)
+    strategy = create_strategy(
+        strategy_name,
+        target_epsilon=config.target_epsilon,
+        delta=config.delta,
+        clip_norm=config.clip_norm,
+        placement=config.placement,
+        accountant=config.accountant,
+        budget_stop=False,
+        noise=config.noise,
+    )
+    fed_config = FederatedConfig(
+        num_rounds=config.num_rounds,
+        client_fraction=config.client_fraction,
+        sampling="poisson",
+        seed=config.seed,
+        checkpoint_every=0,
+    )
     model = nn.ParameterDict({_PARAM: nn.Parameter(torch.zeros(m))})  # one coordinate per canary
     client_ids = list(range(m))
     # DP-FedAvg's configure reads sampling, the clients and the model; the federation is unused (no data).
@@ -117,7 +138,14 @@ def audit_client_level_dp(config: CanaryAuditConfig = CanaryAuditConfig(), *, va
             state = strategy.aggregate(state, updates, sent, t)
     scores = (state[_PARAM] - start[_PARAM]).double().numpy()
     claimed = strategy.ledger.epsilon()
-    result = one_run_audit(scores, included, num_in=config.num_guesses_in, num_out=config.num_guesses_out,
-                           delta=config.delta, confidence=config.confidence, claimed_epsilon=claimed,
-                           variant=variant)
+    result = one_run_audit(
+        scores,
+        included,
+        num_in=config.num_guesses_in,
+        num_out=config.num_guesses_out,
+        delta=config.delta,
+        confidence=config.confidence,
+        claimed_epsilon=claimed,
+        variant=variant,
+    )
     return result, scores, included

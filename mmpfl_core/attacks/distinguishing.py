@@ -27,6 +27,7 @@ curve only where events are frequent, so small deltas (1e-5) need many more runs
 (1e-2): the numbers are in notebook 07. Nothing here touches private data: it reads the auditor's
 statistics only.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,16 +49,16 @@ def clopper_pearson(successes: np.ndarray | int, trials: int, alpha: float) -> t
     """
     k = np.asarray(successes, dtype=np.float64)
     if trials < 1 or np.any(k < 0) or np.any(k > trials) or not 0 < alpha < 1:
-        raise ConfigError(f"Clopper-Pearson needs 0 <= successes <= trials={trials} (>= 1) and alpha in (0, 1); "
-                          f"got alpha={alpha}.")
+        raise ConfigError(
+            f"Clopper-Pearson needs 0 <= successes <= trials={trials} (>= 1) and alpha in (0, 1); got alpha={alpha}."
+        )
     with np.errstate(invalid="ignore"):
         lower = np.where(k > 0, stats.beta.ppf(alpha, k, trials - k + 1), 0.0)
         upper = np.where(k < trials, stats.beta.ppf(1 - alpha, k + 1, trials - k), 1.0)
     return lower, upper
 
 
-def _bounds(count_a: np.ndarray, count_b: np.ndarray, n_a: int, n_b: int, delta: float,
-            alpha: float) -> np.ndarray:
+def _bounds(count_a: np.ndarray, count_b: np.ndarray, n_a: int, n_b: int, delta: float, alpha: float) -> np.ndarray:
     """ln((p_a^low - delta) / p_b^high) elementwise; -inf where p_a^low <= delta."""
     low_a, _ = clopper_pearson(count_a, n_a, alpha)
     _, high_b = clopper_pearson(count_b, n_b, alpha)
@@ -106,7 +107,10 @@ def _select(t0: np.ndarray, t1: np.ndarray, delta: float, alpha: float, num_thre
     above1 = t1.size - np.searchsorted(s1, mids, side="right")
     best = (-np.inf, 0.0, "T > t", "D1 vs D0")
     for event, c0, c1 in (("T > t", above0, above1), ("T <= t", t0.size - above0, t1.size - above1)):
-        for direction, ca, cb, na, nb in (("D1 vs D0", c1, c0, t1.size, t0.size), ("D0 vs D1", c0, c1, t0.size, t1.size)):
+        for direction, ca, cb, na, nb in (
+            ("D1 vs D0", c1, c0, t1.size, t0.size),
+            ("D0 vs D1", c0, c1, t0.size, t1.size),
+        ):
             bound = _bounds(ca, cb, na, nb, delta, alpha)
             i = int(np.argmax(bound))
             if bound[i] > best[0]:
@@ -114,10 +118,19 @@ def _select(t0: np.ndarray, t1: np.ndarray, delta: float, alpha: float, num_thre
     return best
 
 
-def distinguishing_lower_bound(stat_d0: np.ndarray, stat_d1: np.ndarray, *, delta: float,
-                               rng: np.random.Generator, confidence: float = 0.95, selection_fraction: float = 0.3, num_thresholds: int = 40,
-                               claimed_epsilon: float | None = None, variant: str = "correct",
-                               label: str = "") -> DistinguishingResult:
+def distinguishing_lower_bound(
+    stat_d0: np.ndarray,
+    stat_d1: np.ndarray,
+    *,
+    delta: float,
+    rng: np.random.Generator,
+    confidence: float = 0.95,
+    selection_fraction: float = 0.3,
+    num_thresholds: int = 40,
+    claimed_epsilon: float | None = None,
+    variant: str = "correct",
+    label: str = "",
+) -> DistinguishingResult:
     """The best threshold test on a 1-D statistic and its held-out epsilon lower bound (module docstring).
 
     Args:
@@ -142,8 +155,18 @@ def distinguishing_lower_bound(stat_d0: np.ndarray, stat_d1: np.ndarray, *, delt
     c0, c1 = int(in0.sum()), int(in1.sum())
     ca, cb, na, nb = (c1, c0, ev1.size, ev0.size) if direction == "D1 vs D0" else (c0, c1, ev0.size, ev1.size)
     bound = float(_bounds(np.array(ca), np.array(cb), na, nb, delta, alpha))
-    return DistinguishingResult(epsilon_lower_bound=max(0.0, bound) if math.isfinite(bound) else 0.0,
-                                threshold=threshold, event=event, direction=direction,
-                                rate_d0=c0 / ev0.size, rate_d1=c1 / ev1.size, num_eval_d0=int(ev0.size),
-                                num_eval_d1=int(ev1.size), delta=float(delta), confidence=float(confidence),
-                                claimed_epsilon=claimed_epsilon, variant=variant, label=label)
+    return DistinguishingResult(
+        epsilon_lower_bound=max(0.0, bound) if math.isfinite(bound) else 0.0,
+        threshold=threshold,
+        event=event,
+        direction=direction,
+        rate_d0=c0 / ev0.size,
+        rate_d1=c1 / ev1.size,
+        num_eval_d0=int(ev0.size),
+        num_eval_d1=int(ev1.size),
+        delta=float(delta),
+        confidence=float(confidence),
+        claimed_epsilon=claimed_epsilon,
+        variant=variant,
+        label=label,
+    )

@@ -33,6 +33,7 @@ Defences compared (:func:`compare_defences`), all through the kit's release code
 It must never be used to claim a privacy guarantee: a failed reconstruction is not a proof of
 privacy (a stronger attack may succeed); only the accountant's epsilon is a guarantee.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,16 @@ from ..privacy.clipping import clip_flat
 from ..privacy.mechanisms import NoisePlacement, NoiseSource, gaussian_noise_like, release_accounting
 from ..seeding import numpy_generator, torch_generator
 
-__all__ = ["DefenceResult", "Inversion", "InversionConfig", "compare_defences", "invert_update",
-           "psnr", "ssim", "transmitted_update"]
+__all__ = [
+    "DefenceResult",
+    "Inversion",
+    "InversionConfig",
+    "compare_defences",
+    "invert_update",
+    "psnr",
+    "ssim",
+    "transmitted_update",
+]
 
 Update = Mapping[str, torch.Tensor]
 
@@ -73,17 +82,38 @@ class InversionConfig:
         for name in ("steps", "restarts", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"InversionConfig.{name}={value!r} must be an int; "
-                                  "e.g. steps=100, restarts=1, seed=0.")
+                raise ConfigError(
+                    f"InversionConfig.{name}={value!r} must be an int; e.g. steps=100, restarts=1, seed=0."
+                )
         check_range("InversionConfig.steps", self.steps, low=1, fix="Use a few hundred Adam steps, e.g. 300.")
         check_range("InversionConfig.restarts", self.restarts, low=1, fix="Use 1 (fast) or a few restarts.")
         check_range("InversionConfig.seed", self.seed, low=0, fix="Use a non-negative integer seed.")
-        check_range("InversionConfig.lr", self.lr, low=0.0, low_inclusive=False, high=math.inf,
-                    high_inclusive=False, fix="Use a positive finite step size such as 0.05.")
-        check_range("InversionConfig.tv_weight", self.tv_weight, low=0.0, high=math.inf, high_inclusive=False,
-                    fix="Use a finite weight >= 0 (0 disables the prior), e.g. 0.03.")
-        check_range("InversionConfig.local_lr", self.local_lr, low=0.0, low_inclusive=False, high=math.inf,
-                    high_inclusive=False, fix="Use the site's positive SGD step size, e.g. 0.01.")
+        check_range(
+            "InversionConfig.lr",
+            self.lr,
+            low=0.0,
+            low_inclusive=False,
+            high=math.inf,
+            high_inclusive=False,
+            fix="Use a positive finite step size such as 0.05.",
+        )
+        check_range(
+            "InversionConfig.tv_weight",
+            self.tv_weight,
+            low=0.0,
+            high=math.inf,
+            high_inclusive=False,
+            fix="Use a finite weight >= 0 (0 disables the prior), e.g. 0.03.",
+        )
+        check_range(
+            "InversionConfig.local_lr",
+            self.local_lr,
+            low=0.0,
+            low_inclusive=False,
+            high=math.inf,
+            high_inclusive=False,
+            fix="Use the site's positive SGD step size, e.g. 0.01.",
+        )
 
 
 @dataclass(frozen=True)
@@ -120,8 +150,13 @@ def _per_image(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> t
     return x.detach().cpu().double()[keep], y.detach().cpu().double()[keep]  # (P, H, W) each
 
 
-def psnr(reconstruction: torch.Tensor, target: torch.Tensor, modality_mask: torch.Tensor | None = None,
-         *, data_range: float = 1.0) -> float:
+def psnr(
+    reconstruction: torch.Tensor,
+    target: torch.Tensor,
+    modality_mask: torch.Tensor | None = None,
+    *,
+    data_range: float = 1.0,
+) -> float:
     """Peak signal-to-noise ratio in dB, 10 log10(range^2 / MSE), per present image, then averaged.
 
     Images are (B, M, H, W); ``data_range`` is 1 for the sample contract's [0, 1] intensities.
@@ -129,11 +164,18 @@ def psnr(reconstruction: torch.Tensor, target: torch.Tensor, modality_mask: torc
     """
     x, y = _per_image(reconstruction, target, modality_mask)
     mse = ((x - y) ** 2).flatten(1).mean(1)  # (P,)
-    return float((10.0 * torch.log10(data_range ** 2 / mse)).mean())
+    return float((10.0 * torch.log10(data_range**2 / mse)).mean())
 
 
-def ssim(reconstruction: torch.Tensor, target: torch.Tensor, modality_mask: torch.Tensor | None = None,
-         *, data_range: float = 1.0, window: int = 11, sigma: float = 1.5) -> float:
+def ssim(
+    reconstruction: torch.Tensor,
+    target: torch.Tensor,
+    modality_mask: torch.Tensor | None = None,
+    *,
+    data_range: float = 1.0,
+    window: int = 11,
+    sigma: float = 1.5,
+) -> float:
     """Structural similarity (Wang et al. 2004) per present image, then averaged.
 
     Written here (no scikit-image or torchmetrics in the kit's environment): an 11 x 11 Gaussian
@@ -145,7 +187,7 @@ def ssim(reconstruction: torch.Tensor, target: torch.Tensor, modality_mask: torc
     x, y = _per_image(reconstruction, target, modality_mask)
     size = min(window, x.shape[-1], x.shape[-2])
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
     kernel = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]  # (1, 1, k, k), sums to 1
 
     def blur(t: torch.Tensor) -> torch.Tensor:
@@ -153,8 +195,8 @@ def ssim(reconstruction: torch.Tensor, target: torch.Tensor, modality_mask: torc
 
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    smap = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    smap = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     return float(smap.flatten(1).mean(1).mean())
 
 
@@ -173,17 +215,22 @@ def _unfused_attention(model: nn.Module) -> Iterator[None]:
             m.fused_attn = value
 
 
-def _gradients(model: nn.Module, names: Sequence[str], batch: Mapping[str, torch.Tensor], *,
-               create_graph: bool) -> list[torch.Tensor]:
+def _gradients(
+    model: nn.Module, names: Sequence[str], batch: Mapping[str, torch.Tensor], *, create_graph: bool
+) -> list[torch.Tensor]:
     params = dict(model.named_parameters())
     device = next(model.parameters()).device
     loss = F.cross_entropy(forward_batch(model, dict(batch), device), batch["label"].to(device))
-    return list(torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph,
-                                    allow_unused=True, materialize_grads=True))
+    return list(
+        torch.autograd.grad(
+            loss, [params[n] for n in names], create_graph=create_graph, allow_unused=True, materialize_grads=True
+        )
+    )
 
 
-def transmitted_update(model: nn.Module, batch: Mapping[str, torch.Tensor], *,
-                       local_lr: float) -> dict[str, torch.Tensor]:
+def transmitted_update(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], *, local_lr: float
+) -> dict[str, torch.Tensor]:
     """The update a site sends after one plain-SGD step on ``batch``: delta = -local_lr * grad.
 
     Same forward (:func:`~mmpfl_core.federated.client.forward_batch`) and loss as
@@ -200,9 +247,16 @@ def _total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., :, 1:] - x[..., :, :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
 
 
-def invert_update(model: nn.Module, update: Update, *, modality_mask: torch.Tensor, labels: torch.Tensor,
-                  config: InversionConfig, image_shape: Sequence[int] | None = None,
-                  num_clinical: int | None = None) -> Inversion:
+def invert_update(
+    model: nn.Module,
+    update: Update,
+    *,
+    modality_mask: torch.Tensor,
+    labels: torch.Tensor,
+    config: InversionConfig,
+    image_shape: Sequence[int] | None = None,
+    num_clinical: int | None = None,
+) -> Inversion:
     """Reconstruct the batch behind ``update`` (Inverting Gradients, Geiping et al. 2020).
 
     Algorithm, per restart r = 0 .. restarts - 1:
@@ -246,8 +300,10 @@ def invert_update(model: nn.Module, update: Update, *, modality_mask: torch.Tens
     mask = modality_mask.to(torch.bool).cpu()
     cfg: Any = getattr(model, "config", None)
     if cfg is None and (image_shape is None or num_clinical is None):
-        raise ConfigError(f"{type(model).__name__} has no .config to read the input shapes from; "
-                          "pass image_shape=(M, H, W) and num_clinical=K.")
+        raise ConfigError(
+            f"{type(model).__name__} has no .config to read the input shapes from; "
+            "pass image_shape=(M, H, W) and num_clinical=K."
+        )
     if image_shape is None:
         image_shape = (mask.shape[1], cfg.image_size, cfg.image_size)
     k = num_clinical if num_clinical is not None else cfg.num_clinical
@@ -264,16 +320,21 @@ def invert_update(model: nn.Module, update: Update, *, modality_mask: torch.Tens
             for _ in range(config.steps):
                 batch = {"images": x * present, "modality_mask": mask, "clinical": c, "label": labels}
                 grads = _gradients(model, names, batch, create_graph=True)
-                cos = torch.stack([F.cosine_similarity(gr.flatten().double(), t, dim=0, eps=1e-30)
-                                   for gr, t in zip(grads, targets, strict=True)])  # (P,) one per tensor
+                cos = torch.stack(
+                    [
+                        F.cosine_similarity(gr.flatten().double(), t, dim=0, eps=1e-30)
+                        for gr, t in zip(grads, targets, strict=True)
+                    ]
+                )  # (P,) one per tensor
                 loss = 1.0 - cos.mean()
                 loss = loss + config.tv_weight * _total_variation(x * present)
                 x.grad, c.grad = torch.autograd.grad(loss, [x, c])
                 opt.step()
                 with torch.no_grad():
                     x.clamp_(0.0, 1.0).mul_(present)
-            result = Inversion(images=x.detach() * present, clinical=c.detach(), initial=initial,
-                               loss=float(loss.detach()))
+            result = Inversion(
+                images=x.detach() * present, clinical=c.detach(), initial=initial, loss=float(loss.detach())
+            )
             if best is None or result.loss < best.loss:
                 best = result
     assert best is not None  # restarts >= 1
@@ -281,9 +342,16 @@ def invert_update(model: nn.Module, update: Update, *, modality_mask: torch.Tens
 
 
 # ------------------------------------------------------------------------------ the comparison
-def compare_defences(model: nn.Module, batch: Mapping[str, torch.Tensor], *, clip_norm: float,
-                     epsilons: Sequence[float], config: InversionConfig, delta: float = 1e-5,
-                     accountant: str = "rdp") -> list[DefenceResult]:
+def compare_defences(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    clip_norm: float,
+    epsilons: Sequence[float],
+    config: InversionConfig,
+    delta: float = 1e-5,
+    accountant: str = "rdp",
+) -> list[DefenceResult]:
     """Attack one site's single-step update under no defence, clipping, and clipping + noise.
 
     Steps:
@@ -308,30 +376,55 @@ def compare_defences(model: nn.Module, batch: Mapping[str, torch.Tensor], *, cli
     CPU core per release for B <= 2 (the loop is thousands of tiny ops, so one intra-op thread,
     ``torch.set_num_threads(1)``, is as fast and avoids spinning on a shared machine).
     """
-    check_range("clip_norm", clip_norm, low=0.0, low_inclusive=False, high=math.inf, high_inclusive=False,
-                fix="Pass the positive clipping bound C of the release, e.g. 1.0.")
+    check_range(
+        "clip_norm",
+        clip_norm,
+        low=0.0,
+        low_inclusive=False,
+        high=math.inf,
+        high_inclusive=False,
+        fix="Pass the positive clipping bound C of the release, e.g. 1.0.",
+    )
     if accountant not in ACCOUNTANTS:
         raise ConfigError(f"accountant={accountant!r} is unknown; use one of {sorted(ACCOUNTANTS)}.")
     update = transmitted_update(model, batch, local_lr=config.local_lr)
     clipped, _, _ = clip_flat(update, clip_norm)  # the pre-clip norm is private: dropped here
     releases: list[tuple[str, float | None, float | None, Update]] = [
-        ("no defence", None, None, update), ("clipping", None, None, clipped)]
+        ("no defence", None, None, update),
+        ("clipping", None, None, clipped),
+    ]
     for i, eps in enumerate(epsilons):
-        z_single = calibrate_noise(target_epsilon=float(eps), target_delta=delta, sample_rate=1.0, steps=1,
-                                   accountant=accountant)
+        z_single = calibrate_noise(
+            target_epsilon=float(eps), target_delta=delta, sample_rate=1.0, steps=1, accountant=accountant
+        )
         z = 2.0 * z_single  # local placement: the accountant must see z / 2 at rate 1
         assert release_accounting(NoisePlacement.LOCAL, z, 1.0).noise_multiplier == z_single
-        seed = int(numpy_generator(config.seed, 1, i).integers(2 ** 62))
+        seed = int(numpy_generator(config.seed, 1, i).integers(2**62))
         noise = gaussian_noise_like(clipped, z * clip_norm, None, NoiseSource.seeded(seed))
         releases.append(("clipping + noise", float(eps), z, {n: clipped[n] + noise[n] for n in clipped}))
     images, mask = batch["images"].cpu(), batch["modality_mask"].cpu()
     results = []
     for name, eps_release, z_release, released in releases:
-        inv = invert_update(model, released, modality_mask=mask, labels=batch["label"], config=config,
-                            image_shape=images.shape[1:], num_clinical=batch["clinical"].shape[1])
+        inv = invert_update(
+            model,
+            released,
+            modality_mask=mask,
+            labels=batch["label"],
+            config=config,
+            image_shape=images.shape[1:],
+            num_clinical=batch["clinical"].shape[1],
+        )
         rmse = float(((inv.clinical - batch["clinical"].cpu()) ** 2).mean().sqrt())
-        results.append(DefenceResult(name=name, epsilon=eps_release, reconstruction=inv.images,
-                                     psnr=psnr(inv.images, images, mask), ssim=ssim(inv.images, images, mask),
-                                     noise_multiplier=z_release, clinical_rmse=rmse,
-                                     baseline_psnr=psnr(inv.initial, images, mask)))
+        results.append(
+            DefenceResult(
+                name=name,
+                epsilon=eps_release,
+                reconstruction=inv.images,
+                psnr=psnr(inv.images, images, mask),
+                ssim=ssim(inv.images, images, mask),
+                noise_multiplier=z_release,
+                clinical_rmse=rmse,
+                baseline_psnr=psnr(inv.initial, images, mask),
+            )
+        )
     return results

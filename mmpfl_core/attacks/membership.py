@@ -26,6 +26,7 @@ cross-fitting): tuning the threshold on the same candidates inflates it, by ~0.0
 candidates even for random scores. A TPR at an FPR below 1 / (number of non-members) cannot be
 measured: it is reported at FPR 0, the finest level the candidates resolve (``fpr_resolution``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -36,8 +37,18 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from ..errors import DataError
 from ..metrics.classification import BootstrapCI, bootstrap_ci
 
-__all__ = ["AttackMetrics", "attack_metrics", "cross_fitted_predictions", "lira_offline_scores", "logit_confidence",
-           "loss_scores", "random_guess_auc_band", "reference_calibrated_scores", "roc", "tpr_at_fpr"]
+__all__ = [
+    "AttackMetrics",
+    "attack_metrics",
+    "cross_fitted_predictions",
+    "lira_offline_scores",
+    "logit_confidence",
+    "loss_scores",
+    "random_guess_auc_band",
+    "reference_calibrated_scores",
+    "roc",
+    "tpr_at_fpr",
+]
 
 _EPS = 1e-12
 
@@ -93,8 +104,10 @@ def lira_offline_scores(target_phi: np.ndarray, shadow_phi: np.ndarray, *, globa
     """
     shadows = np.atleast_2d(np.asarray(shadow_phi, dtype=np.float64))
     if shadows.shape[0] < 2 or shadows.shape[1] != np.shape(target_phi)[0]:
-        raise DataError(f"LiRA needs shadow phi of shape (S >= 2, {np.shape(target_phi)[0]}); got {shadows.shape}. "
-                        "Train at least two shadow models.")
+        raise DataError(
+            f"LiRA needs shadow phi of shape (S >= 2, {np.shape(target_phi)[0]}); got {shadows.shape}. "
+            "Train at least two shadow models."
+        )
     mu = shadows.mean(axis=0)
     sigma = np.sqrt(shadows.var(axis=0, ddof=1).mean()) if global_variance else shadows.std(axis=0, ddof=1)
     return (np.asarray(target_phi, dtype=np.float64) - mu) / np.maximum(sigma, 1e-3)
@@ -103,7 +116,9 @@ def lira_offline_scores(target_phi: np.ndarray, shadow_phi: np.ndarray, *, globa
 def _check(is_member: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     y, s = np.asarray(is_member).astype(np.int64), np.asarray(scores, dtype=np.float64)
     if y.ndim != 1 or y.shape != s.shape or not np.isfinite(s).all():
-        raise DataError(f"is_member and scores must be equal-length 1-D arrays of finite values; got {y.shape}, {s.shape}.")
+        raise DataError(
+            f"is_member and scores must be equal-length 1-D arrays of finite values; got {y.shape}, {s.shape}."
+        )
     if y.min(initial=1) == y.max(initial=0) or not set(np.unique(y)) <= {0, 1}:
         raise DataError("membership metrics need both members (1) and non-members (0) among the candidates.")
     return y, s
@@ -177,16 +192,28 @@ class AttackMetrics:
 
     def as_row(self) -> dict[str, float]:
         """Flat dict for tables: point estimates and CI bounds."""
-        row = {"AUC": self.auc.point, "AUC low": self.auc.low, "AUC high": self.auc.high,
-               "balanced acc": self.balanced_accuracy.point, "balanced acc low": self.balanced_accuracy.low,
-               "balanced acc high": self.balanced_accuracy.high}
+        row = {
+            "AUC": self.auc.point,
+            "AUC low": self.auc.low,
+            "AUC high": self.auc.high,
+            "balanced acc": self.balanced_accuracy.point,
+            "balanced acc low": self.balanced_accuracy.low,
+            "balanced acc high": self.balanced_accuracy.high,
+        }
         for level, ci in self.tpr_at_fpr.items():
             row[f"TPR@{level:.1%}FPR"] = ci.point
         return row
 
 
-def attack_metrics(is_member: np.ndarray, scores: np.ndarray, *, rng: np.random.Generator, num_resamples: int = 200,
-                   fpr_levels: tuple[float, ...] = (0.01, 0.001), confidence: float = 0.95) -> AttackMetrics:
+def attack_metrics(
+    is_member: np.ndarray,
+    scores: np.ndarray,
+    *,
+    rng: np.random.Generator,
+    num_resamples: int = 200,
+    fpr_levels: tuple[float, ...] = (0.01, 0.001),
+    confidence: float = 0.95,
+) -> AttackMetrics:
     """AUC, cross-fitted balanced accuracy and TPR at each FPR level, with percentile bootstrap CIs.
 
     The CIs resample candidates (``metrics.classification.bootstrap_ci``): they say how much the number
@@ -196,16 +223,26 @@ def attack_metrics(is_member: np.ndarray, scores: np.ndarray, *, rng: np.random.
     # bootstrap_ci takes (N, C) class-score matrices with labels < C: column 0 holds the values, column 1 pads.
     column = np.c_[s, np.zeros_like(s)]  # (N, 2)
     guesses = np.c_[cross_fitted_predictions(y, s, rng=rng), np.zeros_like(y)]  # (N, 2)
-    ci = {name: bootstrap_ci(y, values, metric=fn, num_resamples=num_resamples, confidence=confidence, rng=rng)
-          for name, values, fn in (("auc", column, _auc), ("balanced_accuracy", guesses, _balanced_accuracy))}
-    tprs = {level: bootstrap_ci(y, column, metric=_tpr_metric(level), num_resamples=num_resamples,
-                                confidence=confidence, rng=rng) for level in fpr_levels}
-    return AttackMetrics(auc=ci["auc"], balanced_accuracy=ci["balanced_accuracy"], tpr_at_fpr=tprs,
-                         num_members=int(y.sum()), num_non_members=int((1 - y).sum()))
+    ci = {
+        name: bootstrap_ci(y, values, metric=fn, num_resamples=num_resamples, confidence=confidence, rng=rng)
+        for name, values, fn in (("auc", column, _auc), ("balanced_accuracy", guesses, _balanced_accuracy))
+    }
+    tprs = {
+        level: bootstrap_ci(
+            y, column, metric=_tpr_metric(level), num_resamples=num_resamples, confidence=confidence, rng=rng
+        )
+        for level in fpr_levels
+    }
+    return AttackMetrics(
+        auc=ci["auc"],
+        balanced_accuracy=ci["balanced_accuracy"],
+        tpr_at_fpr=tprs,
+        num_members=int(y.sum()),
+        num_non_members=int((1 - y).sum()),
+    )
 
 
 def random_guess_auc_band(num_members: int, num_non_members: int) -> float:
     """Half-width of the ~95% band of AUC under random scores (Mann-Whitney normal approximation)."""
     n1, n0 = num_members, num_non_members
     return float(1.96 * np.sqrt((n0 + n1 + 1) / (12.0 * n0 * n1)))
-

@@ -34,6 +34,7 @@ come from KL scores on private validation data; here a public fraction of the ca
 ``b`` personal, set through the real mask selection. Sampling rate q = 1 (every present site takes
 part): the tests check one round's release, where the accountant's claim is tightest.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,14 +88,19 @@ class NeighbourConfig:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"distinguishing strategy {self.strategy!r} is unknown; use one of {list(STRATEGIES)}.")
         if self.placement == "local" and self.strategy != "dp-fedavg":
-            raise ConfigError(f"{self.strategy} has no local placement; use strategy='dp-fedavg' for placement='local'.")
+            raise ConfigError(
+                f"{self.strategy} has no local placement; use strategy='dp-fedavg' for placement='local'."
+            )
         if self.num_canaries < 8 or self.num_releases < 1 or self.participation_runs < 8 or self.participation_dim < 2:
-            raise ConfigError(f"sizes too small: num_canaries={self.num_canaries} (>= 8), num_releases="
-                              f"{self.num_releases} (>= 1), participation_runs={self.participation_runs} (>= 8), "
-                              f"participation_dim={self.participation_dim} (>= 2).")
+            raise ConfigError(
+                f"sizes too small: num_canaries={self.num_canaries} (>= 8), num_releases="
+                f"{self.num_releases} (>= 1), participation_runs={self.participation_runs} (>= 8), "
+                f"participation_dim={self.participation_dim} (>= 2)."
+            )
         if not self.canary_norm > 0 or not 0.0 <= self.masked_fraction <= 1.0:
-            raise ConfigError(f"canary_norm={self.canary_norm} must be > 0 and masked_fraction="
-                              f"{self.masked_fraction} in [0, 1].")
+            raise ConfigError(
+                f"canary_norm={self.canary_norm} must be > 0 and masked_fraction={self.masked_fraction} in [0, 1]."
+            )
 
 
 class _TwoGroupModel(nn.Module):
@@ -117,11 +123,21 @@ def _strategy(config: NeighbourConfig, model: nn.Module, client_ids: list[int], 
     # the harness's few canary coordinates it can drown every group and release nothing, which would leave
     # the masked release untested. So the harness tests the release with the gate off.
     extra = {"noise_gate": False} if config.strategy == "mm-pfl-adp" else {}
-    strategy = create_strategy(config.strategy, target_epsilon=config.target_epsilon, delta=config.delta,
-                               clip_norm=config.clip_norm, placement=config.placement, accountant="prv",
-                               budget_stop=False, calibration_rounds=1, noise=config.noise, **extra)
-    fed = FederatedConfig(num_rounds=num_rounds, client_fraction=1.0, sampling="poisson", seed=config.seed,
-                          checkpoint_every=0)
+    strategy = create_strategy(
+        config.strategy,
+        target_epsilon=config.target_epsilon,
+        delta=config.delta,
+        clip_norm=config.clip_norm,
+        placement=config.placement,
+        accountant="prv",
+        budget_stop=False,
+        calibration_rounds=1,
+        noise=config.noise,
+        **extra,
+    )
+    fed = FederatedConfig(
+        num_rounds=num_rounds, client_fraction=1.0, sampling="poisson", seed=config.seed, checkpoint_every=0
+    )
     # DPFedAvg's set-up (sampling, z, groups, clip bounds); the subclasses' extra set-up needs a data
     # federation, replaced by public stand-ins (module docstring).
     DPFedAvg.configure(strategy, config=fed, federation=None, client_ids=client_ids, model=model)
@@ -167,13 +183,16 @@ def projection_test(config: NeighbourConfig = NeighbourConfig(), *, variant: str
         for i in np.flatnonzero(masked):
             strategy.masker.masks.update(int(i), 0, {"a": 0.0, "b": 1.0})
             if strategy.masker.personal_groups(int(i)) != frozenset({"b"}):  # the mask rule changed: say so
-                raise ConfigError(f"canary {i}: the mask selection kept {sorted(strategy.masker.personal_groups(int(i)))} "
-                                  "personal for scores a=0, b=1; expected ['b'] (check DEFAULT_MASK's threshold).")
+                raise ConfigError(
+                    f"canary {i}: the mask selection kept {sorted(strategy.masker.personal_groups(int(i)))} "
+                    "personal for scores a=0, b=1; expected ['b'] (check DEFAULT_MASK's threshold)."
+                )
     else:
         masked[:] = False
     value = config.canary_norm / math.sqrt(2.0)
-    nominal, _ = clip_per_group({g: torch.full((1,), value) for g in _GROUPS}, strategy.groups,
-                                strategy.clip_bounds)  # c_g of one coordinate (the canary's norm is spread evenly)
+    nominal, _ = clip_per_group(
+        {g: torch.full((1,), value) for g in _GROUPS}, strategy.groups, strategy.clip_bounds
+    )  # c_g of one coordinate (the canary's norm is spread evenly)
     stats = {0: [], 1: []}
     claimed = None
     with broken_mechanism(variant, strategy):
@@ -186,6 +205,7 @@ def projection_test(config: NeighbourConfig = NeighbourConfig(), *, variant: str
                 for g in _GROUPS:
                     out[g][i] = sign * value
                 return out
+
             present = ids if local else [i for i in ids if world[i]]
             total, sent = _release(strategy, fed, present, deltas, t, start)
             claimed = strategy.ledger.epsilon() if claimed is None else claimed  # one release's epsilon
@@ -201,13 +221,21 @@ def projection_test(config: NeighbourConfig = NeighbourConfig(), *, variant: str
             stats[1].extend(score[world].tolist())
             stats[0].extend(score[~world].tolist())
     label = f"{config.strategy}/{config.placement}/projection"
-    return distinguishing_lower_bound(np.array(stats[0]), np.array(stats[1]), delta=config.delta,
-                                      rng=numpy_generator(config.seed, _SPLIT), confidence=config.confidence,
-                                      claimed_epsilon=claimed, variant=variant, label=label)
+    return distinguishing_lower_bound(
+        np.array(stats[0]),
+        np.array(stats[1]),
+        delta=config.delta,
+        rng=numpy_generator(config.seed, _SPLIT),
+        confidence=config.confidence,
+        claimed_epsilon=claimed,
+        variant=variant,
+        label=label,
+    )
 
 
-def participation_test(config: NeighbourConfig = NeighbourConfig(placement="distributed"), *,
-                       variant: str = "correct") -> DistinguishingResult:
+def participation_test(
+    config: NeighbourConfig = NeighbourConfig(placement="distributed"), *, variant: str = "correct"
+) -> DistinguishingResult:
     """Does the aggregate's noise reveal whether the differing site took part? (module docstring)."""
     if config.placement != "distributed":
         raise ConfigError(f"the participation test is for placement='distributed', got {config.placement!r}.")
@@ -225,14 +253,26 @@ def participation_test(config: NeighbourConfig = NeighbourConfig(placement="dist
     with broken_mechanism(variant, strategy):
         for t in range(1, runs + 1):
             present = [0, 1] if world[t - 1] else [0]
-            total, _ = _release(strategy, fed, present,
-                                lambda i: {g: (known[g].clone() if i == 0 else torch.zeros(size)) for g in _GROUPS},
-                                t, start)
+            total, _ = _release(
+                strategy,
+                fed,
+                present,
+                lambda i: {g: (known[g].clone() if i == 0 else torch.zeros(size)) for g in _GROUPS},
+                t,
+                start,
+            )
             claimed = strategy.ledger.epsilon() if claimed is None else claimed
             sigma = _sigma_per_param(strategy, t, start)
             stat = sum(float(((total[g] - known_clipped[g].double()) ** 2).sum()) / sigma[g] ** 2 for g in _GROUPS)
             stats[int(world[t - 1])].append(stat)
     label = f"{config.strategy}/{config.placement}/participation"
-    return distinguishing_lower_bound(np.array(stats[0]), np.array(stats[1]), delta=config.delta,
-                                      rng=numpy_generator(config.seed, _SPLIT), confidence=config.confidence,
-                                      claimed_epsilon=claimed, variant=variant, label=label)
+    return distinguishing_lower_bound(
+        np.array(stats[0]),
+        np.array(stats[1]),
+        delta=config.delta,
+        rng=numpy_generator(config.seed, _SPLIT),
+        confidence=config.confidence,
+        claimed_epsilon=claimed,
+        variant=variant,
+        label=label,
+    )

@@ -18,6 +18,7 @@ This module only attacks; it never changes how a strategy draws its noise. Serve
 (distributed shares are drawn at the sites, from streams (seed, 41, t, k + 1), and are regenerable
 the same way in the reproducible mode).
 """
+
 from __future__ import annotations
 
 import math
@@ -55,9 +56,16 @@ class NoiseSubtractionResult:
     succeeded: bool
 
 
-def subtract_regenerated_noise(*, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor],
-                               sigmas: Mapping[str, float], groups: Mapping[str, Sequence[str]],
-                               expected_participants: float, seed: int, round_index: int) -> State:
+def subtract_regenerated_noise(
+    *,
+    before: Mapping[str, torch.Tensor],
+    after: Mapping[str, torch.Tensor],
+    sigmas: Mapping[str, float],
+    groups: Mapping[str, Sequence[str]],
+    expected_participants: float,
+    seed: int,
+    round_index: int,
+) -> State:
     """The attacker's estimate S_hat of round t's sum of clipped updates (module docstring).
 
     Every input is public or published: the released models before and after round t, the round's
@@ -72,26 +80,40 @@ def _norm(state: Mapping[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in state.values()))
 
 
-def attack_one_round(federation: Federation, *, model_factory: Callable[[], nn.Module], config: FederatedConfig,
-                     noise: str, noise_multiplier: float = 1.0, clip_norm: float = 0.5,
-                     **strategy_kwargs: Any) -> NoiseSubtractionResult:
+def attack_one_round(
+    federation: Federation,
+    *,
+    model_factory: Callable[[], nn.Module],
+    config: FederatedConfig,
+    noise: str,
+    noise_multiplier: float = 1.0,
+    clip_norm: float = 0.5,
+    **strategy_kwargs: Any,
+) -> NoiseSubtractionResult:
     """Run round 1 of DP-FedAvg (server placement) with ``noise`` and attack it.
 
     The ground truth S (the sum of what the sites transmitted, i.e. their clipped updates) is
     recorded by wrapping the strategy's ``aggregate``, for scoring only; the attacker sees only
     the released models, the public settings and ``config.seed``.
     """
-    strategy = create_strategy("dp-fedavg", noise_multiplier=noise_multiplier, clip_norm=clip_norm, noise=noise,
-                               placement="server", **strategy_kwargs)
+    strategy = create_strategy(
+        "dp-fedavg",
+        noise_multiplier=noise_multiplier,
+        clip_norm=clip_norm,
+        noise=noise,
+        placement="server",
+        **strategy_kwargs,
+    )
     assert isinstance(strategy, DPFedAvg) and strategy.placement is NoisePlacement.SERVER
-    sim = FederatedSimulation(federation, model_factory=model_factory, strategy=strategy, config=config,
-                              progress=False)
+    sim = FederatedSimulation(federation, model_factory=model_factory, strategy=strategy, config=config, progress=False)
     truth: dict[str, State] = {}
     aggregate = strategy.aggregate
 
     def spy(global_state, updates, sent, round_index):
-        truth["sum"] = {n: sum((s[n].double() for s in sent), torch.zeros_like(t, dtype=torch.float64))
-                        for n, t in global_state.items()}
+        truth["sum"] = {
+            n: sum((s[n].double() for s in sent), torch.zeros_like(t, dtype=torch.float64))
+            for n, t in global_state.items()
+        }
         return aggregate(global_state, updates, sent, round_index)
 
     strategy.aggregate = spy  # type: ignore[method-assign]  # the attacker's spy on this one instance
@@ -101,12 +123,19 @@ def attack_one_round(federation: Federation, *, model_factory: Callable[[], nn.M
     after = sim.global_state
     public = strategy.round_instructions(1, before)  # what every site was told: public by design
     sigmas = {g: public[f"sigma/{g}"] for g in strategy.groups}
-    estimate = subtract_regenerated_noise(before=before, after=after, sigmas=sigmas, groups=strategy.groups,
-                                          expected_participants=strategy.expected_participants, seed=config.seed,
-                                          round_index=1)
+    estimate = subtract_regenerated_noise(
+        before=before,
+        after=after,
+        sigmas=sigmas,
+        groups=strategy.groups,
+        expected_participants=strategy.expected_participants,
+        seed=config.seed,
+        round_index=1,
+    )
     true_sum = truth["sum"]
     actual_noise = {n: (after[n] - before[n]).double() * strategy.expected_participants - true_sum[n] for n in before}
     signal = max(_norm(true_sum), 1e-12)
     error = _norm({n: estimate[n] - true_sum[n] for n in before}) / signal
-    return NoiseSubtractionResult(noise=noise, relative_error=error, noise_to_signal=_norm(actual_noise) / signal,
-                                  succeeded=error < 1e-3)
+    return NoiseSubtractionResult(
+        noise=noise, relative_error=error, noise_to_signal=_norm(actual_noise) / signal, succeeded=error < 1e-3
+    )

@@ -19,6 +19,7 @@ in it, so every shadow is an OUT model, as offline LiRA requires (Carlini et al.
 In the synthetic kit "the same population" is the generator with another seed; in a real study it
 would be public or purchased data of the same kind, which is a strong assumption to state.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,11 +36,23 @@ from ..errors import ConfigError
 from ..federated.evaluation import predict_proba
 from ..federated.simulation import RunResult
 from ..seeding import numpy_generator
-from .membership import (AttackMetrics, attack_metrics, lira_offline_scores, logit_confidence, loss_scores,
-                         reference_calibrated_scores)
+from .membership import (
+    AttackMetrics,
+    attack_metrics,
+    lira_offline_scores,
+    logit_confidence,
+    loss_scores,
+    reference_calibrated_scores,
+)
 
-__all__ = ["Candidates", "MembershipConfig", "MembershipResult", "deployed_proba", "membership_candidates",
-           "run_membership_attacks"]
+__all__ = [
+    "Candidates",
+    "MembershipConfig",
+    "MembershipResult",
+    "deployed_proba",
+    "membership_candidates",
+    "run_membership_attacks",
+]
 
 Target = Literal["global", "personal"]
 _BOOTSTRAP_STREAM = 81
@@ -61,11 +74,15 @@ class MembershipConfig:
         if self.target not in ("global", "personal"):
             raise ConfigError(f"membership target={self.target!r} is unknown; use 'global' or 'personal'.")
         if self.num_shadows == 1 or self.num_shadows < 0:
-            raise ConfigError(f"membership num_shadows={self.num_shadows} must be 0 (loss attack only) or >= 2 "
-                              "(LiRA fits a variance over shadows).")
+            raise ConfigError(
+                f"membership num_shadows={self.num_shadows} must be 0 (loss attack only) or >= 2 "
+                "(LiRA fits a variance over shadows)."
+            )
         if self.num_resamples < 1 or not all(0 < f < 1 for f in self.fpr_levels):
-            raise ConfigError(f"membership num_resamples={self.num_resamples} must be >= 1 and fpr_levels "
-                              f"{self.fpr_levels} must lie in (0, 1).")
+            raise ConfigError(
+                f"membership num_resamples={self.num_resamples} must be >= 1 and fpr_levels "
+                f"{self.fpr_levels} must lie in (0, 1)."
+            )
         if self.sites is not None:
             object.__setattr__(self, "sites", tuple(int(s) for s in self.sites))
 
@@ -83,15 +100,24 @@ def membership_candidates(federation: Federation, sites: Sequence[int] | None = 
     chosen = range(federation.num_sites) if sites is None else sites
     bad = [s for s in chosen if not 0 <= s < federation.num_sites]
     if bad:
-        raise ConfigError(f"membership sites {bad} do not exist; the federation has sites 0..{federation.num_sites - 1}.")
+        raise ConfigError(
+            f"membership sites {bad} do not exist; the federation has sites 0..{federation.num_sites - 1}."
+        )
     members = concatenate([federation.sites[s].train for s in chosen])
     non_members = concatenate([c for s in chosen for c in (federation.sites[s].val, federation.sites[s].test)])
     is_member = np.r_[np.ones(len(members), dtype=np.int64), np.zeros(len(non_members), dtype=np.int64)]
     return Candidates(cohort=concatenate([members, non_members]), is_member=is_member)
 
 
-def deployed_proba(run: RunResult, model: nn.Module, candidates: Candidates, *, target: Target,
-                   batch_size: int = 256, device: str | torch.device = "cpu") -> np.ndarray:
+def deployed_proba(
+    run: RunResult,
+    model: nn.Module,
+    candidates: Candidates,
+    *,
+    target: Target,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
     """Class probabilities (N, C) of the model the adversary queries, for every candidate.
 
     ``"personal"``: each candidate is scored by its own site's deployed model.
@@ -126,9 +152,15 @@ class MembershipResult:
         return [{**labels, "target": self.target, "attack": name, **m.as_row()} for name, m in self.metrics.items()]
 
 
-def run_membership_attacks(run: RunResult, model_factory: Callable[[], nn.Module], federation: Federation, *,
-                           config: MembershipConfig = MembershipConfig(), shadows: Sequence[RunResult] = (),
-                           device: str | torch.device = "cpu") -> MembershipResult:
+def run_membership_attacks(
+    run: RunResult,
+    model_factory: Callable[[], nn.Module],
+    federation: Federation,
+    *,
+    config: MembershipConfig = MembershipConfig(),
+    shadows: Sequence[RunResult] = (),
+    device: str | torch.device = "cpu",
+) -> MembershipResult:
     """Score every candidate of the attacked sites with each attack and measure the attacks.
 
     Algorithm:
@@ -149,14 +181,29 @@ def run_membership_attacks(run: RunResult, model_factory: Callable[[], nn.Module
     if shadows:
         shadow_proba = [deployed_proba(s, model, candidates, target=config.target, device=device) for s in shadows]
         scores["reference-calibrated"] = reference_calibrated_scores(
-            scores["loss threshold"], np.stack([loss_scores(p, labels) for p in shadow_proba]))
-        scores["LiRA (offline)"] = lira_offline_scores(logit_confidence(proba, labels),
-                                                       np.stack([logit_confidence(p, labels) for p in shadow_proba]))
-    metrics = {name: attack_metrics(candidates.is_member, s, num_resamples=config.num_resamples,
-                                    fpr_levels=config.fpr_levels,
-                                    rng=numpy_generator(config.seed, _BOOTSTRAP_STREAM, i))
-               for i, (name, s) in enumerate(scores.items())}
-    accuracy = {"member accuracy": float(np.mean(proba.argmax(1)[candidates.is_member == 1] == labels[candidates.is_member == 1])),
-                "non-member accuracy": float(np.mean(proba.argmax(1)[candidates.is_member == 0] == labels[candidates.is_member == 0]))}
-    return MembershipResult(metrics=metrics, scores=scores, is_member=candidates.is_member, target=config.target,
-                            extra=accuracy)
+            scores["loss threshold"], np.stack([loss_scores(p, labels) for p in shadow_proba])
+        )
+        scores["LiRA (offline)"] = lira_offline_scores(
+            logit_confidence(proba, labels), np.stack([logit_confidence(p, labels) for p in shadow_proba])
+        )
+    metrics = {
+        name: attack_metrics(
+            candidates.is_member,
+            s,
+            num_resamples=config.num_resamples,
+            fpr_levels=config.fpr_levels,
+            rng=numpy_generator(config.seed, _BOOTSTRAP_STREAM, i),
+        )
+        for i, (name, s) in enumerate(scores.items())
+    }
+    accuracy = {
+        "member accuracy": float(
+            np.mean(proba.argmax(1)[candidates.is_member == 1] == labels[candidates.is_member == 1])
+        ),
+        "non-member accuracy": float(
+            np.mean(proba.argmax(1)[candidates.is_member == 0] == labels[candidates.is_member == 0])
+        ),
+    }
+    return MembershipResult(
+        metrics=metrics, scores=scores, is_member=candidates.is_member, target=config.target, extra=accuracy
+    )

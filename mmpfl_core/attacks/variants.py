@@ -22,6 +22,7 @@ Variants (the names the tests and notebook 07 use):
 
 It never touches private data and is never used by training code: only audits import it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,6 +57,7 @@ def _patched(owner: Any, name: str, value: Any) -> Iterator[None]:
 def _no_clipping(strategy) -> Iterator[None]:
     def passthrough(update, groups, clip_bounds):
         return dict(update), clipping.group_norms(update, groups)
+
     with _patched(dp_strategies, "clip_per_group", passthrough):
         yield
 
@@ -69,8 +71,10 @@ def _scaled_noise(factor: Callable[[object], float]):
             f = factor(strategy)
             stds = {g: s * f for g, s in stds.items()} if isinstance(stds, dict) else stds * f
             return real(update, stds, groups, source)
+
         with _patched(dp_strategies, "gaussian_noise_like", scaled):
             yield
+
     return patch
 
 
@@ -82,11 +86,15 @@ def _noise_over_min_participants(min_participants: int):
         Patched at ``participant_noise_stds`` (the one place a site sizes its share) with the real
         split function :func:`~mmpfl_core.privacy.mechanisms.per_participant_noise_std`.
         """
+
         def over_min() -> dict[str, float]:
-            return mechanisms.per_participant_noise_std(strategy.placement, strategy._sigmas,
-                                                        min_participants).participant_std
+            return mechanisms.per_participant_noise_std(
+                strategy.placement, strategy._sigmas, min_participants
+            ).participant_std
+
         with _patched(strategy, "participant_noise_stds", over_min):
             yield
+
     return patch
 
 

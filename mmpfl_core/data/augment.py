@@ -20,6 +20,7 @@ missing sequence is zeros (re-masked at the end), intensities are clipped to [0,
 What it must never do: run at evaluation time, change labels, clinical values or masks, or use a
 global random state (each call takes an explicit seed drawn from the caller's generator).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,22 +66,37 @@ class MRIAugment:
     """
 
     def __init__(self, config: AugmentConfig = AugmentConfig(), *, image_size: int, seed: int = 0) -> None:
-        from monai.transforms import (Compose, RandAdjustContrast, RandAffine, RandBiasField, RandFlip,
-                                      RandScaleIntensity)  # imported here: only training needs MONAI
+        from monai.transforms import (
+            Compose,
+            RandAdjustContrast,
+            RandAffine,
+            RandBiasField,
+            RandFlip,
+            RandScaleIntensity,
+        )  # imported here: only training needs MONAI
 
         c = config
         self.config = config
-        self.spatial = Compose([
-            RandFlip(prob=c.flip_p, spatial_axis=1),  # (C, H, W): axis 1 is W, left-right
-            RandAffine(prob=c.affine_p, rotate_range=np.deg2rad(c.rotate_degrees), scale_range=c.scale,
-                       translate_range=(c.shift * image_size, c.shift * image_size),
-                       padding_mode="zeros", mode="bilinear"),
-        ])
-        self.intensity = Compose([
-            RandScaleIntensity(factors=c.intensity_scale, prob=c.intensity_p, channel_wise=True),
-            RandAdjustContrast(prob=c.intensity_p, gamma=c.gamma),
-            RandBiasField(prob=c.bias_field_p, coeff_range=(0.0, c.bias_field_coeff), degree=3),
-        ])
+        self.spatial = Compose(
+            [
+                RandFlip(prob=c.flip_p, spatial_axis=1),  # (C, H, W): axis 1 is W, left-right
+                RandAffine(
+                    prob=c.affine_p,
+                    rotate_range=np.deg2rad(c.rotate_degrees),
+                    scale_range=c.scale,
+                    translate_range=(c.shift * image_size, c.shift * image_size),
+                    padding_mode="zeros",
+                    mode="bilinear",
+                ),
+            ]
+        )
+        self.intensity = Compose(
+            [
+                RandScaleIntensity(factors=c.intensity_scale, prob=c.intensity_p, channel_wise=True),
+                RandAdjustContrast(prob=c.intensity_p, gamma=c.gamma),
+                RandBiasField(prob=c.bias_field_p, coeff_range=(0.0, c.bias_field_coeff), degree=3),
+            ]
+        )
         self.reseed(seed)
 
     def reseed(self, seed: int) -> None:

@@ -21,6 +21,7 @@ it into the same :class:`~mmpfl_core.data.federation.Federation` the synthetic g
 What it must never do: put one patient in two sites or two splits, or put a site's patient in the
 public set without the user marking it public (tests check both).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -49,8 +50,9 @@ class CohortSource:
 
     def __post_init__(self) -> None:
         if not isinstance(self.cohort, (str, Path)) or not str(self.cohort):
-            raise ConfigError(f"data.cohort={self.cohort!r} must be the path of a cohort .npz written by "
-                              "data_scripts/convert_*.py.")
+            raise ConfigError(
+                f"data.cohort={self.cohort!r} must be the path of a cohort .npz written by data_scripts/convert_*.py."
+            )
         object.__setattr__(self, "cohort", str(self.cohort))
         if self.partition not in PARTITIONS:
             raise ConfigError(f"data.partition={self.partition!r} is unknown; choose one of {PARTITIONS}.")
@@ -72,19 +74,28 @@ def _group_labels(groups: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     return unique, labels[first], inverse
 
 
-def _split_site(cohort: Cohort, rows: np.ndarray, fc: FederationConfig, site_index: int, name: str,
-                groups: np.ndarray, seed: int) -> SiteData:
+def _split_site(
+    cohort: Cohort, rows: np.ndarray, fc: FederationConfig, site_index: int, name: str, groups: np.ndarray, seed: int
+) -> SiteData:
     """One site's rows split train/val/test by patient, stratified by label; ``sites`` set to the index."""
     patients, labels, inverse = _group_labels(groups[rows], cohort.labels[rows])
     if patients.size < _MIN_PER_SITE:
-        raise DataError(f"{name} has {patients.size} patient(s) ({patients.tolist()}); every site needs at least "
-                        f"{_MIN_PER_SITE} (one each for train, validation and test). Give it more patients in the "
-                        "site column, merge it into another site, or mark its patients public (site -1).")
+        raise DataError(
+            f"{name} has {patients.size} patient(s) ({patients.tolist()}); every site needs at least "
+            f"{_MIN_PER_SITE} (one each for train, validation and test). Give it more patients in the "
+            "site column, merge it into another site, or mark its patients public (site -1)."
+        )
     parts = _stratified_split(labels, fc.val_fraction, fc.test_fraction, numpy_generator(seed, 3, site_index))
     site_cohort = replace(cohort.subset(rows), sites=np.full(rows.size, site_index, dtype=np.int64))
     train, val, test = (site_cohort.subset(np.isin(inverse, part)) for part in parts)
-    return SiteData(site_id=site_index, name=name, profile=ScannerProfile(name=f"{name} (real data)"),
-                    train=train, val=val, test=test)
+    return SiteData(
+        site_id=site_index,
+        name=name,
+        profile=ScannerProfile(name=f"{name} (real data)"),
+        train=train,
+        val=val,
+        test=test,
+    )
 
 
 def federation_from_cohort(cohort: Cohort, source: CohortSource, federation_config: FederationConfig) -> Federation:
@@ -98,23 +109,31 @@ def federation_from_cohort(cohort: Cohort, source: CohortSource, federation_conf
     if len(cohort) == 0:
         raise DataError(f"cohort {where} holds no subjects; convert a folder with at least one subject per split.")
     if np.unique(cohort.labels).size < 2:
-        raise DataError(f"cohort {where} has one label only ({cohort.class_names[int(cohort.labels[0])]!r}); a "
-                        f"classifier needs at least two classes in the data (class names {cohort.class_names}).")
+        raise DataError(
+            f"cohort {where} has one label only ({cohort.class_names[int(cohort.labels[0])]!r}); a "
+            f"classifier needs at least two classes in the data (class names {cohort.class_names})."
+        )
     if cohort.sites.min() < -1:
-        raise DataError(f"cohort {where} has site id {int(cohort.sites.min())}; site ids are integers >= 0, "
-                        "and -1 marks public subjects. Fix the site column of the labels CSV and convert again.")
+        raise DataError(
+            f"cohort {where} has site id {int(cohort.sites.min())}; site ids are integers >= 0, "
+            "and -1 marks public subjects. Fix the site column of the labels CSV and convert again."
+        )
     groups = patient_groups(cohort)
     unknown = sorted(set(source.public_subjects) - set(groups.tolist()))
     if unknown:
-        raise DataError(f"data.public_subjects names {unknown[:5]}, not in cohort {where}; use its subject ids "
-                        f"(e.g. {sorted(set(groups.tolist()))[:3]}).")
+        raise DataError(
+            f"data.public_subjects names {unknown[:5]}, not in cohort {where}; use its subject ids "
+            f"(e.g. {sorted(set(groups.tolist()))[:3]})."
+        )
     public_rows = (cohort.sites == -1) | np.isin(groups, source.public_subjects)
     # A patient is public as a whole: any of its rows marked public makes all of them public.
     public_rows = np.isin(groups, groups[public_rows])
     private = np.flatnonzero(~public_rows)
     if private.size == 0:
-        raise DataError(f"every subject of cohort {where} is public (site -1 or public_subjects); give sites >= 0 "
-                        "to the patients that hospitals hold.")
+        raise DataError(
+            f"every subject of cohort {where} is public (site -1 or public_subjects); give sites >= 0 "
+            "to the patients that hospitals hold."
+        )
     fc = federation_config
     if source.partition == "natural":
         site_ids = np.unique(cohort.sites[private])
@@ -122,17 +141,30 @@ def federation_from_cohort(cohort: Cohort, source: CohortSource, federation_conf
         names = [f"site {int(k)}" for k in site_ids]
     else:
         patients, labels, inverse = _group_labels(groups[private], cohort.labels[private])
-        parts = dirichlet_label_partition(labels, fc.num_sites, fc.alpha, fc.quantity_skew,
-                                          numpy_generator(source.seed, 1), _MIN_PER_SITE)
+        parts = dirichlet_label_partition(
+            labels, fc.num_sites, fc.alpha, fc.quantity_skew, numpy_generator(source.seed, 1), _MIN_PER_SITE
+        )
         members = [private[np.isin(inverse, part)] for part in parts]
         names = [f"site {k} (re-split)" for k in range(fc.num_sites)]
-    sites = tuple(_split_site(cohort, rows, fc, k, name, groups, source.seed)
-                  for k, (rows, name) in enumerate(zip(members, names, strict=True)))
+    sites = tuple(
+        _split_site(cohort, rows, fc, k, name, groups, source.seed)
+        for k, (rows, name) in enumerate(zip(members, names, strict=True))
+    )
     public = None
     if public_rows.any():
         public_cohort = cohort.subset(public_rows)
         public = replace(public_cohort, sites=np.full(len(public_cohort), -1, dtype=np.int64))
-    config = replace(fc, num_sites=len(sites), public_size=0 if public is None else len(public),
-                     missing_modality_sites=(), min_subjects_per_site=_MIN_PER_SITE)
-    return Federation(sites=sites, global_test=concatenate([s.test for s in sites]), public=public,
-                      cohort_config=None, federation_config=config)
+    config = replace(
+        fc,
+        num_sites=len(sites),
+        public_size=0 if public is None else len(public),
+        missing_modality_sites=(),
+        min_subjects_per_site=_MIN_PER_SITE,
+    )
+    return Federation(
+        sites=sites,
+        global_test=concatenate([s.test for s in sites]),
+        public=public,
+        cohort_config=None,
+        federation_config=config,
+    )

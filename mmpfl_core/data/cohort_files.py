@@ -6,6 +6,7 @@ notebooks and runs. Arrays go to a compressed ``.npz`` (subject ids as fixed-wid
 sidecar. What it must never do: unpickle anything, or return a partly-read cohort: a corrupt or
 truncated file raises :class:`~mmpfl_core.errors.DataError` naming the file and the fix.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,10 @@ from .federation import Federation, FederationConfig, SiteData
 from .scanners import ScannerProfile
 from .synthetic import SyntheticCohortConfig
 
-_FIX = ("Delete it and write it again: `python data_scripts/generate_cohort.py --out DIR` for the synthetic "
-        "cohort, `python data_scripts/convert_*.py` for your own files.")
+_FIX = (
+    "Delete it and write it again: `python data_scripts/generate_cohort.py --out DIR` for the synthetic "
+    "cohort, `python data_scripts/convert_*.py` for your own files."
+)
 _ARRAYS = ("images", "modality_mask", "clinical", "clinical_mask", "labels", "sites")
 _SPLITS = ("train", "val", "test", "public")
 
@@ -57,24 +60,35 @@ def _json_safe(value: Any) -> Any:
 
 
 def _names(cohort: Cohort) -> dict[str, Any]:
-    return {"modality_names": list(cohort.modality_names), "class_names": list(cohort.class_names),
-            "clinical_names": list(cohort.clinical_names), "meta": _json_safe(cohort.meta)}
+    return {
+        "modality_names": list(cohort.modality_names),
+        "class_names": list(cohort.class_names),
+        "clinical_names": list(cohort.clinical_names),
+        "meta": _json_safe(cohort.meta),
+    }
 
 
 def _cohort(arrays: dict[str, np.ndarray], names: dict[str, Any], index: np.ndarray | slice = slice(None)) -> Cohort:
     lesions = arrays.get("lesion_masks")
-    return Cohort(**{k: arrays[k][index] for k in _ARRAYS}, subject_ids=arrays["subject_ids"][index],
-                  modality_names=tuple(names["modality_names"]), class_names=tuple(names["class_names"]),
-                  clinical_names=tuple(names["clinical_names"]),
-                  lesion_masks=None if lesions is None else lesions[index], meta=names.get("meta", {}))
+    return Cohort(
+        **{k: arrays[k][index] for k in _ARRAYS},
+        subject_ids=arrays["subject_ids"][index],
+        modality_names=tuple(names["modality_names"]),
+        class_names=tuple(names["class_names"]),
+        clinical_names=tuple(names["clinical_names"]),
+        lesion_masks=None if lesions is None else lesions[index],
+        meta=names.get("meta", {}),
+    )
 
 
 def _write(npz_path: Path, arrays: dict[str, np.ndarray], json_path: Path, doc: dict[str, Any]) -> None:
     try:
         text = json.dumps(doc, indent=2)
     except TypeError as err:
-        raise DataError(f"cannot write {json_path}: cohort meta or config is not JSON-serialisable ({err}). "
-                        "Keep Cohort.meta to numbers, strings, lists and dicts.") from err
+        raise DataError(
+            f"cannot write {json_path}: cohort meta or config is not JSON-serialisable ({err}). "
+            "Keep Cohort.meta to numbers, strings, lists and dicts."
+        ) from err
     npz_path.parent.mkdir(parents=True, exist_ok=True)
     with open(npz_path, "wb") as fh:  # a handle, so numpy does not append a second ".npz"
         np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
@@ -84,8 +98,10 @@ def _write(npz_path: Path, arrays: dict[str, np.ndarray], json_path: Path, doc: 
 def _read(npz_path: Path, json_path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     for p in (npz_path, json_path):
         if not p.exists():
-            raise DataError(f"{p} does not exist; pass the path of a file written by `python data_scripts/convert_*.py` "
-                            "(your own images) or `python data_scripts/generate_cohort.py` (the synthetic cohort).")
+            raise DataError(
+                f"{p} does not exist; pass the path of a file written by `python data_scripts/convert_*.py` "
+                "(your own images) or `python data_scripts/generate_cohort.py` (the synthetic cohort)."
+            )
     try:
         doc = json.loads(json_path.read_text())
         with np.load(npz_path, allow_pickle=False) as data:
@@ -114,8 +130,10 @@ def load_cohort(path: str | Path) -> Cohort:
     if path.suffix == ".json":  # the sidecar: the arrays are in the .npz beside it
         npz = path.with_suffix(".npz")
         if not npz.is_file():
-            raise DataError(f"{path} is the JSON sidecar of a converted cohort, and {npz.name} is not beside it. "
-                            "Pass the cohort's .npz file (written by data_scripts/convert_*.py) to --data.")
+            raise DataError(
+                f"{path} is the JSON sidecar of a converted cohort, and {npz.name} is not beside it. "
+                "Pass the cohort's .npz file (written by data_scripts/convert_*.py) to --data."
+            )
         path = npz
     arrays, doc = _read(path, path.with_suffix(".json"))
     try:
@@ -142,7 +160,8 @@ def save_federation(federation: Federation, directory: str | Path) -> Path:
     arrays = _arrays(concatenate(parts))
     arrays["split"] = np.concatenate(codes)
     doc = {
-        "format": "mmpfl-federation-v1", **_names(parts[0]),
+        "format": "mmpfl-federation-v1",
+        **_names(parts[0]),
         "cohort_config": None if federation.cohort_config is None else asdict(federation.cohort_config),
         "federation_config": asdict(federation.federation_config),
         "sites": [{"site_id": s.site_id, "name": s.name, "profile": asdict(s.profile)} for s in federation.sites],
@@ -168,16 +187,20 @@ def load_federation(directory: str | Path) -> Federation:
         public_idx = np.flatnonzero(split == 3)
         cc = doc["cohort_config"]
         return Federation(
-            sites=tuple(sites), global_test=concatenate([s.test for s in sites]),
+            sites=tuple(sites),
+            global_test=concatenate([s.test for s in sites]),
             public=_cohort(arrays, doc, public_idx) if public_idx.size else None,
             cohort_config=None if cc is None else _tuples(SyntheticCohortConfig, cc),
-            federation_config=_tuples(FederationConfig, doc["federation_config"]))
+            federation_config=_tuples(FederationConfig, doc["federation_config"]),
+        )
     except (KeyError, TypeError) as err:
         raise DataError(f"{directory / 'federation.json'} is incomplete ({err!r}). {_FIX}") from err
 
 
 def _tuples(cls: type, fields: dict[str, Any]) -> Any:
     """Rebuild a frozen config whose tuple fields JSON turned into lists."""
+
     def fix(v: Any) -> Any:
         return tuple(fix(x) for x in v) if isinstance(v, list) else v
+
     return cls(**{k: fix(v) for k, v in fields.items()})

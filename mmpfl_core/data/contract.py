@@ -30,6 +30,7 @@ real loaders leave it ``None``.
 keys ``images``, ``modality_mask``, ``clinical``, ``label``, ``site`` (tensors), so that PyTorch's
 default collate, Opacus and Flower all see the same sample.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -65,12 +66,16 @@ def standardise_clinical(raw: np.ndarray, names: Sequence[str] = CLINICAL_FEATUR
     """
     raw = np.asarray(raw, dtype=np.float64)
     if raw.ndim != 2 or raw.shape[1] != len(names):
-        raise DataError(f"clinical array has shape {raw.shape}; expected (N, {len(names)}) for features {tuple(names)}.")
+        raise DataError(
+            f"clinical array has shape {raw.shape}; expected (N, {len(names)}) for features {tuple(names)}."
+        )
     out = np.zeros(raw.shape, dtype=np.float32)
     for k, name in enumerate(names):
         if name not in CLINICAL_REFERENCE:
-            raise DataError(f"unknown clinical feature {name!r}; known: {sorted(CLINICAL_REFERENCE)}. "
-                            "Add its reference (mean, std) to CLINICAL_REFERENCE.")
+            raise DataError(
+                f"unknown clinical feature {name!r}; known: {sorted(CLINICAL_REFERENCE)}. "
+                "Add its reference (mean, std) to CLINICAL_REFERENCE."
+            )
         mean, std = CLINICAL_REFERENCE[name]
         out[:, k] = (raw[:, k] - mean) / std
     mask = np.isfinite(raw)
@@ -146,22 +151,34 @@ class Cohort:
             if arr.shape[0] != n:
                 raise DataError(f"Cohort.{name} has {arr.shape[0]} rows but labels has {n}.")
         if self.images.shape[1] != m:
-            raise DataError(f"images have {self.images.shape[1]} sequences but modality_names lists {m}: {self.modality_names}.")
+            raise DataError(
+                f"images have {self.images.shape[1]} sequences but modality_names lists {m}: {self.modality_names}."
+            )
         if self.images.shape[2] != self.images.shape[3]:
-            raise DataError(f"images must be square (H == W); got {self.images.shape[2:]}. Resize or crop when loading.")
+            raise DataError(
+                f"images must be square (H == W); got {self.images.shape[2:]}. Resize or crop when loading."
+            )
         if self.modality_mask.shape[1] != m:
             raise DataError(f"modality_mask has {self.modality_mask.shape[1]} columns; expected {m}.")
         if self.clinical.shape[1] != k or self.clinical_mask.shape[1] != k:
-            raise DataError(f"clinical arrays must have {k} columns ({self.clinical_names}); got {self.clinical.shape[1]}.")
+            raise DataError(
+                f"clinical arrays must have {k} columns ({self.clinical_names}); got {self.clinical.shape[1]}."
+            )
         if len(self.subject_ids) != n:
             raise DataError(f"subject_ids has {len(self.subject_ids)} entries; expected {n}.")
         if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
-            raise DataError(f"labels must lie in [0, {len(self.class_names) - 1}] ({self.class_names}); "
-                            f"got range [{self.labels.min()}, {self.labels.max()}].")
+            raise DataError(
+                f"labels must lie in [0, {len(self.class_names) - 1}] ({self.class_names}); "
+                f"got range [{self.labels.min()}, {self.labels.max()}]."
+            )
         if not np.all(np.isfinite(self.clinical)):
-            raise DataError("clinical contains NaN/Inf; use standardise_clinical(), which maps missing values to 0 with mask False.")
+            raise DataError(
+                "clinical contains NaN/Inf; use standardise_clinical(), which maps missing values to 0 with mask False."
+            )
         if self.lesion_masks is not None and self.lesion_masks.shape != (n, *self.images.shape[2:]):
-            raise DataError(f"lesion_masks shape {self.lesion_masks.shape} does not match images {(n, *self.images.shape[2:])}.")
+            raise DataError(
+                f"lesion_masks shape {self.lesion_masks.shape} does not match images {(n, *self.images.shape[2:])}."
+            )
 
     def subset(self, index: np.ndarray | Sequence[int]) -> Cohort:
         """The cohort restricted to ``index`` (integer positions or a boolean mask), same order."""
@@ -169,10 +186,15 @@ class Cohort:
         if idx.dtype == np.bool_:
             idx = np.flatnonzero(idx)
         return replace(
-            self, meta=_subset_meta(self.meta, len(self), idx),
-            images=self.images[idx], modality_mask=self.modality_mask[idx],
-            clinical=self.clinical[idx], clinical_mask=self.clinical_mask[idx],
-            labels=self.labels[idx], sites=self.sites[idx], subject_ids=self.subject_ids[idx],
+            self,
+            meta=_subset_meta(self.meta, len(self), idx),
+            images=self.images[idx],
+            modality_mask=self.modality_mask[idx],
+            clinical=self.clinical[idx],
+            clinical_mask=self.clinical_mask[idx],
+            labels=self.labels[idx],
+            sites=self.sites[idx],
+            subject_ids=self.subject_ids[idx],
             lesion_masks=None if self.lesion_masks is None else self.lesion_masks[idx],
         )
 
@@ -199,16 +221,23 @@ def concatenate(cohorts: Sequence[Cohort]) -> Cohort:
         raise DataError("concatenate() needs at least one cohort.")
     first = cohorts[0]
     for c in cohorts[1:]:
-        if (c.modality_names, c.class_names, c.clinical_names) != (first.modality_names, first.class_names, first.clinical_names):
+        if (c.modality_names, c.class_names, c.clinical_names) != (
+            first.modality_names,
+            first.class_names,
+            first.clinical_names,
+        ):
             raise DataError("cannot concatenate cohorts with different modality, class or clinical names.")
         if c.images.shape[1:] != first.images.shape[1:]:
-            raise DataError(f"cannot concatenate cohorts with image shapes {first.images.shape[1:]} and {c.images.shape[1:]}.")
+            raise DataError(
+                f"cannot concatenate cohorts with image shapes {first.images.shape[1:]} and {c.images.shape[1:]}."
+            )
     has_lesions = all(c.lesion_masks is not None for c in cohorts)
     meta = {k: v for k, v in first.meta.items() if k != _ROW_META}
     if all(c.meta.get(_ROW_META) is not None and len(c.meta[_ROW_META]) == len(c) for c in cohorts):
         meta[_ROW_META] = [g for c in cohorts for g in c.meta[_ROW_META]]
     return replace(
-        first, meta=meta,
+        first,
+        meta=meta,
         images=np.concatenate([c.images for c in cohorts]),
         modality_mask=np.concatenate([c.modality_mask for c in cohorts]),
         clinical=np.concatenate([c.clinical for c in cohorts]),

@@ -9,6 +9,7 @@ to no site and is what the server may use (e.g. Fisher estimation, DESIGN.md 4.3
 What it must never do: let one subject appear in two sites or two splits, or let the public set
 overlap any site (tests check both).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -38,24 +39,35 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         check_range("num_sites", self.num_sites, low=1, high=100_000)  # engine: vectorized runs 10^4 sites a round
-        check_range("alpha", self.alpha, low=0.0, low_inclusive=False,
-                    fix="Use a small value (0.1) for strong label skew, float('inf') for IID sites.")
+        check_range(
+            "alpha",
+            self.alpha,
+            low=0.0,
+            low_inclusive=False,
+            fix="Use a small value (0.1) for strong label skew, float('inf') for IID sites.",
+        )
         check_range("quantity_skew", self.quantity_skew, low=0.0)
-        check_range("val_fraction", self.val_fraction, low=0.0, high=1.0, low_inclusive=False,
-                    high_inclusive=False)
-        check_range("test_fraction", self.test_fraction, low=0.0, high=1.0, low_inclusive=False,
-                    high_inclusive=False)
+        check_range("val_fraction", self.val_fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+        check_range("test_fraction", self.test_fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
         if self.val_fraction + self.test_fraction >= 1.0:
-            raise ConfigError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction!r} "
-                              "must be < 1 so that every site keeps training data.")
-        check_range("min_subjects_per_site", self.min_subjects_per_site, low=3,
-                    fix="Each site needs at least one subject per split (train, val, test).")
+            raise ConfigError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction!r} "
+                "must be < 1 so that every site keeps training data."
+            )
+        check_range(
+            "min_subjects_per_site",
+            self.min_subjects_per_site,
+            low=3,
+            fix="Each site needs at least one subject per split (train, val, test).",
+        )
         check_range("public_size", self.public_size, low=0)
         pairs = tuple((int(s), str(m)) for s, m in self.missing_modality_sites)
         for site, mod in pairs:
             if site < 0 or mod not in MODALITIES:
-                raise ConfigError(f"missing_modality_sites entry {(site, mod)!r} needs a site index >= 0 "
-                                  f"and a sequence in {MODALITIES}.")
+                raise ConfigError(
+                    f"missing_modality_sites entry {(site, mod)!r} needs a site index >= 0 "
+                    f"and a sequence in {MODALITIES}."
+                )
         object.__setattr__(self, "missing_modality_sites", pairs)
 
 
@@ -97,8 +109,14 @@ class Federation:
         return np.array([len(s) for s in self.sites], dtype=np.int64)
 
 
-def dirichlet_label_partition(labels: np.ndarray, num_sites: int, alpha: float, quantity_skew: float,
-                              rng: np.random.Generator, min_per_site: int = 1) -> list[np.ndarray]:
+def dirichlet_label_partition(
+    labels: np.ndarray,
+    num_sites: int,
+    alpha: float,
+    quantity_skew: float,
+    rng: np.random.Generator,
+    min_per_site: int = 1,
+) -> list[np.ndarray]:
     """Split positions ``0..len(labels)-1`` into ``num_sites`` disjoint, covering index arrays.
 
     Algorithm (per-class Dirichlet, Hsu et al. 2019, with quantity skew):
@@ -118,8 +136,10 @@ def dirichlet_label_partition(labels: np.ndarray, num_sites: int, alpha: float, 
     labels = np.asarray(labels)
     n = labels.shape[0]
     if n < num_sites * min_per_site:
-        raise ConfigError(f"cannot give {num_sites} sites at least {min_per_site} subjects each from {n} "
-                          "subjects; raise num_subjects or lower num_sites / min_subjects_per_site.")
+        raise ConfigError(
+            f"cannot give {num_sites} sites at least {min_per_site} subjects each from {n} "
+            "subjects; raise num_subjects or lower num_sites / min_subjects_per_site."
+        )
     classes = np.unique(labels)
     z = rng.standard_normal(num_sites)
     w = np.exp(quantity_skew * (z - z.max()))
@@ -159,8 +179,9 @@ def _largest_remainder(total: int, shares: np.ndarray) -> np.ndarray:
     return out
 
 
-def _stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float,
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _stratified_split(
+    labels: np.ndarray, val_fraction: float, test_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Positions of train/val/test, stratified by label, each split non-empty (needs >= 3 items).
 
     Each item's key is (rank within its class + U(0,1)) / class size; sorting by it interleaves the
@@ -200,29 +221,46 @@ def build_federation(cohort_config: SyntheticCohortConfig, federation_config: Fe
     fc = federation_config
     n = cohort_config.num_subjects
     if n - fc.public_size < fc.num_sites * fc.min_subjects_per_site:
-        raise ConfigError(f"num_subjects={n} leaves {n - fc.public_size} after public_size={fc.public_size}, "
-                          f"fewer than num_sites * min_subjects_per_site = "
-                          f"{fc.num_sites * fc.min_subjects_per_site}; raise num_subjects or lower the others.")
+        raise ConfigError(
+            f"num_subjects={n} leaves {n - fc.public_size} after public_size={fc.public_size}, "
+            f"fewer than num_sites * min_subjects_per_site = "
+            f"{fc.num_sites * fc.min_subjects_per_site}; raise num_subjects or lower the others."
+        )
     subjects = generate_subjects(cohort_config)
     assert isinstance(subjects, Cohort)  # return_tissue_maps=False: the cohort alone
     rng = numpy_generator(fc.seed, 1)
     public_idx = _public_indices(subjects.labels, fc.public_size, subjects.num_classes, rng)
     rest = np.setdiff1d(np.arange(n), public_idx)
-    parts = dirichlet_label_partition(subjects.labels[rest], fc.num_sites, fc.alpha, fc.quantity_skew, rng,
-                                      fc.min_subjects_per_site)
+    parts = dirichlet_label_partition(
+        subjects.labels[rest], fc.num_sites, fc.alpha, fc.quantity_skew, rng, fc.min_subjects_per_site
+    )
     profiles = default_site_profiles(fc.num_sites, fc.seed, missing_modalities=fc.missing_modality_sites)
     sites = []
     for k, (part, profile) in enumerate(zip(parts, profiles, strict=True)):
         cohort = acquire_cohort(subjects.subset(rest[part]), profile, numpy_generator(fc.seed, 2, k), site=k)
-        train, val, test = _stratified_split(cohort.labels, fc.val_fraction, fc.test_fraction,
-                                             numpy_generator(fc.seed, 3, k))
-        sites.append(SiteData(site_id=k, name=profile.name, profile=profile, train=cohort.subset(train),
-                              val=cohort.subset(val), test=cohort.subset(test)))
+        train, val, test = _stratified_split(
+            cohort.labels, fc.val_fraction, fc.test_fraction, numpy_generator(fc.seed, 3, k)
+        )
+        sites.append(
+            SiteData(
+                site_id=k,
+                name=profile.name,
+                profile=profile,
+                train=cohort.subset(train),
+                val=cohort.subset(val),
+                test=cohort.subset(test),
+            )
+        )
     public = None
     if fc.public_size > 0:
         public = acquire_cohort(subjects.subset(public_idx), reference_profile(), numpy_generator(fc.seed, 4), site=-1)
-    return Federation(sites=tuple(sites), global_test=concatenate([s.test for s in sites]), public=public,
-                      cohort_config=cohort_config, federation_config=fc)
+    return Federation(
+        sites=tuple(sites),
+        global_test=concatenate([s.test for s in sites]),
+        public=public,
+        cohort_config=cohort_config,
+        federation_config=fc,
+    )
 
 
 def acquire_cohort(cohort: Cohort, profile: ScannerProfile, rng: np.random.Generator, site: int) -> Cohort:

@@ -16,6 +16,7 @@ After the scanner, each (subject, sequence) image is normalised to [0, 1] by its
 exactly like a real loader would (:func:`mmpfl_core.data.contract.normalise_intensity`).
 What it must never do: change anatomy or labels, or look at which class a subject belongs to.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,8 +52,10 @@ class ScannerProfile:
         for name in ("contrast_gain", "contrast_gamma"):
             vals = tuple(float(v) for v in getattr(self, name))
             if len(vals) != len(MODALITIES) or min(vals) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must hold {len(MODALITIES)} positive "
-                                  f"numbers, one per sequence {MODALITIES}.")
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} must hold {len(MODALITIES)} positive "
+                    f"numbers, one per sequence {MODALITIES}."
+                )
             object.__setattr__(self, name, vals)
         check_range("bias_field_strength", self.bias_field_strength, low=0.0, high=2.0)
         check_range("noise_sigma", self.noise_sigma, low=0.0, high=1.0)
@@ -60,8 +63,10 @@ class ScannerProfile:
         check_range("intensity_scale", self.intensity_scale, low=0.0, low_inclusive=False)
         unknown = set(self.missing_modalities) - set(MODALITIES)
         if unknown:
-            raise ConfigError(f"missing_modalities={self.missing_modalities!r} names unknown sequences "
-                              f"{sorted(unknown)}; known: {MODALITIES}.")
+            raise ConfigError(
+                f"missing_modalities={self.missing_modalities!r} names unknown sequences "
+                f"{sorted(unknown)}; known: {MODALITIES}."
+            )
         object.__setattr__(self, "missing_modalities", tuple(self.missing_modalities))
 
 
@@ -80,8 +85,9 @@ _TEMPLATES = (
 )
 
 
-def default_site_profiles(num_sites: int, seed: int, *,
-                          missing_modalities: tuple[tuple[int, str], ...] = ()) -> list[ScannerProfile]:
+def default_site_profiles(
+    num_sites: int, seed: int, *, missing_modalities: tuple[tuple[int, str], ...] = ()
+) -> list[ScannerProfile]:
     """``num_sites`` diverse, deterministic scanner profiles ("site-A 3T", "site-B 1.5T", ...).
 
     The first five follow fixed templates (two 1.5 T, three 3 T, different vendors' scales); more
@@ -113,17 +119,31 @@ def default_site_profiles(num_sites: int, seed: int, *,
             scale = float(scale * np.exp(0.3 * j[8]))
         label = chr(ord("A") + k) if k < 26 else str(k)
         field_txt = "3T" if field == 3.0 else "1.5T"
-        profiles.append(ScannerProfile(
-            name=f"site-{label} {field_txt}", field_strength_t=field, contrast_gain=gain,
-            contrast_gamma=gamma, bias_field_strength=bias, noise_sigma=noise, blur_sigma=blur,
-            intensity_scale=scale, intensity_offset=offset,
-            missing_modalities=tuple(m for m in MODALITIES if m in missing.get(k, ()))))
+        profiles.append(
+            ScannerProfile(
+                name=f"site-{label} {field_txt}",
+                field_strength_t=field,
+                contrast_gain=gain,
+                contrast_gamma=gamma,
+                bias_field_strength=bias,
+                noise_sigma=noise,
+                blur_sigma=blur,
+                intensity_scale=scale,
+                intensity_offset=offset,
+                missing_modalities=tuple(m for m in MODALITIES if m in missing.get(k, ())),
+            )
+        )
     return profiles
 
 
-def apply_scanner(images: np.ndarray, profile: ScannerProfile, rng: np.random.Generator, *,
-                  modality_names: tuple[str, ...] = MODALITIES, percentile: float = 99.5
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def apply_scanner(
+    images: np.ndarray,
+    profile: ScannerProfile,
+    rng: np.random.Generator,
+    *,
+    modality_names: tuple[str, ...] = MODALITIES,
+    percentile: float = 99.5,
+) -> tuple[np.ndarray, np.ndarray]:
     """Image clean tissue maps with ``profile``'s scanner, then normalise like a loader would.
 
     Steps (vectorised over subjects and sequences): (1) contrast: ``x ** gamma``, stretched by
@@ -146,19 +166,20 @@ def apply_scanner(images: np.ndarray, profile: ScannerProfile, rng: np.random.Ge
     n, m, h, w = images.shape
     lin = (np.arange(h, dtype=np.float32) + 0.5) / h * 2 - 1
     v, u = np.meshgrid(lin, lin, indexing="ij")  # (H, W) each
-    basis = np.stack([u, v, u * v, u ** 2 - 1 / 3, v ** 2 - 1 / 3])  # (P, H, W) low-order polynomials
+    basis = np.stack([u, v, u * v, u**2 - 1 / 3, v**2 - 1 / 3])  # (P, H, W) low-order polynomials
     out = np.empty((n, m, h, w), dtype=np.float32)
     # Blocks of subjects keep temporaries cache-sized; the random stream is consumed block by block.
     for lo in range(0, n, _BLOCK):
-        x = np.asarray(images[lo:lo + _BLOCK], dtype=np.float32)
-        out[lo:lo + _BLOCK] = _acquire(x, profile, rng, basis, percentile)
+        x = np.asarray(images[lo : lo + _BLOCK], dtype=np.float32)
+        out[lo : lo + _BLOCK] = _acquire(x, profile, rng, basis, percentile)
     mask = np.array([name not in profile.missing_modalities for name in modality_names], dtype=bool)
     out[:, ~mask] = 0.0
     return out, np.broadcast_to(mask, (n, m)).copy()
 
 
-def _acquire(x: np.ndarray, profile: ScannerProfile, rng: np.random.Generator, basis: np.ndarray,
-             percentile: float) -> np.ndarray:
+def _acquire(
+    x: np.ndarray, profile: ScannerProfile, rng: np.random.Generator, basis: np.ndarray, percentile: float
+) -> np.ndarray:
     """Steps 1-6 of :func:`apply_scanner` for one block x (B, M, H, W)."""
     b, m, h, w = x.shape
     fg = x > 0.02  # (B, M, H, W) head; background stays dark under contrast changes
@@ -172,7 +193,8 @@ def _acquire(x: np.ndarray, profile: ScannerProfile, rng: np.random.Generator, b
         y = gaussian_filter(y, sigma=(0, 0, s, s), mode="constant")
 
     coef = profile.bias_field_strength * (
-        rng.standard_normal((b, 1, basis.shape[0])) + 0.3 * rng.standard_normal((b, m, basis.shape[0])))
+        rng.standard_normal((b, 1, basis.shape[0])) + 0.3 * rng.standard_normal((b, m, basis.shape[0]))
+    )
     log_bias = np.einsum("bmp,phw->bmhw", coef.astype(np.float32), basis)  # (B, M, H, W)
     y = y * np.exp(log_bias)
 

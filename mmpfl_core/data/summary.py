@@ -3,6 +3,7 @@
 What it is for: the ``cohort_summary.csv`` written next to generated data and the tables shown in
 notebook 00. Counts only; it never touches images.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,17 +30,30 @@ def cohort_summary_table(federation: Federation) -> pd.DataFrame:
             missing = [m for m, p in zip(s.train.modality_names, present_list, strict=True) if not p]
         else:
             missing = list(s.profile.missing_modalities)
-        rows.append({
-            "site": s.site_id, "name": s.name, "field_strength_t": None if real else s.profile.field_strength_t,
-            "n_train": len(s.train), "n_val": len(s.val), "n_test": len(s.test),
-            **{f"n_{c}": int(k) for c, k in zip(s.train.class_names, counts, strict=True)},
-            "missing_sequences": " ".join(missing),
-        })
+        rows.append(
+            {
+                "site": s.site_id,
+                "name": s.name,
+                "field_strength_t": None if real else s.profile.field_strength_t,
+                "n_train": len(s.train),
+                "n_val": len(s.val),
+                "n_test": len(s.test),
+                **{f"n_{c}": int(k) for c, k in zip(s.train.class_names, counts, strict=True)},
+                "missing_sequences": " ".join(missing),
+            }
+        )
     if federation.public is not None:
         pub = federation.public
-        rows.append({"site": -1, "name": "public" if real else "public (reference 3T)",
-                     "field_strength_t": None if real else 3.0,
-                     "n_train": 0, "n_val": 0, "n_test": 0,
-                     **{f"n_{c}": int(k) for c, k in zip(pub.class_names, pub.class_counts(), strict=True)},
-                     "missing_sequences": ""})
+        rows.append(
+            {
+                "site": -1,
+                "name": "public" if real else "public (reference 3T)",
+                "field_strength_t": None if real else 3.0,
+                "n_train": 0,
+                "n_val": 0,
+                "n_test": 0,
+                **{f"n_{c}": int(k) for c, k in zip(pub.class_names, pub.class_counts(), strict=True)},
+                "missing_sequences": "",
+            }
+        )
     return pd.DataFrame(rows)

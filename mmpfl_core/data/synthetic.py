@@ -69,6 +69,7 @@ images nor clinical variables alone separate the classes well; fused they do bet
 3-fold logistic regression on 3,000 subjects at 64 px after five site scanners: clinical only 68%,
 image features (16x16 FLAIR + lesion/CSF statistics) 68%, both 78% (chance: 40%).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -81,17 +82,19 @@ from ..seeding import numpy_generator
 from .contract import CLASS_NAMES, CLINICAL_FEATURES, MODALITIES, Cohort, standardise_clinical
 
 #: Integer codes of :func:`generate_subjects`'s ``tissue_maps`` (N, H, W) int8.
-TISSUE_LABELS: dict[str, int] = {"background": 0, "skull": 1, "csf": 2, "ventricle": 3, "gm": 4,
-                                 "wm": 5, "lesion": 6}
+TISSUE_LABELS: dict[str, int] = {"background": 0, "skull": 1, "csf": 2, "ventricle": 3, "gm": 4, "wm": 5, "lesion": 6}
 
 # Tissue intensities per sequence (rows: T1, T2, FLAIR), columns ordered as TISSUE_LABELS.
 # The lesion column is the fully-lesioned value; T1 lesions blend between WM (iso) and _T1_BLACK_HOLE.
-_TISSUE_VALUES = np.array([
-    # bg    skull  csf   vent  gm    wm    lesion
-    [0.00, 0.92, 0.12, 0.12, 0.50, 0.75, 0.75],  # T1
-    [0.00, 0.60, 0.95, 0.95, 0.55, 0.40, 0.82],  # T2
-    [0.00, 0.55, 0.08, 0.08, 0.50, 0.38, 0.90],  # FLAIR
-], dtype=np.float32)
+_TISSUE_VALUES = np.array(
+    [
+        # bg    skull  csf   vent  gm    wm    lesion
+        [0.00, 0.92, 0.12, 0.12, 0.50, 0.75, 0.75],  # T1
+        [0.00, 0.60, 0.95, 0.95, 0.55, 0.40, 0.82],  # T2
+        [0.00, 0.55, 0.08, 0.08, 0.50, 0.38, 0.90],  # FLAIR
+    ],
+    dtype=np.float32,
+)
 _T1_BLACK_HOLE = 0.30
 _MAX_LESIONS = 40
 _BLOCK = 128  # subjects rendered together
@@ -108,20 +111,23 @@ class SyntheticCohortConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_range("num_subjects", self.num_subjects, low=1,
-                    fix="Ask for at least one subject (300 for a smoke run).")
-        check_range("image_size", self.image_size, low=16, high=256,
-                    fix="Use 32 for smoke runs, 64 by default, at most 256.")
+        check_range("num_subjects", self.num_subjects, low=1, fix="Ask for at least one subject (300 for a smoke run).")
+        check_range(
+            "image_size", self.image_size, low=16, high=256, fix="Use 32 for smoke runs, 64 by default, at most 256."
+        )
         check_range("difficulty", self.difficulty, low=0.0, high=1.0)
         props = tuple(float(p) for p in self.class_proportions)
         if len(props) != len(CLASS_NAMES) or min(props) < 0 or abs(sum(props) - 1.0) > 1e-6:
-            raise ConfigError(f"class_proportions={self.class_proportions!r} must be {len(CLASS_NAMES)} "
-                              f"non-negative numbers summing to 1, one per class {CLASS_NAMES}.")
+            raise ConfigError(
+                f"class_proportions={self.class_proportions!r} must be {len(CLASS_NAMES)} "
+                f"non-negative numbers summing to 1, one per class {CLASS_NAMES}."
+            )
         object.__setattr__(self, "class_proportions", props)
 
 
-def generate_subjects(config: SyntheticCohortConfig, *, return_tissue_maps: bool = False
-                      ) -> Cohort | tuple[Cohort, np.ndarray]:
+def generate_subjects(
+    config: SyntheticCohortConfig, *, return_tissue_maps: bool = False
+) -> Cohort | tuple[Cohort, np.ndarray]:
     """Draw ``config.num_subjects`` site-less subjects with clean tissue intensities.
 
     Steps: (1) labels from ``class_proportions``; (2) clinical variables and latent lesion load /
@@ -158,8 +164,11 @@ def generate_subjects(config: SyntheticCohortConfig, *, return_tissue_maps: bool
 
     clinical, clinical_mask = standardise_clinical(clinical_raw, CLINICAL_FEATURES)
     cohort = Cohort(
-        images=images, modality_mask=np.ones((n, len(MODALITIES)), dtype=bool),
-        clinical=clinical, clinical_mask=clinical_mask, labels=labels,
+        images=images,
+        modality_mask=np.ones((n, len(MODALITIES)), dtype=bool),
+        clinical=clinical,
+        clinical_mask=clinical_mask,
+        labels=labels,
         sites=np.full(n, -1, dtype=np.int64),
         subject_ids=np.array([f"syn-{i:06d}" for i in range(n)]),
         lesion_masks=lesion_masks,
@@ -168,8 +177,9 @@ def generate_subjects(config: SyntheticCohortConfig, *, return_tissue_maps: bool
     return (cohort, tissue) if return_tissue_maps else cohort
 
 
-def _render_block(lo: int, hi: int, subj: dict[str, np.ndarray], lesions: dict[str, np.ndarray],
-                  values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _render_block(
+    lo: int, hi: int, subj: dict[str, np.ndarray], lesions: dict[str, np.ndarray], values: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Images (B, M, H, W), lesion masks (B, H, W) and tissue maps (B, H, W) of subjects lo..hi-1."""
     b = hi - lo
     block = {k: v[lo:hi] for k, v in subj.items()}
@@ -192,8 +202,9 @@ def _render_block(lo: int, hi: int, subj: dict[str, np.ndarray], lesions: dict[s
     return np.clip(images, 0.0, 1.0), lesion_mask, tissue
 
 
-def _draw_latents(labels: np.ndarray, d: float, rng: np.random.Generator
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _draw_latents(
+    labels: np.ndarray, d: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Clinical variables (N, 4) in raw units and the latents that drive the images.
 
     Returns ``(clinical_raw, lesion_count, atrophy, black_hole_fraction)``. A shared per-subject
@@ -212,8 +223,11 @@ def _draw_latents(labels: np.ndarray, d: float, rng: np.random.Generator
     sex_female = (rng.random(n) < p_female).astype(np.float64)
 
     noise = 1.6 + 3.0 * d  # clinical noise: EDSS is rater-dependent and fluctuates with relapses
-    edss = np.select([healthy, rrms], [0.3, 2.4], 4.6) + 0.6 * severity * (~healthy) \
+    edss = (
+        np.select([healthy, rrms], [0.3, 2.4], 4.6)
+        + 0.6 * severity * (~healthy)
         + rng.normal(0, 1, n) * np.where(healthy, 0.4 + 0.6 * d, noise)
+    )
     edss = np.round(np.clip(edss, 0, 9.5) * 2) / 2  # the Kurtzke scale moves in 0.5 steps
     symptom = np.clip(np.select([healthy, rrms], [2.2, 3.2], 3.8) + rng.normal(0, 1.8 + 1.8 * d, n), 0, 10)
     symptom[rng.random(n) < 0.03] = np.nan  # missing questionnaires exercise clinical_mask
@@ -229,8 +243,12 @@ def _draw_latents(labels: np.ndarray, d: float, rng: np.random.Generator
     lesion_count = np.where(healthy, wmh_count, np.maximum(ms_count, 1)).astype(np.int64)
     lesion_count = np.minimum(lesion_count, _MAX_LESIONS)
 
-    atrophy = np.select([healthy, rrms], [0.08, 0.16], 0.30) + 0.08 * np.clip((age - 20) / 50, 0, 1.2) \
-        + 0.04 * severity * (~healthy) + rng.normal(0, 0.03 + 0.12 * d, n)
+    atrophy = (
+        np.select([healthy, rrms], [0.08, 0.16], 0.30)
+        + 0.08 * np.clip((age - 20) / 50, 0, 1.2)
+        + 0.04 * severity * (~healthy)
+        + rng.normal(0, 0.03 + 0.12 * d, n)
+    )
     atrophy = np.clip(atrophy, 0.0, 1.0)
     black_hole = np.select([healthy, rrms], [0.0, 0.3], 0.6)
     return clinical_raw, lesion_count, atrophy, black_hole
@@ -240,13 +258,17 @@ def _draw_anatomy(n: int, atrophy: np.ndarray, rng: np.random.Generator) -> dict
     """Per-subject shape parameters (each (N,)) of head, brain, cortex and ventricles."""
     head_a = 0.80 * (1 + 0.04 * rng.standard_normal(n))  # left-right semi-axis, image units
     return {
-        "cx": 0.02 * rng.standard_normal(n), "cy": 0.02 * rng.standard_normal(n),
+        "cx": 0.02 * rng.standard_normal(n),
+        "cy": 0.02 * rng.standard_normal(n),
         "theta": np.deg2rad(6.0) * rng.standard_normal(n),
-        "head_a": head_a, "head_b": head_a * rng.uniform(1.08, 1.22, n),
-        "wobble": 0.02 * rng.standard_normal((n, 2)), "wobble_phase": rng.uniform(0, 2 * np.pi, (n, 2)),
+        "head_a": head_a,
+        "head_b": head_a * rng.uniform(1.08, 1.22, n),
+        "wobble": 0.02 * rng.standard_normal((n, 2)),
+        "wobble_phase": rng.uniform(0, 2 * np.pi, (n, 2)),
         "brain_scale": 0.86 * (1 - 0.12 * atrophy),  # brain shrinks inside a fixed skull
         "cortex": (0.16 - 0.07 * atrophy) * (1 + 0.05 * rng.standard_normal(n)),
-        "gyri": rng.integers(9, 14, n).astype(np.float64), "gyri_phase": rng.uniform(0, 2 * np.pi, n),
+        "gyri": rng.integers(9, 14, n).astype(np.float64),
+        "gyri_phase": rng.uniform(0, 2 * np.pi, n),
         "vent_scale": (0.75 + 1.6 * atrophy) * (1 + 0.06 * rng.standard_normal(n)),
         "vent_angle": np.deg2rad(rng.uniform(6, 16, n)),
     }
@@ -263,7 +285,7 @@ def _ventricle_frame(subj: dict[str, np.ndarray], side: float, idx: np.ndarray |
 
 def _anatomy_maps(subj: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tissue label maps (N, H, W) int8 and brain-normalised coordinates ub, vb (N, H, W)."""
-    lin = ((np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1)
+    lin = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
     x, y = lin[None, None, :], lin[:, None][None]  # (1, 1, W), (1, H, 1)
     p = {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in subj.items()}
     c, s = np.cos(p["theta"])[:, None, None], np.sin(p["theta"])[:, None, None]
@@ -271,9 +293,10 @@ def _anatomy_maps(subj: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, n
     u, v = c * dx + s * dy, -s * dx + c * dy  # (N, H, W) subject-aligned coordinates
     hu, hv = u / p["head_a"][:, None, None], v / p["head_b"][:, None, None]
     phi = np.arctan2(hv, hu)
-    wob = 1 + sum(p["wobble"][:, k, None, None] * np.cos((k + 2) * phi + p["wobble_phase"][:, k, None, None])
-                  for k in range(2))
-    r_head = np.sqrt(hu ** 2 + hv ** 2) * wob
+    wob = 1 + sum(
+        p["wobble"][:, k, None, None] * np.cos((k + 2) * phi + p["wobble_phase"][:, k, None, None]) for k in range(2)
+    )
+    r_head = np.sqrt(hu**2 + hv**2) * wob
     bs = p["brain_scale"][:, None, None]
     ub, vb = hu / bs, hv / bs  # brain units: the brain is (roughly) the unit disc
     r_brain = r_head / bs
@@ -294,8 +317,14 @@ def _anatomy_maps(subj: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, n
     return tissue, ub, vb
 
 
-def _draw_lesions(labels: np.ndarray, count: np.ndarray, black_hole: np.ndarray, d: float,
-                  subj: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _draw_lesions(
+    labels: np.ndarray,
+    count: np.ndarray,
+    black_hole: np.ndarray,
+    d: float,
+    subj: dict[str, np.ndarray],
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
     """Parameters of every lesion of every subject, each a (T,) array (T = total lesion count).
 
     ``owner`` is the lesion's subject and ``slot`` its rank within that subject; centres
@@ -335,14 +364,21 @@ def _draw_lesions(labels: np.ndarray, count: np.ndarray, black_hole: np.ndarray,
     rd = rng.uniform(0.35, 0.75, total)
     r = np.where(kind == 1, rj, rd)
     return {
-        "owner": owner, "slot": slot, "la": la, "lb": lb, "weight": weight, "dark": dark,
-        "lu": np.where(kind == 0, pv_u, r * np.cos(psi)), "lv": np.where(kind == 0, pv_v, r * np.sin(psi)),
+        "owner": owner,
+        "slot": slot,
+        "la": la,
+        "lb": lb,
+        "weight": weight,
+        "dark": dark,
+        "lu": np.where(kind == 0, pv_u, r * np.cos(psi)),
+        "lv": np.where(kind == 0, pv_v, r * np.sin(psi)),
         "ang": np.where(kind == 0, pv_ang, np.where(kind == 1, psi + np.pi / 2, rng.uniform(0, np.pi, total))),
     }
 
 
-def _render_lesions(lesions: dict[str, np.ndarray], lo: int, hi: int, ub: np.ndarray, vb: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def _render_lesions(
+    lesions: dict[str, np.ndarray], lo: int, hi: int, ub: np.ndarray, vb: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Soft lesion occupancy maps (B, H, W) of subjects lo..hi-1: for T2/FLAIR, and for T1.
 
     Loops over lesion *slots* (the k-th lesion of every subject in the block that has one), so work
@@ -359,8 +395,7 @@ def _render_lesions(lesions: dict[str, np.ndarray], lo: int, hi: int, ub: np.nda
         who = owner[sel]
         du, dv = ub[who] - f32(les["lu"][sel]), vb[who] - f32(les["lv"][sel])  # (L, H, W)
         c, s = f32(np.cos(les["ang"][sel])), f32(np.sin(les["ang"][sel]))
-        dist = np.sqrt(((c * du + s * dv) / f32(les["la"][sel])) ** 2
-                       + ((-s * du + c * dv) / f32(les["lb"][sel])) ** 2)
+        dist = np.sqrt(((c * du + s * dv) / f32(les["la"][sel])) ** 2 + ((-s * du + c * dv) / f32(les["lb"][sel])) ** 2)
         o = np.clip((1.3 - dist) / 0.6, 0.0, 1.0) * f32(les["weight"][sel])  # soft edge, full core
         occ[who] = np.maximum(occ[who], o)
         occ_t1[who] = np.maximum(occ_t1[who], o * f32(les["dark"][sel]))

@@ -13,6 +13,7 @@ test sets), so an ablation is trained and evaluated on the same subjects as the 
 These functions never touch labels, sites or subject ids, and never mix subjects: they only hide
 information.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -32,8 +33,10 @@ def _modality_indices(cohort: Cohort, names: Sequence[str]) -> list[int]:
     out = []
     for name in names:
         if name.lower() not in lookup:
-            raise DataError(f"unknown sequence {name!r}; this cohort has {cohort.modality_names}. "
-                            "Pass names from cohort.modality_names (case does not matter).")
+            raise DataError(
+                f"unknown sequence {name!r}; this cohort has {cohort.modality_names}. "
+                "Pass names from cohort.modality_names (case does not matter)."
+            )
         out.append(lookup[name.lower()])
     return out
 
@@ -79,7 +82,8 @@ def clinical_only(cohort: Cohort) -> Cohort:
 
 def map_federation(federation: Federation, transform: Callable[[Cohort], Cohort]) -> Federation:
     """Apply ``transform`` to every site's train/val/test split, the global test and the public set."""
-    sites = tuple(replace(s, train=transform(s.train), val=transform(s.val), test=transform(s.test))
-                  for s in federation.sites)
+    sites = tuple(
+        replace(s, train=transform(s.train), val=transform(s.val), test=transform(s.test)) for s in federation.sites
+    )
     public = None if federation.public is None else transform(federation.public)
     return replace(federation, sites=sites, global_test=transform(federation.global_test), public=public)

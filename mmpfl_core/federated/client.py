@@ -8,6 +8,7 @@ the parameters it was sent.
 What leaves the site is decided by the strategy (``Strategy.transmit``), not here: this module only
 computes ``delta = theta_local - theta_global`` for every trainable parameter.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ def batch_schedule(num_examples: int, config: LocalTrainingConfig, generator: to
     while True:
         order = torch.randperm(num_examples, generator=generator)
         for start in range(0, num_examples, config.batch_size):
-            batches.append(order[start:start + config.batch_size])
+            batches.append(order[start : start + config.batch_size])
             if target is not None and len(batches) == target:
                 return batches
         if epochs is not None:
@@ -68,9 +69,11 @@ def batch_schedule(num_examples: int, config: LocalTrainingConfig, generator: to
 
 def forward_batch(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     """Logits for a contract batch (images, modality_mask, clinical) moved to ``device``."""
-    return model(batch["images"].to(device, non_blocking=True),
-                 batch["modality_mask"].to(device, non_blocking=True),
-                 batch["clinical"].to(device, non_blocking=True))
+    return model(
+        batch["images"].to(device, non_blocking=True),
+        batch["modality_mask"].to(device, non_blocking=True),
+        batch["clinical"].to(device, non_blocking=True),
+    )
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -78,10 +81,18 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def local_update(model: nn.Module, dataset: CohortDataset, *, site_id: int, training: LocalTrainingConfig,
-                 optimizer: OptimizerConfig, generator: torch.Generator, device: torch.device,
-                 regulariser: LossRegulariser | None = None,
-                 private_training: PrivateTraining | None = None) -> ClientUpdate:
+def local_update(
+    model: nn.Module,
+    dataset: CohortDataset,
+    *,
+    site_id: int,
+    training: LocalTrainingConfig,
+    optimizer: OptimizerConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    regulariser: LossRegulariser | None = None,
+    private_training: PrivateTraining | None = None,
+) -> ClientUpdate:
     """Train ``model`` in place on ``dataset`` and return the parameter delta.
 
     Steps: 1) remember the starting parameters theta_0; 2) run the batch schedule with a fresh
@@ -96,9 +107,17 @@ def local_update(model: nn.Module, dataset: CohortDataset, *, site_id: int, trai
             (default) trains without it, exactly as before.
     """
     if private_training is not None:
-        return _private_local_update(model, dataset, site_id=site_id, training=training, optimizer=optimizer,
-                                     generator=generator, device=device, regulariser=regulariser,
-                                     private=private_training)
+        return _private_local_update(
+            model,
+            dataset,
+            site_id=site_id,
+            training=training,
+            optimizer=optimizer,
+            generator=generator,
+            device=device,
+            regulariser=regulariser,
+            private=private_training,
+        )
     model.to(device).train()
     start = trainable_state(model)
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], optimizer)
@@ -117,8 +136,13 @@ def local_update(model: nn.Module, dataset: CohortDataset, *, site_id: int, trai
         total_loss += loss.detach()  # summed on the device: no host sync per step on a GPU
         steps += 1
     delta = {n: p.detach() - start[n] for n, p in model.named_parameters() if n in start}
-    return ClientUpdate(site_id=site_id, delta=delta, num_examples=len(dataset), num_steps=steps,
-                        train_loss=float(total_loss) / max(steps, 1))
+    return ClientUpdate(
+        site_id=site_id,
+        delta=delta,
+        num_examples=len(dataset),
+        num_steps=steps,
+        train_loss=float(total_loss) / max(steps, 1),
+    )
 
 
 def steps_per_round(num_examples: int, config: LocalTrainingConfig) -> int:
@@ -128,9 +152,18 @@ def steps_per_round(num_examples: int, config: LocalTrainingConfig) -> int:
     return config.local_epochs * max(1, -(-num_examples // config.batch_size))
 
 
-def _private_local_update(model: nn.Module, dataset: CohortDataset, *, site_id: int, training: LocalTrainingConfig,
-                          optimizer: OptimizerConfig, generator: torch.Generator, device: torch.device,
-                          regulariser: LossRegulariser | None, private: PrivateTraining) -> ClientUpdate:
+def _private_local_update(
+    model: nn.Module,
+    dataset: CohortDataset,
+    *,
+    site_id: int,
+    training: LocalTrainingConfig,
+    optimizer: OptimizerConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    regulariser: LossRegulariser | None,
+    private: PrivateTraining,
+) -> ClientUpdate:
     """DP-SGD version of :func:`local_update` (algorithm in :mod:`mmpfl_core.privacy.dp_sgd`).
 
     Poisson batches with rate q = B / n and per-sample clipping and noise by Opacus; batches and
@@ -153,8 +186,9 @@ def _private_local_update(model: nn.Module, dataset: CohortDataset, *, site_id: 
         noise_generator = torch.Generator(device=device)
         noise_generator.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
         batch_generator = generator
-    wrapped, opt = make_private(module=model, optimizer=build_optimizer(params, optimizer), training=private,
-                                generator=noise_generator)
+    wrapped, opt = make_private(
+        module=model, optimizer=build_optimizer(params, optimizer), training=private, generator=noise_generator
+    )
     loss_fn = nn.CrossEntropyLoss()
     total_loss, steps = 0.0, 0
     try:
@@ -164,7 +198,8 @@ def _private_local_update(model: nn.Module, dataset: CohortDataset, *, site_id: 
             if len(index) == 0:  # an empty Poisson batch still releases (noise only) and is charged
                 for p in params:
                     p.grad_sample = torch.zeros(  # type: ignore[attr-defined]  # Opacus's per-sample slot
-                        (0, *p.shape), device=p.device, dtype=p.dtype)
+                        (0, *p.shape), device=p.device, dtype=p.dtype
+                    )
             else:
                 batch = dataset.batch(index)
                 loss = loss_fn(forward_batch(wrapped, batch, device), batch["label"].to(device))
@@ -182,5 +217,10 @@ def _private_local_update(model: nn.Module, dataset: CohortDataset, *, site_id: 
     finally:
         wrapped._close()  # remove Opacus hooks from the working model
     delta = {n: p.detach() - start[n] for n, p in model.named_parameters() if n in start}
-    return ClientUpdate(site_id=site_id, delta=delta, num_examples=len(dataset), num_steps=steps,
-                        train_loss=float(total_loss) / max(steps, 1))
+    return ClientUpdate(
+        site_id=site_id,
+        delta=delta,
+        num_examples=len(dataset),
+        num_steps=steps,
+        train_loss=float(total_loss) / max(steps, 1),
+    )

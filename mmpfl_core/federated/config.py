@@ -4,6 +4,7 @@ The library only takes these dataclasses; YAML files, the CLI and notebook param
 into them at the edge (:mod:`mmpfl_core.experiment`). Every field is checked on construction and a
 bad value raises :class:`~mmpfl_core.errors.ConfigError` naming the field, the value and the range.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -80,14 +81,26 @@ class FederatedConfig:
 
     def __post_init__(self) -> None:
         if self.engine not in ("loop", "vectorized"):
-            raise ConfigError(f"federated.engine={self.engine!r} is unknown; use 'loop' (the reference) or "
-                              "'vectorized' (sites of a round trained together).")
+            raise ConfigError(
+                f"federated.engine={self.engine!r} is unknown; use 'loop' (the reference) or "
+                "'vectorized' (sites of a round trained together)."
+            )
         if self.chunk_size is not None:
-            check_range("federated.chunk_size", self.chunk_size, low=1,
-                        fix="It is the number of sites the vectorized engine trains in one batch (null: automatic).")
+            check_range(
+                "federated.chunk_size",
+                self.chunk_size,
+                low=1,
+                fix="It is the number of sites the vectorized engine trains in one batch (null: automatic).",
+            )
         check_range("federated.num_rounds", self.num_rounds, low=1, high=100_000)
-        check_range("federated.client_fraction", self.client_fraction, low=0.0, low_inclusive=False, high=1.0,
-                    fix="It is the share of sites sampled per round.")
+        check_range(
+            "federated.client_fraction",
+            self.client_fraction,
+            low=0.0,
+            low_inclusive=False,
+            high=1.0,
+            fix="It is the share of sites sampled per round.",
+        )
         if self.sampling not in ("fraction", "poisson"):
             raise ConfigError(f"federated.sampling={self.sampling!r} is unknown; use 'fraction' or 'poisson'.")
         check_range("federated.eval_every", self.eval_every, low=1)
@@ -98,8 +111,10 @@ class FederatedConfig:
         check_range("federated.keep_checkpoints", self.keep_checkpoints, low=1)
         check_range("federated.bootstrap_resamples", self.bootstrap_resamples, low=0)
         if not isinstance(self.local, LocalTrainingConfig) or not isinstance(self.optimizer, OptimizerConfig):
-            raise ConfigError("federated.local and federated.optimizer must be LocalTrainingConfig / OptimizerConfig; "
-                              "build them from dicts with FederatedConfig.from_dict().")
+            raise ConfigError(
+                "federated.local and federated.optimizer must be LocalTrainingConfig / OptimizerConfig; "
+                "build them from dicts with FederatedConfig.from_dict()."
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FederatedConfig:
@@ -108,4 +123,3 @@ class FederatedConfig:
         local = dataclass_from_dict(LocalTrainingConfig, values.pop("local", {}), "federated.local")
         optimizer = dataclass_from_dict(OptimizerConfig, values.pop("optimizer", {}), "federated.optimizer")
         return dataclass_from_dict(cls, {**values, "local": local, "optimizer": optimizer}, "federated")
-

@@ -16,6 +16,7 @@ trusted (predicted loss under the Fisher split above ``proxy_trust`` nats) or pr
 ``min_gain`` (relative reduction of J). Both tests use only public quantities (the public-set
 Fisher, C_g, d_g, z, qN), so the choice stays post-processing.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,15 @@ from torch import nn
 from ..data.contract import CohortDataset
 from ..data.federation import Federation
 from ..errors import ConfigError, PrivacyError
-from ..privacy import (diagonal_fisher, effective_multiplier_of, fisher_noise_allocation, fisher_weighted_noise,
-                       group_fisher, predicted_noise_loss, uniform_noise_allocation)
+from ..privacy import (
+    diagonal_fisher,
+    effective_multiplier_of,
+    fisher_noise_allocation,
+    fisher_weighted_noise,
+    group_fisher,
+    predicted_noise_loss,
+    uniform_noise_allocation,
+)
 from ..seeding import torch_generator
 from .config import FederatedConfig
 from .dp_strategies import DPFedAvg
@@ -67,16 +75,30 @@ class DPFedAvgFisher(DPFedAvg):
 
     uses_noise_allocation = "fisher"
 
-    def __init__(self, *, fisher_every: int = 1, fisher_batch_size: int = 32, fisher_max_batches: int = 1,
-                 max_noise_ratio: float | None = 2.0, proxy_trust: float | None = 0.1, min_gain: float = 0.05,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        fisher_every: int = 1,
+        fisher_batch_size: int = 32,
+        fisher_max_batches: int = 1,
+        max_noise_ratio: float | None = 2.0,
+        proxy_trust: float | None = 0.1,
+        min_gain: float = 0.05,
+        **kwargs: Any,
+    ) -> None:
         if kwargs.setdefault("clipping", "per-group") != "per-group":
-            raise ConfigError("dp-fedavg-fisher needs clipping='per-group': noise that differs by group "
-                              "without group-wise clipping must be accounted at its smallest level.")
+            raise ConfigError(
+                "dp-fedavg-fisher needs clipping='per-group': noise that differs by group "
+                "without group-wise clipping must be accounted at its smallest level."
+            )
         super().__init__(**kwargs)
         if int(fisher_every) != fisher_every or fisher_every < 1:
             raise ConfigError(f"dp-fedavg-fisher fisher_every={fisher_every!r} must be an integer >= 1.")
-        self.fisher_every, self.fisher_batch_size, self.fisher_max_batches = int(fisher_every), fisher_batch_size, fisher_max_batches
+        self.fisher_every, self.fisher_batch_size, self.fisher_max_batches = (
+            int(fisher_every),
+            fisher_batch_size,
+            fisher_max_batches,
+        )
         if max_noise_ratio is not None and not 1.0 <= max_noise_ratio < math.inf:
             raise ConfigError(f"dp-fedavg-fisher max_noise_ratio={max_noise_ratio!r} must be >= 1 and finite, or None.")
         if proxy_trust is not None and not proxy_trust > 0:
@@ -90,8 +112,9 @@ class DPFedAvgFisher(DPFedAvg):
         self._fallback_rounds = 0
         self._fisher_method = "hooks"
 
-    def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
-                  model: nn.Module) -> None:
+    def configure(
+        self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int], model: nn.Module
+    ) -> None:
         if federation.public is None or len(federation.public) == 0:
             raise ConfigError("dp-fedavg-fisher needs the public server set; set federation.public_size > 0.")
         super().configure(config=config, federation=federation, client_ids=client_ids, model=model)
@@ -110,10 +133,17 @@ class DPFedAvgFisher(DPFedAvg):
     def compute_fisher(self, round_index: int, global_state: State) -> dict[str, float]:
         """Mean diagonal Fisher per group of the global model on the public set (no private data)."""
         self._model.load_state_dict(global_state, strict=False)
+
         def run(method: str) -> dict[str, torch.Tensor]:
-            return diagonal_fisher(self._model, self._public_batches(), labels="model", method=method,
-                                   generator=torch_generator(self.seed, _FISHER_STREAM, round_index),
-                                   max_batches=self.fisher_max_batches)
+            return diagonal_fisher(
+                self._model,
+                self._public_batches(),
+                labels="model",
+                method=method,
+                generator=torch_generator(self.seed, _FISHER_STREAM, round_index),
+                max_batches=self.fisher_max_batches,
+            )
+
         try:  # a model that Opacus's per-sample hooks cannot handle falls back to the exact loop
             fisher = run(self._fisher_method)
         except (RuntimeError, NotImplementedError, ConfigError):
@@ -142,8 +172,10 @@ class DPFedAvgFisher(DPFedAvg):
         alloc = self.choose_allocation(self.group_sizes, self.clip_bounds, round_index)
         z_eff = effective_multiplier_of(alloc)
         if not math.isclose(z_eff, self.update_noise_multiplier, rel_tol=1e-9):
-            raise PrivacyError(f"Fisher allocation has z_eff={z_eff!r} != z={self.update_noise_multiplier!r}; "
-                               "the round would not be accounted correctly (report this bug).")
+            raise PrivacyError(
+                f"Fisher allocation has z_eff={z_eff!r} != z={self.update_noise_multiplier!r}; "
+                "the round would not be accounted correctly (report this bug)."
+            )
         self.last_allocation = alloc
         return dict(alloc.sigmas)
 
@@ -155,18 +187,26 @@ class DPFedAvgFisher(DPFedAvg):
         assert self.fisher is not None, "refresh_fisher() before choose_allocation()"
         fisher = {g: self.fisher[g] for g in group_sizes}
         uniform = uniform_noise_allocation(group_sizes=group_sizes, clip_bounds=clip_bounds, noise_multiplier=z)
-        alloc = fisher_noise_allocation(group_sizes=group_sizes, fisher=fisher, clip_bounds=clip_bounds,
-                                        noise_multiplier=z, max_noise_ratio=self.max_noise_ratio)
+        alloc = fisher_noise_allocation(
+            group_sizes=group_sizes,
+            fisher=fisher,
+            clip_bounds=clip_bounds,
+            noise_multiplier=z,
+            max_noise_ratio=self.max_noise_ratio,
+        )
         j_fisher = fisher_weighted_noise(group_sizes=group_sizes, fisher=fisher, sigmas=alloc.sigmas)
         j_uniform = fisher_weighted_noise(group_sizes=group_sizes, fisher=fisher, sigmas=uniform.sigmas)
-        self.predicted_loss = predicted_noise_loss(group_sizes=group_sizes, fisher=fisher, sigmas=alloc.sigmas,
-                                                   denominator=self.expected_participants)
+        self.predicted_loss = predicted_noise_loss(
+            group_sizes=group_sizes, fisher=fisher, sigmas=alloc.sigmas, denominator=self.expected_participants
+        )
         gain = 1.0 - j_fisher / j_uniform if j_uniform > 0 else 0.0
         reason = ""
         if self.proxy_trust is not None and self.predicted_loss > self.proxy_trust:
-            reason = (f"the second-order proxy predicts {self.predicted_loss:.3g} nats of loss per round from the "
-                      f"noise even under the Fisher split (> proxy_trust={self.proxy_trust:g}): outside the range "
-                      "where the proxy, and so the allocation, can be trusted")
+            reason = (
+                f"the second-order proxy predicts {self.predicted_loss:.3g} nats of loss per round from the "
+                f"noise even under the Fisher split (> proxy_trust={self.proxy_trust:g}): outside the range "
+                "where the proxy, and so the allocation, can be trusted"
+            )
         elif gain < self.min_gain:
             reason = f"the Fisher split reduces the Fisher-weighted noise by only {gain:.1%} (< min_gain={self.min_gain:.0%})"
         if reason:
@@ -177,22 +217,34 @@ class DPFedAvgFisher(DPFedAvg):
         return uniform if reason else alloc
 
     def round_report(self, round_index: int) -> dict[str, float]:
-        return {**super().round_report(round_index), "fisher_fallback": float(self.allocation_used == "uniform"),
-                "predicted_noise_loss": float(self.predicted_loss)}
+        return {
+            **super().round_report(round_index),
+            "fisher_fallback": float(self.allocation_used == "uniform"),
+            "predicted_noise_loss": float(self.predicted_loss),
+        }
 
     def summary_report(self) -> dict[str, Any]:
         out = super().summary_report()
-        out["privacy"]["allocation"] = {"used_last_round": self.allocation_used, "fallback_rounds": self._fallback_rounds,
-                                        "fallback_reason": self.fallback_reason or None,
-                                        "max_noise_ratio": self.max_noise_ratio, "proxy_trust": self.proxy_trust,
-                                        "min_gain": self.min_gain}
+        out["privacy"]["allocation"] = {
+            "used_last_round": self.allocation_used,
+            "fallback_rounds": self._fallback_rounds,
+            "fallback_reason": self.fallback_reason or None,
+            "max_noise_ratio": self.max_noise_ratio,
+            "proxy_trust": self.proxy_trust,
+            "min_gain": self.min_gain,
+        }
         return out
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, state = super().state_dict()
-        return tensors, {**state, "fisher": self.fisher, "fisher_round": self._fisher_round,
-                         "fallback_rounds": self._fallback_rounds,
-                         "allocation_used": self.allocation_used, "fallback_reason": self.fallback_reason}
+        return tensors, {
+            **state,
+            "fisher": self.fisher,
+            "fisher_round": self._fisher_round,
+            "fallback_rounds": self._fallback_rounds,
+            "allocation_used": self.allocation_used,
+            "fallback_reason": self.fallback_reason,
+        }
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         super().load_state_dict(tensors, state)

@@ -58,6 +58,7 @@ summary says so (``privacy.noise`` / ``privacy.not_private``).
 Epsilon is only ever read from the ledger's accountant. What is never released: pre-clipping
 norms, raw clip indicators, noise, seeds of secret draws.
 """
+
 from __future__ import annotations
 
 import functools
@@ -74,9 +75,20 @@ from torch import nn
 
 from ..data.federation import Federation
 from ..errors import ConfigError, PrivacyError
-from ..privacy import (NOT_PRIVATE_WARNING, NoisePlacement, NoiseSource, PrivacyLedger, UpdateRejected, calibrate_noise,
-                       clip_per_group, gaussian_noise_like,
-                       release_accounting, server_top_up_std, uniform_noise_allocation, validate_update)
+from ..privacy import (
+    NOT_PRIVATE_WARNING,
+    NoisePlacement,
+    NoiseSource,
+    PrivacyLedger,
+    UpdateRejected,
+    calibrate_noise,
+    clip_per_group,
+    gaussian_noise_like,
+    release_accounting,
+    server_top_up_std,
+    uniform_noise_allocation,
+    validate_update,
+)
 from ..privacy.dp_sgd import SampleLevelDP
 from ..privacy.release import NOISE_MODES, RoundRelease
 from ..seeding import torch_generator
@@ -99,25 +111,38 @@ CLIP_INDICATOR = "_dp.clip_indicator"
 def check_noise_mode(noise: str, who: str) -> bool:
     """Validate a ``noise=`` setting; warn for the reproducible mode. Returns True when secure."""
     if noise == "seeded":
-        raise ConfigError(f"{who} noise='seeded' was renamed noise='reproducible-insecure' (it is not private: the "
-                          "noise can be regenerated from the seed); private runs use the default noise='secure'.")
+        raise ConfigError(
+            f"{who} noise='seeded' was renamed noise='reproducible-insecure' (it is not private: the "
+            "noise can be regenerated from the seed); private runs use the default noise='secure'."
+        )
     if noise not in NOISE_MODES:
         raise ConfigError(f"{who} noise={noise!r} is unknown; use one of {list(NOISE_MODES)}.")
     if noise != "secure":
-        warnings.warn(f"{who} with noise={noise!r}: {NOT_PRIVATE_WARNING}. Use noise='secure' for a private run.",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{who} with noise={noise!r}: {NOT_PRIVATE_WARNING}. Use noise='secure' for a private run.",
+            UserWarning,
+            stacklevel=3,
+        )
     return noise == "secure"
 
 
 #: (adjacency, trust model) of each placement, written to the summary (NoisePlacement has the argument).
 _TRUST = {
-    NoisePlacement.SERVER: ("add/remove one site", "honest-but-curious server sees clipped updates and adds the noise; "
-                            "the guarantee covers what the server releases"),
-    NoisePlacement.DISTRIBUTED: ("add/remove one site", "each of the m announced participants adds sigma^2/m, the server "
-                                 "sees only the sum (secure aggregation assumed) and tops up missing shares; the "
-                                 "server knows who took part, so against it there is no amplification by sampling"),
-    NoisePlacement.LOCAL: ("replace one site", "no trust in the server: every update is private on its own, no "
-                           "amplification by sampling"),
+    NoisePlacement.SERVER: (
+        "add/remove one site",
+        "honest-but-curious server sees clipped updates and adds the noise; "
+        "the guarantee covers what the server releases",
+    ),
+    NoisePlacement.DISTRIBUTED: (
+        "add/remove one site",
+        "each of the m announced participants adds sigma^2/m, the server "
+        "sees only the sum (secure aggregation assumed) and tops up missing shares; the "
+        "server knows who took part, so against it there is no amplification by sampling",
+    ),
+    NoisePlacement.LOCAL: (
+        "replace one site",
+        "no trust in the server: every update is private on its own, no amplification by sampling",
+    ),
 }
 
 
@@ -151,13 +176,27 @@ class DPFedAvg(SampleLevelHooks):
 
     uses_noise_allocation = "uniform"
 
-    def __init__(self, *, target_epsilon: float | None = None, noise_multiplier: float | None = None,
-                 delta: float = 1e-5, clip_norm: float = 1.0, clipping: str = "flat", placement: str = "server",
-                 accountant: str = "prv", adaptive_clipping: bool = False, target_quantile: float = 0.5,
-                 clip_lr: float = 0.2, count_noise_multiplier: float | None = None, min_participants: int | None = None,
-                 noise: str = "secure", budget_stop: bool = True, calibration_rounds: int | None = None,
-                 sample_level_dp: dict[str, Any] | None = None,
-                 server_optimizer: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        target_epsilon: float | None = None,
+        noise_multiplier: float | None = None,
+        delta: float = 1e-5,
+        clip_norm: float = 1.0,
+        clipping: str = "flat",
+        placement: str = "server",
+        accountant: str = "prv",
+        adaptive_clipping: bool = False,
+        target_quantile: float = 0.5,
+        clip_lr: float = 0.2,
+        count_noise_multiplier: float | None = None,
+        min_participants: int | None = None,
+        noise: str = "secure",
+        budget_stop: bool = True,
+        calibration_rounds: int | None = None,
+        sample_level_dp: dict[str, Any] | None = None,
+        server_optimizer: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.secret_randomness = check_noise_mode(noise, "dp-fedavg")
         self.server_optimizer = make_server_optimizer(server_optimizer)
@@ -171,20 +210,25 @@ class DPFedAvg(SampleLevelHooks):
         if not 0 < delta < 1:
             raise ConfigError(f"dp-fedavg delta={delta!r} must lie in (0, 1); use e.g. 1e-5 (<< 1/number of sites).")
         if not clip_norm > 0 or (math.isinf(clip_norm) and noise_multiplier != 0):
-            raise ConfigError(f"dp-fedavg clip_norm={clip_norm!r} must be > 0 and finite (inf only with "
-                              "noise_multiplier=0, which is not private).")
+            raise ConfigError(
+                f"dp-fedavg clip_norm={clip_norm!r} must be > 0 and finite (inf only with "
+                "noise_multiplier=0, which is not private)."
+            )
         _choice("clipping", clipping, ("flat", "per-group"))
         _choice("placement", placement, [p.value for p in NoisePlacement])
         _choice("accountant", accountant, ("prv", "rdp", "pld"))
         if not 0 < target_quantile < 1 or not clip_lr > 0:
-            raise ConfigError(f"dp-fedavg target_quantile={target_quantile!r} must lie in (0, 1) and "
-                              f"clip_lr={clip_lr!r} must be > 0.")
+            raise ConfigError(
+                f"dp-fedavg target_quantile={target_quantile!r} must lie in (0, 1) and clip_lr={clip_lr!r} must be > 0."
+            )
         if adaptive_clipping and placement == "local":
             raise ConfigError("dp-fedavg adaptive_clipping=True needs placement 'server' or 'distributed'.")
         if min_participants is not None:
-            raise ConfigError(f"dp-fedavg min_participants={min_participants!r} is no longer a setting: with "
-                              "placement='distributed' each site adds sigma^2/m for the m participants the server "
-                              "announces, so the aggregate's noise never depends on who took part; drop the key.")
+            raise ConfigError(
+                f"dp-fedavg min_participants={min_participants!r} is no longer a setting: with "
+                "placement='distributed' each site adds sigma^2/m for the m participants the server "
+                "announces, so the aggregate's noise never depends on who took part; drop the key."
+            )
         if calibration_rounds is not None and calibration_rounds < 1:
             raise ConfigError(f"dp-fedavg calibration_rounds={calibration_rounds!r} must be >= 1.")
         self.target_epsilon, self.delta, self.clip_norm = target_epsilon, float(delta), float(clip_norm)
@@ -205,13 +249,16 @@ class DPFedAvg(SampleLevelHooks):
         self._release_from_server = False  # True on a site that got its release from the server (Flower)
 
     # ------------------------------------------------------------------ set-up
-    def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
-                  model: nn.Module) -> None:
+    def configure(
+        self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int], model: nn.Module
+    ) -> None:
         """Validate the sampling, calibrate z, and fix the groups and clip bounds (public quantities)."""
         q = float(config.client_fraction)
         if q < 1.0 and config.sampling != "poisson":
-            raise ConfigError(f"{self.name} with client_fraction={q} needs federated.sampling='poisson' (the "
-                              f"accountant assumes Poisson sampling), got {config.sampling!r}; set sampling: poisson.")
+            raise ConfigError(
+                f"{self.name} with client_fraction={q} needs federated.sampling='poisson' (the "
+                f"accountant assumes Poisson sampling), got {config.sampling!r}; set sampling: poisson."
+            )
         self._configure_sample_level(config)
         self.sample_rate, self.num_clients, self.seed = q, len(client_ids), int(config.seed)
         self.expected_participants = q * len(client_ids)  # the fixed denominator qN
@@ -233,17 +280,25 @@ class DPFedAvg(SampleLevelHooks):
             z = float(self._z_given)
         else:  # local: accountant sees z/2 at rate 1 (replace-one sensitivity 2C, no amplification)
             assert self.target_epsilon is not None  # exactly one of z / target_epsilon (validated)
-            z = calibrate_noise(target_epsilon=self.target_epsilon, target_delta=self.delta,
-                                sample_rate=1.0 if local else q, steps=rounds, accountant=self.accountant)
+            z = calibrate_noise(
+                target_epsilon=self.target_epsilon,
+                target_delta=self.delta,
+                sample_rate=1.0 if local else q,
+                steps=rounds,
+                accountant=self.accountant,
+            )
             z = 2.0 * z if local else z
         self.noise_multiplier = z
-        self.count_noise_multiplier = (self._z_count_given if self._z_count_given is not None else 10.0 * z)
+        self.count_noise_multiplier = self._z_count_given if self._z_count_given is not None else 10.0 * z
         if self.adaptive and not self.count_noise_multiplier > z:
-            raise ConfigError(f"count_noise_multiplier={self.count_noise_multiplier} must exceed the round's "
-                              f"noise multiplier {z:.4g} (the count shares the round's budget).")
+            raise ConfigError(
+                f"count_noise_multiplier={self.count_noise_multiplier} must exceed the round's "
+                f"noise multiplier {z:.4g} (the count shares the round's budget)."
+            )
         # z_u with combine(z_u, z_b) = z: the update gets what the count leaves of the budget.
-        self.update_noise_multiplier = (z if not self.adaptive or z == 0 else
-                                        (z ** -2 - self.count_noise_multiplier ** -2) ** -0.5)
+        self.update_noise_multiplier = (
+            z if not self.adaptive or z == 0 else (z**-2 - self.count_noise_multiplier**-2) ** -0.5
+        )
         self.release = release_accounting(self.placement, z, q)
         self._configured = True
         self._set_bounds(self.clip_norm)
@@ -257,8 +312,13 @@ class DPFedAvg(SampleLevelHooks):
         """sigma_g per group for this round; uniform sigma_g = z_u C (Fisher subclass overrides)."""
         if self.update_noise_multiplier == 0:
             return {g: 0.0 for g in self.groups}
-        return dict(uniform_noise_allocation(group_sizes=self.group_sizes, clip_bounds=self.clip_bounds,
-                                             noise_multiplier=self.update_noise_multiplier).sigmas)
+        return dict(
+            uniform_noise_allocation(
+                group_sizes=self.group_sizes,
+                clip_bounds=self.clip_bounds,
+                noise_multiplier=self.update_noise_multiplier,
+            ).sigmas
+        )
 
     def _source(self, round_index: int, party: int) -> NoiseSource:
         """Noise of round t for party (0 = server, k + 1 = site k): the OS CSPRNG (secure), or a stream
@@ -289,8 +349,10 @@ class DPFedAvg(SampleLevelHooks):
         self._round, self._dropped, self._sigmas, self._announced = round_index, 0, None, None
         self.round_release = None
         if self.budget_stop and self.ledger.would_exceed(*self.release):
-            raise StopTraining(f"round {round_index} would take epsilon above the budget "
-                               f"{self.target_epsilon} (now {self.ledger.epsilon():.4g}, delta={self.delta:g})")
+            raise StopTraining(
+                f"round {round_index} would take epsilon above the budget "
+                f"{self.target_epsilon} (now {self.ledger.epsilon():.4g}, delta={self.delta:g})"
+            )
 
     def round_instructions(self, round_index: int, global_state: State) -> dict[str, Any]:
         """Server side: this round's :class:`~mmpfl_core.privacy.release.RoundRelease`, serialised whole
@@ -307,9 +369,11 @@ class DPFedAvg(SampleLevelHooks):
         if release is not None and release.round == round_index:
             return release
         if self._release_from_server:
-            raise PrivacyError(f"round {round_index}: this site has no release from the server for this round "
-                               f"(it has round {None if release is None else release.round}); a site never computes "
-                               "the server's noise scales itself.")
+            raise PrivacyError(
+                f"round {round_index}: this site has no release from the server for this round "
+                f"(it has round {None if release is None else release.round}); a site never computes "
+                "the server's noise scales itself."
+            )
         self.round_release = self._build_release(round_index, global_state)
         return self.round_release
 
@@ -319,15 +383,25 @@ class DPFedAvg(SampleLevelHooks):
         participants = None
         if self.placement is NoisePlacement.DISTRIBUTED:
             if self._announced is None:
-                raise PrivacyError(f"round {round_index}: announce the participant count (select() or "
-                                   "announce_participants()) before the instructions of a distributed round.")
+                raise PrivacyError(
+                    f"round {round_index}: announce the participant count (select() or "
+                    "announce_participants()) before the instructions of a distributed round."
+                )
             participants = self._announced
-        return RoundRelease(round=round_index, placement=self.placement, clip_norm=self.clip_norm,
-                            clip_bounds=self.clip_bounds, sigmas=sigmas, drowned=self._drowned_groups(),
-                            participants=participants, expected_participants=self.expected_participants,
-                            sample_rate=self.sample_rate, noise_multiplier=self.update_noise_multiplier,
-                            count_noise_multiplier=self.count_noise_multiplier if self.adaptive else 0.0,
-                            noise=self.noise)
+        return RoundRelease(
+            round=round_index,
+            placement=self.placement,
+            clip_norm=self.clip_norm,
+            clip_bounds=self.clip_bounds,
+            sigmas=sigmas,
+            drowned=self._drowned_groups(),
+            participants=participants,
+            expected_participants=self.expected_participants,
+            sample_rate=self.sample_rate,
+            noise_multiplier=self.update_noise_multiplier,
+            count_noise_multiplier=self.count_noise_multiplier if self.adaptive else 0.0,
+            noise=self.noise,
+        )
 
     def _drowned_groups(self) -> frozenset[str]:
         """Groups nobody releases this round (public). None here; MM-PFL-ADP's noise gate overrides."""
@@ -342,13 +416,17 @@ class DPFedAvg(SampleLevelHooks):
         release = RoundRelease.from_record(instructions, groups=list(self.groups))
         mine = {"round": round_index, "placement": self.placement, "noise": self.noise}
         theirs = {"round": release.round, "placement": release.placement, "noise": release.noise}
-        if mine != theirs or not (math.isclose(release.sample_rate, self.sample_rate, rel_tol=1e-12) and
-                                  math.isclose(release.expected_participants, self.expected_participants, rel_tol=1e-12)):
-            raise PrivacyError(f"the server's release for round {release.round} (placement {release.placement.value}, "
-                               f"noise {release.noise}, q={release.sample_rate}, qN={release.expected_participants}) "
-                               f"does not match this site (round {round_index}, placement {self.placement.value}, "
-                               f"noise {self.noise}, q={self.sample_rate}, qN={self.expected_participants}): server "
-                               "and site run different configurations.")
+        if mine != theirs or not (
+            math.isclose(release.sample_rate, self.sample_rate, rel_tol=1e-12)
+            and math.isclose(release.expected_participants, self.expected_participants, rel_tol=1e-12)
+        ):
+            raise PrivacyError(
+                f"the server's release for round {release.round} (placement {release.placement.value}, "
+                f"noise {release.noise}, q={release.sample_rate}, qN={release.expected_participants}) "
+                f"does not match this site (round {round_index}, placement {self.placement.value}, "
+                f"noise {self.noise}, q={self.sample_rate}, qN={self.expected_participants}): server "
+                "and site run different configurations."
+            )
         self._round, self._dropped = round_index, 0
         self.round_release, self._release_from_server = release, True
         self.clip_norm, self.clip_bounds = release.clip_norm, dict(release.clip_bounds)
@@ -375,8 +453,9 @@ class DPFedAvg(SampleLevelHooks):
         try:
             validate_update(delta, self.shapes)
         except UpdateRejected as exc:
-            logger.warning("round %d: site %d update rejected and replaced by zeros: %s", round_index,
-                           update.site_id, exc)
+            logger.warning(
+                "round %d: site %d update rejected and replaced by zeros: %s", round_index, update.site_id, exc
+            )
             self._dropped, self._dropped_total, rejected = self._dropped + 1, self._dropped_total + 1, True
             delta = {n: torch.zeros(s) for n, s in self.shapes.items()}
         clipped, norms = clip_per_group(delta, self.groups, dict(release.clip_bounds))
@@ -405,8 +484,9 @@ class DPFedAvg(SampleLevelHooks):
         """
         return self.release_for(self._round).participant_stds()
 
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
-                  round_index: int) -> State:
+    def aggregate(
+        self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State], round_index: int
+    ) -> State:
         """Server side: re-validate, sum, then :meth:`release_sum` (noise, qN, ledger)."""
         valid = []
         for update, s in zip(updates, sent, strict=False):
@@ -415,8 +495,9 @@ class DPFedAvg(SampleLevelHooks):
                 validate_update(params, self.shapes)
                 valid.append(s)
             except UpdateRejected as exc:
-                logger.warning("round %d: dropped the transmitted update of site %d: %s", round_index,
-                               update.site_id, exc)
+                logger.warning(
+                    "round %d: dropped the transmitted update of site %d: %s", round_index, update.site_id, exc
+                )
                 self._dropped, self._dropped_total = self._dropped + 1, self._dropped_total + 1
         total: State = {}
         for name, value in global_state.items():  # summed in arrival order, as FedAvg does
@@ -450,8 +531,9 @@ class DPFedAvg(SampleLevelHooks):
         unreleased = {n for g in release.groups if g not in release.released_groups for n in self.groups[g]}
         for n in unreleased & set(new_state):
             if bool(torch.any(new_state[n] != 0)):
-                logger.warning("round %d: ignored a nonzero sum for %s, a group nobody releases this round",
-                               round_index, n)
+                logger.warning(
+                    "round %d: ignored a nonzero sum for %s, a group nobody releases this round", round_index, n
+                )
             new_state[n] = torch.zeros_like(new_state[n])
         server_std, source = self._server_noise_fraction(num_participants), self._source(round_index, 0)
         if self.placement is NoisePlacement.DISTRIBUTED and 0 < server_std < 1:
@@ -467,14 +549,20 @@ class DPFedAvg(SampleLevelHooks):
         if self.adaptive:
             count = float(total[CLIP_INDICATOR].sum()) if CLIP_INDICATOR in total else 0.0
             if server_std > 0:
-                count += server_std * self.count_noise_multiplier * float(source.standard_normal((1,), dtype=torch.float64))
+                count += (
+                    server_std * self.count_noise_multiplier * float(source.standard_normal((1,), dtype=torch.float64))
+                )
             # Post-processing of the noisy count, so free: clip the fraction to [0, 1] and C to
             # [C0 / R, C0 R]. With few sites the count noise z_b / (qN) dwarfs the count (3 sites,
             # z_b = 60: std 20), and the unclipped rule drove C from 1 to 6e-12 to 9e4 (issue 14).
             fraction = min(1.0, max(0.0, count / self.expected_participants))
             step = math.exp(-self.clip_lr * (fraction - self.target_quantile))
-            self._set_bounds(min(self._initial_clip * _ADAPTIVE_RANGE,
-                                 max(self._initial_clip / _ADAPTIVE_RANGE, self.clip_norm * step)))
+            self._set_bounds(
+                min(
+                    self._initial_clip * _ADAPTIVE_RANGE,
+                    max(self._initial_clip / _ADAPTIVE_RANGE, self.clip_norm * step),
+                )
+            )
         return new_state
 
     def _denominator(self, num_participants: int) -> float:
@@ -490,15 +578,25 @@ class DPFedAvg(SampleLevelHooks):
         BEFORE any noise is drawn or the new model computed (write-ahead, DESIGN 4.8). The entry is
         the release object's own accounting, checked against the calibration."""
         if self.adaptive:
-            self.ledger.record_joint(name="update+clip_count", round=round_index, sample_rate=self.release.sample_rate,
-                                     noise_multipliers=[self.update_noise_multiplier, self.count_noise_multiplier])
+            self.ledger.record_joint(
+                name="update+clip_count",
+                round=round_index,
+                sample_rate=self.release.sample_rate,
+                noise_multipliers=[self.update_noise_multiplier, self.count_noise_multiplier],
+            )
         else:
             accounting = release.accounting()
             if accounting != self.release:
-                raise PrivacyError(f"round {round_index}: the release's accounting {accounting} differs from the "
-                                   f"calibrated {self.release} (report this bug).")
-            self.ledger.record(name="update", noise_multiplier=accounting.noise_multiplier,
-                               sample_rate=accounting.sample_rate, round=round_index)
+                raise PrivacyError(
+                    f"round {round_index}: the release's accounting {accounting} differs from the "
+                    f"calibrated {self.release} (report this bug)."
+                )
+            self.ledger.record(
+                name="update",
+                noise_multiplier=accounting.noise_multiplier,
+                sample_rate=accounting.sample_rate,
+                round=round_index,
+            )
 
     def _server_noise_fraction(self, arrived: int) -> float:
         """The server's noise std as a fraction of sigma_g: 1 (server placement), the top-up
@@ -512,15 +610,27 @@ class DPFedAvg(SampleLevelHooks):
 
     # ------------------------------------------------------------------ reports and state
     def round_report(self, round_index: int) -> dict[str, float]:
-        return {"epsilon": self.ledger.epsilon(), "clip_norm": self.clip_norm, "dp_dropped": self._dropped,
-                **self._sample_report()}
+        return {
+            "epsilon": self.ledger.epsilon(),
+            "clip_norm": self.clip_norm,
+            "dp_dropped": self._dropped,
+            **self._sample_report(),
+        }
 
     def summary_report(self) -> dict[str, Any]:
-        out = {**self.ledger.summary(), "noise_multiplier": self.noise_multiplier,
-               "update_noise_multiplier": self.update_noise_multiplier, "placement": self.placement.value,
-               "clipping": self.clipping, "sample_rate": self.sample_rate, "noise_allocation": self.uses_noise_allocation,
-               "expected_participants": self.expected_participants, "dropped_updates": self._dropped_total,
-               "final_clip_norm": self.clip_norm, "noise": self.noise}
+        out = {
+            **self.ledger.summary(),
+            "noise_multiplier": self.noise_multiplier,
+            "update_noise_multiplier": self.update_noise_multiplier,
+            "placement": self.placement.value,
+            "clipping": self.clipping,
+            "sample_rate": self.sample_rate,
+            "noise_allocation": self.uses_noise_allocation,
+            "expected_participants": self.expected_participants,
+            "dropped_updates": self._dropped_total,
+            "final_clip_norm": self.clip_norm,
+            "noise": self.noise,
+        }
         if not self.secret_randomness:
             out["not_private"] = NOT_PRIVATE_WARNING
         out["adjacency"], out["trust_model"] = _TRUST[self.placement]
@@ -545,24 +655,34 @@ class DPFedAvg(SampleLevelHooks):
           ``local``: the q = 1 bound (each update is private on its own).
         """
         outsiders, insiders = self.ledger.epsilon(), self.ledger.epsilon_without_amplification()
-        notes = {"outsiders": f"see the releases only; amplification by Poisson sampling at q={self.sample_rate:g} "
-                              "(the sample is secret)",
-                 "participants": "learn who took part: no amplification, the accountant at q = 1 over every "
-                                 "recorded release (an upper bound)"}
+        notes = {
+            "outsiders": f"see the releases only; amplification by Poisson sampling at q={self.sample_rate:g} "
+            "(the sample is secret)",
+            "participants": "learn who took part: no amplification, the accountant at q = 1 over every "
+            "recorded release (an upper bound)",
+        }
         if self.placement is NoisePlacement.SERVER:
             server = None
             notes["server"] = "trusted: it sees every clipped update, so no guarantee holds against it"
         elif self.placement is NoisePlacement.DISTRIBUTED and self._topped_up_total:
             server = None
-            notes["server"] = (f"in {self._topped_up_total} round(s) the server topped up missing noise shares and "
-                               "knows that part of the noise: no bound is stated against it")
+            notes["server"] = (
+                f"in {self._topped_up_total} round(s) the server topped up missing noise shares and "
+                "knows that part of the noise: no bound is stated against it"
+            )
         else:
             server = insiders
-            notes["server"] = ("chose the sample: no amplification (q = 1 bound); sees only the sum through secure "
-                               "aggregation" if self.placement is NoisePlacement.DISTRIBUTED else
-                               "chose the sample: no amplification; every update is private on its own")
-        return {"epsilon_outsiders": outsiders, "epsilon_participants": insiders, "epsilon_server": server,
-                "threats": notes}
+            notes["server"] = (
+                "chose the sample: no amplification (q = 1 bound); sees only the sum through secure aggregation"
+                if self.placement is NoisePlacement.DISTRIBUTED
+                else "chose the sample: no amplification; every update is private on its own"
+            )
+        return {
+            "epsilon_outsiders": outsiders,
+            "epsilon_participants": insiders,
+            "epsilon_server": server,
+            "threats": notes,
+        }
 
     def attach_ledger_journals(self, *, server: Path, site: Callable[[int], Path], sites: Iterable[int]) -> None:
         """The client-level ledger writes ahead to ``server`` (and adopts what it holds); the per-site
@@ -574,9 +694,13 @@ class DPFedAvg(SampleLevelHooks):
         tensors, _ = super().state_dict()
         if self.server_optimizer is not None:
             tensors = {**tensors, **self.server_optimizer.state_dict()}
-        return tensors, {"ledger": self.ledger.state_dict(), "clip_norm": self.clip_norm,
-                         "dropped_total": self._dropped_total, "topped_up_total": self._topped_up_total,
-                         "sample_dp": None if self.sample_dp is None else self.sample_dp.state_dict()}
+        return tensors, {
+            "ledger": self.ledger.state_dict(),
+            "clip_norm": self.clip_norm,
+            "dropped_total": self._dropped_total,
+            "topped_up_total": self._topped_up_total,
+            "sample_dp": None if self.sample_dp is None else self.sample_dp.state_dict(),
+        }
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         server_tensors, tensors = split_server_optimizer_tensors(tensors)

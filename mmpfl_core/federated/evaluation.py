@@ -4,6 +4,7 @@ Evaluation here is a simulation-side teaching aid: the simulator can see every s
 In a real deployment per-site metrics are releases too (DESIGN.md 4.6); the Flower app reports them
 as such.
 """
+
 from __future__ import annotations
 
 import numpy as np

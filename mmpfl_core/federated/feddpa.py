@@ -47,6 +47,7 @@ are post-processing. ``fisher_data="train"`` together with ``sample_level_dp`` i
 with the trained model pinned, removing a training patient leaves what the site sends unchanged
 (``tests/test_patient_dp_masks.py``, which also flags the variant with the Fisher on raw data).
 """
+
 from __future__ import annotations
 
 import copy
@@ -97,44 +98,62 @@ class FedDPA(DPFedAvg):
             ``delta``, ``clip_norm``, ``placement``, ``accountant``, ...).
     """
 
-    def __init__(self, *, fisher_threshold: float = 0.4, lambda_1: float = 0.1, lambda_2: float = 0.05,
-                 fisher_batch_size: int = 32, fisher_max_batches: int = 1, fisher_data: str | None = None,
-                 **dp_kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        fisher_threshold: float = 0.4,
+        lambda_1: float = 0.1,
+        lambda_2: float = 0.05,
+        fisher_batch_size: int = 32,
+        fisher_max_batches: int = 1,
+        fisher_data: str | None = None,
+        **dp_kwargs: Any,
+    ) -> None:
         super().__init__(**dp_kwargs)
         patient_dp = self.sample_dp is not None
         fisher_data = fisher_data if fisher_data is not None else ("public" if patient_dp else "train")
         if fisher_data not in ("train", "public"):
             raise ConfigError(f"feddpa fisher_data={fisher_data!r} is unknown; use 'train' or 'public'.")
         if fisher_data == "train" and patient_dp:
-            raise ConfigError("feddpa with sample_level_dp and fisher_data='train' would compute its Fisher masks on "
-                              "the site's raw training patients, and the zeros of its update would release them outside "
-                              "the DP-SGD ledger (DESIGN 4.5). Use fisher_data='public' (the default with "
-                              "sample_level_dp: the Fisher of the DP-trained model on the server's public set).")
+            raise ConfigError(
+                "feddpa with sample_level_dp and fisher_data='train' would compute its Fisher masks on "
+                "the site's raw training patients, and the zeros of its update would release them outside "
+                "the DP-SGD ledger (DESIGN 4.5). Use fisher_data='public' (the default with "
+                "sample_level_dp: the Fisher of the DP-trained model on the server's public set)."
+            )
         if patient_dp and (lambda_1 or lambda_2):
-            raise ConfigError(f"feddpa with sample_level_dp needs lambda_1=0 and lambda_2=0 (got {lambda_1!r}, {lambda_2!r}): "
-                              "the kit's DP-SGD takes no local regulariser yet (R1/R2 would need per-sample clipping).")
+            raise ConfigError(
+                f"feddpa with sample_level_dp needs lambda_1=0 and lambda_2=0 (got {lambda_1!r}, {lambda_2!r}): "
+                "the kit's DP-SGD takes no local regulariser yet (R1/R2 would need per-sample clipping)."
+            )
         self.fisher_data = fisher_data
         self._public: CohortDataset | None = None
         if not 0 <= fisher_threshold <= 1:
-            raise ConfigError(f"feddpa fisher_threshold={fisher_threshold!r} must lie in [0, 1] (it thresholds a "
-                              "min-max normalised Fisher; the authors use 0.4).")
+            raise ConfigError(
+                f"feddpa fisher_threshold={fisher_threshold!r} must lie in [0, 1] (it thresholds a "
+                "min-max normalised Fisher; the authors use 0.4)."
+            )
         if not (lambda_1 >= 0 and lambda_2 >= 0):
             raise ConfigError(f"feddpa lambda_1={lambda_1!r} and lambda_2={lambda_2!r} must be >= 0.")
         if int(fisher_batch_size) < 1 or int(fisher_max_batches) < 1:
-            raise ConfigError(f"feddpa fisher_batch_size={fisher_batch_size!r} and fisher_max_batches="
-                              f"{fisher_max_batches!r} must be integers >= 1.")
+            raise ConfigError(
+                f"feddpa fisher_batch_size={fisher_batch_size!r} and fisher_max_batches="
+                f"{fisher_max_batches!r} must be integers >= 1."
+            )
         self.fisher_threshold, self.lambda_1, self.lambda_2 = float(fisher_threshold), float(lambda_1), float(lambda_2)
         self.fisher_batch_size, self.fisher_max_batches = int(fisher_batch_size), int(fisher_max_batches)
         self.masks: dict[int, dict[str, torch.Tensor]] = {}  # site-private: never transmitted
         self.train_sets: dict[int, CohortDataset] = {}
         self._round_global: State | None = None
 
-    def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
-                  model: nn.Module) -> None:
+    def configure(
+        self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int], model: nn.Module
+    ) -> None:
         if self.fisher_data == "public":
             if federation.public is None or len(federation.public) == 0:
-                raise ConfigError("feddpa with fisher_data='public' needs the server's public set; set "
-                                  "federation.public_size > 0.")
+                raise ConfigError(
+                    "feddpa with fisher_data='public' needs the server's public set; set federation.public_size > 0."
+                )
             self._public = CohortDataset(federation.public)  # public by construction: no site's subjects
         super().configure(config=config, federation=federation, client_ids=client_ids, model=model)
         self._scratch = copy.deepcopy(model)  # the site's Fisher pass runs on a copy, never on the loop's model
@@ -163,6 +182,7 @@ class FedDPA(DPFedAvg):
             for start in range(0, n, self.fisher_batch_size):
                 b = data.batch(torch.arange(start, min(n, start + self.fisher_batch_size)))
                 yield tuple(b[k].to(device) for k in ("images", "modality_mask", "clinical")), b["label"].to(device)
+
         return diagonal_fisher(self._scratch, batches(), labels="true", max_batches=self.fisher_max_batches)
 
     def client_start_state(self, site_id: int, global_state: State) -> State:
@@ -190,8 +210,11 @@ class FedDPA(DPFedAvg):
                 diff, m = p - anchor[n].to(p.device), personal[n].to(p.device)
                 r1.append(torch.linalg.vector_norm(diff * m))
                 shared_norm.append(torch.linalg.vector_norm(diff * (1 - m)))
-            return (0.5 * self.lambda_1 * torch.stack(r1).sum()
-                    + 0.5 * self.lambda_2 * (torch.stack(shared_norm).sum() - clip).abs())
+            return (
+                0.5 * self.lambda_1 * torch.stack(r1).sum()
+                + 0.5 * self.lambda_2 * (torch.stack(shared_norm).sum() - clip).abs()
+            )
+
         return constraint
 
     def after_local(self, site_id: int, model: nn.Module) -> None:
@@ -201,10 +224,20 @@ class FedDPA(DPFedAvg):
         """Only the shared coordinates: personal ones are zero (within the clip bound), then DP-FedAvg's
         clip and, for distributed/local placement, noise on every coordinate (placeholders)."""
         mask = self.masks[update.site_id]
-        shared = {n: (torch.where(mask[n], torch.zeros_like(d), d) if n in mask else d) for n, d in update.delta.items()}
-        return super().transmit(ClientUpdate(site_id=update.site_id, num_examples=update.num_examples,
-                                             num_steps=update.num_steps, train_loss=update.train_loss,
-                                             metrics=update.metrics, delta=shared), round_index)
+        shared = {
+            n: (torch.where(mask[n], torch.zeros_like(d), d) if n in mask else d) for n, d in update.delta.items()
+        }
+        return super().transmit(
+            ClientUpdate(
+                site_id=update.site_id,
+                num_examples=update.num_examples,
+                num_steps=update.num_steps,
+                train_loss=update.train_loss,
+                metrics=update.metrics,
+                delta=shared,
+            ),
+            round_index,
+        )
 
     def personal_state(self, site_id: int, global_state: State) -> State | None:
         """m * own + (1 - m) * current global: what site k deploys (outside the client-level guarantee)."""
@@ -222,14 +255,22 @@ class FedDPA(DPFedAvg):
     def summary_report(self) -> dict[str, Any]:
         out = super().summary_report()
         if self.fisher_data == "public":
-            out["privacy"]["mask_privacy"] = ("per-coordinate masks from the Fisher of each site's DP-SGD-trained model "
-                                              "on the server's public set: post-processing, no raw patient used")
+            out["privacy"]["mask_privacy"] = (
+                "per-coordinate masks from the Fisher of each site's DP-SGD-trained model "
+                "on the server's public set: post-processing, no raw patient used"
+            )
         else:
             out["privacy"]["mask_privacy"] = (
                 "per-coordinate masks from each site's private Fisher; zeros seen only by the trusted server"
-                if self.placement.value == "server" else "masks hidden: every coordinate carries noise (placeholders)")
-        out["feddpa"] = {"fisher_threshold": self.fisher_threshold, "lambda_1": self.lambda_1, "lambda_2": self.lambda_2,
-                         "simplification": "personal and shared parts trained jointly in one local pass"}
+                if self.placement.value == "server"
+                else "masks hidden: every coordinate carries noise (placeholders)"
+            )
+        out["feddpa"] = {
+            "fisher_threshold": self.fisher_threshold,
+            "lambda_1": self.lambda_1,
+            "lambda_2": self.lambda_2,
+            "simplification": "personal and shared parts trained jointly in one local pass",
+        }
         return out
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -238,7 +279,7 @@ class FedDPA(DPFedAvg):
         return {**tensors, **{f"mask:{k}": v for k, v in masks.items()}}, state
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        masks = {k[len("mask:"):]: v for k, v in tensors.items() if k.startswith("mask:")}
+        masks = {k[len("mask:") :]: v for k, v in tensors.items() if k.startswith("mask:")}
         super().load_state_dict({k: v for k, v in tensors.items() if not k.startswith("mask:")}, state)
         self.masks = {}
         for key, m in masks.items():

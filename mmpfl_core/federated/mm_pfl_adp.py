@@ -61,6 +61,7 @@ Ablations are switches: ``fisher=False`` (uniform allocation), ``masks=False`` (
 ``dp-fedavg-fisher``), ``dp=False`` (no clipping or noise: masked FedAvg with uniform weights and
 the fixed denominator). Single-modality ablations are a data choice (``MethodSpec.modalities``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -102,10 +103,12 @@ def _mask_data(mask_data: str | None, *, patient_dp: bool, masks: bool) -> str:
     if mask_data not in MASK_DATA:
         raise ConfigError(f"mm-pfl-adp mask_data={mask_data!r} is unknown; use 'validation' or 'public'.")
     if mask_data == "validation" and patient_dp and masks:
-        raise ConfigError("mm-pfl-adp with sample_level_dp and mask_data='validation' would score masks on the "
-                          "site's raw validation patients, and the groups it uploads would release them outside the "
-                          "DP-SGD ledger (DESIGN 4.5). Use mask_data='public' (the default with sample_level_dp: "
-                          "scores on the server's public set with the DP-trained model, post-processing), or masks=False.")
+        raise ConfigError(
+            "mm-pfl-adp with sample_level_dp and mask_data='validation' would score masks on the "
+            "site's raw validation patients, and the groups it uploads would release them outside the "
+            "DP-SGD ledger (DESIGN 4.5). Use mask_data='public' (the default with sample_level_dp: "
+            "scores on the server's public set with the DP-trained model, post-processing), or masks=False."
+        )
     return mask_data
 
 
@@ -131,9 +134,18 @@ class MMPFLADP(DPFedAvgFisher):
             Per-group clipping is forced: the allocation is per group.
     """
 
-    def __init__(self, *, fisher: bool = True, masks: bool = True, dp: bool = True,
-                 mask: dict[str, Any] | None = None, score_batch_size: int = 256,
-                 noise_gate: dict[str, Any] | bool = True, mask_data: str | None = None, **dp_kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        fisher: bool = True,
+        masks: bool = True,
+        dp: bool = True,
+        mask: dict[str, Any] | None = None,
+        score_batch_size: int = 256,
+        noise_gate: dict[str, Any] | bool = True,
+        mask_data: str | None = None,
+        **dp_kwargs: Any,
+    ) -> None:
         if not dp:
             if dp_kwargs.get("target_epsilon") is not None or dp_kwargs.get("noise_multiplier"):
                 raise ConfigError("mm-pfl-adp with dp=False takes no target_epsilon/noise_multiplier.")
@@ -142,13 +154,17 @@ class MMPFLADP(DPFedAvgFisher):
         if dp_kwargs["clipping"] != "per-group":
             raise ConfigError("mm-pfl-adp needs clipping='per-group' (the allocation is per parameter group).")
         if dp_kwargs.get("placement", "server") == "local":
-            raise ConfigError("mm-pfl-adp supports placement 'server' or 'distributed'; with 'local' the server would "
-                              "see private masks (use dp-fedavg with placement='local').")
+            raise ConfigError(
+                "mm-pfl-adp supports placement 'server' or 'distributed'; with 'local' the server would "
+                "see private masks (use dp-fedavg with placement='local')."
+            )
         super().__init__(**dp_kwargs)
         self.use_fisher, self.use_masks, self.use_dp = bool(fisher), bool(masks), bool(dp)
         self.mask_data = _mask_data(mask_data, patient_dp=self.sample_dp is not None, masks=self.use_masks)
         self.uses_noise_allocation = "fisher" if fisher else "uniform"
-        self.masker = DynamicKLMasks(MaskSchedule(**{**DEFAULT_MASK, **(mask or {})}), score_batch_size=score_batch_size)
+        self.masker = DynamicKLMasks(
+            MaskSchedule(**{**DEFAULT_MASK, **(mask or {})}), score_batch_size=score_batch_size
+        )
         if noise_gate is True:
             noise_gate = {}
         self.gate = NoiseGate(**noise_gate) if noise_gate is not False and masks and dp else None
@@ -160,8 +176,9 @@ class MMPFLADP(DPFedAvgFisher):
         self._round_global: State | None = None
         self._start_groups: dict[int, frozenset[str]] = {}
 
-    def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
-                  model: nn.Module) -> None:
+    def configure(
+        self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int], model: nn.Module
+    ) -> None:
         super().configure(config=config, federation=federation, client_ids=client_ids, model=model)
         self.masker.seed = int(config.seed)
         # Only the trainable (private) groups: frozen public parameters (mmpfl_core.pretraining) are never
@@ -170,10 +187,14 @@ class MMPFLADP(DPFedAvgFisher):
         self.site_ids = tuple(sorted(s.site_id for s in federation.sites))
         # Site-side data for the KL scores (the simulation plays every site; only site k's own split
         # is ever used for site k's mask). Under patient-level DP no site's split is even held here.
-        self.val_sets = ({s.site_id: CohortDataset(s.val) for s in federation.sites}
-                         if self.mask_data == "validation" else {})
-        self.gate_rounds = (self.gate.rounds if self.gate is not None and self.gate.rounds else
-                            self.calibration_rounds or config.num_rounds)
+        self.val_sets = (
+            {s.site_id: CohortDataset(s.val) for s in federation.sites} if self.mask_data == "validation" else {}
+        )
+        self.gate_rounds = (
+            self.gate.rounds
+            if self.gate is not None and self.gate.rounds
+            else self.calibration_rounds or config.num_rounds
+        )
 
     # ---- noise: allocation and the public noise gate
     def _set_bounds(self, clip_norm: float) -> None:
@@ -182,14 +203,16 @@ class MMPFLADP(DPFedAvgFisher):
         self.clip_norm = clip_norm
         drowned: frozenset[str] = getattr(self, "drowned", frozenset())
         total = sum(d for g, d in self.group_sizes.items() if g not in drowned)
-        self.clip_bounds = {g: (0.0 if g in drowned else clip_norm * math.sqrt(d / total))
-                            for g, d in self.group_sizes.items()}
+        self.clip_bounds = {
+            g: (0.0 if g in drowned else clip_norm * math.sqrt(d / total)) for g, d in self.group_sizes.items()
+        }
 
     def _allocate(self, sizes: dict[str, int], bounds: dict[str, float], round_index: int):
         if self.use_fisher:
             return self.choose_allocation(sizes, bounds, round_index)
-        return uniform_noise_allocation(group_sizes=sizes, clip_bounds=bounds,
-                                        noise_multiplier=self.update_noise_multiplier)  # sigma_g = z C
+        return uniform_noise_allocation(
+            group_sizes=sizes, clip_bounds=bounds, noise_multiplier=self.update_noise_multiplier
+        )  # sigma_g = z C
 
     def noise_allocation(self, round_index: int, global_state: State) -> dict[str, float]:
         """sigma_g of this round; with the gate on, first decides the drowned groups (module docstring)."""
@@ -207,9 +230,11 @@ class MMPFLADP(DPFedAvgFisher):
             # releases nothing, so no allocation is used; bench/client_dp_overhead.py). Reported: the SNR
             # under uniform noise (what the allocator's fallback gives; the bound is max_noise_ratio times it).
             self.snr = self._uniform_snr(full_bounds)
-            reason = (f"the noise gate keeps every group at every site (best-case SNR at most {max(bound.values()):.3g} "
-                      f"< min_snr={self.gate.min_snr:g} under any allocation): nothing is released, so no allocation "
-                      "is used and the Fisher is not estimated")
+            reason = (
+                f"the noise gate keeps every group at every site (best-case SNR at most {max(bound.values()):.3g} "
+                f"< min_snr={self.gate.min_snr:g} under any allocation): nothing is released, so no allocation "
+                "is used and the Fisher is not estimated"
+            )
             if reason != self.fallback_reason:
                 logger.info("round %d: %s: %s", round_index, self.name, reason)
             self.allocation_used, self.fallback_reason, self.predicted_loss = "none", reason, float("nan")
@@ -218,14 +243,27 @@ class MMPFLADP(DPFedAvgFisher):
             if self.use_fisher:
                 self.refresh_fisher(round_index, global_state)  # public set, released model
             reference = self._allocate(self.group_sizes, full_bounds, round_index)
-            self.snr = release_snr(clip_bounds=full_bounds, sigmas=reference.sigmas, group_sizes=self.group_sizes,
-                                   expected_participants=self.expected_participants, rounds=self.gate_rounds)
+            self.snr = release_snr(
+                clip_bounds=full_bounds,
+                sigmas=reference.sigmas,
+                group_sizes=self.group_sizes,
+                expected_participants=self.expected_participants,
+                rounds=self.gate_rounds,
+            )
         drowned = self.gate.drowned(self.snr)
         if drowned != self.drowned:
-            logger.info("round %d: %s keeps %s personal at every site: best-case release SNR %s < min_snr=%g "
-                        "(z=%.3g, qN=%g, T=%d)", round_index, self.name, sorted(drowned),
-                        {g: round(self.snr[g], 4) for g in sorted(drowned)}, self.gate.min_snr,
-                        self.update_noise_multiplier, self.expected_participants, self.gate_rounds)
+            logger.info(
+                "round %d: %s keeps %s personal at every site: best-case release SNR %s < min_snr=%g "
+                "(z=%.3g, qN=%g, T=%d)",
+                round_index,
+                self.name,
+                sorted(drowned),
+                {g: round(self.snr[g], 4) for g in sorted(drowned)},
+                self.gate.min_snr,
+                self.update_noise_multiplier,
+                self.expected_participants,
+                self.gate_rounds,
+            )
         self.drowned = drowned
         self._set_bounds(self.clip_norm)
         released = {g: d for g, d in self.group_sizes.items() if g not in drowned}
@@ -234,8 +272,10 @@ class MMPFLADP(DPFedAvgFisher):
             alloc = self._allocate(released, {g: self.clip_bounds[g] for g in released}, round_index)
             z_eff = effective_multiplier_of(alloc)
             if not math.isclose(z_eff, self.update_noise_multiplier, rel_tol=1e-9):
-                raise PrivacyError(f"allocation over the released groups has z_eff={z_eff!r} != "
-                                   f"z={self.update_noise_multiplier!r} (report this bug).")
+                raise PrivacyError(
+                    f"allocation over the released groups has z_eff={z_eff!r} != "
+                    f"z={self.update_noise_multiplier!r} (report this bug)."
+                )
             self.last_allocation = alloc
             sigmas.update(alloc.sigmas)
         return sigmas
@@ -248,16 +288,22 @@ class MMPFLADP(DPFedAvgFisher):
         Fisher split, whose every sigma_g >= sigma_u / r (r = ``max_noise_ratio``, up to rounding: margin
         1e-6). snr_g is proportional to 1 / sigma_g, so snr_g <= r snr_g(uniform). Public inputs only.
         """
-        ratio = (self.max_noise_ratio if self.use_fisher else 1.0)
+        ratio = self.max_noise_ratio if self.use_fisher else 1.0
         if ratio is None:
             return None
         return {g: v * ratio * (1 + 1e-6) for g, v in self._uniform_snr(full_bounds).items()}
 
     def _uniform_snr(self, full_bounds: dict[str, float]) -> dict[str, float]:
-        uniform = uniform_noise_allocation(group_sizes=self.group_sizes, clip_bounds=full_bounds,
-                                           noise_multiplier=self.update_noise_multiplier)
-        return release_snr(clip_bounds=full_bounds, sigmas=uniform.sigmas, group_sizes=self.group_sizes,
-                           expected_participants=self.expected_participants, rounds=self.gate_rounds)
+        uniform = uniform_noise_allocation(
+            group_sizes=self.group_sizes, clip_bounds=full_bounds, noise_multiplier=self.update_noise_multiplier
+        )
+        return release_snr(
+            clip_bounds=full_bounds,
+            sigmas=uniform.sigmas,
+            group_sizes=self.group_sizes,
+            expected_participants=self.expected_participants,
+            rounds=self.gate_rounds,
+        )
 
     def release_sum(self, global_state: State, total: State, num_participants: int, round_index: int) -> State:
         if self.gate is not None and self.drowned and len(self.drowned) == len(self.group_sizes):
@@ -313,8 +359,15 @@ class MMPFLADP(DPFedAvgFisher):
             return
         trained = {n: p.detach() for n, p in model.named_parameters()}
         assert self._round_global is not None  # client_start_state ran for this round
-        self.masker.maybe_update(site_id, self._round, model, self._round_global, trained,
-                                 self.mask_scoring_data(site_id), forced_personal=self.drowned)
+        self.masker.maybe_update(
+            site_id,
+            self._round,
+            model,
+            self._round_global,
+            trained,
+            self.mask_scoring_data(site_id),
+            forced_personal=self.drowned,
+        )
         names = self._personal(site_id)
         if names:
             self.personal[site_id] = {n: trained[n].clone() for n in sorted(names)}
@@ -326,17 +379,23 @@ class MMPFLADP(DPFedAvgFisher):
         if not personal:
             return super().transmit(update, round_index)
         # Personal groups count as zero update: within the clip bound, so the accounting is unchanged.
-        masked = ClientUpdate(site_id=update.site_id, num_examples=update.num_examples, num_steps=update.num_steps,
-                              train_loss=update.train_loss, metrics=update.metrics,
-                              delta={n: (torch.zeros_like(d) if n in personal else d) for n, d in update.delta.items()})
+        masked = ClientUpdate(
+            site_id=update.site_id,
+            num_examples=update.num_examples,
+            num_steps=update.num_steps,
+            train_loss=update.train_loss,
+            metrics=update.metrics,
+            delta={n: (torch.zeros_like(d) if n in personal else d) for n, d in update.delta.items()},
+        )
         sent = super().transmit(masked, round_index)
         # server: personal groups never leave the site; distributed: noise-only placeholders keep the secure
         # sum's noise and hide the (private) KL mask; drowned groups are released by nobody (RoundRelease).
         keep = self.release_for(round_index).names_to_send(self.groups, personal=personal) | {CLIP_INDICATOR}
         return {n: t for n, t in sent.items() if n in keep}
 
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
-                  round_index: int) -> State:
+    def aggregate(
+        self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State], round_index: int
+    ) -> State:
         # A group a site kept personal contributes zero to the clipped sum (fixed denominator qN).
         padded = [{**{n: torch.zeros_like(t) for n, t in global_state.items()}, **s} for s in sent]
         return super().aggregate(global_state, updates, padded, round_index)
@@ -344,10 +403,12 @@ class MMPFLADP(DPFedAvgFisher):
     # ---- reports and state
     def round_report(self, round_index: int) -> dict[str, float]:
         sites = list(self.site_ids)
-        return {**super().round_report(round_index),
-                "personal_fraction": self._personal_fraction(sites) if self.use_masks else 0.0,
-                "drowned_groups": float(len(self.drowned)),
-                "mask_changes": float(self.masker.masks.changes_in(round_index)) if self.use_masks else 0.0}
+        return {
+            **super().round_report(round_index),
+            "personal_fraction": self._personal_fraction(sites) if self.use_masks else 0.0,
+            "drowned_groups": float(len(self.drowned)),
+            "mask_changes": float(self.masker.masks.changes_in(round_index)) if self.use_masks else 0.0,
+        }
 
     def _personal_fraction(self, sites: Sequence[int]) -> float:
         sizes = self.group_sizes
@@ -356,30 +417,45 @@ class MMPFLADP(DPFedAvgFisher):
 
     def summary_report(self) -> dict[str, Any]:
         out = super().summary_report()
-        out["ablation"] = {"fisher": self.use_fisher, "masks": self.use_masks, "dp": self.use_dp,
-                           "noise_gate": self.gate is not None}
+        out["ablation"] = {
+            "fisher": self.use_fisher,
+            "masks": self.use_masks,
+            "dp": self.use_dp,
+            "noise_gate": self.gate is not None,
+        }
         if self.gate is not None:
-            out["noise_gate"] = {"min_snr": self.gate.min_snr, "rounds": self.gate_rounds,
-                                 "snr_last_round": {g: (v if math.isfinite(v) else None) for g, v in self.snr.items()},
-                                 "drowned_last_round": sorted(self.drowned),
-                                 "rounds_with_nothing_released": self._skipped_rounds,
-                                 # rounds whose gate decided from max_noise_ratio x the uniform SNR, without the Fisher
-                                 "rounds_fisher_skipped": self._fisher_skipped}
+            out["noise_gate"] = {
+                "min_snr": self.gate.min_snr,
+                "rounds": self.gate_rounds,
+                "snr_last_round": {g: (v if math.isfinite(v) else None) for g, v in self.snr.items()},
+                "drowned_last_round": sorted(self.drowned),
+                "rounds_with_nothing_released": self._skipped_rounds,
+                # rounds whose gate decided from max_noise_ratio x the uniform SNR, without the Fisher
+                "rounds_fisher_skipped": self._fisher_skipped,
+            }
         if self.use_masks:
             out["masks"] = {str(s): sorted(self._personal_groups(s)) for s in self.site_ids}
             if self.mask_data == "public":
-                out["mask_privacy"] = ("scored on the server's public set with each site's DP-SGD-trained model: "
-                                       "post-processing of the patient-level release, no validation patient used")
+                out["mask_privacy"] = (
+                    "scored on the server's public set with each site's DP-SGD-trained model: "
+                    "post-processing of the patient-level release, no validation patient used"
+                )
             else:
-                out["mask_privacy"] = ("exact scores seen only by the trusted server (server placement)"
-                                       if self.placement is NoisePlacement.SERVER else
-                                       "masks hidden by secure aggregation (noise-only placeholders)")
+                out["mask_privacy"] = (
+                    "exact scores seen only by the trusted server (server placement)"
+                    if self.placement is NoisePlacement.SERVER
+                    else "masks hidden by secure aggregation (noise-only placeholders)"
+                )
         return out
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, state = super().state_dict()
-        return tensors, {**state, "masker": self.masker.state_dict(), "drowned": sorted(self.drowned),
-                         "skipped_rounds": self._skipped_rounds}
+        return tensors, {
+            **state,
+            "masker": self.masker.state_dict(),
+            "drowned": sorted(self.drowned),
+            "skipped_rounds": self._skipped_rounds,
+        }
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         super().load_state_dict(tensors, state)

@@ -22,6 +22,7 @@ Cross-Silo Federated Learning"), round t:
 lam = 0 is local-only training with DP-SGD; lam -> inf pulls every site to one model (FedAvg-like).
 Without ``sample_level_dp`` both are the non-private baselines (not private: say so in reports).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -51,8 +52,9 @@ class _PatientLevel(SampleLevelHooks):
         # secure DP-SGD (default): batches and noise from the OS CSPRNG, never from the run seed
         self.secret_randomness = self.sample_dp is not None and self.sample_dp.noise == "secure"
 
-    def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
-                  model: nn.Module) -> None:
+    def configure(
+        self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int], model: nn.Module
+    ) -> None:
         self._configure_sample_level(config)
 
     def after_local(self, site_id: int, model: nn.Module) -> None:
@@ -92,8 +94,10 @@ class LocalDPSGD(_PatientLevel):
 
     def __init__(self, *, sample_level_dp: dict[str, Any] | None = None) -> None:
         if sample_level_dp is None:
-            raise ConfigError("local-dp-sgd needs sample_level_dp (e.g. {target_epsilon: 8, max_grad_norm: 1.0}); "
-                              "for local training without DP use the 'local' method.")
+            raise ConfigError(
+                "local-dp-sgd needs sample_level_dp (e.g. {target_epsilon: 8, max_grad_norm: 1.0}); "
+                "for local training without DP use the 'local' method."
+            )
         super().__init__(sample_level_dp)
 
     def select(self, client_ids: Sequence[int], config: FederatedConfig, rng: np.random.Generator) -> list[int]:
@@ -106,8 +110,9 @@ class LocalDPSGD(_PatientLevel):
         self._record_sample_level(update, round_index)
         return {}  # nothing leaves the site
 
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
-                  round_index: int) -> State:
+    def aggregate(
+        self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State], round_index: int
+    ) -> State:
         return global_state
 
     def personal_state(self, site_id: int, global_state: State) -> State | None:
@@ -146,6 +151,7 @@ class MRMTL(_PatientLevel):
         def pull_to_mean(model: nn.Module) -> torch.Tensor:
             terms = [((p - anchor[n].to(p.device)) ** 2).sum() for n, p in model.named_parameters() if n in anchor]
             return 0.5 * self.lam * torch.stack(terms).sum()
+
         return pull_to_mean
 
     def transmit(self, update: ClientUpdate, round_index: int) -> State:
@@ -154,8 +160,9 @@ class MRMTL(_PatientLevel):
         start, mean = self._start.pop(update.site_id)
         return {n: start[n] + d - mean[n] for n, d in update.delta.items()}
 
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
-                  round_index: int) -> State:
+    def aggregate(
+        self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State], round_index: int
+    ) -> State:
         return weighted_average_update(global_state, sent, [1.0] * len(sent))  # uniform: n_k is private
 
     def summary_report(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ training and optimiser configs and seed unless given their own, and draw randomn
 resumable. Personal models are outside the client-level
 DP guarantee (DESIGN 4.6): only sample-level DP protects the patients of a deployed personal model.
 """
+
 from __future__ import annotations
 
 import copy
@@ -58,8 +59,9 @@ class _SecondModelTrainer:
         self.seed = 0 if seed is None else int(seed)
         self._scratch: nn.Module | None = None
 
-    def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
-                  model: nn.Module) -> None:
+    def configure(
+        self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int], model: nn.Module
+    ) -> None:
         super().configure(config=config, federation=federation, client_ids=client_ids, model=model)  # type: ignore[misc]  # a mixin: the next class in the MRO is a Strategy
         training, optimizer, seed = self._explicit
         self.training = config.local if training is None else self.training
@@ -71,9 +73,18 @@ class _SecondModelTrainer:
             self._scratch = copy.deepcopy(model)
         return self._scratch
 
-    def _train(self, model: nn.Module, dataset: CohortDataset, *, stream: int, round_index: int, site: int,
-               training: LocalTrainingConfig | None = None, frozen: Set[str] = frozenset(),
-               regulariser: LossRegulariser | None = None) -> ClientUpdate:
+    def _train(
+        self,
+        model: nn.Module,
+        dataset: CohortDataset,
+        *,
+        stream: int,
+        round_index: int,
+        site: int,
+        training: LocalTrainingConfig | None = None,
+        frozen: Set[str] = frozenset(),
+        regulariser: LossRegulariser | None = None,
+    ) -> ClientUpdate:
         """``local_update`` on ``model`` with the parameters in ``frozen`` held fixed."""
         device = next(model.parameters()).device
         generator = torch_generator(self.seed, stream, round_index, site)
@@ -84,9 +95,16 @@ class _SecondModelTrainer:
                 params[n].requires_grad_(False)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-                return local_update(model, dataset, site_id=site, training=training or self.training,
-                                    optimizer=self.optimizer, generator=generator, device=device,
-                                    regulariser=regulariser)
+                return local_update(
+                    model,
+                    dataset,
+                    site_id=site,
+                    training=training or self.training,
+                    optimizer=self.optimizer,
+                    generator=generator,
+                    device=device,
+                    regulariser=regulariser,
+                )
         finally:
             for n, flag in flags.items():
                 params[n].requires_grad_(flag)
@@ -121,8 +139,9 @@ class PartialSharingStrategy(Strategy):
     def personal_names(self, site_id: int) -> set[str]:
         return self._names(self.personal_groups(site_id))
 
-    def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
-                  model: nn.Module) -> None:
+    def configure(
+        self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int], model: nn.Module
+    ) -> None:
         super().configure(config=config, federation=federation, client_ids=client_ids, model=model)
         grouped = cast(GroupedModel, model)  # ViT and CNN alike (models.layers.GroupedModel)
         self.param_groups = grouped.parameter_groups()
@@ -190,8 +209,9 @@ class FedPer(PartialSharingStrategy):
     def _check_groups(self, groups: Mapping[str, Sequence[str]]) -> None:
         unknown = self.fixed_personal - set(groups)
         if unknown:
-            raise ConfigError(f"personal_groups {sorted(unknown)} are not parameter groups of the model; "
-                              f"available: {list(groups)}.")
+            raise ConfigError(
+                f"personal_groups {sorted(unknown)} are not parameter groups of the model; available: {list(groups)}."
+            )
 
     def personal_groups(self, site_id: int) -> frozenset[str]:
         return self.fixed_personal
@@ -209,9 +229,16 @@ class FedRep(_SecondModelTrainer, FedPer):
     times FedRep's own compute). A ``Strategy.local_train`` hook would remove the waste (see report).
     """
 
-    def __init__(self, personal_groups: Sequence[str] = ("head",), *, head_epochs: int = 1, body_epochs: int = 1,
-                 training: LocalTrainingConfig | dict | None = None, optimizer: OptimizerConfig | dict | None = None,
-                 seed: int | None = None) -> None:
+    def __init__(
+        self,
+        personal_groups: Sequence[str] = ("head",),
+        *,
+        head_epochs: int = 1,
+        body_epochs: int = 1,
+        training: LocalTrainingConfig | dict | None = None,
+        optimizer: OptimizerConfig | dict | None = None,
+        seed: int | None = None,
+    ) -> None:
         FedPer.__init__(self, personal_groups)
         if int(head_epochs) < 1 or int(body_epochs) < 1:
             raise ConfigError(f"fedrep head_epochs={head_epochs!r} and body_epochs={body_epochs!r} must be >= 1.")
@@ -231,13 +258,30 @@ class FedRep(_SecondModelTrainer, FedPer):
         scratch.load_state_dict(start, strict=False)
         head = self.personal_names(site_id)
         body = {n for n, p in scratch.named_parameters() if p.requires_grad} - head
+
         def phase(epochs: int) -> LocalTrainingConfig:
-            return LocalTrainingConfig(local_epochs=epochs, batch_size=self.training.batch_size,
-                                       max_grad_norm=self.training.max_grad_norm)
-        self._train(scratch, self.train_sets[site_id], stream=_FEDREP_STREAM, round_index=self._round,
-                    site=site_id * 2, training=phase(self.head_epochs), frozen=body)
-        self._train(scratch, self.train_sets[site_id], stream=_FEDREP_STREAM, round_index=self._round,
-                    site=site_id * 2 + 1, training=phase(self.body_epochs), frozen=head)
+            return LocalTrainingConfig(
+                local_epochs=epochs, batch_size=self.training.batch_size, max_grad_norm=self.training.max_grad_norm
+            )
+
+        self._train(
+            scratch,
+            self.train_sets[site_id],
+            stream=_FEDREP_STREAM,
+            round_index=self._round,
+            site=site_id * 2,
+            training=phase(self.head_epochs),
+            frozen=body,
+        )
+        self._train(
+            scratch,
+            self.train_sets[site_id],
+            stream=_FEDREP_STREAM,
+            round_index=self._round,
+            site=site_id * 2 + 1,
+            training=phase(self.body_epochs),
+            frozen=head,
+        )
         trained = trainable_state(scratch)
         self._body_delta[site_id] = {n: trained[n] - start[n] for n in body}
         model.load_state_dict(trained, strict=False)  # the site's model is the FedRep-trained one
@@ -257,8 +301,14 @@ class Ditto(_SecondModelTrainer, Strategy):
     is the site's deployed model (``personal_state``), evaluated on its own test split.
     """
 
-    def __init__(self, lam: float = 0.1, *, training: LocalTrainingConfig | dict | None = None,
-                 optimizer: OptimizerConfig | dict | None = None, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        lam: float = 0.1,
+        *,
+        training: LocalTrainingConfig | dict | None = None,
+        optimizer: OptimizerConfig | dict | None = None,
+        seed: int | None = None,
+    ) -> None:
         super().__init__()
         if not lam >= 0:
             raise ConfigError(f"ditto lam={lam!r} must be >= 0 (0: purely local personal models).")
@@ -284,8 +334,14 @@ class Ditto(_SecondModelTrainer, Strategy):
         assert self._round_global is not None  # set by client_start_state() before the site trains
         anchor = {n: t.detach() for n, t in self._round_global.items()}
         scratch.load_state_dict(self.personal.get(site_id, anchor), strict=False)
-        self._train(scratch, self.train_sets[site_id], stream=_DITTO_STREAM, round_index=self._round, site=site_id,
-                    regulariser=proximal_term(anchor, self.lam) if self.lam > 0 else None)
+        self._train(
+            scratch,
+            self.train_sets[site_id],
+            stream=_DITTO_STREAM,
+            round_index=self._round,
+            site=site_id,
+            regulariser=proximal_term(anchor, self.lam) if self.lam > 0 else None,
+        )
         self.personal[site_id] = trainable_state(scratch)
 
     def personal_state(self, site_id: int, global_state: State) -> State | None:
@@ -303,8 +359,14 @@ class FedAvgFineTune(_SecondModelTrainer, Strategy):
     evaluated round (set ``eval_every`` to keep it cheap).
     """
 
-    def __init__(self, finetune_epochs: int = 1, *, training: LocalTrainingConfig | dict | None = None,
-                 optimizer: OptimizerConfig | dict | None = None, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        finetune_epochs: int = 1,
+        *,
+        training: LocalTrainingConfig | dict | None = None,
+        optimizer: OptimizerConfig | dict | None = None,
+        seed: int | None = None,
+    ) -> None:
         super().__init__()
         if int(finetune_epochs) < 1:
             raise ConfigError(f"fedavg-ft finetune_epochs={finetune_epochs!r} must be >= 1.")
@@ -333,10 +395,19 @@ class FedAvgFineTune(_SecondModelTrainer, Strategy):
             self._cache, self._cache_key = {}, key
         if site_id not in self._cache:
             self._scratch.load_state_dict(global_state, strict=False)
-            config = LocalTrainingConfig(local_epochs=self.finetune_epochs, batch_size=self.training.batch_size,
-                                         max_grad_norm=self.training.max_grad_norm)
-            self._train(self._scratch, self.train_sets[site_id], stream=_FINETUNE_STREAM, round_index=self._round,
-                        site=site_id, training=config)
+            config = LocalTrainingConfig(
+                local_epochs=self.finetune_epochs,
+                batch_size=self.training.batch_size,
+                max_grad_norm=self.training.max_grad_norm,
+            )
+            self._train(
+                self._scratch,
+                self.train_sets[site_id],
+                stream=_FINETUNE_STREAM,
+                round_index=self._round,
+                site=site_id,
+                training=config,
+            )
             self._cache[site_id] = trainable_state(self._scratch)
         return self._cache[site_id]
 
@@ -359,17 +430,29 @@ class FedAvgKLMasks(PartialSharingStrategy):
     ``update_every``, ``hysteresis``, ...), plus ``score_batch_size`` and ``seed``.
     """
 
-    def __init__(self, *, score_batch_size: int = 256, score_clip: float | None = None,
-                 score_noise_multiplier: float = 1.0, seed: int | None = None, **schedule: Any) -> None:
+    def __init__(
+        self,
+        *,
+        score_batch_size: int = 256,
+        score_clip: float | None = None,
+        score_noise_multiplier: float = 1.0,
+        seed: int | None = None,
+        **schedule: Any,
+    ) -> None:
         super().__init__()
         release = None if score_clip is None else ScoreRelease(clip=score_clip, noise_multiplier=score_noise_multiplier)
-        self.masker = DynamicKLMasks(MaskSchedule(**schedule), release=release, score_batch_size=score_batch_size,
-                                     seed=0 if seed is None else seed)
+        self.masker = DynamicKLMasks(
+            MaskSchedule(**schedule),
+            release=release,
+            score_batch_size=score_batch_size,
+            seed=0 if seed is None else seed,
+        )
         self._explicit_seed = seed
         self._participants: list[int] = []
 
-    def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
-                  model: nn.Module) -> None:
+    def configure(
+        self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int], model: nn.Module
+    ) -> None:
         super().configure(config=config, federation=federation, client_ids=client_ids, model=model)
         self.masker.seed = config.seed if self._explicit_seed is None else int(self._explicit_seed)
 
@@ -391,15 +474,19 @@ class FedAvgKLMasks(PartialSharingStrategy):
 
     def round_report(self, round_index: int) -> dict[str, float]:
         sites = sorted(self.train_sets)
-        return {"personal_fraction": self.masker.personal_fraction(sites),
-                "mask_changes": float(self.masker.masks.changes_in(round_index))}
+        return {
+            "personal_fraction": self.masker.personal_fraction(sites),
+            "mask_changes": float(self.masker.masks.changes_in(round_index)),
+        }
 
     def summary_report(self) -> dict[str, Any]:
         masks = self.masker.masks
-        return {"masks": {str(s): sorted(masks.personal_groups(s)) for s in sorted(self.train_sets)},
-                "mask_score_release": "exact scores (no server to hide them from in this non-private strategy)"
-                if self.masker.release is None else
-                f"Gaussian release, clip={self.masker.release.clip}, z={self.masker.release.noise_multiplier}"}
+        return {
+            "masks": {str(s): sorted(masks.personal_groups(s)) for s in sorted(self.train_sets)},
+            "mask_score_release": "exact scores (no server to hide them from in this non-private strategy)"
+            if self.masker.release is None
+            else f"Gaussian release, clip={self.masker.release.clip}, z={self.masker.release.noise_multiplier}",
+        }
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, state = super().state_dict()

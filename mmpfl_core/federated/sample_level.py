@@ -4,6 +4,7 @@
 Unit of privacy: one patient of one site (add/remove-one-patient adjacency); each site's guarantee
 comes from its own ledger over the DP-SGD steps it took (:mod:`mmpfl_core.privacy.dp_sgd`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,9 +40,13 @@ class SampleLevelHooks(Strategy):
     def private_training(self, site_id: int, num_examples: int) -> PrivateTraining | None:
         if self.sample_dp is None:
             return None
-        training = self.sample_dp.training_for(site_id, num_examples=num_examples, batch_size=self._local.batch_size,
-                                               steps_per_round=steps_per_round(num_examples, self._local),
-                                               num_rounds=self._num_rounds)
+        training = self.sample_dp.training_for(
+            site_id,
+            num_examples=num_examples,
+            batch_size=self._local.batch_size,
+            steps_per_round=steps_per_round(num_examples, self._local),
+            num_rounds=self._num_rounds,
+        )
         self._site_training[site_id] = training
         return training
 
@@ -63,9 +68,14 @@ class SampleLevelHooks(Strategy):
     def _sample_summary(self) -> dict[str, Any]:
         if self.sample_dp is None:
             return {}
-        out = {"per_site_epsilon": self.sample_dp.epsilons(), "max_epsilon": self.sample_dp.max_epsilon(),
-               "delta": self.sample_dp.delta, "accountant": self.sample_dp.accountant,
-               "max_grad_norm": self.sample_dp.max_grad_norm, "noise": self.sample_dp.noise}
+        out = {
+            "per_site_epsilon": self.sample_dp.epsilons(),
+            "max_epsilon": self.sample_dp.max_epsilon(),
+            "delta": self.sample_dp.delta,
+            "accountant": self.sample_dp.accountant,
+            "max_grad_norm": self.sample_dp.max_grad_norm,
+            "noise": self.sample_dp.noise,
+        }
         if self.sample_dp.noise != "secure":
             out["not_private"] = NOT_PRIVATE_WARNING
         return {"sample_level_privacy": out}
@@ -89,16 +99,18 @@ class DPSGDFedAvg(SampleLevelHooks):
         # noise="secure" (default): sites, batches and noise from the OS CSPRNG, never from the seed.
         self.secret_randomness = self.sample_dp.noise == "secure"
 
-    def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
-                  model: nn.Module) -> None:
+    def configure(
+        self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int], model: nn.Module
+    ) -> None:
         self._configure_sample_level(config)
 
     def transmit(self, update: ClientUpdate, round_index: int) -> State:
         self._record_sample_level(update, round_index)
         return update.delta
 
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
-                  round_index: int) -> State:
+    def aggregate(
+        self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State], round_index: int
+    ) -> State:
         return weighted_average_update(global_state, sent, [1.0] * len(sent))
 
     def round_report(self, round_index: int) -> dict[str, float]:

@@ -17,6 +17,7 @@ Privacy: the input is the released aggregate (and the previous global model, its
 everything here is post-processing of releases and costs no privacy. It must never be fed a site's
 individual or un-noised update.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,13 @@ import torch
 
 from ..errors import ConfigError, check_range
 
-__all__ = ["SERVER_OPTIMIZER_PREFIX", "ServerOptimizer", "ServerOptimizerConfig", "make_server_optimizer",
-           "split_server_optimizer_tensors"]
+__all__ = [
+    "SERVER_OPTIMIZER_PREFIX",
+    "ServerOptimizer",
+    "ServerOptimizerConfig",
+    "make_server_optimizer",
+    "split_server_optimizer_tensors",
+]
 
 State = dict[str, torch.Tensor]
 #: Prefix of the optimiser's tensors in a strategy's checkpoint (kept apart from personal states).
@@ -76,7 +82,9 @@ class ServerOptimizer:
         if cfg.name == "adam":
             self._optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.tau)
         else:
-            self._optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum if cfg.name == "momentum" else 0.0)
+            self._optimizer = torch.optim.SGD(
+                params, lr=cfg.lr, momentum=cfg.momentum if cfg.name == "momentum" else 0.0
+            )
 
     @torch.no_grad()
     def step(self, global_state: Mapping[str, torch.Tensor], aggregated: Mapping[str, torch.Tensor]) -> State:
@@ -99,8 +107,11 @@ class ServerOptimizer:
             return dict(self._pending)  # restored but not yet stepped: keep it
         names = sorted(self._params)
         state = self._optimizer.state_dict()["state"]
-        return {f"{SERVER_OPTIMIZER_PREFIX}{names[i]}/{key}": (v if torch.is_tensor(v) else torch.tensor(v)).clone()
-                for i, buffers in state.items() for key, v in buffers.items()}
+        return {
+            f"{SERVER_OPTIMIZER_PREFIX}{names[i]}/{key}": (v if torch.is_tensor(v) else torch.tensor(v)).clone()
+            for i, buffers in state.items()
+            for key, v in buffers.items()
+        }
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Restore buffers written by :meth:`state_dict`; they are installed at the next :meth:`step`
@@ -115,7 +126,7 @@ class ServerOptimizer:
         index = {n: i for i, n in enumerate(sorted(self._params))}
         state: dict[int, dict[str, Any]] = {}
         for key, value in pending.items():
-            name, buffer = key[len(SERVER_OPTIMIZER_PREFIX):].rsplit("/", 1)
+            name, buffer = key[len(SERVER_OPTIMIZER_PREFIX) :].rsplit("/", 1)
             if name not in index:
                 raise ConfigError(f"server optimizer state names parameter {name!r}, which the model lacks.")
             state.setdefault(index[name], {})[buffer] = value.to(self._params[name].device)
@@ -130,8 +141,10 @@ def make_server_optimizer(spec: Mapping[str, Any] | ServerOptimizerConfig | None
     if isinstance(spec, ServerOptimizerConfig):
         return ServerOptimizer(spec)
     if not isinstance(spec, Mapping):
-        raise ConfigError(f"server_optimizer={spec!r} must be a mapping such as {{name: momentum, lr: 1.0, "
-                          "momentum: 0.9}}, or omitted.")
+        raise ConfigError(
+            f"server_optimizer={spec!r} must be a mapping such as {{name: momentum, lr: 1.0, "
+            "momentum: 0.9}}, or omitted."
+        )
     try:
         return ServerOptimizer(ServerOptimizerConfig(**spec))
     except TypeError as exc:

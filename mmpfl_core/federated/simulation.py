@@ -20,6 +20,7 @@ a resumed private run does not repeat the same bits. Its ledgers are write-ahead
 directory (DESIGN 4.8): a round released before a crash and run again after the resume is a second
 release with fresh noise and is charged twice, so the final epsilon covers every release made.
 """
+
 from __future__ import annotations
 
 import time
@@ -81,8 +82,17 @@ def select_round(strategy: Strategy, client_ids: list[int], config: FederatedCon
     return strategy.select(sorted(client_ids), config, rng)
 
 
-def client_round(strategy: Strategy, model: nn.Module, dataset: CohortDataset, *, site_id: int, global_state: State,
-                 round_index: int, config: FederatedConfig, device: torch.device) -> tuple[ClientUpdate, State]:
+def client_round(
+    strategy: Strategy,
+    model: nn.Module,
+    dataset: CohortDataset,
+    *,
+    site_id: int,
+    global_state: State,
+    round_index: int,
+    config: FederatedConfig,
+    device: torch.device,
+) -> tuple[ClientUpdate, State]:
     """Site side of round t, step 2-3: start state, local training, personal state, what to transmit.
 
     The one client step of every engine: the in-process loop calls it for each selected site, the
@@ -96,10 +106,17 @@ def client_round(strategy: Strategy, model: nn.Module, dataset: CohortDataset, *
     generator = torch_generator(config.seed, _TRAINING_STREAM, round_index, site_id)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-        update = local_update(model, dataset, site_id=site_id, training=config.local, optimizer=config.optimizer,
-                              generator=generator, device=device,
-                              regulariser=strategy.regulariser(site_id, global_state),
-                              private_training=strategy.private_training(site_id, len(dataset)))
+        update = local_update(
+            model,
+            dataset,
+            site_id=site_id,
+            training=config.local,
+            optimizer=config.optimizer,
+            generator=generator,
+            device=device,
+            regulariser=strategy.regulariser(site_id, global_state),
+            private_training=strategy.private_training(site_id, len(dataset)),
+        )
     strategy.after_local(site_id, model)
     return update, strategy.transmit(update, round_index)
 
@@ -116,8 +133,16 @@ class _SplitView:
 class FederatedSimulation:
     """Runs a strategy over a federation in one process. See the module docstring for the round."""
 
-    def __init__(self, federation: Federation, *, model_factory: Callable[[], nn.Module], strategy: Strategy,
-                 config: FederatedConfig, run_dir: RunDirectory | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        federation: Federation,
+        *,
+        model_factory: Callable[[], nn.Module],
+        strategy: Strategy,
+        config: FederatedConfig,
+        run_dir: RunDirectory | None = None,
+        progress: bool = True,
+    ) -> None:
         self.federation, self.strategy, self.config = federation, strategy, config
         self.run_dir, self.progress = run_dir, progress
         self.device = resolve_device(config.device)
@@ -140,10 +165,13 @@ class FederatedSimulation:
         traffic = self.counter.round_totals(t)
         cumulative = self.counter.cumulative_totals(t)
         row: dict[str, Any] = {
-            "round": t, "num_clients": len(selected),
+            "round": t,
+            "num_clients": len(selected),
             "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else float("nan"),
-            "bytes_up": traffic["up"], "bytes_down": traffic["down"],
-            "cum_bytes_up": cumulative["up"], "cum_bytes_down": cumulative["down"],
+            "bytes_up": traffic["up"],
+            "bytes_down": traffic["down"],
+            "cum_bytes_up": cumulative["up"],
+            "cum_bytes_down": cumulative["down"],
         }
         # Round 1 is always evaluated: it fixes the columns of metrics.csv and shows the starting point.
         row.update(self.strategy.round_report(t))
@@ -161,9 +189,16 @@ class FederatedSimulation:
         updates: list[ClientUpdate] = []
         sent: list[State] = []
         for site in selected:
-            update, transmitted = client_round(self.strategy, self.model, self.clients[site], site_id=site,
-                                               global_state=self.global_state, round_index=t, config=self.config,
-                                               device=self.device)
+            update, transmitted = client_round(
+                self.strategy,
+                self.model,
+                self.clients[site],
+                site_id=site,
+                global_state=self.global_state,
+                round_index=t,
+                config=self.config,
+                device=self.device,
+            )
             self.count_traffic(t, site, transmitted)
             updates.append(update)
             sent.append(transmitted)
@@ -208,8 +243,10 @@ class FederatedSimulation:
             proba = self._proba(self.global_state, view.dataset)
             return evaluate_predictions(labels, proba, self.num_classes, prefix), proba
         # Local-only has no global model: report the mean over the sites' own models on the pooled split.
-        per_model = [evaluate_predictions(labels, self._proba(self._deployed(s), view.dataset), self.num_classes, prefix)
-                     for s in view.per_site]
+        per_model = [
+            evaluate_predictions(labels, self._proba(self._deployed(s), view.dataset), self.num_classes, prefix)
+            for s in view.per_site
+        ]
         return {k: float(np.mean([m[k] for m in per_model])) for k in per_model[0]}, None
 
     def evaluate(self) -> dict[str, float]:
@@ -220,8 +257,12 @@ class FederatedSimulation:
             personal = self._personal_proba(view, global_proba)
             out.update(evaluate_predictions(view.cohort.labels, personal, self.num_classes, f"personal_{split}"))
             if split == "test":
-                out.update({f"site{s}_personal_test_accuracy": a
-                            for s, a in site_accuracies(view.cohort.labels, personal, view.cohort.sites).items()})
+                out.update(
+                    {
+                        f"site{s}_personal_test_accuracy": a
+                        for s, a in site_accuracies(view.cohort.labels, personal, view.cohort.sites).items()
+                    }
+                )
         return out
 
     # ---------------------------------------------------------- checkpointing
@@ -229,10 +270,16 @@ class FederatedSimulation:
         if self.run_dir is None or self.config.checkpoint_every == 0:
             return
         strategy_tensors, strategy_state = self.strategy.state_dict()
-        save_checkpoint(checkpoint_path(self.run_dir.checkpoint_dir, t),
-                        tensors={"global": self.global_state, "strategy": strategy_tensors},
-                        state={"round": t, "communication": self.counter.state_dict(),
-                               "strategy": strategy_state, "history": self.history})
+        save_checkpoint(
+            checkpoint_path(self.run_dir.checkpoint_dir, t),
+            tensors={"global": self.global_state, "strategy": strategy_tensors},
+            state={
+                "round": t,
+                "communication": self.counter.state_dict(),
+                "strategy": strategy_state,
+                "history": self.history,
+            },
+        )
         prune_checkpoints(self.run_dir.checkpoint_dir, self.config.keep_checkpoints)
         self.run_dir.write_manifest()
 
@@ -247,8 +294,9 @@ class FederatedSimulation:
             return 1
         tensors, state = load_checkpoint(path)
         self.global_state = {k: v.to(self.device) for k, v in tensors["global"].items()}
-        self.strategy.load_state_dict({k: v.to(self.device) for k, v in tensors.get("strategy", {}).items()},
-                                      state["strategy"])
+        self.strategy.load_state_dict(
+            {k: v.to(self.device) for k, v in tensors.get("strategy", {}).items()}, state["strategy"]
+        )
         self.counter.load_state_dict(state["communication"])
         self.history = list(state["history"])
         self.run_dir.truncate_after(int(state["round"]))
@@ -264,8 +312,9 @@ class FederatedSimulation:
         attach = getattr(self.strategy, "attach_ledger_journals", None)
         if attach is None or self.run_dir is None:
             return
-        attach(server=self.run_dir.ledger_path, site=self.run_dir.site_ledger_path,
-               sites=self.run_dir.site_ledger_sites())
+        attach(
+            server=self.run_dir.ledger_path, site=self.run_dir.site_ledger_path, sites=self.run_dir.site_ledger_sites()
+        )
         self.run_dir.write_manifest()
 
     # -------------------------------------------------------------------- run
@@ -274,8 +323,13 @@ class FederatedSimulation:
         cfg = self.config
         first = self._resume()
         last = cfg.num_rounds if stop_after is None else min(cfg.num_rounds, stop_after)
-        rounds = tqdm(range(first, last + 1), desc=f"{self.strategy.name} rounds", disable=not self.progress,
-                      initial=first - 1, total=cfg.num_rounds)
+        rounds = tqdm(
+            range(first, last + 1),
+            desc=f"{self.strategy.name} rounds",
+            disable=not self.progress,
+            initial=first - 1,
+            total=cfg.num_rounds,
+        )
         stopped_early = None
         for t in rounds:
             started = time.perf_counter()
@@ -312,8 +366,9 @@ class FederatedSimulation:
         if cfg.bootstrap_resamples:
             summary["personal_test"] = metrics_with_ci(labels, personal, rng=rng, num_resamples=cfg.bootstrap_resamples)
             if global_proba is not None:
-                summary["global_test"] = metrics_with_ci(labels, global_proba, rng=rng,
-                                                         num_resamples=cfg.bootstrap_resamples)
+                summary["global_test"] = metrics_with_ci(
+                    labels, global_proba, rng=rng, num_resamples=cfg.bootstrap_resamples
+                )
         evaluated = [r for r in self.history if "personal_val_accuracy" in r]
         # Convergence of what the sites deploy: their personal models where the method has them, else the
         # global model (FedAvg's curve is its global model's). Personalised methods keep part of the model
@@ -339,9 +394,16 @@ class FederatedSimulation:
 ENGINES: dict[str, type[FederatedSimulation]] = {"loop": FederatedSimulation}
 
 
-def run_federated(federation: Federation, *, model_factory: Callable[[], nn.Module], strategy: Strategy,
-                  config: FederatedConfig, run_dir: RunDirectory | None = None, progress: bool = True,
-                  stop_after: int | None = None) -> RunResult:
+def run_federated(
+    federation: Federation,
+    *,
+    model_factory: Callable[[], nn.Module],
+    strategy: Strategy,
+    config: FederatedConfig,
+    run_dir: RunDirectory | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> RunResult:
     """Convenience wrapper: build the simulation of ``config.engine`` and run it.
 
     ``engine="loop"`` (the reference) is :class:`FederatedSimulation`; ``"vectorized"`` is
@@ -349,6 +411,7 @@ def run_federated(federation: Federation, *, model_factory: Callable[[], nn.Modu
     """
     if config.engine not in ENGINES:
         raise ConfigError(f"engine {config.engine!r} is not registered; use one of {sorted(ENGINES)}.")
-    sim = ENGINES[config.engine](federation, model_factory=model_factory, strategy=strategy, config=config,
-                 run_dir=run_dir, progress=progress)
+    sim = ENGINES[config.engine](
+        federation, model_factory=model_factory, strategy=strategy, config=config, run_dir=run_dir, progress=progress
+    )
     return sim.run(stop_after=stop_after)

@@ -13,6 +13,7 @@ A strategy answers six questions the round loop (:mod:`mmpfl_core.federated.simu
 FedAvg, FedProx, centralized and local-only training are small subclasses. Register new ones with
 ``@register_strategy("name")`` and build them with ``create_strategy("name", **kwargs)``.
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -39,12 +40,14 @@ class StopTraining(Exception):
 
 def register_strategy(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
     """Class decorator that makes a strategy available to :func:`create_strategy` under ``name``."""
+
     def decorator(cls: type[Strategy]) -> type[Strategy]:
         if name in _REGISTRY:
             raise ValueError(f"strategy {name!r} is registered twice")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
+
     return decorator
 
 
@@ -84,8 +87,9 @@ class Strategy:
         self.personal: dict[int, State] = {}
 
     # 0. set-up, once per run
-    def configure(self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int],
-                  model: nn.Module) -> None:
+    def configure(
+        self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int], model: nn.Module
+    ) -> None:
         """Called once by the simulation before round 1 (and before a resume restores state).
 
         Gives the strategy what it cannot know at construction: the round-loop config (rounds,
@@ -123,8 +127,9 @@ class Strategy:
         return update.delta
 
     # 6. server aggregation and personal state
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
-                  round_index: int) -> State:
+    def aggregate(
+        self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State], round_index: int
+    ) -> State:
         return weighted_average_update(global_state, sent, [u.num_examples for u in updates])
 
     def after_local(self, site_id: int, model: nn.Module) -> None:
@@ -205,8 +210,9 @@ class FedAvg(Strategy):
         super().__init__()
         self.server_optimizer = make_server_optimizer(server_optimizer)
 
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
-                  round_index: int) -> State:
+    def aggregate(
+        self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State], round_index: int
+    ) -> State:
         averaged = super().aggregate(global_state, updates, sent, round_index)
         return averaged if self.server_optimizer is None else self.server_optimizer.step(global_state, averaged)
 
@@ -243,6 +249,7 @@ def proximal_term(anchor_state: State, weight: float) -> LossRegulariser:
     def proximal(model: nn.Module) -> torch.Tensor:
         terms = [((p - anchor[n].to(p.device)) ** 2).sum() for n, p in model.named_parameters() if n in anchor]
         return 0.5 * weight * torch.stack(terms).sum()
+
     return proximal
 
 
@@ -272,8 +279,9 @@ class LocalOnly(Strategy):
     def client_start_state(self, site_id: int, global_state: State) -> State:
         return self.personal.get(site_id, global_state)
 
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State],
-                  round_index: int) -> State:
+    def aggregate(
+        self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State], round_index: int
+    ) -> State:
         return global_state
 
     def after_local(self, site_id: int, model: nn.Module) -> None:
@@ -281,4 +289,3 @@ class LocalOnly(Strategy):
 
     def personal_state(self, site_id: int, global_state: State) -> State | None:
         return self.personal.get(site_id, global_state)
-

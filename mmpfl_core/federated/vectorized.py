@@ -57,6 +57,7 @@ Equivalence holds up to float rounding, which AdamW can amplify: a coordinate wh
 (near) zero, such as an attention key bias, moves by up to +-lr with the sign of rounding noise in
 either engine. With SGD the engines agree to ~1e-5.
 """
+
 from __future__ import annotations
 
 import copy
@@ -81,8 +82,14 @@ from .strategies import State, Strategy
 if TYPE_CHECKING:  # imported at run time where needed (the stacked release is for DPFedAvg only)
     from .dp_strategies import DPFedAvg
 
-__all__ = ["VECTORIZED_STRATEGIES", "VectorizedSimulation", "auto_chunk_size", "check_vectorizable", "site_batches",
-           "train_stacked"]
+__all__ = [
+    "VECTORIZED_STRATEGIES",
+    "VectorizedSimulation",
+    "auto_chunk_size",
+    "check_vectorizable",
+    "site_batches",
+    "train_stacked",
+]
 
 #: Registered strategies whose site half is plain local training (plus FedProx's proximal term) and
 #: per-site hooks, which this engine reproduces exactly. Anything else: ``engine: loop``.
@@ -98,23 +105,33 @@ MAX_AUTO_CHUNK = 256
 def check_vectorizable(strategy: Strategy, model: nn.Module) -> None:
     """Raise :class:`ConfigError` (naming ``engine: loop``) for what this engine cannot reproduce."""
     if strategy.name not in VECTORIZED_STRATEGIES:
-        raise ConfigError(f"engine='vectorized' does not serve strategy {strategy.name!r} (it serves "
-                          f"{list(VECTORIZED_STRATEGIES)}); run it with federated.engine: loop (--engine loop).")
+        raise ConfigError(
+            f"engine='vectorized' does not serve strategy {strategy.name!r} (it serves "
+            f"{list(VECTORIZED_STRATEGIES)}); run it with federated.engine: loop (--engine loop)."
+        )
     if getattr(strategy, "sample_dp", None) is not None:
-        raise ConfigError("engine='vectorized' does not run sample-level DP-SGD inside sites (sample_level_dp): "
-                          "Opacus' per-sample clipping and noise run in the loop engine only; use "
-                          "federated.engine: loop (--engine loop).")
-    stochastic = [name for name, m in model.named_modules()
-                  if (isinstance(m, nn.Dropout) and m.p > 0) or getattr(m, "drop_prob", 0.0) > 0]
+        raise ConfigError(
+            "engine='vectorized' does not run sample-level DP-SGD inside sites (sample_level_dp): "
+            "Opacus' per-sample clipping and noise run in the loop engine only; use "
+            "federated.engine: loop (--engine loop)."
+        )
+    stochastic = [
+        name
+        for name, m in model.named_modules()
+        if (isinstance(m, nn.Dropout) and m.p > 0) or getattr(m, "drop_prob", 0.0) > 0
+    ]
     if stochastic:
-        raise ConfigError(f"engine='vectorized' needs a model without dropout or stochastic depth "
-                          f"(found {stochastic[:3]}): "
-                          "the loop engine's random masks could not be reproduced. Set drop_rate=0 and "
-                          "drop_path_rate=0, or use federated.engine: loop (--engine loop).")
+        raise ConfigError(
+            f"engine='vectorized' needs a model without dropout or stochastic depth "
+            f"(found {stochastic[:3]}): "
+            "the loop engine's random masks could not be reproduced. Set drop_rate=0 and "
+            "drop_path_rate=0, or use federated.engine: loop (--engine loop)."
+        )
 
 
-def site_batches(num_examples: int, training: LocalTrainingConfig, *, seed: int, round_index: int,
-                 site_id: int) -> list[torch.Tensor]:
+def site_batches(
+    num_examples: int, training: LocalTrainingConfig, *, seed: int, round_index: int, site_id: int
+) -> list[torch.Tensor]:
     """The batches :func:`~.simulation.client_round` gives site ``site_id`` in round t, in order.
 
     The loop engine first draws from the stream ``(seed, 2, t, site)`` the seed of torch's forked
@@ -129,7 +146,9 @@ def site_batches(num_examples: int, training: LocalTrainingConfig, *, seed: int,
 def _rows(stacked: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """(S, *shape) tensors by name -> S dicts of views, one per site (no copy)."""
     names = list(stacked)
-    return [dict(zip(names, views, strict=False)) for views in zip(*(stacked[n].unbind(0) for n in names), strict=False)]
+    return [
+        dict(zip(names, views, strict=False)) for views in zip(*(stacked[n].unbind(0) for n in names), strict=False)
+    ]
 
 
 def _releases_a_clipped_sum(strategy: Strategy) -> bool:
@@ -141,10 +160,15 @@ def _releases_a_clipped_sum(strategy: Strategy) -> bool:
     from ..privacy import NoisePlacement
     from .dp_strategies import DPFedAvg
 
-    return (strategy.name in ("dp-fedavg", "dp-fedavg-fisher") and isinstance(strategy, DPFedAvg)
-            and type(strategy).transmit is DPFedAvg.transmit and type(strategy).aggregate is DPFedAvg.aggregate
-            and strategy.placement is NoisePlacement.SERVER and not strategy.adaptive
-            and strategy.sample_dp is None)
+    return (
+        strategy.name in ("dp-fedavg", "dp-fedavg-fisher")
+        and isinstance(strategy, DPFedAvg)
+        and type(strategy).transmit is DPFedAvg.transmit
+        and type(strategy).aggregate is DPFedAvg.aggregate
+        and strategy.placement is NoisePlacement.SERVER
+        and not strategy.adaptive
+        and strategy.sample_dp is None
+    )
 
 
 class _PatchLinear(nn.Module):
@@ -169,9 +193,14 @@ class _PatchLinear(nn.Module):
 
 
 def _is_patch_conv(module: nn.Module) -> bool:
-    return (type(module) is nn.Conv2d and module.kernel_size == module.stride
-            and module.kernel_size[0] == module.kernel_size[1] and module.padding == (0, 0)
-            and module.dilation == (1, 1) and module.groups == 1)
+    return (
+        type(module) is nn.Conv2d
+        and module.kernel_size == module.stride
+        and module.kernel_size[0] == module.kernel_size[1]
+        and module.padding == (0, 0)
+        and module.dilation == (1, 1)
+        and module.groups == 1
+    )
 
 
 def explicit_attention_copy(model: nn.Module) -> nn.Module:
@@ -205,8 +234,10 @@ class _SitePool:
 
     def gather(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
         """Inputs and labels for global row indices ``index`` (S, B)."""
-        return tuple(t[index].to(device, non_blocking=True)
-                     for t in (self.images, self.modality_mask, self.clinical, self.labels))
+        return tuple(
+            t[index].to(device, non_blocking=True)
+            for t in (self.images, self.modality_mask, self.clinical, self.labels)
+        )
 
 
 @dataclass
@@ -231,9 +262,9 @@ def _plan_chunk(sites: list[int], batches: dict[int, list[torch.Tensor]], offset
         idx = torch.zeros(len(parts), width, dtype=torch.long)
         w = torch.zeros(len(parts), width)
         for i, r in enumerate(parts):
-            idx[i, :len(r)] = r
-            idx[i, len(r):] = r[0]  # padding repeats a real row of the site: finite inputs, weight 0
-            w[i, :len(r)] = 1.0
+            idx[i, : len(r)] = r
+            idx[i, len(r) :] = r[0]  # padding repeats a real row of the site: finite inputs, weight 0
+            w[i, : len(r)] = 1.0
         rows.append(None if len(active) == len(sites) else torch.tensor(active))
         index.append(idx)
         weight.append(w)
@@ -241,8 +272,14 @@ def _plan_chunk(sites: list[int], batches: dict[int, list[torch.Tensor]], offset
     return _Plan(sites=sites, rows=rows, index=index, weight=weight, steps=steps)
 
 
-def plan_chunks(order: list[int], batches: dict[int, list[torch.Tensor]], chunk_size: int, *,
-                max_padding: float = 1.3, min_sites: int = 8) -> list[list[int]]:
+def plan_chunks(
+    order: list[int],
+    batches: dict[int, list[torch.Tensor]],
+    chunk_size: int,
+    *,
+    max_padding: float = 1.3,
+    min_sites: int = 8,
+) -> list[list[int]]:
     """Cut sites (sorted by schedule) into chunks of at most ``chunk_size``; a chunk also ends where
     the next site's first batch is more than ``max_padding`` times the chunk's first (once it holds
     ``min_sites``), so padding wastes at most ~30% of a chunk's compute."""
@@ -290,8 +327,9 @@ class _StackedOptimizer:
         elif config.momentum:  # torch's first step sets buf = grad: with zeros, buf * m + grad is the same
             self.state = {n: [torch.zeros_like(p)] for n, p in params.items()}
 
-    def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
-             rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def step(
+        self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], rows: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         """New parameters; ``grads`` hold the rows ``rows`` only (None: every row)."""
         cfg = self.config
         self.step_count += 1
@@ -312,8 +350,8 @@ class _StackedOptimizer:
                 exp_avg, exp_avg_sq = self.state[name]
                 avg = take(exp_avg).lerp(g, 1 - beta1)
                 sq = take(exp_avg_sq) * beta2 + (1 - beta2) * g * g
-                bias1 = 1 - beta1 ** self.step_count
-                bias2_sqrt = math.sqrt(1 - beta2 ** self.step_count)
+                bias1 = 1 - beta1**self.step_count
+                bias2_sqrt = math.sqrt(1 - beta2**self.step_count)
                 denom = sq.sqrt() / bias2_sqrt + eps
                 new_p = p * (1 - cfg.lr * cfg.weight_decay) - (cfg.lr / bias1) * avg / denom
                 self.state[name] = [put(exp_avg, avg), put(exp_avg_sq, sq)]
@@ -327,8 +365,9 @@ class _StackedOptimizer:
             out[name] = put(full, new_p)
         return out
 
-    def _fused_adamw(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
-                     rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _fused_adamw(
+        self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], rows: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         """AdamW through torch's fused kernel (what ``torch.optim.AdamW(fused=True)`` runs: one pass per
         tensor instead of ~10 elementwise passes, which cost ~0.2 s a step for 1,000 sites). In place
         on ``params`` (the caller owns them) and the state; a subset of rows is stepped on copies."""
@@ -341,8 +380,21 @@ class _StackedOptimizer:
             ps = [params[n].index_select(0, rows) for n in names]
             avgs = [self.state[n][0].index_select(0, rows) for n in names]
             sqs = [self.state[n][1].index_select(0, rows) for n in names]
-        torch._fused_adamw_(ps, [grads[n] for n in names], avgs, sqs, [], steps, lr=cfg.lr, beta1=0.9, beta2=0.999,
-                            weight_decay=cfg.weight_decay, eps=1e-8, amsgrad=False, maximize=False)
+        torch._fused_adamw_(
+            ps,
+            [grads[n] for n in names],
+            avgs,
+            sqs,
+            [],
+            steps,
+            lr=cfg.lr,
+            beta1=0.9,
+            beta2=0.999,
+            weight_decay=cfg.weight_decay,
+            eps=1e-8,
+            amsgrad=False,
+            maximize=False,
+        )
         if rows is not None:
             for n, p, avg, sq in zip(names, ps, avgs, sqs, strict=False):
                 params[n].index_copy_(0, rows, p)
@@ -351,10 +403,17 @@ class _StackedOptimizer:
         return params
 
 
-def train_stacked(model: nn.Module, start: dict[str, torch.Tensor], plan: _Plan, pool: _SitePool, *,
-                  training: LocalTrainingConfig, optimizer: OptimizerConfig, device: torch.device,
-                  regulariser: Callable[[Any], torch.Tensor] | None = None
-                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def train_stacked(
+    model: nn.Module,
+    start: dict[str, torch.Tensor],
+    plan: _Plan,
+    pool: _SitePool,
+    *,
+    training: LocalTrainingConfig,
+    optimizer: OptimizerConfig,
+    device: torch.device,
+    regulariser: Callable[[Any], torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Local training of a chunk of S sites at once; returns the trained (S, *shape) parameters and
     each site's mean training loss over its steps (as :func:`~.client.local_update` reports it).
 
@@ -424,8 +483,9 @@ def available_memory_bytes(device: torch.device) -> int:
     return 4 * 2**30
 
 
-def auto_chunk_size(model: nn.Module, pool: _SitePool, training: LocalTrainingConfig, device: torch.device, *,
-                    fraction: float = 0.25) -> int:
+def auto_chunk_size(
+    model: nn.Module, pool: _SitePool, training: LocalTrainingConfig, device: torch.device, *, fraction: float = 0.25
+) -> int:
     """Sites per chunk so that one chunk uses at most ``fraction`` of free memory (capped at
     :data:`MAX_AUTO_CHUNK`). Per site: parameters, gradient, start copy and two optimiser states
     (6 d floats) plus the activations of a batch (saved bytes per example x batch size x 3, for the
@@ -435,8 +495,9 @@ def auto_chunk_size(model: nn.Module, pool: _SitePool, training: LocalTrainingCo
     return int(max(1, min(MAX_AUTO_CHUNK, fraction * available_memory_bytes(device) // per_site)))
 
 
-def clipped_sum(deltas: dict[str, torch.Tensor], groups: dict[str, list[str]],
-                clip_bounds: dict[str, float]) -> tuple[dict[str, torch.Tensor], bool]:
+def clipped_sum(
+    deltas: dict[str, torch.Tensor], groups: dict[str, list[str]], clip_bounds: dict[str, float]
+) -> tuple[dict[str, torch.Tensor], bool]:
     """sum_k clip(Delta_k) over the S stacked updates (S, *shape), clipped per group as
     :func:`~mmpfl_core.privacy.clipping.clip_per_group` clips one update: ||Delta_kg|| in float64,
     scale_kg = min(1, C_g / ||Delta_kg||), then the scaled updates summed. Returns the sum and whether
@@ -469,8 +530,9 @@ class VectorizedSimulation(FederatedSimulation):
         check_vectorizable(self.strategy, self.model)
         self.pool = _SitePool(self.clients)
         self.train_model = explicit_attention_copy(self.model)
-        self.chunk_size = self.config.chunk_size or auto_chunk_size(self.train_model, self.pool, self.config.local,
-                                                                     self.device)
+        self.chunk_size = self.config.chunk_size or auto_chunk_size(
+            self.train_model, self.pool, self.config.local, self.device
+        )
         self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
         # after_local needs each site's trained model only where the strategy overrides it
         self._needs_trained_model = type(self.strategy).after_local is not Strategy.after_local
@@ -483,8 +545,10 @@ class VectorizedSimulation(FederatedSimulation):
         """The strategy's local regulariser, which must be the same for every site of the round."""
         regs = [self.strategy.regulariser(site, self.global_state) for site in sites[:1]]
         if regs[0] is not None and self.strategy.name != "fedprox":
-            raise ConfigError(f"engine='vectorized' cannot run the per-site regulariser of {self.strategy.name!r}; "
-                              "use federated.engine: loop (--engine loop).")
+            raise ConfigError(
+                f"engine='vectorized' cannot run the per-site regulariser of {self.strategy.name!r}; "
+                "use federated.engine: loop (--engine loop)."
+            )
         return regs[0]
 
     def _stack_starts(self, sites: list[int]) -> dict[str, torch.Tensor]:
@@ -505,12 +569,14 @@ class VectorizedSimulation(FederatedSimulation):
         for site in selected[:1]:  # the strategy decides per site; it is None for every strategy served
             if self.strategy.private_training(site, len(self.clients[site])) is not None:
                 raise ConfigError("engine='vectorized' does not run sample-level DP-SGD; use federated.engine: loop.")
-        batches = {s: site_batches(len(self.clients[s]), cfg.local, seed=cfg.seed, round_index=t, site_id=s)
-                   for s in selected}
+        batches = {
+            s: site_batches(len(self.clients[s]), cfg.local, seed=cfg.seed, round_index=t, site_id=s) for s in selected
+        }
         # similar schedules side by side: little padding inside a chunk
         # a site without training examples takes no step: its update is zero, as in local_update
-        order = sorted((s for s in selected if batches[s]),
-                       key=lambda s: (len(batches[s]), [len(b) for b in batches[s]]))
+        order = sorted(
+            (s for s in selected if batches[s]), key=lambda s: (len(batches[s]), [len(b) for b in batches[s]])
+        )
         regulariser = self._regulariser(selected)
         deltas: dict[int, dict[str, torch.Tensor]] = {}
         trained_rows: dict[int, dict[str, torch.Tensor]] = {}
@@ -520,11 +586,21 @@ class VectorizedSimulation(FederatedSimulation):
         for sites in plan_chunks(order, batches, self.chunk_size):
             plan = _plan_chunk(sites, batches, self.pool.offset)
             start = self._stack_starts(sites)
-            trained, loss = train_stacked(self.train_model, start, plan, self.pool, training=cfg.local,
-                                          optimizer=cfg.optimizer, device=self.device, regulariser=regulariser)
+            trained, loss = train_stacked(
+                self.train_model,
+                start,
+                plan,
+                self.pool,
+                training=cfg.local,
+                optimizer=cfg.optimizer,
+                device=self.device,
+                regulariser=regulariser,
+            )
             delta = {n: trained[n] - start[n] for n in self.trainable}  # (S, *shape)
             if stacked:
-                dp = cast("DPFedAvg", self.strategy)  # stacked only for DPFedAvg's own release (_releases_a_clipped_sum)
+                dp = cast(
+                    "DPFedAvg", self.strategy
+                )  # stacked only for DPFedAvg's own release (_releases_a_clipped_sum)
                 part, finite = clipped_sum(delta, dp.groups, dp.clip_bounds)
                 stacked = finite  # a NaN/Inf update: the strategy's per-site path rejects and logs it
                 total = {n: total[n] + v if n in total else v for n, v in part.items()}
@@ -541,9 +617,13 @@ class VectorizedSimulation(FederatedSimulation):
                 trained_rows[site] = _rows(start)[0]
         updates, sent = [], []
         for site in selected:  # the release, site by site, in the loop engine's order and through its hooks
-            update = ClientUpdate(site_id=site, delta=deltas.pop(site),
-                                  num_examples=len(self.clients[site]), num_steps=len(batches[site]),
-                                  train_loss=losses[site])
+            update = ClientUpdate(
+                site_id=site,
+                delta=deltas.pop(site),
+                num_examples=len(self.clients[site]),
+                num_steps=len(batches[site]),
+                train_loss=losses[site],
+            )
             if self._needs_trained_model:
                 self.model.load_state_dict(trained_rows.pop(site), strict=False)
                 self.strategy.after_local(site, self.model)

@@ -17,6 +17,7 @@ under ``private/``. It holds no state of secret random sources (private noise an
 none), so a resumed private run does not repeat its bits; its epsilon covers every release made,
 because the ledgers write ahead to their own files, which the resume reads (DESIGN 4.8).
 """
+
 from __future__ import annotations
 
 import copy
@@ -63,8 +64,10 @@ def _flatten_tensors(tree: Mapping[str, Any], prefix: str, flat: dict[str, torch
     layout: dict[str, Any] = {}
     for key, value in tree.items():
         if not isinstance(key, str):
-            raise CheckpointError(f"tensor key {key!r} under {prefix or '<root>'!r} is not a string; "
-                                  "use flatten_optimizer_state for optimizer state dicts.")
+            raise CheckpointError(
+                f"tensor key {key!r} under {prefix or '<root>'!r} is not a string; "
+                "use flatten_optimizer_state for optimizer state dicts."
+            )
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             layout[key] = _flatten_tensors(value, name + "/", flat)
@@ -75,14 +78,14 @@ def _flatten_tensors(tree: Mapping[str, Any], prefix: str, flat: dict[str, torch
             flat[name] = value.detach().to("cpu").contiguous().clone()
             layout[key] = name
         else:
-            raise CheckpointError(f"tensors[{name!r}] is a {type(value).__name__}, not a tensor; "
-                                  "put non-tensor values in state=.")
+            raise CheckpointError(
+                f"tensors[{name!r}] is a {type(value).__name__}, not a tensor; put non-tensor values in state=."
+            )
     return layout
 
 
 def _unflatten_tensors(layout: Mapping[str, Any], flat: Mapping[str, torch.Tensor]) -> dict:
-    return {k: _unflatten_tensors(v, flat) if isinstance(v, Mapping) else flat[v]
-            for k, v in layout.items()}
+    return {k: _unflatten_tensors(v, flat) if isinstance(v, Mapping) else flat[v] for k, v in layout.items()}
 
 
 def _json_default(obj: Any) -> Any:
@@ -101,8 +104,10 @@ def _check_keys(obj: Any, where: str) -> None:
     if isinstance(obj, Mapping):
         for k, v in obj.items():
             if not isinstance(k, str):
-                raise CheckpointError(f"state key {k!r} at {where} is a {type(k).__name__}; JSON keys "
-                                      "must be strings (convert it, e.g. str(site_id)).")
+                raise CheckpointError(
+                    f"state key {k!r} at {where} is a {type(k).__name__}; JSON keys "
+                    "must be strings (convert it, e.g. str(site_id))."
+                )
             _check_keys(v, f"{where}[{k!r}]")
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
@@ -134,13 +139,20 @@ def save_checkpoint(path: Path | str, *, tensors: Mapping[str, Any], state: Mapp
     flat: dict[str, torch.Tensor] = {}
     layout = _flatten_tensors(tensors, "", flat)
     _check_keys(state, "state")
-    meta = {"format": FORMAT, "version": VERSION, "safetensors_sha256": "",
-            "tensor_layout": layout, "state": dict(state)}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "safetensors_sha256": "",
+        "tensor_layout": layout,
+        "state": dict(state),
+    }
     try:  # fail before touching the disk
         json.dumps(meta, default=_json_default)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint state for {json_path} is not JSON-serialisable ({exc}). "
-                              "Store tensors in tensors= and convert arrays to lists.") from exc
+        raise CheckpointError(
+            f"checkpoint state for {json_path} is not JSON-serialisable ({exc}). "
+            "Store tensors in tensors= and convert arrays to lists."
+        ) from exc
     st_path.parent.mkdir(parents=True, exist_ok=True)
     staged_st = st_path.with_name(f".{st_path.name}.tmp-{os.getpid()}")
     staged_json = json_path.with_name(f".{json_path.name}.tmp-{os.getpid()}")
@@ -179,8 +191,10 @@ def load_checkpoint(path: Path | str) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CheckpointError(f"checkpoint file {json_path} is corrupt ({exc}). {_FIX}") from exc
     data = st_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != digest:
-        raise CheckpointError(f"checkpoint file {st_path} is truncated, corrupt, or does not belong "
-                              f"to {json_path.name} (SHA-256 mismatch). {_FIX}")
+        raise CheckpointError(
+            f"checkpoint file {st_path} is truncated, corrupt, or does not belong "
+            f"to {json_path.name} (SHA-256 mismatch). {_FIX}"
+        )
     try:
         flat = load_safetensors_bytes(data)
         tensors = _unflatten_tensors(layout, flat)
@@ -199,8 +213,7 @@ def _list_checkpoints(directory: Path | str) -> list[tuple[int, Path]]:
     d = Path(directory)
     if not d.is_dir():
         return []
-    out = [(int(m.group(1)), p) for p in d.iterdir() if (m := _ROUND_RE.match(p.name))
-           and _paths(p)[1].is_file()]
+    out = [(int(m.group(1)), p) for p in d.iterdir() if (m := _ROUND_RE.match(p.name)) and _paths(p)[1].is_file()]
     return sorted(out)
 
 
@@ -231,10 +244,12 @@ def restore_torch_generator(g: torch.Generator, state: torch.Tensor) -> torch.Ge
 
 def numpy_generator_state(g: np.random.Generator) -> dict[str, Any]:
     """The bit-generator state as a JSON-serialisable dict (arrays become lists, big ints stay)."""
+
     def plain(v):
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         return v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v
+
     return plain(copy.deepcopy(g.bit_generator.state))
 
 
@@ -242,8 +257,10 @@ def restore_numpy_generator(g: np.random.Generator, state: Mapping[str, Any]) ->
     """Set ``g`` to a state from :func:`numpy_generator_state`; returns ``g``."""
     expected = type(g.bit_generator).__name__
     if state.get("bit_generator") != expected:
-        raise CheckpointError(f"saved RNG state is for {state.get('bit_generator')!r} but the generator "
-                              f"uses {expected!r}; create the generator with the same bit generator.")
+        raise CheckpointError(
+            f"saved RNG state is for {state.get('bit_generator')!r} but the generator "
+            f"uses {expected!r}; create the generator with the same bit generator."
+        )
     g.bit_generator.state = copy.deepcopy(dict(state))
     return g
 
@@ -261,8 +278,10 @@ def _encode(obj: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
         return [_encode(v, f"{name}.{i}", tensors) for i, v in enumerate(obj)]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    raise CheckpointError(f"optimizer state entry {name!r} is a {type(obj).__name__}, which cannot be "
-                          "stored without pickle; convert it to a tensor or a plain number.")
+    raise CheckpointError(
+        f"optimizer state entry {name!r} is a {type(obj).__name__}, which cannot be "
+        "stored without pickle; convert it to a tensor or a plain number."
+    )
 
 
 def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
@@ -296,5 +315,7 @@ def unflatten_optimizer_state(tensors: Mapping[str, torch.Tensor], json_state: A
     try:
         return _decode(json_state, tensors)
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"optimizer state does not match its tensors ({exc!r}); save both "
-                              "halves returned by flatten_optimizer_state together.") from exc
+        raise CheckpointError(
+            f"optimizer state does not match its tensors ({exc!r}); save both "
+            "halves returned by flatten_optimizer_state together."
+        ) from exc

@@ -46,6 +46,7 @@ so a resumed run may use a newer library), and :meth:`RunDirectory.truncate_afte
 rows written after the checkpoint being resumed from, so no round is logged twice.
 This module never deletes a run directory and never writes outside it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -66,6 +67,7 @@ from mmpfl_core.errors import MMPFLError
 from mmpfl_core.io.scopes import OPERATOR_ONLY, PRIVATE_TO_SITE, RELEASED, split_row, split_summary
 
 _PACKAGES = ("torch", "timm", "opacus", "numpy")
+
 
 class RunDirectoryError(MMPFLError, ValueError):
     """A run directory conflicts with the requested run, or a metrics row breaks the CSV schema."""
@@ -96,8 +98,10 @@ def _plain(obj: Any, where: str = "config") -> Any:
         return obj.item()
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    raise RunDirectoryError(f"{where} is a {type(obj).__name__}, which cannot be written to "
-                            "config.json; use numbers, strings, lists, dicts or dataclasses.")
+    raise RunDirectoryError(
+        f"{where} is a {type(obj).__name__}, which cannot be written to "
+        "config.json; use numbers, strings, lists, dicts or dataclasses."
+    )
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -129,8 +133,10 @@ class RunDirectory:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         if not self.config_path.is_file():
-            raise RunDirectoryError(f"{self.path} is not a run directory (no config.json); "
-                                    "create one with RunDirectory.create(root, name, config, ...).")
+            raise RunDirectoryError(
+                f"{self.path} is not a run directory (no config.json); "
+                "create one with RunDirectory.create(root, name, config, ...)."
+            )
 
     config_path = property(lambda self: self.path / "config.json")
     metrics_path = property(lambda self: self.path / "metrics.csv")
@@ -165,8 +171,7 @@ class RunDirectory:
         return any(p.is_file() and read_journal(p)[1] for p in files)
 
     @classmethod
-    def create(cls, root: Path | str, name: str, config: Mapping[str, Any], *,
-               exist_ok_resume: bool) -> RunDirectory:
+    def create(cls, root: Path | str, name: str, config: Mapping[str, Any], *, exist_ok_resume: bool) -> RunDirectory:
         """Create ``<root>/<name>/`` or, with ``exist_ok_resume=True``, reopen it to resume.
 
         Args:
@@ -186,17 +191,22 @@ class RunDirectory:
         plain = _plain(config)
         if (path / "config.json").is_file():
             if not exist_ok_resume:
-                raise RunDirectoryError(f"run directory {path} already exists. Pass "
-                                        "exist_ok_resume=True to resume it, or choose another name.")
+                raise RunDirectoryError(
+                    f"run directory {path} already exists. Pass "
+                    "exist_ok_resume=True to resume it, or choose another name."
+                )
             stored = json.loads((path / "config.json").read_text(encoding="utf-8"))["config"]
             diff = _diff_keys(stored, plain)
             if diff:
-                raise RunDirectoryError(f"cannot resume {path}: its config differs in {diff}. Resume "
-                                        "with the original config, or start a run with a new name.")
+                raise RunDirectoryError(
+                    f"cannot resume {path}: its config differs in {diff}. Resume "
+                    "with the original config, or start a run with a new name."
+                )
         else:
             path.mkdir(parents=True, exist_ok=True)
-            _write_text_atomic(path / "config.json", json.dumps(
-                {"config": plain, "environment": environment_info()}, indent=1))
+            _write_text_atomic(
+                path / "config.json", json.dumps({"config": plain, "environment": environment_info()}, indent=1)
+            )
         (path / "private" / "checkpoints").mkdir(parents=True, exist_ok=True)
         run = cls(path)
         run.write_manifest()
@@ -239,8 +249,10 @@ class RunDirectory:
             columns = [str(k) for k in part] if columns is None else columns
             extra = [k for k in part if str(k) not in columns]
             if extra:  # checked for both files before either is written
-                raise RunDirectoryError(f"metrics row has new columns {extra}; {path.name} has {columns}. "
-                                        "Log every column from the first round on (use NaN when unknown).")
+                raise RunDirectoryError(
+                    f"metrics row has new columns {extra}; {path.name} has {columns}. "
+                    "Log every column from the first round on (use NaN when unknown)."
+                )
             plan.append((path, part, columns, new_file))
         for path, part, columns, new_file in plan:
             with open(path, "a", newline="", encoding="utf-8") as fh:
@@ -298,7 +310,9 @@ class RunDirectory:
             for site, groups in masks.items():
                 folder = self.private_dir / f"site_{site}"
                 folder.mkdir(exist_ok=True)
-                _write_text_atomic(folder / "masks.json", json.dumps({"site": site, "personal_groups": groups}, indent=1))
+                _write_text_atomic(
+                    folder / "masks.json", json.dumps({"site": site, "personal_groups": groups}, indent=1)
+                )
         self.write_manifest()
 
     def read_summary(self, *, include_private: bool = False) -> dict[str, Any]:
@@ -309,9 +323,13 @@ class RunDirectory:
         out = json.loads(self.summary_path.read_text(encoding="utf-8"))
         if include_private and self.private_summary_path.is_file():
             for key, value in json.loads(self.private_summary_path.read_text(encoding="utf-8")).items():
-                out[key] = {**out[key], **value} if isinstance(out.get(key), dict) and isinstance(value, dict) else value
-            masks = {json.loads(p.read_text())["site"]: json.loads(p.read_text())["personal_groups"]
-                     for p in sorted(self.private_dir.glob("site_*/masks.json"))}
+                out[key] = (
+                    {**out[key], **value} if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+                )
+            masks = {
+                json.loads(p.read_text())["site"]: json.loads(p.read_text())["personal_groups"]
+                for p in sorted(self.private_dir.glob("site_*/masks.json"))
+            }
             if masks:
                 out["masks"] = {str(k): v for k, v in masks.items()}
         return out
@@ -332,12 +350,16 @@ class RunDirectory:
         files = sorted(p for p in self.path.rglob("*") if p.is_file() and not p.name.startswith("."))
         scopes = {p.relative_to(self.path).as_posix(): self.scope_of(p) for p in files}
         scopes["MANIFEST.json"] = RELEASED
-        manifest = {"scopes": dict(sorted(scopes.items())),
-                    "meaning": {RELEASED: "may be shared beside the model: covered by the DP guarantee, public, or "
-                                          "pooled evaluation outside the guarantee (DESIGN 4.6)",
-                                PRIVATE_TO_SITE: "derived from one site's private data: that site only",
-                                OPERATOR_ONLY: "held by whoever runs the simulation (it plays every site): participant "
-                                               "lists, exact losses, byte counters, checkpoints, the privacy ledger's write-ahead file; as secret as "
-                                               "the data"}}
+        manifest = {
+            "scopes": dict(sorted(scopes.items())),
+            "meaning": {
+                RELEASED: "may be shared beside the model: covered by the DP guarantee, public, or "
+                "pooled evaluation outside the guarantee (DESIGN 4.6)",
+                PRIVATE_TO_SITE: "derived from one site's private data: that site only",
+                OPERATOR_ONLY: "held by whoever runs the simulation (it plays every site): participant "
+                "lists, exact losses, byte counters, checkpoints, the privacy ledger's write-ahead file; as secret as "
+                "the data",
+            },
+        }
         _write_text_atomic(self.manifest_path, json.dumps(manifest, indent=1))
         return manifest["scopes"]

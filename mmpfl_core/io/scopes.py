@@ -7,14 +7,23 @@ DESIGN 4.6). Everything else (participant counts, exact training losses, byte co
 per-site metrics and epsilons, masks, node-to-site maps) is private. A new column is private until
 someone argues, in this module, why it may be released.
 """
+
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["OPERATOR_ONLY", "PRIVATE_TO_SITE", "RELEASED", "RELEASED_COLUMNS", "RELEASED_SUMMARY_KEYS",
-           "column_scope", "split_row", "split_summary"]
+__all__ = [
+    "OPERATOR_ONLY",
+    "PRIVATE_TO_SITE",
+    "RELEASED",
+    "RELEASED_COLUMNS",
+    "RELEASED_SUMMARY_KEYS",
+    "column_scope",
+    "split_row",
+    "split_summary",
+]
 
 RELEASED, PRIVATE_TO_SITE, OPERATOR_ONLY = "released", "private-to-site", "operator-only"
 #: Per-round columns that may be published: accountant output, post-processed clip bound, round.
@@ -27,12 +36,31 @@ RELEASED_COLUMNS = frozenset({"round", "epsilon", "clip_norm"})
 #: Pooled evaluation of the global / deployed models (released, outside the guarantee: DESIGN 4.6).
 _POOLED_EVALUATION = re.compile(r"^(global|personal)_(val|test)_[a-z0-9_]+$")
 #: Summary keys that may be published (nested dicts are filtered by _PRIVATE_SUBKEYS).
-RELEASED_SUMMARY_KEYS = frozenset({
-    "strategy", "engine", "num_rounds", "rounds_run", "seed", "stopped_early", "personal_test", "global_test",
-    "target_accuracy", "rounds_to_target", "final", "privacy", "sample_level_privacy", "ablation", "mask_privacy",
-    "flower"})
-_PRIVATE_SUBKEYS = {"privacy": {"dropped_updates", "rounds_topped_up"}, "sample_level_privacy": {"per_site_epsilon"},
-                    "flower": {"nodes"}}
+RELEASED_SUMMARY_KEYS = frozenset(
+    {
+        "strategy",
+        "engine",
+        "num_rounds",
+        "rounds_run",
+        "seed",
+        "stopped_early",
+        "personal_test",
+        "global_test",
+        "target_accuracy",
+        "rounds_to_target",
+        "final",
+        "privacy",
+        "sample_level_privacy",
+        "ablation",
+        "mask_privacy",
+        "flower",
+    }
+)
+_PRIVATE_SUBKEYS = {
+    "privacy": {"dropped_updates", "rounds_topped_up"},
+    "sample_level_privacy": {"per_site_epsilon"},
+    "flower": {"nodes"},
+}
 
 
 def column_scope(name: str) -> str:

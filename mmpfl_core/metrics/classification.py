@@ -11,6 +11,7 @@ one-vs-rest AUROC. Uncertainty comes in two flavours that answer different quest
 Everything here is pure numpy/scipy on arrays already on the CPU; nothing reads or changes global
 random state (callers pass an explicit ``numpy.random.Generator``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
@@ -34,8 +35,9 @@ class BootstrapCI(tuple):
     num_skipped: int
     num_resamples: int
 
-    def __new__(cls, point: float, low: float, high: float, *, num_skipped: int = 0,
-                num_resamples: int = 0) -> BootstrapCI:
+    def __new__(
+        cls, point: float, low: float, high: float, *, num_skipped: int = 0, num_resamples: int = 0
+    ) -> BootstrapCI:
         obj = super().__new__(cls, (float(point), float(low), float(high)))
         obj.num_skipped = int(num_skipped)
         obj.num_resamples = int(num_resamples)
@@ -50,8 +52,10 @@ def _check_inputs(y_true, proba, num_classes: int | None) -> tuple[np.ndarray, n
     y = np.asarray(y_true)
     p = np.asarray(proba, dtype=np.float64)
     if y.ndim != 1 or p.ndim != 2 or p.shape[0] != y.shape[0]:
-        raise DataError(f"expected y_true (N,) and proba (N, C); got {y.shape} and {p.shape}. "
-                        "Pass one row of class scores per test subject.")
+        raise DataError(
+            f"expected y_true (N,) and proba (N, C); got {y.shape} and {p.shape}. "
+            "Pass one row of class scores per test subject."
+        )
     if y.size == 0:
         raise DataError("y_true is empty; evaluate on at least one subject.")
     if not np.issubdtype(y.dtype, np.integer):
@@ -76,7 +80,7 @@ def _per_class_counts(y: np.ndarray, pred: np.ndarray, c: int):
     ``y`` and ``pred`` have shape (B, N); returns three (B, C) arrays.
     """
     b = y.shape[0]
-    offset = (np.arange(b) * c)[:, None]                                 # (B, 1)
+    offset = (np.arange(b) * c)[:, None]  # (B, 1)
     n_true = np.bincount((y + offset).ravel(), minlength=b * c).reshape(b, c)
     n_pred = np.bincount((pred + offset).ravel(), minlength=b * c).reshape(b, c)
     hits = (y == pred).ravel().astype(np.float64)
@@ -86,7 +90,7 @@ def _per_class_counts(y: np.ndarray, pred: np.ndarray, c: int):
 
 def _batched_metric(name: str, y: np.ndarray, p: np.ndarray, c: int) -> np.ndarray:
     """Metric ``name`` for each row of ``y`` (B, N) with scores ``p`` (B, N, C); NaN if undefined."""
-    pred = p.argmax(axis=2)                                              # (B, N)
+    pred = p.argmax(axis=2)  # (B, N)
     if name == "accuracy":
         return (pred == y).mean(axis=1)
     n_true, n_pred, tp = _per_class_counts(y, pred, c)
@@ -115,10 +119,10 @@ def _batched_auroc(y: np.ndarray, p: np.ndarray, c: int) -> np.ndarray:
     classes = [1] if c == 2 else range(c)
     aucs = []
     for k in classes:
-        pos = y == k                                                     # (B, N)
+        pos = y == k  # (B, N)
         n_pos = pos.sum(axis=1)
         n_neg = n - n_pos
-        ranks = stats.rankdata(p[:, :, k], axis=1)                        # (B, N)
+        ranks = stats.rankdata(p[:, :, k], axis=1)  # (B, N)
         u = (ranks * pos).sum(axis=1) - n_pos * (n_pos + 1) / 2.0
         with np.errstate(invalid="ignore", divide="ignore"):
             aucs.append(np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan))
@@ -159,7 +163,7 @@ def classification_metrics(y_true, proba, num_classes: int | None = None) -> dic
 def _resample_indices(n: int, num_resamples: int, rng: np.random.Generator) -> np.ndarray:
     if num_resamples < 1:
         raise ConfigError(f"num_resamples={num_resamples} must be >= 1; 1000 is a common choice.")
-    return rng.integers(0, n, size=(num_resamples, n))                   # (B, N)
+    return rng.integers(0, n, size=(num_resamples, n))  # (B, N)
 
 
 def _summarise(point: float, values: np.ndarray, confidence: float) -> BootstrapCI:
@@ -172,17 +176,27 @@ def _summarise(point: float, values: np.ndarray, confidence: float) -> Bootstrap
     return BootstrapCI(point, low, high, num_skipped=int((~ok).sum()), num_resamples=values.size)
 
 
-def _resampled_values(metric: str | MetricFn, y: np.ndarray, p: np.ndarray, c: int,
-                      idx: np.ndarray) -> np.ndarray:
+def _resampled_values(metric: str | MetricFn, y: np.ndarray, p: np.ndarray, c: int, idx: np.ndarray) -> np.ndarray:
     if callable(metric):
         return np.array([float(metric(y[row], p[row])) for row in idx])
     chunk = max(1, _MAX_CHUNK_ELEMENTS // (idx.shape[1] * max(c, 1)))
-    return np.concatenate([_batched_metric(metric, y[idx[s:s + chunk]], p[idx[s:s + chunk]], c)
-                           for s in range(0, idx.shape[0], chunk)])
+    return np.concatenate(
+        [
+            _batched_metric(metric, y[idx[s : s + chunk]], p[idx[s : s + chunk]], c)
+            for s in range(0, idx.shape[0], chunk)
+        ]
+    )
 
 
-def bootstrap_ci(y_true, proba, *, metric: str | MetricFn, num_resamples: int = 1000,
-                 confidence: float = 0.95, rng: np.random.Generator) -> BootstrapCI:
+def bootstrap_ci(
+    y_true,
+    proba,
+    *,
+    metric: str | MetricFn,
+    num_resamples: int = 1000,
+    confidence: float = 0.95,
+    rng: np.random.Generator,
+) -> BootstrapCI:
     """Percentile bootstrap interval of a metric over test subjects.
 
     Algorithm:
@@ -213,8 +227,9 @@ def bootstrap_ci(y_true, proba, *, metric: str | MetricFn, num_resamples: int = 
     return _summarise(point, _resampled_values(metric, y, p, c, idx), confidence)
 
 
-def metrics_with_ci(y_true, proba, *, rng: np.random.Generator, num_resamples: int = 1000,
-                    confidence: float = 0.95) -> dict[str, dict[str, float]]:
+def metrics_with_ci(
+    y_true, proba, *, rng: np.random.Generator, num_resamples: int = 1000, confidence: float = 0.95
+) -> dict[str, dict[str, float]]:
     """All four metrics with bootstrap intervals, sharing one set of resample indices.
 
     Returns:
@@ -258,7 +273,5 @@ def per_group_accuracy(y_true, y_pred, groups) -> dict[Hashable, float]:
     """Accuracy within each group (e.g. per site), keyed by the group value in sorted order."""
     y, pr, g = np.asarray(y_true), np.asarray(y_pred), np.asarray(groups)
     if not (y.shape == pr.shape == g.shape) or y.ndim != 1:
-        raise DataError(f"y_true, y_pred and groups must be 1-D of equal length; got "
-                        f"{y.shape}, {pr.shape}, {g.shape}.")
-    return {k.item() if isinstance(k, np.generic) else k: float(np.mean(y[g == k] == pr[g == k]))
-            for k in np.unique(g)}
+        raise DataError(f"y_true, y_pred and groups must be 1-D of equal length; got {y.shape}, {pr.shape}, {g.shape}.")
+    return {k.item() if isinstance(k, np.generic) else k: float(np.mean(y[g == k] == pr[g == k])) for k in np.unique(g)}

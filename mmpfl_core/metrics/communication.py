@@ -4,6 +4,7 @@ Bytes are computed from what is actually passed (``numel * element_size``), so a
 shares only a head, or casts to float16 before sending, is charged exactly for that. Framing and
 compression overheads of a real transport are not modelled. One megabyte here is 10**6 bytes.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -27,8 +28,9 @@ def tensor_bytes(tensors: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -
     out: dict[str, int] = defaultdict(int)
     for t in items:
         if not isinstance(t, torch.Tensor):
-            raise DataError(f"expected torch.Tensor values, got {type(t).__name__}; "
-                            "pass a state_dict or a list of tensors.")
+            raise DataError(
+                f"expected torch.Tensor values, got {type(t).__name__}; pass a state_dict or a list of tensors."
+            )
         out[str(t.dtype).removeprefix("torch.")] += t.numel() * t.element_size()
     return dict(sorted(out.items()))
 
@@ -113,8 +115,15 @@ class CommunicationCounter:
             tot = self.round_totals(r)
             for d in DIRECTIONS:
                 cum[d] += tot[d]
-            rows.append({"round": r, "bytes_up": tot["up"], "bytes_down": tot["down"],
-                         "cum_bytes_up": cum["up"], "cum_bytes_down": cum["down"]})
+            rows.append(
+                {
+                    "round": r,
+                    "bytes_up": tot["up"],
+                    "bytes_down": tot["down"],
+                    "cum_bytes_up": cum["up"],
+                    "cum_bytes_down": cum["down"],
+                }
+            )
         return rows
 
     def state_dict(self) -> dict[str, Any]:
@@ -126,8 +135,10 @@ class CommunicationCounter:
         try:
             records = [(int(r), s, str(d), str(t), int(n)) for r, s, d, t, n in state["records"]]
         except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"not a CommunicationCounter state ({exc}); pass the dict returned by "
-                            "CommunicationCounter.state_dict().") from exc
+            raise DataError(
+                f"not a CommunicationCounter state ({exc}); pass the dict returned by "
+                "CommunicationCounter.state_dict()."
+            ) from exc
         self._bytes = defaultdict(int)
         for r, s, d, t, n in records:
             self._check_direction(d)

@@ -4,6 +4,7 @@ Per-round validation accuracy is noisy, so the first round that touches a target
 measure of speed. We smooth with a trailing moving average first (trailing, so the value at round
 r uses only rounds <= r: the answer could have been known at that round).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
         raise DataError("values contain NaN or inf; evaluate every round or drop missing rounds first.")
     # a plain loop over rounds (R is small) avoids the rounding drift of a cumulative-sum trick
     w = int(window)
-    return np.array([v[max(0, i - w + 1): i + 1].mean() for i in range(v.size)], dtype=np.float64)
+    return np.array([v[max(0, i - w + 1) : i + 1].mean() for i in range(v.size)], dtype=np.float64)
 
 
 def rounds_to_target(values: Sequence[float], target: float, *, window: int = 3) -> int | None:

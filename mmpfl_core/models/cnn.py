@@ -16,6 +16,7 @@ Two changes to timm's ImageNet ResNet, both for 32-64 px slices in federated, pr
 The model knows no federation and no privacy maths: it exposes named parameter groups
 (:meth:`MultiModalCNN.parameter_groups`): ``stem``, ``stage.0`` .. ``stage.3``, ``clinical``, ``head``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -64,22 +65,29 @@ class CNNConfig:
         check_range("CNNConfig.drop_rate", self.drop_rate, low=0, high=1, high_inclusive=False)
         chans = tuple(self.channels)
         if len(chans) != 4 or any(not isinstance(c, int) or c < 4 or c % 4 for c in chans):
-            raise ConfigError(f"CNNConfig.channels={self.channels!r} must be four stage widths, each a "
-                              "multiple of 4 (GroupNorm groups), e.g. (16, 32, 64, 128).")
+            raise ConfigError(
+                f"CNNConfig.channels={self.channels!r} must be four stage widths, each a "
+                "multiple of 4 (GroupNorm groups), e.g. (16, 32, 64, 128)."
+            )
         object.__setattr__(self, "channels", chans)
         if self.fusion != "early":
-            raise ConfigError(f"CNNConfig.fusion={self.fusion!r}: the CNN stacks sequences as channels "
-                              "('early') only. Use a ViT preset for token or late fusion.")
+            raise ConfigError(
+                f"CNNConfig.fusion={self.fusion!r}: the CNN stacks sequences as channels "
+                "('early') only. Use a ViT preset for token or late fusion."
+            )
         if self.use_clinical and self.num_clinical == 0:
-            raise ConfigError("CNNConfig.use_clinical=True but num_clinical=0. Set use_clinical=False "
-                              "or give the number of clinical variables.")
+            raise ConfigError(
+                "CNNConfig.use_clinical=True but num_clinical=0. Set use_clinical=False "
+                "or give the number of clinical variables."
+            )
 
     @property
     def names(self) -> tuple[str, ...]:
         if self.modality_names is not None:
             return tuple(self.modality_names)
-        return DEFAULT_MODALITY_NAMES if self.num_modalities == 3 else tuple(
-            f"m{i}" for i in range(self.num_modalities))
+        return (
+            DEFAULT_MODALITY_NAMES if self.num_modalities == 3 else tuple(f"m{i}" for i in range(self.num_modalities))
+        )
 
 
 def _relu(inplace: bool = False) -> nn.ReLU:
@@ -122,10 +130,18 @@ class MultiModalCNN(GroupedModel):
         self.config = cfg = config
         self.num_classes = cfg.num_classes
         with torch.random.fork_rng(devices=[]):  # creation leaves the global RNG untouched
-            self.backbone = ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=cfg.channels,  # type: ignore[arg-type]  # timm types block as an instance; it takes the class
-                                   in_chans=cfg.num_modalities, num_classes=0, stem_width=cfg.channels[0],
-                                   stem_type="deep", norm_layer=_group_norm, act_layer=_relu,
-                                   block_args={"attn_layer": _OutOfPlaceResidual})
+            self.backbone = ResNet(
+                block=BasicBlock,  # type: ignore[arg-type]  # timm types block as an instance; it takes the class
+                layers=(1, 1, 1, 1),
+                channels=cfg.channels,
+                in_chans=cfg.num_modalities,
+                num_classes=0,
+                stem_width=cfg.channels[0],
+                stem_type="deep",
+                norm_layer=_group_norm,
+                act_layer=_relu,
+                block_args={"attn_layer": _OutOfPlaceResidual},
+            )
             self.backbone.maxpool = nn.Identity()  # type: ignore[assignment]  # keep resolution for 32-64 px slices
             width = self.backbone.num_features
             self.clinical_proj = nn.Linear(cfg.num_clinical, width) if cfg.use_clinical else None
@@ -139,15 +155,16 @@ class MultiModalCNN(GroupedModel):
         """LeCun-normal convs, truncated-normal linears (:func:`~.layers.init_module`); then the last
         norm of each residual block to zero (timm's ``zero_init_last``: blocks start as identities)."""
         if generator is None:
-            generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         for module in self.modules():
             init_module(module, generator)
         for stage in (self.backbone.layer1, self.backbone.layer2, self.backbone.layer3, self.backbone.layer4):
             for block in cast(nn.Sequential, stage):
                 cast(BasicBlock, block).zero_init_last()
 
-    def forward_features(self, images: torch.Tensor, modality_mask: torch.Tensor,
-                         clinical: torch.Tensor) -> torch.Tensor:
+    def forward_features(
+        self, images: torch.Tensor, modality_mask: torch.Tensor, clinical: torch.Tensor
+    ) -> torch.Tensor:
         """Pooled features (B, num_features): image features, then the clinical projection."""
         x = images * modality_mask.to(images.dtype)[:, :, None, None]  # (B, M, H, W), missing = 0
         feats = self.backbone(x)  # (B, C) after global average pooling
@@ -178,4 +195,3 @@ class MultiModalCNN(GroupedModel):
             if names:
                 out[group] = names
         return out
-

@@ -20,6 +20,7 @@ softmax weights, which timm's fused attention never materialises) and :func:`ini
 These modules must never hold state between calls (no buffers that depend on data), so that the
 per-sample gradients are functions of one sample only.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,18 @@ from timm.layers import HybridEmbed, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-__all__ = ["GroupedModel", "AdditiveEmbedding", "ModalityEmbedding", "ClassToken", "make_blocks", "run_blocks",
-           "attention_weights", "init_module", "make_patch_embed", "STEMS"]
+__all__ = [
+    "GroupedModel",
+    "AdditiveEmbedding",
+    "ModalityEmbedding",
+    "ClassToken",
+    "make_blocks",
+    "run_blocks",
+    "attention_weights",
+    "init_module",
+    "make_patch_embed",
+    "STEMS",
+]
 
 #: Patch-embedding types of :func:`make_patch_embed` (``ViTConfig.stem``).
 STEMS: tuple[str, ...] = ("patch", "conv")
@@ -60,7 +71,7 @@ class GroupedModel(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
-            g = generator or torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
+            g = generator or torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
             init_module(self.head, g)
 
 
@@ -132,17 +143,33 @@ class ClassToken(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def make_blocks(embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
-                drop_rate: float, drop_path_rate: float) -> nn.ModuleList:
+def make_blocks(
+    embed_dim: int,
+    depth: int,
+    num_heads: int,
+    mlp_ratio: float,
+    qkv_bias: bool,
+    drop_rate: float,
+    drop_path_rate: float,
+) -> nn.ModuleList:
     """``depth`` timm ``Block``s with stochastic depth rising linearly to ``drop_path_rate``."""
     dpr = torch.linspace(0, drop_path_rate, depth).tolist()
     # nn.LayerNorm, not timm's LayerNorm subclass: Opacus looks grad samplers up by exact type and
     # would otherwise fall back to its functorch path for every norm layer.
-    return nn.ModuleList([
-        Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
-              drop_path=dpr[i], norm_layer=nn.LayerNorm)
-        for i in range(depth)
-    ])
+    return nn.ModuleList(
+        [
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop=drop_rate,
+                drop_path=dpr[i],
+                norm_layer=nn.LayerNorm,
+            )
+            for i in range(depth)
+        ]
+    )
 
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -174,8 +201,9 @@ def attention_weights(block: Block, x: torch.Tensor, keep: torch.Tensor | None) 
     return scores.softmax(dim=-1)
 
 
-def make_patch_embed(stem: str, image_size: int, patch_size: int, in_chans: int, embed_dim: int,
-                     stem_channels: int) -> nn.Module:
+def make_patch_embed(
+    stem: str, image_size: int, patch_size: int, in_chans: int, embed_dim: int, stem_channels: int
+) -> nn.Module:
     """The tokeniser: ``(B, C, H, W)`` images -> ``(B, N, D)`` tokens, N = (H / patch_size)^2.
 
     * ``patch``: timm ``PatchEmbed``, one linear map of each non-overlapping p x p patch (ViT).
@@ -191,12 +219,20 @@ def make_patch_embed(stem: str, image_size: int, patch_size: int, in_chans: int,
         return PatchEmbed(image_size, patch_size, in_chans, embed_dim)
     layers, width, chans = [], stem_channels, in_chans
     for _ in range(int(math.log2(patch_size))):
-        layers += [nn.Conv2d(chans, width, 3, stride=2, padding=1, bias=False),
-                   nn.GroupNorm(min(8, width // 4) or 1, width), nn.GELU()]
+        layers += [
+            nn.Conv2d(chans, width, 3, stride=2, padding=1, bias=False),
+            nn.GroupNorm(min(8, width // 4) or 1, width),
+            nn.GELU(),
+        ]
         chans, width = width, width * 2
     # HybridEmbed probes the backbone with one zero image to size its projection (no RNG use).
-    return HybridEmbed(nn.Sequential(*layers) if layers else nn.Identity(), img_size=image_size, patch_size=1,
-                       in_chans=in_chans, embed_dim=embed_dim)
+    return HybridEmbed(
+        nn.Sequential(*layers) if layers else nn.Identity(),
+        img_size=image_size,
+        patch_size=1,
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+    )
 
 
 def init_module(module: nn.Module, g: torch.Generator) -> None:
@@ -207,8 +243,7 @@ def init_module(module: nn.Module, g: torch.Generator) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Conv2d):  # patch embedding and conv stem: LeCun normal (jax-style init)
         fan_in = module.weight[0].numel()
-        nn.init.trunc_normal_(module.weight, std=fan_in ** -0.5, a=-2 * fan_in ** -0.5,
-                              b=2 * fan_in ** -0.5, generator=g)
+        nn.init.trunc_normal_(module.weight, std=fan_in**-0.5, a=-2 * fan_in**-0.5, b=2 * fan_in**-0.5, generator=g)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):

@@ -33,6 +33,7 @@ cnn-teaching  64          32, 64, 128, 256    CNN beside "teaching"
 Creation never touches the global RNG except to draw one seed when neither ``seed`` nor
 ``generator`` is given (so ``torch.manual_seed`` before ``create_model`` is still reproducible).
 """
+
 from __future__ import annotations
 
 from dataclasses import fields, replace
@@ -76,8 +77,9 @@ def get_config(preset: str | ModelConfig = "teaching", **overrides: Any) -> Mode
     elif preset in PRESETS:
         base = PRESETS[preset]
     else:
-        raise ConfigError(f"unknown model preset {preset!r}; known presets: {list_presets()}. "
-                          "Pass one of them or a ViTConfig.")
+        raise ConfigError(
+            f"unknown model preset {preset!r}; known presets: {list_presets()}. Pass one of them or a ViTConfig."
+        )
     known = {f.name for f in fields(base)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -85,9 +87,14 @@ def get_config(preset: str | ModelConfig = "teaching", **overrides: Any) -> Mode
     return replace(base, **overrides)  # replace re-runs __post_init__ validation
 
 
-def create_model(preset: str | ModelConfig = "teaching", *, seed: int | None = None,
-                 generator: torch.Generator | None = None, pretrained: bool = False,
-                 **overrides: Any) -> MultiModalViT | MultiModalCNN:
+def create_model(
+    preset: str | ModelConfig = "teaching",
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    pretrained: bool = False,
+    **overrides: Any,
+) -> MultiModalViT | MultiModalCNN:
     """Build a :class:`MultiModalViT` (or, for the ``cnn`` presets, a :class:`MultiModalCNN`).
 
     Args:
@@ -108,8 +115,10 @@ def create_model(preset: str | ModelConfig = "teaching", *, seed: int | None = N
     if seed is not None:
         generator = torch.Generator().manual_seed(int(seed))
     if pretrained and (not isinstance(cfg, ViTConfig) or cfg.stem != "patch"):
-        raise ConfigError("pretrained=True needs a ViT preset with stem='patch' (timm's ViT weights have a "
-                          "linear patch embedding). Use the 'paper' preset or pretrained=False.")
+        raise ConfigError(
+            "pretrained=True needs a ViT preset with stem='patch' (timm's ViT weights have a "
+            "linear patch embedding). Use the 'paper' preset or pretrained=False."
+        )
     model = MODEL_CLASSES[type(cfg)](cfg, generator=generator)
     if pretrained:
         load_timm_vit_weights(model, PRETRAINED_SOURCE)
@@ -140,14 +149,19 @@ def load_timm_vit_weights(model: MultiModalViT, source: str | torch.nn.Module = 
     src_blocks = vit.blocks
     enc_depth = cfg.encoder_depth if cfg.fusion == "late" else cfg.depth
     src_grid = getattr(vit.patch_embed, "grid_size", None)
-    if (vit.embed_dim != cfg.embed_dim or src_blocks[0].attn.num_heads != cfg.num_heads
-            or enc_depth > len(src_blocks) or tuple(src_grid or ()) != (cfg.grid_size, cfg.grid_size)
-            or vit.patch_embed.patch_size != (cfg.patch_size, cfg.patch_size)):
+    if (
+        vit.embed_dim != cfg.embed_dim
+        or src_blocks[0].attn.num_heads != cfg.num_heads
+        or enc_depth > len(src_blocks)
+        or tuple(src_grid or ()) != (cfg.grid_size, cfg.grid_size)
+        or vit.patch_embed.patch_size != (cfg.patch_size, cfg.patch_size)
+    ):
         raise ConfigError(
             f"pretrained source (embed_dim={vit.embed_dim}, depth={len(src_blocks)}, "
             f"grid={src_grid}) does not fit ViTConfig(embed_dim={cfg.embed_dim}, num_heads="
             f"{cfg.num_heads}, depth={enc_depth}, image_size={cfg.image_size}, patch_size="
-            f"{cfg.patch_size}). Use the 'paper' preset (depth <= 12) or pretrained=False.")
+            f"{cfg.patch_size}). Use the 'paper' preset (depth <= 12) or pretrained=False."
+        )
     from timm.models import adapt_input_conv
 
     src_pos = vit.pos_embed.detach()  # (1, 1 + N, D) incl. the class token's position

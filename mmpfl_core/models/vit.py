@@ -17,6 +17,7 @@ model learn lesions from a few hundred small slices (notebook 01 measures it). T
 The model knows no federation and no privacy maths (see DESIGN.md section 2): it only exposes
 stable, named parameter groups (:meth:`MultiModalViT.parameter_groups`) that those layers use.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -27,8 +28,18 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..errors import ConfigError, check_range
-from .layers import (STEMS, AdditiveEmbedding, ClassToken, GroupedModel, ModalityEmbedding, attention_weights,
-                     init_module, make_blocks, make_patch_embed, run_blocks)
+from .layers import (
+    STEMS,
+    AdditiveEmbedding,
+    ClassToken,
+    GroupedModel,
+    ModalityEmbedding,
+    attention_weights,
+    init_module,
+    make_blocks,
+    make_patch_embed,
+    run_blocks,
+)
 
 __all__ = ["ViTConfig", "MultiModalViT", "FUSIONS", "DEFAULT_MODALITY_NAMES"]
 
@@ -66,8 +77,16 @@ class ViTConfig:
                 v = getattr(self, f.name)
                 if not isinstance(v, int) or isinstance(v, bool):
                     raise ConfigError(f"ViTConfig.{f.name}={v!r} must be an int. Pass a whole number.")
-        for name in ("image_size", "patch_size", "num_modalities", "num_classes", "embed_dim",
-                     "depth", "num_heads", "stem_channels"):
+        for name in (
+            "image_size",
+            "patch_size",
+            "num_modalities",
+            "num_classes",
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "stem_channels",
+        ):
             check_range(f"ViTConfig.{name}", getattr(self, name), low=1, fix="Use a positive integer.")
         check_range("ViTConfig.num_clinical", self.num_clinical, low=0, fix="Use 0 or more.")
         check_range("ViTConfig.mlp_ratio", self.mlp_ratio, low=0, low_inclusive=False)
@@ -76,28 +95,41 @@ class ViTConfig:
         if self.late_depth is not None:
             check_range("ViTConfig.late_depth", self.late_depth, low=1, fix="Use >= 1 or None (= depth).")
         if self.image_size % self.patch_size:
-            raise ConfigError(f"ViTConfig.image_size={self.image_size} is not divisible by patch_size="
-                              f"{self.patch_size}. Choose a patch_size that divides the image size "
-                              "(e.g. 8 for 32/64 px, 16 for 224 px) or resize the images.")
+            raise ConfigError(
+                f"ViTConfig.image_size={self.image_size} is not divisible by patch_size="
+                f"{self.patch_size}. Choose a patch_size that divides the image size "
+                "(e.g. 8 for 32/64 px, 16 for 224 px) or resize the images."
+            )
         if self.embed_dim % self.num_heads:
-            raise ConfigError(f"ViTConfig.embed_dim={self.embed_dim} is not divisible by num_heads="
-                              f"{self.num_heads}. Pick num_heads among the divisors of embed_dim.")
+            raise ConfigError(
+                f"ViTConfig.embed_dim={self.embed_dim} is not divisible by num_heads="
+                f"{self.num_heads}. Pick num_heads among the divisors of embed_dim."
+            )
         if self.stem not in STEMS:
             raise ConfigError(f"ViTConfig.stem={self.stem!r} is unknown; allowed: {STEMS}.")
         if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
-            raise ConfigError(f"ViTConfig.patch_size={self.patch_size} with stem='conv': the conv stem "
-                              "halves the resolution per layer, so the patch size must be a power of 2 "
-                              "(e.g. 4 or 8), or use stem='patch'.")
+            raise ConfigError(
+                f"ViTConfig.patch_size={self.patch_size} with stem='conv': the conv stem "
+                "halves the resolution per layer, so the patch size must be a power of 2 "
+                "(e.g. 4 or 8), or use stem='patch'."
+            )
         if self.fusion not in FUSIONS:
             raise ConfigError(f"ViTConfig.fusion={self.fusion!r} is unknown; allowed: {FUSIONS}.")
         if self.use_clinical and self.num_clinical == 0:
-            raise ConfigError("ViTConfig.use_clinical=True but num_clinical=0. Set use_clinical=False "
-                              "or give the number of clinical variables.")
+            raise ConfigError(
+                "ViTConfig.use_clinical=True but num_clinical=0. Set use_clinical=False "
+                "or give the number of clinical variables."
+            )
         names = self.names
-        if len(names) != self.num_modalities or len(set(names)) != len(names) or not all(
-                n.isidentifier() for n in names):
-            raise ConfigError(f"ViTConfig.modality_names={self.modality_names!r} must be "
-                              f"{self.num_modalities} distinct identifiers (no dots), e.g. ('t1', 't2').")
+        if (
+            len(names) != self.num_modalities
+            or len(set(names)) != len(names)
+            or not all(n.isidentifier() for n in names)
+        ):
+            raise ConfigError(
+                f"ViTConfig.modality_names={self.modality_names!r} must be "
+                f"{self.num_modalities} distinct identifiers (no dots), e.g. ('t1', 't2')."
+            )
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -114,7 +146,7 @@ class ViTConfig:
 
     @property
     def num_patches(self) -> int:
-        return self.grid_size ** 2
+        return self.grid_size**2
 
     @property
     def encoder_depth(self) -> int:
@@ -126,13 +158,15 @@ class SequenceEncoder(nn.Module):
 
     def __init__(self, cfg: ViTConfig, in_chans: int, depth: int) -> None:
         super().__init__()
-        self.patch_embed = make_patch_embed(cfg.stem, cfg.image_size, cfg.patch_size, in_chans, cfg.embed_dim,
-                                            cfg.stem_channels)
+        self.patch_embed = make_patch_embed(
+            cfg.stem, cfg.image_size, cfg.patch_size, in_chans, cfg.embed_dim, cfg.stem_channels
+        )
         self.cls_token = ClassToken(cfg.embed_dim)
         self.pos_embed = AdditiveEmbedding(1 + cfg.num_patches, cfg.embed_dim)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        self.blocks = make_blocks(cfg.embed_dim, depth, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias,
-                                  cfg.drop_rate, cfg.drop_path_rate)
+        self.blocks = make_blocks(
+            cfg.embed_dim, depth, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop_rate, cfg.drop_path_rate
+        )
         self.norm = nn.LayerNorm(cfg.embed_dim)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,23 +211,33 @@ class MultiModalViT(GroupedModel):
         # then re-initialise every parameter from ``generator`` in init_weights.
         with torch.random.fork_rng(devices=[]):
             if cfg.fusion == "late":
-                self.encoders = nn.ModuleDict(
-                    {s: SequenceEncoder(cfg, 1, cfg.encoder_depth) for s in cfg.names})
+                self.encoders = nn.ModuleDict({s: SequenceEncoder(cfg, 1, cfg.encoder_depth) for s in cfg.names})
             else:
                 if cfg.fusion == "early":
-                    self.patch_embed: nn.Module = make_patch_embed(cfg.stem, cfg.image_size, cfg.patch_size, M, D,
-                                                        cfg.stem_channels)
+                    self.patch_embed: nn.Module = make_patch_embed(
+                        cfg.stem, cfg.image_size, cfg.patch_size, M, D, cfg.stem_channels
+                    )
                     self.pos_embed = AdditiveEmbedding(1 + cfg.num_patches, D)  # incl. class token
                 else:
                     self.patch_embed = nn.ModuleDict(
-                        {s: make_patch_embed(cfg.stem, cfg.image_size, cfg.patch_size, 1, D, cfg.stem_channels)
-                         for s in cfg.names})
+                        {
+                            s: make_patch_embed(cfg.stem, cfg.image_size, cfg.patch_size, 1, D, cfg.stem_channels)
+                            for s in cfg.names
+                        }
+                    )
                     self.pos_embed = AdditiveEmbedding(cfg.num_patches, D)  # shared by sequences
                     self.modality_embed = ModalityEmbedding(M, D)
                 self.cls_token = ClassToken(D)
                 self.pos_drop = nn.Dropout(cfg.drop_rate)
-                self.blocks = make_blocks(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias,
-                                           cfg.drop_rate, cfg.drop_path_rate)
+                self.blocks = make_blocks(
+                    cfg.embed_dim,
+                    cfg.depth,
+                    cfg.num_heads,
+                    cfg.mlp_ratio,
+                    cfg.qkv_bias,
+                    cfg.drop_rate,
+                    cfg.drop_path_rate,
+                )
                 self.norm = nn.LayerNorm(D)
             clinical_width = 0
             if cfg.use_clinical:
@@ -212,13 +256,14 @@ class MultiModalViT(GroupedModel):
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """timm-style init: trunc_normal(std=.02) for Linear and embeddings, LeCun for patch convs."""
         if generator is None:
-            generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         for module in self.modules():  # fixed order, so one generator gives one model
             init_module(module, generator)
 
     # ------------------------------------------------------------------ tokens
-    def _tokens(self, images: torch.Tensor, modality_mask: torch.Tensor,
-                clinical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _tokens(
+        self, images: torch.Tensor, modality_mask: torch.Tensor, clinical: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embedded tokens (B, T, D) and the key mask (B, T) (None = attend to all)."""
         cfg = self.config
         mask = modality_mask.to(torch.bool)
@@ -227,8 +272,9 @@ class MultiModalViT(GroupedModel):
             x = self.pos_embed(self.cls_token(self.patch_embed(x)))  # (B, 1 + N, D)
             return self.pos_drop(x), None
         B, N = images.shape[0], cfg.num_patches
-        tokens = torch.stack([pe(images[:, m:m + 1]) for m, pe in enumerate(cast(nn.ModuleDict, self.patch_embed).values())],
-                             dim=1)  # (B, M, N, D)
+        tokens = torch.stack(
+            [pe(images[:, m : m + 1]) for m, pe in enumerate(cast(nn.ModuleDict, self.patch_embed).values())], dim=1
+        )  # (B, M, N, D)
         tokens = self.modality_embed(self.pos_embed(tokens))  # (B, M, N, D)
         x = tokens.flatten(1, 2)  # (B, M * N, D)
         keep = mask.repeat_interleave(N, dim=1)  # (B, M * N)
@@ -246,15 +292,17 @@ class MultiModalViT(GroupedModel):
         return self.pos_drop(x), None if all_kept else keep
 
     # ------------------------------------------------------------------ forward
-    def forward_features(self, images: torch.Tensor, modality_mask: torch.Tensor,
-                         clinical: torch.Tensor) -> torch.Tensor:
+    def forward_features(
+        self, images: torch.Tensor, modality_mask: torch.Tensor, clinical: torch.Tensor
+    ) -> torch.Tensor:
         """Pooled features (B, num_features): class-token output, fused with clinical data."""
         cfg = self.config
         if cfg.fusion != "late":
             x, keep = self._tokens(images, modality_mask, clinical)
             return self._pool(run_blocks(self.blocks, x, keep), clinical)
-        feats = torch.stack([enc(images[:, m:m + 1])[:, 0] for m, enc in
-                             enumerate(self.encoders.values())], dim=1)  # (B, M, D)
+        feats = torch.stack(
+            [enc(images[:, m : m + 1])[:, 0] for m, enc in enumerate(self.encoders.values())], dim=1
+        )  # (B, M, D)
         w = modality_mask.to(feats.dtype).unsqueeze(-1)  # (B, M, 1)
         # mask-weighted mean; clamp so a subject with no sequence gets 0, not NaN
         pooled = (feats * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B, D)
@@ -289,21 +337,25 @@ class MultiModalViT(GroupedModel):
             return self.config.depth  # early fusion joins the clinical projection after the blocks
         return None
 
-    def block_inputs(self, images: torch.Tensor, modality_mask: torch.Tensor,
-                     clinical: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def block_inputs(
+        self, images: torch.Tensor, modality_mask: torch.Tensor, clinical: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Early/token fusion: the tokens entering each block, then the last block's output
         (``depth + 1`` tensors of shape (B, T, D)), and the key mask (B, T) (None: attend to all)."""
         if self.config.fusion == "late":
-            raise ValueError("block_inputs is defined for early and token fusion only (late fusion has one "
-                             "encoder per sequence); use forward() instead.")
+            raise ValueError(
+                "block_inputs is defined for early and token fusion only (late fusion has one "
+                "encoder per sequence); use forward() instead."
+            )
         x, keep = self._tokens(images, modality_mask, clinical)
         inputs = [x]
         for i in range(len(self.blocks)):  # run_blocks one block at a time: one place builds the key mask
-            inputs.append(run_blocks(self.blocks[i:i + 1], inputs[-1], keep))
+            inputs.append(run_blocks(self.blocks[i : i + 1], inputs[-1], keep))
         return inputs, keep
 
-    def forward_from_block(self, tokens: torch.Tensor, keep: torch.Tensor | None, clinical: torch.Tensor,
-                           start: int) -> torch.Tensor:
+    def forward_from_block(
+        self, tokens: torch.Tensor, keep: torch.Tensor | None, clinical: torch.Tensor, start: int
+    ) -> torch.Tensor:
         """Logits (B, num_classes) from the tokens entering block ``start`` (0 <= start <= depth):
         with ``inputs, keep = block_inputs(images, mask, clinical)``,
         ``forward(images, mask, clinical) == forward_from_block(inputs[start], keep, clinical, start)``."""
@@ -314,11 +366,9 @@ class MultiModalViT(GroupedModel):
         x = self.head_drop(features)
         return x if pre_logits else self.head(x)
 
-    def forward(self, images: torch.Tensor, modality_mask: torch.Tensor,
-                clinical: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, modality_mask: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes) for images (B, M, H, W), mask (B, M) bool, clinical (B, K)."""
         return self.forward_head(self.forward_features(images, modality_mask, clinical))
-
 
     # ------------------------------------------------------------------ groups
     def _group_paths(self) -> list[tuple[str, list[str]]]:
@@ -326,8 +376,10 @@ class MultiModalViT(GroupedModel):
         if cfg.fusion == "late":
             for s in cfg.names:
                 p = f"encoders.{s}"
-                groups += [(f"encoder.{s}.patch_embed", [f"{p}.patch_embed"]),
-                           (f"encoder.{s}.tokens", [f"{p}.cls_token", f"{p}.pos_embed"])]
+                groups += [
+                    (f"encoder.{s}.patch_embed", [f"{p}.patch_embed"]),
+                    (f"encoder.{s}.tokens", [f"{p}.cls_token", f"{p}.pos_embed"]),
+                ]
                 groups += [(f"encoder.{s}.block.{i}", [f"{p}.blocks.{i}"]) for i in range(cfg.encoder_depth)]
                 groups.append((f"encoder.{s}.norm", [f"{p}.norm"]))
         elif cfg.fusion == "early":
@@ -353,8 +405,9 @@ class MultiModalViT(GroupedModel):
         return out
 
     # ------------------------------------------------------------------ attention
-    def attention_maps(self, images: torch.Tensor, modality_mask: torch.Tensor,
-                       clinical: torch.Tensor, block: int = -1) -> torch.Tensor:
+    def attention_maps(
+        self, images: torch.Tensor, modality_mask: torch.Tensor, clinical: torch.Tensor, block: int = -1
+    ) -> torch.Tensor:
         """Attention weights of block ``block``: (B, heads, T, T); rows sum to 1.
 
         Token layout: early ``[cls, N patches]``; token ``[cls, M x N patches (sequence-major),
@@ -374,16 +427,17 @@ class MultiModalViT(GroupedModel):
         maps = []
         encoders: list[Any] = list(self.encoders.values())  # ViTEncoder modules, typed Module by ModuleDict
         for m, enc in enumerate(encoders):
-            x = run_blocks(enc.blocks[:idx], enc.embed(images[:, m:m + 1]), None)
+            x = run_blocks(enc.blocks[:idx], enc.embed(images[:, m : m + 1]), None)
             maps.append(attention_weights(enc.blocks[idx], x, None))  # (B, h, 1 + N, 1 + N)
         B, h, t, _ = maps[0].shape
         out = maps[0].new_zeros(B, h, len(maps) * t, len(maps) * t)  # (B, h, M*(1+N), M*(1+N))
         for m, a in enumerate(maps):
-            out[:, :, m * t:(m + 1) * t, m * t:(m + 1) * t] = a
+            out[:, :, m * t : (m + 1) * t, m * t : (m + 1) * t] = a
         return out
 
-    def cls_attention_grids(self, images: torch.Tensor, modality_mask: torch.Tensor,
-                            clinical: torch.Tensor, block: int = -1) -> torch.Tensor:
+    def cls_attention_grids(
+        self, images: torch.Tensor, modality_mask: torch.Tensor, clinical: torch.Tensor, block: int = -1
+    ) -> torch.Tensor:
         """Head-averaged class-token attention to each sequence's patches: (B, M, H/p, W/p).
 
         Missing sequences give zeros. Early fusion has one grid for all sequences: it is repeated
@@ -394,12 +448,12 @@ class MultiModalViT(GroupedModel):
         attn = self.attention_maps(images, modality_mask, clinical, block).mean(1)  # (B, T, T)
         B = attn.shape[0]
         if cfg.fusion == "token":
-            grids = attn[:, 0, 1:1 + M * N].reshape(B, M, g, g)  # (B, M, g, g)
+            grids = attn[:, 0, 1 : 1 + M * N].reshape(B, M, g, g)  # (B, M, g, g)
         elif cfg.fusion == "early":
-            grids = attn[:, 0, 1:1 + N].reshape(B, 1, g, g).expand(B, M, g, g)  # (B, M, g, g)
+            grids = attn[:, 0, 1 : 1 + N].reshape(B, 1, g, g).expand(B, M, g, g)  # (B, M, g, g)
         else:
             t = 1 + N
-            grids = torch.stack([attn[:, m * t, m * t + 1:(m + 1) * t] for m in range(M)],
-                                dim=1).reshape(B, M, g, g)  # (B, M, N) -> (B, M, g, g)
+            grids = torch.stack([attn[:, m * t, m * t + 1 : (m + 1) * t] for m in range(M)], dim=1).reshape(
+                B, M, g, g
+            )  # (B, M, N) -> (B, M, g, g)
         return grids * modality_mask.to(grids.dtype)[:, :, None, None]
-

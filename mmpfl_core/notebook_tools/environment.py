@@ -1,4 +1,5 @@
 """The environment printout every notebook ends its imports cell with (device choice: :mod:`mmpfl_core.devices`)."""
+
 from __future__ import annotations
 
 import platform

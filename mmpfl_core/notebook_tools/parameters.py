@@ -4,6 +4,7 @@ Each notebook's ``parameters`` cell assigns a subset of these UPPER_CASE names w
 defaults that run on a CPU in minutes. The test suite injects :data:`SMOKE_PARAMETERS` into every
 notebook (papermill ignores names a notebook does not use), so the whole suite stays fast.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -7,6 +7,7 @@ masks and mask scores, byte counts (they depend on the private masks and on who 
 The notebook decides which is which by passing the latter as ``private=``; nothing private is ever
 written outside ``private/``.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,13 @@ def _results_dir(output_dir: str | Path | None) -> Path:
     return path
 
 
-def record_results(notebook: str, values: Mapping[str, Any], output_dir: str | Path | None = None, *,
-                   private: Mapping[str, Any] | None = None) -> Path:
+def record_results(
+    notebook: str,
+    values: Mapping[str, Any],
+    output_dir: str | Path | None = None,
+    *,
+    private: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``values`` to ``<output_dir>/<notebook>.json`` (default ``results/notebooks``) and ``private``
     (per-site metrics, masks, scores, byte counts, timings) to ``<output_dir>/private/<notebook>.json``.
 
@@ -55,8 +61,10 @@ def record_results(notebook: str, values: Mapping[str, Any], output_dir: str | P
     private = dict(private or {})
     both = sorted(set(values) & set(private))
     if both:
-        raise ValueError(f"record_results({notebook!r}): keys {both} are in both values and private; keep each "
-                         "in one scope (private: per-site metrics, masks, scores, byte counts, timings).")
+        raise ValueError(
+            f"record_results({notebook!r}): keys {both} are in both values and private; keep each "
+            "in one scope (private: per-site metrics, masks, scores, byte counts, timings)."
+        )
     folder = _results_dir(output_dir)
     path = folder / f"{notebook}.json"
     path.write_text(json.dumps(_plain(values), indent=2, sort_keys=True))
@@ -69,7 +77,9 @@ def record_results(notebook: str, values: Mapping[str, Any], output_dir: str | P
     return path
 
 
-def load_results(notebook: str, output_dir: str | Path | None = None, *, include_private: bool = False) -> dict[str, Any]:
+def load_results(
+    notebook: str, output_dir: str | Path | None = None, *, include_private: bool = False
+) -> dict[str, Any]:
     """Read back what :func:`record_results` wrote; with ``include_private`` merged with the private
     record (operator use, e.g. the notebook tests)."""
     folder = _results_dir(output_dir)

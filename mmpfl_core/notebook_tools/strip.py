@@ -2,6 +2,7 @@
 
 Notebooks are committed without outputs (small diffs, no private data in the repository).
 """
+
 from __future__ import annotations
 
 import sys

@@ -24,6 +24,7 @@ private validation split they must never leave the site as they are, except to a
 server is not trusted with patients: score on the PUBLIC set with the DP-SGD-trained state, which
 makes the scores post-processing of the site's DP release (DESIGN 4.5; ``mm-pfl-adp``'s ``mask_data``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,9 +42,16 @@ State = Mapping[str, torch.Tensor]
 
 
 @torch.no_grad()
-def kl_group_scores(model: nn.Module, global_state: State, personal_state: State, dataset: CohortDataset,
-                    groups: Mapping[str, Sequence[str]], *, batch_size: int = 256,
-                    device: torch.device | str | None = None) -> dict[str, float]:
+def kl_group_scores(
+    model: nn.Module,
+    global_state: State,
+    personal_state: State,
+    dataset: CohortDataset,
+    groups: Mapping[str, Sequence[str]],
+    *,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
     """Mean KL(p_personal_g || p_global) per parameter group on ``dataset`` (see the module docstring).
 
     Steps: 1) copy the model once and load the global tensors into the copy (``model`` itself is
@@ -73,8 +81,11 @@ def kl_group_scores(model: nn.Module, global_state: State, personal_state: State
     base = {n: t.to(device) for n, t in global_state.items()}
     swaps: dict[str, dict[str, torch.Tensor]] = {}
     for group, names in groups.items():
-        changed = {n: personal_state[n].to(device) for n in names
-                   if n in personal_state and not torch.equal(personal_state[n].to(device), base[n])}
+        changed = {
+            n: personal_state[n].to(device)
+            for n in names
+            if n in personal_state and not torch.equal(personal_state[n].to(device), base[n])
+        }
         if changed:
             swaps[group] = changed
     totals = {g: 0.0 for g in groups}
@@ -99,8 +110,11 @@ def kl_group_scores(model: nn.Module, global_state: State, personal_state: State
             _assign(params, changed)
             try:
                 start = starts[group]
-                logits = (scratch(images, mask, clinical) if start is None else
-                          scratch.forward_from_block(inputs[start], keep, clinical, start))
+                logits = (
+                    scratch(images, mask, clinical)
+                    if start is None
+                    else scratch.forward_from_block(inputs[start], keep, clinical, start)
+                )
             finally:
                 _assign(params, {name: base[name] for name in changed})
             log_p = torch.log_softmax(logits.double(), dim=-1)  # (B, C)

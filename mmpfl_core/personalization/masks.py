@@ -21,6 +21,7 @@ the noise drowns every group, every group stays local. Only the remaining groups
 
 It must never send a site's exact scores or mask anywhere; strategies decide what leaves the site.
 """
+
 from __future__ import annotations
 
 import math
@@ -90,8 +91,14 @@ class MaskSchedule:
         progress = min(1.0, max(0, round_index - 1) / max(self.schedule_rounds - 1, 1))
         return self.top_fraction + (self.top_fraction_final - self.top_fraction) * progress
 
-    def select(self, groups: Sequence[str], scores: Mapping[str, float], current: frozenset[str],
-               round_index: int, forced_personal: frozenset[str] = frozenset()) -> frozenset[str]:
+    def select(
+        self,
+        groups: Sequence[str],
+        scores: Mapping[str, float],
+        current: frozenset[str],
+        round_index: int,
+        forced_personal: frozenset[str] = frozenset(),
+    ) -> frozenset[str]:
         """The new personal set from ``scores`` given the current personal set (hysteresis).
 
         ``forced_personal`` (public, e.g. the noise gate) joins ``always_personal`` for this call and
@@ -101,8 +108,11 @@ class MaskSchedule:
         forced = set(self.always_shared) | set(self.always_personal) | set(forced_personal)
         eligible = [g for g in groups if g not in forced]
         if self.mode == "threshold":
-            chosen = {g for g in eligible
-                      if (scores[g] >= self.threshold * (1 - h) if g in current else scores[g] > self.threshold * (1 + h))}
+            chosen = {
+                g
+                for g in eligible
+                if (scores[g] >= self.threshold * (1 - h) if g in current else scores[g] > self.threshold * (1 + h))
+            }
         else:
             k = int(math.floor(self.fraction_at(round_index) * len(eligible) + 0.5))
             effective = {g: scores[g] * ((1 + h) if g in current else (1 - h)) for g in eligible}
@@ -141,11 +151,14 @@ class PersonalizationMasks:
             return
         unknown = (set(self.schedule.always_shared) | set(self.schedule.always_personal)) - set(groups)
         if unknown:
-            raise ConfigError(f"mask groups {sorted(unknown)} are not parameter groups of the model; "
-                              f"available: {list(groups)}.")
+            raise ConfigError(
+                f"mask groups {sorted(unknown)} are not parameter groups of the model; available: {list(groups)}."
+            )
         if len(groups) - len(self.schedule.always_personal) < self.schedule.min_shared_groups:
-            raise ConfigError(f"min_shared_groups={self.schedule.min_shared_groups} cannot hold with "
-                              f"always_personal={list(self.schedule.always_personal)} and {len(groups)} groups.")
+            raise ConfigError(
+                f"min_shared_groups={self.schedule.min_shared_groups} cannot hold with "
+                f"always_personal={list(self.schedule.always_personal)} and {len(groups)} groups."
+            )
         self.groups = groups
 
     def personal_groups(self, site: int) -> frozenset[str]:
@@ -163,8 +176,13 @@ class PersonalizationMasks:
         last = self._last_update.get(site)
         return last is None or round_index - last >= self.schedule.update_every
 
-    def update(self, site: int, round_index: int, scores: Mapping[str, float],
-               forced_personal: frozenset[str] | Sequence[str] = frozenset()) -> int:
+    def update(
+        self,
+        site: int,
+        round_index: int,
+        scores: Mapping[str, float],
+        forced_personal: frozenset[str] | Sequence[str] = frozenset(),
+    ) -> int:
         """Recompute the site's mask from ``scores``; returns how many groups changed side.
 
         Groups in ``forced_personal``, ``always_personal`` or ``always_shared`` need no score.
@@ -176,7 +194,9 @@ class PersonalizationMasks:
         unknown = forced_personal - set(self.groups)
         if unknown:
             raise ConfigError(f"forced_personal groups {sorted(unknown)} are not mask groups {list(self.groups)}.")
-        needed = set(self.groups) - forced_personal - set(self.schedule.always_personal) - set(self.schedule.always_shared)
+        needed = (
+            set(self.groups) - forced_personal - set(self.schedule.always_personal) - set(self.schedule.always_shared)
+        )
         missing = needed - set(scores)
         if missing:
             raise ConfigError(f"scores miss groups {sorted(missing)}; score every group not forced to a side.")
@@ -198,11 +218,13 @@ class PersonalizationMasks:
         return dict(self._scores.get(site, {}))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"groups": None if self.groups is None else list(self.groups),
-                "personal": {str(s): sorted(p) for s, p in self._personal.items()},
-                "last_update": {str(s): r for s, r in self._last_update.items()},
-                "scores": {str(s): v for s, v in self._scores.items()},
-                "changes": {str(r): c for r, c in self._changes.items()}}
+        return {
+            "groups": None if self.groups is None else list(self.groups),
+            "personal": {str(s): sorted(p) for s, p in self._personal.items()},
+            "last_update": {str(s): r for s, r in self._last_update.items()},
+            "scores": {str(s): v for s, v in self._scores.items()},
+            "changes": {str(r): c for r, c in self._changes.items()},
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.groups = None if state["groups"] is None else tuple(state["groups"])
@@ -222,16 +244,23 @@ class DynamicKLMasks:
     to hide them from, or with a trusted aggregator (``server`` placement; see :mod:`.release`).
     """
 
-    def __init__(self, schedule: MaskSchedule | None = None, *, release: ScoreRelease | None = None,
-                 score_batch_size: int = 256, seed: int = 0) -> None:
+    def __init__(
+        self,
+        schedule: MaskSchedule | None = None,
+        *,
+        release: ScoreRelease | None = None,
+        score_batch_size: int = 256,
+        seed: int = 0,
+    ) -> None:
         check_range("masks.score_batch_size", score_batch_size, low=1)
         self.masks = PersonalizationMasks(schedule)
         self.release, self.score_batch_size, self.seed = release, int(score_batch_size), int(seed)
         self.param_groups: dict[str, list[str]] | None = None
         self._sizes: dict[str, int] = {}
 
-    def set_param_groups(self, param_groups: Mapping[str, Sequence[str]],
-                         sizes: Mapping[str, int] | None = None) -> None:
+    def set_param_groups(
+        self, param_groups: Mapping[str, Sequence[str]], sizes: Mapping[str, int] | None = None
+    ) -> None:
         """Learn the model's ordered groups (and scalars per group, for reporting)."""
         self.masks.set_groups(list(param_groups))
         self.param_groups = {g: list(n) for g, n in param_groups.items()}
@@ -255,9 +284,16 @@ class DynamicKLMasks:
     def personal_names(self, site: int) -> set[str]:
         return self.names_of(self.personal_groups(site))
 
-    def maybe_update(self, site: int, round_index: int, model: nn.Module, global_state: Mapping[str, torch.Tensor],
-                     trained_state: Mapping[str, torch.Tensor], val: CohortDataset,
-                     forced_personal: frozenset[str] = frozenset()) -> bool:
+    def maybe_update(
+        self,
+        site: int,
+        round_index: int,
+        model: nn.Module,
+        global_state: Mapping[str, torch.Tensor],
+        trained_state: Mapping[str, torch.Tensor],
+        val: CohortDataset,
+        forced_personal: frozenset[str] = frozenset(),
+    ) -> bool:
         """Score and update the site's mask if it is due; True when it was recomputed.
 
         Only groups whose side is not fixed (``always_*`` or the public ``forced_personal``) are
@@ -272,10 +308,13 @@ class DynamicKLMasks:
         to_score = {g: names for g, names in self.param_groups.items() if g not in fixed}
         scores: dict[str, float] = {}
         if to_score:
-            scores = kl_group_scores(model, global_state, trained_state, val, to_score,
-                                     batch_size=self.score_batch_size)
+            scores = kl_group_scores(
+                model, global_state, trained_state, val, to_score, batch_size=self.score_batch_size
+            )
             if self.release is not None:
-                scores = self.release.apply(scores, torch_generator(self.seed, _SCORE_RELEASE_STREAM, round_index, site))
+                scores = self.release.apply(
+                    scores, torch_generator(self.seed, _SCORE_RELEASE_STREAM, round_index, site)
+                )
         self.masks.update(site, round_index, scores, forced_personal)
         return True
 
@@ -291,5 +330,7 @@ class DynamicKLMasks:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.masks.load_state_dict(state["masks"])
-        self.param_groups = None if state["param_groups"] is None else {g: list(n) for g, n in state["param_groups"].items()}
+        self.param_groups = (
+            None if state["param_groups"] is None else {g: list(n) for g, n in state["param_groups"].items()}
+        )
         self._sizes = {g: int(v) for g, v in state.get("sizes", {}).items()}

@@ -30,6 +30,7 @@ DESIGN 4.3). No site's data enters, so the gated set is the same for every site,
 by the server, and costs no privacy (tested: changing a site's data leaves it unchanged). It must
 never be fed norms or statistics computed from a site's private data.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,14 @@ from ..errors import ConfigError, check_range
 __all__ = ["NoiseGate", "release_snr"]
 
 
-def release_snr(*, clip_bounds: Mapping[str, float], sigmas: Mapping[str, float], group_sizes: Mapping[str, int],
-                expected_participants: float, rounds: int) -> dict[str, float]:
+def release_snr(
+    *,
+    clip_bounds: Mapping[str, float],
+    sigmas: Mapping[str, float],
+    group_sizes: Mapping[str, int],
+    expected_participants: float,
+    rounds: int,
+) -> dict[str, float]:
     """snr_g = sqrt(T) m C_g / (sigma_g sqrt(d_g)) per group (module docstring); inf where sigma_g = 0."""
     check_range("noise_gate.rounds", rounds, low=1)
     if not expected_participants > 0:
@@ -51,8 +58,10 @@ def release_snr(*, clip_bounds: Mapping[str, float], sigmas: Mapping[str, float]
     for g, d in group_sizes.items():
         sigma, bound = float(sigmas[g]), float(clip_bounds[g])
         if not sigma >= 0 or not bound >= 0 or not d > 0:
-            raise ConfigError(f"group {g!r}: sigma={sigma!r}, clip bound={bound!r}, size={d!r}; need sigma >= 0, "
-                              "bound >= 0, size > 0.")
+            raise ConfigError(
+                f"group {g!r}: sigma={sigma!r}, clip bound={bound!r}, size={d!r}; need sigma >= 0, "
+                "bound >= 0, size > 0."
+            )
         out[g] = math.inf if sigma == 0 else math.sqrt(rounds) * expected_participants * bound / (sigma * math.sqrt(d))
     return out
 

@@ -20,6 +20,7 @@ depends on the noise placement:
 
 It must never release the exact scores, their pre-clipping norm, or the noise / generator state.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,9 @@ def clip_scores(scores: Mapping[str, float], clip: float) -> dict[str, float]:
     return {g: float(v) * scale for g, v in zip(scores, values.tolist(), strict=False)}
 
 
-def release_scores(scores: Mapping[str, float], *, clip: float, noise_multiplier: float,
-                   generator: torch.Generator) -> dict[str, float]:
+def release_scores(
+    scores: Mapping[str, float], *, clip: float, noise_multiplier: float, generator: torch.Generator
+) -> dict[str, float]:
     """The Gaussian mechanism on a site's mask scores.
 
     Steps: 1) clip the vector (s_g)_g to L2 norm <= ``clip`` (the sensitivity under add/remove-one-
@@ -58,8 +60,10 @@ def release_scores(scores: Mapping[str, float], *, clip: float, noise_multiplier
         ``{group: noisy score}`` in the order of ``scores`` (noisy scores may be negative).
     """
     if not 0.0 <= noise_multiplier < math.inf:
-        raise PrivacyError(f"noise_multiplier={noise_multiplier!r} must be finite and >= 0 "
-                           "(0 releases clipped but exact scores: no privacy).")
+        raise PrivacyError(
+            f"noise_multiplier={noise_multiplier!r} must be finite and >= 0 "
+            "(0 releases clipped but exact scores: no privacy)."
+        )
     clipped = clip_scores(scores, clip)
     noise = torch.randn(len(clipped), generator=generator, dtype=torch.float64) * (noise_multiplier * clip)
     return {g: v + float(e) for (g, v), e in zip(clipped.items(), noise, strict=False)}
@@ -79,8 +83,10 @@ def mask_release_multiplier(*, placement: NoisePlacement | str, noise_multiplier
     if placement is NoisePlacement.SERVER:
         return None
     if not 0.0 < noise_multiplier < math.inf:
-        raise PrivacyError(f"mask score noise_multiplier={noise_multiplier!r} must be finite and > 0 with "
-                           f"{placement.value!r} placement: the server sees each site's mask.")
+        raise PrivacyError(
+            f"mask score noise_multiplier={noise_multiplier!r} must be finite and > 0 with "
+            f"{placement.value!r} placement: the server sees each site's mask."
+        )
     return noise_multiplier / 2.0 if placement is NoisePlacement.LOCAL else float(noise_multiplier)
 
 

@@ -1,4 +1,5 @@
 """Figures of privacy attacks: membership-inference ROC curves (log scale), attack success vs epsilon, audit scores."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -9,7 +10,9 @@ import pandas as pd
 from sklearn.metrics import roc_curve
 
 
-def plot_roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, ax=None, title: str = "Membership inference ROC"):
+def plot_roc_curves(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, ax=None, title: str = "Membership inference ROC"
+):
     """ROC curves on log-log axes (low FPR is where an attack matters); ``curves`` maps label -> (is_member, scores).
 
     The dashed diagonal is random guessing. FPRs below 1 / (number of non-members) cannot be resolved;
@@ -24,8 +27,15 @@ def plot_roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, ax=N
         ax.plot(np.maximum(fpr, resolution), np.maximum(tpr, resolution), label=label)
     grid = np.logspace(np.log10(floor), 0, 50)
     ax.plot(grid, grid, "k--", lw=1, label="random guess")
-    ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1), xlabel="false positive rate",
-           ylabel="true positive rate", title=title)
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlim=(floor, 1),
+        ylim=(floor, 1),
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=title,
+    )
     ax.legend(fontsize=8)
     return ax
 
@@ -45,15 +55,23 @@ def plot_attack_vs_epsilon(frame: pd.DataFrame, *, metric: str = "AUC", ax=None,
         x = rows["epsilon"].replace(np.inf, right).to_numpy(dtype=float)
         y = rows[metric].to_numpy(dtype=float)
         if f"{metric} low" in rows:
-            err = np.vstack([y - rows[f"{metric} low"].to_numpy(dtype=float), rows[f"{metric} high"].to_numpy(dtype=float) - y])
+            err = np.vstack(
+                [y - rows[f"{metric} low"].to_numpy(dtype=float), rows[f"{metric} high"].to_numpy(dtype=float) - y]
+            )
             ax.errorbar(x, y, yerr=np.clip(err, 0, None), marker="o", capsize=3, label=method)
         else:
             ax.plot(x, y, marker="o", label=method)
     ax.axhline(chance, color="k", ls="--", lw=1, label="chance")
     ticks = sorted(set(finite.tolist())) + ([right] if np.isinf(frame["epsilon"]).any() else [])
     ax.set_xscale("log")
-    ax.set_xticks(ticks, [f"{t:g}" for t in ticks[:-1]] + (["no DP"] if np.isinf(frame["epsilon"]).any() else [f"{ticks[-1]:g}"]))
-    ax.set(xlabel="epsilon (accountant, per site)", ylabel=f"attack {metric}", title=f"Membership inference {metric} vs epsilon")
+    ax.set_xticks(
+        ticks, [f"{t:g}" for t in ticks[:-1]] + (["no DP"] if np.isinf(frame["epsilon"]).any() else [f"{ticks[-1]:g}"])
+    )
+    ax.set(
+        xlabel="epsilon (accountant, per site)",
+        ylabel=f"attack {metric}",
+        title=f"Membership inference {metric} vs epsilon",
+    )
     ax.legend(fontsize=8)
     return ax
 

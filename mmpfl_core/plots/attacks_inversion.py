@@ -5,6 +5,7 @@ Input: a contract batch and the ``DefenceResult`` list of
 plots never depend on attacks). Nothing here runs an attack. The originals shown are private
 patient data: put real scans in a figure only where the data agreement allows it.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,9 +24,14 @@ def _column_title(result: Any) -> str:
     return f"{title}\nPSNR {result.psnr:.1f} dB, SSIM {result.ssim:.2f}"
 
 
-def plot_reconstructions(batch: Mapping[str, torch.Tensor], results: Sequence[Any], *,
-                         modality_names: Sequence[str] | None = None, max_subjects: int = 4,
-                         cell_size: float = 1.6):
+def plot_reconstructions(
+    batch: Mapping[str, torch.Tensor],
+    results: Sequence[Any],
+    *,
+    modality_names: Sequence[str] | None = None,
+    max_subjects: int = 4,
+    cell_size: float = 1.6,
+):
     """Grid of images: one row per (subject, sequence), columns = original + one per defence.
 
     Column titles give the defence, its epsilon (noisy releases) and PSNR/SSIM over the whole
@@ -40,12 +46,16 @@ def plot_reconstructions(batch: Mapping[str, torch.Tensor], results: Sequence[An
     images = batch["images"].detach().cpu()  # (B, M, H, W)
     mask = batch["modality_mask"].detach().cpu().to(torch.bool)  # (B, M)
     B, M = images.shape[:2]
-    names = list(modality_names) if modality_names is not None else (
-        list(MODALITIES) if M == len(MODALITIES) else [f"seq {m}" for m in range(M)])
+    names = (
+        list(modality_names)
+        if modality_names is not None
+        else (list(MODALITIES) if M == len(MODALITIES) else [f"seq {m}" for m in range(M)])
+    )
     rows = [(b, m) for b in range(min(B, max_subjects)) for m in range(M)]
     columns = [("original", images)] + [(_column_title(r), r.reconstruction.detach().cpu()) for r in results]
-    fig, axes = plt.subplots(len(rows), len(columns), squeeze=False,
-                             figsize=(cell_size * len(columns), cell_size * len(rows) + 0.9))
+    fig, axes = plt.subplots(
+        len(rows), len(columns), squeeze=False, figsize=(cell_size * len(columns), cell_size * len(rows) + 0.9)
+    )
     for j, (title, stack) in enumerate(columns):
         for i, (b, m) in enumerate(rows):
             ax = axes[i, j]
@@ -54,8 +64,7 @@ def plot_reconstructions(batch: Mapping[str, torch.Tensor], results: Sequence[An
             if bool(mask[b, m]):
                 ax.imshow(stack[b, m].numpy(), cmap="gray", vmin=0.0, vmax=1.0)
             else:
-                ax.text(0.5, 0.5, "missing", ha="center", va="center", fontsize=8, color="0.4",
-                        transform=ax.transAxes)
+                ax.text(0.5, 0.5, "missing", ha="center", va="center", fontsize=8, color="0.4", transform=ax.transAxes)
             if i == 0:
                 ax.set_title(title, fontsize=8)
             if j == 0:

@@ -5,6 +5,7 @@ upsamples them to the image size by nearest-neighbour repetition (one attention 
 no interpolation invents structure that the model did not produce). Uses the object API of
 matplotlib only.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,14 +20,23 @@ def upsample_grid(grid: np.ndarray, image_size: int) -> np.ndarray:
     """Repeat each cell of a (g, g) patch grid into a (image_size, image_size) map."""
     grid = np.asarray(grid, dtype=np.float32)
     if grid.ndim != 2 or grid.shape[0] != grid.shape[1] or image_size % grid.shape[0]:
-        raise ValueError(f"grid of shape {grid.shape} cannot tile an image of side {image_size}; "
-                         "pass one (g, g) grid with g dividing the image size.")
+        raise ValueError(
+            f"grid of shape {grid.shape} cannot tile an image of side {image_size}; "
+            "pass one (g, g) grid with g dividing the image size."
+        )
     p = image_size // grid.shape[0]
     return np.kron(grid, np.ones((p, p), dtype=np.float32))  # (H, W)
 
 
-def plot_attention_overlay(images: np.ndarray, grids: np.ndarray, names: Sequence[str], *,
-                           lesion_mask: np.ndarray | None = None, alpha: float = 0.5, axes=None):
+def plot_attention_overlay(
+    images: np.ndarray,
+    grids: np.ndarray,
+    names: Sequence[str],
+    *,
+    lesion_mask: np.ndarray | None = None,
+    alpha: float = 0.5,
+    axes=None,
+):
     """Each sequence with its class-token attention overlaid (heat), and the lesion outline if given.
 
     Args:

@@ -2,6 +2,7 @@
 
 Uses matplotlib's object API (``Figure``), never ``pyplot``, so it changes no global state.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -3,6 +3,7 @@
 Reads only the ``summary`` of finished runs (``summary["global_test"]["accuracy"]`` holds
 ``point``, ``low``, ``high``); trains nothing and changes no global matplotlib state.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -17,8 +18,9 @@ from ..federated.simulation import RunResult
 __all__ = ["accuracy_ci_frame", "plot_accuracy_with_ci"]
 
 
-def accuracy_ci_frame(runs: Mapping[str, RunResult], *, split: str = "global_test",
-                      metric: str = "accuracy") -> pd.DataFrame:
+def accuracy_ci_frame(
+    runs: Mapping[str, RunResult], *, split: str = "global_test", metric: str = "accuracy"
+) -> pd.DataFrame:
     """One row per run: ``variant, point, low, high`` of ``summary[split][metric]``.
 
     Runs without that split (local-only has no global model) fall back to ``personal_test``.
@@ -26,8 +28,9 @@ def accuracy_ci_frame(runs: Mapping[str, RunResult], *, split: str = "global_tes
     rows = []
     for label, run in runs.items():
         entry = (run.summary.get(split) or run.summary["personal_test"])[metric]
-        rows.append({"variant": label, "point": float(entry["point"]), "low": float(entry["low"]),
-                     "high": float(entry["high"])})
+        rows.append(
+            {"variant": label, "point": float(entry["point"]), "low": float(entry["low"]), "high": float(entry["high"])}
+        )
     return pd.DataFrame(rows)
 
 

@@ -5,6 +5,7 @@ checkpoints; nothing here trains or scores. The scores and masks shown are priva
 diagnostics (DESIGN 4.4): in a deployment only the site itself, or a trusted aggregator with
 ``server`` placement, may look at them.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,8 +44,14 @@ def plot_kl_scores(scores: pd.DataFrame, personal: pd.DataFrame | None = None, *
     positive = scores.to_numpy(dtype=float)
     floor = np.nanmin(positive[positive > 0]) if np.any(positive > 0) else 1e-6
     shown = np.log10(scores.clip(lower=floor).astype(float))
-    sns.heatmap(shown, annot=scores.astype(float), fmt=".3f", cmap="viridis", ax=ax,
-                cbar_kws={"label": "log10 KL score (nats / sample)"})
+    sns.heatmap(
+        shown,
+        annot=scores.astype(float),
+        fmt=".3f",
+        cmap="viridis",
+        ax=ax,
+        cbar_kws={"label": "log10 KL score (nats / sample)"},
+    )
     if personal is not None:
         for i, group in enumerate(scores.index):
             for j, site in enumerate(scores.columns):
@@ -73,16 +80,25 @@ def mask_history(checkpoint_dir: Path | str) -> pd.DataFrame:
     for round_index, path in found:
         _, state = load_checkpoint(path)
         if "masker" not in state.get("strategy", {}):
-            raise ValueError(f"checkpoint {path} has no mask state; the strategy {state.get('strategy', {}).keys()} "
-                             "keeps no masks (use fedavg-kl-masks or mm-pfl-adp).")
+            raise ValueError(
+                f"checkpoint {path} has no mask state; the strategy {state.get('strategy', {}).keys()} "
+                "keeps no masks (use fedavg-kl-masks or mm-pfl-adp)."
+            )
         masks: Mapping[str, Any] = state["strategy"]["masker"]["masks"]
         personal = {int(s): set(p) for s, p in masks["personal"].items()}
         for site in sorted(personal):
             scores = masks["scores"].get(str(site), {})
             for group in masks["groups"]:
-                rows.append({"round": int(round_index), "site": site, "group": group,
-                             "personal": group in personal[site], "score": float(scores.get(group, np.nan)),
-                             "updated_round": masks["last_update"].get(str(site))})
+                rows.append(
+                    {
+                        "round": int(round_index),
+                        "site": site,
+                        "group": group,
+                        "personal": group in personal[site],
+                        "score": float(scores.get(group, np.nan)),
+                        "updated_round": masks["last_update"].get(str(site)),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -91,12 +107,17 @@ def plot_mask_timeline(history: pd.DataFrame, *, axes=None):
     sites = sorted(history["site"].unique())
     groups = list(dict.fromkeys(history["group"]))
     if axes is None:
-        _, axes = plt.subplots(1, len(sites), figsize=(2.6 * len(sites) + 1.5, 0.35 * len(groups) + 1.5),
-                               sharey=True, squeeze=False)
+        _, axes = plt.subplots(
+            1, len(sites), figsize=(2.6 * len(sites) + 1.5, 0.35 * len(groups) + 1.5), sharey=True, squeeze=False
+        )
         axes = axes[0]
     for ax, site in zip(axes, sites, strict=False):
-        grid = (history[history["site"] == site].pivot(index="group", columns="round", values="personal")
-                .reindex(groups).astype(float))  # (groups, rounds)
+        grid = (
+            history[history["site"] == site]
+            .pivot(index="group", columns="round", values="personal")
+            .reindex(groups)
+            .astype(float)
+        )  # (groups, rounds)
         sns.heatmap(grid, vmin=0, vmax=1, cmap="Blues", cbar=False, linewidths=0.5, linecolor="white", ax=ax)
         ax.set(title=f"site {site}", xlabel="round", ylabel="")
     axes[0].set_ylabel("parameter group (dark: personal)")

@@ -3,6 +3,7 @@
 
 Inputs are the cell table of :func:`~mmpfl_core.reproduction.regime.regime_cells`; nothing here trains.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,14 +36,32 @@ def plot_regime_map(cells: pd.DataFrame, *, title: str = "Who wins? personal acc
                 continue
             w = wins.loc[(n, e)]
             ax.add_patch(plt.Rectangle((j, i), 1, 1, color=palette[w["method"]], alpha=1.0 if w["clear"] else 0.45))
-            ax.text(j + 0.5, i + 0.5, f"{w['method']}\n{w['acc']:.2f}" + ("" if w["clear"] else "\n(tie)"),
-                    ha="center", va="center", fontsize=8)
-    ax.set(xlim=(0, len(eps)), ylim=(0, len(sites)), xticks=np.arange(len(eps)) + 0.5,
-           yticks=np.arange(len(sites)) + 0.5, xlabel="epsilon (client level)", ylabel="sites", title=title)
+            ax.text(
+                j + 0.5,
+                i + 0.5,
+                f"{w['method']}\n{w['acc']:.2f}" + ("" if w["clear"] else "\n(tie)"),
+                ha="center",
+                va="center",
+                fontsize=8,
+            )
+    ax.set(
+        xlim=(0, len(eps)),
+        ylim=(0, len(sites)),
+        xticks=np.arange(len(eps)) + 0.5,
+        yticks=np.arange(len(sites)) + 0.5,
+        xlabel="epsilon (client level)",
+        ylabel="sites",
+        title=title,
+    )
     ax.set_xticklabels([_eps_text(e) for e in eps])
     ax.set_yticklabels([str(n) for n in sites])
-    ax.legend(handles=[Patch(color=palette[m], label=m) for m in methods], loc="upper left",
-              bbox_to_anchor=(1.01, 1.0), fontsize=8, title="winner (pale: tie)")
+    ax.legend(
+        handles=[Patch(color=palette[m], label=m) for m in methods],
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+        title="winner (pale: tie)",
+    )
     return ax
 
 
@@ -59,8 +78,17 @@ def plot_regime_accuracy(cells: pd.DataFrame):
             sel = cells[(cells["sites"] == n) & (cells["method"] == m)].set_index("epsilon").reindex(eps)
             x = np.arange(len(eps)) + (k - len(methods) / 2) * 0.06
             err = np.vstack([sel["acc"] - sel["low"], sel["high"] - sel["acc"]])
-            ax.errorbar(x, sel["acc"], yerr=np.nan_to_num(err), marker="o", ms=4, capsize=2, color=palette[m],
-                        label=m, linestyle="-" if sel["eligible"].all() else ":")
+            ax.errorbar(
+                x,
+                sel["acc"],
+                yerr=np.nan_to_num(err),
+                marker="o",
+                ms=4,
+                capsize=2,
+                color=palette[m],
+                label=m,
+                linestyle="-" if sel["eligible"].all() else ":",
+            )
         ax.set(title=f"{n} sites", xticks=np.arange(len(eps)), xlabel="epsilon")
         ax.set_xticklabels([_eps_text(e) for e in eps])
     axes[0][0].set(ylabel="personal test accuracy", ylim=(0, 1))

@@ -1,4 +1,5 @@
 """Figures of federated runs: accuracy per round, per-site accuracy, communication vs accuracy."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -37,8 +38,11 @@ def plot_site_accuracy(runs: Mapping[str, RunResult], *, ax=None):
     rows = []
     for label, run in runs.items():
         last = run.history[-1]
-        rows += [{"method": label, "site": key.split("_")[0].removeprefix("site"), "accuracy": value}
-                 for key, value in last.items() if key.startswith("site") and key.endswith("personal_test_accuracy")]
+        rows += [
+            {"method": label, "site": key.split("_")[0].removeprefix("site"), "accuracy": value}
+            for key, value in last.items()
+            if key.startswith("site") and key.endswith("personal_test_accuracy")
+        ]
     ax = ax or plt.subplots(figsize=(6, 4))[1]
     sns.barplot(data=pd.DataFrame(rows), x="site", y="accuracy", hue="method", ax=ax)
     ax.set(ylim=(0, 1), title="Per-site accuracy (own test split)")

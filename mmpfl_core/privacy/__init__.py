@@ -4,6 +4,7 @@ Pure functions and small classes: clipping, Gaussian noise and its placement, ac
 per-run privacy ledger, the Fisher-based per-group noise allocation. Knows no model class, no round
 loop and no attacker.
 """
+
 from mmpfl_core.privacy.accounting import (
     ACCOUNTANTS,
     calibrate_noise,
@@ -45,13 +46,36 @@ from mmpfl_core.privacy.mechanisms import (
 )
 
 __all__ = [
-    "ACCOUNTANTS", "NOT_PRIVATE_WARNING", "NoiseAllocation", "NoisePlacement", "NoiseSource", "NoiseSplit",
-    "PrivacyLedger", "ReleaseAccounting", "UpdateRejected", "calibrate_noise",
-    "clip_bounds_from_sizes", "clip_flat", "clip_per_group", "combine_noise_multipliers",
-    "compose_epsilon", "compute_epsilon", "diagonal_fisher", "effective_multiplier_of",
-    "effective_noise_multiplier", "fisher_noise_allocation", "fisher_weighted_noise",
-    "floor_fisher", "gaussian_noise_like", "global_norm", "group_fisher", "group_norms",
-    "per_participant_noise_std", "predicted_noise_loss", "release_accounting", "server_top_up_std",
+    "ACCOUNTANTS",
+    "NOT_PRIVATE_WARNING",
+    "NoiseAllocation",
+    "NoisePlacement",
+    "NoiseSource",
+    "NoiseSplit",
+    "PrivacyLedger",
+    "ReleaseAccounting",
+    "UpdateRejected",
+    "calibrate_noise",
+    "clip_bounds_from_sizes",
+    "clip_flat",
+    "clip_per_group",
+    "combine_noise_multipliers",
+    "compose_epsilon",
+    "compute_epsilon",
+    "diagonal_fisher",
+    "effective_multiplier_of",
+    "effective_noise_multiplier",
+    "fisher_noise_allocation",
+    "fisher_weighted_noise",
+    "floor_fisher",
+    "gaussian_noise_like",
+    "global_norm",
+    "group_fisher",
+    "group_norms",
+    "per_participant_noise_std",
+    "predicted_noise_loss",
+    "release_accounting",
+    "server_top_up_std",
     "uniform_noise_allocation",
     "validate_update",
 ]

@@ -17,6 +17,7 @@ reduced to one multiplier by :func:`effective_noise_multiplier` (DESIGN 4.1).
 
 This module releases nothing: it only computes numbers about mechanisms described to it.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,7 +88,8 @@ def _pld_epsilon(history: list[Release], delta: float) -> float:
 
     events = [
         dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps)
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps
+        )
         for z, q, steps in history
     ]
     acc = PLDAccountant()
@@ -111,17 +113,22 @@ def _check_accountant(accountant: str) -> None:
 
 def _check_delta(delta: float) -> None:
     if not 0.0 < delta < 1.0:
-        raise PrivacyError(f"delta={delta!r} must lie in (0, 1); use e.g. 1e-5 or less than "
-                           "1/(number of sites or patients).")
+        raise PrivacyError(
+            f"delta={delta!r} must lie in (0, 1); use e.g. 1e-5 or less than 1/(number of sites or patients)."
+        )
 
 
 def _check_release(noise_multiplier: float, sample_rate: float, steps: int) -> None:
     if not noise_multiplier >= 0.0 or math.isinf(noise_multiplier):
-        raise PrivacyError(f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0; "
-                           "pass the noise std divided by the clipping bound.")
+        raise PrivacyError(
+            f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0; "
+            "pass the noise std divided by the clipping bound."
+        )
     if not 0.0 < sample_rate <= 1.0:
-        raise PrivacyError(f"sample_rate={sample_rate!r} must lie in (0, 1]; pass the Poisson "
-                           "sampling probability (1.0 when every unit takes part).")
+        raise PrivacyError(
+            f"sample_rate={sample_rate!r} must lie in (0, 1]; pass the Poisson "
+            "sampling probability (1.0 when every unit takes part)."
+        )
     if int(steps) != steps or steps < 0:
         raise PrivacyError(f"steps={steps!r} must be an integer >= 0 (the number of releases).")
 
@@ -205,13 +212,17 @@ def _epsilon_of_history(history: tuple[Release, ...], delta: float, accountant: 
 
 def _rdp_fallback(accountant: str, history: tuple[Release, ...], delta: float, what: str) -> float:
     """RDP is always a valid upper bound, so it stands in when a numerical accountant fails."""
-    warnings.warn(f"{accountant} accountant {what} for {list(history)}; using the RDP upper bound instead.",
-                  RuntimeWarning, stacklevel=4)
+    warnings.warn(
+        f"{accountant} accountant {what} for {list(history)}; using the RDP upper bound instead.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
     return ACCOUNTANTS["rdp"](list(history), delta)
 
 
-def compute_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                    accountant: str = "prv") -> float:
+def compute_epsilon(
+    *, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv"
+) -> float:
     """Epsilon after ``steps`` Poisson-subsampled Gaussian releases with multiplier z and rate q.
 
     Returns 0.0 for ``steps == 0`` and ``inf`` for ``noise_multiplier == 0`` with steps > 0.
@@ -223,12 +234,18 @@ def compute_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, 
         PrivacyError: delta outside (0, 1), sample_rate outside (0, 1], noise < 0, steps < 0, or
             an unknown accountant.
     """
-    return compose_epsilon(releases=[(noise_multiplier, sample_rate, steps)], delta=delta,
-                           accountant=accountant)
+    return compose_epsilon(releases=[(noise_multiplier, sample_rate, steps)], delta=delta, accountant=accountant)
 
 
-def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
-                    accountant: str = "prv", epsilon_tolerance: float = 0.01) -> float:
+def calibrate_noise(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "prv",
+    epsilon_tolerance: float = 0.01,
+) -> float:
     """Smallest noise multiplier (up to tolerance) whose epsilon does not exceed the target.
 
     Algorithm (as Opacus's ``get_noise_multiplier``, but for every accountant of the registry):
@@ -245,8 +262,10 @@ def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: 
             that z > 1e6 would be needed.
     """
     if not target_epsilon > 0.0 or math.isinf(target_epsilon):
-        raise PrivacyError(f"target_epsilon={target_epsilon!r} must be a finite number > 0; "
-                           "choose a positive privacy budget such as 1, 3 or 8.")
+        raise PrivacyError(
+            f"target_epsilon={target_epsilon!r} must be a finite number > 0; "
+            "choose a positive privacy budget such as 1, 3 or 8."
+        )
     if not epsilon_tolerance > 0.0:
         raise PrivacyError(f"epsilon_tolerance={epsilon_tolerance!r} must be > 0, e.g. 0.01.")
     _check_accountant(accountant)
@@ -256,17 +275,20 @@ def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: 
         return 0.0
 
     def eps(z: float) -> float:
-        return compute_epsilon(noise_multiplier=z, sample_rate=sample_rate, steps=steps,
-                               delta=target_delta, accountant=accountant)
+        return compute_epsilon(
+            noise_multiplier=z, sample_rate=sample_rate, steps=steps, delta=target_delta, accountant=accountant
+        )
 
     z_low, z_high = 0.0, 1.0
     eps_high = eps(z_high)
     while eps_high > target_epsilon:
         z_low, z_high = z_high, 2.0 * z_high
         if z_high > _MAX_NOISE:
-            raise PrivacyError(f"target_epsilon={target_epsilon} at delta={target_delta} needs a "
-                               f"noise multiplier above {_MAX_NOISE:g} for q={sample_rate}, "
-                               f"steps={steps}; increase the budget or reduce the steps.")
+            raise PrivacyError(
+                f"target_epsilon={target_epsilon} at delta={target_delta} needs a "
+                f"noise multiplier above {_MAX_NOISE:g} for q={sample_rate}, "
+                f"steps={steps}; increase the budget or reduce the steps."
+            )
         eps_high = eps(z_high)
     while target_epsilon - eps_high > epsilon_tolerance and z_high - z_low > 1e-9 * z_high:
         z_mid = 0.5 * (z_low + z_high)
@@ -297,8 +319,10 @@ def effective_noise_multiplier(clip_bounds: Sequence[float], noise_stds: Sequenc
         PrivacyError: lengths differ, or a bound/std is negative or not finite (C_g may be 0).
     """
     if len(clip_bounds) != len(noise_stds):
-        raise PrivacyError(f"clip_bounds has {len(clip_bounds)} entries but noise_stds has "
-                           f"{len(noise_stds)}; pass one bound and one std per group.")
+        raise PrivacyError(
+            f"clip_bounds has {len(clip_bounds)} entries but noise_stds has "
+            f"{len(noise_stds)}; pass one bound and one std per group."
+        )
     total = 0.0
     for c, s in zip(clip_bounds, noise_stds, strict=False):
         if not (0.0 <= c < math.inf and 0.0 <= s < math.inf):
@@ -308,7 +332,7 @@ def effective_noise_multiplier(clip_bounds: Sequence[float], noise_stds: Sequenc
         if s == 0.0:
             return 0.0
         total += (c / s) ** 2
-    return math.inf if total == 0.0 else total ** -0.5
+    return math.inf if total == 0.0 else total**-0.5
 
 
 def combine_noise_multipliers(*noise_multipliers: float) -> float:
@@ -332,5 +356,5 @@ def combine_noise_multipliers(*noise_multipliers: float) -> float:
             raise PrivacyError(f"noise multiplier {z!r} must be >= 0.")
         if z == 0.0:
             return 0.0
-        total += z ** -2 if math.isfinite(z) else 0.0
-    return math.inf if total == 0.0 else total ** -0.5
+        total += z**-2 if math.isfinite(z) else 0.0
+    return math.inf if total == 0.0 else total**-0.5

@@ -38,6 +38,7 @@ sigma finite, F_g is floored at ``floor_fraction`` (default 1e-3) times the mean
 transmitted groups; if all F_g are 0 they are treated as equal. Groups not transmitted (personal
 or masked) are simply left out of ``group_sizes``: they get no sigma and spend no budget.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,9 +47,16 @@ from collections.abc import Iterator, Mapping
 
 from mmpfl_core.errors import PrivacyError
 
-__all__ = ["NoiseAllocation", "clip_bounds_from_sizes", "effective_multiplier_of",
-           "fisher_noise_allocation", "fisher_weighted_noise", "floor_fisher",
-           "predicted_noise_loss", "uniform_noise_allocation"]
+__all__ = [
+    "NoiseAllocation",
+    "clip_bounds_from_sizes",
+    "effective_multiplier_of",
+    "fisher_noise_allocation",
+    "fisher_weighted_noise",
+    "floor_fisher",
+    "predicted_noise_loss",
+    "uniform_noise_allocation",
+]
 
 DEFAULT_FLOOR_FRACTION = 1e-3
 
@@ -83,32 +91,36 @@ class NoiseAllocation(Mapping[str, float]):
         return sum(self.rhos.values())
 
 
-def _check_inputs(group_sizes: Mapping[str, int], clip_bounds: Mapping[str, float],
-                  noise_multiplier: float) -> None:
+def _check_inputs(group_sizes: Mapping[str, int], clip_bounds: Mapping[str, float], noise_multiplier: float) -> None:
     if not group_sizes:
         raise PrivacyError("group_sizes is empty; pass the sizes of the transmitted groups.")
     if not 0.0 < noise_multiplier < math.inf:
-        raise PrivacyError(f"noise_multiplier={noise_multiplier!r} must be finite and > 0; "
-                           "get it from calibrate_noise.")
+        raise PrivacyError(
+            f"noise_multiplier={noise_multiplier!r} must be finite and > 0; get it from calibrate_noise."
+        )
     for g, d in group_sizes.items():
         if not d > 0:
-            raise PrivacyError(f"group {g!r} has size {d!r}; sizes must be > 0 (leave "
-                               "untransmitted groups out).")
+            raise PrivacyError(f"group {g!r} has size {d!r}; sizes must be > 0 (leave untransmitted groups out).")
         c = clip_bounds.get(g)
         if c is None or not 0.0 < c < math.inf:
-            raise PrivacyError(f"group {g!r} has clip bound {c!r}; every transmitted group needs "
-                               "a finite bound > 0 (see clip_bounds_from_sizes).")
+            raise PrivacyError(
+                f"group {g!r} has clip bound {c!r}; every transmitted group needs "
+                "a finite bound > 0 (see clip_bounds_from_sizes)."
+            )
 
 
-def floor_fisher(fisher: Mapping[str, float], groups: list[str], *,
-                 floor_fraction: float = DEFAULT_FLOOR_FRACTION) -> dict[str, float]:
+def floor_fisher(
+    fisher: Mapping[str, float], groups: list[str], *, floor_fraction: float = DEFAULT_FLOOR_FRACTION
+) -> dict[str, float]:
     """F_g floored at ``floor_fraction`` x mean over ``groups`` (all equal if all are 0)."""
     values = {}
     for g in groups:
         f = fisher.get(g)
         if f is None or not 0.0 <= f < math.inf:
-            raise PrivacyError(f"Fisher weight for group {g!r} is {f!r}; it must be finite and "
-                               ">= 0 (compute it with group_fisher on the public set).")
+            raise PrivacyError(
+                f"Fisher weight for group {g!r} is {f!r}; it must be finite and "
+                ">= 0 (compute it with group_fisher on the public set)."
+            )
         values[g] = float(f)
     mean = sum(values.values()) / len(values)
     if mean == 0.0:
@@ -116,17 +128,21 @@ def floor_fisher(fisher: Mapping[str, float], groups: list[str], *,
     return {g: max(f, floor_fraction * mean) for g, f in values.items()}
 
 
-def _allocation(sigmas: dict[str, float], clip_bounds: Mapping[str, float],
-                z: float) -> NoiseAllocation:
+def _allocation(sigmas: dict[str, float], clip_bounds: Mapping[str, float], z: float) -> NoiseAllocation:
     bounds = {g: float(clip_bounds[g]) for g in sigmas}
-    rhos = {g: bounds[g] ** 2 / (2.0 * s ** 2) for g, s in sigmas.items()}
+    rhos = {g: bounds[g] ** 2 / (2.0 * s**2) for g, s in sigmas.items()}
     return NoiseAllocation(sigmas=sigmas, rhos=rhos, clip_bounds=bounds, noise_multiplier=z)
 
 
-def fisher_noise_allocation(*, group_sizes: Mapping[str, int], fisher: Mapping[str, float],
-                            clip_bounds: Mapping[str, float], noise_multiplier: float,
-                            floor_fraction: float = DEFAULT_FLOOR_FRACTION,
-                            max_noise_ratio: float | None = None) -> NoiseAllocation:
+def fisher_noise_allocation(
+    *,
+    group_sizes: Mapping[str, int],
+    fisher: Mapping[str, float],
+    clip_bounds: Mapping[str, float],
+    noise_multiplier: float,
+    floor_fraction: float = DEFAULT_FLOOR_FRACTION,
+    max_noise_ratio: float | None = None,
+) -> NoiseAllocation:
     """Noise stds minimising sum_g F_g d_g sigma_g^2 at effective multiplier z (module docstring).
 
     Algorithm:
@@ -147,16 +163,19 @@ def fisher_noise_allocation(*, group_sizes: Mapping[str, int], fisher: Mapping[s
     z = float(noise_multiplier)
     if max_noise_ratio is not None:
         if not 1.0 <= max_noise_ratio < math.inf:
-            raise PrivacyError(f"max_noise_ratio={max_noise_ratio!r} must be finite and >= 1 "
-                               "(1 is uniform noise; None leaves the ratio unbounded).")
+            raise PrivacyError(
+                f"max_noise_ratio={max_noise_ratio!r} must be finite and >= 1 "
+                "(1 is uniform noise; None leaves the ratio unbounded)."
+            )
         return _bounded_allocation(b, clip_bounds, z, float(max_noise_ratio))
     total = math.fsum(clip_bounds[g] * b[g] for g in groups)
     sigmas = {g: z * math.sqrt(clip_bounds[g] * total / b[g]) for g in groups}
     return _allocation(sigmas, clip_bounds, z)
 
 
-def _bounded_allocation(b: Mapping[str, float], clip_bounds: Mapping[str, float], z: float,
-                        ratio: float) -> NoiseAllocation:
+def _bounded_allocation(
+    b: Mapping[str, float], clip_bounds: Mapping[str, float], z: float, ratio: float
+) -> NoiseAllocation:
     """Clipped water-filling x_g = clip(lam s_g, lo_g, hi_g) with sum_g x_g = z^-2 (module docstring).
 
     s_g = C_g b_g = sqrt(a_g). Bisection on log(lam) finds which groups sit at a bound; lambda is
@@ -164,11 +183,11 @@ def _bounded_allocation(b: Mapping[str, float], clip_bounds: Mapping[str, float]
     check z_eff = z to 1e-9 every round). Hand-written: a 1-D monotone root, no solver needed.
     """
     groups = list(b)
-    target = z ** -2
+    target = z**-2
     total_clip_sq = math.fsum(clip_bounds[g] ** 2 for g in groups)
-    uniform = {g: clip_bounds[g] ** 2 / (z ** 2 * total_clip_sq) for g in groups}  # x_g^u, sums to z^-2
-    lo = {g: uniform[g] / ratio ** 2 for g in groups}
-    hi = {g: uniform[g] * ratio ** 2 for g in groups}
+    uniform = {g: clip_bounds[g] ** 2 / (z**2 * total_clip_sq) for g in groups}  # x_g^u, sums to z^-2
+    lo = {g: uniform[g] / ratio**2 for g in groups}
+    hi = {g: uniform[g] * ratio**2 for g in groups}
     s = {g: clip_bounds[g] * b[g] for g in groups}
 
     def filled(lam: float) -> dict[str, float]:
@@ -193,8 +212,9 @@ def _bounded_allocation(b: Mapping[str, float], clip_bounds: Mapping[str, float]
     return _allocation(sigmas, clip_bounds, z)
 
 
-def uniform_noise_allocation(*, group_sizes: Mapping[str, int], clip_bounds: Mapping[str, float],
-                             noise_multiplier: float) -> NoiseAllocation:
+def uniform_noise_allocation(
+    *, group_sizes: Mapping[str, int], clip_bounds: Mapping[str, float], noise_multiplier: float
+) -> NoiseAllocation:
     """Isotropic noise sigma_g = z C for every group, C = sqrt(sum_g C_g^2) (plain DP-FedAvg)."""
     _check_inputs(group_sizes, clip_bounds, noise_multiplier)
     total_clip = math.sqrt(math.fsum(clip_bounds[g] ** 2 for g in group_sizes))
@@ -212,15 +232,16 @@ def clip_bounds_from_sizes(group_sizes: Mapping[str, int], total_clip: float) ->
     return {g: total_clip * math.sqrt(d / total) for g, d in group_sizes.items()}
 
 
-def fisher_weighted_noise(*, group_sizes: Mapping[str, int], fisher: Mapping[str, float],
-                          sigmas: Mapping[str, float]) -> float:
+def fisher_weighted_noise(
+    *, group_sizes: Mapping[str, int], fisher: Mapping[str, float], sigmas: Mapping[str, float]
+) -> float:
     """The objective J = sum_g F_g d_g sigma_g^2 (expected Fisher-weighted squared noise)."""
-    return math.fsum(float(fisher[g]) * group_sizes[g] * float(sigmas[g]) ** 2
-                     for g in group_sizes)
+    return math.fsum(float(fisher[g]) * group_sizes[g] * float(sigmas[g]) ** 2 for g in group_sizes)
 
 
-def predicted_noise_loss(*, group_sizes: Mapping[str, int], fisher: Mapping[str, float],
-                         sigmas: Mapping[str, float], denominator: float) -> float:
+def predicted_noise_loss(
+    *, group_sizes: Mapping[str, int], fisher: Mapping[str, float], sigmas: Mapping[str, float], denominator: float
+) -> float:
     """Second-order prediction of the loss increase (nats) one round's noise causes in the model.
 
     The released average carries noise xi_g ~ N(0, (sigma_g / m)^2 I) with m = ``denominator``
@@ -231,10 +252,9 @@ def predicted_noise_loss(*, group_sizes: Mapping[str, int], fisher: Mapping[str,
     """
     if not denominator > 0:
         raise PrivacyError(f"denominator={denominator!r} must be > 0 (the expected participant count qN).")
-    return 0.5 * fisher_weighted_noise(group_sizes=group_sizes, fisher=fisher, sigmas=sigmas) / denominator ** 2
+    return 0.5 * fisher_weighted_noise(group_sizes=group_sizes, fisher=fisher, sigmas=sigmas) / denominator**2
 
 
 def effective_multiplier_of(allocation: NoiseAllocation) -> float:
     """(sum_g C_g^2 / sigma_g^2)^(-1/2) of an allocation (equals its target z)."""
-    return math.fsum(c ** 2 / allocation.sigmas[g] ** 2
-                     for g, c in allocation.clip_bounds.items()) ** -0.5
+    return math.fsum(c**2 / allocation.sigmas[g] ** 2 for g, c in allocation.clip_bounds.items()) ** -0.5

@@ -11,6 +11,7 @@ They are for local diagnostics only, or must go through a private mechanism firs
 clipping releases a noisy count of "norm below bound", Andrew et al. 2021, and records it in the
 ledger). Functions never modify their inputs.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,7 @@ import torch
 
 from mmpfl_core.errors import PrivacyError
 
-__all__ = ["UpdateRejected", "clip_flat", "clip_per_group", "global_norm", "group_norms",
-           "validate_update"]
+__all__ = ["UpdateRejected", "clip_flat", "clip_per_group", "global_norm", "group_norms", "validate_update"]
 
 Update = Mapping[str, torch.Tensor]
 
@@ -34,8 +34,9 @@ class UpdateRejected(PrivacyError):
     """
 
 
-def validate_update(update: Update, reference_shapes: Mapping[str, Sequence[int]], *,
-                    allow_missing: bool = False) -> None:
+def validate_update(
+    update: Update, reference_shapes: Mapping[str, Sequence[int]], *, allow_missing: bool = False
+) -> None:
     """Raise :class:`UpdateRejected` unless ``update`` matches ``reference_shapes``.
 
     Checks, naming the offending parameter: no names outside ``reference_shapes``; no missing names
@@ -44,24 +45,31 @@ def validate_update(update: Update, reference_shapes: Mapping[str, Sequence[int]
     """
     extra = sorted(set(update) - set(reference_shapes))
     if extra:
-        raise UpdateRejected(f"update has unexpected parameters {extra[:5]}; send only the "
-                             "shared parameters of the global model.")
+        raise UpdateRejected(
+            f"update has unexpected parameters {extra[:5]}; send only the shared parameters of the global model."
+        )
     missing = sorted(set(reference_shapes) - set(update))
     if missing and not allow_missing:
-        raise UpdateRejected(f"update is missing parameters {missing[:5]}; send every shared "
-                             "parameter, or pass allow_missing=True for masked groups.")
+        raise UpdateRejected(
+            f"update is missing parameters {missing[:5]}; send every shared "
+            "parameter, or pass allow_missing=True for masked groups."
+        )
     for name, tensor in update.items():
         if not isinstance(tensor, torch.Tensor):
             raise UpdateRejected(f"update[{name!r}] is a {type(tensor).__name__}, not a tensor.")
         if tuple(tensor.shape) != tuple(reference_shapes[name]):
-            raise UpdateRejected(f"update[{name!r}] has shape {tuple(tensor.shape)}, expected "
-                                 f"{tuple(reference_shapes[name])}.")
+            raise UpdateRejected(
+                f"update[{name!r}] has shape {tuple(tensor.shape)}, expected {tuple(reference_shapes[name])}."
+            )
         if not tensor.is_floating_point():
-            raise UpdateRejected(f"update[{name!r}] has dtype {tensor.dtype}; updates must be "
-                                 "floating point (cast before sending).")
+            raise UpdateRejected(
+                f"update[{name!r}] has dtype {tensor.dtype}; updates must be floating point (cast before sending)."
+            )
         if not bool(torch.isfinite(tensor).all()):
-            raise UpdateRejected(f"update[{name!r}] contains NaN or Inf; reject this update "
-                                 "(lower the learning rate or check the local data).")
+            raise UpdateRejected(
+                f"update[{name!r}] contains NaN or Inf; reject this update "
+                "(lower the learning rate or check the local data)."
+            )
 
 
 def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -81,13 +89,17 @@ def _group_index(update: Update, groups: Mapping[str, Sequence[str]]) -> dict[st
     for group, names in groups.items():
         for name in names:
             if name in owner:
-                raise PrivacyError(f"parameter {name!r} is in groups {owner[name]!r} and "
-                                   f"{group!r}; each parameter must belong to one group.")
+                raise PrivacyError(
+                    f"parameter {name!r} is in groups {owner[name]!r} and "
+                    f"{group!r}; each parameter must belong to one group."
+                )
             owner[name] = group
     orphans = sorted(set(update) - set(owner))
     if orphans:
-        raise UpdateRejected(f"parameters {orphans[:5]} belong to no group and would be released "
-                             "unclipped; add them to a group or drop them from the update.")
+        raise UpdateRejected(
+            f"parameters {orphans[:5]} belong to no group and would be released "
+            "unclipped; add them to a group or drop them from the update."
+        )
     return owner
 
 
@@ -105,14 +117,16 @@ def group_norms(update: Update, groups: Mapping[str, Sequence[str]]) -> dict[str
 
 def _check_bound(name: str, bound: float) -> None:
     if not bound >= 0.0:
-        raise PrivacyError(f"clip bound for {name} is {bound!r}; it must be >= 0 (inf disables "
-                           "clipping, which gives no privacy).")
+        raise PrivacyError(
+            f"clip bound for {name} is {bound!r}; it must be >= 0 (inf disables clipping, which gives no privacy)."
+        )
 
 
 def _check_finite_norm(norm: float, what: str) -> None:
     if not math.isfinite(norm):
-        raise UpdateRejected(f"{what} has norm {norm}; the update contains NaN or Inf and must be "
-                             "rejected, not clipped.")
+        raise UpdateRejected(
+            f"{what} has norm {norm}; the update contains NaN or Inf and must be rejected, not clipped."
+        )
 
 
 def clip_flat(update: Update, max_norm: float) -> tuple[dict[str, torch.Tensor], float, float]:
@@ -138,9 +152,9 @@ def clip_flat(update: Update, max_norm: float) -> tuple[dict[str, torch.Tensor],
     return dict(zip(names, clipped, strict=False)), scale, norm
 
 
-def clip_per_group(update: Update, groups: Mapping[str, Sequence[str]],
-                   clip_bounds: Mapping[str, float]) -> tuple[dict[str, torch.Tensor],
-                                                              dict[str, float]]:
+def clip_per_group(
+    update: Update, groups: Mapping[str, Sequence[str]], clip_bounds: Mapping[str, float]
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Scale each parameter group g to L2 norm at most C_g = ``clip_bounds[g]``.
 
     Algorithm:
@@ -168,14 +182,15 @@ def clip_per_group(update: Update, groups: Mapping[str, Sequence[str]],
             scales[group] = 1.0  # absent / all-zero group: nothing to clip
             continue
         if group not in clip_bounds:
-            raise PrivacyError(f"group {group!r} has no clip bound; pass clip_bounds for every "
-                               f"transmitted group (have {sorted(clip_bounds)}).")
+            raise PrivacyError(
+                f"group {group!r} has no clip bound; pass clip_bounds for every "
+                f"transmitted group (have {sorted(clip_bounds)})."
+            )
         bound = float(clip_bounds[group])
         _check_bound(f"group {group!r}", bound)
         _check_finite_norm(norm, f"group {group!r}")
         scales[group] = 1.0 if norm <= bound else bound / norm
     owner = _group_index(update, groups)
     names = list(update)
-    clipped = (torch._foreach_mul([update[n] for n in names], [scales[owner[n]] for n in names])
-               if names else [])
+    clipped = torch._foreach_mul([update[n] for n in names], [scales[owner[n]] for n in names]) if names else []
     return dict(zip(names, clipped, strict=False)), norms

@@ -31,6 +31,7 @@ Opacus' own ``secure_mode`` needs ``torchcsprng``, which current torch cannot in
 ``noise="reproducible-insecure"`` both come from the site's seeded stream: NOT private (anyone with
 the seed regenerates them).
 """
+
 from __future__ import annotations
 
 import math
@@ -101,8 +102,9 @@ def _secure_optimizer_class():
     return SecureNoiseDPOptimizer
 
 
-def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, training: PrivateTraining,
-                 generator: torch.Generator | None):
+def make_private(
+    *, module: nn.Module, optimizer: torch.optim.Optimizer, training: PrivateTraining, generator: torch.Generator | None
+):
     """Wrap ``module`` in a ``GradSampleModule`` and ``optimizer`` in a ``DPOptimizer``.
 
     Returns (wrapped module, DP optimiser). Call ``wrapped._close()`` afterwards to remove the
@@ -114,14 +116,22 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, trainin
     from opacus.optimizers import DPOptimizer
 
     if training.grad_sample_mode != "hooks":
-        raise ConfigError(f"grad_sample_mode={training.grad_sample_mode!r}: only 'hooks' is wired here "
-                          "(Poisson batches and empty steps are handled by the caller).")
+        raise ConfigError(
+            f"grad_sample_mode={training.grad_sample_mode!r}: only 'hooks' is wired here "
+            "(Poisson batches and empty steps are handled by the caller)."
+        )
     if training.secret_randomness and generator is not None:
         raise ConfigError("secret DP-SGD noise takes no generator (a seeded generator would make it regenerable).")
     wrapped = GradSampleModule(module, batch_first=True, loss_reduction="mean")
     optimizer_class = _secure_optimizer_class() if training.secret_randomness else DPOptimizer
-    dp_opt = optimizer_class(optimizer, noise_multiplier=training.noise_multiplier, max_grad_norm=training.max_grad_norm,
-                         expected_batch_size=training.expected_batch_size, loss_reduction="mean", generator=generator)
+    dp_opt = optimizer_class(
+        optimizer,
+        noise_multiplier=training.noise_multiplier,
+        max_grad_norm=training.max_grad_norm,
+        expected_batch_size=training.expected_batch_size,
+        loss_reduction="mean",
+        generator=generator,
+    )
     return wrapped, dp_opt
 
 
@@ -138,14 +148,25 @@ class SampleLevelDP:
             (from each site's seeded stream: teaching and tests only, NOT private).
     """
 
-    def __init__(self, *, noise_multiplier: float | None = None, target_epsilon: float | None = None,
-                 max_grad_norm: float = 1.0, delta: float = 1e-5, accountant: str = "prv",
-                 noise: str = "secure") -> None:
+    def __init__(
+        self,
+        *,
+        noise_multiplier: float | None = None,
+        target_epsilon: float | None = None,
+        max_grad_norm: float = 1.0,
+        delta: float = 1e-5,
+        accountant: str = "prv",
+        noise: str = "secure",
+    ) -> None:
         if noise == "seeded" or noise not in ("secure", "reproducible-insecure"):
-            raise ConfigError(f"sample-level noise={noise!r} is unknown; use 'secure' (default, private) or "
-                              "'reproducible-insecure' (from the seed, not private; formerly 'seeded').")
+            raise ConfigError(
+                f"sample-level noise={noise!r} is unknown; use 'secure' (default, private) or "
+                "'reproducible-insecure' (from the seed, not private; formerly 'seeded')."
+            )
         if noise != "secure":
-            warnings.warn(f"sample-level DP-SGD with noise={noise!r}: {NOT_PRIVATE_WARNING}.", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"sample-level DP-SGD with noise={noise!r}: {NOT_PRIVATE_WARNING}.", UserWarning, stacklevel=2
+            )
         self.noise = noise
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ConfigError("sample-level DP needs exactly one of noise_multiplier or target_epsilon.")
@@ -164,8 +185,9 @@ class SampleLevelDP:
         self._z: dict[int, float] = {}
         self._calibrated: dict[tuple[float, int], float] = {}
 
-    def training_for(self, site_id: int, *, num_examples: int, batch_size: int, steps_per_round: int,
-                     num_rounds: int) -> PrivateTraining:
+    def training_for(
+        self, site_id: int, *, num_examples: int, batch_size: int, steps_per_round: int, num_rounds: int
+    ) -> PrivateTraining:
         """Settings of site ``site_id`` (q_k = min(1, B / n_k)); calibrates z_k on first use."""
         if num_examples < 1:
             raise ConfigError(f"site {site_id} has no training examples; DP-SGD needs at least one.")
@@ -178,12 +200,21 @@ class SampleLevelDP:
                 key = (q, steps)
                 if key not in self._calibrated:
                     assert self.target_epsilon is not None  # exactly one of z / target_epsilon (validated)
-                    self._calibrated[key] = calibrate_noise(target_epsilon=self.target_epsilon, target_delta=self.delta,
-                                                            sample_rate=q, steps=steps, accountant=self.accountant)
+                    self._calibrated[key] = calibrate_noise(
+                        target_epsilon=self.target_epsilon,
+                        target_delta=self.delta,
+                        sample_rate=q,
+                        steps=steps,
+                        accountant=self.accountant,
+                    )
                 self._z[site_id] = self._calibrated[key]
-        return PrivateTraining(noise_multiplier=self._z[site_id], max_grad_norm=self.max_grad_norm,
-                               sample_rate=q, expected_batch_size=max(1, round(q * num_examples)),
-                               secret_randomness=self.noise == "secure")
+        return PrivateTraining(
+            noise_multiplier=self._z[site_id],
+            max_grad_norm=self.max_grad_norm,
+            sample_rate=q,
+            expected_batch_size=max(1, round(q * num_examples)),
+            secret_randomness=self.noise == "secure",
+        )
 
     def record(self, site_id: int, training: PrivateTraining, steps: int, round_index: int) -> None:
         """Charge site ``site_id`` for the ``steps`` DP-SGD steps it took in ``round_index``.
@@ -192,8 +223,13 @@ class SampleLevelDP:
         (fsynced) when this returns (:mod:`mmpfl_core.privacy.ledger`, write-ahead journal).
         """
         ledger = self._ledger_of(site_id)
-        ledger.record(name="dp-sgd", noise_multiplier=training.noise_multiplier,
-                      sample_rate=training.sample_rate, steps=steps, round=round_index)
+        ledger.record(
+            name="dp-sgd",
+            noise_multiplier=training.noise_multiplier,
+            sample_rate=training.sample_rate,
+            steps=steps,
+            round=round_index,
+        )
 
     def _ledger_of(self, site_id: int) -> PrivacyLedger:
         if site_id not in self.ledgers:
@@ -224,8 +260,10 @@ class SampleLevelDP:
         return max(self.epsilons().values(), default=0.0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ledgers": {str(k): v.state_dict() for k, v in self.ledgers.items()},
-                "z": {str(k): v for k, v in self._z.items()}}
+        return {
+            "ledgers": {str(k): v.state_dict() for k, v in self.ledgers.items()},
+            "z": {str(k): v for k, v in self._z.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ledgers = {int(k): PrivacyLedger.from_state_dict(v) for k, v in state["ledgers"].items()}

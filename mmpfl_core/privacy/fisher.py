@@ -11,6 +11,7 @@ from it, are post-processing of public information and cost no privacy. They hav
 site's data and must never be called on it: a Fisher computed from private data would leak through
 the noise scales and would have to be privatised and accounted.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -28,9 +29,14 @@ __all__ = ["diagonal_fisher", "group_fisher"]
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]  # (inputs tuple, integer labels)
 
 
-def _per_sample_sq_grads(model: nn.Module, params: dict[str, torch.Tensor],
-                         buffers: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...],
-                         labels: torch.Tensor, method: str) -> dict[str, torch.Tensor]:
+def _per_sample_sq_grads(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    inputs: tuple[torch.Tensor, ...],
+    labels: torch.Tensor,
+    method: str,
+) -> dict[str, torch.Tensor]:
     """Sum over the batch of squared per-sample gradients of log p(y_i | x_i) (``vmap`` or ``loop``)."""
 
     def nll(p: dict[str, torch.Tensor], xs: tuple[torch.Tensor, ...], y: torch.Tensor):
@@ -39,7 +45,7 @@ def _per_sample_sq_grads(model: nn.Module, params: dict[str, torch.Tensor],
 
     if method == "vmap":
         grads = vmap(grad(nll), in_dims=(None, 0, 0))(params, inputs, labels)  # name -> (B, *shape)
-        return {k: (g ** 2).sum(0) for k, g in grads.items()}
+        return {k: (g**2).sum(0) for k, g in grads.items()}
     sums = {k: torch.zeros_like(v) for k, v in params.items()}
     for i in range(labels.shape[0]):
         g = grad(nll)(params, tuple(x[i] for x in inputs), labels[i])
@@ -48,9 +54,14 @@ def _per_sample_sq_grads(model: nn.Module, params: dict[str, torch.Tensor],
     return sums
 
 
-def _hooks_sq_grads(sampler: nn.Module, params: dict[str, nn.Parameter], inputs: tuple[torch.Tensor, ...],
-                    labels: str, generator: torch.Generator | None,
-                    given: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+def _hooks_sq_grads(
+    sampler: nn.Module,
+    params: dict[str, nn.Parameter],
+    inputs: tuple[torch.Tensor, ...],
+    labels: str,
+    generator: torch.Generator | None,
+    given: torch.Tensor,
+) -> tuple[dict[str, torch.Tensor], int]:
     """Opacus ``GradSampleModule`` version: one forward and one backward for the whole batch.
 
     The loss is summed over the batch, so each ``grad_sample[i]`` is sample i's own gradient.
@@ -67,14 +78,20 @@ def _hooks_sq_grads(sampler: nn.Module, params: dict[str, nn.Parameter], inputs:
     sums = {}
     for k, p in params.items():
         grad_sample = p.grad_sample  # type: ignore[attr-defined]  # set by Opacus' hooks
-        sums[k] = (grad_sample ** 2).sum(0)
+        sums[k] = (grad_sample**2).sum(0)
         p.grad_sample, p.grad = None, None  # type: ignore[attr-defined]
     return sums, int(y.shape[0])
 
 
-def diagonal_fisher(model: nn.Module, batches: Iterable[Batch], *, labels: str = "model",
-                    generator: torch.Generator | None = None, max_batches: int | None = None,
-                    method: str = "hooks") -> dict[str, torch.Tensor]:
+def diagonal_fisher(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    labels: str = "model",
+    generator: torch.Generator | None = None,
+    max_batches: int | None = None,
+    method: str = "hooks",
+) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of ``model`` (classifier returning logits ``model(*inputs)``) on public data.
 
     Algorithm:
@@ -107,8 +124,10 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[Batch], *, labels: str =
     if method not in ("hooks", "vmap", "loop"):
         raise ConfigError(f"method={method!r} must be 'hooks', 'vmap' or 'loop'.")
     if labels == "model" and generator is None:
-        raise ConfigError("labels='model' samples y ~ p(y|x) and needs a torch.Generator; pass "
-                          "generator=mmpfl_core.seeding.torch_generator(seed, ...).")
+        raise ConfigError(
+            "labels='model' samples y ~ p(y|x) and needs a torch.Generator; pass "
+            "generator=mmpfl_core.seeding.torch_generator(seed, ...)."
+        )
     if method == "hooks":
         return _hooks_fisher(model, batches, labels=labels, generator=generator, max_batches=max_batches)
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
@@ -125,8 +144,7 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[Batch], *, labels: str =
             if labels == "model":
                 with torch.no_grad():
                     probs = torch.softmax(model(*inputs).float(), dim=-1)  # (B, K)
-                y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(
-                    probs.device)
+                y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(probs.device)
             batch_sums = _per_sample_sq_grads(model, params, buffers, inputs, y.long(), method)
             for k in sums:
                 sums[k] += batch_sums[k]
@@ -136,8 +154,14 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[Batch], *, labels: str =
     return _mean(sums, count)
 
 
-def _hooks_fisher(model: nn.Module, batches: Iterable[Batch], *, labels: str, generator: torch.Generator | None,
-                  max_batches: int | None) -> dict[str, torch.Tensor]:
+def _hooks_fisher(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    labels: str,
+    generator: torch.Generator | None,
+    max_batches: int | None,
+) -> dict[str, torch.Tensor]:
     """``diagonal_fisher(method="hooks")`` on ``model`` itself (a copy cost a fifth of the time on the
     tiny preset); whatever happens, the model leaves with its own modes and ``.grad`` and without
     Opacus's hooks or attributes."""
@@ -186,8 +210,10 @@ def _capture_without_randomness(model: nn.Module) -> None:
     """
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._NormBase):
-            raise ConfigError(f"diagonal_fisher(method='hooks') cannot run {type(module).__name__} (running statistics "
-                              "change in training mode); use method='vmap' or 'loop'.")
+            raise ConfigError(
+                f"diagonal_fisher(method='hooks') cannot run {type(module).__name__} (running statistics "
+                "change in training mode); use method='vmap' or 'loop'."
+            )
         module.training = any(True for _ in module.parameters(recurse=False))
 
 
@@ -197,8 +223,7 @@ def _mean(sums: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
     return {k: s / count for k, s in sums.items()}
 
 
-def group_fisher(fisher: Mapping[str, torch.Tensor],
-                 groups: Mapping[str, Sequence[str]]) -> dict[str, float]:
+def group_fisher(fisher: Mapping[str, torch.Tensor], groups: Mapping[str, Sequence[str]]) -> dict[str, float]:
     """Mean diagonal Fisher per group: sum of entries over the group's parameters / their count.
 
     Parameters named in a group but absent from ``fisher`` (frozen) are skipped.
@@ -210,8 +235,10 @@ def group_fisher(fisher: Mapping[str, torch.Tensor],
     for group, names in groups.items():
         present = [fisher[n] for n in names if n in fisher]
         if not present:
-            raise ConfigError(f"group {group!r} has no parameter in the Fisher estimate (names "
-                              f"{list(names)[:3]}...); leave untransmitted or frozen groups out.")
+            raise ConfigError(
+                f"group {group!r} has no parameter in the Fisher estimate (names "
+                f"{list(names)[:3]}...); leave untransmitted or frozen groups out."
+            )
         total = sum(float(t.double().sum()) for t in present)
         out[group] = total / sum(t.numel() for t in present)
     return out

@@ -37,6 +37,7 @@ not returned, so that release never left.
 
 The journal holds what the ledger holds: public mechanism parameters (z, q, steps, round), no data.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,13 @@ from typing import Any
 from collections.abc import Sequence
 
 from mmpfl_core.errors import PrivacyError
-from mmpfl_core.privacy.accounting import (ACCOUNTANTS, _check_delta, _check_release,
-                                           combine_noise_multipliers, compose_epsilon)
+from mmpfl_core.privacy.accounting import (
+    ACCOUNTANTS,
+    _check_delta,
+    _check_release,
+    combine_noise_multipliers,
+    compose_epsilon,
+)
 
 __all__ = ["PrivacyLedger", "read_journal"]
 
@@ -72,15 +78,12 @@ class PrivacyLedger:
         True
     """
 
-    def __init__(self, *, delta: float, accountant: str = "prv",
-                 target_epsilon: float | None = None) -> None:
+    def __init__(self, *, delta: float, accountant: str = "prv", target_epsilon: float | None = None) -> None:
         if accountant not in ACCOUNTANTS:
-            raise PrivacyError(f"accountant={accountant!r} is unknown; use one of "
-                               f"{sorted(ACCOUNTANTS)}.")
+            raise PrivacyError(f"accountant={accountant!r} is unknown; use one of {sorted(ACCOUNTANTS)}.")
         _check_delta(delta)
         if target_epsilon is not None and not target_epsilon > 0.0:
-            raise PrivacyError(f"target_epsilon={target_epsilon!r} must be > 0 or None (no "
-                               "budget).")
+            raise PrivacyError(f"target_epsilon={target_epsilon!r} must be > 0 or None (no budget).")
         self.delta = float(delta)
         self.accountant = accountant
         self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
@@ -88,34 +91,50 @@ class PrivacyLedger:
         self._journal: Path | None = None  # write-ahead file (attach_journal); None: in memory only
 
     # ------------------------------------------------------------------ recording
-    def record(self, *, name: str, noise_multiplier: float, sample_rate: float, steps: int = 1,
-               round: int | None = None) -> None:  # noqa: A002 - "round" is the domain word
+    def record(
+        self, *, name: str, noise_multiplier: float, sample_rate: float, steps: int = 1, round: int | None = None
+    ) -> None:  # noqa: A002 - "round" is the domain word
         """Append one release (or ``steps`` identical releases) to the ledger.
 
         Raises:
             PrivacyError: invalid multiplier / rate / steps, or an empty name.
         """
         if not name:
-            raise PrivacyError("name must be a non-empty string such as 'update' or "
-                               "'adaptive_clip_count'.")
+            raise PrivacyError("name must be a non-empty string such as 'update' or 'adaptive_clip_count'.")
         _check_release(noise_multiplier, sample_rate, steps)
-        entry = {"name": str(name), "noise_multiplier": float(noise_multiplier),
-                 "sample_rate": float(sample_rate), "steps": int(steps),
-                 "round": None if round is None else int(round)}
+        entry = {
+            "name": str(name),
+            "noise_multiplier": float(noise_multiplier),
+            "sample_rate": float(sample_rate),
+            "steps": int(steps),
+            "round": None if round is None else int(round),
+        }
         if self._journal is not None:  # on disk first: if this raises, the caller must not release
             _append_line(self._journal, {"entry": entry})
         self._entries.append(entry)
 
-    def record_joint(self, *, name: str, noise_multipliers: Sequence[float], sample_rate: float,
-                     steps: int = 1, round: int | None = None) -> None:  # noqa: A002
+    def record_joint(
+        self,
+        *,
+        name: str,
+        noise_multipliers: Sequence[float],
+        sample_rate: float,
+        steps: int = 1,
+        round: int | None = None,
+    ) -> None:  # noqa: A002
         """Record several Gaussian releases on the same sampled participants as one entry.
 
         The joint mechanism is one subsampled Gaussian with multiplier
         (sum_i z_i^-2)^(-1/2) (:func:`combine_noise_multipliers`), e.g.
         ``record_joint(name="update+mask_scores", noise_multipliers=[z_eff, z_mask], ...)``.
         """
-        self.record(name=name, noise_multiplier=combine_noise_multipliers(*noise_multipliers),
-                    sample_rate=sample_rate, steps=steps, round=round)
+        self.record(
+            name=name,
+            noise_multiplier=combine_noise_multipliers(*noise_multipliers),
+            sample_rate=sample_rate,
+            steps=steps,
+            round=round,
+        )
 
     @property
     def entries(self) -> list[dict[str, Any]]:
@@ -150,8 +169,9 @@ class PrivacyLedger:
         it), so this is an upper bound on that observer's epsilon, from the same accountant.
         """
         releases = [(e["noise_multiplier"], 1.0, e["steps"]) for e in self._entries]
-        return compose_epsilon(releases=releases, delta=self.delta if delta is None else float(delta),
-                               accountant=self.accountant)
+        return compose_epsilon(
+            releases=releases, delta=self.delta if delta is None else float(delta), accountant=self.accountant
+        )
 
     def epsilon_curve(self) -> list[tuple[int, float]]:
         """(round, epsilon after that round) for each round that has entries, in round order.
@@ -174,8 +194,7 @@ class PrivacyLedger:
 
     def _epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         _check_release(noise_multiplier, sample_rate, steps)
-        extra = {"noise_multiplier": float(noise_multiplier), "sample_rate": float(sample_rate),
-                 "steps": int(steps)}
+        extra = {"noise_multiplier": float(noise_multiplier), "sample_rate": float(sample_rate), "steps": int(steps)}
         return self._epsilon_of([*self._entries, extra], self.delta)
 
     def would_exceed(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> bool:
@@ -197,7 +216,8 @@ class PrivacyLedger:
             raise PrivacyError(
                 f"next release would raise epsilon from {self.epsilon():.4g} to {after:.4g} above "
                 f"the budget {self.target_epsilon:.4g}; stop the run or increase the budget "
-                f"(epsilon at delta={self.delta:g}, {self.accountant} accountant).")
+                f"(epsilon at delta={self.delta:g}, {self.accountant} accountant)."
+            )
 
     # ------------------------------------------------------------------ write-ahead journal
     @property
@@ -206,8 +226,13 @@ class PrivacyLedger:
         return self._journal
 
     def _settings(self) -> dict[str, Any]:
-        return {"format": _JOURNAL_FORMAT, "version": _STATE_VERSION, "delta": self.delta,
-                "accountant": self.accountant, "target_epsilon": self.target_epsilon}
+        return {
+            "format": _JOURNAL_FORMAT,
+            "version": _STATE_VERSION,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "target_epsilon": self.target_epsilon,
+        }
 
     def attach_journal(self, path: Path | str) -> None:
         """Make ``path`` this ledger's write-ahead file (module docstring) and adopt what it holds.
@@ -229,20 +254,26 @@ class PrivacyLedger:
             mine = self._settings()
             if settings != mine:
                 diff = sorted(k for k in mine if settings.get(k) != mine[k])
-                raise PrivacyError(f"ledger file {path} was written with other settings ({diff}: "
-                                   f"{ {k: settings.get(k) for k in diff} } vs { {k: mine[k] for k in diff} }); "
-                                   "resume with the run's original privacy config, or start a new run.")
-            if entries[:len(self._entries)] != self._entries:
-                raise PrivacyError(f"ledger file {path} ({len(entries)} entries) does not extend the ledger "
-                                   f"restored from the checkpoint ({len(self._entries)} entries): they belong to "
-                                   "different runs. Resume from this run's own checkpoints, or start a new run.")
+                raise PrivacyError(
+                    f"ledger file {path} was written with other settings ({diff}: "
+                    f"{ {k: settings.get(k) for k in diff} } vs { {k: mine[k] for k in diff} }); "
+                    "resume with the run's original privacy config, or start a new run."
+                )
+            if entries[: len(self._entries)] != self._entries:
+                raise PrivacyError(
+                    f"ledger file {path} ({len(entries)} entries) does not extend the ledger "
+                    f"restored from the checkpoint ({len(self._entries)} entries): they belong to "
+                    "different runs. Resume from this run's own checkpoints, or start a new run."
+                )
             self._entries = [dict(e) for e in entries]
         else:
             if self._entries:
-                raise PrivacyError(f"the ledger holds {len(self._entries)} releases (from a checkpoint) but its "
-                                   f"write-ahead file {path} does not exist, so releases made after that "
-                                   "checkpoint cannot be accounted for (a run directory from an older version, or "
-                                   "a deleted file). Start a new run; the old run's releases stay spent.")
+                raise PrivacyError(
+                    f"the ledger holds {len(self._entries)} releases (from a checkpoint) but its "
+                    f"write-ahead file {path} does not exist, so releases made after that "
+                    "checkpoint cannot be accounted for (a run directory from an older version, or "
+                    "a deleted file). Start a new run; the old run's releases stay spent."
+                )
             path.parent.mkdir(parents=True, exist_ok=True)
             _append_line(path, self._settings())
             _fsync_directory(path.parent)  # the new file's name is durable too
@@ -251,19 +282,32 @@ class PrivacyLedger:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable plain dict: configuration and all entries."""
-        return {"version": _STATE_VERSION, "delta": self.delta, "accountant": self.accountant,
-                "target_epsilon": self.target_epsilon, "entries": self.entries}
+        return {
+            "version": _STATE_VERSION,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "target_epsilon": self.target_epsilon,
+            "entries": self.entries,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a ledger saved by :meth:`state_dict` (replaces all entries and settings)."""
         if state.get("version") != _STATE_VERSION:
-            raise PrivacyError(f"ledger state version {state.get('version')!r} is not "
-                               f"{_STATE_VERSION}; re-create the ledger from the run config.")
-        fresh = PrivacyLedger(delta=state["delta"], accountant=state["accountant"],
-                              target_epsilon=state["target_epsilon"])
+            raise PrivacyError(
+                f"ledger state version {state.get('version')!r} is not "
+                f"{_STATE_VERSION}; re-create the ledger from the run config."
+            )
+        fresh = PrivacyLedger(
+            delta=state["delta"], accountant=state["accountant"], target_epsilon=state["target_epsilon"]
+        )
         for e in state["entries"]:
-            fresh.record(name=e["name"], noise_multiplier=e["noise_multiplier"],
-                         sample_rate=e["sample_rate"], steps=e["steps"], round=e["round"])
+            fresh.record(
+                name=e["name"],
+                noise_multiplier=e["noise_multiplier"],
+                sample_rate=e["sample_rate"],
+                steps=e["steps"],
+                round=e["round"],
+            )
         journal = self._journal
         self.__dict__.update(fresh.__dict__)
         if journal is not None:  # an attached file stays the ledger of the run: re-adopt it
@@ -284,11 +328,15 @@ class PrivacyLedger:
             per_name[e["name"]] = per_name.get(e["name"], 0) + e["steps"]
         eps = self.epsilon()
         rounds = [e["round"] for e in self._entries if e["round"] is not None]
-        return {"accountant": self.accountant, "delta": self.delta,
-                "target_epsilon": self.target_epsilon,
-                "epsilon": eps,  # inf if some release had no noise
-                "num_entries": len(self._entries), "releases_by_name": per_name,
-                "last_round": max(rounds) if rounds else None}
+        return {
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+            "epsilon": eps,  # inf if some release had no noise
+            "num_entries": len(self._entries),
+            "releases_by_name": per_name,
+            "last_round": max(rounds) if rounds else None,
+        }
 
 
 def _append_line(path: Path, record: dict[str, Any]) -> None:
@@ -300,8 +348,10 @@ def _append_line(path: Path, record: dict[str, Any]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as exc:
-        raise PrivacyError(f"could not write the privacy ledger file {path} ({exc}); the release was NOT made. "
-                           "Free disk space or fix permissions, then resume.") from exc
+        raise PrivacyError(
+            f"could not write the privacy ledger file {path} ({exc}); the release was NOT made. "
+            "Free disk space or fix permissions, then resume."
+        ) from exc
 
 
 def _fsync_directory(path: Path) -> None:
@@ -347,8 +397,10 @@ def read_journal(path: Path | str) -> tuple[dict[str, Any], list[dict[str, Any]]
         try:
             records.append(json.loads(line))
         except ValueError as exc:
-            raise PrivacyError(f"ledger file {path} line {number} is not valid JSON ({exc}); the file is damaged. "
-                               "Restore it from a backup; never delete it (its releases were made).") from exc
+            raise PrivacyError(
+                f"ledger file {path} line {number} is not valid JSON ({exc}); the file is damaged. "
+                "Restore it from a backup; never delete it (its releases were made)."
+            ) from exc
     if not records or records[0].get("format") != _JOURNAL_FORMAT:
         raise PrivacyError(f"{path} is not a privacy ledger file (no '{_JOURNAL_FORMAT}' header line).")
     if records[0].get("version") != _STATE_VERSION:

@@ -9,6 +9,7 @@ It must never release noise, generator seeds or generator states: anyone who kno
 subtract it. Private runs use :meth:`NoiseSource.secure` (the OS CSPRNG, no seed, no state); the
 seeded source exists for teaching and tests only and is NOT private.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,17 @@ import torch
 from mmpfl_core.errors import PrivacyError
 from mmpfl_core.privacy.randomness import secure_gaussian, secure_standard_normal
 
-__all__ = ["NOT_PRIVATE_WARNING", "NoisePlacement", "NoiseSource", "NoiseSplit", "ReleaseAccounting",
-           "gaussian_noise_like", "per_participant_noise_std", "release_accounting", "server_top_up_std"]
+__all__ = [
+    "NOT_PRIVATE_WARNING",
+    "NoisePlacement",
+    "NoiseSource",
+    "NoiseSplit",
+    "ReleaseAccounting",
+    "gaussian_noise_like",
+    "per_participant_noise_std",
+    "release_accounting",
+    "server_top_up_std",
+]
 
 #: What every artefact of a run with reproducible noise must say beside its epsilon.
 NOT_PRIVATE_WARNING = "not private: noise can be regenerated from the seed"
@@ -63,15 +73,15 @@ class NoiseSource:
     def is_secure(self) -> bool:
         return self._generator is None
 
-    def standard_normal(self, shape: Sequence[int] | torch.Size, *, dtype: torch.dtype = torch.float32
-                        ) -> torch.Tensor:
+    def standard_normal(self, shape: Sequence[int] | torch.Size, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """N(0, 1) draws of ``shape`` on the CPU: OS CSPRNG (secure) or the seeded generator."""
         if self._generator is None:
             return secure_standard_normal(tuple(shape), dtype=dtype)
         return torch.randn(tuple(shape), generator=self._generator, dtype=dtype)
 
-    def gaussian(self, shape: Sequence[int] | torch.Size, std: float, *, dtype: torch.dtype = torch.float32
-                 ) -> torch.Tensor:
+    def gaussian(
+        self, shape: Sequence[int] | torch.Size, std: float, *, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """N(0, std^2) draws of ``shape`` on the CPU. Secure: the multi-draw float64 sampler scaled by
         ``std`` in float64, cast once (:func:`~mmpfl_core.privacy.randomness.secure_gaussian`). Seeded:
         ``torch.randn`` in ``dtype`` times ``std``, bit for bit as before (reproducible runs and tests)."""
@@ -94,8 +104,9 @@ class NoiseSource:
     def get_state(self) -> torch.Tensor:
         """Generator state for checkpoints (seeded sources only; it is as secret as the noise)."""
         if self._generator is None:
-            raise PrivacyError("a secure NoiseSource has no state to save; use "
-                               "NoiseSource.seeded(seed) for resumable runs.")
+            raise PrivacyError(
+                "a secure NoiseSource has no state to save; use NoiseSource.seeded(seed) for resumable runs."
+            )
         return self._generator.get_state()
 
     def set_state(self, state: torch.Tensor) -> None:
@@ -105,9 +116,12 @@ class NoiseSource:
         self._generator.set_state(state)
 
 
-def gaussian_noise_like(update: Mapping[str, torch.Tensor], stds: Mapping[str, float] | float,
-                        groups: Mapping[str, Sequence[str]] | None, source: NoiseSource
-                        ) -> dict[str, torch.Tensor]:
+def gaussian_noise_like(
+    update: Mapping[str, torch.Tensor],
+    stds: Mapping[str, float] | float,
+    groups: Mapping[str, Sequence[str]] | None,
+    source: NoiseSource,
+) -> dict[str, torch.Tensor]:
     """Noise tensors N(0, sigma_g^2 I) shaped like each parameter of ``update``.
 
     ``stds`` is one float for every parameter, or sigma per group (then ``groups`` maps group ->
@@ -125,9 +139,11 @@ def gaussian_noise_like(update: Mapping[str, torch.Tensor], stds: Mapping[str, f
         per_param = {}
         for name in update:
             if name not in owner or owner[name] not in stds:
-                raise PrivacyError(f"parameter {name!r} has no noise std (its group "
-                                   f"{owner.get(name)!r} is not in stds); noise every released "
-                                   "parameter.")
+                raise PrivacyError(
+                    f"parameter {name!r} has no noise std (its group "
+                    f"{owner.get(name)!r} is not in stds); noise every released "
+                    "parameter."
+                )
             per_param[name] = float(stds[owner[name]])
     else:
         per_param = {name: float(stds) for name in update}
@@ -185,9 +201,9 @@ class NoiseSplit(NamedTuple):
     server_std: float | dict[str, float]
 
 
-def per_participant_noise_std(placement: NoisePlacement | str,
-                              sigma: float | Mapping[str, float],
-                              participants: int = 1) -> NoiseSplit:
+def per_participant_noise_std(
+    placement: NoisePlacement | str, sigma: float | Mapping[str, float], participants: int = 1
+) -> NoiseSplit:
     """Split the noise std sigma (per coordinate of the sum) between participants and server.
 
     * server: participants 0, server sigma.
@@ -200,11 +216,14 @@ def per_participant_noise_std(placement: NoisePlacement | str,
     """
     placement = NoisePlacement(placement)
     if int(participants) != participants or participants < 1:
-        raise PrivacyError(f"participants={participants!r} must be an integer >= 1 (the count the server "
-                           "announced for this round).")
-    factor = {NoisePlacement.SERVER: (0.0, 1.0),
-              NoisePlacement.DISTRIBUTED: (1.0 / math.sqrt(participants), 0.0),
-              NoisePlacement.LOCAL: (1.0, 0.0)}[placement]
+        raise PrivacyError(
+            f"participants={participants!r} must be an integer >= 1 (the count the server announced for this round)."
+        )
+    factor = {
+        NoisePlacement.SERVER: (0.0, 1.0),
+        NoisePlacement.DISTRIBUTED: (1.0 / math.sqrt(participants), 0.0),
+        NoisePlacement.LOCAL: (1.0, 0.0),
+    }[placement]
 
     def split(s: float) -> tuple[float, float]:
         if not 0.0 <= s < math.inf:
@@ -222,8 +241,10 @@ def server_top_up_std(sigma: float, announced: int, arrived: int) -> float:
     participants' shares reached the sum, so that the sum carries variance exactly sigma^2:
     sigma * sqrt((m - s) / m), and sigma itself when m = 0 (nobody was sampled)."""
     if int(announced) != announced or int(arrived) != arrived or not 0 <= arrived <= announced:
-        raise PrivacyError(f"arrived={arrived!r} must be an integer in [0, announced={announced!r}]: more updates "
-                           "than announced participants would carry too much noise in the sum and shift the release.")
+        raise PrivacyError(
+            f"arrived={arrived!r} must be an integer in [0, announced={announced!r}]: more updates "
+            "than announced participants would carry too much noise in the sum and shift the release."
+        )
     if announced == 0:
         return float(sigma)
     return float(sigma) * math.sqrt((announced - arrived) / announced)
@@ -236,8 +257,9 @@ class ReleaseAccounting(NamedTuple):
     sample_rate: float
 
 
-def release_accounting(placement: NoisePlacement | str, noise_multiplier: float,
-                       sample_rate: float) -> ReleaseAccounting:
+def release_accounting(
+    placement: NoisePlacement | str, noise_multiplier: float, sample_rate: float
+) -> ReleaseAccounting:
     """Map a round's effective multiplier z_eff (DESIGN 4.1) to accountant inputs per placement.
 
     * server / distributed: sites are Poisson-sampled with rate q and what is released is the sum

@@ -31,6 +31,7 @@ Sources, stated honestly:
 We hand-write this because ``torchcsprng`` (what Opacus' ``secure_mode`` needs) is not installable
 with current torch, and torch's own CPU generator is a Mersenne Twister with a 64-bit seed.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,10 +40,16 @@ import os
 import numpy as np
 import torch
 
-__all__ = ["SECURE_NORMAL_DRAWS", "SecureRandom", "secure_gaussian", "secure_numpy_generator",
-           "secure_standard_normal", "secure_uniform"]
+__all__ = [
+    "SECURE_NORMAL_DRAWS",
+    "SecureRandom",
+    "secure_gaussian",
+    "secure_numpy_generator",
+    "secure_standard_normal",
+    "secure_uniform",
+]
 
-_TWO_POW_53 = float(2 ** 53)
+_TWO_POW_53 = float(2**53)
 #: Independent float64 Gaussian draws summed per secure normal (Opacus secure_mode: 2n with n = 2).
 SECURE_NORMAL_DRAWS = 4
 
@@ -78,16 +85,16 @@ def _secure_normals64(shape: tuple[int, ...]) -> torch.Tensor:
     return (draws.sum(dim=0) / math.sqrt(SECURE_NORMAL_DRAWS)).reshape(shape)
 
 
-def secure_standard_normal(shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype = torch.float32
-                           ) -> torch.Tensor:
+def secure_standard_normal(shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A CPU tensor of independent N(0, 1) from the OS CSPRNG: each the sum of
     ``SECURE_NORMAL_DRAWS`` Box-Muller draws in float64 divided by its square root (module
     docstring), cast to ``dtype`` at the end."""
     return _secure_normals64(tuple(int(s) for s in shape)).to(dtype)
 
 
-def secure_gaussian(shape: tuple[int, ...] | torch.Size, std: float, *, dtype: torch.dtype = torch.float32
-                    ) -> torch.Tensor:
+def secure_gaussian(
+    shape: tuple[int, ...] | torch.Size, std: float, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """N(0, std^2) noise: :func:`secure_standard_normal` scaled by ``std`` in float64, then cast once, so
     the scaling adds no float32 rounding of its own."""
     return (_secure_normals64(tuple(int(s) for s in shape)) * float(std)).to(dtype)
@@ -114,14 +121,19 @@ class SecureRandom:
         n, k = len(pool), 1 if size is None else int(size)
         if not replace and k > n:
             raise ValueError(f"cannot take {k} of {n} items without replacement.")
-        picks = (np.argsort(secure_uniform(n), kind="stable")[:k] if not replace
-                 else np.minimum((secure_uniform(k) * n).astype(np.int64), n - 1))
+        picks = (
+            np.argsort(secure_uniform(n), kind="stable")[:k]
+            if not replace
+            else np.minimum((secure_uniform(k) * n).astype(np.int64), n - 1)
+        )
         out = pool[picks]
         return out[0] if size is None else out
 
     def __getattr__(self, name: str):
-        raise AttributeError(f"SecureRandom has no {name!r}: it offers random() and choice() from the OS CSPRNG; "
-                             "draw other secret quantities with mmpfl_core.privacy.randomness.secure_uniform.")
+        raise AttributeError(
+            f"SecureRandom has no {name!r}: it offers random() and choice() from the OS CSPRNG; "
+            "draw other secret quantities with mmpfl_core.privacy.randomness.secure_uniform."
+        )
 
 
 def secure_numpy_generator() -> SecureRandom:

@@ -41,6 +41,7 @@ allocation, DESIGN 4.3) and the announced count m, which the server tells the pa
 site's private data, so sending it to every site costs nothing. It must never carry noise, seeds,
 norms or masks.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,13 @@ from typing import Any
 from collections.abc import Mapping, Sequence
 
 from mmpfl_core.errors import PrivacyError
-from mmpfl_core.privacy.mechanisms import (NoisePlacement, ReleaseAccounting, per_participant_noise_std,
-                                           release_accounting, server_top_up_std)
+from mmpfl_core.privacy.mechanisms import (
+    NoisePlacement,
+    ReleaseAccounting,
+    per_participant_noise_std,
+    release_accounting,
+    server_top_up_std,
+)
 
 __all__ = ["NOISE_MODES", "RELEASE_SCALAR_KEYS", "RoundRelease"]
 
@@ -60,8 +66,16 @@ NOISE_MODES = ("secure", "reproducible-insecure")
 
 #: The scalar keys of a serialised release (besides ``clip/<g>``, ``sigma/<g>``, ``drowned/<g>`` per group
 #: and ``participants`` under distributed placement).
-RELEASE_SCALAR_KEYS = ("round", "placement", "noise", "clip_norm", "sample_rate", "expected_participants",
-                       "noise_multiplier", "count_noise_multiplier")
+RELEASE_SCALAR_KEYS = (
+    "round",
+    "placement",
+    "noise",
+    "clip_norm",
+    "sample_rate",
+    "expected_participants",
+    "noise_multiplier",
+    "count_noise_multiplier",
+)
 _GROUP_PREFIXES = ("clip/", "sigma/", "drowned/")
 _REL_TOL = 1e-9
 
@@ -114,20 +128,24 @@ class RoundRelease:
         try:
             set_("placement", NoisePlacement(self.placement))
         except ValueError as exc:
-            raise PrivacyError(f"release placement={self.placement!r} is unknown; use one of "
-                               f"{[p.value for p in NoisePlacement]}.") from exc
+            raise PrivacyError(
+                f"release placement={self.placement!r} is unknown; use one of {[p.value for p in NoisePlacement]}."
+            ) from exc
         if self.noise not in NOISE_MODES:
             raise PrivacyError(f"release noise={self.noise!r} is unknown; use one of {list(NOISE_MODES)}.")
         groups = tuple(sorted(self.clip_bounds))
         if not groups:
             raise PrivacyError("a release needs at least one parameter group.")
         if set(self.sigmas) != set(groups):
-            raise PrivacyError(f"release groups differ between clip bounds {sorted(groups)} and noise scales "
-                               f"{sorted(self.sigmas)}; every group needs both C_g and sigma_g.")
+            raise PrivacyError(
+                f"release groups differ between clip bounds {sorted(groups)} and noise scales "
+                f"{sorted(self.sigmas)}; every group needs both C_g and sigma_g."
+            )
         drowned = frozenset(self.drowned)
         if not drowned <= set(groups):
-            raise PrivacyError(f"drowned groups {sorted(drowned - set(groups))} are not groups of the release "
-                               f"({list(groups)}).")
+            raise PrivacyError(
+                f"drowned groups {sorted(drowned - set(groups))} are not groups of the release ({list(groups)})."
+            )
         set_("groups", groups)
         set_("drowned", drowned)
         # read-only views: the release is immutable once validated
@@ -141,55 +159,72 @@ class RoundRelease:
         if not 0.0 < float(self.sample_rate) <= 1.0:
             raise PrivacyError(f"release sample_rate={self.sample_rate!r} must lie in (0, 1].")
         if not 0.0 < float(self.expected_participants) < math.inf:
-            raise PrivacyError(f"release expected_participants={self.expected_participants!r} (qN) must be finite "
-                               "and > 0.")
+            raise PrivacyError(
+                f"release expected_participants={self.expected_participants!r} (qN) must be finite and > 0."
+            )
         set_("sample_rate", float(self.sample_rate))
         set_("expected_participants", float(self.expected_participants))
         if self.placement is NoisePlacement.DISTRIBUTED:
             m = self.participants
             if m is None or isinstance(m, bool) or int(m) != m or m < 0:
-                raise PrivacyError(f"a distributed release needs the announced participant count m (an integer "
-                                   f">= 0), got participants={m!r}: each participant's share is sigma_g^2 / m.")
+                raise PrivacyError(
+                    f"a distributed release needs the announced participant count m (an integer "
+                    f">= 0), got participants={m!r}: each participant's share is sigma_g^2 / m."
+                )
             set_("participants", int(m))
         elif self.participants is not None:
-            raise PrivacyError(f"participants={self.participants!r} is only part of a distributed release; "
-                               f"placement is {self.placement.value!r}.")
+            raise PrivacyError(
+                f"participants={self.participants!r} is only part of a distributed release; "
+                f"placement is {self.placement.value!r}."
+            )
         self._check_bounds_and_multiplier()
 
     def _check_bounds_and_multiplier(self) -> None:
         for g in self.drowned:
             if self.clip_bounds[g] != 0.0 or self.sigmas[g] != 0.0:
-                raise PrivacyError(f"drowned group {g!r} has C_g={self.clip_bounds[g]!r}, sigma_g={self.sigmas[g]!r}; "
-                                   "a drowned group is released by nobody: both must be 0.")
+                raise PrivacyError(
+                    f"drowned group {g!r} has C_g={self.clip_bounds[g]!r}, sigma_g={self.sigmas[g]!r}; "
+                    "a drowned group is released by nobody: both must be 0."
+                )
         released = self.released_groups
         for g in released:
             if not self.clip_bounds[g] > 0:
-                raise PrivacyError(f"released group {g!r} has clip bound C_g={self.clip_bounds[g]!r}; it must be > 0 "
-                                   "(a group with C_g = 0 releases nothing: mark it drowned).")
+                raise PrivacyError(
+                    f"released group {g!r} has clip bound C_g={self.clip_bounds[g]!r}; it must be > 0 "
+                    "(a group with C_g = 0 releases nothing: mark it drowned)."
+                )
         if not released:
             return  # nothing is released this round: no multiplier to check, nothing is charged
         if math.isinf(self.clip_norm):
             if self.noise_multiplier != 0 or any(self.sigmas[g] for g in released):
-                raise PrivacyError("clip_norm=inf (no clipping) only goes with no noise (noise_multiplier=0): "
-                                   "noise on unbounded updates protects nothing.")
+                raise PrivacyError(
+                    "clip_norm=inf (no clipping) only goes with no noise (noise_multiplier=0): "
+                    "noise on unbounded updates protects nothing."
+                )
             return
         total = sum(self.clip_bounds[g] ** 2 for g in released)
-        if not math.isclose(total, self.clip_norm ** 2, rel_tol=_REL_TOL):
-            raise PrivacyError(f"the released groups' clip bounds give sum C_g^2 = {total!r}, not C^2 = "
-                               f"{self.clip_norm ** 2!r}: the whole update would not be bounded by C.")
+        if not math.isclose(total, self.clip_norm**2, rel_tol=_REL_TOL):
+            raise PrivacyError(
+                f"the released groups' clip bounds give sum C_g^2 = {total!r}, not C^2 = "
+                f"{self.clip_norm**2!r}: the whole update would not be bounded by C."
+            )
         if self.noise_multiplier == 0:
             if any(self.sigmas[g] for g in released):
                 raise PrivacyError("noise_multiplier=0 but some sigma_g > 0: the release is inconsistent.")
             return
         if any(self.sigmas[g] == 0 for g in released):
             zero = [g for g in released if self.sigmas[g] == 0]
-            raise PrivacyError(f"released groups {zero} have sigma_g = 0 while z = {self.noise_multiplier!r}: they "
-                               "would be released with no noise (infinite privacy loss).")
+            raise PrivacyError(
+                f"released groups {zero} have sigma_g = 0 while z = {self.noise_multiplier!r}: they "
+                "would be released with no noise (infinite privacy loss)."
+            )
         z_eff = self.effective_multiplier()
         if not math.isclose(z_eff, self.noise_multiplier, rel_tol=_REL_TOL):
-            raise PrivacyError(f"(sum_g C_g^2 / sigma_g^2)^(-1/2) over the released groups is {z_eff!r}, not the "
-                               f"accounted noise_multiplier={self.noise_multiplier!r}; the ledger would not cover "
-                               "the release.")
+            raise PrivacyError(
+                f"(sum_g C_g^2 / sigma_g^2)^(-1/2) over the released groups is {z_eff!r}, not the "
+                f"accounted noise_multiplier={self.noise_multiplier!r}; the ledger would not cover "
+                "the release."
+            )
 
     # ------------------------------------------------------------------ public quantities
     @property
@@ -218,7 +253,7 @@ class RoundRelease:
         (z_u^-2 + z_b^-2)^(-1/2)), mapped per placement (local: z/2 at rate 1)."""
         z = self.noise_multiplier
         if self.count_noise_multiplier > 0 and z > 0:
-            z = (z ** -2 + self.count_noise_multiplier ** -2) ** -0.5
+            z = (z**-2 + self.count_noise_multiplier**-2) ** -0.5
         return release_accounting(self.placement, z, self.sample_rate)
 
     # ------------------------------------------------------------------ site half
@@ -226,8 +261,10 @@ class RoundRelease:
         """The std per coordinate THIS participant adds to each group: 0 (server), sigma_g / sqrt(m)
         (distributed, m announced participants), sigma_g (local). Drowned groups: 0 (never sent)."""
         if self.placement is NoisePlacement.DISTRIBUTED and self.participants == 0:
-            raise PrivacyError(f"round {self.round}: the server announced m = 0 participants, so no site was asked "
-                               "to contribute; a site that got this release must not send anything.")
+            raise PrivacyError(
+                f"round {self.round}: the server announced m = 0 participants, so no site was asked "
+                "to contribute; a site that got this release must not send anything."
+            )
         m = self.participants if self.placement is NoisePlacement.DISTRIBUTED else 1
         assert m is not None  # validated: distributed releases carry m
         stds = per_participant_noise_std(self.placement, dict(self.sigmas), m).participant_std
@@ -240,8 +277,9 @@ class RoundRelease:
             return 0.0
         return self.count_noise_multiplier / math.sqrt(max(1, int(self.participants or 0)))
 
-    def names_to_send(self, groups: Mapping[str, Sequence[str]], personal: frozenset[str] | set[str] = frozenset()
-                      ) -> set[str]:
+    def names_to_send(
+        self, groups: Mapping[str, Sequence[str]], personal: frozenset[str] | set[str] = frozenset()
+    ) -> set[str]:
         """The parameter names a participant sends. Drowned groups: never (nobody releases them).
         ``personal`` (a site's own, private choice of names): left out under ``server`` placement (the
         trusted server treats a missing group as a zero update, within the clip bound); sent as
@@ -275,11 +313,16 @@ class RoundRelease:
     # ------------------------------------------------------------------ wire format
     def to_record(self) -> dict[str, Any]:
         """A flat dict of int/float/str/bool (a Flower ``ConfigRecord``): the whole public state."""
-        out: dict[str, Any] = {"round": self.round, "placement": self.placement.value, "noise": self.noise,
-                               "clip_norm": self.clip_norm, "sample_rate": self.sample_rate,
-                               "expected_participants": self.expected_participants,
-                               "noise_multiplier": self.noise_multiplier,
-                               "count_noise_multiplier": self.count_noise_multiplier}
+        out: dict[str, Any] = {
+            "round": self.round,
+            "placement": self.placement.value,
+            "noise": self.noise,
+            "clip_norm": self.clip_norm,
+            "sample_rate": self.sample_rate,
+            "expected_participants": self.expected_participants,
+            "noise_multiplier": self.noise_multiplier,
+            "count_noise_multiplier": self.count_noise_multiplier,
+        }
         if self.placement is NoisePlacement.DISTRIBUTED:
             out["participants"] = self.participants
         for g in self.groups:
@@ -294,7 +337,7 @@ class RoundRelease:
         site's own groups) a different set of groups. Each refusal means the server and the site run
         different configurations; the site must not guess."""
         record = dict(record)
-        per_group = {p: {k[len(p):] for k in record if k.startswith(p)} for p in _GROUP_PREFIXES}
+        per_group = {p: {k[len(p) :] for k in record if k.startswith(p)} for p in _GROUP_PREFIXES}
         named = per_group["sigma/"] | per_group["clip/"] | per_group["drowned/"]
         expected_groups = set(groups) if groups is not None else named
         placement = record.get("placement")
@@ -303,11 +346,13 @@ class RoundRelease:
             expected.add("participants")
         missing, unknown = sorted(expected - set(record)), sorted(set(record) - expected)
         if missing or unknown:
-            raise PrivacyError(f"the round's release record {'lacks ' + str(missing) if missing else ''}"
-                               f"{' and ' if missing and unknown else ''}"
-                               f"{'has unknown key(s) ' + str(unknown) if unknown else ''}: the server and this site "
-                               "run different strategy configurations (groups, placement or version); start both "
-                               "from the same preset and method arguments.")
+            raise PrivacyError(
+                f"the round's release record {'lacks ' + str(missing) if missing else ''}"
+                f"{' and ' if missing and unknown else ''}"
+                f"{'has unknown key(s) ' + str(unknown) if unknown else ''}: the server and this site "
+                "run different strategy configurations (groups, placement or version); start both "
+                "from the same preset and method arguments."
+            )
         for g in expected_groups:
             if not isinstance(record[f"drowned/{g}"], bool):
                 raise PrivacyError(f"drowned/{g}={record[f'drowned/{g}']!r} must be a bool.")
@@ -315,16 +360,20 @@ class RoundRelease:
             value = record[key]
             if isinstance(value, bool) or not isinstance(value, int):
                 raise PrivacyError(f"release {key}={value!r} must be an integer.")
-        return cls(round=record["round"], placement=placement,  # type: ignore[arg-type]  # __post_init__ converts
-                   noise=str(record["noise"]),
-                   clip_norm=float(record["clip_norm"]), sample_rate=float(record["sample_rate"]),
-                   expected_participants=float(record["expected_participants"]),
-                   noise_multiplier=float(record["noise_multiplier"]),
-                   count_noise_multiplier=float(record["count_noise_multiplier"]),
-                   participants=record.get("participants"),
-                   clip_bounds={g: float(record[f"clip/{g}"]) for g in expected_groups},
-                   sigmas={g: float(record[f"sigma/{g}"]) for g in expected_groups},
-                   drowned=frozenset(g for g in expected_groups if record[f"drowned/{g}"]))
+        return cls(
+            round=record["round"],
+            placement=placement,  # type: ignore[arg-type]  # __post_init__ converts
+            noise=str(record["noise"]),
+            clip_norm=float(record["clip_norm"]),
+            sample_rate=float(record["sample_rate"]),
+            expected_participants=float(record["expected_participants"]),
+            noise_multiplier=float(record["noise_multiplier"]),
+            count_noise_multiplier=float(record["count_noise_multiplier"]),
+            participants=record.get("participants"),
+            clip_bounds={g: float(record[f"clip/{g}"]) for g in expected_groups},
+            sigmas={g: float(record[f"sigma/{g}"]) for g in expected_groups},
+            drowned=frozenset(g for g in expected_groups if record[f"drowned/{g}"]),
+        )
 
     def _check_groups(self, groups: Mapping[str, Sequence[str]]) -> None:
         if set(groups) != set(self.groups):

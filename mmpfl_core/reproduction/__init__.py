@@ -21,11 +21,19 @@ sweep, figures, and a side-by-side with the paper's headline claims that says pl
 numbers agree and where they do not. Every run keeps its own run directory, so an interrupted
 reproduction resumes where it stopped.
 """
+
 from __future__ import annotations
 
 from .claims import PAPER_CLAIMS, claims_table
 from .plan import ReproductionPlan, SiteSweep, load_reproduction
 from .run import ReproductionReport, run_reproduction
 
-__all__ = ["PAPER_CLAIMS", "ReproductionPlan", "ReproductionReport", "SiteSweep", "claims_table", "load_reproduction",
-           "run_reproduction"]
+__all__ = [
+    "PAPER_CLAIMS",
+    "ReproductionPlan",
+    "ReproductionReport",
+    "SiteSweep",
+    "claims_table",
+    "load_reproduction",
+    "run_reproduction",
+]

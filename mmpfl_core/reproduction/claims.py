@@ -1,4 +1,5 @@
 """The paper's headline claims and the verdicts our numbers give on them."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -15,8 +16,9 @@ PAPER_CLAIMS = {
 }
 
 
-def claims_table(plan: ReproductionPlan, main: pd.DataFrame, alpha_table: pd.DataFrame,
-                 membership: pd.DataFrame | None) -> pd.DataFrame:
+def claims_table(
+    plan: ReproductionPlan, main: pd.DataFrame, alpha_table: pd.DataFrame, membership: pd.DataFrame | None
+) -> pd.DataFrame:
     """The paper's headline claims beside ours, each with a verdict computed from the tables
     ("agrees", "does not hold here", or "not measured" when the runs cannot decide it)."""
     ref, ours = plan.reference_method, plan.proposed_method
@@ -40,25 +42,40 @@ def claims_table(plan: ReproductionPlan, main: pd.DataFrame, alpha_table: pd.Dat
     # because it trained each site alone: say so beside the number, with local-only's figure where it ran.
     local = "local-only" if "local-only" in row.index else None
     idle = float(mb_ours) == 0.0
+
     def caveat(local_figure: str) -> str:
         if not idle:
             return ""
-        return (f" ({ours} released nothing: its noise gate kept every group at every site, so it trained each site "
-                f"alone" + (f"; local-only: {local_figure}" if local else "") + ")")
+        return (
+            f" ({ours} released nothing: its noise gate kept every group at every site, so it trained each site "
+            f"alone" + (f"; local-only: {local_figure}" if local else "") + ")"
+        )
+
     membership_row = _membership_verdict(membership, ours, verdict)
     if idle and membership is not None:
         membership_row["ours"] += f" ({ours}'s global model was never updated: nothing was released)"
-    return pd.DataFrame([
-        {"claim": PAPER_CLAIMS["rounds_to_converge"], "ours": f"{ours}: {r_ours}, {ref}: {r_ref} rounds to target"
-         + caveat(f"{row.loc[local, 'rounds to target'] if local else ''} rounds"), "verdict": verdict(rounds_ok)},
-        {"claim": PAPER_CLAIMS["communication"], "ours": f"{ours}: {mb_ours:.2f} MB, {ref}: {mb_ref:.2f} MB in total"
-         + caveat("0 MB"), "verdict": verdict(bool(mb_ours < mb_ref))},
-        {"claim": PAPER_CLAIMS["heterogeneity"],
-         "ours": f"personal accuracy at alpha={extreme:g}: {ours} {acc_ours:.3f}, {ref} {acc_ref:.3f}"
-         + caveat(f"{acc.loc[local, f'alpha={extreme:g}']:.3f}" if local else ""),
-         "verdict": verdict(bool(acc_ours > acc_ref))},
-        {"claim": PAPER_CLAIMS["membership_inference"], **membership_row},
-    ])
+    return pd.DataFrame(
+        [
+            {
+                "claim": PAPER_CLAIMS["rounds_to_converge"],
+                "ours": f"{ours}: {r_ours}, {ref}: {r_ref} rounds to target"
+                + caveat(f"{row.loc[local, 'rounds to target'] if local else ''} rounds"),
+                "verdict": verdict(rounds_ok),
+            },
+            {
+                "claim": PAPER_CLAIMS["communication"],
+                "ours": f"{ours}: {mb_ours:.2f} MB, {ref}: {mb_ref:.2f} MB in total" + caveat("0 MB"),
+                "verdict": verdict(bool(mb_ours < mb_ref)),
+            },
+            {
+                "claim": PAPER_CLAIMS["heterogeneity"],
+                "ours": f"personal accuracy at alpha={extreme:g}: {ours} {acc_ours:.3f}, {ref} {acc_ref:.3f}"
+                + caveat(f"{acc.loc[local, f'alpha={extreme:g}']:.3f}" if local else ""),
+                "verdict": verdict(bool(acc_ours > acc_ref)),
+            },
+            {"claim": PAPER_CLAIMS["membership_inference"], **membership_row},
+        ]
+    )
 
 
 #: The verdict of a claim decided from private quantities, in the released claims table.
@@ -70,14 +87,19 @@ def release_claims(claims: pd.DataFrame) -> pd.DataFrame:
     private masks and on who took part, so its figures and verdict stay in ``private/claims.csv``."""
     out = claims.copy()
     row = out["claim"] == PAPER_CLAIMS["communication"]
-    out.loc[row, "ours"] = ("decided from byte counts, which depend on the sites' private masks: see "
-                            "private/claims.csv and private/communication.csv (operator only)")
+    out.loc[row, "ours"] = (
+        "decided from byte counts, which depend on the sites' private masks: see "
+        "private/claims.csv and private/communication.csv (operator only)"
+    )
     out.loc[row, "verdict"] = NOT_RELEASED
     return out
 
 
 def _membership_verdict(membership: pd.DataFrame | None, proposed: str, verdict) -> dict[str, str]:
     if membership is None:
-        return {"ours": "membership inference was not run (add a membership_inference section)", "verdict": verdict(None)}
+        return {
+            "ours": "membership inference was not run (add a membership_inference section)",
+            "verdict": verdict(None),
+        }
     text, ok = membership_claim(membership, proposed)
     return {"ours": text, "verdict": verdict(ok)}

@@ -10,6 +10,7 @@ the loss-threshold attack, plus the reference-calibrated attack and offline LiRA
 trained. The epsilon shown next to each row is the run's own ledger value (the accountant's), or
 "none" for a method without client-level DP.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,13 +55,23 @@ def _epsilon(run: RunResult) -> float | str:
     return "none" if eps is None else float(eps)
 
 
-def attack_method(run: RunResult, config: ExperimentConfig, method: MethodSpec, federation: Federation, *,
-                  plan: MembershipPlan, seed: int, shadow_dir: Path | None = None,
-                  progress: bool = False) -> dict[str, MembershipResult]:
+def attack_method(
+    run: RunResult,
+    config: ExperimentConfig,
+    method: MethodSpec,
+    federation: Federation,
+    *,
+    plan: MembershipPlan,
+    seed: int,
+    shadow_dir: Path | None = None,
+    progress: bool = False,
+) -> dict[str, MembershipResult]:
     """Attack one finished run: ``{"global": ..., "personal": ...}`` (global only if the method has one)."""
     if plan.personal_site >= federation.num_sites:
-        raise ConfigError(f"membership_inference.personal_site={plan.personal_site} but the federation has "
-                          f"{federation.num_sites} sites.")
+        raise ConfigError(
+            f"membership_inference.personal_site={plan.personal_site} but the federation has "
+            f"{federation.num_sites} sites."
+        )
     shadows: Sequence[RunResult] = ()
     if plan.num_shadows:
         shadows = train_shadows(config, method, num_shadows=plan.num_shadows, results_dir=shadow_dir, progress=progress)
@@ -68,32 +79,48 @@ def attack_method(run: RunResult, config: ExperimentConfig, method: MethodSpec, 
     targets = {"global": None, "personal": (plan.personal_site,)}
     if not run.strategy.has_global_model:
         targets.pop("global")
-    return {target: run_membership_attacks(
-                run, factory, federation, shadows=shadows,
-                config=MembershipConfig(target=target, sites=sites, num_shadows=plan.num_shadows,
-                                        num_resamples=plan.num_resamples, seed=seed))
-            for target, sites in targets.items()}
+    return {
+        target: run_membership_attacks(
+            run,
+            factory,
+            federation,
+            shadows=shadows,
+            config=MembershipConfig(
+                target=target, sites=sites, num_shadows=plan.num_shadows, num_resamples=plan.num_resamples, seed=seed
+            ),
+        )
+        for target, sites in targets.items()
+    }
 
 
 def _ci(ci: Any) -> str:
     return f"{ci.point:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
 
 
-def membership_frame(results: dict[str, tuple[RunResult, dict[str, MembershipResult]]], *,
-                     personal_site: int) -> pd.DataFrame:
+def membership_frame(
+    results: dict[str, tuple[RunResult, dict[str, MembershipResult]]], *, personal_site: int
+) -> pd.DataFrame:
     """One row per (method, target, attack): epsilon, AUC and balanced accuracy with CIs, TPR at low FPR."""
     rows = []
     for label, (run, by_target) in results.items():
         for target, result in by_target.items():
             for attack, m in result.metrics.items():
-                rows.append({
-                    "method": label, "epsilon (site)": _epsilon(run),
-                    "target": "global model" if target == "global" else f"site {personal_site} deployed model",
-                    "attack": attack, "AUC [95% CI]": _ci(m.auc), "balanced acc [95% CI]": _ci(m.balanced_accuracy),
-                    **{f"TPR@{level:.1%}FPR": ci.point for level, ci in m.tpr_at_fpr.items()},
-                    "members / non-members": f"{m.num_members} / {m.num_non_members}",
-                    "AUC": m.auc.point, "balanced acc": m.balanced_accuracy.point,
-                    "balanced acc low": m.balanced_accuracy.low, "balanced acc high": m.balanced_accuracy.high})
+                rows.append(
+                    {
+                        "method": label,
+                        "epsilon (site)": _epsilon(run),
+                        "target": "global model" if target == "global" else f"site {personal_site} deployed model",
+                        "attack": attack,
+                        "AUC [95% CI]": _ci(m.auc),
+                        "balanced acc [95% CI]": _ci(m.balanced_accuracy),
+                        **{f"TPR@{level:.1%}FPR": ci.point for level, ci in m.tpr_at_fpr.items()},
+                        "members / non-members": f"{m.num_members} / {m.num_non_members}",
+                        "AUC": m.auc.point,
+                        "balanced acc": m.balanced_accuracy.point,
+                        "balanced acc low": m.balanced_accuracy.low,
+                        "balanced acc high": m.balanced_accuracy.high,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -109,13 +136,22 @@ def membership_claim(frame: pd.DataFrame, proposed: str) -> tuple[str, bool | No
     best = rows.loc[rows["balanced acc"].idxmax()]
     eps = best["epsilon (site)"]
     eps = eps if str(eps) == "none" else f"{float(eps):.3g}"  # a CSV round trip turns the column into text
-    text = (f"{proposed}, global model, {best['attack']}: balanced attack accuracy {best['balanced acc [95% CI]']}, "
-            f"AUC {best['AUC [95% CI]']} at epsilon {eps}")
+    text = (
+        f"{proposed}, global model, {best['attack']}: balanced attack accuracy {best['balanced acc [95% CI]']}, "
+        f"AUC {best['AUC [95% CI]']} at epsilon {eps}"
+    )
     return text, bool(best["balanced acc low"] <= PAPER_MIA_SUCCESS)
 
 
-def train_shadows(config: ExperimentConfig, method: MethodSpec, *, num_shadows: int, seed_offset: int = 1000,
-                  results_dir: Path | None = None, progress: bool = False) -> list[RunResult]:
+def train_shadows(
+    config: ExperimentConfig,
+    method: MethodSpec,
+    *,
+    num_shadows: int,
+    seed_offset: int = 1000,
+    results_dir: Path | None = None,
+    progress: bool = False,
+) -> list[RunResult]:
     """Train ``num_shadows`` OUT shadow runs of ``method`` on fresh federations (module docstring).
 
     With ``results_dir`` each shadow keeps a run directory ``<results_dir>/shadow<s>/<label>`` and resumes.

@@ -1,5 +1,6 @@
 """What a reproduction runs: the experiment, heterogeneity levels, seeds, the site sweep and the attacks,
 read from ``configs/reproduce_<preset>.yaml`` and validated."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,8 +30,10 @@ class SiteSweep:
         if not self.num_sites or min(self.num_sites) < 2:
             raise ConfigError(f"site_sweep.num_sites={self.num_sites!r} needs federations of >= 2 sites.")
         if self.subjects_per_site < 10:
-            raise ConfigError(f"site_sweep.subjects_per_site={self.subjects_per_site} must be >= 10 "
-                              "(every site needs train, validation and test subjects).")
+            raise ConfigError(
+                f"site_sweep.subjects_per_site={self.subjects_per_site} must be >= 10 "
+                "(every site needs train, validation and test subjects)."
+            )
         if not 0 < self.client_fraction <= 1:
             raise ConfigError(f"site_sweep.client_fraction={self.client_fraction} must lie in (0, 1].")
 
@@ -55,7 +58,9 @@ class ReproductionPlan:
         labels = {m.label for m in self.experiment.methods}
         for name in (self.reference_method, self.proposed_method):
             if name not in labels:
-                raise ConfigError(f"reproduction method {name!r} is not among the experiment's methods {sorted(labels)}.")
+                raise ConfigError(
+                    f"reproduction method {name!r} is not among the experiment's methods {sorted(labels)}."
+                )
         if self.site_sweep is not None:
             missing = set(self.site_sweep.methods) - labels
             if missing:
@@ -63,7 +68,9 @@ class ReproductionPlan:
         if self.membership_inference is not None:
             missing = set(self.membership_inference.methods) - labels
             if missing:
-                raise ConfigError(f"membership_inference.methods {sorted(missing)} are not among the experiment's methods.")
+                raise ConfigError(
+                    f"membership_inference.methods {sorted(missing)} are not among the experiment's methods."
+                )
         if self.regime_map is not None:
             missing = set(self.regime_map.methods) - labels
             if missing:
@@ -90,7 +97,9 @@ def load_reproduction(preset: str | Path) -> ReproductionPlan:
         raise ConfigError(f"unknown reproduction key(s) {sorted(set(section) - allowed)}; allowed: {sorted(allowed)}.")
     return ReproductionPlan(
         experiment=ExperimentConfig.from_dict(values),
-        site_sweep=None if sweep is None else SiteSweep(**{k: tuple(v) if isinstance(v, list) else v for k, v in sweep.items()}),
+        site_sweep=None
+        if sweep is None
+        else SiteSweep(**{k: tuple(v) if isinstance(v, list) else v for k, v in sweep.items()}),
         membership_inference=None if membership is None else _membership_plan(membership),
         regime_map=None if regime is None else _regime_map(regime),
         **{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()},
@@ -100,7 +109,9 @@ def load_reproduction(preset: str | Path) -> ReproductionPlan:
 def _membership_plan(values: Mapping[str, Any]) -> MembershipPlan:
     allowed = {"methods", "personal_site", "num_shadows", "num_resamples"}
     if set(values) - allowed:
-        raise ConfigError(f"unknown membership_inference key(s) {sorted(set(values) - allowed)}; allowed: {sorted(allowed)}.")
+        raise ConfigError(
+            f"unknown membership_inference key(s) {sorted(set(values) - allowed)}; allowed: {sorted(allowed)}."
+        )
     return MembershipPlan(**values)
 
 

@@ -24,6 +24,7 @@ evaluated on that many sites drawn at random per seed (an unbiased estimate of t
 and the only way its N x rounds local trainings fit a CPU budget). Every run keeps its own run
 directory, so an interrupted map resumes where it stopped.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,8 +66,10 @@ class RegimeMap:
         if not self.num_sites or min(self.num_sites) < 2:
             raise ConfigError(f"regime_map.num_sites={self.num_sites!r} needs federations of >= 2 sites.")
         if len(self.subjects_per_site) != len(self.num_sites) or min(self.subjects_per_site) < 6:
-            raise ConfigError(f"regime_map.subjects_per_site={self.subjects_per_site!r} needs one entry >= 6 per "
-                              f"num_sites entry {self.num_sites!r} (train, validation and test subjects per site).")
+            raise ConfigError(
+                f"regime_map.subjects_per_site={self.subjects_per_site!r} needs one entry >= 6 per "
+                f"num_sites entry {self.num_sites!r} (train, validation and test subjects per site)."
+            )
         if not self.epsilons or min(self.epsilons) <= 0:
             raise ConfigError(f"regime_map.epsilons={self.epsilons!r} must be > 0 (.inf: no client-level noise).")
         if not self.sites_per_round >= 1:
@@ -75,7 +78,9 @@ class RegimeMap:
             if name not in self.methods:
                 raise ConfigError(f"regime_map: {name!r} is not among regime_map.methods {list(self.methods)}.")
         if self.local_eval_sites is not None and self.local_eval_sites < 2:
-            raise ConfigError(f"regime_map.local_eval_sites={self.local_eval_sites!r} must be >= 2 or null (all sites).")
+            raise ConfigError(
+                f"regime_map.local_eval_sites={self.local_eval_sites!r} must be >= 2 or null (all sites)."
+            )
 
     def sample_rate(self, num_sites: int) -> float:
         return min(1.0, self.sites_per_round / num_sites)
@@ -92,8 +97,15 @@ def _at_epsilon(method: MethodSpec, epsilon: float) -> MethodSpec:
     return dataclasses.replace(method, label=f"{method.label}-eps{epsilon:g}", kwargs=kwargs)
 
 
-def regime_runs(experiment: ExperimentConfig, grid: RegimeMap, seeds: tuple[int, ...], out: Path, *,
-                progress: bool = False, only_finished: bool = False) -> pd.DataFrame:
+def regime_runs(
+    experiment: ExperimentConfig,
+    grid: RegimeMap,
+    seeds: tuple[int, ...],
+    out: Path,
+    *,
+    progress: bool = False,
+    only_finished: bool = False,
+) -> pd.DataFrame:
     """Train every (N, seed, method, epsilon) of the grid (resuming finished runs); one row per run.
     With ``only_finished`` nothing is trained: runs without a summary are listed in ``missing``
     rows (``personal acc`` NaN), so a map cut short by its time budget says what it lacks."""
@@ -102,7 +114,9 @@ def regime_runs(experiment: ExperimentConfig, grid: RegimeMap, seeds: tuple[int,
     if missing:
         raise ConfigError(f"regime_map.methods {missing} are not among the experiment's methods {sorted(methods)}.")
     # d does not depend on N or the seed (same image size, sequences and clinical variables).
-    dim = sum(p.numel() for p in model_factory(experiment, make_federation(experiment))().parameters() if p.requires_grad)
+    dim = sum(
+        p.numel() for p in model_factory(experiment, make_federation(experiment))().parameters() if p.requires_grad
+    )
     rows: list[dict[str, Any]] = []
     for n, per_site in zip(grid.num_sites, grid.subjects_per_site, strict=True):
         q = grid.sample_rate(n)
@@ -110,7 +124,8 @@ def regime_runs(experiment: ExperimentConfig, grid: RegimeMap, seeds: tuple[int,
             config = experiment.replace(
                 data={"num_subjects": n * per_site + experiment.federation.public_size, "seed": seed},
                 federation={"num_sites": n, "seed": seed},
-                federated={"client_fraction": q, "sampling": "poisson", "seed": seed})
+                federated={"client_fraction": q, "sampling": "poisson", "seed": seed},
+            )
             built: dict[str, Any] = {}  # the federation is built only if a run has to be trained
 
             def federation_for(subset: bool, config=config, built=built, n=n, seed=seed):
@@ -120,37 +135,68 @@ def regime_runs(experiment: ExperimentConfig, grid: RegimeMap, seeds: tuple[int,
                     return built["all"]
                 keep = np.sort(np.random.default_rng([seed, n]).choice(n, grid.local_eval_sites, replace=False))
                 return dataclasses.replace(built["all"], sites=[built["all"].sites[i] for i in keep])
+
             for label in grid.methods:
                 method = methods[label]
                 private = _is_private(method)
                 subset = bool(not _communicates(method) and grid.local_eval_sites and n > grid.local_eval_sites)
                 cfg = config
-                for epsilon in (grid.epsilons if private else (None,)):
+                for epsilon in grid.epsilons if private else (None,):
                     spec = _at_epsilon(method, epsilon) if private else method
-                    summary = _finished_or_run(cfg, spec, lambda subset=subset: federation_for(subset), out / "runs" / f"sites{n}-seed{seed}",
-                                               progress, only_finished)
+                    summary = _finished_or_run(
+                        cfg,
+                        spec,
+                        lambda subset=subset: federation_for(subset),
+                        out / "runs" / f"sites{n}-seed{seed}",
+                        progress,
+                        only_finished,
+                    )
                     if summary is None:
-                        rows.append({"sites": n, "seed": seed, "method": label, "private": private,
-                                     "communicates": _communicates(method),
-                                     "epsilon": epsilon if private else float("nan"), "personal acc": float("nan"),
-                                     "missing": True})
+                        rows.append(
+                            {
+                                "sites": n,
+                                "seed": seed,
+                                "method": label,
+                                "private": private,
+                                "communicates": _communicates(method),
+                                "epsilon": epsilon if private else float("nan"),
+                                "personal acc": float("nan"),
+                                "missing": True,
+                            }
+                        )
                         continue
                     privacy = summary.get("privacy", {})
                     z, qn = privacy.get("noise_multiplier"), privacy.get("expected_participants")
-                    rows.append({
-                        "sites": n, "seed": seed, "method": label, "private": private,
-                        "communicates": _communicates(method),
-                        "epsilon": epsilon if private else float("nan"),
-                        "personal acc": summary["personal_test"]["accuracy"]["point"],
-                        "epsilon spent": summary.get("final", {}).get("epsilon"),
-                        "noise multiplier": z, "expected participants": qn, "sample rate": q, "parameters": dim,
-                        "noise/signal per round": (z * math.sqrt(dim) / qn) if z is not None and qn else None,
-                        "sites evaluated": grid.local_eval_sites if subset else n, "missing": False})
+                    rows.append(
+                        {
+                            "sites": n,
+                            "seed": seed,
+                            "method": label,
+                            "private": private,
+                            "communicates": _communicates(method),
+                            "epsilon": epsilon if private else float("nan"),
+                            "personal acc": summary["personal_test"]["accuracy"]["point"],
+                            "epsilon spent": summary.get("final", {}).get("epsilon"),
+                            "noise multiplier": z,
+                            "expected participants": qn,
+                            "sample rate": q,
+                            "parameters": dim,
+                            "noise/signal per round": (z * math.sqrt(dim) / qn) if z is not None and qn else None,
+                            "sites evaluated": grid.local_eval_sites if subset else n,
+                            "missing": False,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
-def _finished_or_run(config: ExperimentConfig, method: MethodSpec, federation: Callable[[], Any], results_dir: Path,
-                     progress: bool, only_finished: bool = False) -> dict[str, Any] | None:
+def _finished_or_run(
+    config: ExperimentConfig,
+    method: MethodSpec,
+    federation: Callable[[], Any],
+    results_dir: Path,
+    progress: bool,
+    only_finished: bool = False,
+) -> dict[str, Any] | None:
     """A finished run's summary read back (its stored config must equal this one: ``RunDirectory``
     checks it), else the run trained or resumed by :func:`run_method`. Reading back skips the
     re-evaluation a resumed run would do: the map has hundreds of runs."""
@@ -184,9 +230,19 @@ def regime_cells(runs: pd.DataFrame, grid: RegimeMap) -> pd.DataFrame:
                     continue
                 mean, low, high = seed_ci(sel["personal acc"].tolist())
                 eligible = private or math.isinf(epsilon) or not bool(sel["communicates"].iloc[0])
-                cell.append({"sites": n, "epsilon": epsilon, "method": label, "acc": mean, "low": low, "high": high,
-                             "seeds": len(sel), "eligible": eligible,
-                             "noise/signal per round": sel["noise/signal per round"].mean() if private else None})
+                cell.append(
+                    {
+                        "sites": n,
+                        "epsilon": epsilon,
+                        "method": label,
+                        "acc": mean,
+                        "low": low,
+                        "high": high,
+                        "seeds": len(sel),
+                        "eligible": eligible,
+                        "noise/signal per round": sel["noise/signal per round"].mean() if private else None,
+                    }
+                )
             eligible = [c for c in cell if c["eligible"]]
             best = max(eligible, key=lambda c: c["acc"]) if eligible else None
             for c in cell:
@@ -197,8 +253,9 @@ def regime_cells(runs: pd.DataFrame, grid: RegimeMap) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def regime_verdict(cells: pd.DataFrame, grid: RegimeMap, *, min_sites: int = 100, max_epsilon: float = 8.0
-                   ) -> pd.DataFrame:
+def regime_verdict(
+    cells: pd.DataFrame, grid: RegimeMap, *, min_sites: int = 100, max_epsilon: float = 8.0
+) -> pd.DataFrame:
     """For every cell with N >= ``min_sites`` and epsilon <= ``max_epsilon``: does the proposed method's
     interval lie above the baseline's and each rival's? (The issue's done-when question.)"""
     rows = []
@@ -209,7 +266,11 @@ def regime_verdict(cells: pd.DataFrame, grid: RegimeMap, *, min_sites: int = 100
         if grid.proposed not in by.index:
             continue
         ours = by.loc[grid.proposed]
-        row: dict[str, Any] = {"sites": n, "epsilon": epsilon, grid.proposed: f"{ours['acc']:.3f} [{ours['low']:.3f}, {ours['high']:.3f}]"}
+        row: dict[str, Any] = {
+            "sites": n,
+            "epsilon": epsilon,
+            grid.proposed: f"{ours['acc']:.3f} [{ours['low']:.3f}, {ours['high']:.3f}]",
+        }
         beats = []
         for other in (grid.baseline, *grid.rivals):
             if other not in by.index:  # not run (reduced grid): no claim can be made against it
@@ -227,7 +288,10 @@ def regime_verdict(cells: pd.DataFrame, grid: RegimeMap, *, min_sites: int = 100
 def winner_table(cells: pd.DataFrame) -> pd.DataFrame:
     """sites x epsilon: the winning method, with '(tie)' where its interval overlaps another eligible one."""
     wins = cells[cells["winner"]].copy()
-    wins["text"] = [f"{m} {a:.2f}" + ("" if c else " (tie)") for m, a, c in zip(wins["method"], wins["acc"], wins["clear"], strict=True)]
+    wins["text"] = [
+        f"{m} {a:.2f}" + ("" if c else " (tie)")
+        for m, a, c in zip(wins["method"], wins["acc"], wins["clear"], strict=True)
+    ]
     table = wins.pivot(index="sites", columns="epsilon", values="text")
     table.columns = [f"eps={e:g}" for e in table.columns]
     return table.reset_index()

@@ -1,5 +1,6 @@
 """The regime map's written report: ``REPORT.md``, ``regime_runs.csv``, ``regime_cells.csv``,
 ``regime_winners.csv``, ``regime_verdict.csv`` and two figures, from :mod:`.regime`'s tables."""
+
 from __future__ import annotations
 
 import math
@@ -25,14 +26,29 @@ def noise_table(runs: pd.DataFrame, method: str, rounds: int) -> pd.DataFrame:
     sel = runs[(runs["method"] == method) & runs["epsilon"].notna() & ~runs["epsilon"].isin([math.inf])]
     if sel.empty:
         return pd.DataFrame()
-    grouped = sel.groupby(["sites", "epsilon"]).agg(
-        q=("sample rate", "first"), qN=("expected participants", "first"), z=("noise multiplier", "first"),
-        d=("parameters", "first"), ratio=("noise/signal per round", "first")).reset_index()
+    grouped = (
+        sel.groupby(["sites", "epsilon"])
+        .agg(
+            q=("sample rate", "first"),
+            qN=("expected participants", "first"),
+            z=("noise multiplier", "first"),
+            d=("parameters", "first"),
+            ratio=("noise/signal per round", "first"),
+        )
+        .reset_index()
+    )
     grouped["participants for ratio 1"] = grouped["z"] * grouped["d"] ** 0.5  # qN at which z sqrt(d) / qN = 1
     grouped["rounds per site qT"] = grouped["q"] * rounds
-    return grouped.rename(columns={"q": "sample rate q", "qN": "expected participants qN", "z": "noise multiplier z",
-                                   "d": "parameters d", "ratio": "noise/signal per round z*sqrt(d)/qN",
-                                   "participants for ratio 1": "participants per round for ratio 1 (z*sqrt(d))"})
+    return grouped.rename(
+        columns={
+            "q": "sample rate q",
+            "qN": "expected participants qN",
+            "z": "noise multiplier z",
+            "d": "parameters d",
+            "ratio": "noise/signal per round z*sqrt(d)/qN",
+            "participants for ratio 1": "participants per round for ratio 1 (z*sqrt(d))",
+        }
+    )
 
 
 def answer_text(verdict: pd.DataFrame, grid) -> str:
@@ -42,10 +58,14 @@ def answer_text(verdict: pd.DataFrame, grid) -> str:
     won = verdict[verdict["beats all (CIs apart)"]]
     if not won.empty:
         cells = ", ".join(f"N={n}, eps={e:g}" for n, e in zip(won["sites"], won["epsilon"], strict=True))
-        return (f"**Yes** at {cells}: {grid.proposed}'s 95% interval lies above those of {grid.baseline} and "
-                f"{', '.join(grid.rivals)}.")
-    return (f"**No**: in no cell with N >= 100 and epsilon <= 8 does {grid.proposed}'s interval lie above all of "
-            f"{grid.baseline}, {', '.join(grid.rivals)}. The noise table below gives the reason in one number per cell.")
+        return (
+            f"**Yes** at {cells}: {grid.proposed}'s 95% interval lies above those of {grid.baseline} and "
+            f"{', '.join(grid.rivals)}."
+        )
+    return (
+        f"**No**: in no cell with N >= 100 and epsilon <= 8 does {grid.proposed}'s interval lie above all of "
+        f"{grid.baseline}, {', '.join(grid.rivals)}. The noise table below gives the reason in one number per cell."
+    )
 
 
 def run_regime_map(plan: ReproductionPlan, out: Path, *, progress: bool = False, only_finished: bool = False):
@@ -63,10 +83,21 @@ def run_regime_map(plan: ReproductionPlan, out: Path, *, progress: bool = False,
     noise = noise_table(runs, grid.rivals[0] if grid.rivals else grid.proposed, base.federated.num_rounds)
     save_axes(plot_regime_map(cells), out / "regime_map.png")
     save_axes(plot_regime_accuracy(cells), out / "regime_accuracy.png")
-    for name, frame in (("regime_runs", runs), ("regime_cells", cells), ("regime_winners", winners),
-                        ("regime_verdict", verdict), ("regime_noise", noise)):
+    for name, frame in (
+        ("regime_runs", runs),
+        ("regime_cells", cells),
+        ("regime_winners", winners),
+        ("regime_verdict", verdict),
+        ("regime_noise", noise),
+    ):
         frame.to_csv(out / f"{name}.csv", index=False)
-    shown = cells.assign(**{"personal acc [95% CI]": [_ci(a, lo, hi) for a, lo, hi in zip(cells["acc"], cells["low"], cells["high"], strict=True)]})
+    shown = cells.assign(
+        **{
+            "personal acc [95% CI]": [
+                _ci(a, lo, hi) for a, lo, hi in zip(cells["acc"], cells["low"], cells["high"], strict=True)
+            ]
+        }
+    )
     shown = shown[["sites", "epsilon", "method", "personal acc [95% CI]", "eligible", "winner", "clear"]]
     f = base.federated
     lines = [
@@ -80,24 +111,41 @@ def run_regime_map(plan: ReproductionPlan, out: Path, *, progress: bool = False,
         f"{dict(base.model.overrides)}, alpha = {base.federation.alpha:g}, {f.num_rounds} rounds, "
         f"{f.local.local_epochs} local epoch(s) of batch {f.local.batch_size}; Poisson sampling with "
         f"q = min(1, {grid.sites_per_round:g} / N); sites x subjects per site: "
-        + ", ".join(f"{n} x {s}" for n, s in zip(grid.num_sites, grid.subjects_per_site, strict=True)) + ". "
-        + (f"Local-only trains and is evaluated on {grid.local_eval_sites} random sites per seed where N is larger "
-           "(sites train independently: an unbiased estimate of the mean). " if grid.local_eval_sites else "")
+        + ", ".join(f"{n} x {s}" for n, s in zip(grid.num_sites, grid.subjects_per_site, strict=True))
+        + ". "
+        + (
+            f"Local-only trains and is evaluated on {grid.local_eval_sites} random sites per seed where N is larger "
+            "(sites train independently: an unbiased estimate of the mean). "
+            if grid.local_eval_sites
+            else ""
+        )
         + "Epsilons come from each run's accountant (delta as configured); eps = inf keeps the clipping and sets "
         "the noise multiplier to 0. Eligible: private methods at the cell's epsilon, local-only (releases nothing), "
         "non-private methods (Ditto) only at eps = inf.",
         "",
-        *([] if missing.empty else [
-            f"**Reduced grid: {len(missing)} of {len(all_runs)} planned runs did not finish within the time budget** "
-            "and are left out (cells show only the methods and seeds that finished; the `seeds` column of "
-            "`regime_cells.csv` says how many). Missing (sites, epsilon, method: seeds): " + "; ".join(
-                f"({n}, {'-' if pd.isna(e) else f'{e:g}'}, {m}: {sorted(g['seed'])})"
-                for (n, e, m), g in missing.groupby(["sites", "epsilon", "method"], dropna=False)) + ".", ""]),
+        *(
+            []
+            if missing.empty
+            else [
+                f"**Reduced grid: {len(missing)} of {len(all_runs)} planned runs did not finish within the time budget** "
+                "and are left out (cells show only the methods and seeds that finished; the `seeds` column of "
+                "`regime_cells.csv` says how many). Missing (sites, epsilon, method: seeds): "
+                + "; ".join(
+                    f"({n}, {'-' if pd.isna(e) else f'{e:g}'}, {m}: {sorted(g['seed'])})"
+                    for (n, e, m), g in missing.groupby(["sites", "epsilon", "method"], dropna=False)
+                )
+                + ".",
+                "",
+            ]
+        ),
         "## Winners (tie: the winner's interval overlaps another eligible method's)",
-        markdown_table(winners), "",
+        markdown_table(winners),
+        "",
         f"## At 100 sites or more and epsilon <= 8: does {grid.proposed} beat {grid.baseline} and {', '.join(grid.rivals)}?",
-        answer_text(verdict, grid), "",
-        markdown_table(verdict) if not verdict.empty else "(no such cell)", "",
+        answer_text(verdict, grid),
+        "",
+        markdown_table(verdict) if not verdict.empty else "(no such cell)",
+        "",
         "## Why: the noise the accountant needs, per round",
         "The released average is (sum of clipped updates + N(0, z^2 C^2 I_d)) / (qN); a clipped update has norm at most "
         "C, so the noise-to-signal ratio of one round is at best z sqrt(d) / (qN). Below ~1 the shared model can learn "
@@ -105,10 +153,15 @@ def run_regime_map(plan: ReproductionPlan, out: Path, *, progress: bool = False,
         "the work. It falls as qN grows (more sites per round) and as q falls at fixed qN (amplification: smaller z). "
         "A federated personal model is trained only in the rounds its site is sampled (qT of them in expectation), "
         "while local-only trains every site in every round.",
-        markdown_table(noise) if not noise.empty else "(no private runs)", "",
+        markdown_table(noise) if not noise.empty else "(no private runs)",
+        "",
         "## Every cell",
-        markdown_table(shown), "",
-        "## Figures", "![regime map](regime_map.png)", "![accuracy per cell](regime_accuracy.png)", "",
+        markdown_table(shown),
+        "",
+        "## Figures",
+        "![regime map](regime_map.png)",
+        "![accuracy per cell](regime_accuracy.png)",
+        "",
     ]
     path = out / "REPORT.md"
     path.write_text("\n".join(lines))

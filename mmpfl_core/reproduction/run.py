@@ -6,6 +6,7 @@ Scopes (DESIGN 6, issue 21): byte counts depend on the sites' private masks and 
 per-site accuracies are per-site metrics, so ``MB total`` / ``MB to target`` (``private/communication.csv``),
 the communication claim's figures (``private/claims.csv``), ``site_accuracy.png`` and
 ``communication_vs_accuracy.png`` are written under ``<out>/private/``; the released tables leave them out."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ def _for(config: ExperimentConfig, *, alpha: float, seed: int) -> ExperimentConf
 
 def _row(label: str, runs: list[RunResult]) -> dict[str, Any]:
     """One method's numbers over seeds: the point estimate with a bootstrap CI (one seed) or a t-CI (several)."""
+
     def stat(section: str, metric: str) -> tuple[float, float, float]:
         entries = [r.summary.get(section, {}).get(metric) for r in runs]
         if any(e is None for e in entries):
@@ -87,18 +89,27 @@ def _sweep(plan: ReproductionPlan, out: Path, progress: bool) -> pd.DataFrame:
     sweep, base, rows = plan.site_sweep, plan.experiment, []
     methods = [m for m in base.methods if m.label in sweep.methods]
     for n in sweep.num_sites:
-        config = base.replace(data={"num_subjects": n * sweep.subjects_per_site},
-                              federation={"num_sites": n, "public_size": base.federation.public_size},
-                              federated={"client_fraction": sweep.client_fraction, "sampling": "poisson"})
+        config = base.replace(
+            data={"num_subjects": n * sweep.subjects_per_site},
+            federation={"num_sites": n, "public_size": base.federation.public_size},
+            federated={"client_fraction": sweep.client_fraction, "sampling": "poisson"},
+        )
         federation = make_federation(config)
         for method in methods:
             run = run_method(config, method, federation, results_dir=out / "runs" / f"sites{n}", progress=progress)
             final = run.summary.get("final", {})
-            rows.append({"sites": n, "sampled per round (expected)": sweep.client_fraction * n, "method": method.label,
-                         "noise multiplier": run.summary.get("privacy", {}).get("noise_multiplier"),
-                         "epsilon (site)": final.get("epsilon"), "epsilon (patient)": run.summary.get("sample_level_privacy", {}).get("max_epsilon"),
-                         "personal acc": run.summary["personal_test"]["accuracy"]["point"],
-                         "global acc": run.summary.get("global_test", {}).get("accuracy", {}).get("point")})
+            rows.append(
+                {
+                    "sites": n,
+                    "sampled per round (expected)": sweep.client_fraction * n,
+                    "method": method.label,
+                    "noise multiplier": run.summary.get("privacy", {}).get("noise_multiplier"),
+                    "epsilon (site)": final.get("epsilon"),
+                    "epsilon (patient)": run.summary.get("sample_level_privacy", {}).get("max_epsilon"),
+                    "personal acc": run.summary["personal_test"]["accuracy"]["point"],
+                    "global acc": run.summary.get("global_test", {}).get("accuracy", {}).get("point"),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -106,11 +117,22 @@ def _membership(plan: ReproductionPlan, alpha: float, runs, federation, out: Pat
     mia, seed = plan.membership_inference, plan.seeds[0]
     config = _for(plan.experiment, alpha=alpha, seed=seed)
     methods = {m.label: m for m in plan.experiment.methods}
-    results = {label: (runs[alpha, seed, label],
-                       attack_method(runs[alpha, seed, label], config, methods[label], federation, plan=mia, seed=seed,
-                                     shadow_dir=out / "runs" / f"shadows-alpha{alpha:g}-seed{seed}" / label,
-                                     progress=progress))
-               for label in mia.methods}
+    results = {
+        label: (
+            runs[alpha, seed, label],
+            attack_method(
+                runs[alpha, seed, label],
+                config,
+                methods[label],
+                federation,
+                plan=mia,
+                seed=seed,
+                shadow_dir=out / "runs" / f"shadows-alpha{alpha:g}-seed{seed}" / label,
+                progress=progress,
+            ),
+        )
+        for label in mia.methods
+    }
     return membership_frame(results, personal_site=mia.personal_site)
 
 
@@ -118,15 +140,20 @@ def run_reproduction(plan: ReproductionPlan, out: Path, *, progress: bool = True
     """Run the whole plan (resuming finished runs) and write ``<out>/REPORT.md`` with tables and figures."""
     matplotlib.use("Agg", force=False)
 
-    from ..plots.training import (plot_accuracy_vs_round, plot_communication_vs_accuracy, plot_site_accuracy,
-                                 save_axes)
+    from ..plots.training import plot_accuracy_vs_round, plot_communication_vs_accuracy, plot_site_accuracy, save_axes
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if plan.regime_map is not None:  # the sites x epsilon map replaces the alpha comparison
         path, winners, verdict, cells, _ = run_regime_map(plan, out, progress=progress)
-        return ReproductionReport(path=path, main_table=winners, alpha_table=pd.DataFrame(), sweep_table=None,
-                                  claims=verdict, regime_cells=cells)
+        return ReproductionReport(
+            path=path,
+            main_table=winners,
+            alpha_table=pd.DataFrame(),
+            sweep_table=None,
+            claims=verdict,
+            regime_cells=cells,
+        )
     base = plan.experiment
     runs: dict[tuple[float, int, str], RunResult] = {}
     federations = {}
@@ -136,22 +163,42 @@ def run_reproduction(plan: ReproductionPlan, out: Path, *, progress: bool = True
             federation = federations[alpha, seed] = make_federation(config)
             for method in base.methods:
                 runs[alpha, seed, method.label] = run_method(
-                    config, method, federation, results_dir=out / "runs" / f"alpha{alpha:g}-seed{seed}", progress=progress)
+                    config,
+                    method,
+                    federation,
+                    results_dir=out / "runs" / f"alpha{alpha:g}-seed{seed}",
+                    progress=progress,
+                )
     main_alpha = _main_alpha(plan)
     main = pd.DataFrame([_row(m.label, [runs[main_alpha, s, m.label] for s in plan.seeds]) for m in base.methods])
-    alpha_table = pd.DataFrame([
-        {"method": m.label, **{f"alpha={a:g}": float(np.mean([runs[a, s, m.label].summary["personal_test"]["accuracy"]["point"]
-                                                              for s in plan.seeds])) for a in plan.alphas}}
-        for m in base.methods])
+    alpha_table = pd.DataFrame(
+        [
+            {
+                "method": m.label,
+                **{
+                    f"alpha={a:g}": float(
+                        np.mean([runs[a, s, m.label].summary["personal_test"]["accuracy"]["point"] for s in plan.seeds])
+                    )
+                    for a in plan.alphas
+                },
+            }
+            for m in base.methods
+        ]
+    )
     sweep = _sweep(plan, out, progress) if plan.site_sweep is not None else None
-    membership = (None if plan.membership_inference is None else
-                  _membership(plan, main_alpha, runs, federations[main_alpha, plan.seeds[0]], out, progress))
+    membership = (
+        None
+        if plan.membership_inference is None
+        else _membership(plan, main_alpha, runs, federations[main_alpha, plan.seeds[0]], out, progress)
+    )
     claims = claims_table(plan, main, alpha_table, membership)
 
     first = {m.label: runs[main_alpha, plan.seeds[0], m.label] for m in base.methods}
     figures = {"accuracy_vs_round.png": lambda: plot_accuracy_vs_round(first)}
-    private_figures = {"communication_vs_accuracy.png": lambda: plot_communication_vs_accuracy(first),
-                       "site_accuracy.png": lambda: plot_site_accuracy(first)}
+    private_figures = {
+        "communication_vs_accuracy.png": lambda: plot_communication_vs_accuracy(first),
+        "site_accuracy.png": lambda: plot_site_accuracy(first),
+    }
     dp_runs = {k: v for k, v in first.items() if "epsilon" in v.history[-1]}
     if dp_runs:
         figures["epsilon_vs_round.png"] = lambda: plot_epsilon(dp_runs)
@@ -162,13 +209,27 @@ def run_reproduction(plan: ReproductionPlan, out: Path, *, progress: bool = True
             save_axes(draw(), folder / name)
     released_main, communication = split_comparison_table(main)
     released_claims = release_claims(claims)
-    for folder, name, frame in ((out, "main", released_main), (out, "alpha", alpha_table), (out, "claims", released_claims),
-                                (out, "sweep", sweep), (out, "membership", membership),
-                                (private, "communication", communication), (private, "claims", claims)):
+    for folder, name, frame in (
+        (out, "main", released_main),
+        (out, "alpha", alpha_table),
+        (out, "claims", released_claims),
+        (out, "sweep", sweep),
+        (out, "membership", membership),
+        (private, "communication", communication),
+        (private, "claims", claims),
+    ):
         if frame is not None:
             frame.to_csv(folder / f"{name}.csv", index=False)
     path = out / "REPORT.md"
-    path.write_text(report_markdown(plan, main_alpha, released_main, alpha_table, sweep, released_claims, list(figures),
-                                    membership))
-    return ReproductionReport(path=path, main_table=main, alpha_table=alpha_table, sweep_table=sweep, claims=claims,
-                              runs=runs, membership_table=membership)
+    path.write_text(
+        report_markdown(plan, main_alpha, released_main, alpha_table, sweep, released_claims, list(figures), membership)
+    )
+    return ReproductionReport(
+        path=path,
+        main_table=main,
+        alpha_table=alpha_table,
+        sweep_table=sweep,
+        claims=claims,
+        runs=runs,
+        membership_table=membership,
+    )

@@ -21,6 +21,7 @@ float32 (N, M, H, W) in [0, 1] normalised per subject and sequence, missing sequ
 False). Every failure is a :class:`~mmpfl_core.errors.DataError` naming the file and the fix; a loader
 never downloads anything and never returns partial data silently.
 """
+
 from __future__ import annotations
 
 from .common import read_subject_table, resize_images
@@ -28,6 +29,17 @@ from .images import IMAGE_SUFFIXES, load_image_file, load_medmnist_npz, load_sli
 from .dicom import load_dicom_subjects, load_dicom_volume, read_dicom_series
 from .nifti import load_nifti_image, load_nifti_subjects, load_nifti_volume
 
-__all__ = ["IMAGE_SUFFIXES", "load_dicom_subjects", "load_dicom_volume", "load_image_file", "load_medmnist_npz",
-           "load_nifti_image", "load_nifti_subjects", "load_nifti_volume", "load_slice_folders", "read_dicom_series",
-           "read_subject_table", "resize_images"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "load_dicom_subjects",
+    "load_dicom_volume",
+    "load_image_file",
+    "load_medmnist_npz",
+    "load_nifti_image",
+    "load_nifti_subjects",
+    "load_nifti_volume",
+    "load_slice_folders",
+    "read_dicom_series",
+    "read_subject_table",
+    "resize_images",
+]

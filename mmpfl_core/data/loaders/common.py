@@ -13,6 +13,7 @@ Subject tables are plain CSV files with a header row and one row per subject::
 Only ``subject`` is required; every other column is optional. Empty cells and ``NA``/``NaN``/``None``
 mean "not recorded". Columns that are not clinical features, ``label`` or ``site`` are ignored.
 """
+
 from __future__ import annotations
 
 import csv
@@ -78,8 +79,10 @@ def read_subject_table(path: str | Path, *, required: Sequence[str] = ("subject"
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"table {path} does not exist; pass the path of a CSV with a header row "
-                        f"containing at least the columns {list(required)}.")
+        raise DataError(
+            f"table {path} does not exist; pass the path of a CSV with a header row "
+            f"containing at least the columns {list(required)}."
+        )
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:  # utf-8-sig: Excel writes a BOM
             reader = csv.DictReader(fh)
@@ -109,16 +112,23 @@ def _parse_float(value: str, *, path: Path, subject: str, column: str) -> float:
     try:
         number = float(value)
     except ValueError:
-        raise DataError(f"table {path}: subject {subject!r} has {column}={value!r}, which is not a number. "
-                        "Write a number, or leave the cell empty for 'not recorded'.") from None
+        raise DataError(
+            f"table {path}: subject {subject!r} has {column}={value!r}, which is not a number. "
+            "Write a number, or leave the cell empty for 'not recorded'."
+        ) from None
     if not np.isfinite(number):
-        raise DataError(f"table {path}: subject {subject!r} has {column}={value!r}; "
-                        "write a finite number or leave the cell empty.")
+        raise DataError(
+            f"table {path}: subject {subject!r} has {column}={value!r}; write a finite number or leave the cell empty."
+        )
     return number
 
 
-def clinical_from_table(subject_ids: Sequence[str], table: dict[str, dict[str, str]] | None,
-                        path: Path | None, names: Sequence[str] = CLINICAL_FEATURES) -> tuple[np.ndarray, np.ndarray]:
+def clinical_from_table(
+    subject_ids: Sequence[str],
+    table: dict[str, dict[str, str]] | None,
+    path: Path | None,
+    names: Sequence[str] = CLINICAL_FEATURES,
+) -> tuple[np.ndarray, np.ndarray]:
     """Standardised clinical matrix (N, K) and mask for ``subject_ids`` from a subject table.
 
     A subject absent from the table, a column absent from the table, and an empty cell all become
@@ -135,8 +145,9 @@ def clinical_from_table(subject_ids: Sequence[str], table: dict[str, dict[str, s
     return clinical.astype(np.float32), mask.astype(bool)
 
 
-def sites_from_table(subject_ids: Sequence[str], table: dict[str, dict[str, str]] | None,
-                     path: Path | None, default: int) -> np.ndarray:
+def sites_from_table(
+    subject_ids: Sequence[str], table: dict[str, dict[str, str]] | None, path: Path | None, default: int
+) -> np.ndarray:
     """Site id per subject: the table's ``site`` column where filled, else ``default``; (N,) int64."""
     sites = np.full(len(subject_ids), int(default), dtype=np.int64)
     if table is None or path is None:
@@ -148,8 +159,10 @@ def sites_from_table(subject_ids: Sequence[str], table: dict[str, dict[str, str]
         try:
             sites[i] = int(value)
         except ValueError:
-            raise DataError(f"table {path}: subject {subject!r} has site={value!r}; site must be an integer "
-                            "institution id (use -1 for data that belongs to no site).") from None
+            raise DataError(
+                f"table {path}: subject {subject!r} has site={value!r}; site must be an integer "
+                "institution id (use -1 for data that belongs to no site)."
+            ) from None
     return sites
 
 
@@ -169,8 +182,10 @@ def resolve_class_names(found: Iterable[str], class_names: Sequence[str] | None,
     class_names = tuple(class_names)
     unknown = sorted(found - set(class_names))
     if unknown:
-        raise DataError(f"unknown label(s) {unknown} in {where}; expected one of {list(class_names)}. "
-                        "Fix the label, or pass class_names that include it.")
+        raise DataError(
+            f"unknown label(s) {unknown} in {where}; expected one of {list(class_names)}. "
+            "Fix the label, or pass class_names that include it."
+        )
     return class_names
 
 
@@ -179,5 +194,7 @@ def canonical_modalities(modalities: Sequence[str]) -> tuple[str, ...]:
     modalities = tuple(modalities)
     lowered = [m.lower() for m in modalities]
     if not modalities or len(set(lowered)) != len(lowered) or not all(isinstance(m, str) and m for m in modalities):
-        raise DataError(f"modalities={modalities!r} must be a non-empty list of distinct names, e.g. ('T1', 'T2', 'FLAIR').")
+        raise DataError(
+            f"modalities={modalities!r} must be a non-empty list of distinct names, e.g. ('T1', 'T2', 'FLAIR')."
+        )
     return modalities

@@ -33,6 +33,7 @@ order and the rest of the pipeline (:mod:`volumes`) is shared.
 pydicom reads a truncated file without complaint and fails only at ``pixel_array`` (FACTS.md), so
 every slice's pixels are decoded here, inside one try/except, and the error names the file.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -63,8 +64,10 @@ def _read_headers(folder: Path) -> list:
         except InvalidDicomError:
             continue  # not a DICOM file (no preamble / 'DICM' magic): notes, thumbnails
         except Exception as exc:  # pydicom raises many types on damaged headers
-            raise DataError(f"cannot read DICOM file {path}: {type(exc).__name__}: {one_line(exc)}. The file is damaged; "
-                            "export the series again.") from exc
+            raise DataError(
+                f"cannot read DICOM file {path}: {type(exc).__name__}: {one_line(exc)}. The file is damaged; "
+                "export the series again."
+            ) from exc
         if "PixelData" not in ds:
             continue  # structured reports, presentation states
         ds.filename = str(path)
@@ -73,8 +76,10 @@ def _read_headers(folder: Path) -> list:
         raise DataError(f"DICOM folder {folder} holds no image files; put one series' .dcm files in it.")
     series = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(series) > 1:
-        raise DataError(f"DICOM folder {folder} mixes {len(series)} series ({sorted(series)[:3]}...); keep one "
-                        "series (one sequence) per folder.")
+        raise DataError(
+            f"DICOM folder {folder} mixes {len(series)} series ({sorted(series)[:3]}...); keep one "
+            "series (one sequence) per folder."
+        )
     return datasets
 
 
@@ -86,13 +91,17 @@ def _pixels(ds) -> np.ndarray:
     try:
         array = ds.pixel_array  # decodes now: a truncated file fails here
     except Exception as exc:
-        raise DataError(f"cannot decode the pixels of DICOM file {path}: {type(exc).__name__}: {one_line(exc)}. The file is "
-                        "truncated or uses a compression without a decoder (install pylibjpeg for JPEG); "
-                        "export the series again, uncompressed.") from exc
+        raise DataError(
+            f"cannot decode the pixels of DICOM file {path}: {type(exc).__name__}: {one_line(exc)}. The file is "
+            "truncated or uses a compression without a decoder (install pylibjpeg for JPEG); "
+            "export the series again, uncompressed."
+        ) from exc
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise DataError(f"DICOM file {path} holds colour images (SamplesPerPixel={ds.SamplesPerPixel}); "
-                        "MRI sequences are greyscale: export the magnitude series.")
+        raise DataError(
+            f"DICOM file {path} holds colour images (SamplesPerPixel={ds.SamplesPerPixel}); "
+            "MRI sequences are greyscale: export the magnitude series."
+        )
     array = array.reshape(frames, *array.shape[-2:]) if array.ndim == 3 or frames > 1 else array[None]
     if array.ndim != 3:
         raise DataError(f"DICOM file {path} has pixel array shape {array.shape}; expected 2D slices.")
@@ -109,10 +118,12 @@ def _geometry(ds, where: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tupl
         spacing = tuple(float(v) for v in ds.PixelSpacing)
         np.asarray([float(v) for v in ds.ImagePositionPatient])
     except (AttributeError, TypeError, ValueError) as exc:
-        raise DataError(f"DICOM series in {where} lacks the geometry fields ImageOrientationPatient, "
-                        f"ImagePositionPatient or PixelSpacing ({one_line(exc)}); it cannot be placed in 3D. "
-                        "Export it as an MR image series (not a secondary capture), or convert it to NIfTI "
-                        "with dcm2niix.") from None
+        raise DataError(
+            f"DICOM series in {where} lacks the geometry fields ImageOrientationPatient, "
+            f"ImagePositionPatient or PixelSpacing ({one_line(exc)}); it cannot be placed in 3D. "
+            "Export it as an MR image series (not a secondary capture), or convert it to NIfTI "
+            "with dcm2niix."
+        ) from None
     r, c = iop[:3], iop[3:]
     return r, c, np.cross(r, c), (spacing[0], spacing[1])
 
@@ -134,17 +145,23 @@ def read_dicom_series(folder: str | Path) -> nib.Nifti1Image:
     datasets = _read_headers(folder)
     r, c, n, spacing = _geometry(datasets[0], folder)
     if len(datasets) > 1 and any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in datasets):
-        raise DataError(f"DICOM folder {folder} holds several multi-frame files: a 4D series (e.g. diffusion or "
-                        "dynamic). Keep one 3D volume per folder.")
+        raise DataError(
+            f"DICOM folder {folder} holds several multi-frame files: a 4D series (e.g. diffusion or "
+            "dynamic). Keep one 3D volume per folder."
+        )
     for ds in datasets[1:]:
         r2, c2, _, spacing2 = _geometry(ds, folder)
         if not (np.allclose(r, r2, atol=1e-4) and np.allclose(c, c2, atol=1e-4) and np.allclose(spacing, spacing2)):
-            raise DataError(f"DICOM file {ds.filename} has another orientation or pixel spacing than the rest of "
-                            f"{folder}; a series must be one stack of parallel slices.")
+            raise DataError(
+                f"DICOM file {ds.filename} has another orientation or pixel spacing than the rest of "
+                f"{folder}; a series must be one stack of parallel slices."
+            )
         if (ds.Rows, ds.Columns) != (datasets[0].Rows, datasets[0].Columns):
-            raise DataError(f"DICOM file {ds.filename} is {ds.Rows}x{ds.Columns} pixels but "
-                            f"{datasets[0].filename} is {datasets[0].Rows}x{datasets[0].Columns}; a series must "
-                            "have one slice size.")
+            raise DataError(
+                f"DICOM file {ds.filename} is {ds.Rows}x{ds.Columns} pixels but "
+                f"{datasets[0].filename} is {datasets[0].Rows}x{datasets[0].Columns}; a series must "
+                "have one slice size."
+            )
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])  # (S, 3) LPS mm
     along = positions @ n  # (S,) position of each slice along the normal
     order = np.argsort(along, kind="stable")
@@ -154,11 +171,15 @@ def read_dicom_series(folder: str | Path) -> nib.Nifti1Image:
         steps = np.diff(along)
         if np.any(steps < 1e-3):
             dup = datasets[int(np.argmin(steps)) + 1].filename
-            raise DataError(f"DICOM folder {folder} has two slices at the same position ({dup}); it holds two "
-                            "acquisitions or duplicated files: keep one series per folder.")
+            raise DataError(
+                f"DICOM folder {folder} has two slices at the same position ({dup}); it holds two "
+                "acquisitions or duplicated files: keep one series per folder."
+            )
         if np.ptp(steps) > _SLICE_STEP_TOLERANCE * np.median(steps):
-            raise DataError(f"DICOM folder {folder} has uneven slice steps {np.round(steps, 2).tolist()} mm: a "
-                            "slice is missing. Export the complete series.")
+            raise DataError(
+                f"DICOM folder {folder} has uneven slice steps {np.round(steps, 2).tolist()} mm: a "
+                "slice is missing. Export the complete series."
+            )
         dz = float(np.median(steps))
     else:  # one slice or one multi-frame file
         dz = float(datasets[0].get("SpacingBetweenSlices", 0) or datasets[0].get("SliceThickness", 1) or 1)
@@ -186,19 +207,40 @@ def _find_series_folders(subject_dir: Path, modalities: tuple[str, ...]) -> dict
     return found
 
 
-def load_dicom_subjects(root: str | Path, labels_csv: str | Path, *, image_size: int = 64,
-                        modalities: Sequence[str] = MODALITIES, class_names: Sequence[str] | None = None,
-                        slice_index: int | str | None = None, slices_per_subject: int = 1, site: int = 0,
-                        require_all: bool = False, resample: bool = False,
-                        site_column: str | None = None) -> Cohort:
+def load_dicom_subjects(
+    root: str | Path,
+    labels_csv: str | Path,
+    *,
+    image_size: int = 64,
+    modalities: Sequence[str] = MODALITIES,
+    class_names: Sequence[str] | None = None,
+    slice_index: int | str | None = None,
+    slices_per_subject: int = 1,
+    site: int = 0,
+    require_all: bool = False,
+    resample: bool = False,
+    site_column: str | None = None,
+) -> Cohort:
     """Load ``root/<subject>/<modality>/*.dcm`` series as axial 2D slices in a :class:`Cohort`.
 
     The arguments, the labels table and the cohort are exactly those of
     :func:`~mmpfl_core.data.nifti.load_nifti_subjects`; only the reader differs
     (:func:`read_dicom_series`). ``cohort.meta["source"]`` is ``"dicom_subjects"``.
     """
-    return load_volume_subjects(root, labels_csv, find=_find_series_folders, read=read_dicom_series,
-                                source="dicom_subjects", image_size=image_size, modalities=modalities,
-                                class_names=class_names, slice_index=slice_index,
-                                slices_per_subject=slices_per_subject, site=site, require_all=require_all,
-                                resample=resample, site_column=site_column, example="{m}/ or {s}_{m}/ (a series folder)")
+    return load_volume_subjects(
+        root,
+        labels_csv,
+        find=_find_series_folders,
+        read=read_dicom_series,
+        source="dicom_subjects",
+        image_size=image_size,
+        modalities=modalities,
+        class_names=class_names,
+        slice_index=slice_index,
+        slices_per_subject=slices_per_subject,
+        site=site,
+        require_all=require_all,
+        resample=resample,
+        site_column=site_column,
+        example="{m}/ or {s}_{m}/ (a series folder)",
+    )

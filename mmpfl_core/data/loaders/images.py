@@ -28,6 +28,7 @@ Every failure (corrupt or truncated image, unknown class, duplicated sequence, m
 :class:`~mmpfl_core.errors.DataError` naming the file and the fix; a loader never returns partial
 data silently.
 """
+
 from __future__ import annotations
 
 import zipfile
@@ -39,8 +40,15 @@ from PIL import Image, UnidentifiedImageError
 
 from ...errors import DataError
 from ..contract import CLINICAL_FEATURES, MODALITIES, Cohort, normalise_intensity
-from .common import (canonical_modalities, check_image_size, clinical_from_table, read_subject_table,
-                             resize_images, resolve_class_names, sites_from_table)
+from .common import (
+    canonical_modalities,
+    check_image_size,
+    clinical_from_table,
+    read_subject_table,
+    resize_images,
+    resolve_class_names,
+    sites_from_table,
+)
 
 #: File extensions read as slice images (compared lower-cased).
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -68,12 +76,21 @@ def load_image_file(path: str | Path) -> np.ndarray:
                 array = np.asarray(img, dtype=np.float32)
             else:
                 array = np.asarray(img.convert("RGB"), dtype=np.float32) @ _LUMA  # (H, W, 3) -> (H, W)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError on some bad headers
-        raise DataError(f"cannot read image {path}: {exc}. The file is corrupt, truncated or not an image; "
-                        "re-export the file or remove it.") from exc
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+    ) as exc:  # PIL raises SyntaxError on some bad headers
+        raise DataError(
+            f"cannot read image {path}: {exc}. The file is corrupt, truncated or not an image; "
+            "re-export the file or remove it."
+        ) from exc
     if array.ndim != 2:
-        raise DataError(f"image {path} decoded to shape {array.shape}; expected a 2D slice. "
-                        "Re-export it as a single-frame greyscale or RGB image.")
+        raise DataError(
+            f"image {path} decoded to shape {array.shape}; expected a 2D slice. "
+            "Re-export it as a single-frame greyscale or RGB image."
+        )
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
@@ -87,8 +104,9 @@ def _split_modality(stem: str, modalities: Sequence[str]) -> tuple[str, str | No
     return stem, None
 
 
-def _scan_slice_folders(root: Path, modalities: tuple[str, ...], single_modality: str | None
-                        ) -> dict[str, tuple[str, dict[str, Path]]]:
+def _scan_slice_folders(
+    root: Path, modalities: tuple[str, ...], single_modality: str | None
+) -> dict[str, tuple[str, dict[str, Path]]]:
     """Walk ``root/<class>/<file>`` into ``{subject: (class, {modality: path})}``, checking consistency."""
     subjects: dict[str, tuple[str, dict[str, Path]]] = {}
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -101,22 +119,33 @@ def _scan_slice_folders(root: Path, modalities: tuple[str, ...], single_modality
                     raise DataError(
                         f"file {path} has no modality suffix among {list(modalities)} (expected names like "
                         f"'{path.stem}_{modalities[0].lower()}{path.suffix}'). Pass single_modality='<name>' if "
-                        "every such file is one sequence, or rename the files <subject>_<modality>.<ext>.")
+                        "every such file is one sequence, or rename the files <subject>_<modality>.<ext>."
+                    )
                 modality = single_modality
             label, files = subjects.setdefault(subject, (class_dir.name, {}))
             if label != class_dir.name:
-                raise DataError(f"subject {subject!r} appears in class folders {label!r} and {class_dir.name!r} "
-                                f"(file {path}); a subject has one label. Rename or remove one of them.")
+                raise DataError(
+                    f"subject {subject!r} appears in class folders {label!r} and {class_dir.name!r} "
+                    f"(file {path}); a subject has one label. Rename or remove one of them."
+                )
             if modality in files:
-                raise DataError(f"subject {subject!r} has two {modality} files: {files[modality]} and {path}; "
-                                "keep one.")
+                raise DataError(
+                    f"subject {subject!r} has two {modality} files: {files[modality]} and {path}; keep one."
+                )
             files[modality] = path
     return subjects
 
 
-def load_slice_folders(root: str | Path, *, image_size: int = 64, modalities: Sequence[str] = MODALITIES,
-                       class_names: Sequence[str] | None = None, single_modality: str | None = None,
-                       site: int = 0, clinical_csv: str | Path | None = None) -> Cohort:
+def load_slice_folders(
+    root: str | Path,
+    *,
+    image_size: int = 64,
+    modalities: Sequence[str] = MODALITIES,
+    class_names: Sequence[str] | None = None,
+    single_modality: str | None = None,
+    site: int = 0,
+    clinical_csv: str | Path | None = None,
+) -> Cohort:
     """Load 2D slices stored as ``root/<class>/<subject>_<modality>.<ext>`` into a :class:`Cohort`.
 
     Steps:
@@ -148,16 +177,21 @@ def load_slice_folders(root: str | Path, *, image_size: int = 64, modalities: Se
     check_image_size(image_size)
     modalities = canonical_modalities(modalities)
     if single_modality is not None and single_modality not in modalities:
-        raise DataError(f"single_modality={single_modality!r} is not one of modalities={list(modalities)}; "
-                        "pick one of them or add it to modalities.")
+        raise DataError(
+            f"single_modality={single_modality!r} is not one of modalities={list(modalities)}; "
+            "pick one of them or add it to modalities."
+        )
     if not root.is_dir():
         raise DataError(f"slice folder root {root} does not exist or is not a folder; pass root/<class>/<files>.")
     subjects = _scan_slice_folders(root, modalities, single_modality)
     if not subjects:
-        raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found under {root}/<class>/; "
-                        "check the path and the layout in this module's docstring.")
-    class_names = resolve_class_names((label for label, _ in subjects.values()), class_names,
-                                      where=f"class folders of {root}")
+        raise DataError(
+            f"no image files ({', '.join(IMAGE_SUFFIXES)}) found under {root}/<class>/; "
+            "check the path and the layout in this module's docstring."
+        )
+    class_names = resolve_class_names(
+        (label for label, _ in subjects.values()), class_names, where=f"class folders of {root}"
+    )
     order = sorted(subjects, key=lambda s: (class_names.index(subjects[s][0]), s))
 
     n, m = len(order), len(modalities)
@@ -170,16 +204,23 @@ def load_slice_folders(root: str | Path, *, image_size: int = 64, modalities: Se
     csv_path = Path(clinical_csv) if clinical_csv is not None else None
     clinical, clinical_mask = clinical_from_table(order, table, csv_path)
     return Cohort(
-        images=images, modality_mask=present, clinical=clinical, clinical_mask=clinical_mask,
+        images=images,
+        modality_mask=present,
+        clinical=clinical,
+        clinical_mask=clinical_mask,
         labels=np.array([class_names.index(subjects[s][0]) for s in order], dtype=np.int64),
-        sites=sites_from_table(order, table, csv_path, site), subject_ids=np.array(order, dtype=str),
-        modality_names=modalities, class_names=class_names, clinical_names=CLINICAL_FEATURES,
+        sites=sites_from_table(order, table, csv_path, site),
+        subject_ids=np.array(order, dtype=str),
+        modality_names=modalities,
+        class_names=class_names,
+        clinical_names=CLINICAL_FEATURES,
         meta={"source": "slice_folders", "root": str(root)},
     )
 
 
-def _load_subject_slices(subject: str, files: dict[str, Path], modalities: tuple[str, ...],
-                         image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _load_subject_slices(
+    subject: str, files: dict[str, Path], modalities: tuple[str, ...], image_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """One subject's (M, S, S) normalised, resized slices and its (M,) presence mask."""
     slices: dict[str, np.ndarray] = {}
     for name, path in files.items():
@@ -191,8 +232,10 @@ def _load_subject_slices(subject: str, files: dict[str, Path], modalities: tuple
             raise DataError(f"image {path}: {exc}") from exc  # normalise_intensity does not know the file
     shapes = {name: a.shape for name, a in slices.items()}
     if len(set(shapes.values())) > 1:
-        raise DataError(f"subject {subject!r} has sequences of different shapes {shapes} "
-                        f"({[str(p) for p in files.values()]}); co-register or re-export them at one size.")
+        raise DataError(
+            f"subject {subject!r} has sequences of different shapes {shapes} "
+            f"({[str(p) for p in files.values()]}); co-register or re-export them at one size."
+        )
     out = np.zeros((len(modalities), image_size, image_size), dtype=np.float32)
     mask = np.array([name in slices for name in modalities])
     stacked = resize_images(np.stack([slices[name] for name in modalities if name in slices]), image_size)
@@ -200,9 +243,15 @@ def _load_subject_slices(subject: str, files: dict[str, Path], modalities: tuple
     return out, mask
 
 
-def load_medmnist_npz(path: str | Path, *, split: str = "train", image_size: int | None = None,
-                      class_names: Sequence[str] | None = None, modality_name: str = "T1",
-                      site: int = 0) -> Cohort:
+def load_medmnist_npz(
+    path: str | Path,
+    *,
+    split: str = "train",
+    image_size: int | None = None,
+    class_names: Sequence[str] | None = None,
+    modality_name: str = "T1",
+    site: int = 0,
+) -> Cohort:
     """Load one split of a MedMNIST ``.npz`` already on disk as a single-sequence :class:`Cohort`.
 
     The cohort has M = 1 (``modality_names=(modality_name,)``); the model takes M from its config.
@@ -233,13 +282,17 @@ def load_medmnist_npz(path: str | Path, *, split: str = "train", image_size: int
     elif images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]  # (N, H, W, 1) -> (N, H, W)
     if images.ndim != 3:
-        raise DataError(f"{path}: {split}_images has shape {images.shape}; expected (N, H, W) or (N, H, W, 3). "
-                        "3D MedMNIST volumes are not supported: extract 2D slices first.")
+        raise DataError(
+            f"{path}: {split}_images has shape {images.shape}; expected (N, H, W) or (N, H, W, 3). "
+            "3D MedMNIST volumes are not supported: extract 2D slices first."
+        )
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]  # (N, 1) -> (N,)
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise DataError(f"{path}: {split}_labels has shape {labels.shape}; expected ({images.shape[0]}, 1). "
-                        "Multi-label datasets (e.g. ChestMNIST) need one label per image: convert them first.")
+        raise DataError(
+            f"{path}: {split}_labels has shape {labels.shape}; expected ({images.shape[0]}, 1). "
+            "Multi-label datasets (e.g. ChestMNIST) need one label per image: convert them first."
+        )
     labels = labels.astype(np.int64)
     n = labels.shape[0]
     if n == 0:
@@ -250,8 +303,10 @@ def load_medmnist_npz(path: str | Path, *, split: str = "train", image_size: int
         class_names = tuple(str(c) for c in range(int(labels.max()) + 1))
     class_names = tuple(class_names)
     if labels.max() >= len(class_names):
-        raise DataError(f"{path}: unknown label {int(labels.max())} in {split}_labels; class_names has only "
-                        f"{len(class_names)} entries {list(class_names)}. Pass the dataset's full class list.")
+        raise DataError(
+            f"{path}: unknown label {int(labels.max())} in {split}_labels; class_names has only "
+            f"{len(class_names)} entries {list(class_names)}. Pass the dataset's full class list."
+        )
 
     normalised = np.stack([normalise_intensity(img) for img in images.astype(np.float32)])  # (N, H, W)
     resized = resize_images(normalised, image_size)
@@ -260,9 +315,12 @@ def load_medmnist_npz(path: str | Path, *, split: str = "train", image_size: int
         modality_mask=np.ones((n, 1), dtype=bool),
         clinical=np.zeros((n, len(CLINICAL_FEATURES)), dtype=np.float32),
         clinical_mask=np.zeros((n, len(CLINICAL_FEATURES)), dtype=bool),
-        labels=labels, sites=np.full(n, int(site), dtype=np.int64),
+        labels=labels,
+        sites=np.full(n, int(site), dtype=np.int64),
         subject_ids=np.array([f"{path.stem}_{split}_{i:06d}" for i in range(n)], dtype=str),
-        modality_names=(modality_name,), class_names=class_names, clinical_names=CLINICAL_FEATURES,
+        modality_names=(modality_name,),
+        class_names=class_names,
+        clinical_names=CLINICAL_FEATURES,
         meta={"source": "medmnist_npz", "path": str(path), "split": split},
     )
 
@@ -276,12 +334,16 @@ def _read_medmnist_arrays(path: Path, split: str) -> tuple[np.ndarray, np.ndarra
         with np.load(path, allow_pickle=False) as archive:
             found = sorted(archive.files)
             if any(k not in found for k in keys):
-                raise DataError(f"MedMNIST file {path} lacks key(s) {[k for k in keys if k not in found]}; "
-                                f"keys found: {found}. Pass a MedMNIST .npz or another split.")
+                raise DataError(
+                    f"MedMNIST file {path} lacks key(s) {[k for k in keys if k not in found]}; "
+                    f"keys found: {found}. Pass a MedMNIST .npz or another split."
+                )
             images, labels = (np.asarray(archive[k]) for k in keys)  # npz members decompress on access
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise DataError(f"cannot read MedMNIST file {path}: {exc}. The file is corrupt or not an .npz "
-                        "(object arrays are refused: allow_pickle=False); download it again.") from exc
+        raise DataError(
+            f"cannot read MedMNIST file {path}: {exc}. The file is corrupt or not an .npz "
+            "(object arrays are refused: allow_pickle=False); download it again."
+        ) from exc
     return images, labels

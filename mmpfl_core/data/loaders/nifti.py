@@ -22,6 +22,7 @@ nibabel reads lazily: a truncated ``.nii.gz`` loads without complaint and fails 
 are read, and NaN voxels load silently (see FACTS.md). This loader therefore reads every volume in
 full at load time, inside one try/except, and checks for NaN, so that the error names the file.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -55,17 +56,23 @@ def load_nifti_image(path: str | Path) -> nib.Nifti1Image:
         img = nib.as_closest_canonical(nib.load(str(path)))
         volume = np.asarray(img.get_fdata(dtype=np.float32))  # forces the (lazy) read: truncation fails here
     except (EOFError, zlib.error, OSError, ValueError, ImageFileError) as exc:
-        raise DataError(f"cannot read NIfTI file {path}: {type(exc).__name__}: {one_line(exc)}. The file is truncated or "
-                        "corrupt; copy or export it again (check its size against the source).") from exc
+        raise DataError(
+            f"cannot read NIfTI file {path}: {type(exc).__name__}: {one_line(exc)}. The file is truncated or "
+            "corrupt; copy or export it again (check its size against the source)."
+        ) from exc
     while volume.ndim > 3 and volume.shape[-1] == 1:
         volume = volume[..., 0]  # (X, Y, Z, 1) -> (X, Y, Z): some tools write a singleton time axis
     if volume.ndim != 3:
-        raise DataError(f"NIfTI file {path} has shape {volume.shape}; expected a 3D volume (X, Y, Z). "
-                        "Split 4D series into one volume per file (e.g. fslsplit) and keep one.")
+        raise DataError(
+            f"NIfTI file {path} has shape {volume.shape}; expected a 3D volume (X, Y, Z). "
+            "Split 4D series into one volume per file (e.g. fslsplit) and keep one."
+        )
     if not np.all(np.isfinite(volume)):
         bad = int(np.size(volume) - np.count_nonzero(np.isfinite(volume)))
-        raise DataError(f"NIfTI file {path} contains {bad} NaN/Inf voxels; nibabel loads them silently. "
-                        "Fix the volume (e.g. replace NaN by 0 where outside the head) or remove the file.")
+        raise DataError(
+            f"NIfTI file {path} contains {bad} NaN/Inf voxels; nibabel loads them silently. "
+            "Fix the volume (e.g. replace NaN by 0 where outside the head) or remove the file."
+        )
     return nib.Nifti1Image(volume, img.affine)
 
 
@@ -86,11 +93,20 @@ def _find_sequence_files(subject_dir: Path, modalities: tuple[str, ...]) -> dict
     return found
 
 
-def load_nifti_subjects(root: str | Path, labels_csv: str | Path, *, image_size: int = 64,
-                        modalities: Sequence[str] = MODALITIES, class_names: Sequence[str] | None = None,
-                        slice_index: int | str | None = None, slices_per_subject: int = 1,
-                        site: int = 0, require_all: bool = False, resample: bool = False,
-                        site_column: str | None = None) -> Cohort:
+def load_nifti_subjects(
+    root: str | Path,
+    labels_csv: str | Path,
+    *,
+    image_size: int = 64,
+    modalities: Sequence[str] = MODALITIES,
+    class_names: Sequence[str] | None = None,
+    slice_index: int | str | None = None,
+    slices_per_subject: int = 1,
+    site: int = 0,
+    require_all: bool = False,
+    resample: bool = False,
+    site_column: str | None = None,
+) -> Cohort:
     """Load BraTS-like ``root/<subject>/<modality>.nii.gz`` volumes as axial 2D slices in a :class:`Cohort`.
 
     Steps:
@@ -126,9 +142,20 @@ def load_nifti_subjects(root: str | Path, labels_csv: str | Path, *, image_size:
             4D volumes, mismatched shapes or affines (without ``resample``), an unknown site column, unknown labels, a subject row without a folder or without any
             sequence, or (with ``require_all``) a missing sequence.
     """
-    return load_volume_subjects(root, labels_csv, find=_find_sequence_files, read=load_nifti_image,
-                                source="nifti_subjects", image_size=image_size, modalities=modalities,
-                                class_names=class_names, slice_index=slice_index,
-                                slices_per_subject=slices_per_subject, site=site, require_all=require_all,
-                                resample=resample, site_column=site_column,
-                                example="{m}.nii.gz or {s}_{m}.nii.gz")
+    return load_volume_subjects(
+        root,
+        labels_csv,
+        find=_find_sequence_files,
+        read=load_nifti_image,
+        source="nifti_subjects",
+        image_size=image_size,
+        modalities=modalities,
+        class_names=class_names,
+        slice_index=slice_index,
+        slices_per_subject=slices_per_subject,
+        site=site,
+        require_all=require_all,
+        resample=resample,
+        site_column=site_column,
+        example="{m}.nii.gz or {s}_{m}.nii.gz",
+    )

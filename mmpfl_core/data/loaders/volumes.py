@@ -25,6 +25,7 @@ What it must never do: guess. Unreadable files, NaN voxels, 4D volumes, mismatch
 labels, a labels row without a folder, and a named site column absent from the table are each a
 :class:`~mmpfl_core.errors.DataError` naming the file or subject and the fix.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,8 +36,15 @@ import numpy as np
 
 from ...errors import DataError
 from ..contract import CLINICAL_FEATURES, Cohort, normalise_intensity
-from .common import (canonical_modalities, check_image_size, clinical_from_table, read_subject_table,
-                             resize_images, resolve_class_names, sites_from_table)
+from .common import (
+    canonical_modalities,
+    check_image_size,
+    clinical_from_table,
+    read_subject_table,
+    resize_images,
+    resolve_class_names,
+    sites_from_table,
+)
 
 FindFiles = Callable[[Path, tuple[str, ...]], dict[str, Path]]
 ReadImage = Callable[[Path], nib.Nifti1Image]
@@ -61,8 +69,9 @@ def _grid_text(img: nib.Nifti1Image) -> str:
     return f"shape {tuple(img.shape)}, voxel {zooms} mm, origin {origin}, axes {''.join(nib.aff2axcodes(img.affine))}"
 
 
-def align_sequences(subject: str, images: dict[str, nib.Nifti1Image], files: dict[str, Path],
-                    resample: bool) -> dict[str, np.ndarray]:
+def align_sequences(
+    subject: str, images: dict[str, nib.Nifti1Image], files: dict[str, Path], resample: bool
+) -> dict[str, np.ndarray]:
     """The subject's volumes on one grid (the first sequence's), as float32 arrays.
 
     Raises:
@@ -81,8 +90,10 @@ def align_sequences(subject: str, images: dict[str, nib.Nifti1Image], files: dic
             raise DataError(
                 f"subject {subject!r} has sequences on {kind}: {names[0]} ({files[names[0]].name}) {_grid_text(reference)}; "
                 f"{name} ({files[name].name}) {_grid_text(img)}. Co-register them (e.g. ANTs, FSL flirt), or pass "
-                f"resample=True (--resample) to resample every sequence onto the {names[0]} grid.")
+                f"resample=True (--resample) to resample every sequence onto the {names[0]} grid."
+            )
         from nibabel.processing import resample_from_to  # needs scipy; imported only when used
+
         moved = resample_from_to(img, reference, order=1, mode="constant", cval=0.0)
         out[name] = np.asarray(moved.dataobj, dtype=np.float32)
     return out
@@ -99,13 +110,21 @@ def slice_indices(depth: int, slice_index: int | str | None, slices_per_subject:
     first = centre - slices_per_subject // 2
     indices = list(range(first, first + slices_per_subject))
     if indices[0] < 0 or indices[-1] >= depth:
-        raise DataError(f"{where}: axial slices {indices[0]}..{indices[-1]} fall outside the volume's "
-                        f"{depth} slices; choose slice_index/slices_per_subject within 0..{depth - 1}.")
+        raise DataError(
+            f"{where}: axial slices {indices[0]}..{indices[-1]} fall outside the volume's "
+            f"{depth} slices; choose slice_index/slices_per_subject within 0..{depth - 1}."
+        )
     return indices
 
 
-def _subject_slices(subject: str, volumes: dict[str, np.ndarray], modalities: tuple[str, ...], image_size: int,
-                    slice_index: int | str | None, slices_per_subject: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def _subject_slices(
+    subject: str,
+    volumes: dict[str, np.ndarray],
+    modalities: tuple[str, ...],
+    image_size: int,
+    slice_index: int | str | None,
+    slices_per_subject: int,
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """One subject's (K, M, S, S) slices, (M,) presence mask and the K axial indices taken."""
     depth = next(iter(volumes.values())).shape[2]
     indices = slice_indices(depth, slice_index, slices_per_subject, where=f"subject {subject!r}")
@@ -128,15 +147,31 @@ def _check_site_column(table: dict[str, dict[str, str]], labels_csv: Path, site_
     if site_column is None:
         return "site" if "site" in header else None
     if site_column.strip().lower() not in header:
-        raise DataError(f"site column {site_column!r} is not in {labels_csv}; its columns are {sorted(header)}. "
-                        "Name an existing column (integer site ids, -1 for public subjects) or omit the option.")
+        raise DataError(
+            f"site column {site_column!r} is not in {labels_csv}; its columns are {sorted(header)}. "
+            "Name an existing column (integer site ids, -1 for public subjects) or omit the option."
+        )
     return site_column.strip().lower()
 
 
-def load_volume_subjects(root: str | Path, labels_csv: str | Path, *, find: FindFiles, read: ReadImage,
-                         source: str, image_size: int, modalities: Sequence[str], class_names: Sequence[str] | None,
-                         slice_index: int | str | None, slices_per_subject: int, site: int, require_all: bool,
-                         resample: bool, site_column: str | None, example: str) -> Cohort:
+def load_volume_subjects(
+    root: str | Path,
+    labels_csv: str | Path,
+    *,
+    find: FindFiles,
+    read: ReadImage,
+    source: str,
+    image_size: int,
+    modalities: Sequence[str],
+    class_names: Sequence[str] | None,
+    slice_index: int | str | None,
+    slices_per_subject: int,
+    site: int,
+    require_all: bool,
+    resample: bool,
+    site_column: str | None,
+    example: str,
+) -> Cohort:
     """The shared pipeline of the module docstring; see :func:`load_nifti_subjects` for the arguments.
 
     ``example`` is a file name shown when a subject folder holds no sequence (``t1.nii.gz``).
@@ -147,8 +182,10 @@ def load_volume_subjects(root: str | Path, labels_csv: str | Path, *, find: Find
     if not isinstance(slices_per_subject, int) or slices_per_subject < 1:
         raise DataError(f"slices_per_subject={slices_per_subject!r} must be a positive integer.")
     if not root.is_dir():
-        raise DataError(f"{source} root {root} does not exist or is not a folder; pass the folder that holds "
-                        "one sub-folder per subject.")
+        raise DataError(
+            f"{source} root {root} does not exist or is not a folder; pass the folder that holds "
+            "one sub-folder per subject."
+        )
     table = read_subject_table(labels_csv, required=("subject", "label"))
     if not table:
         raise DataError(f"labels table {labels_csv} has no rows; add one row per subject.")
@@ -157,10 +194,13 @@ def load_volume_subjects(root: str | Path, labels_csv: str | Path, *, find: Find
         table = {s: {**row, "site": row[column]} for s, row in table.items()}
     unlabelled = [s for s, row in table.items() if not row["label"]]
     if unlabelled:
-        raise DataError(f"labels table {labels_csv} has an empty 'label' for subject(s) {unlabelled[:5]}; "
-                        "fill the label or delete the row.")
-    class_names = resolve_class_names((row["label"] for row in table.values()), class_names,
-                                      where=f"column 'label' of {labels_csv}")
+        raise DataError(
+            f"labels table {labels_csv} has an empty 'label' for subject(s) {unlabelled[:5]}; "
+            "fill the label or delete the row."
+        )
+    class_names = resolve_class_names(
+        (row["label"] for row in table.values()), class_names, where=f"column 'label' of {labels_csv}"
+    )
     subjects = sorted(table)
 
     rows, masks, groups, row_ids = [], [], [], []
@@ -168,8 +208,9 @@ def load_volume_subjects(root: str | Path, labels_csv: str | Path, *, find: Find
         files = subject_files(root, subject, modalities, require_all, find, example)
         images = {name: read(files[name]) for name in modalities if name in files}
         volumes = align_sequences(subject, images, files, resample)
-        slices, mask, indices = _subject_slices(subject, volumes, modalities, image_size, slice_index,
-                                                slices_per_subject)
+        slices, mask, indices = _subject_slices(
+            subject, volumes, modalities, image_size, slice_index, slices_per_subject
+        )
         rows.append(slices)
         masks.extend([mask] * slices_per_subject)
         groups.extend([subject] * slices_per_subject)
@@ -181,40 +222,58 @@ def load_volume_subjects(root: str | Path, labels_csv: str | Path, *, find: Find
     repeat = slices_per_subject  # per-subject values repeat for each of its slices
     on_disk = {p.name for p in root.iterdir() if p.is_dir()}
     return Cohort(
-        images=np.concatenate(rows), modality_mask=np.stack(masks),
-        clinical=np.repeat(clinical, repeat, axis=0), clinical_mask=np.repeat(clinical_mask, repeat, axis=0),
-        labels=np.repeat(labels, repeat), sites=np.repeat(sites, repeat), subject_ids=np.array(row_ids, dtype=str),
-        modality_names=modalities, class_names=class_names, clinical_names=CLINICAL_FEATURES,
+        images=np.concatenate(rows),
+        modality_mask=np.stack(masks),
+        clinical=np.repeat(clinical, repeat, axis=0),
+        clinical_mask=np.repeat(clinical_mask, repeat, axis=0),
+        labels=np.repeat(labels, repeat),
+        sites=np.repeat(sites, repeat),
+        subject_ids=np.array(row_ids, dtype=str),
+        modality_names=modalities,
+        class_names=class_names,
+        clinical_names=CLINICAL_FEATURES,
         # groups: the patient of each row (a plain list: the meta dict is written as JSON).
-        meta={"source": source, "root": str(root), "groups": groups, "resampled": bool(resample),
-              "unlabelled_subjects": sorted(on_disk - set(subjects))},
+        meta={
+            "source": source,
+            "root": str(root),
+            "groups": groups,
+            "resampled": bool(resample),
+            "unlabelled_subjects": sorted(on_disk - set(subjects)),
+        },
     )
 
 
-def subject_files(root: Path, subject: str, modalities: tuple[str, ...], require_all: bool,
-                  find: FindFiles, example: str) -> dict[str, Path]:
+def subject_files(
+    root: Path, subject: str, modalities: tuple[str, ...], require_all: bool, find: FindFiles, example: str
+) -> dict[str, Path]:
     """The subject's sequence files, checking the folder exists and (optionally) holds every sequence."""
     subject_dir = root / subject
     if not subject_dir.is_dir():
-        raise DataError(f"subject {subject!r} is listed in the labels table but folder {subject_dir} does not "
-                        "exist; add the folder or delete the row.")
+        raise DataError(
+            f"subject {subject!r} is listed in the labels table but folder {subject_dir} does not "
+            "exist; add the folder or delete the row."
+        )
     files = find(subject_dir, modalities)
     missing = [m for m in modalities if m not in files]
     if not files or (require_all and missing):
-        raise DataError(f"subject folder {subject_dir} lacks sequence(s) {missing}; expected entries like "
-                        f"{example.format(m=modalities[0].lower(), s=subject)}"
-                        + (" (require_all=True)." if files else "."))
+        raise DataError(
+            f"subject folder {subject_dir} lacks sequence(s) {missing}; expected entries like "
+            f"{example.format(m=modalities[0].lower(), s=subject)}" + (" (require_all=True)." if files else ".")
+        )
     return files
 
 
-def assign_sequence(found: dict[str, Path], modalities: Sequence[str], stem: str, path: Path, subject_dir: Path,
-                    kind: str) -> None:
+def assign_sequence(
+    found: dict[str, Path], modalities: Sequence[str], stem: str, path: Path, subject_dir: Path, kind: str
+) -> None:
     """Record ``path`` under the modality its lower-cased ``stem`` names (``t1`` or ``*_t1``; ``_t1`` does not
     match ``_t1ce``), refusing a second file or folder for the same modality (``kind`` names which)."""
     for modality in modalities:
         key = modality.lower()
         if stem == key or stem.endswith("_" + key):
             if modality in found:
-                raise DataError(f"subject folder {subject_dir} has two {modality} {kind}: "
-                                f"{found[modality].name} and {path.name}; keep one.")
+                raise DataError(
+                    f"subject folder {subject_dir} has two {modality} {kind}: "
+                    f"{found[modality].name} and {path.name}; keep one."
+                )
             found[modality] = path
