@@ -220,7 +220,11 @@ def projection_test(config: NeighbourConfig = NeighbourConfig(), *, variant: str
                 score += weight * x / sigma[g] ** 2
             stats[1].extend(score[world].tolist())
             stats[0].extend(score[~world].tolist())
-    label = f"{config.strategy}/{config.placement}/projection"
+    return _bound(config, stats, claimed, variant, "projection")
+
+
+def _bound(config: NeighbourConfig, stats, claimed, variant: str, kind: str) -> DistinguishingResult:
+    """The lower bound on epsilon from the two worlds' statistics (``stats[0]``: without, ``stats[1]``: with)."""
     return distinguishing_lower_bound(
         np.array(stats[0]),
         np.array(stats[1]),
@@ -229,7 +233,7 @@ def projection_test(config: NeighbourConfig = NeighbourConfig(), *, variant: str
         confidence=config.confidence,
         claimed_epsilon=claimed,
         variant=variant,
-        label=label,
+        label=f"{config.strategy}/{config.placement}/{kind}",
     )
 
 
@@ -265,14 +269,4 @@ def participation_test(
             sigma = _sigma_per_param(strategy, t, start)
             stat = sum(float(((total[g] - known_clipped[g].double()) ** 2).sum()) / sigma[g] ** 2 for g in _GROUPS)
             stats[int(world[t - 1])].append(stat)
-    label = f"{config.strategy}/{config.placement}/participation"
-    return distinguishing_lower_bound(
-        np.array(stats[0]),
-        np.array(stats[1]),
-        delta=config.delta,
-        rng=numpy_generator(config.seed, _SPLIT),
-        confidence=config.confidence,
-        claimed_epsilon=claimed,
-        variant=variant,
-        label=label,
-    )
+    return _bound(config, stats, claimed, variant, "participation")

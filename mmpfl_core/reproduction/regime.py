@@ -151,30 +151,22 @@ def regime_runs(
                         progress,
                         only_finished,
                     )
+                    cell = {
+                        "sites": n,
+                        "seed": seed,
+                        "method": label,
+                        "private": private,
+                        "communicates": _communicates(method),
+                        "epsilon": epsilon if private else float("nan"),
+                    }
                     if summary is None:
-                        rows.append(
-                            {
-                                "sites": n,
-                                "seed": seed,
-                                "method": label,
-                                "private": private,
-                                "communicates": _communicates(method),
-                                "epsilon": epsilon if private else float("nan"),
-                                "personal acc": float("nan"),
-                                "missing": True,
-                            }
-                        )
+                        rows.append({**cell, "personal acc": float("nan"), "missing": True})
                         continue
                     privacy = summary.get("privacy", {})
                     z, qn = privacy.get("noise_multiplier"), privacy.get("expected_participants")
                     rows.append(
                         {
-                            "sites": n,
-                            "seed": seed,
-                            "method": label,
-                            "private": private,
-                            "communicates": _communicates(method),
-                            "epsilon": epsilon if private else float("nan"),
+                            **cell,
                             "personal acc": summary["personal_test"]["accuracy"]["point"],
                             "epsilon spent": summary.get("final", {}).get("epsilon"),
                             "noise multiplier": z,
