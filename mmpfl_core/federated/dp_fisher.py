@@ -40,14 +40,13 @@ from ..privacy import (
     predicted_noise_loss,
     uniform_noise_allocation,
 )
-from ..seeding import torch_generator
+from ..seeding import Stream, torch_generator
 from .config import FederatedConfig
 from .dp_strategies import DPFedAvg
 from .strategies import State, register_strategy
 
 __all__ = ["DPFedAvgFisher"]
 
-_FISHER_STREAM = 42
 logger = logging.getLogger(__name__)
 
 
@@ -140,7 +139,7 @@ class DPFedAvgFisher(DPFedAvg):
                 self._public_batches(),
                 labels="model",
                 method=method,
-                generator=torch_generator(self.seed, _FISHER_STREAM, round_index),
+                generator=torch_generator(self.seed, Stream.FISHER_NOISE, round_index),
                 max_batches=self.fisher_max_batches,
             )
 

@@ -91,7 +91,7 @@ from ..privacy import (
 )
 from ..privacy.dp_sgd import SampleLevelDP
 from ..privacy.release import NOISE_MODES, RoundRelease
-from ..seeding import torch_generator
+from ..seeding import Stream, torch_generator
 from .client import ClientUpdate
 from .config import FederatedConfig
 from .sample_level import SampleLevelHooks
@@ -101,7 +101,6 @@ from .strategies import State, StopTraining, register_strategy
 __all__ = ["CLIP_INDICATOR", "DPFedAvg", "NOISE_MODES", "check_noise_mode"]
 
 logger = logging.getLogger(__name__)
-_NOISE_STREAM = 41
 #: Adaptive clipping keeps C within [C_0 / R, C_0 R] (a public constant; post-processing).
 _ADAPTIVE_RANGE = 100.0
 #: Reserved key of the transmitted dict that carries the (noised) adaptive-clipping indicator.
@@ -325,7 +324,7 @@ class DPFedAvg(SampleLevelHooks):
         derived from (seed, round, party) (reproducible-insecure: resume is bit-exact, nothing is private)."""
         if self.secret_randomness:
             return NoiseSource.secure()
-        return NoiseSource(generator=torch_generator(self.seed, _NOISE_STREAM, round_index, party))
+        return NoiseSource(generator=torch_generator(self.seed, Stream.DP_NOISE, round_index, party))
 
     # ------------------------------------------------------------------ round hooks
     def select(self, client_ids: Sequence[int], config: FederatedConfig, rng: Any) -> list[int]:

@@ -34,14 +34,13 @@ from torch import nn
 
 from ..data.contract import CohortDataset
 from ..errors import ConfigError, check_range
-from ..seeding import torch_generator
+from ..seeding import Stream, torch_generator
 from .kl_scores import kl_group_scores
 from .release import ScoreRelease
 
 __all__ = ["DynamicKLMasks", "MaskSchedule", "PersonalizationMasks"]
 
 MaskMode = Literal["threshold", "top_fraction"]
-_SCORE_RELEASE_STREAM = 41  # (seed, 41, round, site): the noise of a site's score release
 
 
 @dataclass(frozen=True)
@@ -312,9 +311,7 @@ class DynamicKLMasks:
                 model, global_state, trained_state, val, to_score, batch_size=self.score_batch_size
             )
             if self.release is not None:
-                scores = self.release.apply(
-                    scores, torch_generator(self.seed, _SCORE_RELEASE_STREAM, round_index, site)
-                )
+                scores = self.release.apply(scores, torch_generator(self.seed, Stream.SCORE_RELEASE, round_index, site))
         self.masks.update(site, round_index, scores, forced_personal)
         return True
 
