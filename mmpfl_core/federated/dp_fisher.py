@@ -30,10 +30,10 @@ from torch import nn
 
 from ..data.contract import CohortDataset
 from ..data.federation import Federation
-from ..errors import ConfigError, PrivacyError
+from ..errors import ConfigError
 from ..privacy import (
     diagonal_fisher,
-    effective_multiplier_of,
+    check_effective_multiplier,
     fisher_noise_allocation,
     fisher_weighted_noise,
     group_fisher,
@@ -169,12 +169,7 @@ class DPFedAvgFisher(DPFedAvg):
             return {g: 0.0 for g in self.groups}
         self.refresh_fisher(round_index, global_state)
         alloc = self.choose_allocation(self.group_sizes, self.clip_bounds, round_index)
-        z_eff = effective_multiplier_of(alloc)
-        if not math.isclose(z_eff, self.update_noise_multiplier, rel_tol=1e-9):
-            raise PrivacyError(
-                f"Fisher allocation has z_eff={z_eff!r} != z={self.update_noise_multiplier!r}; "
-                "the round would not be accounted correctly (report this bug)."
-            )
+        check_effective_multiplier(alloc.clip_bounds, alloc.sigmas, self.update_noise_multiplier, "Fisher allocation")
         self.last_allocation = alloc
         return dict(alloc.sigmas)
 

@@ -51,6 +51,7 @@ from typing import Any
 from collections.abc import Mapping, Sequence
 
 from mmpfl_core.errors import PrivacyError
+from mmpfl_core.privacy.allocation import check_effective_multiplier, effective_multiplier
 from mmpfl_core.privacy.mechanisms import (
     NoisePlacement,
     ReleaseAccounting,
@@ -218,13 +219,9 @@ class RoundRelease:
                 f"released groups {zero} have sigma_g = 0 while z = {self.noise_multiplier!r}: they "
                 "would be released with no noise (infinite privacy loss)."
             )
-        z_eff = self.effective_multiplier()
-        if not math.isclose(z_eff, self.noise_multiplier, rel_tol=_REL_TOL):
-            raise PrivacyError(
-                f"(sum_g C_g^2 / sigma_g^2)^(-1/2) over the released groups is {z_eff!r}, not the "
-                f"accounted noise_multiplier={self.noise_multiplier!r}; the ledger would not cover "
-                "the release."
-            )
+        check_effective_multiplier(
+            {g: self.clip_bounds[g] for g in released}, self.sigmas, self.noise_multiplier, "release"
+        )
 
     # ------------------------------------------------------------------ public quantities
     @property
@@ -240,12 +237,7 @@ class RoundRelease:
     def effective_multiplier(self) -> float:
         """z_eff = (sum_{g in S} C_g^2 / sigma_g^2)^(-1/2) (DESIGN 4.1): inf when S is empty (nothing
         released), 0 when a released group has no noise."""
-        released = self.released_groups
-        if not released:
-            return math.inf
-        if any(self.sigmas[g] == 0 for g in released):
-            return 0.0
-        return sum(self.clip_bounds[g] ** 2 / self.sigmas[g] ** 2 for g in released) ** -0.5
+        return effective_multiplier({g: self.clip_bounds[g] for g in self.released_groups}, self.sigmas)
 
     def accounting(self) -> ReleaseAccounting:
         """What the ledger is given for this round: the update's z_eff, combined with the adaptive-clipping
