@@ -65,7 +65,6 @@ import functools
 import logging
 import math
 import operator
-import warnings
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Iterable, Sequence
@@ -90,7 +89,7 @@ from ..privacy import (
     validate_update,
 )
 from ..privacy.dp_sgd import SampleLevelDP
-from ..privacy.release import NOISE_MODES, RoundRelease
+from ..privacy.release import NOISE_MODES, RoundRelease, check_noise_mode
 from ..seeding import Stream, torch_generator
 from .client import ClientUpdate
 from .config import FederatedConfig
@@ -105,24 +104,6 @@ logger = logging.getLogger(__name__)
 _ADAPTIVE_RANGE = 100.0
 #: Reserved key of the transmitted dict that carries the (noised) adaptive-clipping indicator.
 CLIP_INDICATOR = "_dp.clip_indicator"
-
-
-def check_noise_mode(noise: str, who: str) -> bool:
-    """Validate a ``noise=`` setting; warn for the reproducible mode. Returns True when secure."""
-    if noise == "seeded":
-        raise ConfigError(
-            f"{who} noise='seeded' was renamed noise='reproducible-insecure' (it is not private: the "
-            "noise can be regenerated from the seed); private runs use the default noise='secure'."
-        )
-    if noise not in NOISE_MODES:
-        raise ConfigError(f"{who} noise={noise!r} is unknown; use one of {list(NOISE_MODES)}.")
-    if noise != "secure":
-        warnings.warn(
-            f"{who} with noise={noise!r}: {NOT_PRIVATE_WARNING}. Use noise='secure' for a private run.",
-            UserWarning,
-            stacklevel=3,
-        )
-    return noise == "secure"
 
 
 #: (adjacency, trust model) of each placement, written to the summary (NoisePlacement has the argument).
