@@ -242,8 +242,8 @@ class DPFedAvgFisher(DPFedAvg):
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         super().load_state_dict(tensors, state)
-        self.fisher = state.get("fisher")
-        self._fisher_round = state.get("fisher_round")  # absent in older checkpoints: re-estimated next round
-        self._fallback_rounds = int(state.get("fallback_rounds", 0))
-        self.allocation_used = state.get("allocation_used", "fisher")
-        self.fallback_reason = state.get("fallback_reason", "")
+        self.fisher = state["fisher"]
+        self._fisher_round = state["fisher_round"]
+        self._fallback_rounds = int(state["fallback_rounds"])
+        self.allocation_used = state["allocation_used"]
+        self.fallback_reason = state["fallback_reason"]

@@ -146,7 +146,6 @@ class DPFedAvg(SampleLevelHooks):
         accountant: "prv" (default), "rdp" or "pld".
         adaptive_clipping, target_quantile, clip_lr, count_noise_multiplier: Andrew et al. 2021
             (default z_b = 10 z: the count takes 1 % of the round's budget in zCDP terms).
-        min_participants: removed (shares are sigma_g^2 / m for the announced count m; passing it is an error).
         noise: "secure" (default: OS CSPRNG, private) or "reproducible-insecure" (from the seed; teaching
             and tests only, NOT private). budget_stop: stop before a round that would exceed the budget.
         sample_level_dp: optional kwargs of :class:`SampleLevelDP` to add DP-SGD inside each site.
@@ -170,7 +169,6 @@ class DPFedAvg(SampleLevelHooks):
         target_quantile: float = 0.5,
         clip_lr: float = 0.2,
         count_noise_multiplier: float | None = None,
-        min_participants: int | None = None,
         noise: str = "secure",
         budget_stop: bool = True,
         calibration_rounds: int | None = None,
@@ -203,12 +201,6 @@ class DPFedAvg(SampleLevelHooks):
             )
         if adaptive_clipping and placement == "local":
             raise ConfigError("dp-fedavg adaptive_clipping=True needs placement 'server' or 'distributed'.")
-        if min_participants is not None:
-            raise ConfigError(
-                f"dp-fedavg min_participants={min_participants!r} is no longer a setting: with "
-                "placement='distributed' each site adds sigma^2/m for the m participants the server "
-                "announces, so the aggregate's noise never depends on who took part; drop the key."
-            )
         if calibration_rounds is not None and calibration_rounds < 1:
             raise ConfigError(f"dp-fedavg calibration_rounds={calibration_rounds!r} must be >= 1.")
         self.target_epsilon, self.delta, self.clip_norm = target_epsilon, float(delta), float(clip_norm)
@@ -690,6 +682,6 @@ class DPFedAvg(SampleLevelHooks):
         self.ledger.load_state_dict(state["ledger"])
         self._set_bounds(float(state["clip_norm"]))
         self._dropped_total = int(state["dropped_total"])
-        self._topped_up_total = int(state.get("topped_up_total", 0))
+        self._topped_up_total = int(state["topped_up_total"])
         if self.sample_dp is not None:
             self.sample_dp.load_state_dict(state["sample_dp"])

@@ -457,6 +457,6 @@ class MMPFLADP(DPFedAvgFisher):
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         super().load_state_dict(tensors, state)
         self.masker.load_state_dict(state["masker"])
-        self.drowned = frozenset(state.get("drowned", ()))
-        self._skipped_rounds = int(state.get("skipped_rounds", 0))
+        self.drowned = frozenset(state["drowned"])
+        self._skipped_rounds = int(state["skipped_rounds"])
         self._set_bounds(self.clip_norm)
