@@ -122,13 +122,6 @@ class DPFedAvgFisher(DPFedAvg):
         # cost 30x a FedAvg round on a CPU copy (bench/results/client_dp_overhead_paper_cuda.md).
         self._model = copy.deepcopy(model)
 
-    def _public_batches(self):
-        n = len(self._public)
-        for start in range(0, n, self.fisher_batch_size):
-            b = self._public.batch(torch.arange(start, min(n, start + self.fisher_batch_size)))
-            device = next(self._model.parameters()).device
-            yield tuple(b[k].to(device) for k in ("images", "modality_mask", "clinical")), b["label"].to(device)
-
     def compute_fisher(self, round_index: int, global_state: State) -> dict[str, float]:
         """Mean diagonal Fisher per group of the global model on the public set (no private data)."""
         self._model.load_state_dict(global_state, strict=False)
@@ -136,7 +129,7 @@ class DPFedAvgFisher(DPFedAvg):
         def run(method: str) -> dict[str, torch.Tensor]:
             return diagonal_fisher(
                 self._model,
-                self._public_batches(),
+                self._public.input_batches(self.fisher_batch_size, next(self._model.parameters()).device),
                 labels="model",
                 method=method,
                 generator=torch_generator(self.seed, Stream.FISHER_NOISE, round_index),
