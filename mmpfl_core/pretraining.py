@@ -39,7 +39,7 @@ from .data.scanners import reference_profile
 from .data.synthetic import SyntheticCohortConfig, generate_subjects
 from .errors import ConfigError, check_range
 from .centralized import TrainedModel, TrainingRecipe, train_centralized
-from .seeding import numpy_generator
+from .seeding import Stream, numpy_generator
 
 __all__ = [
     "PRIVATE_PARTS",
@@ -59,9 +59,6 @@ PRIVATE_PARTS: dict[str, tuple[str, ...] | None] = {
     "head+norm+clinical": ("clinical", "norm", "head"),
     "all": None,
 }
-
-#: Stream of the public cohort's scanner noise; the cohort's subjects come from its own seed.
-_PUBLIC_SCAN_STREAM = 91
 
 
 @dataclass(frozen=True)
@@ -109,7 +106,7 @@ def public_cohort(
         SyntheticCohortConfig(num_subjects=num_subjects, image_size=image_size, difficulty=difficulty, seed=int(seed))
     )
     assert isinstance(subjects, Cohort)  # without return_tissue_maps it is the cohort alone
-    return acquire_cohort(subjects, reference_profile(), numpy_generator(int(seed), _PUBLIC_SCAN_STREAM), site=-1)
+    return acquire_cohort(subjects, reference_profile(), numpy_generator(int(seed), Stream.PUBLIC_SCAN), site=-1)
 
 
 def pretrain_public_model(

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from mmpfl_core.errors import PrivacyError
 from mmpfl_core.privacy.accounting import effective_noise_multiplier
 from mmpfl_core.privacy.allocation import (
+    check_effective_multiplier,
     clip_bounds_from_sizes,
+    effective_multiplier,
     effective_multiplier_of,
     fisher_noise_allocation,
     fisher_weighted_noise,
@@ -27,6 +29,18 @@ def z_eff(alloc):
     groups = list(alloc)
     return effective_noise_multiplier([alloc.clip_bounds[g] for g in groups],
                                       [alloc[g] for g in groups])
+
+
+def test_the_one_z_eff_check_accepts_the_allocation_and_rejects_a_broken_one():
+    bounds = clip_bounds_from_sizes(SIZES, 1.0)
+    alloc = fisher_noise_allocation(group_sizes=SIZES, fisher=FISHER, clip_bounds=bounds, noise_multiplier=1.3)
+    assert check_effective_multiplier(bounds, alloc.sigmas, 1.3, "test") == pytest.approx(z_eff(alloc), rel=1e-12)
+    # Broken: one group's noise 1% too small, so the ledger (charged for z = 1.3) would undercount.
+    broken = {**alloc.sigmas, "head": alloc.sigmas["head"] * 0.99}
+    with pytest.raises(PrivacyError, match="would not cover"):
+        check_effective_multiplier(bounds, broken, 1.3, "test")
+    assert effective_multiplier({}, {}) == math.inf
+    assert effective_multiplier(bounds, {**alloc.sigmas, "head": 0.0}) == 0.0
 
 
 @pytest.mark.parametrize("z", [0.5, 1.0, 6.0])

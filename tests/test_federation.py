@@ -140,3 +140,17 @@ def test_summary_table(fed):
     assert (sites[class_cols].sum(axis=1) == sites[["n_train", "n_val", "n_test"]].sum(axis=1)).all()
     assert table.loc[1, "missing_sequences"] == "T2"
     assert table[class_cols].to_numpy().sum() == COHORT.num_subjects
+
+
+def test_input_batches_cover_the_dataset_in_order(fed):
+    # The one batching of the Fisher passes (public set in dp-fedavg-fisher, scoring data in feddpa).
+    from mmpfl_core.data.contract import CohortDataset
+
+    data = CohortDataset(fed.public)
+    batches = list(data.input_batches(7))
+    assert [len(y) for _, y in batches] == [7] * (len(data) // 7) + ([len(data) % 7] if len(data) % 7 else [])
+    images, mask, clinical = (np.concatenate([x[i].numpy() for x, _ in batches]) for i in range(3))
+    np.testing.assert_array_equal(images, fed.public.images)
+    np.testing.assert_array_equal(mask, fed.public.modality_mask)
+    np.testing.assert_array_equal(clinical, fed.public.clinical)
+    np.testing.assert_array_equal(np.concatenate([y.numpy() for _, y in batches]), fed.public.labels)

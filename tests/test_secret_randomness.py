@@ -130,7 +130,7 @@ def test_dp_sgd_noise_is_secret_by_default(tiny_federation, tiny_model_factory):
     assert math.isfinite(float(states[0]["head.weight"].sum()))
 
 
-def test_old_seeded_name_is_refused_with_the_new_name():
+def test_an_unknown_noise_mode_is_refused_naming_the_modes():
     with pytest.raises(ConfigError, match="reproducible-insecure"):
         create_strategy("dp-fedavg", noise_multiplier=1.0, noise="seeded")
     with pytest.raises(ConfigError, match="reproducible-insecure"):

@@ -38,13 +38,12 @@ from ..errors import ConfigError
 from ..federated.strategies import create_strategy  # first: it registers every strategy module
 from ..federated.client import ClientUpdate
 from ..federated.config import FederatedConfig
-from ..seeding import numpy_generator
+from ..seeding import Stream, numpy_generator
 from .audit import AuditResult, one_run_audit
 from .variants import BROKEN_VARIANTS as ALL_VARIANTS, broken_mechanism
 
 __all__ = ["BROKEN_VARIANTS", "CanaryAuditConfig", "audit_client_level_dp", "broken_mechanism"]
 
-_COIN_STREAM, _SAMPLING_STREAM = 71, 72
 _PARAM = "canary"
 
 
@@ -120,13 +119,13 @@ def audit_client_level_dp(
     client_ids = list(range(m))
     # DP-FedAvg's configure reads sampling, the clients and the model; the federation is unused (no data).
     strategy.configure(config=fed_config, federation=None, client_ids=client_ids, model=model)
-    included = numpy_generator(config.seed, _COIN_STREAM).random(m) < 0.5
+    included = numpy_generator(config.seed, Stream.CANARY_COIN).random(m) < 0.5
     start = {_PARAM: torch.zeros(m)}
     state = dict(start)
     with broken_mechanism(variant, strategy):
         for t in range(1, config.num_rounds + 1):
             strategy.before_round(t)
-            sampled = strategy.select(client_ids, fed_config, numpy_generator(config.seed, _SAMPLING_STREAM, t))
+            sampled = strategy.select(client_ids, fed_config, numpy_generator(config.seed, Stream.CANARY_SAMPLING, t))
             updates, sent = [], []
             for i in (c for c in sampled if included[c]):
                 delta = torch.zeros(m)

@@ -50,7 +50,7 @@ from ..federated.client import ClientUpdate
 from ..federated.config import FederatedConfig
 from ..federated.dp_strategies import DPFedAvg
 from ..privacy.clipping import clip_per_group
-from ..seeding import numpy_generator
+from ..seeding import Stream, numpy_generator
 from .distinguishing import DistinguishingResult, distinguishing_lower_bound
 from .variants import broken_mechanism
 
@@ -60,7 +60,6 @@ __all__ = ["NeighbourConfig", "REPRODUCIBLE_NOISE", "participation_test", "proje
 #: CI. Production noise stays secret; this name appears wherever audit results are shown.
 REPRODUCIBLE_NOISE = "reproducible-insecure"
 STRATEGIES = ("dp-fedavg", "dp-fedavg-fisher", "mm-pfl-adp")
-_COIN, _SAMPLING, _SPLIT, _MASK = 81, 82, 83, 84
 _GROUPS = ("a", "b")
 
 
@@ -158,7 +157,7 @@ def _sigma_per_param(strategy, round_index: int, state: dict[str, torch.Tensor])
 def _release(strategy, fed, present: list[int], deltas, round_index: int, start):
     """One round of the real release: select, start states, transmit, aggregate. Returns (sum, sent)."""
     strategy.before_round(round_index)
-    sampled = strategy.select(present, fed, numpy_generator(fed.seed, _SAMPLING, round_index))
+    sampled = strategy.select(present, fed, numpy_generator(fed.seed, Stream.NEIGHBOUR_SAMPLING, round_index))
     updates, sent = [], {}
     for i in sampled:
         strategy.client_start_state(i, start)
@@ -178,7 +177,7 @@ def projection_test(config: NeighbourConfig = NeighbourConfig(), *, variant: str
     strategy, fed = _strategy(config, model, ids, config.num_releases)
     start = {g: torch.zeros(k) for g in _GROUPS}
     local = config.placement == "local"
-    masked = numpy_generator(config.seed, _MASK).random(k) < config.masked_fraction
+    masked = numpy_generator(config.seed, Stream.NEIGHBOUR_MASK).random(k) < config.masked_fraction
     if config.strategy == "mm-pfl-adp":  # the real mask selection: a score above the threshold -> personal
         for i in np.flatnonzero(masked):
             strategy.masker.masks.update(int(i), 0, {"a": 0.0, "b": 1.0})
@@ -197,7 +196,7 @@ def projection_test(config: NeighbourConfig = NeighbourConfig(), *, variant: str
     claimed = None
     with broken_mechanism(variant, strategy):
         for t in range(1, config.num_releases + 1):
-            world = numpy_generator(config.seed, _COIN, t).random(k) < 0.5  # True: canary i in D1
+            world = numpy_generator(config.seed, Stream.NEIGHBOUR_COIN, t).random(k) < 0.5  # True: canary i in D1
 
             def deltas(i: int, world: np.ndarray = world) -> dict[str, torch.Tensor]:  # bound now, not late
                 sign = 1.0 if (world[i] or not local) else -1.0
@@ -229,7 +228,7 @@ def _bound(config: NeighbourConfig, stats, claimed, variant: str, kind: str) -> 
         np.array(stats[0]),
         np.array(stats[1]),
         delta=config.delta,
-        rng=numpy_generator(config.seed, _SPLIT),
+        rng=numpy_generator(config.seed, Stream.NEIGHBOUR_SPLIT),
         confidence=config.confidence,
         claimed_epsilon=claimed,
         variant=variant,
@@ -251,7 +250,7 @@ def participation_test(
     known = {g: torch.zeros(size) for g in _GROUPS}
     known["a"][0] = config.canary_norm  # site 0's update: known to the adversary (clipped below)
     known_clipped, _ = clip_per_group(known, strategy.groups, strategy.clip_bounds)
-    world = numpy_generator(config.seed, _COIN).random(runs) < 0.5
+    world = numpy_generator(config.seed, Stream.NEIGHBOUR_COIN).random(runs) < 0.5
     stats = {0: [], 1: []}
     claimed = None
     with broken_mechanism(variant, strategy):

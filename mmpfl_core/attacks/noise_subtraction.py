@@ -31,11 +31,11 @@ from torch import nn
 
 from ..data.federation import Federation
 from ..federated.config import FederatedConfig
-from ..federated.dp_strategies import _NOISE_STREAM, DPFedAvg
+from ..federated.dp_strategies import DPFedAvg
 from ..federated.simulation import FederatedSimulation
 from ..federated.strategies import create_strategy
 from ..privacy.mechanisms import NoisePlacement, NoiseSource, gaussian_noise_like
-from ..seeding import torch_generator
+from ..seeding import Stream, torch_generator
 
 __all__ = ["NoiseSubtractionResult", "attack_one_round", "subtract_regenerated_noise"]
 
@@ -71,7 +71,7 @@ def subtract_regenerated_noise(
     Every input is public or published: the released models before and after round t, the round's
     per-group noise scales and groups, the fixed denominator qN and the seed of the run directory.
     """
-    source = NoiseSource(generator=torch_generator(seed, _NOISE_STREAM, round_index, 0))
+    source = NoiseSource(generator=torch_generator(seed, Stream.DP_NOISE, round_index, 0))
     regenerated = gaussian_noise_like({n: before[n] for n in before}, dict(sigmas), groups, source)
     return {n: (after[n] - before[n]).double() * expected_participants - regenerated[n].double() for n in before}
 

@@ -35,7 +35,7 @@ from ..data.federation import Federation
 from ..errors import ConfigError
 from ..federated.evaluation import predict_proba
 from ..federated.simulation import RunResult
-from ..seeding import numpy_generator
+from ..seeding import Stream, numpy_generator
 from .membership import (
     AttackMetrics,
     attack_metrics,
@@ -55,7 +55,6 @@ __all__ = [
 ]
 
 Target = Literal["global", "personal"]
-_BOOTSTRAP_STREAM = 81
 
 
 @dataclass(frozen=True)
@@ -192,7 +191,7 @@ def run_membership_attacks(
             s,
             num_resamples=config.num_resamples,
             fpr_levels=config.fpr_levels,
-            rng=numpy_generator(config.seed, _BOOTSTRAP_STREAM, i),
+            rng=numpy_generator(config.seed, Stream.ATTACK_BOOTSTRAP, i),
         )
         for i, (name, s) in enumerate(scores.items())
     }

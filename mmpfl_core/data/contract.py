@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from typing import Any
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -282,3 +282,18 @@ class CohortDataset(Dataset):
             "label": self.labels[idx],  # (B,)
             "site": self.sites[idx],  # (B,)
         }
+
+    def input_batches(
+        self, batch_size: int, device: torch.device | str = "cpu"
+    ) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """Consecutive batches in dataset order as ``((images, modality_mask, clinical), labels)`` on ``device``.
+
+        The ``(inputs, labels)`` form :func:`~mmpfl_core.privacy.fisher.diagonal_fisher` reads (the
+        server's public-set Fisher, a site's Fisher scores). Lazy: a caller that stops after
+        ``max_batches`` never indexes the rest.
+        """
+        n = len(self)
+        for start in range(0, n, batch_size):
+            b = self.batch(torch.arange(start, min(n, start + batch_size)))
+            inputs = (b["images"].to(device), b["modality_mask"].to(device), b["clinical"].to(device))
+            yield inputs, b["label"].to(device)

@@ -30,24 +30,23 @@ from torch import nn
 
 from ..data.contract import CohortDataset
 from ..data.federation import Federation
-from ..errors import ConfigError, PrivacyError
+from ..errors import ConfigError
 from ..privacy import (
     diagonal_fisher,
-    effective_multiplier_of,
+    check_effective_multiplier,
     fisher_noise_allocation,
     fisher_weighted_noise,
     group_fisher,
     predicted_noise_loss,
     uniform_noise_allocation,
 )
-from ..seeding import torch_generator
+from ..seeding import Stream, torch_generator
 from .config import FederatedConfig
 from .dp_strategies import DPFedAvg
 from .strategies import State, register_strategy
 
 __all__ = ["DPFedAvgFisher"]
 
-_FISHER_STREAM = 42
 logger = logging.getLogger(__name__)
 
 
@@ -123,13 +122,6 @@ class DPFedAvgFisher(DPFedAvg):
         # cost 30x a FedAvg round on a CPU copy (bench/results/client_dp_overhead_paper_cuda.md).
         self._model = copy.deepcopy(model)
 
-    def _public_batches(self):
-        n = len(self._public)
-        for start in range(0, n, self.fisher_batch_size):
-            b = self._public.batch(torch.arange(start, min(n, start + self.fisher_batch_size)))
-            device = next(self._model.parameters()).device
-            yield tuple(b[k].to(device) for k in ("images", "modality_mask", "clinical")), b["label"].to(device)
-
     def compute_fisher(self, round_index: int, global_state: State) -> dict[str, float]:
         """Mean diagonal Fisher per group of the global model on the public set (no private data)."""
         self._model.load_state_dict(global_state, strict=False)
@@ -137,10 +129,10 @@ class DPFedAvgFisher(DPFedAvg):
         def run(method: str) -> dict[str, torch.Tensor]:
             return diagonal_fisher(
                 self._model,
-                self._public_batches(),
+                self._public.input_batches(self.fisher_batch_size, next(self._model.parameters()).device),
                 labels="model",
                 method=method,
-                generator=torch_generator(self.seed, _FISHER_STREAM, round_index),
+                generator=torch_generator(self.seed, Stream.FISHER_NOISE, round_index),
                 max_batches=self.fisher_max_batches,
             )
 
@@ -170,12 +162,7 @@ class DPFedAvgFisher(DPFedAvg):
             return {g: 0.0 for g in self.groups}
         self.refresh_fisher(round_index, global_state)
         alloc = self.choose_allocation(self.group_sizes, self.clip_bounds, round_index)
-        z_eff = effective_multiplier_of(alloc)
-        if not math.isclose(z_eff, self.update_noise_multiplier, rel_tol=1e-9):
-            raise PrivacyError(
-                f"Fisher allocation has z_eff={z_eff!r} != z={self.update_noise_multiplier!r}; "
-                "the round would not be accounted correctly (report this bug)."
-            )
+        check_effective_multiplier(alloc.clip_bounds, alloc.sigmas, self.update_noise_multiplier, "Fisher allocation")
         self.last_allocation = alloc
         return dict(alloc.sigmas)
 
@@ -248,8 +235,8 @@ class DPFedAvgFisher(DPFedAvg):
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         super().load_state_dict(tensors, state)
-        self.fisher = state.get("fisher")
-        self._fisher_round = state.get("fisher_round")  # absent in older checkpoints: re-estimated next round
-        self._fallback_rounds = int(state.get("fallback_rounds", 0))
-        self.allocation_used = state.get("allocation_used", "fisher")
-        self.fallback_reason = state.get("fallback_reason", "")
+        self.fisher = state["fisher"]
+        self._fisher_round = state["fisher_round"]
+        self._fallback_rounds = int(state["fallback_rounds"])
+        self.allocation_used = state["allocation_used"]
+        self.fallback_reason = state["fallback_reason"]

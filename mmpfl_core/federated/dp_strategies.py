@@ -65,7 +65,6 @@ import functools
 import logging
 import math
 import operator
-import warnings
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Iterable, Sequence
@@ -90,8 +89,8 @@ from ..privacy import (
     validate_update,
 )
 from ..privacy.dp_sgd import SampleLevelDP
-from ..privacy.release import NOISE_MODES, RoundRelease
-from ..seeding import torch_generator
+from ..privacy.release import NOISE_MODES, RoundRelease, check_noise_mode
+from ..seeding import Stream, torch_generator
 from .client import ClientUpdate
 from .config import FederatedConfig
 from .sample_level import SampleLevelHooks
@@ -101,29 +100,10 @@ from .strategies import State, StopTraining, register_strategy
 __all__ = ["CLIP_INDICATOR", "DPFedAvg", "NOISE_MODES", "check_noise_mode"]
 
 logger = logging.getLogger(__name__)
-_NOISE_STREAM = 41
 #: Adaptive clipping keeps C within [C_0 / R, C_0 R] (a public constant; post-processing).
 _ADAPTIVE_RANGE = 100.0
 #: Reserved key of the transmitted dict that carries the (noised) adaptive-clipping indicator.
 CLIP_INDICATOR = "_dp.clip_indicator"
-
-
-def check_noise_mode(noise: str, who: str) -> bool:
-    """Validate a ``noise=`` setting; warn for the reproducible mode. Returns True when secure."""
-    if noise == "seeded":
-        raise ConfigError(
-            f"{who} noise='seeded' was renamed noise='reproducible-insecure' (it is not private: the "
-            "noise can be regenerated from the seed); private runs use the default noise='secure'."
-        )
-    if noise not in NOISE_MODES:
-        raise ConfigError(f"{who} noise={noise!r} is unknown; use one of {list(NOISE_MODES)}.")
-    if noise != "secure":
-        warnings.warn(
-            f"{who} with noise={noise!r}: {NOT_PRIVATE_WARNING}. Use noise='secure' for a private run.",
-            UserWarning,
-            stacklevel=3,
-        )
-    return noise == "secure"
 
 
 #: (adjacency, trust model) of each placement, written to the summary (NoisePlacement has the argument).
@@ -166,7 +146,6 @@ class DPFedAvg(SampleLevelHooks):
         accountant: "prv" (default), "rdp" or "pld".
         adaptive_clipping, target_quantile, clip_lr, count_noise_multiplier: Andrew et al. 2021
             (default z_b = 10 z: the count takes 1 % of the round's budget in zCDP terms).
-        min_participants: removed (shares are sigma_g^2 / m for the announced count m; passing it is an error).
         noise: "secure" (default: OS CSPRNG, private) or "reproducible-insecure" (from the seed; teaching
             and tests only, NOT private). budget_stop: stop before a round that would exceed the budget.
         sample_level_dp: optional kwargs of :class:`SampleLevelDP` to add DP-SGD inside each site.
@@ -190,7 +169,6 @@ class DPFedAvg(SampleLevelHooks):
         target_quantile: float = 0.5,
         clip_lr: float = 0.2,
         count_noise_multiplier: float | None = None,
-        min_participants: int | None = None,
         noise: str = "secure",
         budget_stop: bool = True,
         calibration_rounds: int | None = None,
@@ -223,12 +201,6 @@ class DPFedAvg(SampleLevelHooks):
             )
         if adaptive_clipping and placement == "local":
             raise ConfigError("dp-fedavg adaptive_clipping=True needs placement 'server' or 'distributed'.")
-        if min_participants is not None:
-            raise ConfigError(
-                f"dp-fedavg min_participants={min_participants!r} is no longer a setting: with "
-                "placement='distributed' each site adds sigma^2/m for the m participants the server "
-                "announces, so the aggregate's noise never depends on who took part; drop the key."
-            )
         if calibration_rounds is not None and calibration_rounds < 1:
             raise ConfigError(f"dp-fedavg calibration_rounds={calibration_rounds!r} must be >= 1.")
         self.target_epsilon, self.delta, self.clip_norm = target_epsilon, float(delta), float(clip_norm)
@@ -325,7 +297,7 @@ class DPFedAvg(SampleLevelHooks):
         derived from (seed, round, party) (reproducible-insecure: resume is bit-exact, nothing is private)."""
         if self.secret_randomness:
             return NoiseSource.secure()
-        return NoiseSource(generator=torch_generator(self.seed, _NOISE_STREAM, round_index, party))
+        return NoiseSource(generator=torch_generator(self.seed, Stream.DP_NOISE, round_index, party))
 
     # ------------------------------------------------------------------ round hooks
     def select(self, client_ids: Sequence[int], config: FederatedConfig, rng: Any) -> list[int]:
@@ -710,6 +682,6 @@ class DPFedAvg(SampleLevelHooks):
         self.ledger.load_state_dict(state["ledger"])
         self._set_bounds(float(state["clip_norm"]))
         self._dropped_total = int(state["dropped_total"])
-        self._topped_up_total = int(state.get("topped_up_total", 0))
+        self._topped_up_total = int(state["topped_up_total"])
         if self.sample_dp is not None:
             self.sample_dp.load_state_dict(state["sample_dp"])

@@ -175,15 +175,10 @@ class FedDPA(DPFedAvg):
         """Empirical diagonal Fisher of ``state`` (the site's previous model or the global one) on
         :meth:`fisher_scoring_data`: its training split (private) or the public set."""
         self._scratch.load_state_dict(state, strict=False)
-        data, device = self.fisher_scoring_data(site_id), next(self._scratch.parameters()).device
-        n = len(data)
-
-        def batches():
-            for start in range(0, n, self.fisher_batch_size):
-                b = data.batch(torch.arange(start, min(n, start + self.fisher_batch_size)))
-                yield tuple(b[k].to(device) for k in ("images", "modality_mask", "clinical")), b["label"].to(device)
-
-        return diagonal_fisher(self._scratch, batches(), labels="true", max_batches=self.fisher_max_batches)
+        batches = self.fisher_scoring_data(site_id).input_batches(
+            self.fisher_batch_size, next(self._scratch.parameters()).device
+        )
+        return diagonal_fisher(self._scratch, batches, labels="true", max_batches=self.fisher_max_batches)
 
     def client_start_state(self, site_id: int, global_state: State) -> State:
         super().client_start_state(site_id, global_state)  # the round's noise scales (public)

@@ -74,10 +74,10 @@ from torch import nn
 
 from ..data.contract import CohortDataset
 from ..data.federation import Federation
-from ..errors import ConfigError, PrivacyError
+from ..errors import ConfigError
 from ..personalization.masks import DynamicKLMasks, MaskSchedule
 from ..personalization.noise_gate import NoiseGate, release_snr
-from ..privacy import NoisePlacement, effective_multiplier_of, uniform_noise_allocation
+from ..privacy import NoisePlacement, check_effective_multiplier, uniform_noise_allocation
 from .client import ClientUpdate
 from .config import FederatedConfig
 from .dp_fisher import DPFedAvgFisher
@@ -270,12 +270,9 @@ class MMPFLADP(DPFedAvgFisher):
         sigmas = {g: 0.0 for g in self.group_sizes}
         if released:
             alloc = self._allocate(released, {g: self.clip_bounds[g] for g in released}, round_index)
-            z_eff = effective_multiplier_of(alloc)
-            if not math.isclose(z_eff, self.update_noise_multiplier, rel_tol=1e-9):
-                raise PrivacyError(
-                    f"allocation over the released groups has z_eff={z_eff!r} != "
-                    f"z={self.update_noise_multiplier!r} (report this bug)."
-                )
+            check_effective_multiplier(
+                alloc.clip_bounds, alloc.sigmas, self.update_noise_multiplier, "allocation over the released groups"
+            )
             self.last_allocation = alloc
             sigmas.update(alloc.sigmas)
         return sigmas
@@ -460,6 +457,6 @@ class MMPFLADP(DPFedAvgFisher):
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         super().load_state_dict(tensors, state)
         self.masker.load_state_dict(state["masker"])
-        self.drowned = frozenset(state.get("drowned", ()))
-        self._skipped_rounds = int(state.get("skipped_rounds", 0))
+        self.drowned = frozenset(state["drowned"])
+        self._skipped_rounds = int(state["skipped_rounds"])
         self._set_bounds(self.clip_norm)

@@ -28,14 +28,12 @@ from ..errors import ConfigError
 from ..models.layers import GroupedModel
 from ..personalization.masks import DynamicKLMasks, MaskSchedule
 from ..personalization.release import ScoreRelease
-from ..seeding import torch_generator
+from ..seeding import Stream, torch_generator
 from .client import ClientUpdate, LossRegulariser, local_update, trainable_state
 from .config import FederatedConfig, LocalTrainingConfig, OptimizerConfig
 from .strategies import State, Strategy, proximal_term, register_strategy
 
 __all__ = ["Ditto", "FedAvgFineTune", "FedAvgKLMasks", "FedPer", "FedRep", "PartialSharingStrategy"]
-
-_FEDREP_STREAM, _DITTO_STREAM, _FINETUNE_STREAM = 31, 32, 33
 
 
 def _as_config(value, cls):
@@ -267,7 +265,7 @@ class FedRep(_SecondModelTrainer, FedPer):
         self._train(
             scratch,
             self.train_sets[site_id],
-            stream=_FEDREP_STREAM,
+            stream=Stream.FEDREP,
             round_index=self._round,
             site=site_id * 2,
             training=phase(self.head_epochs),
@@ -276,7 +274,7 @@ class FedRep(_SecondModelTrainer, FedPer):
         self._train(
             scratch,
             self.train_sets[site_id],
-            stream=_FEDREP_STREAM,
+            stream=Stream.FEDREP,
             round_index=self._round,
             site=site_id * 2 + 1,
             training=phase(self.body_epochs),
@@ -337,7 +335,7 @@ class Ditto(_SecondModelTrainer, Strategy):
         self._train(
             scratch,
             self.train_sets[site_id],
-            stream=_DITTO_STREAM,
+            stream=Stream.DITTO,
             round_index=self._round,
             site=site_id,
             regulariser=proximal_term(anchor, self.lam) if self.lam > 0 else None,
@@ -403,7 +401,7 @@ class FedAvgFineTune(_SecondModelTrainer, Strategy):
             self._train(
                 self._scratch,
                 self.train_sets[site_id],
-                stream=_FINETUNE_STREAM,
+                stream=Stream.FINETUNE,
                 round_index=self._round,
                 site=site_id,
                 training=config,

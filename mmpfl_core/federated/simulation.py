@@ -43,13 +43,11 @@ from ..metrics.communication import CommunicationCounter
 from ..metrics.convergence import rounds_to_target
 from ..devices import resolve_device
 from ..privacy.randomness import secure_numpy_generator
-from ..seeding import numpy_generator, torch_generator
+from ..seeding import Stream, numpy_generator, torch_generator
 from .client import ClientUpdate, local_update, trainable_state
 from .config import FederatedConfig
 from .evaluation import evaluate_predictions, predict_proba, site_accuracies
 from .strategies import State, StopTraining, Strategy
-
-_SAMPLING_STREAM, _TRAINING_STREAM, _BOOTSTRAP_STREAM = 1, 2, 3
 
 
 @dataclass
@@ -78,7 +76,7 @@ def select_round(strategy: Strategy, client_ids: list[int], config: FederatedCon
     if getattr(strategy, "secret_randomness", False):
         rng = secure_numpy_generator()
     else:
-        rng = numpy_generator(config.seed, _SAMPLING_STREAM, round_index)
+        rng = numpy_generator(config.seed, Stream.SAMPLING, round_index)
     return strategy.select(sorted(client_ids), config, rng)
 
 
@@ -103,7 +101,7 @@ def client_round(
     """
     start = strategy.client_start_state(site_id, global_state)
     model.load_state_dict(start, strict=False)
-    generator = torch_generator(config.seed, _TRAINING_STREAM, round_index, site_id)
+    generator = torch_generator(config.seed, Stream.TRAINING, round_index, site_id)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
         update = local_update(
@@ -358,7 +356,7 @@ class FederatedSimulation:
     def summarise(self) -> dict[str, Any]:
         """Final metrics with bootstrap 95% CIs, rounds-to-target, total communication."""
         cfg = self.config
-        rng = numpy_generator(cfg.seed, _BOOTSTRAP_STREAM)
+        rng = numpy_generator(cfg.seed, Stream.EVAL_BOOTSTRAP)
         labels = self.test.cohort.labels
         _, global_proba = self._global_metrics(self.test, "global_test")
         personal = self._personal_proba(self.test, global_proba)

@@ -73,10 +73,10 @@ from torch.func import functional_call, grad, vmap
 
 from ..data.contract import CohortDataset
 from ..errors import ConfigError
-from ..seeding import torch_generator
+from ..seeding import Stream, torch_generator
 from .client import ClientUpdate, batch_schedule
 from .config import LocalTrainingConfig, OptimizerConfig
-from .simulation import _TRAINING_STREAM, ENGINES, FederatedSimulation
+from .simulation import ENGINES, FederatedSimulation
 from .strategies import State, Strategy
 
 if TYPE_CHECKING:  # imported at run time where needed (the stacked release is for DPFedAvg only)
@@ -138,7 +138,7 @@ def site_batches(
     global RNG (dropout), then shuffles from the same stream; the first draw is repeated here so the
     shuffles are identical.
     """
-    generator = torch_generator(seed, _TRAINING_STREAM, round_index, site_id)
+    generator = torch_generator(seed, Stream.TRAINING, round_index, site_id)
     torch.randint(2**62, (1,), generator=generator)  # the loop engine's fork_rng seed (no dropout here)
     return batch_schedule(num_examples, training, generator)
 

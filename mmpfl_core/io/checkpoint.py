@@ -20,7 +20,6 @@ because the ledgers write ahead to their own files, which the resume reads (DESI
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -66,7 +65,7 @@ def _flatten_tensors(tree: Mapping[str, Any], prefix: str, flat: dict[str, torch
         if not isinstance(key, str):
             raise CheckpointError(
                 f"tensor key {key!r} under {prefix or '<root>'!r} is not a string; "
-                "use flatten_optimizer_state for optimizer state dicts."
+                "give every nested mapping string keys (e.g. str(param_id))."
             )
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
@@ -228,94 +227,3 @@ def prune_checkpoints(directory: Path | str, keep_last: int) -> list[Path]:
             f.unlink(missing_ok=True)
         removed.append(p)
     return removed
-
-
-# ----------------------------------------------------------------------------- RNG state helpers
-def torch_generator_state(g: torch.Generator) -> torch.Tensor:
-    """The generator state as a uint8 tensor (store it in ``tensors=``)."""
-    return g.get_state().clone()
-
-
-def restore_torch_generator(g: torch.Generator, state: torch.Tensor) -> torch.Generator:
-    """Set ``g`` to a state from :func:`torch_generator_state`; returns ``g``."""
-    g.set_state(state.to(device="cpu", dtype=torch.uint8).contiguous())
-    return g
-
-
-def numpy_generator_state(g: np.random.Generator) -> dict[str, Any]:
-    """The bit-generator state as a JSON-serialisable dict (arrays become lists, big ints stay)."""
-
-    def plain(v):
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v
-
-    return plain(copy.deepcopy(g.bit_generator.state))
-
-
-def restore_numpy_generator(g: np.random.Generator, state: Mapping[str, Any]) -> np.random.Generator:
-    """Set ``g`` to a state from :func:`numpy_generator_state`; returns ``g``."""
-    expected = type(g.bit_generator).__name__
-    if state.get("bit_generator") != expected:
-        raise CheckpointError(
-            f"saved RNG state is for {state.get('bit_generator')!r} but the generator "
-            f"uses {expected!r}; create the generator with the same bit generator."
-        )
-    g.bit_generator.state = copy.deepcopy(dict(state))
-    return g
-
-
-# ------------------------------------------------------------------------ optimizer state helpers
-def _encode(obj: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        tensors[name] = obj
-        return {"__tensor__": name}
-    if isinstance(obj, Mapping):
-        return {"__dict__": [[k, _encode(v, f"{name}.{k}", tensors)] for k, v in obj.items()]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, f"{name}.{i}", tensors) for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode(v, f"{name}.{i}", tensors) for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise CheckpointError(
-        f"optimizer state entry {name!r} is a {type(obj).__name__}, which cannot be "
-        "stored without pickle; convert it to a tensor or a plain number."
-    )
-
-
-def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__tuple__" in obj:
-            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
-        return {k: _decode(v, tensors) for k, v in obj["__dict__"]}
-    return obj
-
-
-def flatten_optimizer_state(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
-    """Split ``optimizer.state_dict()`` into flat tensors and a JSON-serialisable description.
-
-    Integer parameter ids (dict keys), tuples (Adam's ``betas``) and scalar tensors (Adam's
-    ``step``) all survive the round trip through :func:`unflatten_optimizer_state`.
-
-    Returns:
-        ``(tensors, json_state)``: save ``tensors`` under e.g. ``tensors={"optimizer": tensors}``
-        and ``json_state`` under ``state={"optimizer": json_state}``.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    return tensors, _encode(state_dict, "optimizer", tensors)
-
-
-def unflatten_optimizer_state(tensors: Mapping[str, torch.Tensor], json_state: Any) -> dict[str, Any]:
-    """Inverse of :func:`flatten_optimizer_state`; the result goes to ``optimizer.load_state_dict``."""
-    try:
-        return _decode(json_state, tensors)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(
-            f"optimizer state does not match its tensors ({exc!r}); save both "
-            "halves returned by flatten_optimizer_state together."
-        ) from exc

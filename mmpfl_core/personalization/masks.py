@@ -34,14 +34,13 @@ from torch import nn
 
 from ..data.contract import CohortDataset
 from ..errors import ConfigError, check_range
-from ..seeding import torch_generator
+from ..seeding import Stream, torch_generator
 from .kl_scores import kl_group_scores
 from .release import ScoreRelease
 
 __all__ = ["DynamicKLMasks", "MaskSchedule", "PersonalizationMasks"]
 
 MaskMode = Literal["threshold", "top_fraction"]
-_SCORE_RELEASE_STREAM = 41  # (seed, 41, round, site): the noise of a site's score release
 
 
 @dataclass(frozen=True)
@@ -50,17 +49,14 @@ class MaskSchedule:
 
     * ``threshold``: a shared group turns personal when its score exceeds ``threshold * (1 + h)``;
       a personal group returns to shared only when its score falls below ``threshold * (1 - h)``.
-    * ``top_fraction``: the ``round(f_t * n)`` highest-scoring eligible groups (score > 0) are
-      personal, where f_t goes linearly from ``top_fraction`` (round 1) to ``top_fraction_final``
-      (round ``schedule_rounds`` and after). Hysteresis is a score margin: a currently personal
-      group competes with score * (1 + h), a shared one with score * (1 - h).
+    * ``top_fraction``: the ``round(f * n)`` highest-scoring eligible groups (score > 0) are
+      personal, f = ``top_fraction``. Hysteresis is a score margin: a currently personal group
+      competes with score * (1 + h), a shared one with score * (1 - h).
     """
 
     mode: MaskMode = "threshold"
     threshold: float = 1e-3  # nats per validation sample
     top_fraction: float = 0.25
-    top_fraction_final: float | None = None  # None: constant top_fraction
-    schedule_rounds: int = 1
     update_every: int = 1  # recompute a site's mask when >= this many rounds passed since its last
     hysteresis: float = 0.1  # h in [0, 1)
     always_shared: tuple[str, ...] = ()
@@ -72,9 +68,6 @@ class MaskSchedule:
             raise ConfigError(f"masks.mode={self.mode!r} is unknown; use 'threshold' or 'top_fraction'.")
         check_range("masks.threshold", self.threshold, low=0.0)
         check_range("masks.top_fraction", self.top_fraction, low=0.0, high=1.0)
-        if self.top_fraction_final is not None:
-            check_range("masks.top_fraction_final", self.top_fraction_final, low=0.0, high=1.0)
-        check_range("masks.schedule_rounds", self.schedule_rounds, low=1)
         check_range("masks.update_every", self.update_every, low=1)
         check_range("masks.hysteresis", self.hysteresis, low=0.0, high=1.0, high_inclusive=False)
         check_range("masks.min_shared_groups", self.min_shared_groups, low=0)
@@ -83,13 +76,6 @@ class MaskSchedule:
         both = set(self.always_shared) & set(self.always_personal)
         if both:
             raise ConfigError(f"groups {sorted(both)} are both always_shared and always_personal; pick one.")
-
-    def fraction_at(self, round_index: int) -> float:
-        """The top fraction of round ``round_index`` (linear schedule, then constant)."""
-        if self.top_fraction_final is None:
-            return self.top_fraction
-        progress = min(1.0, max(0, round_index - 1) / max(self.schedule_rounds - 1, 1))
-        return self.top_fraction + (self.top_fraction_final - self.top_fraction) * progress
 
     def select(
         self,
@@ -114,7 +100,7 @@ class MaskSchedule:
                 if (scores[g] >= self.threshold * (1 - h) if g in current else scores[g] > self.threshold * (1 + h))
             }
         else:
-            k = int(math.floor(self.fraction_at(round_index) * len(eligible) + 0.5))
+            k = int(math.floor(self.top_fraction * len(eligible) + 0.5))
             effective = {g: scores[g] * ((1 + h) if g in current else (1 - h)) for g in eligible}
             ranked = sorted((g for g in eligible if scores[g] > 0), key=lambda g: (-effective[g], groups.index(g)))
             chosen = set(ranked[:k])
@@ -312,9 +298,7 @@ class DynamicKLMasks:
                 model, global_state, trained_state, val, to_score, batch_size=self.score_batch_size
             )
             if self.release is not None:
-                scores = self.release.apply(
-                    scores, torch_generator(self.seed, _SCORE_RELEASE_STREAM, round_index, site)
-                )
+                scores = self.release.apply(scores, torch_generator(self.seed, Stream.SCORE_RELEASE, round_index, site))
         self.masks.update(site, round_index, scores, forced_personal)
         return True
 
@@ -333,4 +317,4 @@ class DynamicKLMasks:
         self.param_groups = (
             None if state["param_groups"] is None else {g: list(n) for g, n in state["param_groups"].items()}
         )
-        self._sizes = {g: int(v) for g, v in state.get("sizes", {}).items()}
+        self._sizes = {g: int(v) for g, v in state["sizes"].items()}

@@ -16,6 +16,8 @@ from mmpfl_core.privacy.accounting import (
 from mmpfl_core.privacy.allocation import (
     NoiseAllocation,
     clip_bounds_from_sizes,
+    check_effective_multiplier,
+    effective_multiplier,
     effective_multiplier_of,
     fisher_noise_allocation,
     fisher_weighted_noise,
@@ -63,6 +65,8 @@ __all__ = [
     "compose_epsilon",
     "compute_epsilon",
     "diagonal_fisher",
+    "check_effective_multiplier",
+    "effective_multiplier",
     "effective_multiplier_of",
     "effective_noise_multiplier",
     "fisher_noise_allocation",

@@ -50,6 +50,8 @@ from mmpfl_core.errors import PrivacyError
 __all__ = [
     "NoiseAllocation",
     "clip_bounds_from_sizes",
+    "check_effective_multiplier",
+    "effective_multiplier",
     "effective_multiplier_of",
     "fisher_noise_allocation",
     "fisher_weighted_noise",
@@ -255,6 +257,47 @@ def predicted_noise_loss(
     return 0.5 * fisher_weighted_noise(group_sizes=group_sizes, fisher=fisher, sigmas=sigmas) / denominator**2
 
 
+#: Relative tolerance of every z_eff = z check (float round-off of the allocation, nothing more).
+Z_EFF_REL_TOL = 1e-9
+
+
+def effective_multiplier(clip_bounds: Mapping[str, float], sigmas: Mapping[str, float]) -> float:
+    """z_eff = (sum_g C_g^2 / sigma_g^2)^(-1/2) over the groups of ``clip_bounds`` (DESIGN 4.1).
+
+    The per-group Gaussian releases of one clipped update compose into a single Gaussian mechanism
+    with this multiplier (each group's sensitivity C_g over its noise sigma_g adds in quadrature), so
+    it is what the ledger must be charged. ``inf`` when there are no groups (nothing released), 0
+    when a group has sigma_g = 0 (that group leaks without bound).
+    """
+    if not clip_bounds:
+        return math.inf
+    if any(sigmas[g] == 0 for g in clip_bounds):
+        return 0.0
+    return math.fsum(c**2 / sigmas[g] ** 2 for g, c in clip_bounds.items()) ** -0.5
+
+
+def check_effective_multiplier(
+    clip_bounds: Mapping[str, float], sigmas: Mapping[str, float], noise_multiplier: float, what: str
+) -> float:
+    """Return z_eff of the groups of ``clip_bounds``, raising unless it equals the accounted ``noise_multiplier``.
+
+    The one place the invariant z_eff = z is enforced (the Fisher strategies before they send sigma_g,
+    :class:`~mmpfl_core.privacy.release.RoundRelease` when it is built): a mismatch means the ledger,
+    which is charged for z, would not cover what is released.
+
+    Raises:
+        PrivacyError: |z_eff - z| > 1e-9 z (an allocation bug, never a user setting).
+    """
+    z_eff = effective_multiplier(clip_bounds, sigmas)
+    if not math.isclose(z_eff, noise_multiplier, rel_tol=Z_EFF_REL_TOL):
+        raise PrivacyError(
+            f"{what}: (sum_g C_g^2 / sigma_g^2)^(-1/2) over the released groups is {z_eff!r}, not the "
+            f"accounted noise_multiplier={noise_multiplier!r}; the ledger would not cover the release "
+            "(report this bug)."
+        )
+    return z_eff
+
+
 def effective_multiplier_of(allocation: NoiseAllocation) -> float:
     """(sum_g C_g^2 / sigma_g^2)^(-1/2) of an allocation (equals its target z)."""
-    return math.fsum(c**2 / allocation.sigmas[g] ** 2 for g, c in allocation.clip_bounds.items()) ** -0.5
+    return effective_multiplier(allocation.clip_bounds, allocation.sigmas)

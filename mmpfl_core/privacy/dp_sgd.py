@@ -35,7 +35,6 @@ the seed regenerates them).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +46,8 @@ from torch import nn
 from mmpfl_core.errors import ConfigError
 from mmpfl_core.privacy.accounting import calibrate_noise
 from mmpfl_core.privacy.ledger import PrivacyLedger
-from mmpfl_core.privacy.mechanisms import NOT_PRIVATE_WARNING
 from mmpfl_core.privacy.randomness import secure_standard_normal, secure_uniform
+from mmpfl_core.privacy.release import check_noise_mode
 
 __all__ = ["PrivateTraining", "SampleLevelDP", "make_private", "poisson_batch"]
 
@@ -158,15 +157,7 @@ class SampleLevelDP:
         accountant: str = "prv",
         noise: str = "secure",
     ) -> None:
-        if noise == "seeded" or noise not in ("secure", "reproducible-insecure"):
-            raise ConfigError(
-                f"sample-level noise={noise!r} is unknown; use 'secure' (default, private) or "
-                "'reproducible-insecure' (from the seed, not private; formerly 'seeded')."
-            )
-        if noise != "secure":
-            warnings.warn(
-                f"sample-level DP-SGD with noise={noise!r}: {NOT_PRIVATE_WARNING}.", UserWarning, stacklevel=2
-            )
+        check_noise_mode(noise, "sample-level DP-SGD")
         self.noise = noise
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ConfigError("sample-level DP needs exactly one of noise_multiplier or target_epsilon.")

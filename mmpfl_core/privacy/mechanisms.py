@@ -13,7 +13,6 @@ seeded source exists for teaching and tests only and is NOT private.
 from __future__ import annotations
 
 import math
-import secrets
 from enum import Enum
 from typing import NamedTuple
 from collections.abc import Mapping, Sequence
@@ -50,8 +49,7 @@ class NoiseSource:
       floating-point attacks) and is scaled by sigma in float64 before the cast
       (:mod:`mmpfl_core.privacy.randomness`).
     * ``seeded(seed)``: one ``torch.Generator`` whose state advances with every draw, so a run is
-      reproducible and resumable bit for bit (save :meth:`get_state`). NOT private: whoever knows
-      the seed regenerates the noise and subtracts it (``mmpfl_core.attacks.noise_subtraction``).
+      reproducible bit for bit. NOT private: whoever knows the seed regenerates the noise and subtracts it (``mmpfl_core.attacks.noise_subtraction``).
     """
 
     def __init__(self, *, generator: torch.Generator | None) -> None:
@@ -69,10 +67,6 @@ class NoiseSource:
         """Source that reads the OS CSPRNG for every draw (not reproducible, no state)."""
         return cls(generator=None)
 
-    @property
-    def is_secure(self) -> bool:
-        return self._generator is None
-
     def standard_normal(self, shape: Sequence[int] | torch.Size, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """N(0, 1) draws of ``shape`` on the CPU: OS CSPRNG (secure) or the seeded generator."""
         if self._generator is None:
@@ -88,32 +82,6 @@ class NoiseSource:
         if self._generator is None:
             return secure_gaussian(tuple(shape), std, dtype=dtype)
         return self.standard_normal(shape, dtype=dtype) * std
-
-    def generator(self) -> torch.Generator:
-        """A torch generator for code that needs one (seeded: the source's own generator).
-
-        For a secure source this is a Mersenne Twister seeded with 63 bits from ``secrets``: a keyed
-        PRNG, not a CSPRNG. The kit's mechanisms use :meth:`standard_normal` instead.
-        """
-        if self._generator is not None:
-            return self._generator
-        g = torch.Generator(device="cpu")
-        g.manual_seed(secrets.randbits(63))
-        return g
-
-    def get_state(self) -> torch.Tensor:
-        """Generator state for checkpoints (seeded sources only; it is as secret as the noise)."""
-        if self._generator is None:
-            raise PrivacyError(
-                "a secure NoiseSource has no state to save; use NoiseSource.seeded(seed) for resumable runs."
-            )
-        return self._generator.get_state()
-
-    def set_state(self, state: torch.Tensor) -> None:
-        """Restore a state saved by :meth:`get_state`."""
-        if self._generator is None:
-            raise PrivacyError("a secure NoiseSource cannot be restored to a saved state.")
-        self._generator.set_state(state)
 
 
 def gaussian_noise_like(

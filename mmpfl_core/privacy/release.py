@@ -45,13 +45,16 @@ norms or masks.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 from collections.abc import Mapping, Sequence
 
-from mmpfl_core.errors import PrivacyError
+from mmpfl_core.errors import ConfigError, MMPFLError, PrivacyError
+from mmpfl_core.privacy.allocation import check_effective_multiplier, effective_multiplier
 from mmpfl_core.privacy.mechanisms import (
+    NOT_PRIVATE_WARNING,
     NoisePlacement,
     ReleaseAccounting,
     per_participant_noise_std,
@@ -59,10 +62,35 @@ from mmpfl_core.privacy.mechanisms import (
     server_top_up_std,
 )
 
-__all__ = ["NOISE_MODES", "RELEASE_SCALAR_KEYS", "RoundRelease"]
+__all__ = ["NOISE_MODES", "RELEASE_SCALAR_KEYS", "RoundRelease", "check_noise_mode"]
 
 #: ``secure``: OS CSPRNG (private). ``reproducible-insecure``: derived from the seed, NOT private.
 NOISE_MODES = ("secure", "reproducible-insecure")
+
+
+def check_noise_mode(noise: str, who: str, *, error: type[MMPFLError] = ConfigError, warn: bool = True) -> bool:
+    """Validate a ``noise=`` setting (one of :data:`NOISE_MODES`); return True when it is ``"secure"``.
+
+    The one check behind every ``noise=`` of the kit (DP-FedAvg and its subclasses, sample-level
+    DP-SGD, :class:`RoundRelease`). ``"reproducible-insecure"`` draws the noise from the seed, so
+    anyone with the seed can regenerate and subtract it: with ``warn`` it warns with
+    :data:`~mmpfl_core.privacy.mechanisms.NOT_PRIVATE_WARNING` (the words every artefact of such a
+    run carries).
+
+    Raises:
+        error: ``noise`` is not a known mode (ConfigError for a user setting; RoundRelease passes
+            PrivacyError, since there it means a malformed release).
+    """
+    if noise not in NOISE_MODES:
+        raise error(f"{who} noise={noise!r} is unknown; use one of {list(NOISE_MODES)}.")
+    if warn and noise != "secure":
+        warnings.warn(
+            f"{who} with noise={noise!r}: {NOT_PRIVATE_WARNING}. Use noise='secure' for a private run.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return noise == "secure"
+
 
 #: The scalar keys of a serialised release (besides ``clip/<g>``, ``sigma/<g>``, ``drowned/<g>`` per group
 #: and ``participants`` under distributed placement).
@@ -131,8 +159,7 @@ class RoundRelease:
             raise PrivacyError(
                 f"release placement={self.placement!r} is unknown; use one of {[p.value for p in NoisePlacement]}."
             ) from exc
-        if self.noise not in NOISE_MODES:
-            raise PrivacyError(f"release noise={self.noise!r} is unknown; use one of {list(NOISE_MODES)}.")
+        check_noise_mode(self.noise, "release", error=PrivacyError, warn=False)
         groups = tuple(sorted(self.clip_bounds))
         if not groups:
             raise PrivacyError("a release needs at least one parameter group.")
@@ -218,13 +245,9 @@ class RoundRelease:
                 f"released groups {zero} have sigma_g = 0 while z = {self.noise_multiplier!r}: they "
                 "would be released with no noise (infinite privacy loss)."
             )
-        z_eff = self.effective_multiplier()
-        if not math.isclose(z_eff, self.noise_multiplier, rel_tol=_REL_TOL):
-            raise PrivacyError(
-                f"(sum_g C_g^2 / sigma_g^2)^(-1/2) over the released groups is {z_eff!r}, not the "
-                f"accounted noise_multiplier={self.noise_multiplier!r}; the ledger would not cover "
-                "the release."
-            )
+        check_effective_multiplier(
+            {g: self.clip_bounds[g] for g in released}, self.sigmas, self.noise_multiplier, "release"
+        )
 
     # ------------------------------------------------------------------ public quantities
     @property
@@ -240,12 +263,7 @@ class RoundRelease:
     def effective_multiplier(self) -> float:
         """z_eff = (sum_{g in S} C_g^2 / sigma_g^2)^(-1/2) (DESIGN 4.1): inf when S is empty (nothing
         released), 0 when a released group has no noise."""
-        released = self.released_groups
-        if not released:
-            return math.inf
-        if any(self.sigmas[g] == 0 for g in released):
-            return 0.0
-        return sum(self.clip_bounds[g] ** 2 / self.sigmas[g] ** 2 for g in released) ** -0.5
+        return effective_multiplier({g: self.clip_bounds[g] for g in self.released_groups}, self.sigmas)
 
     def accounting(self) -> ReleaseAccounting:
         """What the ledger is given for this round: the update's z_eff, combined with the adaptive-clipping
