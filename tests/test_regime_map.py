@@ -1,6 +1,7 @@
 """The regime map: eligibility and winners from a known table, epsilon handling, and the smoke preset end to end."""
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -11,7 +12,14 @@ from mmpfl_core.cli import main
 from mmpfl_core.errors import ConfigError
 from mmpfl_core.experiment import MethodSpec
 from mmpfl_core.reproduction import load_reproduction
-from mmpfl_core.reproduction.regime import RegimeMap, _at_epsilon, regime_cells, regime_verdict, winner_table
+from mmpfl_core.reproduction.regime import (
+    RegimeMap,
+    _at_epsilon,
+    regime_cells,
+    regime_runs,
+    regime_verdict,
+    winner_table,
+)
 
 GRID = RegimeMap(num_sites=(100,), subjects_per_site=(10,), epsilons=(4.0, math.inf),
                  methods=("local-only", "ditto", "dp-fedavg", "mm-pfl-adp"), rivals=("dp-fedavg",))
@@ -67,6 +75,10 @@ def test_bad_regime_maps_are_named(tmp_path):
         RegimeMap(num_sites=(5, 20), subjects_per_site=(10,))
     with pytest.raises(ConfigError, match="not among regime_map.methods"):
         RegimeMap(methods=("local-only", "dp-fedavg"))
+    with pytest.raises(ConfigError, match="contradicts the sites_per_round axis"):
+        RegimeMap(sites_per_round=(10, 100), num_sites=(100, 500), subjects_per_site=(10, 10))
+    with pytest.raises(ConfigError, match="engine"):
+        RegimeMap(engine="vectorised")
     values = yaml.safe_load(open(load_reproduction.__globals__["CONFIG_DIR"] / "reproduce_regime_smoke.yaml"))
     values["reproduction"]["regime_map"]["methods"].append("fedavg-typo")
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(values))
@@ -76,7 +88,8 @@ def test_bad_regime_maps_are_named(tmp_path):
 
 def test_full_preset_is_the_map_the_issue_asks_for():
     grid = load_reproduction("regime").regime_map
-    assert grid.num_sites == (5, 20, 100, 500) and grid.epsilons == (1.0, 4.0, 8.0, math.inf)
+    assert grid.per_round == (10, 100, 1000) and grid.sites == (100, 1000, 10000) and grid.engine == "vectorized"
+    assert grid.epsilons == (1.0, 4.0, 8.0, math.inf)
     assert set(grid.methods) == {"local-only", "ditto", "dp-fedavg", "feddpa", "mm-pfl-adp"}
     assert len(load_reproduction("regime").seeds) >= 2
 
@@ -108,3 +121,34 @@ def test_smoke_map_runs_end_to_end(tmp_path):
     assert len(noise) == len(grid.num_sites) * len([e for e in grid.epsilons if e < math.inf])
     ratio = noise["noise multiplier z"] * noise["parameters d"] ** 0.5 / noise["expected participants qN"]
     assert noise["noise/signal per round z*sqrt(d)/qN"].to_numpy() == pytest.approx(ratio.to_numpy())
+
+
+def test_sites_per_round_axis_on_the_vectorized_engine(tmp_path):
+    """Two values of m (N = 10 m, q = 0.1): the served methods run vectorised, Ditto on the loop engine,
+    every cell reports z, z/m = z / (qN), d and z sqrt(d) / (qN), and the cells differ by m."""
+    plan = load_reproduction("regime_smoke")
+    grid = RegimeMap(sites_per_round=(2, 4), subjects_per_site=(6, 6), epsilons=(8.0,), engine="vectorized",
+                     methods=("local-only", "ditto", "dp-fedavg"), baseline="local-only", proposed="dp-fedavg",
+                     rivals=(), local_eval_sites=None)
+    assert grid.sites == (20, 40) and grid.sample_rate(20) == grid.sample_rate(40) == pytest.approx(0.1)
+    runs = regime_runs(plan.experiment, grid, (0,), tmp_path)
+    engines = runs.groupby("method")["engine"].unique()
+    assert list(engines["dp-fedavg"]) == ["vectorized"] and list(engines["local-only"]) == ["vectorized"]
+    assert list(engines["ditto"]) == ["loop"]
+    # The engine the run directory recorded, not only the column we wrote.
+    stored = json.loads((tmp_path / "runs" / "sites40-seed0" / "dp-fedavg-eps8" / "config.json").read_text())
+    assert stored["config"]["federated"]["engine"] == "vectorized"
+    stored = json.loads((tmp_path / "runs" / "sites40-seed0" / "ditto" / "config.json").read_text())
+    assert stored["config"]["federated"]["engine"] == "loop"
+    cells = regime_cells(runs, grid)
+    dp = cells[cells["method"] == "dp-fedavg"].set_index("sites per round m")
+    assert list(dp.index) == [2.0, 4.0] and list(dp["sites"]) == [20, 40]
+    # Same q and budget: the accountant gives the same z; z/m and the noise-to-signal ratio halve with 2x m.
+    assert dp.loc[2.0, "noise multiplier"] == pytest.approx(dp.loc[4.0, "noise multiplier"])
+    assert dp["noise multiplier"].gt(0).all() and dp["parameters"].gt(0).all()
+    assert dp["z/m"].to_numpy() == pytest.approx((dp["noise multiplier"] / (0.1 * dp["sites"])).to_numpy())
+    assert dp.loc[2.0, "z/m"] == pytest.approx(2 * dp.loc[4.0, "z/m"])
+    ratio = dp["noise multiplier"] * dp["parameters"] ** 0.5 / (0.1 * dp["sites"])
+    assert dp["noise/signal per round"].to_numpy() == pytest.approx(ratio.to_numpy())
+    private = runs[runs["method"] == "dp-fedavg"]
+    assert (private["epsilon spent"] > 0).all() and (private["epsilon spent"] <= 8.0 + 1e-9).all()

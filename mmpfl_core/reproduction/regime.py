@@ -12,12 +12,21 @@ Student-t 95% interval, and names the winner among the methods that hold that ce
   epsilon = inf, and shown elsewhere as a reference.
 
 A winner is "clear" when its interval lies above every other eligible method's interval, else the
-cell is a tie. Sites are Poisson-sampled with q = min(1, ``sites_per_round`` / N), so the expected
-number of participants qN (the DP average's fixed denominator) stays near ``sites_per_round`` while
-q, and with it the noise multiplier z the accountant needs, falls as N grows. The per-round
+cell is a tie. Sites are Poisson-sampled with q = min(1, m / N) (m: ``sites_per_round``), so the
+expected number of participants qN (the DP average's fixed denominator) stays near m while q, and
+with it the noise multiplier z the accountant needs, falls as N grows. The per-round
 noise-to-signal ratio of the released average is z C sqrt(d) / (qN) over a clipped update of norm
 at most C, i.e. ``z sqrt(d) / (qN)`` (d: trained parameters): the single number that says where
-client-level DP can pay off.
+client-level DP can pay off; ``z/m`` (z / (qN), the noise standard deviation of the average in
+units of C) is reported beside it. All of these are computed from the accountant's calibrated z
+and public configuration (N, q, d): nothing private is read.
+
+Sites per round as an axis: with ``sites_per_round`` a list (m_1, m_2, ...), the map has one row
+per m with population N = ``population_factor`` x m (``num_sites`` may be left out: it is derived),
+so q = 1 / ``population_factor`` in every row and the rows differ in m (and, with it, in z/m and in
+the noise-to-signal ratio). ``engine: vectorized`` trains the runs on the vectorised engine
+(:mod:`~mmpfl_core.federated.vectorized`, identical mechanism and accounting); methods it does not
+serve (Ditto, FedDPA) run on the loop engine, and the ``engine`` column says which engine ran.
 
 Local-only sites train independently: with ``local_eval_sites`` set, local-only trains and is
 evaluated on that many sites drawn at random per seed (an unbiased estimate of the federation mean,
@@ -42,6 +51,7 @@ from ..configuration import to_plain
 from ..experiment import ExperimentConfig, MethodSpec, make_federation, model_factory, run_method
 from ..io.run_directory import RunDirectory
 from ..federated.strategies import create_strategy
+from ..federated.vectorized import VECTORIZED_STRATEGIES
 from ..metrics.classification import seed_ci
 
 __all__ = ["RegimeMap", "regime_cells", "regime_runs", "regime_verdict"]
@@ -51,10 +61,13 @@ __all__ = ["RegimeMap", "regime_cells", "regime_runs", "regime_verdict"]
 class RegimeMap:
     """The grid and the question it answers (see the module docstring)."""
 
-    num_sites: tuple[int, ...] = (5, 20, 100, 500)
+    num_sites: tuple[int, ...] | None = None  # None: (5, 20, 100, 500), or population_factor x m on the m axis
     epsilons: tuple[float, ...] = (1.0, 4.0, 8.0, math.inf)
     subjects_per_site: tuple[int, ...] = (60, 40, 20, 12)  # one per num_sites: few per site for large N
-    sites_per_round: float = 10.0  # expected participants per round; q = min(1, sites_per_round / N)
+    # Expected participants per round m; q = min(1, m / N). A list makes m an axis (one row per m).
+    sites_per_round: float | tuple[float, ...] = 10.0
+    population_factor: int = 10  # on the m axis: N = population_factor x m
+    engine: str = "loop"  # "vectorized": methods the vectorised engine serves run on it, others on the loop engine
     methods: tuple[str, ...] = ("local-only", "ditto", "dp-fedavg", "feddpa", "mm-pfl-adp")
     baseline: str = "local-only"
     proposed: str = "mm-pfl-adp"
@@ -63,6 +76,26 @@ class RegimeMap:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "epsilons", tuple(float(e) for e in self.epsilons))
+        if self.engine not in ("loop", "vectorized"):
+            raise ConfigError(f"regime_map.engine={self.engine!r} is unknown; use 'loop' or 'vectorized'.")
+        if not isinstance(self.population_factor, int) or self.population_factor < 1:
+            raise ConfigError(f"regime_map.population_factor={self.population_factor!r} must be an integer >= 1.")
+        if isinstance(self.sites_per_round, tuple):
+            ms = self.sites_per_round
+            if not ms or min(ms) < 1 or any(int(m) != m for m in ms) or len(set(ms)) != len(ms):
+                raise ConfigError(
+                    f"regime_map.sites_per_round={ms!r}: as an axis it needs distinct whole numbers >= 1."
+                )
+            derived = tuple(self.population_factor * int(m) for m in ms)
+            if self.num_sites is not None and tuple(self.num_sites) != derived:
+                raise ConfigError(
+                    f"regime_map.num_sites={self.num_sites!r} contradicts the sites_per_round axis {ms!r} "
+                    f"(N = population_factor {self.population_factor} x m = {derived}); leave num_sites out."
+                )
+            object.__setattr__(self, "sites_per_round", tuple(float(m) for m in ms))
+            object.__setattr__(self, "num_sites", derived)
+        elif self.num_sites is None:
+            object.__setattr__(self, "num_sites", (5, 20, 100, 500))
         if not self.num_sites or min(self.num_sites) < 2:
             raise ConfigError(f"regime_map.num_sites={self.num_sites!r} needs federations of >= 2 sites.")
         if len(self.subjects_per_site) != len(self.num_sites) or min(self.subjects_per_site) < 6:
@@ -72,7 +105,7 @@ class RegimeMap:
             )
         if not self.epsilons or min(self.epsilons) <= 0:
             raise ConfigError(f"regime_map.epsilons={self.epsilons!r} must be > 0 (.inf: no client-level noise).")
-        if not self.sites_per_round >= 1:
+        if not min(self.per_round) >= 1:
             raise ConfigError(f"regime_map.sites_per_round={self.sites_per_round!r} must be >= 1.")
         for name in (self.baseline, self.proposed, *self.rivals):
             if name not in self.methods:
@@ -82,8 +115,21 @@ class RegimeMap:
                 f"regime_map.local_eval_sites={self.local_eval_sites!r} must be >= 2 or null (all sites)."
             )
 
+    @property
+    def sites(self) -> tuple[int, ...]:
+        """The federation sizes N, one per row of the map (resolved in ``__post_init__``)."""
+        assert self.num_sites is not None
+        return self.num_sites
+
+    @property
+    def per_round(self) -> tuple[float, ...]:
+        """m for each row of the map: the axis, or the one ``sites_per_round`` repeated."""
+        if isinstance(self.sites_per_round, tuple):
+            return self.sites_per_round
+        return (float(self.sites_per_round),) * len(self.sites)
+
     def sample_rate(self, num_sites: int) -> float:
-        return min(1.0, self.sites_per_round / num_sites)
+        return min(1.0, self.per_round[self.sites.index(num_sites)] / num_sites)
 
 
 def _is_private(method: MethodSpec) -> bool:
@@ -118,13 +164,13 @@ def regime_runs(
         p.numel() for p in model_factory(experiment, make_federation(experiment))().parameters() if p.requires_grad
     )
     rows: list[dict[str, Any]] = []
-    for n, per_site in zip(grid.num_sites, grid.subjects_per_site, strict=True):
+    for n, per_site, m in zip(grid.sites, grid.subjects_per_site, grid.per_round, strict=True):
         q = grid.sample_rate(n)
         for seed in seeds:
             config = experiment.replace(
                 data={"num_subjects": n * per_site + experiment.federation.public_size, "seed": seed},
                 federation={"num_sites": n, "seed": seed},
-                federated={"client_fraction": q, "sampling": "poisson", "seed": seed},
+                federated={"client_fraction": q, "sampling": "poisson", "seed": seed, "engine": "loop"},
             )
             built: dict[str, Any] = {}  # the federation is built only if a run has to be trained
 
@@ -140,7 +186,8 @@ def regime_runs(
                 method = methods[label]
                 private = _is_private(method)
                 subset = bool(not _communicates(method) and grid.local_eval_sites and n > grid.local_eval_sites)
-                cfg = config
+                engine = _engine_for(method, grid.engine)
+                cfg = config if engine == "loop" else config.replace(federated={"engine": engine})
                 for epsilon in grid.epsilons if private else (None,):
                     spec = _at_epsilon(method, epsilon) if private else method
                     summary = _finished_or_run(
@@ -153,8 +200,10 @@ def regime_runs(
                     )
                     cell = {
                         "sites": n,
+                        "sites per round m": m,
                         "seed": seed,
                         "method": label,
+                        "engine": engine,
                         "private": private,
                         "communicates": _communicates(method),
                         "epsilon": epsilon if private else float("nan"),
@@ -173,6 +222,7 @@ def regime_runs(
                             "expected participants": qn,
                             "sample rate": q,
                             "parameters": dim,
+                            "z/m": (z / qn) if z is not None and qn else None,
                             "noise/signal per round": (z * math.sqrt(dim) / qn) if z is not None and qn else None,
                             "sites evaluated": grid.local_eval_sites if subset else n,
                             "missing": False,
@@ -202,6 +252,17 @@ def _finished_or_run(
     return run_method(config, method, federation(), results_dir=results_dir, progress=progress).summary
 
 
+def _engine_for(method: MethodSpec, engine: str) -> str:
+    """The engine a method's runs use: ``engine`` if it serves the method, else the loop engine
+    (the vectorised engine serves :data:`VECTORIZED_STRATEGIES` without sample-level DP; the
+    equivalence of the engines is ``tests/test_vectorized.py``'s to show)."""
+    if engine == "loop":
+        return "loop"
+    strategy = create_strategy(method.strategy, **dict(method.kwargs))
+    served = strategy.name in VECTORIZED_STRATEGIES and getattr(strategy, "sample_dp", None) is None
+    return engine if served else "loop"
+
+
 def _communicates(method: MethodSpec) -> bool:
     """Whether the method's strategy sends anything (local-only does not)."""
     return type(create_strategy(method.strategy, **dict(method.kwargs))).communicates
@@ -210,7 +271,7 @@ def _communicates(method: MethodSpec) -> bool:
 def regime_cells(runs: pd.DataFrame, grid: RegimeMap) -> pd.DataFrame:
     """One row per (N, epsilon, method): mean accuracy over seeds with a t-interval, eligibility, winner."""
     rows = []
-    for n in grid.num_sites:
+    for n, m in zip(grid.sites, grid.per_round, strict=True):
         for epsilon in grid.epsilons:
             cell = []
             for label in grid.methods:
@@ -225,6 +286,7 @@ def regime_cells(runs: pd.DataFrame, grid: RegimeMap) -> pd.DataFrame:
                 cell.append(
                     {
                         "sites": n,
+                        "sites per round m": m,
                         "epsilon": epsilon,
                         "method": label,
                         "acc": mean,
@@ -232,6 +294,10 @@ def regime_cells(runs: pd.DataFrame, grid: RegimeMap) -> pd.DataFrame:
                         "high": high,
                         "seeds": len(sel),
                         "eligible": eligible,
+                        "engine": ",".join(sorted(set(sel["engine"]))) if "engine" in sel else "loop",
+                        "noise multiplier": _mean(sel, "noise multiplier") if private else None,
+                        "z/m": _mean(sel, "z/m") if private else None,
+                        "parameters": _mean(sel, "parameters"),
                         "noise/signal per round": sel["noise/signal per round"].mean() if private else None,
                     }
                 )
@@ -243,6 +309,11 @@ def regime_cells(runs: pd.DataFrame, grid: RegimeMap) -> pd.DataFrame:
                 c["clear"] = bool(c["winner"] and not math.isnan(c["low"]) and all(c["low"] > h for h in others))
             rows += cell
     return pd.DataFrame(rows)
+
+
+def _mean(sel: pd.DataFrame, column: str) -> float | None:
+    """The column's mean over a cell's seeds (None where the runs table lacks it)."""
+    return float(sel[column].mean()) if column in sel else None
 
 
 def regime_verdict(

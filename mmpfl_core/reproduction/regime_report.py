@@ -37,6 +37,8 @@ def noise_table(runs: pd.DataFrame, method: str, rounds: int) -> pd.DataFrame:
         )
         .reset_index()
     )
+    # z/m: the noise standard deviation of the released average in units of the clip norm C.
+    grouped.insert(grouped.columns.get_loc("z") + 1, "z/m", grouped["z"] / grouped["qN"])
     grouped["participants for ratio 1"] = grouped["z"] * grouped["d"] ** 0.5  # qN at which z sqrt(d) / qN = 1
     grouped["rounds per site qT"] = grouped["q"] * rounds
     return grouped.rename(
@@ -44,6 +46,7 @@ def noise_table(runs: pd.DataFrame, method: str, rounds: int) -> pd.DataFrame:
             "q": "sample rate q",
             "qN": "expected participants qN",
             "z": "noise multiplier z",
+            "z/m": "z/m = z/qN",
             "d": "parameters d",
             "ratio": "noise/signal per round z*sqrt(d)/qN",
             "participants for ratio 1": "participants per round for ratio 1 (z*sqrt(d))",
@@ -98,7 +101,10 @@ def run_regime_map(plan: ReproductionPlan, out: Path, *, progress: bool = False,
             ]
         }
     )
-    shown = shown[["sites", "epsilon", "method", "personal acc [95% CI]", "eligible", "winner", "clear"]]
+    shown = shown[
+        ["sites", "sites per round m", "epsilon", "method", "engine", "personal acc [95% CI]", "eligible", "winner"]
+        + ["clear", "noise multiplier", "z/m", "parameters", "noise/signal per round"]
+    ]
     f = base.federated
     lines = [
         f"# Regime map: {base.name}",
@@ -110,9 +116,19 @@ def run_regime_map(plan: ReproductionPlan, out: Path, *, progress: bool = False,
         f"Synthetic MS cohort at {base.data.image_size}x{base.data.image_size} px, model `{base.model.preset}` "
         f"{dict(base.model.overrides)}, alpha = {base.federation.alpha:g}, {f.num_rounds} rounds, "
         f"{f.local.local_epochs} local epoch(s) of batch {f.local.batch_size}; Poisson sampling with "
-        f"q = min(1, {grid.sites_per_round:g} / N); sites x subjects per site: "
-        + ", ".join(f"{n} x {s}" for n, s in zip(grid.num_sites, grid.subjects_per_site, strict=True))
+        + (
+            f"q = min(1, m / N) with sites per round m on an axis, N = {grid.population_factor} m; "
+            if isinstance(grid.sites_per_round, tuple)
+            else f"q = min(1, {grid.sites_per_round:g} / N); "
+        )
+        + "sites x subjects per site: "
+        + ", ".join(f"{n} x {s}" for n, s in zip(grid.sites, grid.subjects_per_site, strict=True))
         + ". "
+        + (
+            "Engine: vectorised for the methods it serves, the loop engine for the others (`engine` column). "
+            if grid.engine == "vectorized"
+            else ""
+        )
         + (
             f"Local-only trains and is evaluated on {grid.local_eval_sites} random sites per seed where N is larger "
             "(sites train independently: an unbiased estimate of the mean). "
