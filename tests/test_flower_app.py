@@ -265,21 +265,24 @@ def _ray_startup_failure(exc: BaseException) -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
-def flower_runs(tmp_path_factory):
+def _run_with_ray_retry(**overrides):
+    from mmpfl_flower.simulate import run_flower_simulation
     if not _ray_can_start():
         pytest.skip("Ray is not installed: pip install 'flwr[simulation]'")
-    from mmpfl_flower.simulate import run_flower_simulation
-    out = tmp_path_factory.mktemp("flower")
     for attempt in (1, 2):  # Ray waits a fixed 30 s for its raylet: a loaded 2-core machine may need a retry
         try:
-            runs, _ = run_flower_simulation(**SMOKE, method="fedavg,dp-fedavg", results_dir=str(out))
-            return runs
+            return run_flower_simulation(**overrides)[0]
         except RuntimeError as exc:
             if not _ray_startup_failure(exc):
                 raise
             if attempt == 2:
                 pytest.skip(f"Ray could not start here (twice): {exc!r}")
+
+
+@pytest.fixture(scope="module")
+def flower_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("flower")
+    return _run_with_ray_retry(**SMOKE, method="fedavg,dp-fedavg", results_dir=str(out))
 
 
 @pytest.mark.flower
@@ -487,20 +490,6 @@ def test_the_real_client_refuses_a_release_with_a_missing_or_unknown_key():
 
 
 # ------------------------------------------------------------------ Ray: MM-PFL-ADP's gated release through the app
-def _run_with_ray_retry(**overrides):
-    from mmpfl_flower.simulate import run_flower_simulation
-    if not _ray_can_start():
-        pytest.skip("Ray is not installed: pip install 'flwr[simulation]'")
-    for attempt in (1, 2):  # Ray waits a fixed 30 s for its raylet: a loaded 2-core machine may need a retry
-        try:
-            return run_flower_simulation(**overrides)[0]
-        except RuntimeError as exc:
-            if not _ray_startup_failure(exc):
-                raise
-            if attempt == 2:
-                pytest.skip(f"Ray could not start here (twice): {exc!r}")
-
-
 @pytest.mark.flower
 @pytest.mark.slow
 @pytest.mark.timeout(600)

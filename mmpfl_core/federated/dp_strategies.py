@@ -84,7 +84,6 @@ from ..privacy import (
     clip_per_group,
     gaussian_noise_like,
     release_accounting,
-    server_top_up_std,
     uniform_noise_allocation,
     validate_update,
 )
@@ -507,8 +506,8 @@ class DPFedAvg(SampleLevelHooks):
                     "round %d: ignored a nonzero sum for %s, a group nobody releases this round", round_index, n
                 )
             new_state[n] = torch.zeros_like(new_state[n])
-        server_std, source = self._server_noise_fraction(num_participants), self._source(round_index, 0)
-        if self.placement is NoisePlacement.DISTRIBUTED and 0 < server_std < 1:
+        server_fraction, source = release.server_fraction(num_participants), self._source(round_index, 0)
+        if self.placement is NoisePlacement.DISTRIBUTED and 0 < server_fraction < 1:
             self._topped_up_total += 1  # the server knows part of this round's noise (threat_statements)
         stds = release.server_stds(num_participants)
         if any(v > 0 for v in stds.values()):
@@ -520,9 +519,9 @@ class DPFedAvg(SampleLevelHooks):
             new_state = self.server_optimizer.step(global_state, new_state)
         if self.adaptive:
             count = float(total[CLIP_INDICATOR].sum()) if CLIP_INDICATOR in total else 0.0
-            if server_std > 0:
-                count += (
-                    server_std * self.count_noise_multiplier * float(source.standard_normal((1,), dtype=torch.float64))
+            if server_fraction > 0:
+                count += release.count_server_std(num_participants) * float(
+                    source.standard_normal((1,), dtype=torch.float64)
                 )
             # Post-processing of the noisy count, so free: clip the fraction to [0, 1] and C to
             # [C0 / R, C0 R]. With few sites the count noise z_b / (qN) dwarfs the count (3 sites,
@@ -569,16 +568,6 @@ class DPFedAvg(SampleLevelHooks):
                 sample_rate=accounting.sample_rate,
                 round=round_index,
             )
-
-    def _server_noise_fraction(self, arrived: int) -> float:
-        """The server's noise std as a fraction of sigma_g: 1 (server placement), the top-up
-        sqrt((m - s) / m) of missing distributed shares, 0 (local placement)."""
-        if self.placement is NoisePlacement.SERVER:
-            return 1.0
-        if self.placement is NoisePlacement.LOCAL:
-            return 0.0
-        announced = arrived if self._announced is None else self._announced
-        return server_top_up_std(1.0, announced, arrived)
 
     # ------------------------------------------------------------------ reports and state
     def round_report(self, round_index: int) -> dict[str, float]:

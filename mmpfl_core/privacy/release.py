@@ -309,24 +309,26 @@ class RoundRelease:
         return names
 
     # ------------------------------------------------------------------ server half
-    def server_stds(self, arrived: int) -> dict[str, float]:
-        """The std per coordinate the server adds to the SUM of ``arrived`` updates, per group:
-        sigma_g (server), the top-up sigma_g sqrt((m - s) / m) of missing shares (distributed), 0 (local)."""
+    def server_fraction(self, arrived: int) -> float:
+        """The server's part of the round's noise, as a fraction of every std (sigma_g and z_b), when
+        ``arrived`` updates are in the sum: 1 (server), the top-up sqrt((m - s) / m) of missing shares
+        (distributed; 1 when m = 0), 0 (local: every site noised its own update)."""
         if self.placement is NoisePlacement.SERVER:
-            return dict(self.sigmas)
-        if self.placement is NoisePlacement.LOCAL:
-            return {g: 0.0 for g in self.groups}
-        assert self.participants is not None  # validated: distributed releases carry m
-        return {g: server_top_up_std(s, self.participants, arrived) for g, s in self.sigmas.items()}
-
-    def count_server_std(self, arrived: int) -> float:
-        """The std the server adds to the adaptive-clipping count (server: z_b; distributed: the top-up)."""
-        if self.placement is NoisePlacement.SERVER:
-            return self.count_noise_multiplier
+            return 1.0
         if self.placement is NoisePlacement.LOCAL:
             return 0.0
         assert self.participants is not None  # validated: distributed releases carry m
-        return server_top_up_std(self.count_noise_multiplier, self.participants, arrived)
+        return server_top_up_std(1.0, self.participants, arrived)
+
+    def server_stds(self, arrived: int) -> dict[str, float]:
+        """The std per coordinate the server adds to the SUM of ``arrived`` updates, per group:
+        sigma_g times :meth:`server_fraction`."""
+        fraction = self.server_fraction(arrived)
+        return {g: s * fraction for g, s in self.sigmas.items()}
+
+    def count_server_std(self, arrived: int) -> float:
+        """The std the server adds to the adaptive-clipping count: z_b times :meth:`server_fraction`."""
+        return self.count_noise_multiplier * self.server_fraction(arrived)
 
     # ------------------------------------------------------------------ wire format
     def to_record(self) -> dict[str, Any]:
