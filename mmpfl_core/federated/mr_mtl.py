@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Any
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -38,7 +37,7 @@ from ..privacy.dp_sgd import SampleLevelDP
 from .client import ClientUpdate, LossRegulariser, trainable_state
 from .config import FederatedConfig
 from .sample_level import SampleLevelHooks
-from .strategies import State, register_strategy, select_clients, weighted_average_update
+from .strategies import LocalOnly, State, register_strategy, weighted_average_update
 
 __all__ = ["LocalDPSGD", "MRMTL"]
 
@@ -81,16 +80,13 @@ class _PatientLevel(SampleLevelHooks):
 
 
 @register_strategy("local-dp-sgd")
-class LocalDPSGD(_PatientLevel):
+class LocalDPSGD(_PatientLevel, LocalOnly):
     """Local-only training with DP-SGD at every site (module docstring). Keyword arguments:
 
     Args:
         sample_level_dp: kwargs of :class:`~mmpfl_core.privacy.dp_sgd.SampleLevelDP` (``target_epsilon``
             or ``noise_multiplier``, ``max_grad_norm``, ``delta``, ``noise``); required.
     """
-
-    has_global_model = False
-    communicates = False
 
     def __init__(self, *, sample_level_dp: dict[str, Any] | None = None) -> None:
         if sample_level_dp is None:
@@ -100,23 +96,13 @@ class LocalDPSGD(_PatientLevel):
             )
         super().__init__(sample_level_dp)
 
-    def select(self, client_ids: Sequence[int], config: FederatedConfig, rng: np.random.Generator) -> list[int]:
-        return list(client_ids)  # every site trains every round: nothing is sampled or released
-
-    def client_start_state(self, site_id: int, global_state: State) -> State:
-        return self.personal.get(site_id, global_state)
-
+    # selection (every site, every round), start state and aggregation (none) are LocalOnly's
     def transmit(self, update: ClientUpdate, round_index: int) -> State:
         self._record_sample_level(update, round_index)
         return {}  # nothing leaves the site
 
-    def aggregate(
-        self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State], round_index: int
-    ) -> State:
-        return global_state
-
     def personal_state(self, site_id: int, global_state: State) -> State | None:
-        return self.personal.get(site_id, global_state)
+        return LocalOnly.personal_state(self, site_id, global_state)  # its own model, even before round 1
 
 
 @register_strategy("mr-mtl")
@@ -134,9 +120,6 @@ class MRMTL(_PatientLevel):
         super().__init__(sample_level_dp)
         self.lam = float(lam)
         self._start: dict[int, tuple[State, State]] = {}
-
-    def select(self, client_ids: Sequence[int], config: FederatedConfig, rng: np.random.Generator) -> list[int]:
-        return select_clients(client_ids, config, rng)
 
     def client_start_state(self, site_id: int, global_state: State) -> State:
         start = self.personal.get(site_id, global_state)
