@@ -7,7 +7,7 @@ of the kit's ``MultiModalViT`` on one batch, in four ways:
 * ``hooks``: Opacus ``GradSampleModule`` (per-sample gradients from module hooks; the kit's
   embedding modules register their own rules in ``mmpfl_core.models.layers``);
 * ``functorch``: the same wrapper with ``force_functorch=True`` (per-sample gradients by ``vmap``;
-  timm's fused attention is switched off for it, FACTS: SDPA breaks the vmap path);
+  timm's fused attention is switched off for it, docs/FACTS.md, "Opacus with timm ViTs": SDPA breaks the vmap path);
 * ``ghost``: ghost clipping (``GradSampleModuleFastGradientClipping`` + ``DPLossFastGradientClipping``),
   which computes per-sample gradient norms without materialising per-sample gradients and then
   runs a second backward pass with the clipped weights.

@@ -2,7 +2,7 @@
 
 The question of issue 23: with a handful of hospitals, client-level DP cannot carry a model (z/m is
 0.2-3), so what DOES make private collaboration beat training alone? This bench measures the recipe
-the field uses (FACTS, "Where DP federated learning pays"): pretrain the encoders on a PUBLIC cohort
+the field uses (docs/FACTS.md, "Where DP federated learning pays"): pretrain the encoders on a PUBLIC cohort
 (no privacy cost), train only a small private part (head + norms) at the sites, and protect each
 hospital's PATIENTS with DP-SGD inside the site at epsilon e; compare with the fair rival, local
 training with DP-SGD at the same e, and with what public data alone gives.

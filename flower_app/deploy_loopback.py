@@ -19,7 +19,7 @@ Every process listens on 127.0.0.1 only. Two modes:
   each private key on its site only, and add user authentication for ``flwr run`` (``flwr login``).
 * Each SuperNode loads ITS OWN data (here: ``partition-id`` of the synthetic cohort). Everything
   a site sends besides the (clipped, noised or SecAgg+-masked) update -- loss, counts,
-  accuracies -- is outside the DP guarantee (DESIGN 4.6). TLS protects the traffic from the
+  accuracies -- is outside the DP guarantee (docs/DESIGN.md 4.6). TLS protects the traffic from the
   network and authentication keeps unknown machines out; neither protects a site's data from the
   server: that is what client-level DP (and secure aggregation for distributed noise) is for.
 

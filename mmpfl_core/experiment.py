@@ -75,7 +75,7 @@ def model_factory(config: ExperimentConfig, federation: Federation) -> Callable[
 
 def _remove_unused_run(path: Path) -> None:
     """Delete a run directory this call created if it holds no metrics, no checkpoint and no recorded
-    release (a ledger file with entries is kept: its releases were made and stay spent, DESIGN 4.8)."""
+    release (a ledger file with entries is kept: its releases were made and stay spent, docs/DESIGN.md 4.8)."""
     checkpoints = path / "private" / "checkpoints"
     if (path / "metrics.csv").exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
         return
@@ -168,7 +168,7 @@ def comparison_table(runs: Mapping[str, RunResult]) -> pd.DataFrame:
 
 
 #: Columns of :func:`comparison_table` computed from byte counters, which depend on the sites' private masks and
-#: on who took part (secret under sampling): operator-only, written under ``private/`` (DESIGN 6).
+#: on who took part (secret under sampling): operator-only, written under ``private/`` (docs/DESIGN.md 6).
 COMMUNICATION_COLUMNS = ("MB total", "MB to target")
 
 

@@ -92,7 +92,7 @@ def build_checked_strategy(method: MethodSpec, federation: Federation) -> Strate
     """The method's strategy, checked against the data before anything is trained or written.
 
     A strategy that allocates noise with the Fisher information (``dp-fedavg-fisher``,
-    ``mm-pfl-adp``) reads the public server set (DESIGN.md 4.3); without one it fails here with the fix.
+    ``mm-pfl-adp``) reads the public server set (docs/DESIGN.md 4.3); without one it fails here with the fix.
     """
     from .federated.dp_fisher import DPFedAvgFisher
 

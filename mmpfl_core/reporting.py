@@ -1,6 +1,6 @@
 """Write a comparison report: ``<out>/REPORT.md`` with the table, figures and the cohort summary.
 
-What lands where (DESIGN 6, issue 21). Beside ``REPORT.md`` (released): the comparison table without byte
+What lands where (docs/DESIGN.md 6). Beside ``REPORT.md`` (released): the comparison table without byte
 counts, pooled-accuracy figures, and a cohort preview drawn from the server's PUBLIC set only (no site's
 patient is ever drawn). Under ``<out>/private/`` (operator only, never linked as released): per-site tables
 and figures (``cohort_summary.csv``, ``site_accuracy.png``) and everything computed from byte counters

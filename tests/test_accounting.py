@@ -120,7 +120,7 @@ def test_calibrate_noise_round_trip(accountant, q, t, target, tol):
 
 
 def test_facts_few_clients_need_noise_about_six():
-    """FACTS: all of 10 clients each round (q=1), eps 8 over 100 rounds -> z about 6."""
+    """docs/FACTS.md, "Accounting": all of 10 clients each round (q=1), eps 8 over 100 rounds -> z about 6."""
     z = calibrate_noise(target_epsilon=8.0, target_delta=DELTA, sample_rate=1.0, steps=100)
     assert 5.5 <= z <= 6.5
     assert calibrate_noise(target_epsilon=1.0, target_delta=DELTA, sample_rate=0.1, steps=0) == 0.0

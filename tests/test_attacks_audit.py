@@ -36,7 +36,7 @@ def test_all_guesses_right_has_a_closed_form():
     q = 0.05 ** (1 / 100)
     assert epsilon_lower_bound(m=100, r=100, v=100, delta=0.0) == pytest.approx(math.log(q / (1 - q)), abs=2e-6)
     assert epsilon_lower_bound(m=100, r=100, v=100, delta=0.0) == pytest.approx(3.49297, abs=1e-4)
-    # The saturation FACTS.md warns about: r guesses can prove at most about ln(r / 3).
+    # The saturation docs/FACTS.md warns about: r guesses can prove at most about ln(r / 3).
     assert epsilon_lower_bound(m=1000, r=200, v=200, delta=1e-5) == pytest.approx(4.1665, abs=1e-3)
 
 

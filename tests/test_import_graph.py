@@ -1,4 +1,4 @@
-"""The import graph of mmpfl_core: no circle, and no import against the package layering of the design notes (section 2).
+"""The import graph of mmpfl_core: no circle, and no import against the package layering of docs/DESIGN.md 2.
 
 Built from the source with :mod:`ast` (nothing is imported), counting every import statement wherever it
 stands (module level, inside a function, under ``TYPE_CHECKING``): a deferred import is still a dependency.

@@ -40,7 +40,7 @@ def _expect_03(r: dict[str, Any]) -> None:
     assert r["num_clients"] == SMOKE_PARAMETERS["NUM_CLIENTS"]
     # Clipping bounds the update (float rounding aside).
     assert r["clipped_norm"] <= r["clip_norm"] * (1 + 1e-6)
-    # Accountants: PRV and PLD agree; RDP is the looser upper bound (FACTS: 8-18 %).
+    # Accountants: PRV and PLD agree; RDP is the looser upper bound (docs/FACTS.md, "Accounting": 7.5-12 % over PLD).
     eps = r["epsilon_by_accountant_100_rounds"]
     assert eps["prv"] <= eps["rdp"] and eps["prv"] == pytest.approx(eps["pld"], rel=0.03)
     # Client-level DP with every client taking part: z ~ 6 for epsilon 8 over 100 rounds; ~0.94 at q = 0.1.
@@ -372,7 +372,7 @@ def _expect_07(r: dict[str, Any]) -> None:
     # Under client-level DP at epsilon 1 every attack on the global and the deployed models is at chance.
     for label in ("dp-fedavg eps=1", "mm-pfl-adp eps=1"):
         assert all(abs(ci["point"] - 0.5) <= band for ci in auc[label].values())
-    # The deployed personal models are outside the client-level guarantee (DESIGN 4.6): with the noise gate
+    # The deployed personal models are outside the client-level guarantee (docs/DESIGN.md 4.6): with the noise gate
     # keeping every group personal they are local models, and an attack on them may beat chance. Recorded, valid.
     assert all(0.0 <= ci["low"] <= ci["point"] <= ci["high"] <= 1.0
                for ci in r["personal_auc"]["mm-pfl-adp eps=1"].values())

@@ -1,4 +1,4 @@
-"""Under patient-level DP (DP-SGD inside each site) the masks must not leak patients (issue 21, DESIGN 4.5).
+"""Under patient-level DP (DP-SGD inside each site) the masks must not leak patients (issue 21, docs/DESIGN.md 4.5).
 
 What leaves a site is compared, tensor for tensor, between two neighbouring federations that differ in one
 patient of site 0: removing a VALIDATION patient must change nothing; removing a TRAINING patient may change

@@ -1,4 +1,4 @@
-"""Nothing private outside ``private/`` (issue 21, DESIGN 6): one scan of everything a comparison, its report and a
+"""Nothing private outside ``private/`` (issue 21, docs/DESIGN.md 6): one scan of everything a comparison, its report and a
 notebook's records write, with a planted leak per kind to prove the scan can fail.
 
 The comparison runs FedAvg, MM-PFL-ADP (client-level DP, noise gate on) and MM-PFL-ADP under patient-level DP

@@ -1,4 +1,4 @@
-"""The write-ahead ledger (DESIGN 4.8, issue 21 defect 3): a release is on disk before it leaves, and a
+"""The write-ahead ledger (docs/DESIGN.md 4.8, issue 21 defect 3): a release is on disk before it leaves, and a
 run killed between a release and the next checkpoint, then resumed, ends with an epsilon that covers
 every release made; the old behaviour (the ledger from the checkpoint only) is shown to under-charge."""
 from __future__ import annotations

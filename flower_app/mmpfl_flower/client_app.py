@@ -27,7 +27,7 @@ Messages (current Message API):
     masked vector leaves the site.
   * ``evaluate``: accuracy of the global and of the site's personal model on its val/test splits.
 
-What leaves the site besides the update (DESIGN 4.6): train loss, example count and accuracies.
+What leaves the site besides the update (docs/DESIGN.md 4.6): train loss, example count and accuracies.
 They are NOT covered by the client-level guarantee; they are reported for teaching and should be
 dropped or noised in a real deployment (``num-examples`` is sent as 1 under SecAgg+).
 """

@@ -174,7 +174,7 @@ def open_run_directory(job: Job, run_config: dict[str, Any], core: Any) -> RunDi
 
     A Flower run is not resumed (a restarted server starts from round 1 with a fresh model). A run
     name whose ledger already records a release is refused: a fresh ledger there would forget
-    those releases (DESIGN 4.8), and adding the restarted run's releases to them would charge a
+    those releases (docs/DESIGN.md 4.8), and adding the restarted run's releases to them would charge a
     model nobody continues. A run name with no recorded release (a run that died before its first
     release) is reused.
 

@@ -7,7 +7,7 @@ Poisson sampling for DP), what the sites are told (``round_instructions``: the r
 and Fisher noise scales from PUBLIC data, sent with every train message), how the replies are aggregated (``aggregate``: per-group clipped
 sum + Gaussian noise / qN, masked groups as zeros) and what is accounted (the strategy's
 ``PrivacyLedger``). Flower's own DP wrappers are not used: they noise all arrays uniformly and their
-accountant knows neither sampling amplification nor masked groups (FACTS).
+accountant knows neither sampling amplification nor masked groups (docs/FACTS.md, "Flower 1.42").
 
 Fault handling and privacy accounting (the assumption, stated once):
   * A site that fails, times out, or sends a malformed reply (NaN/Inf, unknown or wrong-shaped
@@ -33,7 +33,7 @@ Fault handling and privacy accounting (the assumption, stated once):
 
 Evaluation: every site scores the global model and its personal model on its own val/test splits
 and returns correct counts; the server pools them (pooled accuracy = the in-process engine's, as
-the splits are the same). These counts are releases outside the DP guarantee (DESIGN 4.6).
+the splits are the same). These counts are releases outside the DP guarantee (docs/DESIGN.md 4.6).
 """
 from __future__ import annotations
 

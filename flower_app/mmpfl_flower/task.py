@@ -186,7 +186,7 @@ def load_job(run_config: Mapping[str, Any] | None = None, **overrides: Any) -> J
     use_secagg = placement == "distributed" if secagg == "auto" else secagg in ("on", "true")
     if placement == "distributed" and not use_secagg:
         raise ConfigError("placement='distributed' without secure aggregation lets the server see every site's "
-                          "noised update (no guarantee against the server, DESIGN 4.2); set secagg=auto or on.")
+                          "noised update (no guarantee against the server, docs/DESIGN.md 4.2); set secagg=auto or on.")
     if use_secagg and placement != "distributed":
         raise ConfigError(f"secagg=on needs placement='distributed' (got {placement!r}): with server placement the "
                           "trusted server adds the noise and must see the sum of CLIPPED updates only after it "
@@ -290,7 +290,7 @@ def validate_reply(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[
                    site: Any, expected_sites: set[int]) -> None:
     """Reject a reply with unknown/wrong-shaped arrays, NaN/Inf, a bad example count or site id.
 
-    Flower passes all of these through (FACTS: NaN survives its DP clipping, negative counts are
+    Flower passes all of these through (docs/FACTS.md, "Flower 1.42": NaN survives its DP clipping, negative counts are
     accepted), so the server checks before the strategy sees anything. A rejected reply is treated
     as a dropout of that site (see server_app: the accounting does not depend on who took part).
     """

@@ -1,4 +1,4 @@
-"""Canary clients for the one-run audit of the kit's client-level DP release (DP-FedAvg, DESIGN 4.1).
+"""Canary clients for the one-run audit of the kit's client-level DP release (DP-FedAvg, docs/DESIGN.md 4.1).
 
 What it is for: running the REAL release path (``DPFedAvg.configure`` -> ``transmit`` (validate,
 ``clip_per_group``, participant noise) -> ``aggregate`` (server noise from ``gaussian_noise_like``,

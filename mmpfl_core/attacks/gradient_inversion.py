@@ -23,7 +23,7 @@ Threat model:
 Defences compared (:func:`compare_defences`), all through the kit's release code:
     * "no defence": the raw update.
     * "clipping": :func:`~mmpfl_core.privacy.clipping.clip_flat` to norm C. This is what a server
-      with ``server`` placement (trusted aggregator, DESIGN 4.2) sees: clipping alone protects
+      with ``server`` placement (trusted aggregator, docs/DESIGN.md 4.2) sees: clipping alone protects
       nothing against it.
     * "clipping + noise" at epsilon e: ``local`` placement, the site adds N(0, (z C)^2) itself. Under
       replace-one-site adjacency the sensitivity is 2C, so z = 2 * calibrate_noise(e, delta, q=1,

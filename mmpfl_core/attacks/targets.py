@@ -1,6 +1,6 @@
 """Membership-inference targets: which model the adversary queries, on whom, and the shadow models.
 
-Threat models (DESIGN 4.6):
+Threat models (docs/DESIGN.md 4.6):
     * ``"global"``: an outside adversary holds the released global model (what the server
       publishes). Client-level DP covers it: a whole site's contribution, hence each of its patients.
     * ``"personal"``: an adversary queries each hospital's deployed model (its personalised model

@@ -9,7 +9,7 @@ it into the same :class:`~mmpfl_core.data.federation.Federation` the synthetic g
 * **dirichlet re-split** (``partition="dirichlet"``): ignore the site column and split the
   non-public patients with :func:`~mmpfl_core.data.federation.dirichlet_label_partition` into
   ``FederationConfig.num_sites`` sites, as for the synthetic cohort (for experiments on skew);
-* the **public server set** (what Fisher allocation may use, DESIGN.md 4.3) is every subject with
+* the **public server set** (what Fisher allocation may use, docs/DESIGN.md 4.3) is every subject with
   site id -1, plus the subjects named in ``public_subjects``. They belong to no site. Marking a
   subject public is the user's statement that the server may use its data without protection (an
   open dataset, or consent to that use): the Fisher weights cost no privacy only because they are

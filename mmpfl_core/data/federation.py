@@ -4,7 +4,7 @@ What it is for: turning one synthetic population into a federation whose sites d
 hospitals do: different case mixes (Dirichlet label skew), different sizes (quantity skew),
 different scanners (:mod:`mmpfl_core.data.scanners`), and sometimes a missing sequence. A small
 public set is held out *before* site assignment and imaged with the reference scanner; it belongs
-to no site and is what the server may use (e.g. Fisher estimation, DESIGN.md 4.3).
+to no site and is what the server may use (e.g. Fisher estimation, docs/DESIGN.md 4.3).
 
 What it must never do: let one subject appear in two sites or two splits, or let the public set
 overlap any site (tests check both).

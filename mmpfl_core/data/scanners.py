@@ -1,7 +1,7 @@
 """Simulated MRI scanners: how one hospital's acquisition turns tissue into the images it stores.
 
 What it is for: the "feature skew" of a federation. The same brain looks different at two sites
-because of (FACTS.md "MRI and MS facts"):
+because of (docs/FACTS.md "MRI and MS facts"):
 
 * field strength: 3 T gives more SNR and slightly different T1 contrast than 1.5 T (here: lower
   ``noise_sigma`` and per-sequence contrast ``gain`` / ``gamma``);

@@ -6,7 +6,7 @@ What it is for: a small, realistic-looking, fully reproducible stand-in for a mu
 (field strength, bias field, Rician noise, vendor scale, missing sequences) are added per site by
 :mod:`mmpfl_core.data.scanners`. What it must never do: read real patient data, or use global RNGs.
 
-Realism rules (textbook radiology; see ``FACTS.md`` "MRI and MS facts"; e.g. Atlas, *Magnetic
+Realism rules (textbook radiology; see ``docs/FACTS.md`` "MRI and MS facts"; e.g. Atlas, *Magnetic
 Resonance Imaging of the Brain and Spine*; Filippi et al., *Lancet Neurol* 2016 on MS MRI criteria).
 Relative tissue brightness, highest first, and the values used here (before scanner effects):
 

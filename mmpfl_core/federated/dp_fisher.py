@@ -1,4 +1,4 @@
-"""DP-FedAvg with the Fisher allocation of the noise over parameter groups ("dp-fedavg-fisher", DESIGN 4.3).
+"""DP-FedAvg with the Fisher allocation of the noise over parameter groups ("dp-fedavg-fisher", docs/DESIGN.md 4.3).
 
 Same release and accounting as :class:`~mmpfl_core.federated.dp_strategies.DPFedAvg` with per-group
 clipping; only the split of the noise over groups changes, and it is computed from the global model
@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 @register_strategy("dp-fedavg-fisher")
 class DPFedAvgFisher(DPFedAvg):
-    """DP-FedAvg with Fisher-allocated per-group noise (DESIGN 4.3); per-group clipping is forced.
+    """DP-FedAvg with Fisher-allocated per-group noise (docs/DESIGN.md 4.3); per-group clipping is forced.
 
     Every ``fisher_every`` rounds the mean diagonal Fisher F_g of the CURRENT GLOBAL model (already
     released) is estimated on the PUBLIC server set (``federation.public``) with model-sampled

@@ -1,7 +1,7 @@
 """Client-level differentially private FedAvg ("dp-fedavg"); the Fisher-allocated variant is in :mod:`.dp_fisher`.
 
 Algorithm of one round t (McMahan et al. 2018, "Learning differentially private recurrent language
-models"; DESIGN 4.1-4.3), unit of privacy = one site (add/remove-one-site adjacency):
+models"; docs/DESIGN.md 4.1-4.3), unit of privacy = one site (add/remove-one-site adjacency):
     1. Sites are Poisson-sampled with rate q (``FederatedConfig.sampling="poisson"``, or q = 1):
        :meth:`configure` refuses fixed-size sampling with q < 1, because the accountant assumes
        Poisson sampling with q = ``client_fraction``.
@@ -141,7 +141,7 @@ class DPFedAvg(SampleLevelHooks):
         delta: default 1e-5; must be well below 1 / (number of sites).
         clip_norm: C, the bound of a site's whole update (inf only with noise_multiplier=0).
         clipping: "flat" or "per-group" (C_g = C sqrt(d_g/d) over the model's parameter groups).
-        placement: "server", "distributed" or "local" (DESIGN 4.2).
+        placement: "server", "distributed" or "local" (docs/DESIGN.md 4.2).
         accountant: "prv" (default), "rdp" or "pld".
         adaptive_clipping, target_quantile, clip_lr, count_noise_multiplier: Andrew et al. 2021
             (default z_b = 10 z: the count takes 1 % of the round's budget in zCDP terms).
@@ -488,7 +488,7 @@ class DPFedAvg(SampleLevelHooks):
         failed secure sum, m = 0) the server adds the missing N(0, sigma_g^2 (m - s) / m): the
         released sum always carries exactly sigma_g^2, and nothing is ever aborted.
 
-        Write-ahead ledger (DESIGN 4.8): the round is entered in the ledger, and with a run
+        Write-ahead ledger (docs/DESIGN.md 4.8): the round is entered in the ledger, and with a run
         directory appended to its file and fsynced, before noise is drawn and before the new model
         is returned. A run resumed from an earlier checkpoint re-runs this round with FRESH secret
         noise: that is a second release of the same round and is charged again (the ledger file
@@ -546,7 +546,7 @@ class DPFedAvg(SampleLevelHooks):
 
     def _record_release(self, round_index: int, release: RoundRelease) -> None:
         """Enter this round's release in the ledger: on disk (fsynced) when the run has a ledger file,
-        BEFORE any noise is drawn or the new model computed (write-ahead, DESIGN 4.8). The entry is
+        BEFORE any noise is drawn or the new model computed (write-ahead, docs/DESIGN.md 4.8). The entry is
         the release object's own accounting, checked against the calibration."""
         if self.adaptive:
             self.ledger.record_joint(

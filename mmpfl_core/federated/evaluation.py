@@ -1,7 +1,7 @@
 """Evaluation of global and personalised models: batched inference, metrics, per-site accuracy.
 
 Evaluation here is a simulation-side teaching aid: the simulator can see every site's test split.
-In a real deployment per-site metrics are releases too (DESIGN.md 4.6); the Flower app reports them
+In a real deployment per-site metrics are releases too (docs/DESIGN.md 4.6); the Flower app reports them
 as such.
 """
 

@@ -22,19 +22,19 @@ gradients masked; here both parts train in ONE joint pass of the run's local tra
 (the loop trains one model per round, and one pass keeps FedDPA's compute equal to every other
 method's). The authors' R2 sums the personal differences in too (constants in their phase 2); here
 it sums the shared part only. Their noise (C z / sqrt(N) per site, sample-weighted mean) is replaced
-by the kit's accounted release (DESIGN 4.1), and their personal coordinates are sent un-noised
+by the kit's accounted release (docs/DESIGN.md 4.1), and their personal coordinates are sent un-noised
 inside the update; here they are never sent (zeros, within the clip bound).
 
 Privacy: m is a function of the site's private data (its Fisher). It is never released on its
 own: with ``placement="server"`` the personal coordinates are zeros in the clipped update, which
-only the trusted server sees (as MM-PFL-ADP's masks, DESIGN 4.4); the released model is covered
+only the trusted server sees (as MM-PFL-ADP's masks, docs/DESIGN.md 4.4); the released model is covered
 by the Gaussian mechanism because the zeroed update is still within the clip bound. With
 ``"distributed"`` every coordinate, personal ones included, carries the site's noise share
 (noise-only placeholders: the server sees only the secure sum, never the mask); with ``"local"``
 every coordinate carries the full noise, so the zeros are hidden the same way. The deployed personal
-model is outside the client-level guarantee (DESIGN 4.6). Never released: F, m, exact norms.
+model is outside the client-level guarantee (docs/DESIGN.md 4.6). Never released: F, m, exact norms.
 
-Patient-level DP (``sample_level_dp``, DESIGN 4.5): the server is not trusted with patients, and
+Patient-level DP (``sample_level_dp``, docs/DESIGN.md 4.5): the server is not trusted with patients, and
 the zeros of the update show m to it, so a Fisher on the site's raw training patients would release
 them outside the DP-SGD ledger. Under patient-level DP the Fisher is therefore computed on the
 server's PUBLIC set (``fisher_data="public"``, the default there and the only choice):
@@ -118,7 +118,7 @@ class FedDPA(DPFedAvg):
             raise ConfigError(
                 "feddpa with sample_level_dp and fisher_data='train' would compute its Fisher masks on "
                 "the site's raw training patients, and the zeros of its update would release them outside "
-                "the DP-SGD ledger (DESIGN 4.5). Use fisher_data='public' (the default with "
+                "the DP-SGD ledger (docs/DESIGN.md 4.5). Use fisher_data='public' (the default with "
                 "sample_level_dp: the Fisher of the DP-trained model on the server's public set)."
             )
         if patient_dp and (lambda_1 or lambda_2):

@@ -25,7 +25,7 @@ beyond its named parameter groups):
        so secure aggregation hides which groups a site keeps and the sum carries the full noise.
     5. The server divides by the expected number of participants qN and records the release.
 
-Privacy argument (DESIGN 4.1-4.4): a personal group contributes zero to the clipped sum, which is
+Privacy argument (docs/DESIGN.md 4.1-4.4): a personal group contributes zero to the clipped sum, which is
 within the clipping bound, so the release is the same Gaussian mechanism as DP-FedAvg with the
 Fisher allocation: z_eff = (sum_g C_g^2 / sigma_g^2)^(-1/2) = z over the released groups (sum of
 their C_g^2 = C^2), accounted by the ledger with sampling rate q. The drowned set is a function of
@@ -36,10 +36,10 @@ only the trusted server sees it (what it releases, the noisy global model, is co
 ``distributed`` placement nobody sees it (placeholders). ``local`` placement would reveal masks to
 an untrusted server and needs an accounted release of the scores; it is refused here (use
 ``dp-fedavg`` with ``placement="local"``). The personal groups themselves never leave the site and
-are outside the client-level guarantee (DESIGN 4.6): only sample-level DP protects the patients of
+are outside the client-level guarantee (docs/DESIGN.md 4.6): only sample-level DP protects the patients of
 a deployed personalised model.
 
-Patient-level DP (``sample_level_dp``, DESIGN 4.5). The unit is one patient of one site, and the
+Patient-level DP (``sample_level_dp``, docs/DESIGN.md 4.5). The unit is one patient of one site, and the
 server is not trusted with patients: whatever the site lets show is a release of its patients,
 which groups it uploads included. Scoring the masks on the site's raw validation patients would
 release them outside the DP-SGD ledger (measured: removing one of 16 validation patients flipped
@@ -106,7 +106,7 @@ def _mask_data(mask_data: str | None, *, patient_dp: bool, masks: bool) -> str:
         raise ConfigError(
             "mm-pfl-adp with sample_level_dp and mask_data='validation' would score masks on the "
             "site's raw validation patients, and the groups it uploads would release them outside the "
-            "DP-SGD ledger (DESIGN 4.5). Use mask_data='public' (the default with sample_level_dp: "
+            "DP-SGD ledger (docs/DESIGN.md 4.5). Use mask_data='public' (the default with sample_level_dp: "
             "scores on the server's public set with the DP-trained model, post-processing), or masks=False."
         )
     return mask_data
@@ -127,7 +127,7 @@ class MMPFLADP(DPFedAvgFisher):
         score_batch_size: batch size of the KL scoring pass.
         mask_data: where the KL scores are computed: ``"validation"`` (the site's own validation split;
             the default without ``sample_level_dp``: exact masks, hidden by the trusted server or by
-            placeholders, DESIGN 4.4) or ``"public"`` (the server's public set, scored with the site's
+            placeholders, docs/DESIGN.md 4.4) or ``"public"`` (the server's public set, scored with the site's
             trained model: the default, and the only choice, with ``sample_level_dp``; module docstring).
         **dp_kwargs: every argument of ``dp-fedavg`` / ``dp-fedavg-fisher`` (``target_epsilon``,
             ``delta``, ``clip_norm``, ``placement``, ``fisher_every``, ``sample_level_dp``, ...).
@@ -199,7 +199,7 @@ class MMPFLADP(DPFedAvgFisher):
     # ---- noise: allocation and the public noise gate
     def _set_bounds(self, clip_norm: float) -> None:
         """C_g = C sqrt(d_g / d_S) over the released groups S (not drowned), 0 for drowned ones, so that
-        sum_g C_g^2 = C^2 over what is released (DESIGN 4.1). Public: sizes and the gate only."""
+        sum_g C_g^2 = C^2 over what is released (docs/DESIGN.md 4.1). Public: sizes and the gate only."""
         self.clip_norm = clip_norm
         drowned: frozenset[str] = getattr(self, "drowned", frozenset())
         total = sum(d for g, d in self.group_sizes.items() if g not in drowned)
@@ -339,7 +339,7 @@ class MMPFLADP(DPFedAvgFisher):
 
     def personal_state(self, site_id: int, global_state: State) -> State | None:
         """A site deploys the global shared groups merged with its personal groups (outside the client-level
-        guarantee, DESIGN 4.6)."""
+        guarantee, docs/DESIGN.md 4.6)."""
         own = self.personal.get(site_id) if self.use_masks else None
         return None if not own else {**global_state, **own}
 

@@ -1,6 +1,6 @@
 """Patient-level private personalisation: MR-MTL and local-only training, each with DP-SGD inside every site.
 
-Unit of privacy: one patient of one site (add/remove-one-patient adjacency, DESIGN 4.5 and 4.7).
+Unit of privacy: one patient of one site (add/remove-one-patient adjacency, docs/DESIGN.md 4.5 and 4.7).
 Each site trains with DP-SGD (Opacus; :mod:`mmpfl_core.privacy.dp_sgd`) and keeps a ledger over
 every DP-SGD step it took in every round; everything the site releases (its update) AND the model it
 deploys are post-processing of those steps, so one per-site epsilon covers both. These are the fair

@@ -10,7 +10,7 @@ that train a second model (FedRep's phases, Ditto's personal model, fine-tuning)
 training and optimiser configs and seed unless given their own, and draw randomness from
 ``(seed, stream, round, site)`` with torch's global RNG forked, so runs stay reproducible and
 resumable. Personal models are outside the client-level
-DP guarantee (DESIGN 4.6): only sample-level DP protects the patients of a deployed personal model.
+DP guarantee (docs/DESIGN.md 4.6): only sample-level DP protects the patients of a deployed personal model.
 """
 
 from __future__ import annotations
@@ -422,7 +422,7 @@ class FedAvgKLMasks(PartialSharingStrategy):
 
     Privacy: no DP here, and exact scores are used unless ``score_clip`` is set (then scores go
     through ``release_scores`` with ``score_noise_multiplier``; account for it with
-    ``mask_release_multiplier`` jointly with the update release, DESIGN 4.4).
+    ``mask_release_multiplier`` jointly with the update release, docs/DESIGN.md 4.4).
 
     Args: ``schedule`` keys of :class:`MaskSchedule` (``mode``, ``threshold``, ``top_fraction``,
     ``update_every``, ``hysteresis``, ...), plus ``score_batch_size`` and ``seed``.

@@ -1,5 +1,5 @@
 """Sample-level (per-patient) DP-SGD inside each site: the hooks any strategy can mix in, and
-"dp-sgd-fedavg", FedAvg with DP-SGD at every site and no client-level noise (DESIGN 4.5).
+"dp-sgd-fedavg", FedAvg with DP-SGD at every site and no client-level noise (docs/DESIGN.md 4.5).
 
 Unit of privacy: one patient of one site (add/remove-one-patient adjacency); each site's guarantee
 comes from its own ledger over the DP-SGD steps it took (:mod:`mmpfl_core.privacy.dp_sgd`).
@@ -87,7 +87,7 @@ class DPSGDFedAvg(SampleLevelHooks):
 
     Each site trains with DP-SGD (Poisson batches, per-sample clipping C, noise z C; Opacus), so
     everything it releases is (eps_k, delta)-DP for its patients, eps_k from its own ledger over the
-    steps of all rounds it took part in (DESIGN 4.5). The server takes the UNIFORM mean of the
+    steps of all rounds it took part in (docs/DESIGN.md 4.5). The server takes the UNIFORM mean of the
     participants' updates (post-processing): weighting by example counts would release n_k, which
     changes under add/remove-one-patient. Keyword-only arguments as :class:`SampleLevelDP`
     (``noise="secure"`` by default; ``"reproducible-insecure"`` is for teaching and tests only).

@@ -17,7 +17,7 @@ strategy with ``secret_randomness = True`` (every private strategy with its defa
 ``noise="secure"``) samples its sites, its patients' batches and its noise from the OS CSPRNG
 (:mod:`mmpfl_core.privacy.randomness`), never from the seed, and no state of them is checkpointed:
 a resumed private run does not repeat the same bits. Its ledgers are write-ahead files in the run
-directory (DESIGN 4.8): a round released before a crash and run again after the resume is a second
+directory (docs/DESIGN.md 4.8): a round released before a crash and run again after the resume is a second
 release with fresh noise and is charged twice, so the final epsilon covers every release made.
 """
 
@@ -302,7 +302,7 @@ class FederatedSimulation:
         return int(state["round"]) + 1
 
     def _attach_ledgers(self) -> None:
-        """Write-ahead ledgers (DESIGN 4.8): the strategy's ledgers append every release to their files
+        """Write-ahead ledgers (docs/DESIGN.md 4.8): the strategy's ledgers append every release to their files
         in the run directory before it leaves, and adopt what the files already hold. A release made
         after the checkpoint just restored (the process died between a release and the next
         checkpoint) is in the file, so it stays charged; the round is then run again with fresh

@@ -15,7 +15,7 @@ per-site communication counters and the per-round history with its private colum
 secret as the sites' data: :class:`~mmpfl_core.io.run_directory.RunDirectory` keeps checkpoints
 under ``private/``. It holds no state of secret random sources (private noise and sampling keep
 none), so a resumed private run does not repeat its bits; its epsilon covers every release made,
-because the ledgers write ahead to their own files, which the resume reads (DESIGN 4.8).
+because the ledgers write ahead to their own files, which the resume reads (docs/DESIGN.md 4.8).
 """
 
 from __future__ import annotations

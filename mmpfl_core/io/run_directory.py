@@ -18,7 +18,7 @@ Layout of ``<root>/<name>/`` (``MANIFEST.json`` tags every file with its scope):
 Scopes. *released*: what may be published beside the model: quantities covered by the DP
 guarantee or computed from public data only (epsilon from the ledger, the adaptive clip bound,
 settings), plus pooled evaluation metrics of the global and deployed models on the sites'
-held-out splits, which are NOT covered by the guarantee (DESIGN 4.6): the simulation shows them for
+held-out splits, which are NOT covered by the guarantee (docs/DESIGN.md 4.6): the simulation shows them for
 teaching, a deployment must noise them or state so. *private-to-site*: derived from one site's
 data (its mask, personal model). *operator-only*: what the simulation operator, who plays every
 site, holds: participant lists and counts (secret for amplification by sampling), exact losses,
@@ -32,7 +32,7 @@ private run from it does not repeat the same bits, and its ledger files (below) 
 release made, those after the checkpoint included; with
 ``noise="reproducible-insecure"`` resuming is bit-identical and nothing is private.
 
-Ledger files (DESIGN 4.8, :mod:`mmpfl_core.privacy.ledger`): every release is appended to its
+Ledger files (docs/DESIGN.md 4.8, :mod:`mmpfl_core.privacy.ledger`): every release is appended to its
 ledger's file and fsynced before it leaves, and a resumed run adopts the files, not only the
 checkpoint, so a release made after the last checkpoint is never forgotten (a round run again is
 charged again). The client-level file holds only public mechanism parameters (z, q, round), whose
@@ -354,7 +354,7 @@ class RunDirectory:
             "scopes": dict(sorted(scopes.items())),
             "meaning": {
                 RELEASED: "may be shared beside the model: covered by the DP guarantee, public, or "
-                "pooled evaluation outside the guarantee (DESIGN 4.6)",
+                "pooled evaluation outside the guarantee (docs/DESIGN.md 4.6)",
                 PRIVATE_TO_SITE: "derived from one site's private data: that site only",
                 OPERATOR_ONLY: "held by whoever runs the simulation (it plays every site): participant "
                 "lists, exact losses, byte counters, checkpoints, the privacy ledger's write-ahead file; as secret as "

@@ -1,9 +1,9 @@
-"""Which run-directory quantities may be released, and which stay private (issue 14, DESIGN 6).
+"""Which run-directory quantities may be released, and which stay private (docs/DESIGN.md 6).
 
 A whitelist: a metrics column or summary key is ``released`` only if it is the accountant's
 epsilon, a post-processed quantity (the adaptive clip bound), a setting, or a pooled evaluation
 metric of the global / deployed models (released for teaching but outside the DP guarantee,
-DESIGN 4.6). Everything else (participant counts, exact training losses, byte counters, timing,
+docs/DESIGN.md 4.6). Everything else (participant counts, exact training losses, byte counters, timing,
 per-site metrics and epsilons, masks, node-to-site maps) is private. A new column is private until
 someone argues, in this module, why it may be released.
 """
@@ -33,7 +33,7 @@ RELEASED, PRIVATE_TO_SITE, OPERATOR_ONLY = "released", "private-to-site", "opera
 #: operator's round rows; the final value is released once, in the summary
 #: (``sample_level_privacy.max_epsilon``).
 RELEASED_COLUMNS = frozenset({"round", "epsilon", "clip_norm"})
-#: Pooled evaluation of the global / deployed models (released, outside the guarantee: DESIGN 4.6).
+#: Pooled evaluation of the global / deployed models (released, outside the guarantee: docs/DESIGN.md 4.6).
 _POOLED_EVALUATION = re.compile(r"^(global|personal)_(val|test)_[a-z0-9_]+$")
 #: Summary keys that may be published (nested dicts are filtered by _PRIVATE_SUBKEYS).
 RELEASED_SUMMARY_KEYS = frozenset(

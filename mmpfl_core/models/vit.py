@@ -14,7 +14,7 @@ model learn lesions from a few hundred small slices (notebook 01 measures it). T
   Clinical variables enter as one extra token.
 * ``late``: one encoder per sequence; pooled features of present sequences are averaged.
 
-The model knows no federation and no privacy maths (see DESIGN.md section 2): it only exposes
+The model knows no federation and no privacy maths (see docs/DESIGN.md 2): it only exposes
 stable, named parameter groups (:meth:`MultiModalViT.parameter_groups`) that those layers use.
 """
 
@@ -44,7 +44,7 @@ from .layers import (
 __all__ = ["ViTConfig", "MultiModalViT", "FUSIONS", "DEFAULT_MODALITY_NAMES"]
 
 FUSIONS: tuple[str, ...] = ("early", "token", "late")
-#: Lower-cased ``mmpfl_core.data.contract.MODALITIES`` (models may not import data, DESIGN.md 2).
+#: Lower-cased ``mmpfl_core.data.contract.MODALITIES`` (models may not import data, docs/DESIGN.md 2).
 DEFAULT_MODALITY_NAMES: tuple[str, ...] = ("t1", "t2", "flair")
 
 

@@ -1,6 +1,6 @@
 """Notebooks record their key numbers as JSON so tests (and readers) can check them afterwards.
 
-Records are scoped like a run directory (DESIGN 6): ``<dir>/<notebook>.json`` holds what may be shown
+Records are scoped like a run directory (docs/DESIGN.md 6): ``<dir>/<notebook>.json`` holds what may be shown
 beside the notebook (settings, pooled accuracies, epsilons from the accountant, public quantities), and
 ``<dir>/private/<notebook>.json`` what only the operator who plays every site may see: per-site metrics,
 masks and mask scores, byte counts (they depend on the private masks and on who took part), timings.

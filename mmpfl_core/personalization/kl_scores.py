@@ -20,9 +20,9 @@ Privacy: the scores are a function of exactly the inputs of :func:`kl_group_scor
 architecture, the global state (released), the site's trained state and ``dataset``. With a site's
 private validation split they must never leave the site as they are, except to a trusted aggregator
 (``server`` noise placement, client-level DP only); otherwise release them through
-:func:`mmpfl_core.personalization.release.release_scores` (DESIGN 4.4). Under patient-level DP the
+:func:`mmpfl_core.personalization.release.release_scores` (docs/DESIGN.md 4.4). Under patient-level DP the
 server is not trusted with patients: score on the PUBLIC set with the DP-SGD-trained state, which
-makes the scores post-processing of the site's DP release (DESIGN 4.5; ``mm-pfl-adp``'s ``mask_data``).
+makes the scores post-processing of the site's DP release (docs/DESIGN.md 4.5; ``mm-pfl-adp``'s ``mask_data``).
 """
 
 from __future__ import annotations

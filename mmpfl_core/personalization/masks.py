@@ -10,7 +10,7 @@ Two pieces, reusable by any strategy (FedAvg with masks, MM-PFL-ADP):
 * :class:`MaskSchedule`: the validated, frozen configuration.
 * :class:`PersonalizationMasks`: per-site mask state (groups only, no tensors), JSON-checkpointable.
 * :class:`DynamicKLMasks`: the two above plus KL scoring on the dataset its caller passes (a site's
-  validation split, or the public set under patient-level DP, DESIGN 4.5) and the optional private
+  validation split, or the public set under patient-level DP, docs/DESIGN.md 4.5) and the optional private
   score release (:mod:`.release`).
 
 Noise-aware masks: every update may pass ``forced_personal``, groups a caller has decided must stay

@@ -26,7 +26,7 @@ have snr of about 4-20; ``make demo`` (m = 5, z = 2.08, T = 12, d = 114k) has 0.
 
 Privacy: the inputs are C_g, d_g, T, m = qN and sigma_g, all public (fixed rules, the model's
 shapes, the configuration, the accountant's calibration and the Fisher allocation on the PUBLIC set,
-DESIGN 4.3). No site's data enters, so the gated set is the same for every site, may be announced
+docs/DESIGN.md 4.3). No site's data enters, so the gated set is the same for every site, may be announced
 by the server, and costs no privacy (tested: changing a site's data leaves it unchanged). It must
 never be fed norms or statistics computed from a site's private data.
 """

@@ -1,4 +1,4 @@
-"""Private release of mask scores (DESIGN 4.4): clip the score vector, add Gaussian noise.
+"""Private release of mask scores (docs/DESIGN.md 4.4): clip the score vector, add Gaussian noise.
 
 What it is for: a site's personalisation mask (which groups it keeps) is computed from its private
 validation data, and the server sees it through what the site uploads. Whether that costs privacy

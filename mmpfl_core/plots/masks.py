@@ -2,7 +2,7 @@
 
 Inputs are plain tables built from a run's site-side state (``strategy.masker``) or from its
 checkpoints; nothing here trains or scores. The scores and masks shown are private site-side
-diagnostics (DESIGN 4.4): in a deployment only the site itself, or a trusted aggregator with
+diagnostics (docs/DESIGN.md 4.4): in a deployment only the site itself, or a trusted aggregator with
 ``server`` placement, may look at them.
 """
 

@@ -1,4 +1,4 @@
-"""Privacy maths and mechanisms for client-level and sample-level DP (DESIGN section 4).
+"""Privacy maths and mechanisms for client-level and sample-level DP (docs/DESIGN.md 4).
 
 Pure functions and small classes: clipping, Gaussian noise and its placement, accountants, the
 per-run privacy ledger, the Fisher-based per-group noise allocation. Knows no model class, no round

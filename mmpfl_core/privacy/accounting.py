@@ -13,7 +13,7 @@ releases. Three accountants, chosen by name through a registry:
 All three account for add/remove-one adjacency of the unit that is sampled (a site for client-level
 DP, McMahan et al. 2018; a patient for DP-SGD, Abadi et al. 2016). A Gaussian mechanism here means
 sensitivity-1 sums with N(0, z^2) noise per coordinate; group-wise clipping and noise are first
-reduced to one multiplier by :func:`effective_noise_multiplier` (DESIGN 4.1).
+reduced to one multiplier by :func:`effective_noise_multiplier` (docs/DESIGN.md 4.1).
 
 This module releases nothing: it only computes numbers about mechanisms described to it.
 """
@@ -301,7 +301,7 @@ def calibrate_noise(
 
 
 def effective_noise_multiplier(clip_bounds: Sequence[float], noise_stds: Sequence[float]) -> float:
-    """Single multiplier of a release clipped and noised group-wise (DESIGN 4.1).
+    """Single multiplier of a release clipped and noised group-wise (docs/DESIGN.md 4.1).
 
     Derivation: a participant's update u is clipped per group, ||u_g|| <= C_g, and the release is
     u + N(0, diag(sigma_g^2)). Whitening by D = diag(sigma_g) (an invertible, data-independent map,
@@ -341,7 +341,7 @@ def combine_noise_multipliers(*noise_multipliers: float) -> float:
     Releasing f_1(D) + N(0, z_1^2) ... f_k(D) + N(0, z_k^2) with sensitivity-1 queries is, after
     whitening each by its z_i, one Gaussian mechanism on the concatenation with sensitivity
     sqrt(sum_i z_i^-2) and unit noise: z = (sum_i z_i^-2)^(-1/2). When the same Poisson sample
-    feeds all k queries, the joint release is this one Gaussian subsampled once (DESIGN 4.4), and
+    feeds all k queries, the joint release is this one Gaussian subsampled once (docs/DESIGN.md 4.4), and
     that is how it must be accounted: composing k separately subsampled entries would model k
     independent samples and under-report epsilon for q < 1 (they agree at q = 1).
 

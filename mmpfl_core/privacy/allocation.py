@@ -3,9 +3,9 @@
 What it is for: given named parameter groups g with sizes d_g, clip bounds C_g, non-negative
 importance weights F_g (mean diagonal Fisher information, :mod:`mmpfl_core.privacy.fisher`) and a
 target effective noise multiplier z, choose per-group noise stds sigma_g that keep the privacy of
-the round fixed (z_eff = z, DESIGN 4.1) while putting less noise on groups that matter more.
+the round fixed (z_eff = z, docs/DESIGN.md 4.1) while putting less noise on groups that matter more.
 
-Derivation (DESIGN 4.3). Minimise the Fisher-weighted noise energy
+Derivation (docs/DESIGN.md 4.3). Minimise the Fisher-weighted noise energy
     J(sigma) = sum_g F_g d_g sigma_g^2    subject to    sum_g C_g^2 / sigma_g^2 = z^-2.
 Write x_g = C_g^2 / sigma_g^2 (twice the zCDP cost rho_g of group g) and a_g = F_g d_g C_g^2, so
 J = sum_g a_g / x_g with sum_g x_g = z^-2. By Cauchy-Schwarz,
@@ -26,7 +26,7 @@ must never be fed Fisher values or norms computed from a site's private data.
 
 Bounded ratio (``max_noise_ratio`` r). The objective is a second-order proxy for the loss the
 noise causes; under heavy noise it sends very large noise to low-Fisher groups, which then dominates
-their update (DESIGN 4.3: the unbounded allocation lost 0.04-0.29 accuracy to uniform noise). With
+their update (docs/DESIGN.md 4.3: on ``make demo`` the unbounded allocation lost 0.04 accuracy to uniform noise). With
 r, every sigma_g is kept within [sigma_u / r, r sigma_u] of the uniform std sigma_u = z C, i.e.
 x_g in [x_g^u / r^2, r^2 x_g^u] with x_g^u = C_g^2 / (z C)^2. The problem stays convex: the KKT
 conditions give the clipped water-filling x_g = clip(lambda sqrt(a_g), x_g^u / r^2, r^2 x_g^u), with
@@ -262,7 +262,7 @@ Z_EFF_REL_TOL = 1e-9
 
 
 def effective_multiplier(clip_bounds: Mapping[str, float], sigmas: Mapping[str, float]) -> float:
-    """z_eff = (sum_g C_g^2 / sigma_g^2)^(-1/2) over the groups of ``clip_bounds`` (DESIGN 4.1).
+    """z_eff = (sum_g C_g^2 / sigma_g^2)^(-1/2) over the groups of ``clip_bounds`` (docs/DESIGN.md 4.1).
 
     The per-group Gaussian releases of one clipped update compose into a single Gaussian mechanism
     with this multiplier (each group's sensitivity C_g over its noise sigma_g adds in quadrature), so

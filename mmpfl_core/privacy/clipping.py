@@ -1,4 +1,4 @@
-"""Validation and norm clipping of model updates (client-level DP, DESIGN 4.1).
+"""Validation and norm clipping of model updates (client-level DP, docs/DESIGN.md 4.1).
 
 What it is for: a site's update is ``dict[str, Tensor]`` (parameter name -> delta). Before anything
 is released it is validated (finite, expected names, shapes and float dtypes) and clipped, flat
@@ -164,7 +164,7 @@ def clip_per_group(
            fused ``_foreach_mul``.
 
     Guarantees: ||clipped_g|| <= C_g for every group, hence ||clipped|| <= sqrt(sum_g C_g^2) =: C,
-    the sensitivity of the round under add/remove-one-site adjacency (DESIGN 4.1). A group whose
+    the sensitivity of the round under add/remove-one-site adjacency (docs/DESIGN.md 4.1). A group whose
     parameters are absent from ``update`` (masked or personal, not transmitted) contributes zero,
     which is within its bound. Groups within their bound are unchanged bit-for-bit.
 

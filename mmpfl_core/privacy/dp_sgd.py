@@ -1,4 +1,4 @@
-"""Sample-level (per-patient) DP-SGD inside each site, with per-site accounting (DESIGN 4.5).
+"""Sample-level (per-patient) DP-SGD inside each site, with per-site accounting (docs/DESIGN.md 4.5).
 
 Algorithm of one local step at site k (Abadi et al. 2016, "Deep learning with differential
 privacy"; implemented with Opacus' ``GradSampleModule`` + ``DPOptimizer``):

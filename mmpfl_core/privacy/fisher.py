@@ -1,4 +1,4 @@
-"""Diagonal Fisher information on PUBLIC data, for the per-group noise allocation (DESIGN 4.3).
+"""Diagonal Fisher information on PUBLIC data, for the per-group noise allocation (docs/DESIGN.md 4.3).
 
 What it is for: estimating how sensitive the model's predictions are to each parameter,
 F_theta = E_x E_{y ~ p(y|x)} [(d log p(y|x) / d theta)^2] (the "true" Fisher; with ``labels="true"``

@@ -12,7 +12,7 @@ public mechanism parameters, which are fixed by the configuration and by public 
 Same participant, same round: when a sampled site releases both its update (multiplier z_u) and
 its mask scores (z_m) in one round, the two Gaussian mechanisms share ONE Poisson sample. Jointly
 they are one subsampled Gaussian mechanism with multiplier ``combine_noise_multipliers(z_u, z_m)``
-= (z_u^-2 + z_m^-2)^(-1/2) (DESIGN 4.4): use :meth:`PrivacyLedger.record_joint`, which records
+= (z_u^-2 + z_m^-2)^(-1/2) (docs/DESIGN.md 4.4): use :meth:`PrivacyLedger.record_joint`, which records
 exactly that. Recording them as two separate entries with the same sample rate q < 1 is NOT a
 valid shortcut: composing two subsampled entries models two independent samples and under-reports
 epsilon (z = 3 and 4, q = 0.1, 50 rounds: 1.213 composed vs 1.301 for the true joint mechanism;
@@ -21,7 +21,7 @@ samples (e.g. adaptive-clipping counts in their own sampled step) or when q = 1 
 The ledger never merges entries on its own: only the caller knows whether two releases share a
 sample.
 
-Write-ahead journal (DESIGN 4.8). A ledger attached to a file (:meth:`PrivacyLedger.attach_journal`)
+Write-ahead journal (docs/DESIGN.md 4.8). A ledger attached to a file (:meth:`PrivacyLedger.attach_journal`)
 appends every entry to it as one JSON line and flushes it to disk (``fsync``) inside
 :meth:`~PrivacyLedger.record`, BEFORE ``record`` returns, and its callers record a release before
 its result leaves their hands (the server before ``release_sum`` returns the new model, a site

@@ -2,7 +2,7 @@
 
 What it is for: drawing the Gaussian noise that makes a clipped update (see
 :mod:`mmpfl_core.privacy.clipping`) a differentially private release, deciding who adds it
-(server, every participant, or each site for itself; DESIGN 4.2), and mapping each placement to the
+(server, every participant, or each site for itself; docs/DESIGN.md 4.2), and mapping each placement to the
 (noise multiplier, sample rate) pair the accountant must be given.
 
 It must never release noise, generator seeds or generator states: anyone who knows the noise can
@@ -130,7 +130,7 @@ def gaussian_noise_like(
 
 class NoisePlacement(str, Enum):
     """Who adds the noise, the adjacency each placement's epsilon is stated for, and whom it protects
-    against (DESIGN 4.2). In every placement the round's released sum carries noise of variance
+    against (docs/DESIGN.md 4.2). In every placement the round's released sum carries noise of variance
     exactly sigma_g^2 per coordinate whoever took part, so the released model is distributed as
     ``theta + (sum_k clip(Delta_k) + N(0, sigma_g^2)) / (qN)``."""
 
@@ -228,7 +228,7 @@ class ReleaseAccounting(NamedTuple):
 def release_accounting(
     placement: NoisePlacement | str, noise_multiplier: float, sample_rate: float
 ) -> ReleaseAccounting:
-    """Map a round's effective multiplier z_eff (DESIGN 4.1) to accountant inputs per placement.
+    """Map a round's effective multiplier z_eff (docs/DESIGN.md 4.1) to accountant inputs per placement.
 
     * server / distributed: sites are Poisson-sampled with rate q and what is released is the sum
       with noise of variance exactly sigma_g^2 (distributed: shares sigma_g^2 / m of the m

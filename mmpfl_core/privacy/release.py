@@ -1,6 +1,6 @@
 """The public state of one round's client-level DP release: ONE object for the server, the sites and the wire.
 
-What it is for: a round of client-level DP (DESIGN 4.1-4.4) is fixed by a handful of PUBLIC numbers
+What it is for: a round of client-level DP (docs/DESIGN.md 4.1-4.4) is fixed by a handful of PUBLIC numbers
 (clip bounds, the noise gate's decision, the per-group noise scales, who adds which share, the fixed
 denominator, what the accountant is told). :class:`RoundRelease` holds all of them, validates them
 together (z_eff is recomputed and checked), and is what a site receives, whole: the in-process
@@ -29,14 +29,14 @@ The mechanism it describes, round t (unit of privacy: one site, add/remove adjac
        subsampled at rate q (server, distributed; local: z_eff / 2 at rate 1), which
        :func:`~mmpfl_core.privacy.mechanisms.release_accounting` maps to the ledger's inputs.
        A round with S empty releases nothing that depends on a site and is not charged.
-    6. Masks (DESIGN 4.4): a site's personal groups (its private choice) count as a zero update,
+    6. Masks (docs/DESIGN.md 4.4): a site's personal groups (its private choice) count as a zero update,
        within the clip bound, so they change nothing above. Under ``server`` placement they are not
        sent (only the trusted server sees which); under ``distributed`` / ``local`` they are sent as
        noise-only placeholders, so the server cannot tell them apart (:meth:`RoundRelease.names_to_send`).
 
 Privacy argument of the object itself: every field is a function of the configuration, the model's
 shapes, the accountant's calibration, the public server set and already-released models (the Fisher
-allocation, DESIGN 4.3) and the announced count m, which the server tells the participants
+allocation, docs/DESIGN.md 4.3) and the announced count m, which the server tells the participants
 (``distributed`` only; it is not observable outside the protocol). No field is computed from a
 site's private data, so sending it to every site costs nothing. It must never carry noise, seeds,
 norms or masks.
@@ -261,7 +261,7 @@ class RoundRelease:
         return bool(self.released_groups)
 
     def effective_multiplier(self) -> float:
-        """z_eff = (sum_{g in S} C_g^2 / sigma_g^2)^(-1/2) (DESIGN 4.1): inf when S is empty (nothing
+        """z_eff = (sum_{g in S} C_g^2 / sigma_g^2)^(-1/2) (docs/DESIGN.md 4.1): inf when S is empty (nothing
         released), 0 when a released group has no noise."""
         return effective_multiplier({g: self.clip_bounds[g] for g in self.released_groups}, self.sigmas)
 

@@ -23,7 +23,7 @@ def plot_epsilon(runs: Mapping[str, RunResult]):
     return ax
 
 
-#: Said wherever personalised accuracy stands beside a client-level epsilon (DESIGN 4.6).
+#: Said wherever personalised accuracy stands beside a client-level epsilon (docs/DESIGN.md 4.6).
 _PERSONAL_NOTE = (
     "*epsilon (site)* covers what leaves the sites: the released global model. Personal parameters "
     "never leave their site, and a personalised model that is released or queried is NOT covered by "
@@ -35,7 +35,7 @@ _PERSONAL_NOTE = (
 )
 
 
-#: What the released folder leaves out, and where it is (DESIGN 6).
+#: What the released folder leaves out, and where it is (docs/DESIGN.md 6).
 _PRIVATE_NOTE = (
     "Communication (`MB total`, `MB to target`, the communication claim and its figure: byte counts depend "
     "on the sites' private masks and on who took part) and per-site accuracies (`site_accuracy.png`) are in "
@@ -120,7 +120,7 @@ def report_markdown(
             "## Membership inference (is this patient in the training data?)",
             f"Attacks on the released global model (all sites' patients) and on site "
             f"{plan.membership_inference.personal_site}'s deployed model (its personalised model where the method "
-            "has one: outside the client-level guarantee, DESIGN 4.6). Members: training subjects; non-members: "
+            "has one: outside the client-level guarantee, docs/DESIGN.md 4.6). Members: training subjects; non-members: "
             "held-out subjects of the same sites. 0.5 is chance; TPR at 1% / 0.1% FPR is what a confident attacker "
             "achieves (below 1 / non-members it cannot be resolved). Balanced accuracy uses a threshold fitted on "
             "the other half of the candidates. Intervals: 95% bootstrap over candidates.",

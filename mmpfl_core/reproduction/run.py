@@ -2,7 +2,7 @@
 then the tables, figures and ``REPORT.md``. Each run keeps its own run directory, so an interrupted
 reproduction resumes where it stopped.
 
-Scopes (DESIGN 6, issue 21): byte counts depend on the sites' private masks and on who took part, and
+Scopes (docs/DESIGN.md 6): byte counts depend on the sites' private masks and on who took part, and
 per-site accuracies are per-site metrics, so ``MB total`` / ``MB to target`` (``private/communication.csv``),
 the communication claim's figures (``private/claims.csv``), ``site_accuracy.png`` and
 ``communication_vs_accuracy.png`` are written under ``<out>/private/``; the released tables leave them out."""

@@ -30,7 +30,7 @@ must agree to 1%, else a slice is missing). The voxel-to-RAS affine is then
 ``as_closest_canonical`` as NIfTI, so a sagittal or coronal acquisition is reformatted to axial
 order and the rest of the pipeline (:mod:`volumes`) is shared.
 
-pydicom reads a truncated file without complaint and fails only at ``pixel_array`` (FACTS.md), so
+pydicom reads a truncated file without complaint and fails only at ``pixel_array`` (docs/FACTS.md), so
 every slice's pixels are decoded here, inside one try/except, and the error names the file.
 """
 

@@ -19,7 +19,7 @@ The subjects are the rows of ``labels.csv``; folders without a row are ignored (
 ``cohort.meta["unlabelled_subjects"]``), a row without a folder is an error.
 
 nibabel reads lazily: a truncated ``.nii.gz`` loads without complaint and fails only when the voxels
-are read, and NaN voxels load silently (see FACTS.md). This loader therefore reads every volume in
+are read, and NaN voxels load silently (see docs/FACTS.md). This loader therefore reads every volume in
 full at load time, inside one try/except, and checks for NaN, so that the error names the file.
 """
 
