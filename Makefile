@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmpfl-installed
 PYTEST_ARGS ?=
 
-.PHONY: install lint demo test test-fast research reproduce bench notebooks-clean clean flower-sim flower-deploy flower-deploy-secure
+.PHONY: install lint demo test test-fast research reproduce bench docs notebooks-clean clean flower-sim flower-deploy flower-deploy-secure
 
 install: $(STAMP)
 
@@ -64,9 +64,17 @@ flower-deploy: $(STAMP)
 flower-deploy-secure: $(STAMP)
 	$(PY) flower_app/deploy_loopback.py --sites $(FLOWER_SITES) --secure --intruders 1 --run-config "$(FLOWER_CONFIG)"
 
+## docs: the rendered pages in site/ (git-ignored): every notebook as HTML with its outputs and figures embedded, and an
+## index.html in notebook order. It renders the executed copies `make test` keeps in build/executed/ (or
+## $MMPFL_EXECUTED_NOTEBOOKS) and runs at the smoke settings only the notebooks that have none; then it checks that
+## every notebook rendered and every image is there. CI passes DOCS_ARGS=--require-executed (no second run).
+DOCS_ARGS ?=
+docs: $(STAMP)
+	$(PY) docs/build_site.py $(DOCS_ARGS)
+
 ## notebooks-clean: strip outputs from committed notebooks
 notebooks-clean: $(STAMP)
 	$(PY) -m mmpfl_core.notebook_tools.strip notebooks/*.ipynb
 
 clean:
-	rm -rf results .pytest_cache .hypothesis
+	rm -rf results site build/executed .pytest_cache .hypothesis

@@ -17,6 +17,7 @@ from scipy import stats
 
 from mmpfl_core.models.presets import PRESETS, create_model
 from mmpfl_core.notebook_tools import SMOKE_PARAMETERS, load_results
+from mmpfl_core.notebook_tools.execute import execute_notebook, executed_dir
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
@@ -243,14 +244,11 @@ RESEARCH_AT_DEFAULTS = {"01_vit_multimodal_fusion": _expect_01}
 
 
 def _execute(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params: dict[str, Any],
-             records: Path | None = None) -> dict[str, Any]:
-    """Run the notebook; return the operator's view of its record (released part merged with private/)."""
+             records: Path | None = None, output: Path | None = None) -> dict[str, Any]:
+    """Run the notebook (executed copy to ``output``, default tmp_path); return the operator's view of its record
+    (released part merged with private/)."""
     records = records or tmp_path / "records"
-    monkeypatch.setenv("MMPFL_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("MMPFL_RESULTS_DIR", str(tmp_path / "results"))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    pm.execute_notebook(str(path), str(tmp_path / path.name), parameters=dict(params, OUTPUT_DIR=str(records)),
-                        kernel_name="python3", cwd=str(NOTEBOOK_DIR), progress_bar=False)
+    execute_notebook(path, output or tmp_path / path.name, dict(params, OUTPUT_DIR=str(records)), workdir=tmp_path)
     return load_results(path.stem, records, include_private=True)
 
 
@@ -268,7 +266,9 @@ def test_notebook_executes_and_records(path: Path, tmp_path: Path, monkeypatch: 
     """Every notebook at the shared smoke settings (what CI runs)."""
     assert path.stem in EXPECTATIONS, f"add expectations for {path.stem} to tests/test_notebooks.py"
     records = tmp_path / "records"  # the records alone, so that everything in it outside private/ is scanned
-    EXPECTATIONS[path.stem](_execute(path, tmp_path, monkeypatch, SMOKE_PARAMETERS, records=records))
+    # The executed copy is kept (build/executed/, git-ignored): `make docs` renders it.
+    executed = executed_dir(NOTEBOOK_DIR.parent) / path.name
+    EXPECTATIONS[path.stem](_execute(path, tmp_path, monkeypatch, SMOKE_PARAMETERS, records=records, output=executed))
     # What is released beside the notebook shows no per-site figure, mask, byte count, timing or patient.
     assert _scan_records(records) == []
 
