@@ -121,11 +121,21 @@ def check_file(path: Path, root: Path) -> list[Problem]:
                       notebook=False)
 
 
+#: What a copy without git metadata skips, as .gitignore does: top-level outputs and environments, caches anywhere.
+SKIPPED_TOP = {".git", ".venv", "build", "dist", "site", "results", "data", ".pytest_cache", ".hypothesis"}
+SKIPPED_ANYWHERE = {"__pycache__", ".ipynb_checkpoints"}
+
+
 def repository_files(root: Path) -> list[Path]:
-    """Tracked files and untracked ones git does not ignore (a new file counts before it is committed)."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
-                            capture_output=True, text=True, check=True).stdout.splitlines()
-    files = [root / f for f in listed]
+    """Tracked files and untracked ones git does not ignore (a new file counts before it is committed); in a copy
+    without git metadata, every file but those .gitignore would skip (:data:`SKIPPED_TOP`, :data:`SKIPPED_ANYWHERE`)."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
+                                capture_output=True, text=True, check=True).stdout.splitlines()
+        files = [root / f for f in listed]
+    except (OSError, subprocess.CalledProcessError):
+        files = [f for f in root.rglob("*") if (parts := f.relative_to(root).parts)[0] not in SKIPPED_TOP
+                 and not SKIPPED_ANYWHERE & set(parts) and not any(p.endswith(".egg-info") for p in parts)]
     return sorted(f for f in files if f.is_file() and (f.suffix in SUFFIXES or f.name in NAMES) and f.resolve() != SELF)
 
 
@@ -220,3 +230,15 @@ def test_a_missing_design_file_fails_every_citation(planted: Path):
 
 def test_docs_cite_each_other_relative_to_their_folder(planted: Path):
     assert scan(planted, [planted / "docs" / "DESIGN.md", planted / "docs" / "FACTS.md"]) == []
+
+
+def test_a_copy_without_git_lists_the_same_files(monkeypatch: pytest.MonkeyPatch):
+    with_git = repository_files(ROOT)
+
+    def no_git(*args, **kwargs):
+        raise OSError("git: not found")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    without_git = repository_files(ROOT)
+    # Untracked scratch files git ignores (e.g. a local build/) are skipped by both.
+    assert set(without_git) >= set(with_git) and len(without_git) - len(with_git) <= 5
