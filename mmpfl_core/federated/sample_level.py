@@ -17,9 +17,11 @@ patient-level DP (:meth:`SampleLevelHooks.plan_group_dp_sgd`) reads the same pla
 with s_g the allocation at z = 1, m = qN sites a round averages, S_k DP-SGD steps and B_k expected
 batch of site k, T rounds (:func:`~mmpfl_core.privacy.group_dp_sgd.patients_per_noise`; with equal
 sites A = B sqrt(m S) / z: a round aggregates m S B patients' gradients under m S noise draws). Groups
-with snr_g < ``min_snr`` stay personal at every site. Inputs: the DP-SGD settings (S_k, B_k, z_k, set by
-the site sizes n_k as q_k = B / n_k is: the size caveat of :mod:`mmpfl_core.privacy.dp_sgd`) and the
-public plan; no patient's data.
+with snr_g < ``min_snr`` stay personal at every site. Inputs: the DP-SGD settings and the public plan,
+no patient's data. Caveat: S_k, B_k and z_k follow from the site sizes n_k (as q_k = B / n_k does), which
+the kit's DP-SGD treats as public, as Opacus does (the size caveat of :mod:`mmpfl_core.privacy.dp_sgd`);
+with ``local_steps`` and ``noise_multiplier`` set and n_k >= B they do not depend on n_k at all
+(``tests/test_group_dp_sgd.py`` removes a patient and gets the same drowned set).
 """
 
 from __future__ import annotations

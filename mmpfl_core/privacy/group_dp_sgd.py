@@ -250,8 +250,8 @@ def patients_per_noise(sites: Sequence[tuple[int, int, float]], expected_sites: 
     :func:`~mmpfl_core.personalization.noise_gate.release_snr` with ``expected_participants`` = A and the
     unit allocation s_g (sigma_g at z = 1). With equal sites A = B sqrt(m S) / z: a round aggregates
     P = m S B patients' gradients and D = m S independent noise draws, and A = P / (z sqrt(D)); the
-    client-level release is the case B = S = 1 with a site's update in place of a patient's gradient
-    (A = m / z, the gate's own formula).
+    client-level release, one draw added to the sum of m sites' updates (P = m, D = 1), gives A = m / z,
+    the gate's formula for it.
     Inputs: the DP-SGD settings (C, z_k, B, S_k: the same quantities that set q_k = B / n_k and that the
     kit's DP-SGD treats as public, :mod:`mmpfl_core.privacy.dp_sgd`) and qN; no patient's data.
     """
