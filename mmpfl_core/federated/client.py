@@ -168,7 +168,9 @@ def _private_local_update(
 
     Poisson batches with rate q = B / n and per-sample clipping and noise by Opacus; batches and
     noise from the OS CSPRNG (``private.secret_randomness``, default) or, reproducibly and NOT
-    privately, from ``generator``.
+    privately, from ``generator``. With ``private.group_noise`` (per-group DP-SGD, planned by the
+    strategy from public data) ``make_private`` returns an optimiser that clips each parameter group
+    of each per-sample gradient to C_g and adds N(0, sigma_g^2) per group; this loop is unchanged.
 
     A ``regulariser`` (FedProx's or MR-MTL's pull towards the global model) must depend on the
     parameters and on public or already-released values only, never on the site's patients: its

@@ -114,7 +114,8 @@ def _mask_data(mask_data: str | None, *, patient_dp: bool, masks: bool) -> str:
 
 @register_strategy("mm-pfl-adp")
 class MMPFLADP(DPFedAvgFisher):
-    """MM-PFL-ADP (module docstring). Keyword arguments:
+    """MM-PFL-ADP (module docstring). Keyword arguments (``sample_level_dp`` may set ``group_allocation``:
+    per-group DP-SGD with its own noise gate, :mod:`~mmpfl_core.federated.sample_level`):
 
     Args:
         fisher: Fisher allocation of the noise over groups (False: uniform, ablation).
@@ -133,6 +134,8 @@ class MMPFLADP(DPFedAvgFisher):
             ``delta``, ``clip_norm``, ``placement``, ``fisher_every``, ``sample_level_dp``, ...).
             Per-group clipping is forced: the allocation is per group.
     """
+
+    supports_group_allocation = True  # per-group DP-SGD planned in noise_allocation (sample_level.py)
 
     def __init__(
         self,
@@ -167,7 +170,8 @@ class MMPFLADP(DPFedAvgFisher):
         )
         if noise_gate is True:
             noise_gate = {}
-        self.gate = NoiseGate(**noise_gate) if noise_gate is not False and masks and dp else None
+        gated = dp or self.group_dp_sgd  # client-level noise, or the patient-level per-group DP-SGD noise
+        self.gate = NoiseGate(**noise_gate) if noise_gate is not False and masks and gated else None
         self.drowned: frozenset[str] = frozenset()  # public: the same at every site
         self.snr: dict[str, float] = {}
         self._skipped_rounds = self._fisher_skipped = 0
@@ -181,6 +185,7 @@ class MMPFLADP(DPFedAvgFisher):
     ) -> None:
         super().configure(config=config, federation=federation, client_ids=client_ids, model=model)
         self.masker.seed = int(config.seed)
+        self._configure_group_dp_sgd(federation)
         # Only the trainable (private) groups: frozen public parameters (mmpfl_core.pretraining) are never
         # trained, sent or personal; self.groups / self.group_sizes already hold just those.
         self.masker.set_param_groups(self.groups, self.group_sizes)
@@ -216,6 +221,22 @@ class MMPFLADP(DPFedAvgFisher):
 
     def noise_allocation(self, round_index: int, global_state: State) -> dict[str, float]:
         """sigma_g of this round; with the gate on, first decides the drowned groups (module docstring)."""
+        if self.group_dp_sgd:  # per-group DP-SGD plan; without client-level noise, its gate (sample_level.py)
+            if self.sample_dp is not None and self.sample_dp.group_allocation == "fisher":
+                self.refresh_fisher(round_index, global_state)  # public set, released model
+            patient_gate = self.gate if self.update_noise_multiplier == 0 else None
+            drowned = self.plan_group_dp_sgd(
+                groups=self.groups,
+                group_sizes=self.group_sizes,
+                fisher=self.fisher,
+                max_noise_ratio=self.max_noise_ratio,
+                gate=patient_gate,
+                expected_sites=self.expected_participants,
+                rounds=self.gate_rounds,
+            )
+            if patient_gate is not None:
+                self.drowned, self.snr = drowned, dict(self.group_dp_snr)
+                self._set_bounds(self.clip_norm)
         if self.gate is None or self.update_noise_multiplier == 0:
             if self.use_fisher:
                 return super().noise_allocation(round_index, global_state)

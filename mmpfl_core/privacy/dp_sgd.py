@@ -24,6 +24,11 @@ memory (1.06x vs 1.14x) and is the one to wire in when memory, not time, binds (
 Must never release: per-sample gradients or norms, the Poisson sample, the noise or its seed.
 Caveat: site sizes n_k set q_k; a strategy that weights by n_k releases n_k (outside the guarantee).
 
+Per-group variant (``group_allocation``, :mod:`mmpfl_core.privacy.group_dp_sgd`): step 2 clips each
+parameter group g of g_i to C_g (sum_g C_g^2 = C^2) and step 3 adds N(0, sigma_g^2 I) per group, with
+sigma_g the Fisher (public set) or uniform allocation at z; the step is then the Gaussian mechanism
+with z_eff = (sum_g C_g^2 / sigma_g^2)^(-1/2) = z (checked), and the ledger is charged with z_eff.
+
 Randomness: with ``noise="secure"`` (the default) the Poisson batches and the gradient noise come
 from the OS CSPRNG (:mod:`mmpfl_core.privacy.randomness`): the noise through
 :class:`SecureNoiseDPOptimizer`, a ``DPOptimizer`` whose ``add_noise`` draws from it, because
@@ -45,6 +50,7 @@ from torch import nn
 
 from mmpfl_core.errors import ConfigError
 from mmpfl_core.privacy.accounting import calibrate_noise
+from mmpfl_core.privacy.group_dp_sgd import GROUP_ALLOCATIONS, GroupNoise, make_group_optimizer
 from mmpfl_core.privacy.ledger import PrivacyLedger
 from mmpfl_core.privacy.randomness import secure_standard_normal, secure_uniform
 from mmpfl_core.privacy.release import check_noise_mode
@@ -62,6 +68,13 @@ class PrivateTraining:
     expected_batch_size: int  # B
     grad_sample_mode: str = "hooks"
     secret_randomness: bool = True  # batches and noise from the OS CSPRNG (False: from the seed, not private)
+    group_noise: GroupNoise | None = None  # per-group clipping C_g and noise sigma_g (None: flat C, z C)
+
+    @property
+    def accounted_multiplier(self) -> float:
+        """The multiplier the ledger is charged with: z, or z_eff of the per-group noise (equal to z, checked
+        when :class:`~mmpfl_core.privacy.group_dp_sgd.GroupNoise` is built)."""
+        return self.noise_multiplier if self.group_noise is None else self.group_noise.noise_multiplier
 
 
 def poisson_batch(num_examples: int, sample_rate: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -104,7 +117,8 @@ def _secure_optimizer_class():
 def make_private(
     *, module: nn.Module, optimizer: torch.optim.Optimizer, training: PrivateTraining, generator: torch.Generator | None
 ):
-    """Wrap ``module`` in a ``GradSampleModule`` and ``optimizer`` in a ``DPOptimizer``.
+    """Wrap ``module`` in a ``GradSampleModule`` and ``optimizer`` in a ``DPOptimizer`` (with
+    ``training.group_noise``: a per-group ``GroupDPOptimizer``, :mod:`mmpfl_core.privacy.group_dp_sgd`).
 
     Returns (wrapped module, DP optimiser). Call ``wrapped._close()`` afterwards to remove the
     hooks from ``module`` (it is the caller's working model). With
@@ -121,6 +135,22 @@ def make_private(
         )
     if training.secret_randomness and generator is not None:
         raise ConfigError("secret DP-SGD noise takes no generator (a seeded generator would make it regenerable).")
+    if training.group_noise is not None:  # per-group clipping and noise (privacy/group_dp_sgd.py)
+        if training.group_noise.noise_multiplier != training.noise_multiplier:
+            raise ConfigError(
+                f"per-group DP-SGD noise has z_eff={training.group_noise.noise_multiplier!r} but the site's "
+                f"multiplier is {training.noise_multiplier!r}; build it with plan.noise_for(z)."
+            )
+        # the optimiser first: a parameter outside every group is refused before any hook is attached
+        group_opt = make_group_optimizer(
+            module=module,
+            optimizer=optimizer,
+            group_noise=training.group_noise,
+            expected_batch_size=training.expected_batch_size,
+            generator=generator,
+            secure=training.secret_randomness,
+        )
+        return GradSampleModule(module, batch_first=True, loss_reduction="mean"), group_opt
     wrapped = GradSampleModule(module, batch_first=True, loss_reduction="mean")
     optimizer_class = _secure_optimizer_class() if training.secret_randomness else DPOptimizer
     dp_opt = optimizer_class(
@@ -145,6 +175,9 @@ class SampleLevelDP:
         accountant: "prv", "rdp" or "pld".
         noise: "secure" (default: batches and noise from the OS CSPRNG) or "reproducible-insecure"
             (from each site's seeded stream: teaching and tests only, NOT private).
+        group_allocation: None (flat clipping at C, noise z C), or ``"fisher"`` / ``"uniform"``: per-group
+            clipping and noise (:mod:`mmpfl_core.privacy.group_dp_sgd`); only strategies that plan the
+            groups each round from public data accept it (MM-PFL-ADP).
     """
 
     def __init__(
@@ -156,8 +189,15 @@ class SampleLevelDP:
         delta: float = 1e-5,
         accountant: str = "prv",
         noise: str = "secure",
+        group_allocation: str | None = None,
     ) -> None:
         check_noise_mode(noise, "sample-level DP-SGD")
+        if group_allocation is not None and group_allocation not in GROUP_ALLOCATIONS:
+            raise ConfigError(
+                f"sample-level group_allocation={group_allocation!r} is unknown; use one of "
+                f"{list(GROUP_ALLOCATIONS)}, or leave it out for flat clipping."
+            )
+        self.group_allocation = group_allocation
         self.noise = noise
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ConfigError("sample-level DP needs exactly one of noise_multiplier or target_epsilon.")
@@ -215,8 +255,8 @@ class SampleLevelDP:
         """
         ledger = self._ledger_of(site_id)
         ledger.record(
-            name="dp-sgd",
-            noise_multiplier=training.noise_multiplier,
+            name="dp-sgd" if training.group_noise is None else "dp-sgd-per-group",
+            noise_multiplier=training.accounted_multiplier,
             sample_rate=training.sample_rate,
             steps=steps,
             round=round_index,
