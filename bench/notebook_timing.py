@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", nargs="+", choices=["teaching", "smoke"], default=["teaching", "smoke"])
     parser.add_argument("--notebooks", nargs="*", help="stems to run (default: every numbered notebook)")
     args = parser.parse_args(argv)
-    paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    paths = sorted(NOTEBOOKS.glob("[0-9][0-9]*_*.ipynb"))
     if args.notebooks:
         paths = [p for p in paths if p.stem in args.notebooks or p.stem[:2] in args.notebooks]
     rows = []

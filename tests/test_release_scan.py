@@ -31,7 +31,7 @@ from mmpfl_core.notebook_tools import load_results, record_results
 from mmpfl_core.reporting import write_comparison_report
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]*_*.ipynb"))
 NOTEBOOK_05 = NOTEBOOK_DIR / "05_personalisation_masks.ipynb"
 MASK = {"mode": "threshold", "threshold": 1e-4, "update_every": 1}
 ADP = {"fisher_max_batches": 1, "fisher_batch_size": 8, "noise": "reproducible-insecure"}
@@ -69,6 +69,7 @@ def _record_like_notebook_05(runs, federation, output_dir: Path) -> None:
         "mask_rounds": pd.DataFrame(patient.history).set_index("round"), "partition_ok": True,
         "mask_privacy": {label: run.summary.get("mask_privacy", "") for label, run in runs.items()},
         "adp_runs": {"server": gated}, "gated": gated, "gate": gated.summary["noise_gate"],
+        "kl_check": {"group": "head", "by_hand": 0.0, "kit": 0.0},
     }
     exec(compile(cell, "notebook 05, recording cell", "exec"), namespace)
 

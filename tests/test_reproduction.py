@@ -10,6 +10,7 @@ import yaml
 from mmpfl_core.cli import main
 from mmpfl_core.errors import ConfigError
 from mmpfl_core.reproduction import PAPER_CLAIMS, load_reproduction
+from mmpfl_core.reproduction.claims import VACUOUS
 
 
 _PROVENANCE: dict[str, str] = {}
@@ -58,18 +59,20 @@ def test_report_has_every_method_alpha_and_claim(smoke_report):
     assert [c for c in alpha.columns if c.startswith("alpha=")] == [f"alpha={a:g}" for a in plan.alphas]
     claims = pd.read_csv(smoke_report / "claims.csv")
     assert list(claims["claim"]) == list(PAPER_CLAIMS.values())
-    assert set(claims["verdict"]) <= {"agrees", "does not hold here", "not measured", "not released"}
+    assert set(claims["verdict"]) <= {"agrees", "does not hold here", "not measured", "not released", VACUOUS}
     # The communication claim is decided from byte counts (private): its verdict is in private/claims.csv only.
     assert claims.set_index("claim").loc[PAPER_CLAIMS["communication"], "verdict"] == "not released"
     private_claims = pd.read_csv(smoke_report / "private" / "claims.csv").set_index("claim")
-    assert private_claims.loc[PAPER_CLAIMS["communication"], "verdict"] in {"agrees", "does not hold here"}
-    # The verdicts follow from the tables, recomputed here from main.csv and alpha.csv.
+    assert private_claims.loc[PAPER_CLAIMS["communication"], "verdict"] in {"agrees", "does not hold here", VACUOUS}
+    # The verdicts follow from the tables, recomputed here from main.csv and alpha.csv: "vacuous" wherever the
+    # proposed method's accountant charged nothing (it released nothing), else agrees / does not hold here.
     row = main_table.set_index("method")
     ours, ref = plan.proposed_method, plan.reference_method
     verdict = dict(zip(claims["claim"], claims["verdict"], strict=True))
+    idle = float(row.loc[ours, "epsilon (site)"]) == 0.0
 
     def said(ok):
-        return "agrees" if ok else "does not hold here"
+        return VACUOUS if idle else "agrees" if ok else "does not hold here"
     extreme = alpha.set_index("method")[f"alpha={min(plan.alphas):g}"].astype(float)
     assert verdict[PAPER_CLAIMS["heterogeneity"]] == said(extreme[ours] > extreme[ref])
     r_ours, r_ref = str(row.loc[ours, "rounds to target"]), str(row.loc[ref, "rounds to target"])
@@ -109,7 +112,7 @@ def test_membership_inference_is_measured_for_the_planned_methods(smoke_report):
     assert eps["fedavg"] == "none" and 0 <= float(eps["mm-pfl-adp"]) <= 8.0  # 0: the noise gate released nothing
     claims = pd.read_csv(smoke_report / "claims.csv").set_index("claim")
     row = claims.loc[PAPER_CLAIMS["membership_inference"]]
-    assert row["verdict"] in {"agrees", "does not hold here"} and "balanced attack accuracy" in row["ours"]
+    assert row["verdict"] in {"agrees", "does not hold here", VACUOUS} and "balanced attack accuracy" in row["ours"]
     assert "## Membership inference" in (smoke_report / "REPORT.md").read_text()
 
 
@@ -139,20 +142,39 @@ def test_bad_reproduction_configs_are_named(tmp_path):
         load_reproduction("no-such-preset")
 
 
-def test_claims_say_when_the_proposed_method_released_nothing():
-    """A claim that "agrees" only because MM-PFL-ADP's noise gate kept the whole model at home says so, with
-    local-only's figure beside it; a method that released something gets no such note."""
+def test_claims_are_vacuous_when_the_proposed_method_released_nothing():
+    """A claim that would "agree" only because MM-PFL-ADP's noise gate kept the whole model at home is "vacuous:
+    released nothing", with local-only's figure beside it; a run that released (epsilon > 0, bytes moved) gets the
+    usual verdict and no note. Decided from the accountant's epsilon where the table has it, else from the bytes."""
     from types import SimpleNamespace
 
     from mmpfl_core.reproduction.claims import claims_table
     plan = SimpleNamespace(reference_method="fedavg", proposed_method="mm-pfl-adp", alphas=[0.1, 0.5])
     alpha = pd.DataFrame({"method": ["local-only", "fedavg", "mm-pfl-adp"], "alpha=0.1": [0.832, 0.700, 0.832],
                           "alpha=0.5": [0.696, 0.632, 0.696]})
-    for mb, noted in ((0.0, True), (17.4, False)):
+    membership = pd.DataFrame({"method": ["mm-pfl-adp"], "target": ["global model"], "attack": ["loss threshold"],
+                               "balanced acc": [0.49], "balanced acc low": [0.46],
+                               "balanced acc [95% CI]": ["0.490 [0.460, 0.520]"], "AUC [95% CI]": ["0.5 [0.45, 0.55]"],
+                               "epsilon (site)": [0.0]})
+    cases = [  # (MB total, epsilon (site) column or None, released nothing)
+        (0.0, None, True), (17.4, None, False), (0.0, [0.0, "none", 0.0], True), (17.4, [0.0, "none", 3.2], False)]
+    for mb, eps, idle in cases:
         main_table = pd.DataFrame({"method": ["local-only", "fedavg", "mm-pfl-adp"], "rounds to target": [6, 8, 6],
                                    "MB total": [0.0, 91.5, mb]})
-        claims = claims_table(plan, main_table, alpha, None)
-        assert list(claims["verdict"][:3]) == ["agrees"] * 3
-        assert all(("released nothing" in text) == noted for text in claims["ours"][:3])
-        if noted:
+        if eps is not None:
+            main_table["epsilon (site)"] = eps
+        claims = claims_table(plan, main_table, alpha, membership.assign(**{"epsilon (site)": [eps[2] if eps else 0.0]}))
+        expected = VACUOUS if idle else "agrees"
+        assert list(claims["verdict"]) == [expected] * 4, (mb, eps)
+        assert all(("released nothing" in text) == idle for text in claims["ours"]), (mb, eps)
+        if idle:
             assert "local-only: 6 rounds" in claims["ours"][0] and "local-only: 0.832" in claims["ours"][2]
+    # Nothing to decide stays "not measured", released or not.
+    main_table = pd.DataFrame({"method": ["local-only", "fedavg", "mm-pfl-adp"], "rounds to target": ["never"] * 3,
+                               "MB total": [0.0, 91.5, 0.0], "epsilon (site)": [0.0, "none", 0.0]})
+    assert claims_table(plan, main_table, alpha, None)["verdict"][0] == "not measured"
+    # A release that does not meet a claim still says so.
+    alpha_worse = alpha.assign(**{"alpha=0.1": [0.832, 0.700, 0.650]})
+    main_table["epsilon (site)"] = [0.0, "none", 3.2]
+    main_table["MB total"] = [0.0, 91.5, 17.4]
+    assert claims_table(plan, main_table, alpha_worse, None)["verdict"][2] == "does not hold here"

@@ -19,14 +19,21 @@ PAPER_CLAIMS = {
 def claims_table(
     plan: ReproductionPlan, main: pd.DataFrame, alpha_table: pd.DataFrame, membership: pd.DataFrame | None
 ) -> pd.DataFrame:
-    """The paper's headline claims beside ours, each with a verdict computed from the tables
-    ("agrees", "does not hold here", or "not measured" when the runs cannot decide it)."""
+    """The paper's headline claims beside ours, each with a verdict computed from the tables: "agrees", "does not
+    hold here", "not measured" when the runs cannot decide it, or :data:`VACUOUS` when the proposed method released
+    nothing (see :func:`released_nothing`): a claim it "meets" by training each site alone says nothing about it."""
     ref, ours = plan.reference_method, plan.proposed_method
     row = main.set_index("method")
     extreme = min(plan.alphas)
 
+    idle = released_nothing(row.loc[ours])
+
     def verdict(ok: bool | None) -> str:
-        return "not measured" if ok is None else ("agrees" if ok else "does not hold here")
+        if ok is None:
+            return "not measured"
+        if idle:
+            return VACUOUS
+        return "agrees" if ok else "does not hold here"
 
     r_ref, r_ours = row.loc[ref, "rounds to target"], row.loc[ours, "rounds to target"]
     if r_ref == "never" and r_ours == "never":
@@ -41,7 +48,6 @@ def claims_table(
     # When the proposed method released nothing (its noise gate kept every group at home), a claim can "agree" only
     # because it trained each site alone: say so beside the number, with local-only's figure where it ran.
     local = "local-only" if "local-only" in row.index else None
-    idle = float(mb_ours) == 0.0
 
     def caveat(local_figure: str) -> str:
         if not idle:
@@ -53,7 +59,7 @@ def claims_table(
 
     membership_row = _membership_verdict(membership, ours, verdict)
     if idle and membership is not None:
-        membership_row["ours"] += f" ({ours}'s global model was never updated: nothing was released)"
+        membership_row["ours"] += f" ({ours} released nothing: its global model was never updated)"
     return pd.DataFrame(
         [
             {
@@ -76,6 +82,21 @@ def claims_table(
             {"claim": PAPER_CLAIMS["membership_inference"], **membership_row},
         ]
     )
+
+
+#: The verdict of a claim on a proposed method that released nothing: whatever it "agrees" with, it did as local
+#: training, so the claim about the method is not tested (such rows would otherwise read "agrees").
+VACUOUS = "vacuous: released nothing"
+
+
+def released_nothing(row: pd.Series) -> bool:
+    """Whether a main-table row describes a run that released nothing: epsilon (site) 0 from the accountant (no
+    round charged) or 0 MB moved. Read from the released epsilon where the table has it, so the verdict can be
+    released; the byte count (private) is the fallback of tables without an epsilon column."""
+    eps = row.get("epsilon (site)")
+    if eps is not None and str(eps) not in ("none", "inf", "nan"):
+        return float(eps) == 0.0  # a finite epsilon decides: every release is charged (the ledger is written first)
+    return "MB total" in row.index and float(row["MB total"]) == 0.0
 
 
 #: The verdict of a claim decided from private quantities, in the released claims table.
