@@ -1,7 +1,7 @@
 """Per-group DP-SGD: per-sample clipping per parameter group and a per-group split of the DP-SGD noise.
 
-What it is for: patient-level DP (DP-SGD inside a site, DESIGN 4.5) with the Fisher allocation of the
-noise across parameter groups that MM-PFL-ADP uses for its client-level release (DESIGN 4.3), so that
+What it is for: patient-level DP (DP-SGD inside a site, docs/DESIGN.md 4.5) with the Fisher allocation of the
+noise across parameter groups that MM-PFL-ADP uses for its client-level release (docs/DESIGN.md 4.3), so that
 the groups the model is most sensitive to get the least noise at the same, exactly accounted, epsilon.
 
 Algorithm of one step at site k (replaces step 2-3 of :mod:`mmpfl_core.privacy.dp_sgd`):
