@@ -57,6 +57,10 @@ def _expect_03(r: dict[str, Any]) -> None:
     assert r["dp_noise"] == "secure"
     assert r["noise_subtraction_error_reproducible"] < 1e-3
     assert r["noise_subtraction_error_secure"] > 0.5 * r["noise_to_signal_secure"] > 1
+    # The release written by hand (clip, sum, noise, divide by qN) equals the kit's dp-fedavg round.
+    assert r["hand_release_matches_kit"] and r["hand_release_max_abs_diff"] < 1e-5
+    # A handful of hospitals: the noise on a round's average drowns the signal (the picture's verdict).
+    assert r["picture_ratio"] > r["picture_viability"] and r["run_noise_ratio"] > 1
 
 
 def _expect_04(r: dict[str, Any]) -> None:
@@ -171,6 +175,8 @@ def _expect_02(r: dict[str, Any]) -> None:
     assert r["fedprox_bytes_per_round"] == [r["expected_bytes_per_round"]]
     assert r["total_bytes"]["fedavg"] == r["num_rounds"] * r["expected_bytes_per_round"]
     assert r["total_bytes"]["centralized"] == 0 and r["total_bytes"]["local-only"] == 0
+    # The FedAvg round written by hand equals the kit's.
+    assert r["hand_fedavg_matches_kit"] and r["hand_fedavg_max_abs_diff"] < 1e-5
     # FedAvg is not worse than the sites alone on the population (smoke: 0.37 vs 0.37).
     assert r["global_accuracy"]["fedavg"] >= r["global_accuracy"]["local-only"] - 0.1
     # Centralized training on pooled data is the upper bound (smoke: 0.63 vs FedAvg 0.37 after 3 rounds).

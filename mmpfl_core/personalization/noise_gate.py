@@ -38,8 +38,9 @@ from dataclasses import dataclass
 from collections.abc import Mapping
 
 from ..errors import ConfigError, check_range
+from ..privacy.accounting import calibrate_noise
 
-__all__ = ["NoiseGate", "release_snr"]
+__all__ = ["NoiseGate", "RoundNoise", "release_snr", "round_noise"]
 
 
 def release_snr(
@@ -86,3 +87,109 @@ class NoiseGate:
     def drowned(self, snr: Mapping[str, float]) -> frozenset[str]:
         """The groups whose snr is below ``min_snr`` (public, the same for every site)."""
         return frozenset(g for g, v in snr.items() if v < self.min_snr)
+
+
+@dataclass(frozen=True)
+class RoundNoise:
+    """One round of client-level DP-FedAvg on a whole model of d private parameters, in numbers.
+
+    Attributes:
+        sites, sample_rate, epsilon, delta, rounds, dimension, clip_norm, accountant, min_snr: the inputs of
+            :func:`round_noise`.
+        noise_multiplier: z, from the accountant for (epsilon, delta, q, T).
+        participants: m = qN, the expected participants (the fixed denominator).
+        noise_norm: z C sqrt(d) / (qN), the typical norm of the noise in the released average.
+        signal_norm: C, the most the average of qN clipped updates can carry (all sites at the bound, aligned).
+        ratio: noise_norm / signal_norm = z sqrt(d) / (qN), the per-round noise-to-signal ratio.
+        viability: sqrt(T) / min_snr, the largest ratio the noise gate accepts (over T rounds a consistent
+            signal adds up as T, independent noise as sqrt(T)).
+        snr: the gate's best-case signal-to-noise ratio over the run, sqrt(T) / ratio (:func:`release_snr`).
+    """
+
+    sites: int
+    sample_rate: float
+    epsilon: float
+    delta: float
+    rounds: int
+    dimension: int
+    clip_norm: float
+    accountant: str
+    min_snr: float
+    noise_multiplier: float
+    participants: float
+    noise_norm: float
+    signal_norm: float
+    ratio: float
+    viability: float
+    snr: float
+
+    @property
+    def viable(self) -> bool:
+        """True when the gate would share the model: snr >= min_snr, i.e. ratio <= sqrt(T) / min_snr."""
+        return self.snr >= self.min_snr
+
+
+def round_noise(
+    *,
+    sites: int,
+    sample_rate: float,
+    epsilon: float,
+    rounds: int,
+    dimension: int,
+    delta: float = 1e-5,
+    clip_norm: float = 1.0,
+    accountant: str = "prv",
+    min_snr: float = 1.0,
+) -> RoundNoise:
+    """Noise against signal of one round of uniform DP-FedAvg, with z calibrated by the accountant.
+
+    Algorithm:
+        1. z = ``calibrate_noise(epsilon, delta, q, T)``: the smallest multiplier whose T Poisson-subsampled
+           Gaussian releases at rate q cost at most epsilon (client-level, add/remove one site).
+        2. The released average (sum of qN clipped updates + N(0, z^2 C^2 I_d)) / (qN) carries noise of norm
+           about z C sqrt(d) / (qN) and at most C of signal, so the ratio is z sqrt(d) / (qN), whatever C.
+        3. snr = sqrt(T) / ratio is :func:`release_snr` for one group (C_g = C, sigma_g = z C, d_g = d); the
+           round is viable for the noise gate when snr >= ``min_snr``.
+
+    Privacy: every input is public (the budget, the configuration, the model's size), so these numbers
+    cost nothing and reveal nothing about a site.
+
+    Raises:
+        ConfigError: sites, rounds or dimension below 1, or min_snr < 0.
+        PrivacyError: the accountant refuses (epsilon <= 0, delta or q out of range, unknown accountant).
+    """
+    check_range("sites", sites, low=1, fix="It is N, the number of sites in the federation.")
+    check_range("rounds", rounds, low=1, fix="It is T, the number of rounds.")
+    check_range("dimension", dimension, low=1, fix="It is d, the number of private (released) parameters.")
+    check_range("min_snr", min_snr, low=0.0)
+    check_range("clip_norm", clip_norm, low=0.0, low_inclusive=False, high=math.inf, high_inclusive=False)
+    z = calibrate_noise(
+        target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=int(rounds), accountant=accountant
+    )
+    m = sample_rate * sites
+    snr = release_snr(
+        clip_bounds={"model": clip_norm},
+        sigmas={"model": z * clip_norm},
+        group_sizes={"model": int(dimension)},
+        expected_participants=m,
+        rounds=int(rounds),
+    )["model"]
+    noise_norm = z * clip_norm * math.sqrt(dimension) / m
+    return RoundNoise(
+        sites=int(sites),
+        sample_rate=float(sample_rate),
+        epsilon=float(epsilon),
+        delta=float(delta),
+        rounds=int(rounds),
+        dimension=int(dimension),
+        clip_norm=float(clip_norm),
+        accountant=accountant,
+        min_snr=float(min_snr),
+        noise_multiplier=z,
+        participants=m,
+        noise_norm=noise_norm,
+        signal_norm=float(clip_norm),
+        ratio=noise_norm / clip_norm,
+        viability=math.inf if min_snr == 0 else math.sqrt(rounds) / min_snr,
+        snr=snr,
+    )
