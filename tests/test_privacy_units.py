@@ -77,3 +77,92 @@ def test_ditto_dp_sgd_averages_uniformly():
     assert strategy.aggregate(start, updates, [u.delta for u in updates], 1)["w"].item() == pytest.approx(2.0)
     plain = create_strategy("ditto").aggregate(start, updates, [u.delta for u in updates], 1)["w"].item()
     assert plain == pytest.approx((1 + 297) / 100)
+
+
+# ------------------------------------------------------------------ the privacy columns
+def test_privacy_columns_name_the_units_with_finite_epsilon():
+    from mmpfl_core.tables import PRIVACY_COLUMNS, privacy_columns
+
+    both = privacy_columns(client=(2.0, 1e-5), patient=(3.0, 1e-6), dimension=7)
+    assert list(both) == list(PRIVACY_COLUMNS)
+    assert both == {"privacy unit": "site+patient", "epsilon_client": 2.0, "delta_client": 1e-5,
+                    "epsilon_patient_max": 3.0, "delta_patient": 1e-6, "d": 7}
+    assert privacy_columns(client=None, patient=(3.0, 1e-6), dimension=1)["privacy unit"] == "patient"
+    none = privacy_columns(client=(math.inf, 1e-5), patient=None, dimension=1)  # zero noise: not a guarantee
+    assert none["privacy unit"] == "none" and none["epsilon_client"] == math.inf and none["delta_client"] is None
+
+
+SMALL = {
+    "name": "units",
+    "data": {"num_subjects": 150, "image_size": 32, "seed": 5},
+    "federation": {"num_sites": 3, "alpha": 1.0, "public_size": 15, "seed": 5},
+    "model": {"preset": "tiny", "overrides": {"embed_dim": 32, "depth": 1}},
+    "federated": {"num_rounds": 2, "local": {"batch_size": 32, "local_steps": 2}, "bootstrap_resamples": 20,
+                  "checkpoint_every": 0},
+}
+
+
+def _methods(epsilon: float, z_patient: float, delta: float) -> list[dict]:
+    patient = {"noise_multiplier": z_patient, "delta": delta, "noise": "reproducible-insecure"}
+    return [
+        {"strategy": "fedavg"},
+        {"strategy": "dp-fedavg", "target_epsilon": epsilon, "delta": delta, "noise": "reproducible-insecure"},
+        {"strategy": "local-dp-sgd", "sample_level_dp": patient},
+        {"strategy": "ditto-dp-sgd", "sample_level_dp": patient},
+        {"strategy": "dp-fedavg", "label": "dp-fedavg+dp-sgd", "noise_multiplier": 1.0, "delta": delta,
+         "noise": "reproducible-insecure", "sample_level_dp": patient},
+    ]
+
+
+def _table(tmp_path, name, **budget):
+    import warnings
+
+    from mmpfl_core.experiment import ExperimentConfig
+    from mmpfl_core.reporting import write_comparison_report
+
+    config = ExperimentConfig.from_dict({**SMALL, "methods": _methods(**budget)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # reproducible-insecure noise warns (on purpose)
+        report = write_comparison_report(config, tmp_path / name, progress=False)
+    return report
+
+
+@pytest.mark.integration
+def test_every_row_carries_the_accountants_values_in_table_csv_and_report(tmp_path):
+    """Each value is the run's own ledger's (change the budget and it changes), in the table, the released
+    CSV and REPORT.md; the per-site epsilons stay under private/."""
+    import pandas as pd
+
+    from mmpfl_core.tables import PRIVACY_COLUMNS
+
+    first = _table(tmp_path, "a", epsilon=2.0, z_patient=1.0, delta=1e-5)
+    second = _table(tmp_path, "b", epsilon=6.0, z_patient=2.0, delta=1e-6)
+    for report in (first, second):
+        rows = report.table.set_index("method")
+        for label, run in report.runs.items():
+            strategy = run.strategy
+            ledger = getattr(strategy, "ledger", None)
+            if ledger is not None:
+                assert rows.loc[label, "epsilon_client"] == pytest.approx(ledger.epsilon())
+                assert rows.loc[label, "delta_client"] == ledger.delta
+            if getattr(strategy, "sample_dp", None) is not None:
+                assert rows.loc[label, "epsilon_patient_max"] == pytest.approx(max(strategy.sample_dp.epsilons().values()))
+                assert rows.loc[label, "delta_patient"] == strategy.sample_dp.delta
+            assert rows.loc[label, "d"] == sum(t.numel() for t in run.global_state.values())
+        assert rows["privacy unit"].to_dict() == {"fedavg": "none", "dp-fedavg": "site", "local-dp-sgd": "site+patient",
+                                                  "ditto-dp-sgd": "patient", "dp-fedavg+dp-sgd": "site+patient"}
+        assert rows.loc["fedavg", "epsilon_client"] == math.inf and pd.isna(rows.loc["fedavg", "delta_client"])
+        csv = pd.read_csv(report.path.parent / "comparison.csv").set_index("method")
+        assert list(PRIVACY_COLUMNS) == [c for c in csv.columns if c in PRIVACY_COLUMNS]
+        for column in ("epsilon_client", "epsilon_patient_max", "delta_client", "d"):
+            pd.testing.assert_series_equal(csv[column].astype(float), rows[column].astype(float), check_names=False)
+        text = report.path.read_text()
+        assert "| privacy unit | epsilon_client | delta_client | epsilon_patient_max | delta_patient | d |" in text
+        assert "per_site_epsilon" not in text and "per_site_epsilon" not in (report.path.parent / "comparison.csv").read_text()
+    a, b = first.table.set_index("method"), second.table.set_index("method")
+    assert a.loc["dp-fedavg", "epsilon_client"] == pytest.approx(2.0, rel=0.02)
+    assert b.loc["dp-fedavg", "epsilon_client"] == pytest.approx(6.0, rel=0.02)
+    for label in ("local-dp-sgd", "ditto-dp-sgd", "dp-fedavg+dp-sgd"):
+        assert a.loc[label, "epsilon_patient_max"] > b.loc[label, "epsilon_patient_max"]  # z 1 -> 2: less spent
+        assert (a.loc[label, "delta_patient"], b.loc[label, "delta_patient"]) == (1e-5, 1e-6)
+    assert a.loc["ditto-dp-sgd", "epsilon_patient_max"] > a.loc["local-dp-sgd", "epsilon_patient_max"]  # 2 trainings
