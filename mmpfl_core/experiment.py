@@ -13,7 +13,7 @@ run that fails before its first checkpoint or metrics row is removed again.
 Public pretraining (``config.pretraining.enabled``, :class:`~mmpfl_core.experiment_config.PretrainingSpec`):
 :func:`public_pretrained_state` trains the model once on a public cohort
 (:func:`mmpfl_core.pretraining.public_cohort`: its own seed, the public reference scanner, site id -1;
-never a site's split), caches the weights under ``<results_dir>/public_pretraining/`` (so a resumed
+never a site's split), caches the weights under ``<results_dir>/private/public_pretraining/`` (so a resumed
 comparison does not pretrain again), and every method's model factory loads them and freezes all but
 the private part (:func:`mmpfl_core.pretraining.pretrained_model_factory`). Privacy: the public weights
 depend on public data only, so they cost no privacy and every method's release is accounted exactly as
@@ -76,6 +76,7 @@ __all__ = [
     "with_privacy_budget",
     "make_federation",
     "model_factory",
+    "method_model_factory",
     "public_pretrained_state",
     "run_method",
     "run_privacy",
@@ -102,9 +103,10 @@ def model_factory(config: ExperimentConfig, federation: Federation) -> Callable[
     return lambda: create_model(config.model.preset, seed=config.federated.seed, **overrides)
 
 
-#: Folder of a comparison's results directory that caches the public pretrained model (public: it
-#: depends on the public cohort only).
-PUBLIC_PRETRAINING_DIR = "public_pretraining"
+#: Folder of a comparison's results directory that caches the public pretrained model. The weights
+#: depend on the public cohort only, but they sit under ``private/`` until someone argues them
+#: released: the release scanner's rule for anything new (DESIGN 6), and nothing needs them outside.
+PUBLIC_PRETRAINING_DIR = Path("private") / "public_pretraining"
 
 
 def public_pretrained_state(
@@ -114,9 +116,9 @@ def public_pretrained_state(
 
     Steps: 1) draw :func:`~mmpfl_core.pretraining.public_cohort` (``pretraining.num_subjects`` subjects,
     ``pretraining.seed``, the federation's image size; refused if its seed is the private cohort's);
-    2) train a fresh model of ``config`` on it with the centralized recipe (AdamW ``lr``, ``epochs``,
-    warm-up + cosine); 3) return its ``state_dict`` (CPU). With ``cache_dir`` the weights are kept
-    in ``<cache_dir>/public_pretraining/public_model-<key>`` (safetensors + JSON; the key hashes the
+    2) train a fresh model of ``config`` (initialised from ``pretraining.seed``) on it with the centralized
+    recipe (AdamW ``lr``, ``epochs``, warm-up + cosine); 3) return its ``state_dict`` (CPU). With ``cache_dir`` the weights are kept
+    in ``<cache_dir>/private/public_pretraining/public_model-<key>`` (safetensors + JSON; the key hashes the
     settings that determine them) and read back instead of retrained.
 
     Privacy: only the public cohort (site id -1, its own seed) is touched; no site's split is passed
@@ -131,7 +133,6 @@ def public_pretrained_state(
             {
                 "pretraining": to_plain(spec),
                 "model": to_plain(config.model),
-                "model_seed": config.federated.seed,
                 "data_shape": shape,
             },
             sort_keys=True,
@@ -161,7 +162,9 @@ def public_pretrained_state(
             "(public, private). Public pretraining needs data with the synthetic cohort's sequences, clinical "
             "variables and classes; set pretraining.enabled: false for this cohort."
         )
-    model = model_factory(config, federation)()
+    check_model_matches_data(config, federation)
+    # initialised from the public seed, not the run's: one public model serves every seed of a study
+    model = create_model(config.model.preset, seed=spec.seed, **{**shape, **dict(config.model.overrides)})
     recipe = TrainingRecipe(
         epochs=spec.epochs,
         batch_size=spec.batch_size,
@@ -179,6 +182,25 @@ def public_pretrained_state(
             state={"identity": identity, "public_subjects": len(cohort), "epoch_losses": trained.losses},
         )
     return state
+
+
+def method_model_factory(
+    config: ExperimentConfig,
+    federation: Federation,
+    *,
+    public_state: Mapping[str, torch.Tensor] | None = None,
+    cache_dir: Path | None = None,
+) -> Callable[[], Any]:
+    """The model factory a method's runs use: :func:`model_factory`, and with ``config.pretraining`` on,
+    its models hold the public weights (``public_state``, else :func:`public_pretrained_state` with
+    ``cache_dir``) with only the private part trainable. Whatever rebuilds a run's model from its
+    trained state (which holds the private part only) must use this factory."""
+    factory = model_factory(config, federation)
+    if not config.pretraining.enabled:
+        return factory
+    if public_state is None:
+        public_state = public_pretrained_state(config, federation, cache_dir=cache_dir)
+    return pretrained_model_factory(factory, dict(public_state), config.pretraining.private_part)
 
 
 def _check_pretraining(config: ExperimentConfig, method: MethodSpec, strategy: Strategy) -> None:
@@ -223,16 +245,12 @@ def run_method(
     if method.modalities is not None:
         keep = method.modalities
         federation = map_federation(federation, lambda cohort: select_modalities(cohort, keep))
-    factory = model_factory(config, federation)
     if strategy is None:
         strategy = build_checked_strategy(method, federation)
     _check_pretraining(config, method, strategy)
+    factory = method_model_factory(config, federation, public_state=public_state, cache_dir=results_dir)
     run_config = {**config.to_dict(), "method": to_plain(method)}
     run_config.pop("methods")
-    if config.pretraining.enabled:
-        if public_state is None:
-            public_state = public_pretrained_state(config, federation, cache_dir=results_dir)
-        factory = pretrained_model_factory(factory, dict(public_state), config.pretraining.private_part)
     dimension = private_dimension(factory()) if getattr(strategy, "trains_on_site_data", True) else 0
     if results_dir is None:
         return _with_dimension(

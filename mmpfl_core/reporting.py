@@ -12,8 +12,8 @@ Every row names the privacy unit(s) its method protects, with epsilon and delta 
 ledgers (:func:`mmpfl_core.experiment.run_privacy`): ``epsilon_client`` (what leaves a site) and
 ``epsilon_patient_max`` (the patients in the deployed models: the max over the sites' DP-SGD ledgers; the
 per-site epsilons stay in each run's ``private/summary.json``), and d, the number of parameters trained on
-site data. With public pretraining the public model's cache (``public_pretraining/``, public: it depends on
-the public cohort only) sits beside the runs.
+site data. With public pretraining the public model's cache is ``private/public_pretraining/`` (it depends on
+the public cohort only, but nothing needs it released).
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def test_pretraining_runs_once_and_touches_no_site_data(pretrained_comparison):
     assert len(cohort) == PRETRAINING["num_subjects"] and (cohort.sites == -1).all()
     assert not _same_content(cohort, federation)  # by content: no site patient's scan is in the public cohort
     assert _same_content(federation.sites[0].train, federation)  # (the check does flag site data)
-    assert list((out / "public_pretraining").glob("public_model-*.safetensors"))
+    assert list((out / "private" / "public_pretraining").glob("public_model-*.safetensors"))
 
 
 @pytest.mark.integration
@@ -206,3 +206,24 @@ def test_cli_turns_the_stage_on_and_names_the_fix_for_a_bad_part(tmp_path, capsy
     d = pd.read_csv(out / "comparison.csv").set_index("method")["d"]
     head = create_model("tiny", embed_dim=32, depth=1, image_size=32).group_sizes()["head"]
     assert d.to_dict() == {"public-model-only": 0, "fedavg": head}
+
+
+@pytest.mark.integration
+def test_a_pretrained_comparison_releases_nothing_private(tmp_path):
+    """The release scan (tests/release_scan.py) on a report with the stage on, public-model-only and patient-level
+    rows: the privacy columns, the pretraining lines and the public model's cache release nothing private."""
+    from release_scan import FigureProvenance, scan_released
+
+    from mmpfl_core.experiment import make_federation
+    from mmpfl_core.reporting import write_comparison_report
+
+    config = ExperimentConfig.from_dict({**CONFIG, "methods": CONFIG["methods"][:2] + CONFIG["methods"][-1:]})
+    federation = make_federation(config)
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        provenance = FigureProvenance().install(mp, federation)
+        report = write_comparison_report(config, tmp_path / "report", progress=False)
+    groups = list(create_model("tiny", embed_dim=32, depth=1, image_size=32).parameter_groups())
+    assert scan_released(tmp_path, groups=groups, federation=federation, provenance=provenance.by_path) == []
+    assert "epsilon_patient_max" in report.path.read_text()
+    assert list((tmp_path / "report" / "private" / "public_pretraining").glob("*.safetensors"))
