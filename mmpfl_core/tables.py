@@ -73,7 +73,7 @@ def _missing(v: Any) -> bool:
 
 
 def _epsilon_text(v: Any) -> str:
-    return "" if _missing(v) else "inf" if v == math.inf else format(float(v), ".3g")
+    return "" if _missing(v) else "inf" if v == math.inf else format(float(v), ".3f")
 
 
 def _delta_text(v: Any) -> str:

@@ -166,3 +166,14 @@ def test_every_row_carries_the_accountants_values_in_table_csv_and_report(tmp_pa
         assert a.loc[label, "epsilon_patient_max"] > b.loc[label, "epsilon_patient_max"]  # z 1 -> 2: less spent
         assert (a.loc[label, "delta_patient"], b.loc[label, "delta_patient"]) == (1e-5, 1e-6)
     assert a.loc["ditto-dp-sgd", "epsilon_patient_max"] > a.loc["local-dp-sgd", "epsilon_patient_max"]  # 2 trainings
+
+
+def test_reports_flag_reproducible_noise_inside_the_sites_too():
+    from mmpfl_core.experiment import ExperimentConfig
+    from mmpfl_core.reproduction.report import not_private_lines
+
+    config = ExperimentConfig.from_dict({**SMALL, "methods": _methods(epsilon=2.0, z_patient=1.0, delta=1e-5)})
+    import re
+
+    flagged = re.search(r"\*\*Not private\*\* \(([^)]*)\)", " ".join(not_private_lines(config))).group(1)
+    assert flagged.split(", ") == ["dp-fedavg", "local-dp-sgd", "ditto-dp-sgd", "dp-fedavg+dp-sgd"]  # not fedavg
