@@ -177,3 +177,31 @@ def test_reports_flag_reproducible_noise_inside_the_sites_too():
 
     flagged = re.search(r"\*\*Not private\*\* \(([^)]*)\)", " ".join(not_private_lines(config))).group(1)
     assert flagged.split(", ") == ["dp-fedavg", "local-dp-sgd", "ditto-dp-sgd", "dp-fedavg+dp-sgd"]  # not fedavg
+
+
+def test_ditto_personal_update_is_dp_sgd_and_a_non_private_one_is_caught(tiny_federation, tiny_model_factory,
+                                                                          monkeypatch):
+    """With a vanishing clip bound C the patients' clipped gradients and the noise z C are ~0, so a DP-SGD personal
+    update (lam = 0: no pull) leaves v where it started (the initial model). A personal update trained WITHOUT
+    DP-SGD (the broken mechanism, planted below) moves v by the patients' gradients, and the check sees it."""
+    from mmpfl_core.federated.personalized_strategies import Ditto
+
+    initial = {n: p.detach().clone() for n, p in tiny_model_factory().named_parameters()}
+
+    def personal_drift() -> float:
+        with pytest.warns(UserWarning):
+            strategy = create_strategy("ditto-dp-sgd", lam=0.0, sample_level_dp={
+                "noise_multiplier": 1.0, "max_grad_norm": 1e-9, **INSECURE})
+        run = run_federated(tiny_federation, model_factory=tiny_model_factory, strategy=strategy, config=CFG,
+                            progress=False)
+        return max((strategy.personal_state(s.site_id, run.global_state)[n] - initial[n]).abs().max().item()
+                   for s in tiny_federation.sites for n in initial)
+
+    assert personal_drift() < 1e-6
+    real_train = Ditto._train
+
+    def without_dp(self, *args, private_training=None, **kwargs):
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ditto, "_train", without_dp)
+    assert personal_drift() > 1e-3
