@@ -40,6 +40,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="override federated.engine: 'loop' (the "
         "reference) or 'vectorized' (a round's sites trained together; many sites per round)",
     )
+    parser.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="turn on the public pretraining stage (the config's pretraining section): every method starts from "
+        "a model pretrained on public subjects and trains only its private part",
+    )
+    parser.add_argument(
+        "--private-part", help="with --pretrain: the parameters trained on site data (e.g. head, head+norm, all)"
+    )
     parser.add_argument("--out", type=Path, help="results folder (default results/<experiment name>)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -62,6 +71,11 @@ def _load(args: argparse.Namespace):
         config = config.replace(federation={"num_sites": args.sites})
         if args.data is not None:
             config = config.replace(data={"partition": "dirichlet"})
+    if getattr(args, "private_part", None) is not None and not getattr(args, "pretrain", False):
+        raise ConfigError("--private-part needs --pretrain (it picks what is trained on top of the public model).")
+    if getattr(args, "pretrain", False):
+        part = {} if args.private_part is None else {"private_part": args.private_part}
+        config = config.replace(pretraining={"enabled": True, **part})
     return config
 
 

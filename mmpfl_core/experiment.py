@@ -9,17 +9,36 @@ data (:func:`~mmpfl_core.experiment_checks.build_checked_strategy`: a Fisher met
 set; the model's image size, sequences and classes must match the cohort), so a bad input fails with
 one clear error and leaves nothing behind; each run then trains with the strategy built for it. A
 run that fails before its first checkpoint or metrics row is removed again.
+
+Public pretraining (``config.pretraining.enabled``, :class:`~mmpfl_core.experiment_config.PretrainingSpec`):
+:func:`public_pretrained_state` trains the model once on a public cohort
+(:func:`mmpfl_core.pretraining.public_cohort`: its own seed, the public reference scanner, site id -1;
+never a site's split), caches the weights under ``<results_dir>/private/public_pretraining/`` (so a resumed
+comparison does not pretrain again), and every method's model factory loads them and freezes all but
+the private part (:func:`mmpfl_core.pretraining.pretrained_model_factory`). Privacy: the public weights
+depend on public data only, so they cost no privacy and every method's release is accounted exactly as
+without pretraining, over d = the private part's size. The ``public-model-only`` method evaluates the
+public model at every site with no site data.
+
+Every row of :func:`comparison_table` carries the privacy columns (:func:`run_privacy`,
+:data:`mmpfl_core.tables.PRIVACY_COLUMNS`): the unit(s) protected, epsilon and delta per unit read from
+the run's ledgers (client level: the release ledger; patient level: the max over the sites' DP-SGD
+ledgers), and d.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
+from .centralized import TrainingRecipe
 from .configuration import to_plain
 from .data.cohort_federation import CohortSource, federation_from_cohort
 from .data.federation import Federation, build_federation
@@ -30,26 +49,37 @@ from .experiment_config import (
     ExperimentConfig,
     MethodSpec,
     ModelSpec,
+    PretrainingSpec,
     load_experiment,
     with_cohort,
     with_privacy_budget,
 )
+from .devices import resolve_device
+from .errors import ConfigError
+from .federated.personalized_strategies import PublicModelOnly
 from .federated.simulation import RunResult, run_federated
-from .federated.strategies import Strategy
+from .federated.strategies import LocalOnly, Strategy
+from .io.checkpoint import load_checkpoint, save_checkpoint
 from .io.run_directory import RunDirectory
 from .models.presets import create_model
+from .pretraining import pretrain_public_model, pretrained_model_factory, private_dimension, public_cohort
+from .tables import privacy_columns
 
 __all__ = [
     "CONFIG_DIR",
     "ExperimentConfig",
     "MethodSpec",
     "ModelSpec",
+    "PretrainingSpec",
     "load_experiment",
     "with_cohort",
     "with_privacy_budget",
     "make_federation",
     "model_factory",
+    "method_model_factory",
+    "public_pretrained_state",
     "run_method",
+    "run_privacy",
     "comparison_table",
     "compare_methods",
 ]
@@ -73,6 +103,114 @@ def model_factory(config: ExperimentConfig, federation: Federation) -> Callable[
     return lambda: create_model(config.model.preset, seed=config.federated.seed, **overrides)
 
 
+#: Folder of a comparison's results directory that caches the public pretrained model. The weights
+#: depend on the public cohort only, but they sit under ``private/`` until someone argues them
+#: released: the release scanner's rule for anything new (DESIGN 6), and nothing needs them outside.
+PUBLIC_PRETRAINING_DIR = Path("private") / "public_pretraining"
+
+
+def public_pretrained_state(
+    config: ExperimentConfig, federation: Federation, *, cache_dir: Path | None = None
+) -> dict[str, torch.Tensor]:
+    """The public stage of ``config``: the model's weights after pretraining on a public cohort.
+
+    Steps: 1) draw :func:`~mmpfl_core.pretraining.public_cohort` (``pretraining.num_subjects`` subjects,
+    ``pretraining.seed``, the federation's image size; refused if its seed is the private cohort's);
+    2) train a fresh model of ``config`` (initialised from ``pretraining.seed``) on it with the centralized
+    recipe (AdamW ``lr``, ``epochs``, warm-up + cosine); 3) return its ``state_dict`` (CPU). With ``cache_dir`` the weights are kept
+    in ``<cache_dir>/private/public_pretraining/public_model-<key>`` (safetensors + JSON; the key hashes the
+    settings that determine them) and read back instead of retrained.
+
+    Privacy: only the public cohort (site id -1, its own seed) is touched; no site's split is passed
+    (:func:`~mmpfl_core.pretraining.pretrain_public_model` refuses cohorts with site ids >= 0).
+    """
+    spec = config.pretraining
+    if not spec.enabled:
+        raise ConfigError("public_pretrained_state needs pretraining.enabled: true in the config.")
+    shape = data_shape(federation)
+    identity = json.loads(
+        json.dumps(
+            {
+                "pretraining": to_plain(spec),
+                "model": to_plain(config.model),
+                "data_shape": shape,
+            },
+            sort_keys=True,
+        )
+    )
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    path = None if cache_dir is None else Path(cache_dir) / PUBLIC_PRETRAINING_DIR / f"public_model-{key}"
+    if path is not None and path.with_suffix(".json").is_file():
+        tensors, state = load_checkpoint(path)
+        if state.get("identity") == identity:
+            return dict(tensors["model"])
+    cohort = public_cohort(
+        spec.num_subjects,
+        image_size=shape["image_size"],
+        seed=spec.seed,
+        difficulty=spec.difficulty,
+        forbidden_seeds=[config.data.seed],
+    )
+    reference = federation.sites[0].train
+    names = ("modality_names", "clinical_names", "class_names")
+    mismatch = {
+        n: (getattr(cohort, n), getattr(reference, n)) for n in names if getattr(cohort, n) != getattr(reference, n)
+    }
+    if mismatch:
+        raise ConfigError(
+            f"the public cohort (synthetic generator) does not fit the federation's data: {mismatch} "
+            "(public, private). Public pretraining needs data with the synthetic cohort's sequences, clinical "
+            "variables and classes; set pretraining.enabled: false for this cohort."
+        )
+    check_model_matches_data(config, federation)
+    # initialised from the public seed, not the run's: one public model serves every seed of a study
+    model = create_model(config.model.preset, seed=spec.seed, **{**shape, **dict(config.model.overrides)})
+    recipe = TrainingRecipe(
+        epochs=spec.epochs,
+        batch_size=spec.batch_size,
+        lr=float(spec.lr),
+        warmup_epochs=min(2.0, 0.2 * spec.epochs),  # short runs: warm up over a fifth of the budget
+    )
+    trained = pretrain_public_model(
+        model, cohort, recipe, seed=spec.seed, device=resolve_device(config.federated.device)
+    )
+    state = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+    if path is not None:
+        save_checkpoint(
+            path,
+            tensors={"model": state},
+            state={"identity": identity, "public_subjects": len(cohort), "epoch_losses": trained.losses},
+        )
+    return state
+
+
+def method_model_factory(
+    config: ExperimentConfig,
+    federation: Federation,
+    *,
+    public_state: Mapping[str, torch.Tensor] | None = None,
+    cache_dir: Path | None = None,
+) -> Callable[[], Any]:
+    """The model factory a method's runs use: :func:`model_factory`, and with ``config.pretraining`` on,
+    its models hold the public weights (``public_state``, else :func:`public_pretrained_state` with
+    ``cache_dir``) with only the private part trainable. Whatever rebuilds a run's model from its
+    trained state (which holds the private part only) must use this factory."""
+    factory = model_factory(config, federation)
+    if not config.pretraining.enabled:
+        return factory
+    if public_state is None:
+        public_state = public_pretrained_state(config, federation, cache_dir=cache_dir)
+    return pretrained_model_factory(factory, dict(public_state), config.pretraining.private_part)
+
+
+def _check_pretraining(config: ExperimentConfig, method: MethodSpec, strategy: Strategy) -> None:
+    if isinstance(strategy, PublicModelOnly) and not config.pretraining.enabled:
+        raise ConfigError(
+            f"method {method.label!r} (public-model-only) evaluates the public pretrained model, but the config "
+            "has no pretraining stage: add `pretraining: {enabled: true}` to the config, or drop the method."
+        )
+
+
 def _remove_unused_run(path: Path) -> None:
     """Delete a run directory this call created if it holds no metrics, no checkpoint and no recorded
     release (a ledger file with entries is kept: its releases were made and stay spent, docs/DESIGN.md 4.8)."""
@@ -93,30 +231,39 @@ def run_method(
     progress: bool = True,
     resume: bool = True,
     strategy: Strategy | None = None,
+    public_state: Mapping[str, torch.Tensor] | None = None,
 ) -> RunResult:
     """Train one method. With ``results_dir``, the run lives in ``<results_dir>/<label>/`` and resumes.
 
     ``strategy``: the method's strategy when the caller already built and checked it
     (:func:`compare_methods` does, for every method before the first trains), so it is built once per run.
+    ``public_state``: the public pretrained weights when ``config.pretraining`` is on and the caller
+    has them (else :func:`public_pretrained_state` computes or reads them, cached in ``results_dir``).
+    The result's summary gets ``private_dimension`` (d: parameters trained on site data).
     """
     federation = federation if federation is not None else make_federation(config)
     if method.modalities is not None:
         keep = method.modalities
         federation = map_federation(federation, lambda cohort: select_modalities(cohort, keep))
-    factory = model_factory(config, federation)
     if strategy is None:
         strategy = build_checked_strategy(method, federation)
-    if results_dir is None:
-        return run_federated(
-            federation, model_factory=factory, strategy=strategy, config=config.federated, progress=progress
-        )
+    _check_pretraining(config, method, strategy)
+    factory = method_model_factory(config, federation, public_state=public_state, cache_dir=results_dir)
     run_config = {**config.to_dict(), "method": to_plain(method)}
     run_config.pop("methods")
+    dimension = private_dimension(factory()) if getattr(strategy, "trains_on_site_data", True) else 0
+    if results_dir is None:
+        return _with_dimension(
+            run_federated(
+                federation, model_factory=factory, strategy=strategy, config=config.federated, progress=progress
+            ),
+            dimension,
+        )
     path = Path(results_dir) / method.label
     created, root_created = not path.exists(), not Path(results_dir).exists()
     try:
         run_dir = RunDirectory.create(results_dir, method.label, run_config, exist_ok_resume=resume)
-        return run_federated(
+        result = run_federated(
             federation,
             model_factory=factory,
             strategy=strategy,
@@ -124,12 +271,49 @@ def run_method(
             run_dir=run_dir,
             progress=progress,
         )
+        return _with_dimension(result, dimension)
     except BaseException:
         if created:
             _remove_unused_run(path)
         if root_created and Path(results_dir).is_dir() and not any(Path(results_dir).iterdir()):
             Path(results_dir).rmdir()
         raise
+
+
+def _with_dimension(result: RunResult, dimension: int) -> RunResult:
+    if result.summary:
+        result.summary["private_dimension"] = int(dimension)
+    return result
+
+
+def run_privacy(run: RunResult) -> dict[str, Any]:
+    """The privacy columns of one run (:func:`mmpfl_core.tables.privacy_columns`), read from its ledgers.
+
+    * client level (what leaves a site): the release ledger's epsilon and delta (``summary["privacy"]``,
+      written by the DP strategies from their accountant). A method that sends nothing from any site
+      (local-only training, ``local-dp-sgd``, ``public-model-only``) releases nothing: (0, 0). Pooling
+      the raw data (``centralized``) and plain federated methods have no client-level guarantee.
+    * patient level (the patients in the deployed models): the max over the sites' DP-SGD ledgers
+      (``summary["sample_level_privacy"]``). ``public-model-only`` uses no site's patient: (0, 0).
+    * d: ``summary["private_dimension"]`` (:func:`run_method`), else the global model's size.
+    """
+    summary, strategy = run.summary, run.strategy
+    client: tuple[float, float] | None = None
+    patient: tuple[float, float] | None = None
+    ledger = summary.get("privacy")
+    if isinstance(ledger, Mapping) and "epsilon" in ledger:
+        client = (float(ledger["epsilon"]), float(ledger["delta"]))
+    elif isinstance(strategy, (LocalOnly, PublicModelOnly)):
+        client = (0.0, 0.0)  # nothing leaves any site: the empty release
+    sample = summary.get("sample_level_privacy")
+    if isinstance(sample, Mapping) and "max_epsilon" in sample:
+        patient = (float(sample["max_epsilon"]), float(sample["delta"]))
+    elif isinstance(strategy, PublicModelOnly):
+        patient = (0.0, 0.0)  # no site's patient is used
+    dimension = summary.get("private_dimension")
+    if dimension is None:
+        dimension = sum(int(t.numel()) for t in run.global_state.values())
+    return privacy_columns(client=client, patient=patient, dimension=int(dimension))
 
 
 def _ci_text(entry: Mapping[str, float] | None) -> str:
@@ -139,7 +323,8 @@ def _ci_text(entry: Mapping[str, float] | None) -> str:
 
 
 def comparison_table(runs: Mapping[str, RunResult]) -> pd.DataFrame:
-    """One row per method: accuracy with 95% CI (global and personalised), other metrics, communication."""
+    """One row per method: accuracy with 95% CI (global and personalised), other metrics, the privacy
+    columns (:func:`run_privacy`: unit, epsilon and delta per unit, d), communication."""
     rows = []
     for label, run in runs.items():
         s = run.summary
@@ -159,6 +344,7 @@ def comparison_table(runs: Mapping[str, RunResult]) -> pd.DataFrame:
                 "balanced acc (personal)": personal["balanced_accuracy"]["point"],
                 "macro-F1 (personal)": personal["macro_f1"]["point"],
                 "AUROC (personal)": personal["auroc"]["point"],
+                **run_privacy(run),
                 "rounds to target": s.get("rounds_to_target"),
                 "MB total": s["megabytes_up"] + s["megabytes_down"],
                 "MB to target": s.get("megabytes_to_target"),
@@ -187,9 +373,19 @@ def compare_methods(
     check_model_matches_data(config, federation)
     # every method built and checked before the first one trains; each run then uses its strategy
     strategies = {m.label: build_checked_strategy(m, federation) for m in config.methods}
+    for m in config.methods:
+        _check_pretraining(config, m, strategies[m.label])
+    # the public stage once for all methods (read back from results_dir on a resume)
+    public = public_pretrained_state(config, federation, cache_dir=results_dir) if config.pretraining.enabled else None
     runs = {
         m.label: run_method(
-            config, m, federation, results_dir=results_dir, progress=progress, strategy=strategies[m.label]
+            config,
+            m,
+            federation,
+            results_dir=results_dir,
+            progress=progress,
+            strategy=strategies[m.label],
+            public_state=public,
         )
         for m in config.methods
     }

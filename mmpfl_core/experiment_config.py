@@ -5,6 +5,10 @@ configs; nothing here trains or reads data. :mod:`mmpfl_core.experiment` runs th
 :mod:`mmpfl_core.experiment_checks` checks them against the data (both import this module, which
 imports neither, so the three form no import circle).
 
+``pretraining`` (:class:`PretrainingSpec`, off by default) is the public pretraining stage: when on,
+every method starts from a model pretrained on a public cohort and trains only a private part of it
+(:mod:`mmpfl_core.pretraining`; run by :mod:`mmpfl_core.experiment`).
+
 ``data`` is either the synthetic cohort (:class:`SyntheticCohortConfig`, the default) or a cohort
 file a user converted from their own NIfTI/DICOM/PNG files (:class:`CohortSource`, YAML
 ``data: {cohort: PATH}``, CLI ``--data PATH``), split into sites by its site column.
@@ -13,6 +17,7 @@ file a user converted from their own NIfTI/DICOM/PNG files (:class:`CohortSource
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +69,54 @@ class MethodSpec:
 
 
 @dataclass(frozen=True)
+class PretrainingSpec:
+    """The public pretraining stage (YAML ``pretraining:``), off by default.
+
+    When ``enabled``, :func:`mmpfl_core.experiment.compare_methods` (and so ``mmpfl compare``, ``train``
+    and ``demo``) pretrains the model once, centrally and at no privacy cost, on a PUBLIC cohort
+    (:func:`mmpfl_core.pretraining.public_cohort`: ``num_subjects`` fresh synthetic subjects drawn
+    with their own ``seed`` on the public reference scanner, never a site's patients), and every
+    method, local-only and centralized included, starts from those weights with only the
+    ``private_part`` trainable (:func:`mmpfl_core.pretraining.restrict_trainable`): the private
+    dimension d that every release clips, noises and accounts is that part's size.
+    """
+
+    enabled: bool = False
+    num_subjects: int = 2000  # public subjects (the public stand-in for public MRI collections)
+    seed: int = 104_729  # the public cohort's own seed: must differ from the private cohort's (data.seed)
+    epochs: int = 10  # centralized passes over the public cohort
+    lr: float = 1e-3  # AdamW peak learning rate (warm-up + cosine, mmpfl_core.centralized)
+    batch_size: int = 32
+    private_part: str = "head+norm"  # a name of mmpfl_core.pretraining.PRIVATE_PARTS
+    difficulty: float = 0.5  # the public population's difficulty (the synthetic generator's knob)
+
+    def __post_init__(self) -> None:
+        from .pretraining import PRIVATE_PARTS  # read when validating: new parts are accepted at once
+
+        def whole(name: str, value: Any, low: int, fix: str) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"pretraining.{name}={value!r} must be an integer >= {low}; {fix}")
+
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(
+                f"pretraining.enabled={self.enabled!r} must be true or false (YAML booleans, not a string)."
+            )
+        whole("num_subjects", self.num_subjects, 30, "a public cohort needs a few dozen subjects (default 2000).")
+        whole("epochs", self.epochs, 1, "pretrain for at least one epoch (default 10), or set enabled: false.")
+        whole("batch_size", self.batch_size, 1, "use e.g. 32.")
+        whole("seed", self.seed, 0, "give the public cohort a seed of its own (default 104729).")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf:
+            raise ConfigError(f"pretraining.lr={self.lr!r} must be a finite number > 0, e.g. 1e-3.")
+        if isinstance(self.difficulty, bool) or not isinstance(self.difficulty, (int, float)):
+            raise ConfigError(f"pretraining.difficulty={self.difficulty!r} must be a number, e.g. 0.5.")
+        if self.private_part not in PRIVATE_PARTS:
+            raise ConfigError(
+                f"pretraining.private_part={self.private_part!r} is unknown; use one of {sorted(PRIVATE_PARTS)} "
+                "('all' trains every parameter: no reduction of d)."
+            )
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "quickstart"
     data: SyntheticCohortConfig | CohortSource = field(default_factory=SyntheticCohortConfig)
@@ -71,6 +124,14 @@ class ExperimentConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     methods: tuple[MethodSpec, ...] = (MethodSpec("fedavg"),)
+    pretraining: PretrainingSpec = field(default_factory=PretrainingSpec)
+
+    def __post_init__(self) -> None:
+        if self.pretraining.enabled and int(self.pretraining.seed) == int(self.data.seed):
+            raise ConfigError(
+                f"pretraining.seed={self.pretraining.seed} equals data.seed: the 'public' cohort would re-draw "
+                "the sites' own patients. Give pretraining a seed of its own (default 104729)."
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ExperimentConfig:
@@ -87,10 +148,16 @@ class ExperimentConfig:
             model=dataclass_from_dict(ModelSpec, values.get("model"), "model"),
             federated=FederatedConfig.from_dict(values.get("federated") or {}),
             methods=methods,
+            pretraining=_pretraining_from_dict(values.get("pretraining")),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return to_plain(self)
+        """Plain values; the ``pretraining`` section only when it differs from the default (off), so the
+        stored config of a run without the stage is what it was before the stage existed (resume compares it)."""
+        plain = to_plain(self)
+        if self.pretraining == PretrainingSpec():
+            plain.pop("pretraining")
+        return plain
 
     def replace(self, **sections: Mapping[str, Any]) -> ExperimentConfig:
         """A copy with some fields of some sections changed, e.g. ``replace(federated={"num_rounds": 3})``.
@@ -131,6 +198,14 @@ def _replace_fields(obj: Any, values: Mapping[str, Any], where: str) -> Any:
             value = tuple(value)
         changes[key] = value
     return dataclasses.replace(obj, **changes)
+
+
+def _pretraining_from_dict(values: Any) -> PretrainingSpec:
+    if values is not None and not isinstance(values, Mapping):
+        raise ConfigError(
+            f"pretraining={values!r} must be a mapping, e.g. {{enabled: true, private_part: head, epochs: 10}}."
+        )
+    return dataclass_from_dict(PretrainingSpec, values, "pretraining")
 
 
 def _data_from_dict(values: Mapping[str, Any] | None) -> SyntheticCohortConfig | CohortSource:

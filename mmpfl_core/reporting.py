@@ -7,6 +7,13 @@ and figures (``cohort_summary.csv``, ``site_accuracy.png``) and everything compu
 (``communication.csv``, ``communication_vs_accuracy.png``), since bytes depend on the sites' private masks
 and on who took part. Each run keeps its own scoped run directory (``<out>/<label>/``).
 It must never write a site's test patients, per-site metrics, masks or byte counts outside ``private/``.
+
+Every row names the privacy unit(s) its method protects, with epsilon and delta per unit read from the run's
+ledgers (:func:`mmpfl_core.experiment.run_privacy`): ``epsilon_client`` (what leaves a site) and
+``epsilon_patient_max`` (the patients in the deployed models: the max over the sites' DP-SGD ledgers; the
+per-site epsilons stay in each run's ``private/summary.json``), and d, the number of parameters trained on
+site data. With public pretraining the public model's cache is ``private/public_pretraining/`` (it depends on
+the public cohort only, but nothing needs it released).
 """
 
 from __future__ import annotations
@@ -22,6 +29,15 @@ from .experiment import ExperimentConfig, compare_methods, split_comparison_tabl
 from .federated.simulation import RunResult
 from .tables import markdown_table
 
+
+#: Said under the released table: how to read the privacy columns (DESIGN 4.6-4.7).
+_PRIVACY_NOTE = (
+    "*privacy unit*: what each method protects, with the accountants' epsilon and delta per unit. *epsilon_client*: "
+    "what leaves a site (client-level DP, add/remove one site; 0 where nothing leaves). *epsilon_patient_max*: the "
+    "patients inside the deployed models (DP-SGD at each site, add/remove one patient; the max over the sites). "
+    "`inf` with a blank delta: that unit is not protected. *d*: parameters trained on site data (the dimension of "
+    "every DP noise vector). A deployed personal model is covered only by the patient unit."
+)
 
 #: Said under the released table: what was left out of it, and where it is.
 _PRIVATE_NOTE = (
@@ -84,6 +100,17 @@ def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bo
         plot_cohort_preview(federation.public, out / "cohort_preview.png")  # saves itself; PUBLIC subjects only
         shown.insert(0, "cohort_preview.png")
     cfg = config.federated
+    pre = config.pretraining
+    pretraining_lines = (
+        [
+            f"Public pretraining: every method starts from a model pretrained centrally on {pre.num_subjects} public "
+            f"synthetic subjects (their own seed, the public reference scanner; no site's data), {pre.epochs} epoch(s); "
+            f"only the private part `{pre.private_part}` is trained on site data (d below). `public-model-only` is "
+            "that model with no site data.",
+        ]
+        if pre.enabled
+        else []
+    )
     text = [
         f"# {config.name}: method comparison",
         "",
@@ -92,8 +119,11 @@ def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bo
         f"Accuracy intervals are 95% bootstrap CIs over test subjects ({cfg.bootstrap_resamples} resamples). "
         f"Rounds to target: first round at which the {cfg.smoothing_window}-round moving average of validation "
         f"accuracy of the deployed models (personal where a method has them, else global) reaches {cfg.target_accuracy}.",
+        *pretraining_lines,
         "",
         markdown_table(released_table),
+        "",
+        _PRIVACY_NOTE,
         *not_private_lines(config),
         "",
         _PRIVATE_NOTE,

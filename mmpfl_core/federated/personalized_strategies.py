@@ -19,6 +19,7 @@ import copy
 from typing import Any, cast
 from collections.abc import Mapping, Sequence, Set
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,12 +29,23 @@ from ..errors import ConfigError
 from ..models.layers import GroupedModel
 from ..personalization.masks import DynamicKLMasks, MaskSchedule
 from ..personalization.release import ScoreRelease
+from ..privacy.dp_sgd import PrivateTraining, SampleLevelDP
 from ..seeding import Stream, torch_generator
-from .client import ClientUpdate, LossRegulariser, local_update, trainable_state
+from .client import ClientUpdate, LossRegulariser, local_update, steps_per_round, trainable_state
 from .config import FederatedConfig, LocalTrainingConfig, OptimizerConfig
-from .strategies import State, Strategy, proximal_term, register_strategy
+from .sample_level import SampleLevelHooks
+from .strategies import State, Strategy, proximal_term, register_strategy, weighted_average_update
 
-__all__ = ["Ditto", "FedAvgFineTune", "FedAvgKLMasks", "FedPer", "FedRep", "PartialSharingStrategy"]
+__all__ = [
+    "Ditto",
+    "DittoDPSGD",
+    "FedAvgFineTune",
+    "FedAvgKLMasks",
+    "FedPer",
+    "FedRep",
+    "PartialSharingStrategy",
+    "PublicModelOnly",
+]
 
 
 def _as_config(value, cls):
@@ -82,8 +94,10 @@ class _SecondModelTrainer:
         training: LocalTrainingConfig | None = None,
         frozen: Set[str] = frozenset(),
         regulariser: LossRegulariser | None = None,
+        private_training: PrivateTraining | None = None,
     ) -> ClientUpdate:
-        """``local_update`` on ``model`` with the parameters in ``frozen`` held fixed."""
+        """``local_update`` on ``model`` with the parameters in ``frozen`` held fixed (with DP-SGD when
+        ``private_training`` is given: :func:`~mmpfl_core.federated.client.local_update`)."""
         device = next(model.parameters()).device
         generator = torch_generator(self.seed, stream, round_index, site)
         params = dict(model.named_parameters())
@@ -102,6 +116,7 @@ class _SecondModelTrainer:
                     generator=generator,
                     device=device,
                     regulariser=regulariser,
+                    private_training=private_training,
                 )
         finally:
             for n, flag in flags.items():
@@ -289,7 +304,7 @@ class FedRep(_SecondModelTrainer, FedPer):
 
 
 @register_strategy("ditto")
-class Ditto(_SecondModelTrainer, Strategy):
+class Ditto(_SecondModelTrainer, SampleLevelHooks):
     """Ditto (Li et al. 2021): FedAvg for the global model w; each site also trains a personal model v
     on its data with (lambda/2)||v - w||^2 added to the loss, w being the global model of the round.
 
@@ -297,6 +312,23 @@ class Ditto(_SecondModelTrainer, Strategy):
     copy with the run's local training config (the same number of steps as the global update): Ditto
     costs twice FedAvg's local compute. v starts from the global model at a site's first round and
     is the site's deployed model (``personal_state``), evaluated on its own test split.
+
+    Patient-level DP (``sample_level_dp``: kwargs of :class:`~mmpfl_core.privacy.dp_sgd.SampleLevelDP`;
+    ``ditto-dp-sgd`` requires it). Unit: one patient of one site (add/remove-one-patient adjacency).
+    In a round a participating site k runs two DP-SGD trainings on its patients, each T_r steps of the
+    subsampled Gaussian mechanism (Poisson rate q_k = B / n_k, per-sample clip C, noise z C):
+
+        1. the global update w -> w_k (the loop's local update), whose delta w_k - w is released;
+        2. the personal update v_k -> v_k', pulled towards w by (lambda/2)||v - w||^2. w is the
+           released global model (public) and v_k is itself a DP-SGD output, so the pull's gradient
+           is added after the clipping and the noise (post-processing, as MR-MTL's).
+
+    Everything the site releases (its deltas) and deploys (v_k) is post-processing of the noisy
+    gradients of both trainings, so its guarantee is the composition of all 2 T_r steps of every
+    round it took part in: the site's ledger records both (entries of the same (z, q_k)), and a
+    ``target_epsilon`` is calibrated for 2 x steps_per_round x num_rounds steps, so a site that takes
+    part in every round stays within it. The server averages the deltas UNIFORMLY (weighting by n_k
+    would release n_k, which changes with one patient).
     """
 
     def __init__(
@@ -306,15 +338,42 @@ class Ditto(_SecondModelTrainer, Strategy):
         training: LocalTrainingConfig | dict | None = None,
         optimizer: OptimizerConfig | dict | None = None,
         seed: int | None = None,
+        sample_level_dp: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not lam >= 0:
             raise ConfigError(f"ditto lam={lam!r} must be >= 0 (0: purely local personal models).")
         self.lam = float(lam)
         self._init_trainer(training, optimizer, seed)
+        self.sample_dp = None if sample_level_dp is None else SampleLevelDP(**sample_level_dp)
+        # secure DP-SGD (default): batches and noise from the OS CSPRNG, never from the run seed
+        self.secret_randomness = self.sample_dp is not None and self.sample_dp.noise == "secure"
         self.train_sets: dict[int, CohortDataset] = {}
         self._round = 0
         self._round_global: State | None = None
+
+    #: DP-SGD trainings per participation: the global update and the personal one (class docstring).
+    TRAININGS_PER_ROUND = 2
+
+    def configure(
+        self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int], model: nn.Module
+    ) -> None:
+        super().configure(config=config, federation=federation, client_ids=client_ids, model=model)
+        self._configure_sample_level(config)
+
+    def private_training(self, site_id: int, num_examples: int) -> PrivateTraining | None:
+        """DP-SGD settings of site ``site_id``, calibrated for both trainings of every round."""
+        if self.sample_dp is None:
+            return None
+        training = self.sample_dp.training_for(
+            site_id,
+            num_examples=num_examples,
+            batch_size=self._local.batch_size,
+            steps_per_round=self.TRAININGS_PER_ROUND * steps_per_round(num_examples, self._local),
+            num_rounds=self._num_rounds,
+        )
+        self._site_training[site_id] = training
+        return training
 
     def client_datasets(self, federation: Federation) -> dict[int, CohortDataset]:
         self.train_sets = super().client_datasets(federation)
@@ -332,18 +391,90 @@ class Ditto(_SecondModelTrainer, Strategy):
         assert self._round_global is not None  # set by client_start_state() before the site trains
         anchor = {n: t.detach() for n, t in self._round_global.items()}
         scratch.load_state_dict(self.personal.get(site_id, anchor), strict=False)
-        self._train(
+        private = None if self.sample_dp is None else self._site_training[site_id]
+        personal = self._train(
             scratch,
             self.train_sets[site_id],
             stream=Stream.DITTO,
             round_index=self._round,
             site=site_id,
             regulariser=proximal_term(anchor, self.lam) if self.lam > 0 else None,
+            private_training=private,
         )
+        if self.sample_dp is not None and private is not None:
+            # charged before the personal model is stored (and so before it can be deployed or queried)
+            self.sample_dp.record(site_id, private, personal.num_steps, self._round)
         self.personal[site_id] = trainable_state(scratch)
+
+    def transmit(self, update: ClientUpdate, round_index: int) -> State:
+        self._record_sample_level(update, round_index)  # the global update's DP-SGD steps
+        return update.delta
+
+    def aggregate(
+        self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State], round_index: int
+    ) -> State:
+        if self.sample_dp is None:
+            return super().aggregate(global_state, updates, sent, round_index)
+        return weighted_average_update(global_state, sent, [1.0] * len(sent))  # uniform: n_k is private
 
     def personal_state(self, site_id: int, global_state: State) -> State | None:
         return self.personal.get(site_id)
+
+    def round_report(self, round_index: int) -> dict[str, float]:
+        return self._sample_report()
+
+    def summary_report(self) -> dict[str, Any]:
+        return self._sample_summary()
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, state = super().state_dict()
+        if self.sample_dp is None:  # Ditto without DP checkpoints exactly as before
+            return tensors, state
+        return tensors, {**state, "sample_dp": self.sample_dp.state_dict()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        super().load_state_dict(tensors, state)
+        if self.sample_dp is not None:
+            self.sample_dp.load_state_dict(state["sample_dp"])
+
+
+@register_strategy("ditto-dp-sgd")
+class DittoDPSGD(Ditto):
+    """Ditto with DP-SGD inside every site (:class:`Ditto`'s patient-level section): ``sample_level_dp``
+    (``target_epsilon`` or ``noise_multiplier``, ``max_grad_norm``, ``delta``, ``noise``) is required."""
+
+    def __init__(self, lam: float = 0.1, *, sample_level_dp: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if sample_level_dp is None:
+            raise ConfigError(
+                "ditto-dp-sgd needs sample_level_dp (e.g. {target_epsilon: 8, max_grad_norm: 1.0}); "
+                "for Ditto without DP use the 'ditto' method."
+            )
+        super().__init__(lam, sample_level_dp=sample_level_dp, **kwargs)
+
+
+@register_strategy("public-model-only")
+class PublicModelOnly(Strategy):
+    """The public pretrained model, deployed at every site as it is: no site trains, nothing is sent.
+
+    The floor every private method must clear (DESIGN 4.7): what public data alone gives. No site's
+    data is used (no site is ever selected, so no local update runs), so its patients are protected
+    perfectly by construction (epsilon 0 for every unit, and d = 0 private parameters); the sites'
+    test splits only score it. Meaningful only on top of public pretraining (the experiment's
+    ``pretraining:`` section, which :func:`mmpfl_core.experiment.compare_methods` requires for it);
+    without it this is the untrained model.
+    """
+
+    communicates = False
+    #: Read by the experiment's tables: this method trains no parameter on any site's data.
+    trains_on_site_data = False
+
+    def select(self, client_ids: Sequence[int], config: FederatedConfig, rng: np.random.Generator) -> list[int]:
+        return []
+
+    def aggregate(
+        self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State], round_index: int
+    ) -> State:
+        return global_state
 
 
 @register_strategy("fedavg-ft")

@@ -23,7 +23,7 @@ import pandas as pd
 from ..attacks.targets import MembershipConfig, MembershipResult, run_membership_attacks
 from ..data.federation import Federation
 from ..errors import ConfigError
-from ..experiment import ExperimentConfig, MethodSpec, make_federation, model_factory, run_method
+from ..experiment import ExperimentConfig, MethodSpec, make_federation, method_model_factory, run_method
 from ..federated.simulation import RunResult
 
 __all__ = ["MembershipPlan", "attack_method", "membership_claim", "membership_frame", "train_shadows"]
@@ -75,7 +75,7 @@ def attack_method(
     shadows: Sequence[RunResult] = ()
     if plan.num_shadows:
         shadows = train_shadows(config, method, num_shadows=plan.num_shadows, results_dir=shadow_dir, progress=progress)
-    factory = model_factory(config, federation)
+    factory = method_model_factory(config, federation)  # with public pretraining: the public weights too
     targets = {"global": None, "personal": (plan.personal_site,)}
     if not run.strategy.has_global_model:
         targets.pop("global")

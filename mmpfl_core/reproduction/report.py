@@ -47,7 +47,10 @@ def not_private_lines(experiment) -> list[str]:
     """A warning naming the methods that ran with reproducible (regenerable) noise."""
     from ..privacy import NOT_PRIVATE_WARNING
 
-    labels = [m.label for m in experiment.methods if m.kwargs.get("noise") == "reproducible-insecure"]
+    def noise_modes(kwargs) -> tuple:  # the client-level release's and the sites' DP-SGD's
+        return kwargs.get("noise"), (kwargs.get("sample_level_dp") or {}).get("noise")
+
+    labels = [m.label for m in experiment.methods if "reproducible-insecure" in noise_modes(m.kwargs)]
     if not labels:
         return []
     return [

@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 
 from .membership import attack_method, membership_frame
-from ..experiment import ExperimentConfig, make_federation, run_method, split_comparison_table
+from ..experiment import ExperimentConfig, make_federation, run_method, run_privacy, split_comparison_table
 from ..federated.simulation import RunResult
 from ..metrics.classification import seed_ci
+from ..tables import worst_privacy
 from .claims import claims_table, release_claims
 from .plan import ReproductionPlan
 from .regime_report import run_regime_map
@@ -64,6 +65,8 @@ def _row(label: str, runs: list[RunResult]) -> dict[str, Any]:
         "epsilon (site)": "none" if any(e is None for e in eps) else float(np.mean(eps)),
         "epsilon (site, insiders)": "none" if any(e is None for e in insider_eps) else float(np.mean(insider_eps)),
         "epsilon (patient)": "none" if any(e is None for e in patient_eps) else float(np.mean(patient_eps)),
+        # the unit(s), epsilon and delta per unit from the ledgers and d, as in every comparison table (worst seed)
+        **worst_privacy([run_privacy(r) for r in runs]),
     }
 
 
@@ -108,6 +111,7 @@ def _sweep(plan: ReproductionPlan, out: Path, progress: bool) -> pd.DataFrame:
                     "epsilon (patient)": run.summary.get("sample_level_privacy", {}).get("max_epsilon"),
                     "personal acc": run.summary["personal_test"]["accuracy"]["point"],
                     "global acc": run.summary.get("global_test", {}).get("accuracy", {}).get("point"),
+                    **run_privacy(run),
                 }
             )
     return pd.DataFrame(rows)
