@@ -105,7 +105,7 @@ def model_factory(config: ExperimentConfig, federation: Federation) -> Callable[
 
 #: Folder of a comparison's results directory that caches the public pretrained model. The weights
 #: depend on the public cohort only, but they sit under ``private/`` until someone argues them
-#: released: the release scanner's rule for anything new (DESIGN 6), and nothing needs them outside.
+#: released: the release scanner's rule for anything new (docs/DESIGN.md 6), and nothing needs them outside.
 PUBLIC_PRETRAINING_DIR = Path("private") / "public_pretraining"
 
 

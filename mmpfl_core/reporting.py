@@ -30,7 +30,7 @@ from .federated.simulation import RunResult
 from .tables import markdown_table
 
 
-#: Said under the released table: how to read the privacy columns (DESIGN 4.6-4.7).
+#: Said under the released table: how to read the privacy columns (docs/DESIGN.md 4.6-4.7).
 _PRIVACY_NOTE = (
     "*privacy unit*: what each method protects, with the accountants' epsilon and delta per unit. *epsilon_client*: "
     "what leaves a site (client-level DP, add/remove one site; 0 where nothing leaves). *epsilon_patient_max*: the "

@@ -1,6 +1,6 @@
 """Plain-text tables for reports (no optional dependencies), and the privacy columns every comparison row carries.
 
-The privacy columns (DESIGN 4.7): for each method, the unit(s) it protects and, per unit, the epsilon and
+The privacy columns (docs/DESIGN.md 4.7): for each method, the unit(s) it protects and, per unit, the epsilon and
 delta its accountant reports, plus the private dimension d (the number of parameters trained on site data,
 the dimension every DP noise vector has). :func:`privacy_columns` only arranges values it is given; the caller
 reads them from the run's ledgers (:func:`mmpfl_core.experiment.run_privacy`), never types them.

@@ -456,7 +456,7 @@ class DittoDPSGD(Ditto):
 class PublicModelOnly(Strategy):
     """The public pretrained model, deployed at every site as it is: no site trains, nothing is sent.
 
-    The floor every private method must clear (DESIGN 4.7): what public data alone gives. No site's
+    The floor every private method must clear (docs/DESIGN.md 4.7): what public data alone gives. No site's
     data is used (no site is ever selected, so no local update runs), so its patients are protected
     perfectly by construction (epsilon 0 for every unit, and d = 0 private parameters); the sites'
     test splits only score it. Meaningful only on top of public pretraining (the experiment's
