@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import statistics
 import sys
 import threading
@@ -110,13 +111,27 @@ def federated_config(config, *, engine: str, num_rounds: int, device: str, clien
 
 
 def one_round(sim, t: int, device: str) -> float:
-    """Seconds of round t of ``sim`` (evaluation off; CUDA work synchronised before the clock stops)."""
+    """Seconds of round t of ``sim`` (evaluation off; CUDA work synchronised before the clock starts and stops)."""
     sim.strategy.before_round(t)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     started = time.perf_counter()
     sim.run_round(t)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - started
+
+
+class CpuClock:
+    """CPU seconds of this process (all threads) over a block: beside the wall clock, because on a
+    machine shared with other jobs the wall clock of a 2-thread run measures the other jobs too."""
+
+    def __enter__(self) -> "CpuClock":
+        self.started = time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.process_time() - self.started
 
 
 def centralized_pass(factory, federation, config, device: str):
@@ -129,6 +144,8 @@ def centralized_pass(factory, federation, config, device: str):
     n = len(data)
 
     def one_pass() -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         started = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         for start in range(0, n, CENTRAL_BATCH):
@@ -156,19 +173,25 @@ def bench_setting(num_sites: int, strategy: str, args) -> dict:
                                                        device=args.device, chunk_size=args.chunk_size), progress=False)
     central = centralized_pass(factory, federation, config, args.device)
     loop.evaluate = vec.evaluate = lambda: {}
-    times: dict[str, list[float]] = {"loop": [], "vec": [], "central": []}
+    times: dict[str, list[float]] = {"loop": [], "vec": [], "central": [], "vec_cpu": [], "central_cpu": []}
     peak = before = 0
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     for t in range(1, rounds + 1):  # interleaved, so slow phases of a shared machine hit every side
         loop_s = one_round(loop, t, args.device) * num_sites / loop_sites
-        with PeakMemory() as memory:
+        with PeakMemory() as memory, CpuClock() as vec_cpu:
             vec_s = one_round(vec, t, args.device)
-        central_s = central()
+        with CpuClock() as central_cpu:
+            central_s = central()
         peak, before = max(peak, memory.peak), max(before, memory.before)
         if t > 1:  # round 1 warms up
             times["loop"].append(loop_s)
             times["vec"].append(vec_s)
             times["central"].append(central_s)
-    loop_seconds, vec_seconds, central_seconds = (statistics.median(times[k]) for k in ("loop", "vec", "central"))
+            times["vec_cpu"].append(vec_cpu.seconds)
+            times["central_cpu"].append(central_cpu.seconds)
+    loop_seconds, vec_seconds, central_seconds, vec_cpu_s, central_cpu_s = (
+        statistics.median(times[k]) for k in ("loop", "vec", "central", "vec_cpu", "central_cpu"))
     gpu_peak = torch.cuda.max_memory_allocated() / 1e6 if args.device.startswith("cuda") else float("nan")
     row = {"strategy": strategy, "device": args.device, "sites_per_round": num_sites, "train_examples": examples,
            "loop_s_per_round": round(loop_seconds, 3), "loop_timed_on_sites": loop_sites,
@@ -176,6 +199,8 @@ def bench_setting(num_sites: int, strategy: str, args) -> dict:
            "centralized_pass_s": round(central_seconds, 3), "vectorized_peak_rss_mb": round(peak / 1e6),
            "vectorized_rss_increase_mb": round((peak - before) / 1e6),
            "cuda_peak_allocated_mb": round(gpu_peak) if gpu_peak == gpu_peak else None,
+           "vectorized_cpu_s": round(vec_cpu_s, 3), "centralized_cpu_s": round(central_cpu_s, 3),
+           "vs_centralized_cpu_time": round(vec_cpu_s / central_cpu_s, 2), "load_avg_1min": os.getloadavg()[0],
            "speedup_vs_loop": round(loop_seconds / vec_seconds, 2),
            "vs_centralized": round(vec_seconds / central_seconds, 2)}
     extrapolated = "" if loop_sites == num_sites else f" (timed on {loop_sites} sites, x{num_sites / loop_sites:g})"
@@ -184,7 +209,8 @@ def bench_setting(num_sites: int, strategy: str, args) -> dict:
     print(f"{strategy} {args.device} sites={num_sites} examples={examples}: "
           f"loop {loop_seconds:.2f} s/round{extrapolated}, "
           f"vectorized {vec_seconds:.3f} s/round (chunk {vec.chunk_size}, {memory_text}), centralized pass "
-          f"{central_seconds:.3f} s speedup_vs_loop={row['speedup_vs_loop']:.1f} "
+          f"{central_seconds:.3f} s (CPU time: vectorized {vec_cpu_s:.3f} s, centralized {central_cpu_s:.3f} s, "
+          f"ratio {row['vs_centralized_cpu_time']:.2f}; load average {row['load_avg_1min']:.1f}) speedup_vs_loop={row['speedup_vs_loop']:.1f} "
           f"vs_centralized={row['vs_centralized']:.2f}",
           flush=True)
     return row
