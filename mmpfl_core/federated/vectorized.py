@@ -21,10 +21,19 @@ default) and differs only in how step 2 (local training) is computed:
    padded; a padded example has weight 0 in the site's loss ``sum_i w_i CE_i / sum_i w_i`` (the mean
    over its real examples), so it contributes exactly zero gradient. Sites whose schedule has no
    k-th step are left out of step k (neither computed nor updated).
+   Step 1 is cheaper: where every site of the chunk starts from the same parameters (the broadcast
+   global model of FedAvg, FedProx and DP-FedAvg; MM-PFL-ADP's shared part), those enter ``vmap``
+   unbatched, so the forward pass and the input gradients are single large matrix products over
+   all the chunk's examples, as in centralised training, and only the weight-gradient reductions
+   are per site (batched products over each site's examples). With ~8 training subjects a site and
+   batches of 16 (the regime map), step 1 is the whole epoch.
 4. The optimiser state is stacked the same way; :class:`_StackedOptimizer` is torch's SGD (with
    momentum, weight decay) and AdamW written out for (S, *shape) tensors, because ``torch.optim``
    updates whole tensors and cannot step a subset of rows. Clients are stateless across rounds, as
-   in :func:`~.client.build_optimizer`: fresh state every round.
+   in :func:`~.client.build_optimizer`: fresh state every round, so the first step is taken in
+   closed form (:meth:`_StackedOptimizer.first_step`; AdamW: ``-lr wd theta_0 - lr g / (|g| +
+   eps)``) and writes the update ``theta_1 - theta_0`` directly; the site's parameters are
+   materialised only when it has a second step.
 
 The release goes through the strategy, never around it. Each site's :class:`~.client.ClientUpdate`
 is a row of the stacked result; site by site, in the selected order, it goes through the
@@ -36,7 +45,10 @@ stacked: DP-FedAvg (and its Fisher variant) with trusted-server noise and fixed 
 :func:`~mmpfl_core.privacy.clipping.clip_per_group`) and hands it to the strategy's public
 ``release_sum`` (noise, fixed denominator qN, ledger entry), the entry point of engines that only
 see a sum (secure aggregation); a non-finite update sends the round back to the per-site path,
-which rejects and logs it. Poisson sampling, secret noise, the ledger, the epsilon reported,
+which rejects and logs it. Likewise FedAvg and FedProx, whose ``transmit`` sends the delta as it
+is and whose ``aggregate`` is the sample-weighted mean (linear in the updates), get
+``sum_k n_k Delta_k`` reduced chunk by chunk and handed to their own ``aggregate`` as one
+pre-reduced update of weight ``sum_k n_k`` (:func:`_releases_a_weighted_mean`). Poisson sampling, secret noise, the ledger, the epsilon reported,
 checkpoint/resume and the run directory are the loop engine's own code (this class overrides only
 ``train_clients``, ``aggregate`` and ``count_traffic`` of :class:`~.simulation.FederatedSimulation`).
 Privacy: this module releases nothing itself. It computes the same site-private updates as the loop
@@ -359,10 +371,11 @@ class _StackedOptimizer:
         for name, g in grads.items():
             p0 = start[name]
             if config.name == "adamw":
-                d = g.abs().add_(1e-8)
-                torch.div(g, d, out=d).mul_(-lr)
-                if wd:
-                    d.sub_(p0, alpha=lr * wd)  # broadcasts a shared start over the site axis
+                denom = g.abs().add_(1e-8)
+                if wd:  # -lr wd theta_0 (broadcast over the site axis when shared) - lr g / denom, in one pass
+                    d = torch.addcdiv(p0 * (-lr * wd), g, denom, value=-lr)
+                else:
+                    d = torch.div(g, denom, out=denom).mul_(-lr)
                 if keep_state:
                     state[name] = [g * 0.1, g * g * 0.001]  # (1 - b1) g, (1 - b2) g^2
             else:
