@@ -95,6 +95,7 @@ CASES = {
                                                                               max_grad_norm=0.5))),
     "fedprox": ("fedprox", {"mu": 0.5}, {}),
     "local": ("local", {}, dict(local=LocalTrainingConfig(local_steps=3, batch_size=8))),
+    "centralized": ("centralized", {}, {}),
     "dp-fedavg-server": ("dp-fedavg", {**DP, "target_epsilon": 8.0}, dict(client_fraction=0.7, sampling="poisson")),
     "dp-fedavg-fisher-server": ("dp-fedavg-fisher", {**DP, "noise_multiplier": 0.8, "clipping": "per-group",
                                                       "fisher_batch_size": 8, "fisher_max_batches": 1}, {}),
@@ -123,8 +124,9 @@ def test_vectorized_releases_what_the_loop_engine_releases(uneven_federation, ca
             torch.testing.assert_close(own_vec[n], value, atol=atol, rtol=1e-4)
     # server-placement DP-FedAvg takes the stacked clip-and-sum release; every other case the per-site hooks
     assert vec._stacked_release == (case in ("dp-fedavg-server", "dp-fedavg-fisher-server"))
-    # FedAvg and FedProx hand their own aggregate one pre-reduced weighted sum; the rest go site by site
-    assert vec._stacked_mean == (name in ("fedavg", "fedprox"))
+    # FedAvg, FedProx (and centralised training, one pooled site) hand their own aggregate one pre-reduced
+    # weighted sum; the rest go site by site
+    assert vec._stacked_mean == (name in ("fedavg", "fedprox", "centralized"))
     if name.startswith("dp") or name == "mm-pfl-adp":
         assert math.isfinite(row_loop["epsilon"]) and row_loop["epsilon"] > 0
         privacy_loop, privacy_vec = loop.strategy.summary_report()["privacy"], vec.strategy.summary_report()["privacy"]
