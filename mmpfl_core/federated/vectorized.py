@@ -189,7 +189,8 @@ def _releases_a_weighted_mean(strategy: Strategy) -> bool:
     ``aggregate`` is :func:`~.strategies.weighted_average_update` (then FedAvg's server step), which
     is linear in the updates. Then the stacked engine reduces ``sum_k n_k Delta_k`` chunk by chunk and
     hands the strategy's own ``aggregate`` one pre-reduced update of weight ``sum_k n_k``: the same
-    mean, without unstacking a thousand updates and stacking them again (a fifth of a round)."""
+    mean, without unstacking a thousand updates and stacking them again (~8% of a round's CPU at 1,000
+    sites, measured with cProfile before this path)."""
     from .strategies import FedAvg
 
     return type(strategy).transmit is Strategy.transmit and type(strategy).aggregate in (
