@@ -6,7 +6,10 @@ Runs, each in its own process with a time limit, and writes ``bench/results/*_cu
 1. DP-SGD step vs non-private per Opacus mode (hooks, functorch, ghost) for paper (ViT-S/16 at
    224 px), teaching and tiny, in that order, ``bench/dp_sgd_modes.py``;
 2. client-level DP round overhead vs FedAvg at paper scale, ``bench/client_dp_overhead.py``;
-3. one FedAvg round vs centralized training at paper scale, ``bench/round_vs_centralized.py``.
+3. one FedAvg round vs centralized training at paper scale, ``bench/round_vs_centralized.py``;
+4. the vectorised engine (``engine: vectorized``) at 1,000 and 10,000 sites a round on the regime
+   map's small model, against the loop engine and one centralised pass, ``bench/many_sites.py``
+   (``bench/results/many_sites_cuda.{csv,md}``, CUDA peak memory included).
 
 The CUDA steps share one time budget (``--budget``, 450 s by default, so the suite ends inside
 8 minutes with start-up): each gets its own limit or what is left of the budget, whichever is
@@ -46,6 +49,8 @@ CUDA_STEPS = [  # paper scale first: it is what a GPU is for, and what a cut run
                             "--batch-size", "16", "--rounds", "4"], 150),
     ("round_vs_centralized", ["round_vs_centralized.py", "--device", "cuda", "--preset", "paper",
                               "--num-subjects", "400", "--batch-size", "16", "--repeats", "3"], 90),
+    ("many_sites", ["many_sites.py", "--device", "cuda", "--sites", "1000", "10000", "--loop-sites", "50",
+                    "--repeats", "3", "--name", "many_sites_cuda"], 120),
 ]
 MIN_STEP_SECONDS = 20
 CPU2_STEPS = [

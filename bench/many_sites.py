@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import statistics
 import sys
 import threading
@@ -110,13 +111,27 @@ def federated_config(config, *, engine: str, num_rounds: int, device: str, clien
 
 
 def one_round(sim, t: int, device: str) -> float:
-    """Seconds of round t of ``sim`` (evaluation off; CUDA work synchronised before the clock stops)."""
+    """Seconds of round t of ``sim`` (evaluation off; CUDA work synchronised before the clock starts and stops)."""
     sim.strategy.before_round(t)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     started = time.perf_counter()
     sim.run_round(t)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - started
+
+
+class CpuClock:
+    """CPU seconds of this process (all threads) over a block: beside the wall clock, because on a
+    machine shared with other jobs the wall clock of a 2-thread run measures the other jobs too."""
+
+    def __enter__(self) -> "CpuClock":
+        self.started = time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.process_time() - self.started
 
 
 def centralized_pass(factory, federation, config, device: str):
@@ -129,6 +144,8 @@ def centralized_pass(factory, federation, config, device: str):
     n = len(data)
 
     def one_pass() -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         started = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         for start in range(0, n, CENTRAL_BATCH):
@@ -156,19 +173,25 @@ def bench_setting(num_sites: int, strategy: str, args) -> dict:
                                                        device=args.device, chunk_size=args.chunk_size), progress=False)
     central = centralized_pass(factory, federation, config, args.device)
     loop.evaluate = vec.evaluate = lambda: {}
-    times: dict[str, list[float]] = {"loop": [], "vec": [], "central": []}
+    times: dict[str, list[float]] = {"loop": [], "vec": [], "central": [], "vec_cpu": [], "central_cpu": []}
     peak = before = 0
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     for t in range(1, rounds + 1):  # interleaved, so slow phases of a shared machine hit every side
         loop_s = one_round(loop, t, args.device) * num_sites / loop_sites
-        with PeakMemory() as memory:
+        with PeakMemory() as memory, CpuClock() as vec_cpu:
             vec_s = one_round(vec, t, args.device)
-        central_s = central()
+        with CpuClock() as central_cpu:
+            central_s = central()
         peak, before = max(peak, memory.peak), max(before, memory.before)
         if t > 1:  # round 1 warms up
             times["loop"].append(loop_s)
             times["vec"].append(vec_s)
             times["central"].append(central_s)
-    loop_seconds, vec_seconds, central_seconds = (statistics.median(times[k]) for k in ("loop", "vec", "central"))
+            times["vec_cpu"].append(vec_cpu.seconds)
+            times["central_cpu"].append(central_cpu.seconds)
+    loop_seconds, vec_seconds, central_seconds, vec_cpu_s, central_cpu_s = (
+        statistics.median(times[k]) for k in ("loop", "vec", "central", "vec_cpu", "central_cpu"))
     gpu_peak = torch.cuda.max_memory_allocated() / 1e6 if args.device.startswith("cuda") else float("nan")
     row = {"strategy": strategy, "device": args.device, "sites_per_round": num_sites, "train_examples": examples,
            "loop_s_per_round": round(loop_seconds, 3), "loop_timed_on_sites": loop_sites,
@@ -176,6 +199,8 @@ def bench_setting(num_sites: int, strategy: str, args) -> dict:
            "centralized_pass_s": round(central_seconds, 3), "vectorized_peak_rss_mb": round(peak / 1e6),
            "vectorized_rss_increase_mb": round((peak - before) / 1e6),
            "cuda_peak_allocated_mb": round(gpu_peak) if gpu_peak == gpu_peak else None,
+           "vectorized_cpu_s": round(vec_cpu_s, 3), "centralized_cpu_s": round(central_cpu_s, 3),
+           "vs_centralized_cpu_time": round(vec_cpu_s / central_cpu_s, 2), "load_avg_1min": os.getloadavg()[0],
            "speedup_vs_loop": round(loop_seconds / vec_seconds, 2),
            "vs_centralized": round(vec_seconds / central_seconds, 2)}
     extrapolated = "" if loop_sites == num_sites else f" (timed on {loop_sites} sites, x{num_sites / loop_sites:g})"
@@ -184,7 +209,8 @@ def bench_setting(num_sites: int, strategy: str, args) -> dict:
     print(f"{strategy} {args.device} sites={num_sites} examples={examples}: "
           f"loop {loop_seconds:.2f} s/round{extrapolated}, "
           f"vectorized {vec_seconds:.3f} s/round (chunk {vec.chunk_size}, {memory_text}), centralized pass "
-          f"{central_seconds:.3f} s speedup_vs_loop={row['speedup_vs_loop']:.1f} "
+          f"{central_seconds:.3f} s (CPU time: vectorized {vec_cpu_s:.3f} s, centralized {central_cpu_s:.3f} s, "
+          f"ratio {row['vs_centralized_cpu_time']:.2f}; load average {row['load_avg_1min']:.1f}) speedup_vs_loop={row['speedup_vs_loop']:.1f} "
           f"vs_centralized={row['vs_centralized']:.2f}",
           flush=True)
     return row
@@ -214,6 +240,106 @@ def bench_run(args) -> dict:
             "projected_100_rounds_min": round(projected / 60, 2)}
 
 
+class _Timers:
+    """Wall and CPU seconds per named part of a round, by wrapping the engine's functions (--profile)."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    def wrap(self, owner, attribute: str, part: str, *, static: bool = False) -> None:
+        inner = getattr(owner, attribute)
+
+        def timed(*args, **kwargs):
+            wall, cpu = time.perf_counter(), time.process_time()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.wall[part] = self.wall.get(part, 0.0) + time.perf_counter() - wall
+                self.cpu[part] = self.cpu.get(part, 0.0) + time.process_time() - cpu
+        setattr(owner, attribute, staticmethod(timed) if static else timed)
+
+
+def profile_round(strategy: str, args) -> list[dict]:
+    """Where a vectorised round's time goes at ``args.sites[-1]`` sites: wall and CPU seconds per part
+    (median over ``args.repeats`` rounds after a warm-up), one centralised pass beside it, and the
+    torch profiler's top operators of one more round."""
+    import mmpfl_core.federated.vectorized as vectorized
+
+    num_sites = args.sites[-1]
+    config, federation, factory = regime_setting(num_sites, args.subjects_per_site, args.seed)
+    vec = VectorizedSimulation(federation, model_factory=factory, strategy=strategy_for(config, strategy),
+                               config=federated_config(config, engine="vectorized", num_rounds=args.repeats + 3,
+                                                       device=args.device, chunk_size=args.chunk_size),
+                               progress=False)
+    vec.evaluate = lambda: {}
+    central = centralized_pass(factory, federation, config, args.device)
+    timers = _Timers()
+    for attribute, part in (("site_batches", "batch schedules (per-site RNG streams)"),
+                            ("plan_chunks", "chunk plan"), ("_plan_chunk", "chunk plan"),
+                            ("clipped_sum", "release: stacked clip-and-sum")):
+        timers.wrap(vectorized, attribute, part)
+    timers.wrap(vectorized, "train_stacked", "local training (total)")
+    timers.wrap(vectorized._SitePool, "gather", "gather batches")
+    timers.wrap(vectorized._StackedOptimizer, "first_step", "optimiser", static=True)
+    timers.wrap(vectorized._StackedOptimizer, "step", "optimiser")
+    timers.wrap(vec, "_stack_starts", "start states")
+    timers.wrap(vec, "count_traffic", "release: traffic count")
+    timers.wrap(vec, "aggregate", "release: aggregate (strategy)")
+    timers.wrap(vec, "train_clients", "train_clients (total)")
+    walls: dict[str, list[float]] = {}
+    cpus: dict[str, list[float]] = {}
+    for t in range(1, args.repeats + 2):
+        timers.wall.clear()
+        timers.cpu.clear()
+        with CpuClock() as round_cpu:
+            round_wall = one_round(vec, t, args.device)
+        with CpuClock() as central_cpu:
+            central_wall = central()
+        timers.wall.update({"round": round_wall, "centralised pass (reference)": central_wall})
+        timers.cpu.update({"round": round_cpu.seconds, "centralised pass (reference)": central_cpu.seconds})
+        if t > 1:
+            for part in timers.wall:
+                walls.setdefault(part, []).append(timers.wall[part])
+                cpus.setdefault(part, []).append(timers.cpu[part])
+    wall = {k: statistics.median(v) for k, v in walls.items()}
+    cpu = {k: statistics.median(v) for k, v in cpus.items()}
+    # the parts inside the totals: vmap forward/backward = training minus gather and optimiser; the rest
+    # of train_clients = per-site bookkeeping (ClientUpdate rows, the weighted sum, after_local)
+    for d in (wall, cpu):
+        d["local training: vmap forward + backward"] = (d["local training (total)"] - d.get("gather batches", 0.0)
+                                                        - d.get("optimiser", 0.0))
+        d["per-site bookkeeping (rows, updates, weighted sum)"] = (
+            d["train_clients (total)"] - d["local training (total)"] - d.get("batch schedules (per-site RNG streams)", 0)
+            - d.get("chunk plan", 0) - d.get("start states", 0) - d.get("release: traffic count", 0)
+            - d.get("release: stacked clip-and-sum", 0))
+        d["rest of the round (selection, report)"] = (d["round"] - d["train_clients (total)"]
+                                                      - d.get("release: aggregate (strategy)", 0.0))
+    order = ["batch schedules (per-site RNG streams)", "chunk plan", "start states", "gather batches",
+             "local training: vmap forward + backward", "optimiser", "release: stacked clip-and-sum",
+             "per-site bookkeeping (rows, updates, weighted sum)", "release: traffic count",
+             "release: aggregate (strategy)", "rest of the round (selection, report)", "round",
+             "centralised pass (reference)"]
+    rows = [{"strategy": strategy, "sites_per_round": num_sites, "threads": args.threads, "part": part,
+             "wall_s": round(wall.get(part, 0.0), 4), "cpu_s": round(cpu.get(part, 0.0), 4),
+             "share_of_round_cpu": round(cpu.get(part, 0.0) / cpu["round"], 3),
+             "load_avg_1min": os.getloadavg()[0]} for part in order if part in wall]
+    for r in rows:
+        print(f"{strategy} {r['part']:55s} wall {r['wall_s']:.3f} s  cpu {r['cpu_s']:.3f} s  "
+              f"({100 * r['share_of_round_cpu']:.0f}% of the round's CPU)", flush=True)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        one_round(vec, args.repeats + 2, args.device)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    for e in events[:12]:
+        rows.append({"strategy": strategy, "sites_per_round": num_sites, "threads": args.threads,
+                     "part": f"op {e.key}", "wall_s": None, "cpu_s": round(e.self_cpu_time_total / 1e6, 4),
+                     "share_of_round_cpu": round(e.self_cpu_time_total / total, 3),
+                     "load_avg_1min": os.getloadavg()[0]})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, nargs="+", default=[100, 1000])
@@ -228,8 +354,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU rows: bench/gpu_suite.py)")
     parser.add_argument("--name", default="many_sites", help="results file name under bench/results")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: where a vectorised round's time goes at the last --sites setting "
+                             "(writes bench/results/<name>_profile_<threads>t.{csv,md})")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.profile:
+        rows = [row for strategy in args.strategies for row in profile_round(strategy, args)]
+        notes = (f"Where a vectorised round's time goes: {args.sites[-1]} sites a round, regime map setting, "
+                 f"{args.threads} torch threads, median of {args.repeats} rounds after a warm-up (wall and CPU "
+                 "seconds of the whole process; parts timed by wrapping the engine's functions, 'vmap forward + "
+                 "backward' = local training minus gathering and optimiser). Rows 'op ...': the torch "
+                 "profiler's self CPU time of the top operators over one more round (share: of all operators' "
+                 "self time). Shared machine: see load_avg_1min.")
+        print("wrote", write_results(f"{args.name}_profile_{args.threads}t", pd.DataFrame(rows), notes))
+        return
 
     notes = (f"Regime map setting (16 px, 1-block ViT, batch 16, one local epoch, AdamW), {args.subjects_per_site} "
              f"subjects per site, every site in every round; median of {args.repeats} rounds after a warm-up; "

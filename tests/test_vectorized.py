@@ -21,8 +21,8 @@ from mmpfl_core.federated.config import FederatedConfig, LocalTrainingConfig, Op
 from mmpfl_core.federated.simulation import FederatedSimulation, run_federated
 from mmpfl_core.federated.strategies import create_strategy
 from mmpfl_core.federated.client import ClientUpdate
-from mmpfl_core.federated.vectorized import (VectorizedSimulation, _plan_chunk, _SitePool, clipped_sum, site_batches,
-                                             train_stacked)
+from mmpfl_core.federated.vectorized import (VectorizedSimulation, _plan_chunk, _SitePool, _StackedOptimizer,
+                                             clipped_sum, site_batches, train_stacked)
 from mmpfl_core.io.run_directory import RunDirectory
 from mmpfl_core.models.presets import create_model
 
@@ -95,6 +95,7 @@ CASES = {
                                                                               max_grad_norm=0.5))),
     "fedprox": ("fedprox", {"mu": 0.5}, {}),
     "local": ("local", {}, dict(local=LocalTrainingConfig(local_steps=3, batch_size=8))),
+    "centralized": ("centralized", {}, {}),
     "dp-fedavg-server": ("dp-fedavg", {**DP, "target_epsilon": 8.0}, dict(client_fraction=0.7, sampling="poisson")),
     "dp-fedavg-fisher-server": ("dp-fedavg-fisher", {**DP, "noise_multiplier": 0.8, "clipping": "per-group",
                                                       "fisher_batch_size": 8, "fisher_max_batches": 1}, {}),
@@ -123,6 +124,9 @@ def test_vectorized_releases_what_the_loop_engine_releases(uneven_federation, ca
             torch.testing.assert_close(own_vec[n], value, atol=atol, rtol=1e-4)
     # server-placement DP-FedAvg takes the stacked clip-and-sum release; every other case the per-site hooks
     assert vec._stacked_release == (case in ("dp-fedavg-server", "dp-fedavg-fisher-server"))
+    # FedAvg, FedProx (and centralised training, one pooled site) hand their own aggregate one pre-reduced
+    # weighted sum; the rest go site by site
+    assert vec._stacked_mean == (name in ("fedavg", "fedprox", "centralized"))
     if name.startswith("dp") or name == "mm-pfl-adp":
         assert math.isfinite(row_loop["epsilon"]) and row_loop["epsilon"] > 0
         privacy_loop, privacy_vec = loop.strategy.summary_report()["privacy"], vec.strategy.summary_report()["privacy"]
@@ -295,3 +299,55 @@ def test_a_site_without_training_examples_sends_a_zero_update_in_both_engines(un
     federation = dataclasses.replace(uneven_federation, sites=tuple(sites))
     loop, vec = _pair(federation, _config(num_rounds=2), "dp-fedavg", {**DP, "noise_multiplier": 0.5}, chunk_size=4)
     _assert_same_rounds(loop, vec, 2)
+
+
+@pytest.mark.parametrize("optimizer", [OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.05),
+                                       OptimizerConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=0.01)])
+def test_closed_form_first_step_equals_the_optimizers_step_from_zero_state(optimizer):
+    """The first step in closed form (-lr wd theta - lr g / (|g| + eps) for AdamW) against the stacked
+    optimiser's own first step, for a shared and a per-site start; a step that forgets the weight decay
+    or AdamW's normalisation (the broken variants) is told apart."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"w": (4, 3), "b": (4,)}
+    start = {n: torch.randn(*shape, generator=generator) for n, shape in shapes.items()}
+    grads = {n: torch.randn(5, *shape, generator=generator) * 10.0 ** torch.arange(-6, -1).view(-1, *[1] * len(shape))
+             for n, shape in shapes.items()}  # gradients from 1e-6 to 1e-2: |g| near eps is in range
+    stacked = {n: t.expand(5, *t.shape).clone() for n, t in start.items()}
+    reference = _StackedOptimizer(optimizer, {n: t.clone() for n, t in stacked.items()})
+    stepped = reference.step({n: t.clone() for n, t in stacked.items()}, grads, None)
+    for begin in (start, stacked):  # shared (unbatched) and per-site starts
+        delta, state = _StackedOptimizer.first_step(optimizer, begin, grads, keep_state=True)
+        for n in shapes:
+            torch.testing.assert_close(stacked[n] + delta[n], stepped[n], atol=1e-6, rtol=1e-5)
+            for mine, theirs in zip(state.get(n, []), reference.state.get(n, []), strict=True):
+                torch.testing.assert_close(mine, theirs, atol=1e-9, rtol=1e-5)
+    no_decay = dataclasses.replace(optimizer, weight_decay=0.0)
+    wrong, _ = _StackedOptimizer.first_step(no_decay, start, grads, keep_state=False)
+    assert max((stacked[n] + wrong[n] - stepped[n]).abs().max().item() for n in shapes) > 1e-6
+    if optimizer.name == "adamw":
+        raw = {n: -optimizer.lr * (g + optimizer.weight_decay * start[n]) for n, g in grads.items()}  # no 1/|g|
+        assert max((stacked[n] + raw[n] - stepped[n]).abs().max().item() for n in shapes) > 1e-4
+
+
+def test_a_shared_start_gives_what_per_site_copies_of_it_give(uneven_federation):
+    """Step 1 with the global model entering vmap unbatched (one forward over all examples, per-site
+    weight gradients) against the same start copied per site (the batched path), over two local steps."""
+    model = _factory()
+    clients = {s.site_id: __import__("mmpfl_core.data.contract", fromlist=["CohortDataset"]).CohortDataset(s.train)
+               for s in uneven_federation.sites}
+    pool = _SitePool(clients)
+    training = LocalTrainingConfig(local_epochs=1, batch_size=8)
+    sites = sorted(clients)
+    batches = {s: site_batches(len(clients[s]), training, seed=0, round_index=1, site_id=s) for s in sites}
+    plan = _plan_chunk(sites, batches, pool.offset)
+    assert len(plan.index) > 1  # more than one step: the closed-form first step hands over its state
+    shared = {n: p.detach().clone() for n, p in model.named_parameters()}
+    copies = {n: p.unsqueeze(0).expand(len(sites), *p.shape).clone() for n, p in shared.items()}
+    cpu = torch.device("cpu")
+    for opt in (ADAMW, OptimizerConfig(name="sgd", lr=0.05, momentum=0.9)):
+        a, loss_a = train_stacked(model, shared, plan, pool, training=training, optimizer=opt, device=cpu)
+        b, loss_b = train_stacked(model, copies, plan, pool, training=training, optimizer=opt, device=cpu)
+        atol = ADAMW_ATOL if opt.name == "adamw" else 1e-6
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], atol=atol, rtol=1e-4)
+        torch.testing.assert_close(loss_a, loss_b)
