@@ -69,6 +69,18 @@ def test_load_job_rejects_bad_config(bad, match):
         load_job({"preset": "reproduce_smoke", "method": "fedavg", **bad})
 
 
+def test_load_job_refuses_a_pretraining_stage_it_does_not_run(tmp_path):
+    """Each SuperNode would pretrain its own public model and only the private part travels: refused, fix named."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml").read_text()
+    assert "pretraining:\n  enabled: false" in text
+    path = tmp_path / "pretrained.yaml"
+    path.write_text(text.replace("pretraining:\n  enabled: false", "pretraining:\n  enabled: true"))
+    load_job({"preset": str(Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"), "method": "fedavg"})
+    with pytest.raises(ConfigError, match="does not run a public pretraining stage"):
+        load_job({"preset": str(path), "method": "fedavg"})
+
+
 # ------------------------------------------------------------------ fast: what arrives is checked
 SHAPES = {"w": (2, 3), "b": (3,)}
 

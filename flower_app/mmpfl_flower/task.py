@@ -179,6 +179,12 @@ def load_job(run_config: Mapping[str, Any] | None = None, **overrides: Any) -> J
         changes["data"]["seed"] = changes["federation"]["seed"] = changes["federated"]["seed"] = seed
     changes["federated"]["device"] = "cpu"  # SuperNodes here are CPU processes; say so rather than guess
     experiment = experiment.replace(**changes)
+    if experiment.pretraining.enabled:
+        # Each SuperNode would pretrain its own copy of the public model; only the private part travels, so a
+        # copy that differs (another device, another library build) would silently mix models. Refuse for now.
+        raise ConfigError("the Flower app does not run a public pretraining stage yet (the config sets "
+                          "`pretraining: {enabled: true}`); run this config in-process (`mmpfl compare`/`train`), "
+                          "or set `pretraining: {enabled: false}` for the Flower run.")
     placement = method.kwargs.get("placement", "server")
     secagg = str(values["secagg"]).lower()
     if secagg not in ("auto", "on", "off", "true", "false"):
