@@ -177,12 +177,13 @@ def _expect_02(r: dict[str, Any]) -> None:
     assert r["total_bytes"]["centralized"] == 0 and r["total_bytes"]["local-only"] == 0
     # The FedAvg round written by hand equals the kit's.
     assert r["hand_fedavg_matches_kit"] and r["hand_fedavg_max_abs_diff"] < 1e-5
-    # FedAvg is not worse than the sites alone on the population (smoke: 0.37 vs 0.37).
+    # FedAvg is not worse than the sites alone on the population (smoke, hybrid-tiny: 0.37 vs 0.37; tiny was the same).
     assert r["global_accuracy"]["fedavg"] >= r["global_accuracy"]["local-only"] - 0.1
-    # Centralized training on pooled data is the upper bound (smoke: 0.63 vs FedAvg 0.37 after 3 rounds).
+    # Centralized training on pooled data is the upper bound (smoke, hybrid-tiny at lr 1e-3: 0.41 vs FedAvg 0.37 after
+    # 3 rounds; tiny at 3e-3 gave 0.63).
     assert r["global_accuracy"]["centralized"] >= r["global_accuracy"]["fedavg"] - 0.05
     # Under extreme skew local-only models learn their site's label prior: strong at home, weak
-    # globally (smoke: own-site 0.88 vs global 0.35). Near IID the gap closes.
+    # globally (smoke, hybrid-tiny: own-site 0.88 vs global 0.345). Near IID the gap closes.
     skewed = r["alpha_sweep"]["local-only_alpha_0.1"]
     iid = r["alpha_sweep"]["local-only_alpha_100"]
     assert skewed["own-site test (mean)"] > skewed["global test"] + 0.2
@@ -221,8 +222,8 @@ def _expect_05(r: dict[str, Any]) -> None:
     # one group (more than 0 bytes, less than FedAvg's) and the accountant charges for it (epsilon > 0 above).
     assert 0 < r["bytes_ratio_by_method"]["mm-pfl-adp (server)"] < 1
     # At alpha 0.1 personalisation pays at home: the personalised methods beat FedAvg's own-site
-    # accuracy on average (smoke seeds 0-1: mean 0.80 and 0.56 vs FedAvg 0.36 and 0.34;
-    # kl-masks 0.84 and 0.59).
+    # accuracy on average (smoke seeds 0-1 with tiny: mean 0.80 and 0.56 vs FedAvg 0.36 and 0.34; kl-masks 0.84 and
+    # 0.59; smoke seed 0 with hybrid-tiny: fedper 0.59, ditto, fedavg-ft and kl-masks 0.84 vs FedAvg 0.59).
     acc = r["personal_accuracy"]
     personalised = [acc[m] for m in ("fedper", "ditto", "fedavg-ft", "fedavg-kl-masks")]
     assert float(np.mean(personalised)) >= acc["fedavg"] + 0.1
@@ -347,7 +348,10 @@ EXPECTATIONS["06_mm_pfl_adp_end_to_end"] = _expect_06
 def _expect_08(r: dict[str, Any]) -> None:
     assert r["methods"] == ["fedavg", "dp-fedavg"]
     assert r["num_clients"] == SMOKE_PARAMETERS["NUM_CLIENTS"]
-    # Flower's simulation engine and the in-process engine give the same global model and epsilon.
+    # Flower's simulation engine and the in-process engine give the same global model and epsilon. Only with
+    # OMP_NUM_THREADS unset: measured with OMP_NUM_THREADS=2 in the test's environment (Ray workers inherit it, the
+    # in-process reference runs one thread) the models drifted by 1.3e-5 (fedavg) and 1.1e-3 (dp-fedavg) in 3 rounds,
+    # with the linear-patch and the hybrid model alike; unset, the hybrid-tiny run passes.
     assert all(d <= 1e-6 for d in r["max_abs_diff"].values())
     assert r["epsilon_flower"]["fedavg"] is None and r["epsilon_inprocess"]["fedavg"] is None
     assert 0 < r["epsilon_flower"]["dp-fedavg"] == pytest.approx(r["epsilon_inprocess"]["dp-fedavg"], rel=1e-12)
