@@ -76,7 +76,9 @@ class NotebookConfig:
         known = self.parameters()
         unknown = sorted(set(given) - set(known))
         if unknown:
-            raise ConfigError(f"unknown notebook parameter(s) {unknown}; configs/notebooks.yaml provides {sorted(known)}.")
+            raise ConfigError(
+                f"unknown notebook parameter(s) {unknown}; configs/notebooks.yaml provides {sorted(known)}."
+            )
         values = tuple(known[name] if value is None else value for name, value in given.items())
         return values[0] if len(values) == 1 else values
 
@@ -84,9 +86,11 @@ class NotebookConfig:
         """One line for the notebook's output: which file and overlay, and the shared settings."""
         p = self.parameters()
         overlay = " (smoke overlay)" if self.smoke else ""
-        return (f"configs/notebooks.yaml{overlay}: {p['NUM_SUBJECTS']} subjects at {p['IMAGE_SIZE']} px, "
-                f"{p['NUM_CLIENTS']} sites, alpha {p['ALPHA']:g}, model {p['MODEL_PRESET']}, {p['NUM_ROUNDS']} rounds, "
-                f"lr {p['LEARNING_RATE']:g}, seed {p['SEED']}, public pretraining {'on' if p['PRETRAIN'] else 'off'}")
+        return (
+            f"configs/notebooks.yaml{overlay}: {p['NUM_SUBJECTS']} subjects at {p['IMAGE_SIZE']} px, "
+            f"{p['NUM_CLIENTS']} sites, alpha {p['ALPHA']:g}, model {p['MODEL_PRESET']}, {p['NUM_ROUNDS']} rounds, "
+            f"lr {p['LEARNING_RATE']:g}, seed {p['SEED']}, public pretraining {'on' if p['PRETRAIN'] else 'off'}"
+        )
 
 
 def _merge(base: Mapping[str, Any], overlay: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -116,11 +120,15 @@ def load_notebook_config(smoke: bool = False, path: str | Path | None = None) ->
     values = dict(values)
     overlay = values.pop("smoke", None) or {}
     if not isinstance(overlay, Mapping):
-        raise ConfigError(f"{path}: smoke={overlay!r} must be a mapping of sections, e.g. {{federated: {{num_rounds: 3}}}}.")
+        raise ConfigError(
+            f"{path}: smoke={overlay!r} must be a mapping of sections, e.g. {{federated: {{num_rounds: 3}}}}."
+        )
     for where, given in (("", values), ("smoke ", overlay)):
         stray = sorted(set(given) - set(SECTIONS) - ({"name"} if not where else set()))
         if stray:
-            raise ConfigError(f"{path}: {where}section(s) {stray} are not config sections; use {list(SECTIONS)} "
-                              "(each notebook chooses its own methods).")
+            raise ConfigError(
+                f"{path}: {where}section(s) {stray} are not config sections; use {list(SECTIONS)} "
+                "(each notebook chooses its own methods)."
+            )
     experiment = ExperimentConfig.from_dict(_merge(values, overlay, "smoke") if smoke else values)
     return NotebookConfig(experiment=experiment, smoke=bool(smoke), source=str(path))
