@@ -42,6 +42,7 @@ from .centralized import TrainedModel, TrainingRecipe, train_centralized
 from .seeding import Stream, numpy_generator
 
 __all__ = [
+    "LAST_BLOCK",
     "PRIVATE_PARTS",
     "PublicPretrainingConfig",
     "public_cohort",
@@ -53,10 +54,15 @@ __all__ = [
 
 #: Named private parts: the parameter groups (``model.parameter_groups()``) a site trains privately.
 #: ``all`` trains every group (no pretraining benefit in d, the from-scratch baseline).
+#: ``head+norm+block`` adds the LAST transformer block (:data:`LAST_BLOCK` resolves to ``block.{depth-1}``;
+#: about 50k parameters on ``hybrid-tiny``): enough capacity to adapt the features to the hospitals'
+#: domain, too much for one small site's DP-SGD to carry alone (sqrt(d) noise), which is where sharing it pays.
+LAST_BLOCK = "block.last"
 PRIVATE_PARTS: dict[str, tuple[str, ...] | None] = {
     "head": ("head",),
     "head+norm": ("norm", "head"),
     "head+norm+clinical": ("clinical", "norm", "head"),
+    "head+norm+block": (LAST_BLOCK, "norm", "head"),
     "all": None,
 }
 
@@ -143,6 +149,7 @@ def restrict_trainable(model: nn.Module, private_part: str | Sequence[str] | Non
     if not callable(groups_of):
         raise ConfigError("restrict_trainable needs a model with parameter_groups() (the kit's ViT or CNN).")
     known = groups_of()
+    groups = [_last_block(known) if g == LAST_BLOCK else g for g in groups]
     unknown = [g for g in groups if g not in known]
     if unknown:
         raise ConfigError(f"private part names unknown parameter groups {unknown}; the model has {list(known)}.")
@@ -150,6 +157,17 @@ def restrict_trainable(model: nn.Module, private_part: str | Sequence[str] | Non
     for name, p in model.named_parameters():
         p.requires_grad_(name in keep)
     return private_dimension(model)
+
+
+def _last_block(known: dict[str, list[str]]) -> str:
+    """The name of the model's last transformer block group (``block.{i}`` with the largest i)."""
+    blocks = [g for g in known if g.startswith("block.") and g[len("block.") :].isdigit()]
+    if not blocks:
+        raise ConfigError(
+            f"private part {LAST_BLOCK!r} needs a model with transformer blocks (groups 'block.i'); the model "
+            f"has {list(known)}. Use 'head+norm' for a model without blocks."
+        )
+    return max(blocks, key=lambda g: int(g[len("block.") :]))
 
 
 def private_dimension(model: nn.Module) -> int:

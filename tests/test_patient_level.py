@@ -1,5 +1,6 @@
 """Patient-level private baselines (local-dp-sgd, mr-mtl), DP-SGD with a post-noise regulariser, and the
 public pretraining stage (mmpfl_core.pretraining)."""
+
 from __future__ import annotations
 
 import math
@@ -14,21 +15,36 @@ from mmpfl_core.federated.config import FederatedConfig, LocalTrainingConfig, Op
 from mmpfl_core.federated.simulation import run_federated
 from mmpfl_core.federated.strategies import create_strategy
 from mmpfl_core.models.presets import create_model
-from mmpfl_core.pretraining import (PRIVATE_PARTS, pretrain_public_model, pretrained_model_factory, private_dimension,
-                                    public_cohort, restrict_trainable)
+from mmpfl_core.pretraining import (
+    PRIVATE_PARTS,
+    pretrain_public_model,
+    pretrained_model_factory,
+    private_dimension,
+    public_cohort,
+    restrict_trainable,
+)
 from mmpfl_core.privacy import compute_epsilon
 from mmpfl_core.privacy.dp_sgd import PrivateTraining
 from mmpfl_core.centralized import TrainingRecipe
 
-CFG = FederatedConfig(num_rounds=2, local=LocalTrainingConfig(local_steps=2, batch_size=16),
-                      optimizer=OptimizerConfig(name="sgd", lr=0.05, momentum=0.0, weight_decay=0.0),
-                      bootstrap_resamples=0, checkpoint_every=0, device="cpu", client_fraction=1.0)
+CFG = FederatedConfig(
+    num_rounds=2,
+    local=LocalTrainingConfig(local_steps=2, batch_size=16),
+    optimizer=OptimizerConfig(name="sgd", lr=0.05, momentum=0.0, weight_decay=0.0),
+    bootstrap_resamples=0,
+    checkpoint_every=0,
+    device="cpu",
+    client_fraction=1.0,
+)
 INSECURE = dict(noise="reproducible-insecure")
 
 
 def _run(federation, factory, name, **kwargs):
-    with pytest.warns(UserWarning) if kwargs.get("sample_level_dp", {}).get("noise") == "reproducible-insecure" \
-            else _nothing():
+    with (
+        pytest.warns(UserWarning)
+        if kwargs.get("sample_level_dp", {}).get("noise") == "reproducible-insecure"
+        else _nothing()
+    ):
         strategy = create_strategy(name, **kwargs)
     return run_federated(federation, model_factory=factory, strategy=strategy, config=CFG, progress=False), strategy
 
@@ -52,13 +68,22 @@ def test_dp_sgd_adds_the_regulariser_after_the_noise(tiny_federation, tiny_model
 
     def pull(m):
         return 0.5 * lam * torch.stack([((p - anchor[n]) ** 2).sum() for n, p in m.named_parameters()]).sum()
-    training = PrivateTraining(noise_multiplier=0.0, max_grad_norm=1e-9, sample_rate=0.5, expected_batch_size=8,
-                               secret_randomness=False)
+
+    training = PrivateTraining(
+        noise_multiplier=0.0, max_grad_norm=1e-9, sample_rate=0.5, expected_batch_size=8, secret_randomness=False
+    )
     data = CohortDataset(tiny_federation.sites[0].train)
-    local_update(model, data, site_id=0, training=LocalTrainingConfig(local_steps=1, batch_size=16),
-                 optimizer=OptimizerConfig(name="sgd", lr=lr, momentum=0.0, weight_decay=0.0),
-                 generator=torch.Generator().manual_seed(0), device=torch.device("cpu"), regulariser=pull,
-                 private_training=training)
+    local_update(
+        model,
+        data,
+        site_id=0,
+        training=LocalTrainingConfig(local_steps=1, batch_size=16),
+        optimizer=OptimizerConfig(name="sgd", lr=lr, momentum=0.0, weight_decay=0.0),
+        generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+        regulariser=pull,
+        private_training=training,
+    )
     for n, p in model.named_parameters():
         # one SGD step on lam/2 ||p - a||^2 moves p by lr * lam * (a - p) = +0.05 per coordinate
         assert torch.allclose(p.detach() - before[n], torch.full_like(p, lr * lam), atol=1e-6), n
@@ -85,6 +110,7 @@ def test_mr_mtl_pull_moves_personal_models_towards_each_other(tiny_federation, t
     def spread(strategy):
         personal = [strategy.personal_state(s.site_id, {}) for s in tiny_federation.sites]
         return sum(float(torch.stack([p[n] for p in personal]).var(0).sum()) for n in personal[0])
+
     _, free = _run(tiny_federation, tiny_model_factory, "mr-mtl", lam=0.0)
     _, pulled = _run(tiny_federation, tiny_model_factory, "mr-mtl", lam=5.0)
     assert spread(pulled) < spread(free)
@@ -92,21 +118,29 @@ def test_mr_mtl_pull_moves_personal_models_towards_each_other(tiny_federation, t
 
 @pytest.mark.parametrize("name,kwargs", [("local-dp-sgd", {}), ("mr-mtl", {"lam": 1.0})])
 def test_patient_level_baselines_charge_each_site_its_dp_sgd_steps(tiny_federation, tiny_model_factory, name, kwargs):
-    run, strategy = _run(tiny_federation, tiny_model_factory, name,
-                         sample_level_dp=dict(noise_multiplier=1.1, max_grad_norm=1.0, accountant="rdp", **INSECURE),
-                         **kwargs)
+    run, strategy = _run(
+        tiny_federation,
+        tiny_model_factory,
+        name,
+        sample_level_dp=dict(noise_multiplier=1.1, max_grad_norm=1.0, accountant="rdp", **INSECURE),
+        **kwargs,
+    )
     summary = run.summary["sample_level_privacy"]
     assert run.summary["privacy_unit"].startswith("patient")
     for site in tiny_federation.sites:
         n = len(site.train)
-        expected = compute_epsilon(noise_multiplier=1.1, sample_rate=16 / n, steps=2 * CFG.num_rounds, delta=1e-5,
-                                   accountant="rdp")
+        expected = compute_epsilon(
+            noise_multiplier=1.1, sample_rate=16 / n, steps=2 * CFG.num_rounds, delta=1e-5, accountant="rdp"
+        )
         assert summary["per_site_epsilon"][site.site_id] == pytest.approx(expected)
     if name == "local-dp-sgd":
         assert run.summary["megabytes_up"] == 0 and run.summary["megabytes_down"] == 0
         first = tiny_model_factory()
-        moved = [not torch.equal(strategy.personal_state(s.site_id, {})[n], p.detach())
-                 for s in tiny_federation.sites for n, p in first.named_parameters()]
+        moved = [
+            not torch.equal(strategy.personal_state(s.site_id, {})[n], p.detach())
+            for s in tiny_federation.sites
+            for n, p in first.named_parameters()
+        ]
         assert any(moved)
 
 
@@ -135,6 +169,39 @@ def test_private_part_sets_the_dimension_the_engines_noise(tiny_federation):
     assert set(PRIVATE_PARTS) >= {"head", "all"}
 
 
+def test_private_part_head_norm_block_is_the_last_transformer_block():
+    model = create_model("hybrid-tiny", seed=0)
+    sizes = model.group_sizes()
+    last = max((g for g in sizes if g.startswith("block.")), key=lambda g: int(g.split(".")[1]))
+    assert last == "block.1"  # hybrid-tiny has depth 2
+    assert restrict_trainable(model, "head+norm+block") == sizes[last] + sizes["norm"] + sizes["head"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    groups = model.parameter_groups()
+    assert trainable == set(groups[last]) | set(groups["norm"]) | set(groups["head"])
+    assert not trainable & set(groups["block.0"])  # the earlier block stays public (frozen)
+
+
+def test_lesion_contrast_is_a_domain_knob_that_leaves_the_reference_cohort_unchanged():
+    from mmpfl_core.data.synthetic import TISSUE_LABELS, SyntheticCohortConfig, generate_subjects
+
+    ref, tissue = generate_subjects(
+        SyntheticCohortConfig(num_subjects=24, image_size=32, seed=5), return_tissue_maps=True
+    )
+    same = generate_subjects(SyntheticCohortConfig(num_subjects=24, image_size=32, seed=5, lesion_contrast=1.0))
+    assert (ref.images == same.images).all()  # the default is bit-identical to the reference cohort
+    faint = generate_subjects(SyntheticCohortConfig(num_subjects=24, image_size=32, seed=5, lesion_contrast=0.4))
+    assert (faint.labels == ref.labels).all() and (faint.lesion_masks == ref.lesion_masks).all()  # same patients
+    lesion, wm = tissue == TISSUE_LABELS["lesion"], tissue == TISSUE_LABELS["wm"]
+    flair = 2  # MODALITIES order T1, T2, FLAIR: lesions are FLAIR-bright
+
+    def contrast(images):
+        return images[:, flair][lesion].mean() - images[:, flair][wm].mean()
+
+    assert 0 < contrast(faint.images) < 0.6 * contrast(ref.images)  # fainter, still hyperintense
+    with pytest.raises(ConfigError, match="lesion_contrast"):
+        SyntheticCohortConfig(lesion_contrast=0.0)
+
+
 def test_public_cohort_is_public_and_new():
     cohort = public_cohort(40, image_size=16, seed=123)
     assert len(cohort) == 40 and (cohort.sites == -1).all()
@@ -147,6 +214,7 @@ def test_public_cohort_is_public_and_new():
 def test_pretraining_refuses_site_data_and_the_factory_freezes_the_public_part(tiny_federation):
     def base():
         return create_model("tiny", seed=0, image_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+
     with pytest.raises(ConfigError, match="site"):
         pretrain_public_model(base(), tiny_federation.sites[0].train, TrainingRecipe(epochs=1, warmup_epochs=0))
     model = base()
@@ -161,31 +229,44 @@ def test_pretraining_refuses_site_data_and_the_factory_freezes_the_public_part(t
 
 
 def test_where_collaboration_pays_bench_runs_and_reports_every_arm(tmp_path, monkeypatch):
-    """The bench's plumbing at smoke size: pretraining cache, arms in worker processes, the table."""
+    """The bench's plumbing at smoke size: pretraining cache, arms in worker processes, the table, and the
+    headline preset's MM-PFL-ADP arm keeping its head personal and sharing some of the rest (its release)."""
     import importlib
     import sys
     from pathlib import Path
+
+    import pandas as pd
 
     monkeypatch.setenv("MMPFL_BENCH_RESULTS", str(tmp_path))
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
     sys.modules.pop("where_collaboration_pays", None)
     bench = importlib.import_module("where_collaboration_pays")
-    bench.main(["--quick", "--seeds", "0", "--workers", "1", "--arms", "public-model-only", "scratch/local",
-                "--set", "rounds=1", "num_sites=3"])
-    table = (tmp_path / "where_collaboration_pays.csv").read_text()
-    assert "public-model-only" in table and "scratch/local" in table
+    arms = ["public-model-only", "scratch/local", "public/mm-pfl-adp-head"]
+    bench.main(["--quick", "--preset", "headline", "--seeds", "0", "--workers", "1", "--arms", *arms]
+               + ["--set", "rounds=1", "num_sites=3"])  # fmt: skip
+    table = pd.read_csv(tmp_path / "where_collaboration_pays.csv").set_index("arm")
+    assert set(table.index) == set(arms)
     assert list((tmp_path / ".cache").glob("public_*.safetensors"))  # pretrained once, reused by the arms
+    d = int(table.loc["public/mm-pfl-adp-head", "d"])
+    assert d == 50_307  # head+norm+block of hybrid-tiny
+    # the head is personal at every site; the KL masks keep at least one group shared (min_shared_groups=1)
+    assert 0 < table.loc["public/mm-pfl-adp-head", "shared_d"] <= d - 195
+    assert table.loc["scratch/local", "shared_d"] == 0  # local training releases nothing
 
 
 @pytest.mark.parametrize("name,kwargs", [("mm-pfl-adp", {"dp": False}), ("dp-fedavg", {"noise_multiplier": 1.0})])
 def test_engines_train_and_send_only_the_private_part(tiny_federation, name, kwargs):
     def base():
         return create_model("tiny", seed=0, image_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+
     public = {n: p.detach().clone() for n, p in base().named_parameters()}
     factory = pretrained_model_factory(base, public, "head+norm")
     with pytest.warns(UserWarning) if "noise_multiplier" in kwargs else _nothing():
-        strategy = create_strategy(name, noise="reproducible-insecure", **kwargs) if "noise_multiplier" in kwargs \
+        strategy = (
+            create_strategy(name, noise="reproducible-insecure", **kwargs)
+            if "noise_multiplier" in kwargs
             else create_strategy(name, **kwargs)
+        )
     run = run_federated(tiny_federation, model_factory=factory, strategy=strategy, config=CFG, progress=False)
     private = set(factory().parameter_groups()["head"]) | set(factory().parameter_groups()["norm"])
     assert set(run.global_state) == private  # only the private part is exchanged

@@ -49,6 +49,12 @@ knob                   clinical fact it stands for
 ``difficulty``         how much the classes overlap in reality: spread of lesion load within a
                        class, healthy white-matter hyperintensities with age and migraine, atrophy
                        variance between people, and EDSS rater noise and relapse fluctuation
+``lesion_contrast``    lesion conspicuity of the recruiting hospitals' protocol: the fraction of the
+                       lesion-vs-white-matter contrast kept in every sequence (1 = the reference
+                       values above; 0.5 = half as conspicuous, as with 1.5 T or thick slices, which
+                       detect fewer and fainter lesions than 3 T). A domain knob: the public cohort
+                       (:mod:`mmpfl_core.pretraining`) keeps 1, so hospitals with another value
+                       share an appearance the public data lacks
 ``seed``               which patients were recruited (every draw derives from it)
 =====================  =========================================================================
 
@@ -109,6 +115,7 @@ class SyntheticCohortConfig:
     difficulty: float = 0.5  # 0 = well separated classes, 1 = heavy overlap
     class_proportions: tuple[float, ...] = (0.4, 0.35, 0.25)  # healthy, rrms, progressive_ms
     seed: int = 0
+    lesion_contrast: float = 1.0  # fraction of the lesion-vs-white-matter contrast kept (module docstring)
 
     def __post_init__(self) -> None:
         check_range("num_subjects", self.num_subjects, low=1, fix="Ask for at least one subject (300 for a smoke run).")
@@ -116,6 +123,14 @@ class SyntheticCohortConfig:
             "image_size", self.image_size, low=16, high=256, fix="Use 32 for smoke runs, 64 by default, at most 256."
         )
         check_range("difficulty", self.difficulty, low=0.0, high=1.0)
+        check_range(
+            "lesion_contrast",
+            self.lesion_contrast,
+            low=0.0,
+            high=2.0,
+            low_inclusive=False,
+            fix="1 keeps the reference lesion contrast; 0.5 halves it (a fainter-lesion protocol).",
+        )
         props = tuple(float(p) for p in self.class_proportions)
         if len(props) != len(CLASS_NAMES) or min(props) < 0 or abs(sum(props) - 1.0) > 1e-6:
             raise ConfigError(
@@ -160,7 +175,9 @@ def generate_subjects(
     # Blocks of subjects keep the (B, H, W) temporaries cache-sized; results do not depend on it.
     for lo in range(0, n, _BLOCK):
         hi = min(lo + _BLOCK, n)
-        images[lo:hi], lesion_masks[lo:hi], tissue[lo:hi] = _render_block(lo, hi, subj, lesions, values, size)
+        images[lo:hi], lesion_masks[lo:hi], tissue[lo:hi] = _render_block(
+            lo, hi, subj, lesions, values, size, config.lesion_contrast
+        )
 
     clinical, clinical_mask = standardise_clinical(clinical_raw, CLINICAL_FEATURES)
     cohort = Cohort(
@@ -178,7 +195,13 @@ def generate_subjects(
 
 
 def _render_block(
-    lo: int, hi: int, subj: dict[str, np.ndarray], lesions: dict[str, np.ndarray], values: np.ndarray, size: int
+    lo: int,
+    hi: int,
+    subj: dict[str, np.ndarray],
+    lesions: dict[str, np.ndarray],
+    values: np.ndarray,
+    size: int,
+    lesion_contrast: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Images (B, M, H, W), lesion masks (B, H, W) and tissue maps (B, H, W) of subjects lo..hi-1."""
     b = hi - lo
@@ -194,6 +217,9 @@ def _render_block(
     base = base.reshape(b, len(MODALITIES), size, size)  # (B, M, H, W)
     lesion_val = values[lo:hi, :, TISSUE_LABELS["lesion"], None, None].copy()  # (B, M, 1, 1)
     lesion_val[:, 0] = _T1_BLACK_HOLE  # T1: only "black hole" lesions darken; others stay isointense
+    if lesion_contrast != 1.0:  # skipped at 1 so the reference cohort stays bit-identical
+        wm = values[lo:hi, :, TISSUE_LABELS["wm"], None, None]  # (B, M, 1, 1)
+        lesion_val = wm + np.float32(lesion_contrast) * (lesion_val - wm)
     occ_m = np.stack([occ_t1, occ, occ], axis=1)  # (B, M, H, W) in MODALITIES order
     images = base * (1.0 - occ_m) + lesion_val * occ_m
     sigma_pv = 0.5 * size / 64.0  # partial-volume blur, the same physical extent at every size
