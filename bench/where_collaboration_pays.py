@@ -15,7 +15,9 @@ means with a Student-t interval beside it.
 
 MM-PFL-ADP with patients as the unit (no client-level noise, DP-SGD inside each site, masks scored on the
 public set): ``public/mm-pfl-adp`` (default KL threshold), ``-t0.002`` (threshold sized for public-set
-scores), ``-head`` (head always personal, KL masks for the rest), ``-nomask`` (ablation). The ``shared_d``
+scores), ``-head`` (head always personal, KL masks for the rest), ``-head+group-dp-sgd-fisher`` and
+``-head+group-dp-sgd-uniform`` (the same with per-group DP-SGD: Fisher or uniform noise allocation), ``-nomask``
+(ablation). The ``shared_d``
 column is the mean over sites of the private part's scalars a site shares at the end (its release; the
 ledger is the per-site DP-SGD ledger, ``patient_epsilon_max``). ``--preset headline`` is :data:`HEADLINE`.
 
@@ -76,6 +78,7 @@ HEADLINE = Setting(num_sites=40, rounds=20, private_part="head+norm+block")
 PRESETS: dict[str, Setting] = {"default": Setting(), "headline": HEADLINE}
 
 DP = "_patient_dp"  # marker: add DP-SGD inside the sites (not a strategy argument)
+GROUP_ALLOCATION = "_group_allocation"  # with DP: per-group DP-SGD, this noise allocation (MM-PFL-ADP only)
 #: label -> (strategy, kwargs, pretrained?)
 ARMS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "scratch/centralized": ("centralized", {}, False),
@@ -108,6 +111,18 @@ ARMS: dict[str, tuple[str, dict[str, Any], bool]] = {
         True,
     ),
     "public/mm-pfl-adp-head": ("mm-pfl-adp", {"dp": False, "mask": {"always_personal": ["head"]}}, True),
+    # The same with per-group DP-SGD (group_dp_sgd.py): per-sample per-group clipping C_g = C sqrt(d_g / d) and
+    # the noise split across the groups by public-data Fisher information or uniformly (one calibrated z_eff).
+    "public/mm-pfl-adp-head+group-dp-sgd-fisher": (
+        "mm-pfl-adp",
+        {"dp": False, "mask": {"always_personal": ["head"]}, DP: True, GROUP_ALLOCATION: "fisher"},
+        True,
+    ),
+    "public/mm-pfl-adp-head+group-dp-sgd-uniform": (
+        "mm-pfl-adp",
+        {"dp": False, "mask": {"always_personal": ["head"]}, DP: True, GROUP_ALLOCATION: "uniform"},
+        True,
+    ),
     # ablation: no masks (every group shared: FedAvg with uniform weights and DP-SGD in the sites)
     "public/mm-pfl-adp-nomask+dp-sgd": ("mm-pfl-adp", {"dp": False, "masks": False, DP: True}, True),
 }
@@ -196,10 +211,13 @@ def run_arm(label: str, seed: int, s: Setting, cache: str) -> dict[str, Any]:
         out.update(labels=labels.tolist(), proba=proba.tolist(), epsilon=0.0, seconds=0.0)
         return out
     kwargs = dict(kwargs)
+    allocation = kwargs.pop(GROUP_ALLOCATION, None)
     if kwargs.pop(DP, False):
         # RDP: an upper bound on epsilon (8-18 % above PLD/PRV at these settings) that calibrates 20 sites'
         # different sample rates in seconds, where PRV took about a minute for 4 sites on 2 cores.
         dp = dict(target_epsilon=s.epsilon, max_grad_norm=s.max_grad_norm, delta=1e-5, accountant="rdp")
+        if allocation is not None:
+            dp["group_allocation"] = allocation
         # dp-sgd-fedavg takes SampleLevelDP's arguments directly; the others take them as sample_level_dp
         kwargs.update(dp if name == "dp-sgd-fedavg" else {"sample_level_dp": dp})
     config = FederatedConfig(

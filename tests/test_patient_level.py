@@ -252,6 +252,17 @@ def test_where_collaboration_pays_bench_runs_and_reports_every_arm(tmp_path, mon
     # the head is personal at every site; the KL masks keep at least one group shared (min_shared_groups=1)
     assert 0 < table.loc["public/mm-pfl-adp-head", "shared_d"] <= d - 195
     assert table.loc["scratch/local", "shared_d"] == 0  # local training releases nothing
+    # the per-group DP-SGD arms pass group_allocation through sample_level_dp to the strategy (run in-process
+    # on the same smoke Setting, the pretrained model from the cache above)
+    import mmpfl_core.federated.strategies as strategies
+
+    seen, real = [], strategies.create_strategy
+    monkeypatch.setattr(strategies, "create_strategy", lambda name, **kw: seen.append(kw) or real(name, **kw))
+    quick = {"num_subjects": 300, "public_subjects": 60, "public_epochs": 1, "image_size": 32}
+    s = bench.replace(bench.HEADLINE, rounds=1, num_sites=3, **quick)
+    out = bench.run_arm("public/mm-pfl-adp-head+group-dp-sgd-uniform", 0, s, str(tmp_path / ".cache"))
+    assert seen[-1]["sample_level_dp"]["group_allocation"] == "uniform"
+    assert 0 < out["epsilon"] <= s.epsilon  # from the per-site DP-SGD ledger
 
 
 @pytest.mark.parametrize("name,kwargs", [("mm-pfl-adp", {"dp": False}), ("dp-fedavg", {"noise_multiplier": 1.0})])
