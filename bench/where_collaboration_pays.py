@@ -16,9 +16,9 @@ means with a Student-t interval beside it.
 MM-PFL-ADP with patients as the unit (no client-level noise, DP-SGD inside each site, masks scored on the
 public set): ``public/mm-pfl-adp`` (default KL threshold), ``-t0.002`` (threshold sized for public-set
 scores), ``-head`` (head always personal, KL masks for the rest), ``-head+group-dp-sgd-fisher`` and
-``-head+group-dp-sgd-uniform`` (the same with per-group DP-SGD: Fisher or uniform noise allocation), ``-nomask``
-(ablation). The ``shared_d``
-column is the mean over sites of the private part's scalars a site shares at the end (its release; the
+``-head+group-dp-sgd-uniform`` (the same with per-group DP-SGD: Fisher or uniform noise allocation, and the noise
+gate on), their ``-nogate`` twins (the KL masks alone decide what is shared), ``-nomask`` (ablation). The
+``shared_d`` column is the mean over sites of the private part's scalars a site shares at the end (its release; the
 ledger is the per-site DP-SGD ledger, ``patient_epsilon_max``). ``--preset headline`` is :data:`HEADLINE`.
 
 Run: ``python bench/where_collaboration_pays.py --seeds 0 1 2 --workers 14`` (one process per
@@ -121,6 +121,27 @@ ARMS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "public/mm-pfl-adp-head+group-dp-sgd-uniform": (
         "mm-pfl-adp",
         {"dp": False, "mask": {"always_personal": ["head"]}, DP: True, GROUP_ALLOCATION: "uniform"},
+        True,
+    ),
+    # Per-group DP-SGD turns MM-PFL-ADP's public noise gate on (flat DP-SGD does not): a group whose best-case
+    # release SNR under the sites' DP-SGD noise is below min_snr stays personal everywhere. Without the gate the
+    # KL masks alone decide, as in the flat-clipped arm, so these two isolate the allocation under sharing. On the
+    # headline cohort (seed 0, Fisher) the gate drowned the block (SNR 0.56) and the norm (0.81): the gated arms
+    # share nothing (shared_d 0) and are local training with per-group DP-SGD.
+    "public/mm-pfl-adp-head+group-dp-sgd-fisher-nogate": (
+        "mm-pfl-adp",
+        {"dp": False, "mask": {"always_personal": ["head"]}, "noise_gate": False, DP: True, GROUP_ALLOCATION: "fisher"},
+        True,
+    ),
+    "public/mm-pfl-adp-head+group-dp-sgd-uniform-nogate": (
+        "mm-pfl-adp",
+        {
+            "dp": False,
+            "mask": {"always_personal": ["head"]},
+            "noise_gate": False,
+            DP: True,
+            GROUP_ALLOCATION: "uniform",
+        },
         True,
     ),
     # ablation: no masks (every group shared: FedAvg with uniform weights and DP-SGD in the sites)
