@@ -20,7 +20,7 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]*_*.ipynb"))
 #: Decimals, percentages and comma-grouped thousands: the shapes a typed result takes.
 RESULT_LIKE = re.compile(r"(?<![\w.])(\d+\.\d+|\d+(?:\.\d+)?\s?%|\d{1,3}(?:,\d{3})+)(?![\w.])")
 #: References to sections of the design notes and numbered headings: labels, not quantities.
-REFERENCES = re.compile(r"DESIGN\.md\s+\d+(?:\.\d+)?(?:\s*,\s*\d+(?:\.\d+)?)*|^#+\s.*$", re.MULTILINE)
+REFERENCES = re.compile(r"docs/DESIGN.md\s+\d+(?:\.\d+)?(?:\s*,\s*\d+(?:\.\d+)?)*|^#+\s.*$", re.MULTILINE)
 
 #: value -> (why it is not a measured result, the notebooks (stem prefixes) where it may appear).
 ALLOWED: dict[str, tuple[str, tuple[str, ...]]] = {
