@@ -628,3 +628,30 @@ def test_the_server_never_moves_a_drowned_group_whatever_a_site_sends():
     released = [n for g in release.released_groups for n in core.groups[g]]
     assert all(torch.equal(after[n], state[n]) for n in drowned)
     assert all(not torch.equal(after[n], state[n]) for n in released)
+
+
+@pytest.mark.parametrize("caller", [None, "1", "2"])
+def test_ray_workers_train_single_threaded_whatever_the_caller_sets(monkeypatch, tmp_path, caller):
+    """compare_with_inprocess trains its reference with one torch thread; the Ray workers must too, or the engines
+    reduce floats in another order (OMP_NUM_THREADS=2 in the caller's environment put notebook 08's models 1e-3
+    apart). Workers inherit the environment at the simulation's start: it must say 1 there, and the caller's own
+    setting must come back afterwards."""
+    import flwr.simulation
+
+    from mmpfl_flower import client_app, server_app, simulate
+    seen = {}
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if caller is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, caller)
+    monkeypatch.setattr(flwr.simulation, "run_simulation",
+                        lambda **kwargs: seen.update({k: simulate.os.environ.get(k)
+                                                      for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}))
+    monkeypatch.setattr(server_app, "make_server_app", lambda **overrides: None)
+    monkeypatch.setattr(client_app, "make_client_app", lambda **overrides: None)
+    monkeypatch.setattr(simulate, "RunDirectory", lambda path: path)  # nothing ran, so there is no run directory
+    simulate.run_flower_simulation(**SMOKE, method="fedavg", results_dir=str(tmp_path))
+    assert seen == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        assert simulate.os.environ.get(key) == caller

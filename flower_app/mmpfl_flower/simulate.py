@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -42,15 +44,39 @@ def run_flower_simulation(*, num_supernodes: int | None = None, num_cpus: int = 
     jobs = load_jobs(**overrides)
     n = num_supernodes or jobs[0].num_sites
     started = time.perf_counter()
-    # Each virtual SuperNode runs in a Ray actor with one CPU; torch single-threaded inside (no oversubscription).
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    run_simulation(server_app=make_server_app(**overrides), client_app=make_client_app(**overrides), num_supernodes=n,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": num_cpus, "include_dashboard": False,
-                                                 "logging_level": logging.INFO if verbose else logging.ERROR}},
-                   verbose_logging=verbose)
+    # Each virtual SuperNode runs in a Ray actor with one CPU and torch single-threaded inside: no oversubscription,
+    # and the thread count of compare_with_inprocess's reference run, so both engines reduce floats in the same
+    # order. Ray workers inherit this process's environment and torch reads it at import, so a caller's
+    # OMP_NUM_THREADS=2 gave each worker two threads (measured: models 1.1e-3 apart after 3 dp-fedavg rounds). Hence
+    # set, not setdefault, and only for the simulation: the caller's own setting comes back afterwards.
+    with _single_threaded_workers():
+        run_simulation(server_app=make_server_app(**overrides), client_app=make_client_app(**overrides),
+                       num_supernodes=n,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": num_cpus, "include_dashboard": False,
+                                                     "logging_level": logging.INFO if verbose else logging.ERROR}},
+                       verbose_logging=verbose)
     seconds = time.perf_counter() - started
     return [(job, RunDirectory(results_dir(job) / job.flower.run_name)) for job in jobs], seconds
+
+
+#: The thread variables torch reads at import in each Ray worker (OpenMP and MKL intra-op pools).
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextmanager
+def _single_threaded_workers() -> Iterator[None]:
+    """Set the thread variables to 1 for the workers Ray starts, and restore the caller's values after."""
+    saved = {key: os.environ.get(key) for key in _THREAD_VARIABLES}
+    os.environ.update({key: "1" for key in _THREAD_VARIABLES})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def final_global_state(run_dir: RunDirectory) -> dict[str, torch.Tensor]:
