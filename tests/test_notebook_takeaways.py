@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
+
+from mmpfl_core.notebook_tools import MissingResultError, takeaways
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]*_*.ipynb"))
@@ -95,3 +98,153 @@ def test_a_planted_result_is_flagged(tmp_path: Path):
     nb.cells[1].source = "FedAvg's balanced accuracy is printed below."
     nbformat.write(nb, path)
     assert _offences(path) == []
+
+
+# ---------------------------------------------------------------- takeaways rendered from the records
+
+#: A small hand-made released record per notebook, with numbers no formatting could produce by accident, and
+#: the strings its takeaways must show (each formatted from the record, as the notebook's cell renders it).
+HAND_RECORDS: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "00": ({"num_sites": 7, "num_subjects_total": 3123, "flair_lesion_over_wm": 1.837, "t1_lesion_over_wm": 0.612,
+            "mean_lesion_pixels_by_class": {"healthy": 1.2, "rrms": 41.7, "progressive_ms": 88.2},
+            "label_divergence": 0.2468, "label_divergence_alpha_0.1": 0.6543, "label_divergence_alpha_100": 0.0123},
+           ["1.84 times", "0.61 times", "42 (rrms)", "88 (progressive ms)", "7 hospitals", "3,123 subjects",
+            "0.247", "0.654", "0.012"]),
+    "01": ({"balanced_accuracy": {"ViT, images": 0.6612, "CNN, images": 0.6498, "ViT, images + clinical": 0.7731,
+                                  "clinical only": 0.6687},
+            "conv_stem_gain": 0.2104, "seed_spread": 0.0433, "seeds": [11, 12], "augmentation_gain": -0.0121,
+            "fused_separated_from_both": True, "chance": 1 / 3, "balanced_accuracy_t2_present": 0.8161,
+            "balanced_accuracy_t2_missing": 0.6482},
+           ["+0.210 over linear patches, seed 11", "0.661", "0.650", "-0.012", "0.043", "0.773", "0.669",
+            "lies above both", "0.816", "0.648", "0.333"]),
+    "02": ({"global_accuracy": {"centralized": 0.712, "local-only": 0.401, "fedavg": 0.655, "fedprox": 0.649},
+            "personal_accuracy": {"centralized": 0.7, "local-only": 0.873, "fedavg": 0.6, "fedprox": 0.6},
+            "num_sites": 6, "num_rounds": 9, "hand_fedavg_matches_kit": True},
+           ["After 9 rounds on 6 hospitals", "0.655", "0.649", "0.712", "0.873", "0.401", "equals the kit's"]),
+    "03": ({"accountant_epsilon_z1_q0.1_T100": {"rdp": 2.345, "prv": 2.111, "pld": 2.109},
+            "picture_ratio": 1234.5, "picture_viability": 10.0, "hand_release_matches_kit": True,
+            "z_eps8_100_rounds_all_clients": 6.071, "z_eps8_100_rounds_q0.1": 0.937,
+            "dp_epsilon": 7.987, "dp_fedavg_accuracy": 0.351, "fedavg_accuracy": 0.622, "dp_noise": "secure"},
+           ["RDP 2.35", "PRV 2.11", "PLD 2.11", "6.07", "0.94", "1,234 times", "10.0: drowned", "7.99", "0.351",
+            "0.622", 'noise="secure"']),
+    "04": ({"num_rounds": 5, "default_fallback_rounds": 5, "accuracy_fisher": 0.4321,
+            "global_state_equal_uniform_default": True, "z_eff_fisher": 1.23456, "z_eff_uniform": 1.23456,
+            "noise_multiplier": 1.23456, "total_rho_fisher": 0.328, "epsilon_fisher": 7.89, "epsilon_uniform": 7.89,
+            "target_epsilon": 8.0, "j_fisher_over_uniform": 0.8765, "accuracy_uniform": 0.4321,
+            "accuracy_fisher_raw": 0.3911, "accuracy_fedavg": 0.6012},
+           ["in 5 of 5 rounds", "0.432, the uniform run exactly", "1.2346", "0.328", "7.89", "0.88", "0.391",
+            "0.601"]),
+    "05": ({"personal_accuracy": {"fedavg": 0.512, "fedper": 0.701, "ditto": 0.802, "fedavg-ft": 0.811,
+                                  "fedavg-kl-masks": 0.823},
+            "global_accuracy": {"fedavg": 0.455, "fedavg-kl-masks": 0.377}, "alpha": 0.1, "target_epsilon": 8.0,
+            "gate_drowned": ["block0", "block1"], "groups": ["stem", "block0", "block1", "head"],
+            "gate_snr": {"stem": 1.25, "block0": 0.021, "block1": 0.022, "head": None}, "gate_min_snr": 1.0,
+            "adp_epsilon": {"server": 7.654, "distributed": 7.654}, "ungated_personal_accuracy": 0.7771,
+            "gate_epsilon": 3.21, "gate_personal_accuracy": 0.7612},
+           ["0.512", "fedper 0.701", "ditto 0.802", "fedavg-ft 0.811", "fedavg-kl-masks 0.823", "0.377", "0.455",
+            "7.65", "0.777", "kept 2 of 4 groups", "1.250", "3.21", "0.761"]),
+    "06": ({"personal_accuracy": {"mm-pfl-adp": 0.6543, "local-only": 0.6012, "dp-fedavg": 0.5}, "proposed_method":
+            "mm-pfl-adp", "mm_pfl_adp_released_nothing": False, "mm_pfl_adp_epsilon": 7.91, "target_epsilon": 8.0,
+            "mm_pfl_adp_minus_dp_fedavg": 0.1543,
+            "claims": {"a": "agrees", "b": "agrees", "c": "not measured"}, "regime_eligible_at_finite_epsilon":
+            ["local-only", "mm-pfl-adp"], "regime_sites": [4, 16]},
+           ["epsilon 7.91 of 8", "0.654", "+0.154", "0.601", "2 'agrees'", "1 'not measured'", "4, 16 sites",
+            "local-only, mm-pfl-adp"]),
+    "07": ({"mia_auc": {"centralized": {"loss": {"point": 0.6251}, "LiRA": {"point": 0.611}},
+                        "fedavg": {"loss": {"point": 0.561}},
+                        "dp-fedavg eps=1": {"loss": {"point": 0.4812}},
+                        "mm-pfl-adp eps=1": {"loss": {"point": 0.5}}},
+            "epsilon_spent": {"centralized": None, "fedavg": None, "dp-fedavg eps=1": 0.987, "mm-pfl-adp eps=1": 0.0},
+            "chance_band": 0.0874, "epsilons": [1.0], "mia_tpr_at_1pct_fpr": {"centralized": {"loss": 0.0432}},
+            "personal_auc": {"local-only": {"loss": {"point": 0.7123}}}, "num_members": 120, "num_non_members": 140},
+           ["0.625", "TPR at 1 % FPR up to 0.043", "0.561", "0.087", "120 members", "140 non-members",
+            "dp-fedavg eps=1 0.481 at epsilon 0.987", "mm-pfl-adp eps=1 charged nothing", "0.712"]),
+    "07b": ({"audit": {"correct": {"claimed": 1.987, "lower_bound": 0.456},
+                       "no-clipping": {"claimed": 1.987, "lower_bound": 4.17},
+                       "noise-x0.5": {"claimed": 1.987, "lower_bound": 0.9}},
+             "audit_guesses": 200, "distinguishing_delta": 0.01,
+             "distinguishing": {"a/correct": {"claimed": 1.99, "lower_bound": 1.2},
+                                "a/broken": {"claimed": 1.99, "lower_bound": 3.3},
+                                "b/correct": {"claimed": 1.99, "lower_bound": 1.1},
+                                "b/broken": {"claimed": 1.99, "lower_bound": 2.5}}},
+            ["200 guesses", "0.46", "1.99", "catches no-clipping", "misses noise-x0.5", "delta 0.01", "keep 2 of 2",
+             "put 2 of 2"]),
+    "08": ({"methods": ["fedavg", "dp-fedavg"], "max_abs_diff": {"fedavg": 1.5e-7, "dp-fedavg": 2.5e-7},
+            "epsilon_flower": {"fedavg": None, "dp-fedavg": 1.2345}, "epsilon_inprocess": {"fedavg": None,
+                                                                                          "dp-fedavg": 1.2345},
+            "num_rounds": 3, "secagg_ran": True, "secagg_max_abs_diff": 0.0041, "secagg_release_noise_std": 0.567,
+            "adp_max_abs_diff": 3.5e-7, "adp_epsilon_flower": 2.5, "adp_epsilon_inprocess": 2.5,
+            "deployment_ran": False, "deployment_completed": None},
+           ["over 3 rounds", "1.5e-07 (fedavg)", "2.5e-07 (dp-fedavg)", "dp-fedavg: epsilon 1.2345 on both",
+            "3.5e-07", "2.5000 vs 2.5000", "4.1e-03", "0.567", "skipped"]),
+}
+
+
+def _number(stem: str) -> str:
+    return stem.split("_", 1)[0]
+
+
+def test_every_notebook_has_hand_records():
+    assert {_number(p.stem) for p in NOTEBOOKS} == set(HAND_RECORDS)
+
+
+@pytest.mark.parametrize("number", sorted(HAND_RECORDS))
+def test_takeaways_render_the_records_numbers(number: str):
+    record, shown = HAND_RECORDS[number]
+    text = takeaways(number, record)
+    lines = text.splitlines()
+    assert lines[0] == "### Takeaways" and 3 <= len(lines) - 1 <= 5, text
+    assert all(line.startswith("- ") for line in lines[1:]) and lines[-1].startswith("- Next: "), text
+    for expected in shown:
+        assert expected in text, (expected, text)
+    # No result is typed: change every number of the record and the rendered text changes with it.
+    assert takeaways(number, _perturbed(record)) != text
+
+
+def _perturbed(value: Any) -> Any:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return value * 1.37 + 0.011 if isinstance(value, float) else value + 3
+    if isinstance(value, list):
+        return [_perturbed(v) for v in value]
+    return {k: _perturbed(v) for k, v in value.items()}
+
+
+@pytest.mark.parametrize("number", sorted(HAND_RECORDS))
+def test_a_missing_key_names_the_key_and_the_notebook(number: str):
+    record, _ = HAND_RECORDS[number]
+    for key in record:
+        partial = {k: v for k, v in record.items() if k != key}
+        try:
+            takeaways(number, partial)
+        except MissingResultError as error:
+            assert repr(key) in str(error) and f"notebook {number}" in str(error) and "record_results" in str(error)
+        else:  # every key of the hand-made record is one a takeaway reads
+            pytest.fail(f"takeaways({number!r}) rendered without {key!r}: drop it from HAND_RECORDS")
+
+
+def test_an_unknown_notebook_is_refused():
+    with pytest.raises(ValueError, match="no takeaways for notebook '09_new'"):
+        takeaways("09_new", {})
+
+
+def test_an_undefined_value_reads_undefined():
+    record, _ = HAND_RECORDS["02"]
+    broken = dict(record, global_accuracy=dict(record["global_accuracy"], fedavg=None))  # NaN is stored as None
+    assert "reaches undefined global test accuracy" in takeaways("02", broken)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_takeaways_cell_renders_the_notebooks_own_released_record(path: Path):
+    """One takeaways cell, after the cell that records the results and before the exercises; it renders this
+    notebook's record from OUTPUT_DIR, released scope only (no include_private)."""
+    cells = nbformat.read(path, as_version=4).cells
+    index = [i for i, c in enumerate(cells) if c.cell_type == "code" and "takeaways(" in c.source]
+    assert len(index) == 1, f"{path.name}: expected one takeaways cell, found {len(index)}"
+    source = cells[index[0]].source
+    assert f'display(Markdown(takeaways("{path.stem}", load_results("{path.stem}", OUTPUT_DIR))))' in source
+    assert "include_private" not in source
+    recorded = max(i for i, c in enumerate(cells) if c.cell_type == "code" and "record_results(" in c.source)
+    exercises = min(i for i, c in enumerate(cells) if c.cell_type == "markdown" and re.match(r"#+ Exercise", c.source))
+    assert recorded < index[0] < exercises

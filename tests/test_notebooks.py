@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import nbformat
 import numpy as np
 import papermill as pm
 import pytest
@@ -16,7 +17,7 @@ from release_scan import scan_notebook_records
 from scipy import stats
 
 from mmpfl_core.models.presets import PRESETS, create_model
-from mmpfl_core.notebook_tools import SMOKE_PARAMETERS, load_results
+from mmpfl_core.notebook_tools import SMOKE_PARAMETERS, load_results, takeaways
 from mmpfl_core.notebook_tools.execute import execute_notebook, executed_dir
 from mmpfl_core.reproduction.claims import VACUOUS
 
@@ -242,6 +243,11 @@ def _expect_05(r: dict[str, Any]) -> None:
     check = r["kl_check"]
     assert check["group"] in r["groups"] and check["by_hand"] >= 0
     assert check["by_hand"] == pytest.approx(check["kit"], rel=1e-5, abs=1e-9)
+    # Notebook 03's picture for the gated run (public inputs): the plotted ratio is z sqrt(d) / (qN) at this run's qN,
+    # and it says what the gate said: 4 sites at epsilon 8 drown the whole model.
+    assert r["picture_participants"] == qn
+    assert r["picture_ratio"] == pytest.approx(r["picture_noise_multiplier"] * np.sqrt(d) / qn, rel=1e-12)
+    assert r["picture_ratio"] > r["picture_viability"] == pytest.approx(np.sqrt(r["gate_rounds"]))
 
 
 EXPECTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
@@ -269,6 +275,14 @@ def _execute(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params
     return load_results(path.stem, records, include_private=True)
 
 
+def _shown_takeaways(executed: Path) -> list[str]:
+    """The Markdown that the executed notebook's takeaways cell displayed (one entry per display)."""
+    cells = [c for c in nbformat.read(executed, as_version=4).cells
+             if c.cell_type == "code" and "takeaways(" in c.source]
+    assert len(cells) == 1, f"{executed.name}: expected one takeaways cell, found {len(cells)}"
+    return [out["data"]["text/markdown"] for out in cells[0].outputs if "text/markdown" in out.get("data", {})]
+
+
 def _scan_records(folder: Path) -> list[str]:
     """What the records folder shows outside ``private/`` (issue 21): the scanner of tests/release_scan.py with
     every preset's parameter groups (a mask is a list of them) and every synthetic subject id (``syn-%06d``)."""
@@ -286,6 +300,8 @@ def test_notebook_executes_and_records(path: Path, tmp_path: Path, monkeypatch: 
     # The executed copy is kept (build/executed/, git-ignored): `make docs` renders it.
     executed = executed_dir(NOTEBOOK_DIR.parent) / path.name
     EXPECTATIONS[path.stem](_execute(path, tmp_path, monkeypatch, SMOKE_PARAMETERS, records=records, output=executed))
+    # The takeaways the reader saw are the released record's rendering, character for character.
+    assert _shown_takeaways(executed) == [takeaways(path.stem, load_results(path.stem, records))]
     # What is released beside the notebook shows no per-site figure, mask, byte count, timing or patient.
     assert _scan_records(records) == []
 
@@ -337,6 +353,11 @@ def _expect_06(r: dict[str, Any]) -> None:
               else said[float(r_ours) < float(r_ref)])
     assert claims["MM-PFL-ADP converges in 47 rounds vs 85 for FedAvg"] == rounds
     assert claims["membership-inference success 52.1% (random: 50%)"] == "not measured"  # no attack section here
+    # Notebook 03's picture for this run (public inputs): the ratio z sqrt(d) / (qN) over the model's parameters; a
+    # handful of hospitals is far above the viability line.
+    assert r["picture_ratio"] == pytest.approx(
+        r["picture_noise_multiplier"] * np.sqrt(r["num_parameters"]) / r["picture_participants"], rel=1e-12)
+    assert r["picture_ratio"] > r["picture_viability"] > 0
     # The live regime map: one winner per (sites, epsilon) cell; Ditto (no DP) never competes at a finite epsilon.
     assert r["regime_sites"] and set(r["regime_winners_per_cell"]) == {1}
     assert "ditto" not in r["regime_eligible_at_finite_epsilon"] and "local-only" in r["regime_eligible_at_finite_epsilon"]

@@ -4,6 +4,7 @@ from .config import NotebookConfig, load_notebook_config
 from .environment import describe_environment, resolve_device
 from .parameters import SMOKE_PARAMETERS, TEACHING_DEFAULTS
 from .results import load_results, record_results
+from .takeaways import MissingResultError, takeaways
 
 __all__ = [
     "NotebookConfig",
@@ -14,4 +15,6 @@ __all__ = [
     "TEACHING_DEFAULTS",
     "load_results",
     "record_results",
+    "MissingResultError",
+    "takeaways",
 ]
