@@ -8,8 +8,9 @@ ClientApp objects on the same Ray simulation engine in this process, with run-co
 Equivalence (why the numbers match the in-process engine): both engines call the same selection
 (stream (seed, 1, t)), the same client step (stream (seed, 2, t, site)), the same strategy
 aggregation summed in site order, and the same ledger; the transport is float32 arrays, which is
-lossless. What may differ is the floating-point result of local training in another process
-(thread count), hence "within floating-point tolerance"; epsilons are equal (same ledger records).
+lossless. Local training runs single-threaded in both (the Ray workers are started with one thread whatever
+the caller sets), so the float reductions happen in the same order; the tolerance only guards against another
+BLAS. Epsilons are equal (same ledger records).
 """
 from __future__ import annotations
 

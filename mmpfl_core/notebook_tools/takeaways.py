@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping
+from itertools import pairwise
 from typing import Any
 
 __all__ = ["MissingResultError", "takeaways"]
@@ -53,14 +54,21 @@ def _f(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
+#: The cohort's classes from mild to severe (mmpfl_core.data.CLASS_NAMES): the order a lesion load should rise in.
+_SEVERITY = ("healthy", "rrms", "progressive_ms")
+
+
 def _nb00(r: _Record) -> list[str]:
     load = r["mean_lesion_pixels_by_class"]
+    order = [c for c in _SEVERITY if c in load] + sorted(c for c in load if c not in _SEVERITY)
+    rises = all(load[a] < load[b] for a, b in pairwise(order))
+    flair, t1 = r["flair_lesion_over_wm"], r["t1_lesion_over_wm"]
+    t1_text = 'darker than white matter, a "black hole"' if t1 < 1 else "not darker than white matter"
     return [
-        f"- Sequences are complementary: a lesion is {_f(r['flair_lesion_over_wm'], '.2f')} times as bright as white "
-        f'matter on FLAIR and {_f(r["t1_lesion_over_wm"], ".2f")} times on T1 (a dark "black hole"). A model should '
-        "use every sequence and cope when one is missing.",
-        "- Lesion load rises with disease: mean lesion pixels "
-        + ", ".join(f"{_f(v, '.0f')} ({k.replace('_', ' ')})" for k, v in load.items())
+        f"- Sequences are complementary: a lesion is {_f(flair, '.2f')} times as bright as white matter on FLAIR and "
+        f"{_f(t1, '.2f')} times on T1 ({t1_text}). A model should use every sequence and cope when one is missing.",
+        f"- Lesion load {'rises with disease' if rises else 'by class'}: mean lesion pixels "
+        + ", ".join(f"{_f(load[c], '.0f')} ({c.replace('_', ' ')})" for c in order)
         + ".",
         f"- {r['num_sites']} hospitals share {_f(r['num_subjects_total'], ',')} subjects; their label divergence is "
         f"{_f(r['label_divergence'], '.3f')}, and alpha sets it: {_f(r['label_divergence_alpha_0.1'], '.3f')} at "
@@ -168,14 +176,22 @@ def _nb05(r: _Record) -> list[str]:
     drowned, groups = r["gate_drowned"], r["groups"]
     snr = [v for v in r["gate_snr"].values() if v is not None]
     best_snr = _f(max(snr), ".3f") if snr else "undefined"
+    home = personal["fedavg-kl-masks"] > personal["fedavg"]
+    population = glob["fedavg-kl-masks"] >= glob["fedavg"]
+    verdict = {
+        (True, False): "personalising pays at home, not for the population",
+        (True, True): "personalising pays at home and costs the population nothing here",
+        (False, False): "personalising did not pay here, at home or for the population",
+        (False, True): "personalising did not pay at home here",
+    }[home, population]
     return [
         f"- Under label skew alpha = {_f(r['alpha'], 'g')}, FedAvg's one model scores {_f(personal['fedavg'], '.3f')} "
         f"on the hospitals' own test splits; personalised: {own}. On the population the KL-masked model scores "
-        f"{_f(glob['fedavg-kl-masks'], '.3f')} against FedAvg's {_f(glob['fedavg'], '.3f')}: it pays at home.",
+        f"{_f(glob['fedavg-kl-masks'], '.3f')} against FedAvg's {_f(glob['fedavg'], '.3f')}: {verdict}.",
         "- The KL score, written by hand above, measures what a site would lose by sharing a group; masks follow "
         "the scores round by round, with hysteresis to keep them stable.",
         f"- Under client-level DP (epsilon {_f(r['target_epsilon'], 'g')}) MM-PFL-ADP without the noise gate spent "
-        f"{_f(r['adp_epsilon']['server'], '.3g')} and reached {_f(r['ungated_personal_accuracy'], '.3f')}; the gate "
+        f"epsilon {_f(r['adp_epsilon']['server'], '.3g')} and reached {_f(r['ungated_personal_accuracy'], '.3f')}; the gate "
         f"kept {len(drowned)} of {len(groups)} groups at home (best-case snr {best_snr} against min_snr "
         f"{_f(r['gate_min_snr'], 'g')}), spent {_f(r['gate_epsilon'], '.3g')} and reached "
         f"{_f(r['gate_personal_accuracy'], '.3f')}. It decides from public quantities, at no privacy cost.",
@@ -223,20 +239,27 @@ def _nb07(r: _Record) -> list[str]:
     def dp_text(label: str) -> str:
         charged = spent[label]
         if not charged:  # nothing charged: nothing released, the global model never changed
-            return f"{label} charged nothing (released nothing: its curve is flat by construction)"
-        return f"{label} {_f(best[label], '.3f')} at epsilon {_f(charged, '.3g')}"
+            return f"{label}: charged nothing (released nothing: its curve is flat by construction)"
+        return f"{label}: best attack AUC {_f(best[label], '.3f')} at epsilon {_f(charged, '.3g')}"
 
+    pooled = best.get("centralized")
+    lead = (
+        "Membership inference is real where models memorise"
+        if pooled is not None and pooled - 0.5 > band
+        else "Here even pooled training stayed within the random-guess band"
+    )
     tpr = r["mia_tpr_at_1pct_fpr"].get("centralized", {})
     tpr_text = f" (TPR at 1 % FPR up to {_f(max(tpr.values()), '.3f')})" if tpr else ""
     personal = r["personal_auc"].get("local-only", {})
     local = _f(max(ci["point"] for ci in personal.values()), ".3f") if personal else "undefined"
     return [
-        f"- Membership inference is real where models memorise: the best attack on pooled training scores AUC "
+        f"- {lead}: the best attack on pooled training scores AUC "
         f"{_f(best.get('centralized'), '.3f')}{tpr_text}, FedAvg {_f(best.get('fedavg'), '.3f')}, against the "
         f"random-guess band 0.5 +/- {_f(band, '.3f')} ({r['num_members']} members, {r['num_non_members']} non-members).",
         "- Under client-level DP at the smallest budget: " + "; ".join(dp_text(label) for label in private) + ". "
         "Read every attack row with its epsilon and whether anything was released.",
-        f"- Deployed models are outside the client-level guarantee: the best attack on local-only's scores {local}. "
+        f"- Deployed models are outside the client-level guarantee: the best attack on local-only's deployed models "
+        f"scores AUC {local}. "
         "Patient-level DP covers them; noise added at the site stops a curious server's gradient inversion.",
         "- Next: `07b_privacy_auditing` tests the mechanism itself: noise subtraction, a one-run audit and "
         "distinguishing tests.",
