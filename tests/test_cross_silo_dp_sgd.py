@@ -3,6 +3,7 @@ secure aggregation of the clipped sums, one Gaussian noise of variance z^2 C^2 o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -252,3 +253,55 @@ def test_partial_participation_and_loose_delta_are_refused(tiny_federation, tiny
     unknown = create_strategy("cross-silo-dp-sgd", target_epsilon=8.0, personal_groups=("nope",))
     with pytest.raises(ConfigError, match="personal_groups"):
         unknown.configure(config=_config(2), federation=tiny_federation, client_ids=[0], model=tiny_model_factory())
+
+
+# ------------------------------------------------------------------ resume and the bench arms
+def test_resume_matches_the_uninterrupted_run_and_keeps_one_ledger(tiny_federation, tiny_model_factory, tmp_path):
+    """Reproducible noise: a run killed after round 2 and resumed from its checkpoint (server Adam moments, the
+    sites' personal AdamW moments, the ledger) ends bit-identical to the uninterrupted run, charged 3 steps."""
+    from mmpfl_core.federated.simulation import FederatedSimulation
+    from mmpfl_core.io.run_directory import RunDirectory
+
+    adamw = OptimizerConfig(name="adamw", lr=0.01, weight_decay=0.0)
+    cfg = dataclasses.replace(_config(3), optimizer=adamw, checkpoint_every=1)
+
+    def strategy():
+        return _strategy(noise_multiplier=1.0, personal_groups=("head",), expected_batch_size=30)
+
+    def run_dir(name, resume):
+        return RunDirectory.create(tmp_path, name, {"seed": 0}, exist_ok_resume=resume)
+
+    whole = run_federated(tiny_federation, model_factory=tiny_model_factory, strategy=strategy(), config=cfg,
+                          progress=False, run_dir=run_dir("whole", False))  # fmt: skip
+    FederatedSimulation(tiny_federation, model_factory=tiny_model_factory, strategy=strategy(), config=cfg,
+                        run_dir=run_dir("killed", False), progress=False).run(stop_after=2)  # fmt: skip
+    resumed = run_federated(tiny_federation, model_factory=tiny_model_factory, strategy=strategy(), config=cfg,
+                            progress=False, run_dir=run_dir("killed", True))  # fmt: skip
+    for name in whole.global_state:
+        assert torch.equal(whole.global_state[name], resumed.global_state[name])
+    for site in tiny_federation.sites:
+        a = whole.strategy.personal_state(site.site_id, whole.global_state)
+        b = resumed.strategy.personal_state(site.site_id, resumed.global_state)
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    assert resumed.summary["sample_level_privacy"] == whole.summary["sample_level_privacy"]
+    assert resumed.summary["sample_level_privacy"]["steps"] == 3
+
+
+def test_bench_arm_reports_the_accountants_epsilon_and_keeps_the_head_home(tmp_path, monkeypatch):
+    """bench/where_collaboration_pays.py's cross-silo arm at smoke size: epsilon from the one patient ledger
+    (<= the target), the head's scalars not in the shared dimension, and a convergence curve."""
+    import importlib
+    import sys
+    from dataclasses import replace
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    sys.modules.pop("where_collaboration_pays", None)
+    bench = importlib.import_module("where_collaboration_pays")
+    quick = {"num_subjects": 300, "public_subjects": 60, "public_epochs": 1, "image_size": 32}
+    s = replace(bench.HEADLINE, num_sites=3, private_part="head+bias", secagg_rounds=4, secagg_batch=20, **quick)
+    out = bench.run_arm("public/cross-silo-head+secagg-dp-sgd", 0, s, str(tmp_path))
+    assert 0 < out["epsilon"] <= s.epsilon
+    assert out["epsilon"] == pytest.approx(s.epsilon, abs=0.05)  # calibrated for the 4 steps
+    assert 0 < out["shared_d"] < out["d"]
+    assert sorted(out["curve"]) == [1, 2, 3, 4]
