@@ -247,6 +247,10 @@ def test_partial_participation_and_loose_delta_are_refused(tiny_federation, tiny
             client_ids=[0],
             model=tiny_model_factory(),
         )
+    vectorized = create_strategy("cross-silo-dp-sgd", target_epsilon=8.0)
+    with pytest.raises(ConfigError, match="engine='loop'"):
+        vectorized.configure(config=_config(2, engine="vectorized"), federation=tiny_federation, client_ids=[0],
+                             model=tiny_model_factory())  # fmt: skip
     loose = create_strategy("cross-silo-dp-sgd", target_epsilon=8.0, delta=1e-2)
     with pytest.raises(ConfigError, match=r"1/\(10 N\)"):
         loose.configure(config=_config(2), federation=tiny_federation, client_ids=[0], model=tiny_model_factory())

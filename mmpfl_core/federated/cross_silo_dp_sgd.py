@@ -47,6 +47,18 @@ Randomness: ``noise="secure"`` (default) draws the Poisson samples and every noi
 CSPRNG (:mod:`mmpfl_core.privacy.randomness`); ``"reproducible-insecure"`` draws them from the run's
 seeded streams (teaching and tests only; warns, and the summary says "not private").
 
+Scope: the personal groups are the same at every site and fixed for the run. MM-PFL-ADP's per-site KL masks
+are not routed through this mechanism yet; that needs (1) per-site personal sets with noise-only placeholder
+shares for a site's personal coordinates, so that the aggregate keeps variance z^2 C^2 on every coordinate and
+the server cannot see the mask (as MM-PFL-ADP's ``distributed`` placement does), (2) the masks scored on the
+PUBLIC set from the site's personal copy (post-processing), and (3) its noise gate and Fisher allocation sized
+for one step over the union (q N patients per noise draw, T = rounds).
+
+Measured (``bench/results/wcp_secagg_probe.md``: headline cohort, alpha 10, lesion contrast 0.3, ``head+bias``
+d = 2,915, seed 0, patient epsilon 8, 200 rounds of q N = 128, server Adam 5e-3; 201 test subjects):
+personal accuracy 0.701 [0.637, 0.761] everything shared, 0.706 [0.637, 0.766] with the head personal, against
+public-model-only 0.642 [0.572, 0.706], local + DP-SGD 0.652 and FedAvg + DP-SGD 0.657 [0.587, 0.721].
+
 Must never release: per-patient gradients or norms, a site's un-noised or single share, the Poisson
 sample, the personal coordinates, or the noise and its seed.
 """
