@@ -63,6 +63,11 @@ class Setting:
     lr_scratch: float = 2e-3
     # the hospitals' lesion conspicuity (SyntheticCohortConfig.lesion_contrast); the public cohort keeps 1
     lesion_contrast: float = 1.0
+    # cross-silo DP-SGD arms (``secagg``): each round is ONE DP-SGD step over the union of the hospitals' patients,
+    # so they run their own number of rounds, expected batch over the union and server (Adam) learning rate
+    secagg_rounds: int = 200
+    secagg_batch: int = 128
+    secagg_lr: float = 5e-3
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -78,6 +83,7 @@ HEADLINE = Setting(num_sites=40, rounds=20, private_part="head+norm+block")
 PRESETS: dict[str, Setting] = {"default": Setting(), "headline": HEADLINE}
 
 DP = "_patient_dp"  # marker: add DP-SGD inside the sites (not a strategy argument)
+SECAGG = "_secagg"  # marker: cross-silo DP-SGD over the union with secure aggregation (its own rounds, batch, lr)
 GROUP_ALLOCATION = "_group_allocation"  # with DP: per-group DP-SGD, this noise allocation (MM-PFL-ADP only)
 #: label -> (strategy, kwargs, pretrained?)
 ARMS: dict[str, tuple[str, dict[str, Any], bool]] = {
@@ -146,6 +152,13 @@ ARMS: dict[str, tuple[str, dict[str, Any], bool]] = {
     ),
     # ablation: no masks (every group shared: FedAvg with uniform weights and DP-SGD in the sites)
     "public/mm-pfl-adp-nomask+dp-sgd": ("mm-pfl-adp", {"dp": False, "masks": False, DP: True}, True),
+    # Cross-silo DP-SGD (federated/cross_silo_dp_sgd.py): one DP-SGD step over the UNION of the hospitals' patients
+    # per round, per-patient clipped sums through secure aggregation, ONE Gaussian noise z C on the aggregate (shares
+    # z C / sqrt(m)); the same patient epsilon, one ledger for every patient. Everything shared (FedSGD), or the head
+    # personal at each site (its coordinates never leave the site and carry the full noise z C locally): the
+    # building block of MM-PFL-ADP with secure aggregation (MM-PFL-ADP itself is not routed through it yet).
+    "public/fedsgd+secagg-dp-sgd": ("cross-silo-dp-sgd", {SECAGG: True}, True),
+    "public/cross-silo-head+secagg-dp-sgd": ("cross-silo-dp-sgd", {SECAGG: True, "personal_groups": ["head"]}, True),
 }
 
 
@@ -232,6 +245,20 @@ def run_arm(label: str, seed: int, s: Setting, cache: str) -> dict[str, Any]:
         out.update(labels=labels.tolist(), proba=proba.tolist(), epsilon=0.0, seconds=0.0)
         return out
     kwargs = dict(kwargs)
+    rounds = s.rounds
+    if kwargs.pop(SECAGG, False):
+        kwargs.update(
+            target_epsilon=s.epsilon,
+            max_grad_norm=s.max_grad_norm,
+            delta=1e-5,
+            accountant="rdp",
+            expected_batch_size=s.secagg_batch,
+            server_optimizer={"name": "adam", "lr": s.secagg_lr},
+        )
+        rounds = s.secagg_rounds
+        curve_every = max(1, rounds // 4)  # one step a round: show how far it has converged (personal test accuracy)
+    else:
+        curve_every = rounds
     allocation = kwargs.pop(GROUP_ALLOCATION, None)
     if kwargs.pop(DP, False):
         # RDP: an upper bound on epsilon (8-18 % above PLD/PRV at these settings) that calibrates 20 sites'
@@ -242,13 +269,13 @@ def run_arm(label: str, seed: int, s: Setting, cache: str) -> dict[str, Any]:
         # dp-sgd-fedavg takes SampleLevelDP's arguments directly; the others take them as sample_level_dp
         kwargs.update(dp if name == "dp-sgd-fedavg" else {"sample_level_dp": dp})
     config = FederatedConfig(
-        num_rounds=s.rounds,
+        num_rounds=rounds,
         client_fraction=1.0,
         local=LocalTrainingConfig(local_epochs=s.local_epochs, batch_size=s.batch_size),
         optimizer=OptimizerConfig(
             name="adamw", lr=s.lr_private if pretrained else s.lr_scratch, weight_decay=0.0 if pretrained else 0.05
         ),
-        eval_every=s.rounds,
+        eval_every=curve_every,
         bootstrap_resamples=0,
         checkpoint_every=0,
         device="cpu",
@@ -264,6 +291,9 @@ def run_arm(label: str, seed: int, s: Setting, cache: str) -> dict[str, Any]:
         epsilon=privacy.get("max_epsilon", 0.0),
         seconds=round(time.perf_counter() - started, 1),
         shared_d=_shared_dimension(strategy, model, out["d"]),
+        curve={
+            int(r["round"]): float(r["personal_test_accuracy"]) for r in run.history if "personal_test_accuracy" in r
+        },
     )
     return out
 
@@ -273,6 +303,9 @@ def _shared_dimension(strategy, model, d: int) -> float:
     local ones, the groups outside its mask for MM-PFL-ADP): what its release carries besides its ledger."""
     if not strategy.communicates or not strategy.has_global_model:
         return 0.0
+    personal_names = getattr(strategy, "personal_names", None)  # cross-silo DP-SGD: the same groups at every site
+    if personal_names is not None:
+        return float(sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in personal_names))
     personal_groups = getattr(strategy, "_personal_groups", None)
     if personal_groups is None or not getattr(strategy, "use_masks", False):
         return float(d)
@@ -308,6 +341,11 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "patient_epsilon_max": round(max(r["epsilon"] for r in mine), 2),
                 "shared_d": round(float(np.mean([r.get("shared_d", 0.0) for r in mine])), 1),
                 "seconds": round(float(np.mean([r["seconds"] for r in mine])), 1),
+                # personal test accuracy at the evaluated rounds, mean over seeds (cross-silo arms: four points)
+                "curve": " ".join(
+                    f"{t}:{np.mean([r['curve'][t] for r in mine if t in r.get('curve', {})]):.3f}"
+                    for t in sorted({t for r in mine for t in r.get("curve", {})})
+                ),
             }
         )
     return rows
@@ -361,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{r['arm']:24s} d={r['d']:6d} acc={r['personal_accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}] "
             f"seeds {r['seed_mean']:.3f} [{r['seed_low']:.3f}, {r['seed_high']:.3f}] eps={r['patient_epsilon_max']} "
-            f"{r['seconds']}s"
+            f"{r['seconds']}s {r['curve']}"
         )
 
 

@@ -42,6 +42,7 @@ from .centralized import TrainedModel, TrainingRecipe, train_centralized
 from .seeding import Stream, numpy_generator
 
 __all__ = [
+    "BIAS_TERMS",
     "LAST_BLOCK",
     "PRIVATE_PARTS",
     "PublicPretrainingConfig",
@@ -58,11 +59,18 @@ __all__ = [
 #: about 50k parameters on ``hybrid-tiny``): enough capacity to adapt the features to the hospitals'
 #: domain, too much for one small site's DP-SGD to carry alone (sqrt(d) noise), which is where sharing it pays.
 LAST_BLOCK = "block.last"
+#: ``head+bias`` is bias-term fine-tuning (BitFit, Zaken et al. 2022; its DP form DP-BiTFiT, Bu et al. 2022):
+#: the head plus every one-dimensional parameter of every group, that is every bias and every normalisation
+#: scale and shift (the conv stems' norms, the blocks' LayerNorms and biases, the final norm). About 2.9k
+#: parameters on ``hybrid-tiny``: the per-feature shifts and gains that undo a contrast or intensity shift between
+#: the public scanner and the hospitals' protocol, at a sqrt(d) noise about four times smaller than one block's.
+BIAS_TERMS = "bias.all"
 PRIVATE_PARTS: dict[str, tuple[str, ...] | None] = {
     "head": ("head",),
     "head+norm": ("norm", "head"),
     "head+norm+clinical": ("clinical", "norm", "head"),
     "head+norm+block": (LAST_BLOCK, "norm", "head"),
+    "head+bias": (BIAS_TERMS, "head"),
     "all": None,
 }
 
@@ -150,10 +158,12 @@ def restrict_trainable(model: nn.Module, private_part: str | Sequence[str] | Non
         raise ConfigError("restrict_trainable needs a model with parameter_groups() (the kit's ViT or CNN).")
     known = groups_of()
     groups = [_last_block(known) if g == LAST_BLOCK else g for g in groups]
-    unknown = [g for g in groups if g not in known]
+    unknown = [g for g in groups if g not in known and g != BIAS_TERMS]
     if unknown:
         raise ConfigError(f"private part names unknown parameter groups {unknown}; the model has {list(known)}.")
-    keep = {n for g in groups for n in known[g]}
+    keep = {n for g in groups if g != BIAS_TERMS for n in known[g]}
+    if BIAS_TERMS in groups:  # every bias and norm scale/shift, whatever its group (the groups stay whole)
+        keep |= {n for n, p in model.named_parameters() if p.ndim == 1}
     for name, p in model.named_parameters():
         p.requires_grad_(name in keep)
     return private_dimension(model)

@@ -44,7 +44,7 @@ from ..metrics.convergence import rounds_to_target
 from ..devices import resolve_device
 from ..privacy.randomness import secure_numpy_generator
 from ..seeding import Stream, numpy_generator, torch_generator
-from .client import ClientUpdate, local_update, trainable_state
+from .client import ClientUpdate, trainable_state
 from .config import FederatedConfig
 from .evaluation import evaluate_predictions, predict_proba, site_accuracies
 from .strategies import State, StopTraining, Strategy
@@ -104,16 +104,15 @@ def client_round(
     generator = torch_generator(config.seed, Stream.TRAINING, round_index, site_id)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-        update = local_update(
+        update = strategy.local_training(
             model,
             dataset,
             site_id=site_id,
-            training=config.local,
-            optimizer=config.optimizer,
+            global_state=global_state,
+            round_index=round_index,
+            config=config,
             generator=generator,
             device=device,
-            regulariser=strategy.regulariser(site_id, global_state),
-            private_training=strategy.private_training(site_id, len(dataset)),
         )
     strategy.after_local(site_id, model)
     return update, strategy.transmit(update, round_index)

@@ -26,7 +26,7 @@ from torch import nn
 from ..data.contract import CohortDataset, concatenate
 from ..data.federation import Federation
 from ..errors import ConfigError
-from .client import ClientUpdate, LossRegulariser
+from .client import ClientUpdate, LossRegulariser, local_update
 from .config import FederatedConfig
 from .server_optimizer import make_server_optimizer, split_server_optimizer_tensors
 
@@ -121,6 +121,33 @@ class Strategy:
         """Sample-level DP-SGD settings (:class:`~mmpfl_core.privacy.dp_sgd.PrivateTraining`) for this
         client's local training; None (default) trains without DP-SGD."""
         return None
+
+    def local_training(
+        self,
+        model: nn.Module,
+        dataset: CohortDataset,
+        *,
+        site_id: int,
+        global_state: State,
+        round_index: int,
+        config: FederatedConfig,
+        generator: torch.Generator,
+        device: torch.device,
+    ) -> ClientUpdate:
+        """The site's computation of the round (step 2): :func:`~.client.local_update` with this strategy's
+        regulariser and DP-SGD settings. A strategy whose sites compute something else than local training
+        (``cross-silo-dp-sgd``: one clipped, noised per-patient gradient sum) overrides it."""
+        return local_update(
+            model,
+            dataset,
+            site_id=site_id,
+            training=config.local,
+            optimizer=config.optimizer,
+            generator=generator,
+            device=device,
+            regulariser=self.regulariser(site_id, global_state),
+            private_training=self.private_training(site_id, len(dataset)),
+        )
 
     # 5. what a client sends
     def transmit(self, update: ClientUpdate, round_index: int) -> State:

@@ -1,0 +1,492 @@
+"""Cross-silo DP-SGD: one DP-SGD step over the UNION of the hospitals' patients per round, the per-patient
+clipped gradient sums released only through secure aggregation, with ONE Gaussian noise on the aggregate
+(strategy ``cross-silo-dp-sgd``; docs/DESIGN.md 4.2 ``distributed`` placement, 4.5, 4.7).
+
+Why: DP-SGD inside each site (``dp-sgd-fedavg``, ``local-dp-sgd``, ``mr-mtl``) adds noise z C per site step of
+B ~ 8-16 patients, and averaging K sites divides it only by sqrt(K): per-step noise-to-signal
+z sqrt(d) / (B sqrt(K)). Here the noise is added once to the sum over all sites, so it is z sqrt(d) / (q N),
+N the patients of all sites: a factor sqrt(K) smaller at the same (q, z).
+
+Algorithm of round t (FedSGD; Abadi et al. 2016 over the union, with distributed noise as in
+Kairouz et al. 2021 "The distributed discrete Gaussian mechanism", here continuous and in-process):
+    0. (Server, public.) All m sites take part (cross-silo: ``client_fraction`` must be 1); the
+       round announces m.
+    1. Site k Poisson-samples its training patients, each independently with the SAME rate q.
+    2. Per-patient gradients g_i of the trainable parameters (Opacus ``GradSampleModule``, hooks mode,
+       as :mod:`mmpfl_core.privacy.dp_sgd`), each clipped JOINTLY (shared and personal coordinates
+       together, one flat norm) to C: gbar_i = g_i min(1, C / ||g_i||).
+    3. Shared coordinates: the site sends S_k = sum_i gbar_i[shared] + N(0, z^2 C^2 / m I) through
+       secure aggregation (assumed, not simulated, as docs/DESIGN.md 4.2 says for ``distributed``).
+    4. Server: sum_k S_k, plus a top-up N(0, z^2 C^2 (m - s) / m I) if only s < m shares arrived, so
+       the aggregate carries N(0, z^2 C^2 I) whatever m and s; divide by the fixed expected batch q N
+       (site sizes are public, the size caveat of :mod:`mmpfl_core.privacy.dp_sgd`) and step the SERVER
+       optimiser (:mod:`~.server_optimizer`, Adam by default, at the run's learning rate) with that
+       averaged noisy gradient: the new shared parameters.
+    5. Personal coordinates (``personal_groups``, e.g. ``("head",)``) never leave the site: it adds the
+       FULL N(0, z^2 C^2 I) to sum_i gbar_i[personal], divides by q n_k and steps its own copy with the
+       run's local optimiser (``FederatedConfig.optimizer``).
+
+Privacy argument. Unit: one patient, across hospitals (add/remove one patient of any site). Patient i of
+site k enters only (a) the shared aggregate and (b) site k's personal sum. The joint vector
+(aggregate, personal sum of k) has sensitivity C (joint clipping of gbar_i) and Gaussian noise of std
+z C on EVERY coordinate (the aggregate's m shares sum to variance z^2 C^2; the personal sum carries the
+full z^2 C^2 itself), and the other sites' personal sums do not depend on i. So every round is ONE
+Poisson-subsampled Gaussian mechanism at (q, z) for every patient, and the run is T = ``num_rounds`` such
+steps: one ledger for all patients (:class:`~mmpfl_core.privacy.ledger.PrivacyLedger`, Opacus's RDP or
+PRV accountant), epsilon from the accountant; with ``target_epsilon`` z is calibrated so that
+epsilon(q, z, T) <= target at delta <= 1 / (10 N). The shared model and every site's deployed model
+(shared merged with its personal copy) are post-processing of these steps.
+
+Trust: against the server (and anyone who sees only the released aggregate) the guarantee above holds
+because secure aggregation shows it the sum alone. Against a coalition of sites, who can subtract their
+own shares, the honest sites' shares remain: with h honest sites the aggregate still carries
+N(0, z^2 C^2 h / m) and the guarantee degrades to multiplier z sqrt(h / m) (not accounted here). Without
+secure aggregation a single share (std z C / sqrt(m)) protects nothing worth the name.
+
+Randomness: ``noise="secure"`` (default) draws the Poisson samples and every noise share from the OS
+CSPRNG (:mod:`mmpfl_core.privacy.randomness`); ``"reproducible-insecure"`` draws them from the run's
+seeded streams (teaching and tests only; warns, and the summary says "not private").
+
+Scope: the personal groups are the same at every site and fixed for the run. MM-PFL-ADP's per-site KL masks
+are not routed through this mechanism yet; that needs (1) per-site personal sets with noise-only placeholder
+shares for a site's personal coordinates, so that the aggregate keeps variance z^2 C^2 on every coordinate and
+the server cannot see the mask (as MM-PFL-ADP's ``distributed`` placement does), (2) the masks scored on the
+PUBLIC set from the site's personal copy (post-processing), and (3) its noise gate and Fisher allocation sized
+for one step over the union (q N patients per noise draw, T = rounds).
+
+Measured (``bench/results/wcp_secagg_probe.md``: headline cohort, alpha 10, lesion contrast 0.3, ``head+bias``
+d = 2,915, seed 0, patient epsilon 8, 200 rounds of q N = 128, server Adam 5e-3; 201 test subjects):
+personal accuracy 0.701 [0.637, 0.761] everything shared, 0.706 [0.637, 0.766] with the head personal, against
+public-model-only 0.642 [0.572, 0.706], local + DP-SGD 0.652 and FedAvg + DP-SGD 0.657 [0.587, 0.721].
+
+Must never release: per-patient gradients or norms, a site's un-noised or single share, the Poisson
+sample, the personal coordinates, or the noise and its seed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.contract import CohortDataset
+from ..data.federation import Federation
+from ..errors import ConfigError
+from ..privacy.accounting import calibrate_noise
+from ..privacy.dp_sgd import poisson_batch
+from ..privacy.ledger import PrivacyLedger
+from ..privacy.mechanisms import NOT_PRIVATE_WARNING
+from ..privacy.randomness import secure_gaussian
+from ..privacy.release import check_noise_mode
+from .client import ClientUpdate, build_optimizer, forward_batch
+from .config import FederatedConfig
+from .server_optimizer import ServerOptimizer, ServerOptimizerConfig, split_server_optimizer_tensors
+from .strategies import State, Strategy, register_strategy
+
+__all__ = ["PRIVACY_UNIT", "CrossSiloDPSGD", "clipped_per_patient_sum"]
+
+#: What the summary names as the protected unit.
+PRIVACY_UNIT = "patient (across hospitals, secure aggregation)"
+_PERSONAL_OPT_PREFIX = "personal_optimizer:"
+
+
+def clipped_per_patient_sum(
+    model: nn.Module, batch: dict[str, torch.Tensor], *, max_grad_norm: float, device: torch.device
+) -> tuple[State, float]:
+    """sum_i g_i min(1, C / ||g_i||) over the patients of ``batch`` and the summed loss, by trainable name.
+
+    Per-patient gradients of the summed cross-entropy come from Opacus' ``GradSampleModule`` (hooks mode,
+    the grad-sample mode :mod:`mmpfl_core.privacy.dp_sgd` uses and measured fastest on two cores); the
+    norm is over ALL trainable coordinates of a patient at once (joint, flat clipping: the sensitivity of
+    the shared aggregate and the personal sum together is C). Nothing computed here may leave the site
+    un-noised.
+    """
+    from opacus import GradSampleModule
+
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    try:
+        loss = nn.functional.cross_entropy(
+            forward_batch(wrapped, batch, device), batch["label"].to(device), reduction="sum"
+        )
+        with warnings.catch_warnings():
+            # the inputs need no gradient, so torch warns that the full backward hook fires on the outputs'
+            # gradients: that is what Opacus relies on (as privacy/fisher.py)
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            loss.backward()
+        grad_samples: dict[str, torch.Tensor] = {n: p.grad_sample for n, p in params.items()}  # type: ignore[attr-defined]  # Opacus's per-sample slot
+        per_sample = {n: g.reshape(g.shape[0], -1) for n, g in grad_samples.items()}  # (B, *shape) -> (B, d_n)
+    finally:
+        wrapped._close()
+        for p in params.values():
+            p.grad = None  # the summed un-clipped gradient must not linger on the working model
+            if hasattr(p, "grad_sample"):
+                del p.grad_sample
+    norms = torch.stack([(g.double() ** 2).sum(dim=1) for g in per_sample.values()]).sum(dim=0).sqrt()  # (B,)
+    factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0).to(next(iter(per_sample.values())).dtype)
+    sums = {n: torch.einsum("b,bd->d", factors, g).view_as(params[n]).detach() for n, g in per_sample.items()}
+    return sums, float(loss.detach())
+
+
+@register_strategy("cross-silo-dp-sgd")
+class CrossSiloDPSGD(Strategy):
+    """DP-SGD over the union of the sites' patients with secure aggregation (module docstring). Keyword-only.
+
+    Args:
+        target_epsilon: patient-level budget over the whole run; z is calibrated for (q, T = num_rounds).
+        noise_multiplier: z instead of a target (exactly one of the two). 0 only in tests (epsilon inf).
+        max_grad_norm: C, the joint per-patient clip bound.
+        delta: patient-level delta; default 1 / (10 N) with N the patients of all sites; larger is refused.
+        sample_rate: q, the same Poisson rate at every site, in (0, 1]. Default: ``expected_batch_size`` / N.
+        expected_batch_size: patients expected per step over the union (default: the run's
+            ``local.batch_size`` per site, times the number of sites).
+        accountant: "prv" (default), "rdp" or "pld".
+        noise: "secure" (default) or "reproducible-insecure" (tests and teaching only, NOT private).
+        personal_groups: parameter groups (``model.parameter_groups()``) whose coordinates stay at each
+            site (e.g. ``("head",)``); empty (default): everything trainable is shared.
+        server_optimizer: kwargs of :class:`~.server_optimizer.ServerOptimizerConfig`; default Adam at the
+            run's ``optimizer.lr``.
+    """
+
+    secret_randomness = True
+
+    def __init__(
+        self,
+        *,
+        target_epsilon: float | None = None,
+        noise_multiplier: float | None = None,
+        max_grad_norm: float = 1.0,
+        delta: float | None = None,
+        sample_rate: float | None = None,
+        expected_batch_size: int | None = None,
+        accountant: str = "prv",
+        noise: str = "secure",
+        personal_groups: Sequence[str] = (),
+        server_optimizer: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.secret_randomness = check_noise_mode(noise, "cross-silo DP-SGD")
+        self.noise = noise
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ConfigError("cross-silo-dp-sgd needs exactly one of target_epsilon (e.g. 8) or noise_multiplier.")
+        if target_epsilon is not None and not 0 < target_epsilon < math.inf:
+            raise ConfigError(
+                f"cross-silo-dp-sgd target_epsilon={target_epsilon!r} must be finite and > 0; pick a budget such "
+                "as 1, 4 or 8."
+            )
+        if noise_multiplier is not None and not 0 <= noise_multiplier < math.inf:
+            raise ConfigError(f"cross-silo-dp-sgd noise_multiplier={noise_multiplier!r} must be finite and >= 0.")
+        if not 0 < max_grad_norm < math.inf:
+            raise ConfigError(f"cross-silo-dp-sgd max_grad_norm={max_grad_norm!r} must be finite and > 0, e.g. 1.0.")
+        if delta is not None and not 0 < delta < 1:
+            raise ConfigError(
+                f"cross-silo-dp-sgd delta={delta!r} must lie in (0, 1); leave it out for 1/(10 N), N the patients."
+            )
+        if sample_rate is not None and not 0 < sample_rate <= 1:
+            raise ConfigError(
+                f"cross-silo-dp-sgd sample_rate={sample_rate!r} must lie in (0, 1]: the probability that a patient "
+                "is in a step's Poisson batch (1.0: every patient every step)."
+            )
+        if expected_batch_size is not None and not expected_batch_size >= 1:
+            raise ConfigError(f"cross-silo-dp-sgd expected_batch_size={expected_batch_size!r} must be >= 1.")
+        if sample_rate is not None and expected_batch_size is not None:
+            raise ConfigError("cross-silo-dp-sgd: give sample_rate or expected_batch_size, not both.")
+        self.target_epsilon, self.noise_multiplier = target_epsilon, noise_multiplier
+        self.max_grad_norm, self.delta, self.accountant = float(max_grad_norm), delta, accountant
+        self.sample_rate, self.expected_batch_size = sample_rate, expected_batch_size
+        self.personal_groups = tuple(personal_groups)
+        self._server_optimizer_spec = server_optimizer
+        self.ledger: PrivacyLedger | None = None
+        self._m = 0  # sites the current round announced (select / apply_round_instructions)
+        self._recorded: set[int] = set()
+        self._personal_opt: dict[int, torch.optim.Optimizer] = {}
+        self._pending_personal_opt: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ set-up (public inputs only)
+    def configure(
+        self, *, config: FederatedConfig, federation: Federation, client_ids: Sequence[int], model: nn.Module
+    ) -> None:
+        if config.client_fraction != 1.0:
+            raise ConfigError(
+                f"cross-silo-dp-sgd needs every site in every round (client_fraction={config.client_fraction!r}); "
+                "set client_fraction=1.0: the noise shares are sized for the m sites a round announces."
+            )
+        if config.engine != "loop":
+            raise ConfigError(f"cross-silo-dp-sgd runs on engine='loop' only (got {config.engine!r}).")
+        self._config = config
+        # site sizes are public here, as in dp_sgd.py's size caveat: they fix q N and q n_k
+        self.site_sizes = {s.site_id: len(s.train) for s in federation.sites}
+        self.total = sum(self.site_sizes.values())
+        if self.total < 1:
+            raise ConfigError("cross-silo-dp-sgd: the sites hold no training patients.")
+        if self.sample_rate is None:
+            expected = self.expected_batch_size or config.local.batch_size * len(self.site_sizes)
+            if expected > self.total:
+                raise ConfigError(
+                    f"cross-silo-dp-sgd expected_batch_size={expected} exceeds the {self.total} patients (q > 1); "
+                    "pass a smaller expected_batch_size or sample_rate=1.0."
+                )
+            self.sample_rate = expected / self.total
+        max_delta = 1.0 / (10 * self.total)
+        if self.delta is None:
+            self.delta = max_delta
+        elif self.delta > max_delta:
+            raise ConfigError(
+                f"cross-silo-dp-sgd delta={self.delta!r} exceeds 1/(10 N) = {max_delta:.3g} for N = {self.total} "
+                "patients; pass a smaller delta or leave it out."
+            )
+        if self.noise_multiplier is None:
+            assert self.target_epsilon is not None  # exactly one (validated)
+            self.noise_multiplier = calibrate_noise(
+                target_epsilon=self.target_epsilon,
+                target_delta=self.delta,
+                sample_rate=self.sample_rate,
+                steps=config.num_rounds,
+                accountant=self.accountant,
+            )
+        if self.ledger is None:
+            self.ledger = PrivacyLedger(delta=self.delta, accountant=self.accountant)
+        group_fn = getattr(model, "parameter_groups", None)
+        groups: dict[str, list[str]] = group_fn() if callable(group_fn) else {}
+        unknown = [g for g in self.personal_groups if g not in groups]
+        if unknown:
+            raise ConfigError(
+                f"cross-silo-dp-sgd personal_groups {unknown} are not groups of the model; use some of {list(groups)}."
+            )
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.personal_names = frozenset(n for g in self.personal_groups for n in groups[g] if n in trainable)
+        if self.personal_groups and not self.personal_names:
+            raise ConfigError(f"cross-silo-dp-sgd personal_groups {list(self.personal_groups)} hold no trainable one.")
+        spec = dict(self._server_optimizer_spec or {"name": "adam", "lr": config.optimizer.lr})
+        self.server_optimizer = ServerOptimizer(ServerOptimizerConfig(**spec))
+
+    @property
+    def share_std(self) -> float:
+        """Std of one site's share in round t: z C / sqrt(m), m the sites the round announced."""
+        assert self.noise_multiplier is not None
+        return self.noise_multiplier * self.max_grad_norm / math.sqrt(self._m)
+
+    # ------------------------------------------------------------------ server: who takes part
+    def select(self, client_ids: Sequence[int], config: FederatedConfig, rng: Any) -> list[int]:
+        selected = list(client_ids)  # cross-silo: every site, every round (client_fraction 1 checked)
+        self._m = len(selected)
+        return selected
+
+    def round_instructions(self, round_index: int, global_state: State) -> dict[str, float]:
+        return {"announced_sites": float(self._m)}
+
+    def apply_round_instructions(self, round_index: int, instructions: dict[str, float]) -> None:
+        self._m = int(instructions["announced_sites"])
+        self.before_round(round_index)
+
+    def before_round(self, round_index: int) -> None:
+        # written before any share leaves a site (docs/DESIGN.md 4.8): one subsampled Gaussian step at (q, z)
+        assert self.ledger is not None and self.noise_multiplier is not None and self.sample_rate is not None
+        if round_index not in self._recorded:
+            self.ledger.record(
+                name="cross-silo-dp-sgd",
+                noise_multiplier=self.noise_multiplier,
+                sample_rate=self.sample_rate,
+                steps=1,
+                round=round_index,
+            )
+            self._recorded.add(round_index)
+
+    # ------------------------------------------------------------------ site side
+    def broadcast(self, site_id: int, global_state: State) -> State:
+        return {n: t for n, t in global_state.items() if n not in self.personal_names}
+
+    def client_start_state(self, site_id: int, global_state: State) -> State:
+        return {**global_state, **self.personal.get(site_id, {})}
+
+    def personal_state(self, site_id: int, global_state: State) -> State | None:
+        if not self.personal_names:
+            return None
+        return {**global_state, **self.personal.get(site_id, {})}
+
+    def _gaussian(self, shape: torch.Size, std: float, generator: torch.Generator | None) -> torch.Tensor:
+        if generator is None:
+            return secure_gaussian(shape, std)
+        return torch.randn(shape, generator=generator, dtype=torch.float64).mul_(std).float()
+
+    def noise_share(self, sums: State, generator: torch.Generator | None) -> State:
+        """What site k sends for the shared coordinates: its clipped sum plus its share N(0, z^2 C^2 / m I)
+        (``generator`` None: from the OS CSPRNG)."""
+        return {n: t + self._gaussian(t.shape, self.share_std, generator).to(t.device) for n, t in sums.items()}
+
+    def local_training(
+        self,
+        model: nn.Module,
+        dataset: CohortDataset,
+        *,
+        site_id: int,
+        global_state: State,
+        round_index: int,
+        config: FederatedConfig,
+        generator: torch.Generator,
+        device: torch.device,
+    ) -> ClientUpdate:
+        """Site k's part of the step (module docstring, steps 1-3 and 5): returns the noised SHARED sum
+        as ``delta`` (not a parameter difference), and steps the site's personal copy in place."""
+        assert self.sample_rate is not None and self.noise_multiplier is not None
+        model.to(device).train()
+        noise_gen = batch_gen = None  # secure: OS CSPRNG
+        if not self.secret_randomness:
+            noise_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+            batch_gen = generator
+        index = poisson_batch(len(dataset), self.sample_rate, batch_gen)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if len(index) == 0:  # an empty batch still sends its noise share (and is charged)
+            sums = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
+            loss = 0.0
+        else:
+            sums, loss = clipped_per_patient_sum(
+                model, dataset.batch(index), max_grad_norm=self.max_grad_norm, device=device
+            )
+        full_std = self.noise_multiplier * self.max_grad_norm
+        shared = self.noise_share({n: sums[n] for n in names if n not in self.personal_names}, noise_gen)
+        if self.personal_names and self.site_sizes.get(site_id, 0) > 0:
+            self._personal_step(site_id, model, sums, full_std, noise_gen, config)
+        return ClientUpdate(
+            site_id=site_id,
+            delta=shared,
+            num_examples=len(dataset),
+            num_steps=1,
+            train_loss=loss / max(len(index), 1),
+        )
+
+    def _personal_step(
+        self,
+        site_id: int,
+        model: nn.Module,
+        sums: State,
+        full_std: float,
+        noise_gen: torch.Generator | None,
+        config: FederatedConfig,
+    ) -> None:
+        """(sum_i gbar_i[personal] + N(0, z^2 C^2 I)) / (q n_k), stepped by the site's own optimiser."""
+        assert self.sample_rate is not None
+        params = dict(model.named_parameters())
+        if site_id not in self.personal:
+            self.personal[site_id] = {n: params[n].detach().clone() for n in sorted(self.personal_names)}
+        state = self.personal[site_id]
+        leaves = {n: t.requires_grad_(True) for n, t in state.items()}
+        if site_id not in self._personal_opt:
+            self._personal_opt[site_id] = build_optimizer(list(leaves.values()), config.optimizer)
+            self._restore_personal_opt(site_id)
+        denominator = self.sample_rate * self.site_sizes[site_id]
+        for n, leaf in leaves.items():
+            noisy = sums[n] + self._gaussian(sums[n].shape, full_std, noise_gen).to(sums[n].device)
+            leaf.grad = (noisy / denominator).to(leaf.dtype)
+        self._personal_opt[site_id].step()
+        for leaf in leaves.values():
+            leaf.grad = None
+
+    # ------------------------------------------------------------------ what leaves a site, and the server
+    def transmit(self, update: ClientUpdate, round_index: int) -> State:
+        leaked = self.personal_names.intersection(update.delta)
+        if leaked:  # a defect, never a configuration: personal coordinates must not reach the aggregate
+            raise RuntimeError(f"cross-silo-dp-sgd: personal tensors {sorted(leaked)} would be sent.")
+        return update.delta
+
+    def aggregate(
+        self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State], round_index: int
+    ) -> State:
+        """sum_k S_k + top-up N(0, z^2 C^2 (m - s) / m), over q N, then the server optimiser's step."""
+        assert self.sample_rate is not None and self.noise_multiplier is not None
+        shared = [n for n in global_state if n not in self.personal_names]
+        missing = max(self._m - len(sent), 0)
+        top_up_std = self.noise_multiplier * self.max_grad_norm * math.sqrt(missing / self._m) if self._m else 0.0
+        noise_gen = None
+        if not self.secret_randomness:
+            noise_gen = torch.Generator().manual_seed(int(self._config.seed) * 1_000_003 + round_index)
+        denominator = self.sample_rate * self.total
+        aggregated = {}
+        for n in shared:
+            total = torch.zeros_like(global_state[n])
+            for s in sent:
+                total = total + s[n].to(total.device)
+            if missing:
+                total = total + self._gaussian(total.shape, top_up_std, noise_gen).to(total.device)
+            aggregated[n] = global_state[n] - total / denominator  # pseudo-average: theta - g
+        stepped = self.server_optimizer.step({n: global_state[n] for n in shared}, aggregated)
+        return {**global_state, **stepped}
+
+    # ------------------------------------------------------------------ reporting
+    def epsilon(self) -> float:
+        """Patient-level epsilon so far, from the accountant (the same for every patient of every site)."""
+        assert self.ledger is not None
+        return self.ledger.epsilon()
+
+    def round_report(self, round_index: int) -> dict[str, float]:
+        return {"sample_epsilon_max": self.epsilon()}
+
+    def summary_report(self) -> dict[str, Any]:
+        eps = self.epsilon()
+        out: dict[str, Any] = {
+            "privacy_unit": PRIVACY_UNIT,
+            "per_site_epsilon": {k: eps for k in sorted(self.site_sizes)},
+            "max_epsilon": eps,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "max_grad_norm": self.max_grad_norm,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "expected_batch": (self.sample_rate or 0.0) * self.total,
+            "steps": len(self.ledger or []),
+            "personal_groups": list(self.personal_groups),
+            "noise": self.noise,
+        }
+        if self.noise != "secure":
+            out["not_private"] = NOT_PRIVATE_WARNING
+        return {"sample_level_privacy": out}
+
+    def attach_ledger_journals(self, *, server, site, sites) -> None:  # noqa: ANN001 - as SampleLevelHooks
+        """The one patient-level ledger journals to the server's file: its entries are public (q, z, round)."""
+        assert self.ledger is not None
+        self.ledger.attach_journal(server)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, _ = super().state_dict()
+        tensors = {n: t.detach() for n, t in tensors.items()}
+        tensors.update(self.server_optimizer.state_dict())
+        for site, opt in self._personal_opt.items():
+            for index, slots in opt.state_dict()["state"].items():
+                for key, value in slots.items():
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"{_PERSONAL_OPT_PREFIX}{site}/{index}/{key}"] = value
+        assert self.ledger is not None
+        return tensors, {
+            "ledger": self.ledger.state_dict(),
+            "recorded": sorted(self._recorded),
+            "noise_multiplier": self.noise_multiplier,
+        }
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        own, rest = split_server_optimizer_tensors(tensors)
+        self.server_optimizer.load_state_dict(own)
+        self._pending_personal_opt = {k: v for k, v in rest.items() if k.startswith(_PERSONAL_OPT_PREFIX)}
+        super().load_state_dict({k: v for k, v in rest.items() if not k.startswith(_PERSONAL_OPT_PREFIX)}, state)
+        self._personal_opt = {}
+        self.ledger = PrivacyLedger.from_state_dict(state["ledger"])
+        self._recorded = set(state["recorded"])
+        self.noise_multiplier = float(state["noise_multiplier"])
+
+    def _restore_personal_opt(self, site_id: int) -> None:
+        prefix = f"{_PERSONAL_OPT_PREFIX}{site_id}/"
+        mine = {k[len(prefix) :]: v for k, v in self._pending_personal_opt.items() if k.startswith(prefix)}
+        if not mine:
+            return
+        opt = self._personal_opt[site_id]
+        saved = opt.state_dict()
+        slots: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in mine.items():
+            index, slot = key.split("/", 1)
+            slots.setdefault(int(index), {})[slot] = value
+        saved["state"] = slots
+        opt.load_state_dict(saved)
