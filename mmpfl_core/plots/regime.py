@@ -23,7 +23,8 @@ def _eps_text(e: float) -> str:
 
 def plot_regime_map(cells: pd.DataFrame, *, title: str = "Who wins? personal accuracy, eligible methods"):
     """Sites (rows) x epsilon (columns), coloured by the winning method; the text gives its accuracy and
-    "tie" where its 95% interval overlaps another eligible method's."""
+    "tie" where its 95% interval overlaps another eligible method's; "not ranked" where non-private
+    collaboration does not beat local-only in that row (``ranked`` column of the cells)."""
     methods = list(dict.fromkeys(cells["method"]))
     palette = dict(zip(methods, sns.color_palette("Set2", len(methods)), strict=False))
     sites = sorted(cells["sites"].unique())
@@ -33,6 +34,16 @@ def plot_regime_map(cells: pd.DataFrame, *, title: str = "Who wins? personal acc
     for i, n in enumerate(sites):
         for j, e in enumerate(eps):
             if (n, e) not in wins.index:
+                if "ranked" in cells and not cells[(cells["sites"] == n) & (cells["epsilon"] == e)]["ranked"].all():
+                    # no winner on purpose: non-private collaboration does not beat local-only in this row
+                    ax.text(
+                        j + 0.5,
+                        i + 0.5,
+                        "not ranked:\ncollaboration\ndoes not pay",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                    )
                 continue
             w = wins.loc[(n, e)]
             ax.add_patch(plt.Rectangle((j, i), 1, 1, color=palette[w["method"]], alpha=1.0 if w["clear"] else 0.45))

@@ -12,7 +12,14 @@ Student-t 95% interval, and names the winner among the methods that hold that ce
   epsilon = inf, and shown elsewhere as a reference.
 
 A winner is "clear" when its interval lies above every other eligible method's interval, else the
-cell is a tie. Sites are Poisson-sampled with q = min(1, m / N) (m: ``sites_per_round``), so the
+cell is a tie. Private methods are ranked only where collaboration pays at all: in each row (one
+federation size) the best communicating arm at epsilon = inf (clipping, no noise; or a non-private
+method such as Ditto) must beat local-only with intervals apart (points, with a single seed). Where
+it does not, pooling the sites' updates does not help even without noise, so no private method can
+be expected to; the row's finite-epsilon cells are marked ``ranked = False`` with no winner, and the
+report says so instead of ranking them (:func:`collaboration_table`). Convergence is reported, not
+assumed: ``acc change, last interval`` is each run's personal test accuracy at the last evaluation
+minus that at the one before (``eval_every`` rounds earlier), from the run's released metrics. Sites are Poisson-sampled with q = min(1, m / N) (m: ``sites_per_round``), so the
 expected number of participants qN (the DP average's fixed denominator) stays near m while q, and
 with it the noise multiplier z the accountant needs, falls as N grows. The per-round
 noise-to-signal ratio of the released average is z C sqrt(d) / (qN) over a clipped update of norm
@@ -54,7 +61,7 @@ from ..federated.strategies import create_strategy
 from ..federated.vectorized import VECTORIZED_STRATEGIES
 from ..metrics.classification import seed_ci
 
-__all__ = ["RegimeMap", "regime_cells", "regime_runs", "regime_verdict"]
+__all__ = ["RegimeMap", "collaboration_table", "regime_cells", "regime_runs", "regime_verdict"]
 
 
 @dataclass(frozen=True)
@@ -213,10 +220,12 @@ def regime_runs(
                         continue
                     privacy = summary.get("privacy", {})
                     z, qn = privacy.get("noise_multiplier"), privacy.get("expected_participants")
+                    change = _last_interval_change(out / "runs" / f"sites{n}-seed{seed}" / spec.label)
                     rows.append(
                         {
                             **cell,
                             "personal acc": summary["personal_test"]["accuracy"]["point"],
+                            "acc change, last interval": change,
                             "epsilon spent": summary.get("final", {}).get("epsilon"),
                             "noise multiplier": z,
                             "expected participants": qn,
@@ -250,6 +259,20 @@ def _finished_or_run(
     if run_dir.summary_path.is_file():
         return run_dir.read_summary()
     return run_method(config, method, federation(), results_dir=results_dir, progress=progress).summary
+
+
+def _last_interval_change(run_path: Path) -> float:
+    """Personal test accuracy at the run's last evaluation minus that at the evaluation before (NaN
+    with fewer than two evaluations). Read from the released ``metrics.csv`` (pooled evaluation
+    metrics, docs/DESIGN.md 6): a convergence check that reads nothing private."""
+    path = run_path / "metrics.csv"
+    if not path.is_file():
+        return float("nan")
+    frame = pd.read_csv(path)
+    if "personal_test_accuracy" not in frame:
+        return float("nan")
+    acc = frame["personal_test_accuracy"].dropna().to_numpy()
+    return float(acc[-1] - acc[-2]) if len(acc) >= 2 else float("nan")
 
 
 def _engine_for(method: MethodSpec, engine: str) -> str:
@@ -299,15 +322,71 @@ def regime_cells(runs: pd.DataFrame, grid: RegimeMap) -> pd.DataFrame:
                         "z/m": _mean(sel, "z/m") if private else None,
                         "parameters": _mean(sel, "parameters"),
                         "noise/signal per round": sel["noise/signal per round"].mean() if private else None,
+                        "acc change, last interval": _mean(sel, "acc change, last interval"),
                     }
                 )
-            eligible = [c for c in cell if c["eligible"]]
-            best = max(eligible, key=lambda c: c["acc"]) if eligible else None
-            for c in cell:
-                c["winner"] = best is not None and c is best
-                others = [o["high"] for o in eligible if o is not c]
-                c["clear"] = bool(c["winner"] and not math.isnan(c["low"]) and all(c["low"] > h for h in others))
             rows += cell
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    pays = {row["sites"]: bool(row["collaboration pays"]) for _, row in collaboration_table(frame, grid).iterrows()}
+    # A row where collaboration does not pay even without noise ranks no private method (module docstring).
+    frame["ranked"] = [
+        bool(math.isinf(e) or pays.get(n, True)) for n, e in zip(frame["sites"], frame["epsilon"], strict=True)
+    ]
+    frame["winner"], frame["clear"] = False, False
+    for _, cell in frame.groupby(["sites", "epsilon"]):
+        eligible = cell[cell["eligible"] & cell["ranked"]]
+        if eligible.empty:
+            continue
+        best = eligible["acc"].idxmax()
+        others = eligible.drop(index=best)["high"]
+        frame.loc[best, "winner"] = True
+        low = frame.loc[best, "low"]
+        frame.loc[best, "clear"] = bool(not math.isnan(low) and (low > others).all())
+    return frame
+
+
+def _beats(ours: pd.Series, other: pd.Series) -> bool:
+    """Intervals apart (ours above), or with a single seed (no interval) the point estimates."""
+    if math.isnan(ours["low"]) or math.isnan(other["high"]):
+        return bool(ours["acc"] > other["acc"])
+    return bool(ours["low"] > other["high"])
+
+
+def collaboration_table(cells: pd.DataFrame, grid: RegimeMap) -> pd.DataFrame:
+    """Per row of the map: does non-private collaboration beat local-only?
+
+    The best communicating arm at epsilon = inf (private methods with clipping and no noise, or a
+    non-private method) against ``grid.baseline``: ``collaboration pays`` when its interval lies
+    above the baseline's (:func:`_beats`). Rows without an epsilon = inf column or without the
+    baseline are taken to pay (nothing measured contradicts ranking). ``acc change, last interval``
+    of the two arms says whether they had converged (module docstring)."""
+    rows = []
+    for (n, m), row in cells.groupby(["sites", "sites per round m"], sort=False):
+        inf = row[row["epsilon"].map(math.isinf)]
+        base = inf[inf["method"] == grid.baseline]
+        communicating = inf[inf["method"] != grid.baseline]
+        if base.empty or communicating.empty:
+            rows.append({"sites": n, "sites per round m": m, "collaboration pays": True})
+            continue
+        b, best = base.iloc[0], communicating.loc[communicating["acc"].idxmax()]
+        rows.append(
+            {
+                "sites": n,
+                "sites per round m": m,
+                "best non-private collaboration": best["method"],
+                "its acc": best["acc"],
+                "its low": best["low"],
+                "its high": best["high"],
+                "its acc change, last interval": best.get("acc change, last interval"),
+                f"{grid.baseline} acc": b["acc"],
+                f"{grid.baseline} low": b["low"],
+                f"{grid.baseline} high": b["high"],
+                f"{grid.baseline} acc change, last interval": b.get("acc change, last interval"),
+                "collaboration pays": _beats(best, b),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -319,11 +398,14 @@ def _mean(sel: pd.DataFrame, column: str) -> float | None:
 def regime_verdict(
     cells: pd.DataFrame, grid: RegimeMap, *, min_sites: int = 100, max_epsilon: float = 8.0
 ) -> pd.DataFrame:
-    """For every cell with N >= ``min_sites`` and epsilon <= ``max_epsilon``: does the proposed method's
-    interval lie above the baseline's and each rival's? (The issue's done-when question.)"""
+    """For every cell with at least ``min_sites`` sites (sites per round m where the map has the m axis,
+    else the federation size N) and epsilon <= ``max_epsilon``: does the proposed method's interval lie
+    above the baseline's and each rival's? (The issue's done-when question.)"""
     rows = []
+    per_round = dict(zip(grid.sites, grid.per_round, strict=True))
+    on_m_axis = isinstance(grid.sites_per_round, tuple)
     for (n, epsilon), cell in cells.groupby(["sites", "epsilon"]):
-        if n < min_sites or epsilon > max_epsilon:
+        if (per_round.get(n, n) if on_m_axis else n) < min_sites or epsilon > max_epsilon:
             continue
         by = cell.set_index("method")
         if grid.proposed not in by.index:
@@ -331,6 +413,7 @@ def regime_verdict(
         ours = by.loc[grid.proposed]
         row: dict[str, Any] = {
             "sites": n,
+            "sites per round m": per_round.get(n),
             "epsilon": epsilon,
             grid.proposed: f"{ours['acc']:.3f} [{ours['low']:.3f}, {ours['high']:.3f}]",
         }
@@ -342,19 +425,30 @@ def regime_verdict(
             o = by.loc[other]
             row[other] = f"{o['acc']:.3f} [{o['low']:.3f}, {o['high']:.3f}]"
             beats.append(bool(ours["low"] > o["high"]))
-        row["beats all (CIs apart)"] = bool(beats) and all(beats)
+        ranked = bool(ours["ranked"]) if "ranked" in ours else True
+        # Not ranked (collaboration does not pay even without noise): no claim, whatever the points say.
+        row["beats all (CIs apart)"] = bool(beats) and all(beats) and ranked
+        row["collaboration pays (eps=inf)"] = ranked
         row["noise/signal per round"] = ours["noise/signal per round"]
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def winner_table(cells: pd.DataFrame) -> pd.DataFrame:
-    """sites x epsilon: the winning method, with '(tie)' where its interval overlaps another eligible one."""
+    """sites x epsilon: the winning method, with '(tie)' where its interval overlaps another eligible one,
+    and 'not ranked' where non-private collaboration does not beat local-only in that row."""
     wins = cells[cells["winner"]].copy()
     wins["text"] = [
         f"{m} {a:.2f}" + ("" if c else " (tie)")
         for m, a, c in zip(wins["method"], wins["acc"], wins["clear"], strict=True)
     ]
+    if "ranked" in cells:
+        unranked = (
+            cells[~cells["ranked"]]
+            .drop_duplicates(["sites", "epsilon"])
+            .assign(text="not ranked: collaboration does not pay at eps=inf")
+        )
+        wins = pd.concat([wins, unranked])
     table = wins.pivot(index="sites", columns="epsilon", values="text")
     table.columns = [f"eps={e:g}" for e in table.columns]
     return table.reset_index()

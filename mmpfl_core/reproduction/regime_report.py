@@ -1,5 +1,7 @@
 """The regime map's written report: ``REPORT.md``, ``regime_runs.csv``, ``regime_cells.csv``,
-``regime_winners.csv``, ``regime_verdict.csv`` and two figures, from :mod:`.regime`'s tables."""
+``regime_winners.csv``, ``regime_verdict.csv``, ``regime_collaboration.csv`` and two figures, from
+:mod:`.regime`'s tables. Everything here is computed from released run outputs (pooled accuracies,
+the accountant's z and epsilon) and public configuration (N, q, d)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pandas as pd
 
 from ..tables import markdown_table
 from .plan import ReproductionPlan
-from .regime import regime_cells, regime_runs, regime_verdict, winner_table
+from .regime import collaboration_table, regime_cells, regime_runs, regime_verdict, winner_table
 
 __all__ = ["run_regime_map"]
 
@@ -54,10 +56,39 @@ def noise_table(runs: pd.DataFrame, method: str, rounds: int) -> pd.DataFrame:
     )
 
 
+def collaboration_text(collab: pd.DataFrame, grid) -> str:
+    """One line per row of the map: does the best non-private collaboration beat local-only?"""
+    if collab.empty or "best non-private collaboration" not in collab:
+        return "(no epsilon = inf column: not measured)"
+    lines = []
+    for _, r in collab.iterrows():
+        if pd.isna(r.get("best non-private collaboration")):
+            continue
+        best = _ci(r["its acc"], r["its low"], r["its high"])
+        base = _ci(r[f"{grid.baseline} acc"], r[f"{grid.baseline} low"], r[f"{grid.baseline} high"])
+        verdict = (
+            "collaboration pays: private methods are ranked"
+            if r["collaboration pays"]
+            else "collaboration does **not** pay: the private methods of this row are not ranked"
+        )
+        lines.append(
+            f"- N = {r['sites']:g} (m = {r['sites per round m']:g}): {r['best non-private collaboration']} {best} vs "
+            f"{grid.baseline} {base} (accuracy change over the last evaluation interval "
+            f"{r['its acc change, last interval']:+.3f} and {r[f'{grid.baseline} acc change, last interval']:+.3f}): "
+            f"{verdict}."
+        )
+    return "\n".join(lines)
+
+
+def _size(grid) -> str:
+    """What the done-when threshold counts: sites per round on the m axis, else sites (N)."""
+    return "m >= 100 sites per round" if isinstance(grid.sites_per_round, tuple) else "N >= 100"
+
+
 def answer_text(verdict: pd.DataFrame, grid) -> str:
     """The computed answer to the done-when question, in one paragraph."""
     if verdict.empty:
-        return "No cell of this map has N >= 100 and epsilon <= 8: the question is not measured here."
+        return f"No cell of this map has {_size(grid)} and epsilon <= 8: the question is not measured here."
     won = verdict[verdict["beats all (CIs apart)"]]
     if not won.empty:
         cells = ", ".join(f"N={n}, eps={e:g}" for n, e in zip(won["sites"], won["epsilon"], strict=True))
@@ -65,9 +96,20 @@ def answer_text(verdict: pd.DataFrame, grid) -> str:
             f"**Yes** at {cells}: {grid.proposed}'s 95% interval lies above those of {grid.baseline} and "
             f"{', '.join(grid.rivals)}."
         )
+    unpaid = (
+        verdict[~verdict["collaboration pays (eps=inf)"]] if "collaboration pays (eps=inf)" in verdict else verdict[:0]
+    )
+    because = (
+        " Where non-private collaboration does not beat local-only (rows N = "
+        + ", ".join(f"{n:g}" for n in sorted(set(unpaid["sites"])))
+        + ") no private method can be expected to: see the section above."
+        if not unpaid.empty
+        else ""
+    )
     return (
-        f"**No**: in no cell with N >= 100 and epsilon <= 8 does {grid.proposed}'s interval lie above all of "
-        f"{grid.baseline}, {', '.join(grid.rivals)}. The noise table below gives the reason in one number per cell."
+        f"**No**: in no cell with {_size(grid)} and epsilon <= 8 does {grid.proposed}'s interval lie above all of "
+        f"{grid.baseline}, {', '.join(grid.rivals)}.{because} The noise table below gives the noise in one number "
+        "per cell."
     )
 
 
@@ -83,6 +125,7 @@ def run_regime_map(plan: ReproductionPlan, out: Path, *, progress: bool = False,
     missing, runs = all_runs[all_runs["missing"]], all_runs[~all_runs["missing"]]
     cells = regime_cells(runs, grid)
     winners, verdict = winner_table(cells), regime_verdict(cells, grid)
+    collab = collaboration_table(cells, grid)
     noise = noise_table(runs, grid.rivals[0] if grid.rivals else grid.proposed, base.federated.num_rounds)
     save_axes(plot_regime_map(cells), out / "regime_map.png")
     save_axes(plot_regime_accuracy(cells), out / "regime_accuracy.png")
@@ -92,6 +135,7 @@ def run_regime_map(plan: ReproductionPlan, out: Path, *, progress: bool = False,
         ("regime_winners", winners),
         ("regime_verdict", verdict),
         ("regime_noise", noise),
+        ("regime_collaboration", collab),
     ):
         frame.to_csv(out / f"{name}.csv", index=False)
     shown = cells.assign(
@@ -103,7 +147,8 @@ def run_regime_map(plan: ReproductionPlan, out: Path, *, progress: bool = False,
     )
     shown = shown[
         ["sites", "sites per round m", "epsilon", "method", "engine", "personal acc [95% CI]", "eligible", "winner"]
-        + ["clear", "noise multiplier", "z/m", "parameters", "noise/signal per round"]
+        + ["ranked", "clear", "noise multiplier", "z/m", "parameters", "noise/signal per round"]
+        + ["acc change, last interval"]
     ]
     f = base.federated
     lines = [
@@ -154,10 +199,16 @@ def run_regime_map(plan: ReproductionPlan, out: Path, *, progress: bool = False,
                 "",
             ]
         ),
+        "## First: does non-private collaboration beat local-only?",
+        "Every row first trains its non-private arms (epsilon = inf: the same clipping, no noise). Where the best of "
+        f"them does not beat {grid.baseline} with intervals apart, pooling does not help even without noise, and the "
+        "row's private methods are not ranked.",
+        collaboration_text(collab, grid),
+        "",
         "## Winners (tie: the winner's interval overlaps another eligible method's)",
         markdown_table(winners),
         "",
-        f"## At 100 sites or more and epsilon <= 8: does {grid.proposed} beat {grid.baseline} and {', '.join(grid.rivals)}?",
+        f"## At {_size(grid)} and epsilon <= 8: does {grid.proposed} beat {grid.baseline} and {', '.join(grid.rivals)}?",
         answer_text(verdict, grid),
         "",
         markdown_table(verdict) if not verdict.empty else "(no such cell)",
