@@ -17,7 +17,9 @@ MM-PFL-ADP with patients as the unit (no client-level noise, DP-SGD inside each 
 public set): ``public/mm-pfl-adp`` (default KL threshold), ``-t0.002`` (threshold sized for public-set
 scores), ``-head`` (head always personal, KL masks for the rest), ``-head+group-dp-sgd-fisher`` and
 ``-head+group-dp-sgd-uniform`` (the same with per-group DP-SGD: Fisher or uniform noise allocation, and the noise
-gate on), their ``-nogate`` twins (the KL masks alone decide what is shared), ``-nomask`` (ablation). The
+gate on), their ``-nogate`` twins (the KL masks alone decide what is shared), ``-nomask`` (ablation). On cross-silo
+DP-SGD with secure aggregation (one step over the union a round): ``public/mm-pfl-adp+secagg-dp-sgd`` and its
+``-uniform`` / ``-nomask`` ablations. The
 ``shared_d`` column is the mean over sites of the private part's scalars a site shares at the end (its release; the
 ledger is the per-site DP-SGD ledger, ``patient_epsilon_max``). ``--preset headline`` is :data:`HEADLINE`.
 
@@ -86,6 +88,10 @@ DP = "_patient_dp"  # marker: add DP-SGD inside the sites (not a strategy argume
 SECAGG = "_secagg"  # marker: cross-silo DP-SGD over the union with secure aggregation (its own rounds, batch, lr)
 GROUP_ALLOCATION = "_group_allocation"  # with DP: per-group DP-SGD, this noise allocation (MM-PFL-ADP only)
 #: label -> (strategy, kwargs, pretrained?)
+#: MM-PFL-ADP over cross-silo DP-SGD: the head always personal; masks rescored every 5 rounds on 128 public subjects
+#: (the KL pass runs at every site while it still keeps a candidate group: its cost, not its privacy, sets these).
+_MM_SECAGG: dict[str, Any] = {"mask": {"always_personal": ["head"], "update_every": 5}, "score_subjects": 128}
+
 ARMS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "scratch/centralized": ("centralized", {}, False),
     "scratch/local": ("local", {}, False),
@@ -156,9 +162,23 @@ ARMS: dict[str, tuple[str, dict[str, Any], bool]] = {
     # per round, per-patient clipped sums through secure aggregation, ONE Gaussian noise z C on the aggregate (shares
     # z C / sqrt(m)); the same patient epsilon, one ledger for every patient. Everything shared (FedSGD), or the head
     # personal at each site (its coordinates never leave the site and carry the full noise z C locally): the
-    # building block of MM-PFL-ADP with secure aggregation (MM-PFL-ADP itself is not routed through it yet).
+    # building block of MM-PFL-ADP with secure aggregation.
     "public/fedsgd+secagg-dp-sgd": ("cross-silo-dp-sgd", {SECAGG: True}, True),
     "public/cross-silo-head+secagg-dp-sgd": ("cross-silo-dp-sgd", {SECAGG: True, "personal_groups": ["head"]}, True),
+    # MM-PFL-ADP on that mechanism (federated/mm_pfl_adp_cross_silo.py): per-group clipping, the Fisher allocation
+    # of the aggregate noise (public set), per-site KL masks (public set, noise-only placeholder shares; the head
+    # always personal) and the noise gate; ablations: uniform allocation, no KL masks (the head personal only).
+    "public/mm-pfl-adp+secagg-dp-sgd": ("mm-pfl-adp-cross-silo", {SECAGG: True, **_MM_SECAGG}, True),
+    "public/mm-pfl-adp+secagg-dp-sgd-uniform": (
+        "mm-pfl-adp-cross-silo",
+        {SECAGG: True, **_MM_SECAGG, "fisher": False},
+        True,
+    ),
+    "public/mm-pfl-adp+secagg-dp-sgd-nomask": (
+        "mm-pfl-adp-cross-silo",
+        {SECAGG: True, **_MM_SECAGG, "masks": False},
+        True,
+    ),
 }
 
 
@@ -303,6 +323,12 @@ def _shared_dimension(strategy, model, d: int) -> float:
     local ones, the groups outside its mask for MM-PFL-ADP): what its release carries besides its ledger."""
     if not strategy.communicates or not strategy.has_global_model:
         return 0.0
+    site_masks = getattr(strategy, "site_masks", None)  # MM-PFL-ADP over cross-silo DP-SGD: per-site masks
+    if site_masks is not None:
+        sizes = strategy.group_sizes
+        return float(
+            np.mean([sum(n for g, n in sizes.items() if g not in strategy.personal_groups_of(k)) for k in site_masks])
+        )
     personal_names = getattr(strategy, "personal_names", None)  # cross-silo DP-SGD: the same groups at every site
     if personal_names is not None:
         return float(sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in personal_names))

@@ -47,12 +47,9 @@ Randomness: ``noise="secure"`` (default) draws the Poisson samples and every noi
 CSPRNG (:mod:`mmpfl_core.privacy.randomness`); ``"reproducible-insecure"`` draws them from the run's
 seeded streams (teaching and tests only; warns, and the summary says "not private").
 
-Scope: the personal groups are the same at every site and fixed for the run. MM-PFL-ADP's per-site KL masks
-are not routed through this mechanism yet; that needs (1) per-site personal sets with noise-only placeholder
-shares for a site's personal coordinates, so that the aggregate keeps variance z^2 C^2 on every coordinate and
-the server cannot see the mask (as MM-PFL-ADP's ``distributed`` placement does), (2) the masks scored on the
-PUBLIC set from the site's personal copy (post-processing), and (3) its noise gate and Fisher allocation sized
-for one step over the union (q N patients per noise draw, T = rounds).
+Scope: the personal groups are the same at every site and fixed for the run. MM-PFL-ADP on this mechanism
+(per-group clipping, the Fisher allocation, per-site KL masks with noise-only placeholder shares, the noise gate
+sized for q N patients per noise draw) is the subclass :mod:`.mm_pfl_adp_cross_silo`.
 
 Measured (``bench/results/wcp_secagg_probe.md``: headline cohort, alpha 10, lesion contrast 0.3, ``head+bias``
 d = 2,915, seed 0, patient epsilon 8, 200 rounds of q N = 128, server Adam 5e-3; 201 test subjects):
@@ -67,7 +64,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -87,23 +84,20 @@ from .config import FederatedConfig
 from .server_optimizer import ServerOptimizer, ServerOptimizerConfig, split_server_optimizer_tensors
 from .strategies import State, Strategy, register_strategy
 
-__all__ = ["PRIVACY_UNIT", "CrossSiloDPSGD", "clipped_per_patient_sum"]
+__all__ = ["PRIVACY_UNIT", "CrossSiloDPSGD", "clipped_per_patient_sum", "per_patient_group_clipped_sum"]
 
 #: What the summary names as the protected unit.
 PRIVACY_UNIT = "patient (across hospitals, secure aggregation)"
 _PERSONAL_OPT_PREFIX = "personal_optimizer:"
 
 
-def clipped_per_patient_sum(
-    model: nn.Module, batch: dict[str, torch.Tensor], *, max_grad_norm: float, device: torch.device
-) -> tuple[State, float]:
-    """sum_i g_i min(1, C / ||g_i||) over the patients of ``batch`` and the summed loss, by trainable name.
+def _per_patient_gradients(
+    model: nn.Module, batch: dict[str, torch.Tensor], *, device: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, nn.Parameter], float]:
+    """Per-patient gradients (B, d_n) of the summed cross-entropy by trainable name, the parameters, and the loss.
 
-    Per-patient gradients of the summed cross-entropy come from Opacus' ``GradSampleModule`` (hooks mode,
-    the grad-sample mode :mod:`mmpfl_core.privacy.dp_sgd` uses and measured fastest on two cores); the
-    norm is over ALL trainable coordinates of a patient at once (joint, flat clipping: the sensitivity of
-    the shared aggregate and the personal sum together is C). Nothing computed here may leave the site
-    un-noised.
+    Opacus' ``GradSampleModule`` (hooks mode, the grad-sample mode :mod:`mmpfl_core.privacy.dp_sgd` uses and
+    measured fastest on two cores). Nothing returned here may leave the site un-clipped and un-noised.
     """
     from opacus import GradSampleModule
 
@@ -126,10 +120,55 @@ def clipped_per_patient_sum(
             p.grad = None  # the summed un-clipped gradient must not linger on the working model
             if hasattr(p, "grad_sample"):
                 del p.grad_sample
+    return per_sample, params, float(loss.detach())
+
+
+def clipped_per_patient_sum(
+    model: nn.Module, batch: dict[str, torch.Tensor], *, max_grad_norm: float, device: torch.device
+) -> tuple[State, float]:
+    """sum_i g_i min(1, C / ||g_i||) over the patients of ``batch`` and the summed loss, by trainable name.
+
+    The norm is over ALL trainable coordinates of a patient at once (joint, flat clipping: the sensitivity of
+    the shared aggregate and the personal sum together is C). Nothing computed here may leave the site
+    un-noised.
+    """
+    per_sample, params, loss = _per_patient_gradients(model, batch, device=device)
     norms = torch.stack([(g.double() ** 2).sum(dim=1) for g in per_sample.values()]).sum(dim=0).sqrt()  # (B,)
     factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0).to(next(iter(per_sample.values())).dtype)
     sums = {n: torch.einsum("b,bd->d", factors, g).view_as(params[n]).detach() for n, g in per_sample.items()}
-    return sums, float(loss.detach())
+    return sums, loss
+
+
+def per_patient_group_clipped_sum(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    clip_bounds: Mapping[str, float],
+    group_of: Mapping[str, str],
+    device: torch.device,
+) -> tuple[State, float]:
+    """sum_i c_{i,g}, c_{i,g} = g_{i,g} min(1, C_g / ||g_{i,g}||), by trainable name, and the summed loss.
+
+    Per-patient clipping PER GROUP (as :mod:`mmpfl_core.privacy.group_dp_sgd`): patient i's part of group g
+    has norm at most C_g, so group g's sum moves by at most C_g under add/remove of one patient and the whole
+    clipped gradient by at most sqrt(sum_g C_g^2). Every trainable name must be in ``group_of`` (else it
+    would be released unclipped: refused).
+    """
+    per_sample, params, loss = _per_patient_gradients(model, batch, device=device)
+    unknown = sorted(n for n in per_sample if n not in group_of)
+    if unknown:
+        raise ConfigError(f"per-group clipping: trainable parameters {unknown[:3]} are in no group; freeze them.")
+    squares: dict[str, torch.Tensor] = {}
+    for n, g in per_sample.items():
+        sq = (g.double() ** 2).sum(dim=1)  # (B,)
+        group = group_of[n]
+        squares[group] = sq if group not in squares else squares[group] + sq
+    factors = {g: (float(clip_bounds[g]) / (sq.sqrt() + 1e-6)).clamp(max=1.0) for g, sq in squares.items()}
+    sums = {
+        n: torch.einsum("b,bd->d", factors[group_of[n]].to(g.dtype), g).view_as(params[n]).detach()
+        for n, g in per_sample.items()
+    }
+    return sums, loss
 
 
 @register_strategy("cross-silo-dp-sgd")
