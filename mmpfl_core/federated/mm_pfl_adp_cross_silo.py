@@ -18,7 +18,9 @@ Round t (parent's steps, with these changes):
        (:func:`~mmpfl_core.privacy.allocation.check_effective_multiplier`). ``fisher=False``: uniform
        sigma_g = z C (the ablation). The noise gate: snr_g = sqrt(T) q N C_g / (sigma_g sqrt(d_g))
        (:func:`~mmpfl_core.personalization.noise_gate.release_snr` with q N patients per noise draw and T the
-       run's rounds); a group below ``min_snr`` is personal at every site (drowned).
+       run's rounds); a group below ``min_snr`` is drowned: nobody sends it (the rule is public), and a site
+       steps its own copy of it if it holds one (with masks every site does; with ``masks=False`` only the
+       ``always_personal`` copies exist, so a drowned group stays at its released value, released nowhere).
     1-2. Site k Poisson-samples its patients at rate q; per-patient gradients clipped PER GROUP:
        c_{i,g} = g_{i,g} min(1, C_g / ||g_{i,g}||), so ||c_i|| <= C.
     3. For every group g that some site may share (not ``always_personal``, not drowned, and not in the
@@ -539,9 +541,12 @@ class MMPFLADPCrossSilo(CrossSiloDPSGD):
             **state,
             "site_masks": {str(k): sorted(v) for k, v in self.site_masks.items()},
             "drowned": sorted(self.drowned),
+            "fisher_weights": self.fisher_weights,  # public (released model, public set): resume reuses it
+            "fisher_round": self._fisher_round,
         }
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         super().load_state_dict(tensors, state)
         self.site_masks = {int(k): frozenset(v) for k, v in state["site_masks"].items()}
         self.drowned = frozenset(state["drowned"])
+        self.fisher_weights, self._fisher_round = state["fisher_weights"], state["fisher_round"]
