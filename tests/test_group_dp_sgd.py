@@ -19,7 +19,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 import mmpfl_core.federated.dp_fisher as dp_fisher_module
-import mmpfl_core.federated.simulation as simulation
+import mmpfl_core.federated.strategies as strategies_module  # Strategy.local_training calls local_update there
 from mmpfl_core.attacks.distinguishing import distinguishing_lower_bound
 from mmpfl_core.data.contract import CohortDataset
 from mmpfl_core.errors import ConfigError, PrivacyError
@@ -269,7 +269,7 @@ def _pin_training(monkeypatch):
                 if n in delta:
                     p.add_(delta[n])
         return ClientUpdate(site_id=site_id, delta=delta, num_examples=0, num_steps=2, train_loss=0.0)
-    monkeypatch.setattr(simulation, "local_update", pinned)
+    monkeypatch.setattr(strategies_module, "local_update", pinned)
 
 
 def _plans(strategy, federation, factory):

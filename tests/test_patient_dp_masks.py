@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import mmpfl_core.federated.feddpa as feddpa_module
-import mmpfl_core.federated.simulation as simulation
+import mmpfl_core.federated.strategies as strategies_module  # Strategy.local_training calls local_update there
 import mmpfl_core.personalization.masks as masks_module
 from mmpfl_core.data.contract import CohortDataset
 from mmpfl_core.errors import ConfigError
@@ -136,7 +136,7 @@ def _pin_training(monkeypatch):
                     p.add_(0.05 * torch.randn(p.shape, generator=noise))
         delta = {n: p.detach() - start[n] for n, p in model.named_parameters() if p.requires_grad}
         return ClientUpdate(site_id=site_id, delta=delta, num_examples=0, num_steps=training.local_steps, train_loss=0.0)
-    monkeypatch.setattr(simulation, "local_update", pinned)
+    monkeypatch.setattr(strategies_module, "local_update", pinned)
 
 
 CASES = {  # (correct, broken) per strategy and split of the removed patient

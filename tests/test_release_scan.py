@@ -29,6 +29,7 @@ from release_scan import (
 from mmpfl_core.experiment import ExperimentConfig, make_federation
 from mmpfl_core.notebook_tools import load_results, record_results
 from mmpfl_core.reporting import write_comparison_report
+from mmpfl_core.personalization.noise_gate import round_noise
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]*_*.ipynb"))
@@ -70,6 +71,10 @@ def _record_like_notebook_05(runs, federation, output_dir: Path) -> None:
         "mask_privacy": {label: run.summary.get("mask_privacy", "") for label, run in runs.items()},
         "adp_runs": {"server": gated}, "gated": gated, "gate": gated.summary["noise_gate"],
         "kl_check": {"group": "head", "by_hand": 0.0, "kit": 0.0},
+        # the notebook's noise-to-signal picture of the gated run: public inputs only (configuration, accountant)
+        "picture": round_noise(sites=federation.num_sites, sample_rate=gated.summary["privacy"]["sample_rate"],
+                               epsilon=8.0, rounds=2, dimension=sum(gated.strategy.group_sizes.values()),
+                               accountant="rdp"),
     }
     exec(compile(cell, "notebook 05, recording cell", "exec"), namespace)
 
