@@ -153,7 +153,7 @@ def test_masks_are_scored_on_the_public_set_only_and_ignore_the_training_patient
 
     monkeypatch.setattr(module, "kl_group_scores", spy)
     # the DP outputs pinned: the site's personal copies are fixed tensors, its personal step a no-op
-    monkeypatch.setattr(MMPFLADPCrossSilo, "_personal_group_step", lambda self, *a, **k: None)
+    monkeypatch.setattr(MMPFLADPCrossSilo, "step_personal_copy", lambda self, *a, **k: None)
     model = tiny_model_factory()
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     gen = torch.Generator().manual_seed(3)

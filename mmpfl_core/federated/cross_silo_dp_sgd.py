@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -371,47 +371,64 @@ class CrossSiloDPSGD(Strategy):
     ) -> ClientUpdate:
         """Site k's part of the step (module docstring, steps 1-3 and 5): returns the noised SHARED sum
         as ``delta`` (not a parameter difference), and steps the site's personal copy in place."""
-        assert self.sample_rate is not None and self.noise_multiplier is not None
+        assert self.noise_multiplier is not None
+        batch_size, sums, loss, noise_gen = self.site_clipped_sums(model, dataset, generator, device)
+        full_std = self.noise_multiplier * self.max_grad_norm
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        shared = self.noise_share({n: sums[n] for n in names if n not in self.personal_names}, noise_gen)
+        if self.personal_names and self.site_sizes.get(site_id, 0) > 0:
+            self.step_personal_copy(
+                site_id, model, sums, self.personal_names, self.personal_names, lambda n: full_std, noise_gen, config
+            )
+        return ClientUpdate(
+            site_id=site_id,
+            delta=shared,
+            num_examples=len(dataset),
+            num_steps=1,
+            train_loss=loss / max(batch_size, 1),
+        )
+
+    def clip_batch(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[State, float]:
+        """Sum of the batch's per-patient gradients, each clipped jointly to C (step 2), and the summed loss."""
+        return clipped_per_patient_sum(model, batch, max_grad_norm=self.max_grad_norm, device=device)
+
+    def site_clipped_sums(
+        self, model: nn.Module, dataset: CohortDataset, generator: torch.Generator, device: torch.device
+    ) -> tuple[int, State, float, torch.Generator | None]:
+        """Steps 1-2 at one site: its Poisson sample at rate q, the clipped per-patient sums of every trainable
+        tensor (:meth:`clip_batch`; zeros for an empty sample, which still sends its noise and is charged), and
+        the generator of the site's noise (None when secret: the OS CSPRNG). Returns (batch size, sums, summed
+        loss, noise generator)."""
+        assert self.sample_rate is not None
         model.to(device).train()
         noise_gen = batch_gen = None  # secure: OS CSPRNG
         if not self.secret_randomness:
             noise_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
             batch_gen = generator
         index = poisson_batch(len(dataset), self.sample_rate, batch_gen)
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        if len(index) == 0:  # an empty batch still sends its noise share (and is charged)
-            sums = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
-            loss = 0.0
-        else:
-            sums, loss = clipped_per_patient_sum(
-                model, dataset.batch(index), max_grad_norm=self.max_grad_norm, device=device
-            )
-        full_std = self.noise_multiplier * self.max_grad_norm
-        shared = self.noise_share({n: sums[n] for n in names if n not in self.personal_names}, noise_gen)
-        if self.personal_names and self.site_sizes.get(site_id, 0) > 0:
-            self._personal_step(site_id, model, sums, full_std, noise_gen, config)
-        return ClientUpdate(
-            site_id=site_id,
-            delta=shared,
-            num_examples=len(dataset),
-            num_steps=1,
-            train_loss=loss / max(len(index), 1),
-        )
+        if len(index) == 0:
+            return 0, {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}, 0.0, noise_gen
+        sums, loss = self.clip_batch(model, dataset.batch(index), device)
+        return len(index), sums, loss, noise_gen
 
-    def _personal_step(
+    def step_personal_copy(
         self,
         site_id: int,
         model: nn.Module,
         sums: State,
-        full_std: float,
+        copied: Collection[str],
+        active: Collection[str],
+        std_of: Callable[[str], float],
         noise_gen: torch.Generator | None,
         config: FederatedConfig,
     ) -> None:
-        """(sum_i gbar_i[personal] + N(0, z^2 C^2 I)) / (q n_k), stepped by the site's own optimiser."""
+        """Step 5: (sum_i gbar_i[n] + N(0, std_of(n)^2 I)) / (q n_k) for every tensor n in ``active``, stepped by
+        the site's own optimiser on its personal copy. The copy (and its optimiser) hold the tensors ``copied``,
+        cloned from the model on the site's first step; a copied tensor outside ``active`` gets no gradient."""
         assert self.sample_rate is not None
         params = dict(model.named_parameters())
         if site_id not in self.personal:
-            self.personal[site_id] = {n: params[n].detach().clone() for n in sorted(self.personal_names)}
+            self.personal[site_id] = {n: params[n].detach().clone() for n in sorted(copied)}
         state = self.personal[site_id]
         leaves = {n: t.requires_grad_(True) for n, t in state.items()}
         if site_id not in self._personal_opt:
@@ -419,7 +436,9 @@ class CrossSiloDPSGD(Strategy):
             self._restore_personal_opt(site_id)
         denominator = self.sample_rate * self.site_sizes[site_id]
         for n, leaf in leaves.items():
-            noisy = sums[n] + self._gaussian(sums[n].shape, full_std, noise_gen).to(sums[n].device)
+            if n not in active:
+                continue
+            noisy = sums[n] + self._gaussian(sums[n].shape, std_of(n), noise_gen).to(sums[n].device)
             leaf.grad = (noisy / denominator).to(leaf.dtype)
         self._personal_opt[site_id].step()
         for leaf in leaves.values():
@@ -436,10 +455,24 @@ class CrossSiloDPSGD(Strategy):
         self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State], round_index: int
     ) -> State:
         """sum_k S_k + top-up N(0, z^2 C^2 (m - s) / m), over q N, then the server optimiser's step."""
-        assert self.sample_rate is not None and self.noise_multiplier is not None
-        shared = [n for n in global_state if n not in self.personal_names]
+        return self.aggregate_shared(global_state, sent, self.shared_names(global_state, round_index), round_index)
+
+    def shared_names(self, global_state: State, round_index: int) -> list[str]:
+        """The tensors the secure sum carries this round: every one outside the personal groups."""
+        return [n for n in global_state if n not in self.personal_names]
+
+    def aggregate_noise_std(self, name: str) -> float:
+        """Std of the aggregate's noise on tensor ``name``: z C on every coordinate."""
+        assert self.noise_multiplier is not None
+        return self.noise_multiplier * self.max_grad_norm
+
+    def aggregate_shared(
+        self, global_state: State, sent: Sequence[State], shared: Sequence[str], round_index: int
+    ) -> State:
+        """Step 4 over the tensors ``shared``: sum the shares, top up the missing ones' variance (so the sum
+        carries aggregate_noise_std(n)^2 whoever sent), divide by the fixed q N, step the server optimiser."""
+        assert self.sample_rate is not None
         missing = max(self._m - len(sent), 0)
-        top_up_std = self.noise_multiplier * self.max_grad_norm * math.sqrt(missing / self._m) if self._m else 0.0
         noise_gen = None
         if not self.secret_randomness:
             noise_gen = torch.Generator().manual_seed(int(self._config.seed) * 1_000_003 + round_index)
@@ -450,7 +483,8 @@ class CrossSiloDPSGD(Strategy):
             for s in sent:
                 total = total + s[n].to(total.device)
             if missing:
-                total = total + self._gaussian(total.shape, top_up_std, noise_gen).to(total.device)
+                std = self.aggregate_noise_std(n) * math.sqrt(missing / self._m)
+                total = total + self._gaussian(total.shape, std, noise_gen).to(total.device)
             aggregated[n] = global_state[n] - total / denominator  # pseudo-average: theta - g
         stepped = self.server_optimizer.step({n: global_state[n] for n in shared}, aggregated)
         return {**global_state, **stepped}

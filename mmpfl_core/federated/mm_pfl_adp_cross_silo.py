@@ -97,10 +97,9 @@ from ..privacy.allocation import (
     fisher_noise_allocation,
     uniform_noise_allocation,
 )
-from ..privacy.dp_sgd import poisson_batch
 from ..privacy.fisher import diagonal_fisher, group_fisher
 from ..seeding import Stream, torch_generator
-from .client import ClientUpdate, build_optimizer
+from .client import ClientUpdate
 from .config import FederatedConfig
 from .cross_silo_dp_sgd import CrossSiloDPSGD, per_patient_group_clipped_sum
 from .strategies import State, register_strategy
@@ -366,29 +365,34 @@ class MMPFLADPCrossSilo(CrossSiloDPSGD):
         device: torch.device,
     ) -> ClientUpdate:
         """Steps 1-3, 5 and 6 of the module docstring for site k; ``delta`` is the site's share of the sum."""
-        assert self.sample_rate is not None
         alloc = self.plan_round(round_index, global_state)  # server's public plan (in-process: computed once)
-        model.to(device).train()
-        noise_gen = batch_gen = None  # secure: OS CSPRNG
-        if not self.secret_randomness:
-            noise_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-            batch_gen = generator
-        index = poisson_batch(len(dataset), self.sample_rate, batch_gen)
-        if len(index) == 0:  # an empty batch still sends its shares (and is charged)
-            sums: State = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
-            loss = 0.0
-        else:
-            sums, loss = per_patient_group_clipped_sum(
-                model, dataset.batch(index), clip_bounds=self.clip_bounds, group_of=self.group_of, device=device
-            )
+        batch_size, sums, loss, noise_gen = self.site_clipped_sums(model, dataset, generator, device)
         keep = self.personal_groups_of(site_id)
         shares = self.group_shares(sums, alloc, keep, round_index, noise_gen)
         if keep and self.site_sizes.get(site_id, 0) > 0:
-            self._personal_group_step(site_id, model, sums, alloc, keep, noise_gen, config)
+            # The copy and optimiser span every group of the site's START mask (all groups, or always_personal);
+            # a group the mask has since shared gets no gradient (its copy is kept, unused), so the optimiser's
+            # parameter list never changes.
+            self.step_personal_copy(
+                site_id,
+                model,
+                sums,
+                self._names(self._start_mask | self.public_personal(1)),
+                self._names(keep),
+                lambda n: alloc.sigmas[self.group_of[n]],
+                noise_gen,
+                config,
+            )
         if self.use_masks and round_index % self.schedule.update_every == 0:
             self._update_mask(site_id, model, global_state, round_index)
         return ClientUpdate(
-            site_id=site_id, delta=shares, num_examples=len(dataset), num_steps=1, train_loss=loss / max(len(index), 1)
+            site_id=site_id, delta=shares, num_examples=len(dataset), num_steps=1, train_loss=loss / max(batch_size, 1)
+        )
+
+    def clip_batch(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[State, float]:
+        """Per-patient gradients clipped PER GROUP to C_g (step 1-2 of the module docstring), summed."""
+        return per_patient_group_clipped_sum(
+            model, batch, clip_bounds=self.clip_bounds, group_of=self.group_of, device=device
         )
 
     def group_shares(
@@ -412,43 +416,6 @@ class MMPFLADPCrossSilo(CrossSiloDPSGD):
             std = alloc.sigmas[g] / math.sqrt(self._m)
             out[n] = signal + self._gaussian(s.shape, std, noise_gen).to(s.device)
         return out
-
-    def _personal_group_step(
-        self,
-        site_id: int,
-        model: nn.Module,
-        sums: State,
-        alloc: NoiseAllocation,
-        keep: frozenset[str],
-        noise_gen: torch.Generator | None,
-        config: FederatedConfig,
-    ) -> None:
-        """(sum_i c_{i,g} + N(0, sigma_g^2 I)) / (q n_k) for g in P_k, stepped by the site's own optimiser.
-
-        The copy and optimiser span every group of the site's START mask (all groups, or ``always_personal``);
-        a group the mask has since shared gets no gradient (its copy is kept, unused), so the optimiser's
-        parameter list never changes."""
-        assert self.sample_rate is not None
-        params = dict(model.named_parameters())
-        if site_id not in self.personal:
-            start = self._start_mask | self.public_personal(1)
-            self.personal[site_id] = {n: params[n].detach().clone() for n in sorted(self._names(start))}
-        state = self.personal[site_id]
-        leaves = {n: t.requires_grad_(True) for n, t in state.items()}
-        if site_id not in self._personal_opt:
-            self._personal_opt[site_id] = build_optimizer(list(leaves.values()), config.optimizer)
-            self._restore_personal_opt(site_id)
-        denominator = self.sample_rate * self.site_sizes[site_id]
-        active = self._names(keep)
-        for n, leaf in leaves.items():
-            if n not in active:
-                continue
-            std = alloc.sigmas[self.group_of[n]]
-            noisy = sums[n] + self._gaussian(sums[n].shape, std, noise_gen).to(sums[n].device)
-            leaf.grad = (noisy / denominator).to(leaf.dtype)
-        self._personal_opt[site_id].step()
-        for leaf in leaves.values():
-            leaf.grad = None
 
     def _update_mask(self, site_id: int, model: nn.Module, global_state: State, round_index: int) -> None:
         """Step 6: KL scores of the site's personal copies against the released global model on the PUBLIC set."""
@@ -484,27 +451,21 @@ class MMPFLADPCrossSilo(CrossSiloDPSGD):
         self, global_state: State, updates: Sequence[ClientUpdate], sent: Sequence[State], round_index: int
     ) -> State:
         """sum_k S_k + top-up N(0, sigma_g^2 (m - s) / m) per group, over q N, then the server optimiser."""
-        assert self.sample_rate is not None and self.allocation is not None
-        public = self.public_personal(round_index)
-        shared = [n for n in global_state if n in self.group_of and self.group_of[n] not in public]
+        assert self.allocation is not None
+        shared = self.shared_names(global_state, round_index)
         if not shared:
             return dict(global_state)
-        missing = max(self._m - len(sent), 0)
-        noise_gen = None
-        if not self.secret_randomness:
-            noise_gen = torch.Generator().manual_seed(int(self._config.seed) * 1_000_003 + round_index)
-        denominator = self.sample_rate * self.total
-        aggregated = {}
-        for n in shared:
-            total = torch.zeros_like(global_state[n])
-            for s in sent:
-                total = total + s[n].to(total.device)
-            if missing:
-                std = self.allocation.sigmas[self.group_of[n]] * math.sqrt(missing / self._m)
-                total = total + self._gaussian(total.shape, std, noise_gen).to(total.device)
-            aggregated[n] = global_state[n] - total / denominator
-        stepped = self.server_optimizer.step({n: global_state[n] for n in shared}, aggregated)
-        return {**global_state, **stepped}
+        return self.aggregate_shared(global_state, sent, shared, round_index)
+
+    def shared_names(self, global_state: State, round_index: int) -> list[str]:
+        """Every tensor of a group not personal at every site by the public rule (placeholders hide the rest)."""
+        public = self.public_personal(round_index)
+        return [n for n in global_state if n in self.group_of and self.group_of[n] not in public]
+
+    def aggregate_noise_std(self, name: str) -> float:
+        """sigma_g of the tensor's group (the round's allocation)."""
+        assert self.allocation is not None
+        return self.allocation.sigmas[self.group_of[name]]
 
     # ------------------------------------------------------------------ reporting
     def summary_report(self) -> dict[str, Any]:
