@@ -222,9 +222,9 @@ def _nb06(r: _Record) -> list[str]:
     return [
         first,
         f"- The claims table gives {counted}: a claim met by a method that released nothing is vacuous, and says so.",
-        f"- The live regime map ({sites} sites) picks one winner per cell among the methods that hold its guarantee "
-        f"({eligible} at a finite epsilon): more participants per round, a small shared part, or patient-level DP "
-        "make private training pay.",
+        f"- The live regime map ({sites} sites) ranks a row only where non-private collaboration beats local-only, "
+        f"then picks at most one winner per cell among the methods that hold its guarantee ({eligible} at a finite "
+        "epsilon): more participants per round, a small shared part, or patient-level DP make private training pay.",
         "- Next: `07_privacy_attacks` attacks the released and the deployed models; `07b_privacy_auditing` audits "
         "the mechanism.",
     ]
