@@ -51,6 +51,7 @@ from .experiment_config import (
     ModelSpec,
     PretrainingSpec,
     load_experiment,
+    method_federated_config,
     with_cohort,
     with_privacy_budget,
 )
@@ -255,7 +256,11 @@ def run_method(
     if results_dir is None:
         return _with_dimension(
             run_federated(
-                federation, model_factory=factory, strategy=strategy, config=config.federated, progress=progress
+                federation,
+                model_factory=factory,
+                strategy=strategy,
+                config=method_federated_config(config, method),
+                progress=progress,
             ),
             dimension,
         )
@@ -267,7 +272,7 @@ def run_method(
             federation,
             model_factory=factory,
             strategy=strategy,
-            config=config.federated,
+            config=method_federated_config(config, method),
             run_dir=run_dir,
             progress=progress,
         )

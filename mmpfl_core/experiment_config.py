@@ -58,10 +58,21 @@ class MethodSpec:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     #: Train and evaluate with only these sequences (e.g. ("FLAIR",)): the single-modality ablation.
     modalities: tuple[str, ...] | None = None
+    #: This method's own number of rounds (None: ``federated.num_rounds``). Cross-silo DP-SGD takes ONE
+    #: step over the union of the patients a round, where a local-epoch method takes an epoch at every
+    #: site, so the two converge at very different round counts; the method's ledger accounts its own rounds.
+    num_rounds: int | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in available_strategies():
             raise ConfigError(f"method strategy={self.strategy!r} is unknown; available: {available_strategies()}.")
+        if self.num_rounds is not None and (
+            isinstance(self.num_rounds, bool) or not isinstance(self.num_rounds, int) or self.num_rounds < 1
+        ):
+            raise ConfigError(
+                f"method {self.label or self.strategy!r}: num_rounds={self.num_rounds!r} must be a positive integer "
+                "(or left out to use federated.num_rounds)."
+            )
         if self.modalities is not None:
             object.__setattr__(self, "modalities", tuple(self.modalities))
         if not self.label:
@@ -236,9 +247,17 @@ def _method_from_dict(values: Mapping[str, Any] | str) -> MethodSpec:
         raise ConfigError(f"method entry {values} needs a 'strategy' key; available: {available_strategies()}.")
     label = values.pop("label", "")
     modalities = values.pop("modalities", None)
+    num_rounds = values.pop("num_rounds", None)
     # Strategy arguments may sit beside "strategy" (YAML) or under "kwargs" (a saved config).
     kwargs = {**dict(values.pop("kwargs", None) or {}), **values}
-    return MethodSpec(strategy=strategy, label=label, kwargs=kwargs, modalities=modalities)
+    return MethodSpec(strategy=strategy, label=label, kwargs=kwargs, modalities=modalities, num_rounds=num_rounds)
+
+
+def method_federated_config(config: ExperimentConfig, method: MethodSpec) -> FederatedConfig:
+    """The round loop's config for ``method``: ``config.federated`` with the method's own ``num_rounds``."""
+    if method.num_rounds is None:
+        return config.federated
+    return dataclasses.replace(config.federated, num_rounds=method.num_rounds)
 
 
 def load_experiment(path_or_name: str | Path) -> ExperimentConfig:
@@ -258,11 +277,17 @@ def with_privacy_budget(
     """The same experiment with every method that has a ``target_epsilon`` given this budget.
 
     ``target_epsilon`` and ``delta`` (each when not None) replace the arguments of the differentially
-    private methods (those configured with a ``target_epsilon``); the others are left as they are.
+    private methods (those configured with a ``target_epsilon``, at the top level or in their
+    ``sample_level_dp`` mapping); the others are left as they are.
     """
     budget = {k: v for k, v in (("target_epsilon", target_epsilon), ("delta", delta)) if v is not None}
-    methods = tuple(
-        dataclasses.replace(m, kwargs={**m.kwargs, **budget}) if "target_epsilon" in m.kwargs else m
-        for m in config.methods
-    )
+
+    def with_budget(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        out = {**kwargs, **budget} if "target_epsilon" in kwargs else dict(kwargs)
+        nested = kwargs.get("sample_level_dp")  # patient-level DP-SGD inside the sites (local-dp-sgd, mr-mtl, ...)
+        if isinstance(nested, Mapping) and "target_epsilon" in nested:
+            out["sample_level_dp"] = {**nested, **budget}
+        return out
+
+    methods = tuple(dataclasses.replace(m, kwargs=with_budget(m.kwargs)) for m in config.methods)
     return dataclasses.replace(config, methods=methods)

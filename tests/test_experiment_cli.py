@@ -29,7 +29,7 @@ def tiny_yaml(tmp_path: Path) -> Path:
 
 
 def test_presets_in_configs_load():
-    for name in ("quickstart", "teaching", "paper"):
+    for name in ("quickstart", "teaching", "paper", "headline"):
         config = load_experiment(name)
         assert config.name == name and config.methods
 
@@ -102,6 +102,25 @@ def test_each_strategy_is_built_once_per_run(tiny_yaml: Path, tmp_path: Path, mo
     assert main(["train", "--config", str(tiny_yaml), "--method", "dp-fedavg", "--epsilon", "8", "--rounds", "1",
                  "--out", str(tmp_path / "t"), "--no-progress"]) == 0
     assert built == ["dp-fedavg"]
+
+
+def test_a_method_runs_its_own_rounds_and_cli_rounds_override_them(tmp_path: Path):
+    """``num_rounds`` on a method (cross-silo DP-SGD takes one step a round) sets its run's rounds; the others keep
+    ``federated.num_rounds``; ``--rounds`` sets every method's (a smoke run); bad values are named."""
+    values = {**TINY, "methods": [{"strategy": "fedavg"}, {"strategy": "fedprox", "mu": 0.1, "label": "prox",
+                                                           "num_rounds": 3}]}
+    path = tmp_path / "own.yaml"
+    path.write_text(yaml.safe_dump(values))
+    out = tmp_path / "results"
+    assert main(["compare", "--config", str(path), "--out", str(out), "--no-progress"]) == 0
+    rounds = {label: json.loads((out / label / "summary.json").read_text())["num_rounds"] for label in ("fedavg", "prox")}
+    assert rounds == {"fedavg": 2, "prox": 3}
+    assert main(["compare", "--config", str(path), "--rounds", "1", "--out", str(tmp_path / "smoke"),
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "smoke" / "prox" / "summary.json").read_text())["num_rounds"] == 1
+    for bad in (0, -2, 1.5, True, "10"):
+        with pytest.raises(ConfigError, match="num_rounds"):
+            ExperimentConfig.from_dict({**TINY, "methods": [{"strategy": "fedavg", "num_rounds": bad}]})
 
 
 def test_overrides_edit_the_typed_config():
@@ -201,3 +220,24 @@ def test_cohort_sidecar_without_its_npz_says_to_pass_the_npz(tmp_path: Path, cap
                  "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "JSON sidecar" in err and "allow_pickle" not in err and not (tmp_path / "out").exists()
+
+
+def test_privacy_budget_reaches_every_dp_method_of_the_headline():
+    """--epsilon/--delta set the budget of every private method, patient-level DP-SGD nested in sample_level_dp
+    included (else `mmpfl demo --epsilon 4` would compare methods at different budgets); others unchanged."""
+    from mmpfl_core.experiment_config import with_privacy_budget
+
+    config = load_experiment("headline")
+    changed = with_privacy_budget(config, 4.0, delta=1e-6)
+    private = 0
+    for before, after in zip(config.methods, changed.methods):
+        top = ({k: v for k, v in before.kwargs.items() if k != "sample_level_dp"},
+               {k: v for k, v in after.kwargs.items() if k != "sample_level_dp"})
+        nested = (before.kwargs.get("sample_level_dp") or {}, after.kwargs.get("sample_level_dp") or {})
+        for old, new in (top, nested):
+            if "target_epsilon" in old:
+                private += 1
+                assert new["target_epsilon"] == 4.0 and new["delta"] == 1e-6, before.label
+            else:
+                assert new == old, before.label
+    assert private == 4  # local+dp-sgd (nested), fedavg+dp-sgd, cross-silo DP-SGD, MM-PFL-ADP
