@@ -133,7 +133,7 @@ def pooled_learning_curve(
     seeds: Sequence[int],
     *,
     min_steps: int = 0,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
 ) -> pd.DataFrame:
     """Train on n pooled training patients for every (n, seed); score on the pooled test patients.
 

@@ -45,6 +45,9 @@ def plot_learning_curve(
 
     Returns:
         The axes. Its title says how many seeds and sites are drawn.
+
+    Raises:
+        ConfigError: no site sizes, a size < 1, or ``metric`` not a column of ``curve``.
     """
     sizes = pd.Series(site_sizes, dtype="int64")
     if sizes.empty:
@@ -55,6 +58,7 @@ def plot_learning_curve(
         )
     summary = learning_curve_summary(curve, metric)
     pooled = int(sizes.sum())
+    seeds = int(summary["seeds"].max())
     ax = ax or plt.subplots(figsize=(7, 4.2))[1]
     ax.scatter(curve["n"], curve[metric], s=14, color="tab:blue", alpha=0.45, label="one seed", zorder=3)
     ax.plot(summary["n"], summary["mean"], "-o", color="tab:blue", label="mean over seeds", zorder=4)
@@ -76,6 +80,7 @@ def plot_learning_curve(
             ha="center",
             va="bottom",
             color="tab:red",
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 0.5},
         )
     ax.plot([], [], color="tab:red", lw=1.5, label="a site's training size")  # legend entry for the ticks
     ax.axvline(pooled, color="black", ls="--", lw=1, label=f"pooled training set ({pooled})")
@@ -86,7 +91,8 @@ def plot_learning_curve(
     ax.set(
         xlabel="training subjects n (drawn from the pooled train splits, log scale)",
         ylabel=f"pooled test {metric.replace('_', ' ')}",
-        title=f"Pooled learning curve ({summary['seeds'].max()} seed(s)); ticks: the {len(sizes)} sites' sizes",
+        title=f"Does pooling pay? Pooled accuracy vs training subjects ({seeds} seed{'s' if seeds > 1 else ''}, "
+        f"{len(sizes)} sites)",
     )
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left")  # the curve rises from the lower left
     return ax
