@@ -11,7 +11,8 @@ each training-set size n and seed s, :func:`pooled_learning_curve`
    (the recipe's epochs, shuffling seed s; with ``min_steps`` a small subset gets extra epochs so that
    it is not also starved of optimiser steps);
 3. scores it on the union of the sites' TEST splits (``federation.global_test``): accuracy, and
-   balanced accuracy (mean per-class recall).
+   balanced accuracy (mean per-class recall), both from
+   :func:`~mmpfl_core.metrics.classification.classification_metrics`.
 
 A site of size n_k sits on this curve at x = n_k when its data look like the pool's (same model, same
 recipe): sites left of the knee are data-starved and pooling pays there; where the curve is flat from the
@@ -40,7 +41,7 @@ from .data.contract import Cohort, CohortDataset, concatenate
 from .data.federation import Federation
 from .errors import ConfigError
 from .federated.evaluation import predict_proba
-from .metrics.classification import seed_ci
+from .metrics.classification import classification_metrics, seed_ci
 from .seeding import Stream, numpy_generator
 
 __all__ = [
@@ -167,14 +168,15 @@ def pooled_learning_curve(
             epochs = max(recipe.epochs, math.ceil(min_steps / steps_per_epoch))
             run_recipe = recipe if epochs == recipe.epochs else _with_epochs(recipe, epochs)
             trained = train_centralized(model_factory(seed), subset, run_recipe, seed=seed, device=device)
-            pred = predict_proba(trained.model, test_data, batch_size=256, device=torch.device(device)).argmax(1)
+            proba = predict_proba(trained.model, test_data, batch_size=256, device=torch.device(device))
+            scores = classification_metrics(test.labels, proba, test.num_classes)
             rows.append(
                 {
                     "n": n,
                     "seed": seed,
                     "epochs": epochs,
-                    "accuracy": float((pred == test.labels).mean()),
-                    "balanced_accuracy": _balanced_accuracy(test.labels, pred, test.num_classes),
+                    "accuracy": scores["accuracy"],
+                    "balanced_accuracy": scores["balanced_accuracy"],
                     "seconds": trained.seconds,
                 }
             )
@@ -184,12 +186,6 @@ def pooled_learning_curve(
 def _with_epochs(recipe: TrainingRecipe, epochs: int) -> TrainingRecipe:
     # warm-up stays the same share of the budget, so a longer run is the same schedule stretched
     return replace(recipe, epochs=epochs, warmup_epochs=recipe.warmup_epochs * epochs / recipe.epochs)
-
-
-def _balanced_accuracy(labels: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
-    """Mean recall over the classes present in ``labels`` (absent classes have no recall to average)."""
-    recalls = [float((pred[labels == c] == c).mean()) for c in range(num_classes) if (labels == c).any()]
-    return float(np.mean(recalls))
 
 
 def learning_curve_summary(curve: pd.DataFrame, metric: str = "accuracy", confidence: float = 0.95) -> pd.DataFrame:
