@@ -61,6 +61,8 @@ class Stream(enum.IntEnum):
     ATTACK_BOOTSTRAP = 85
     #: pretraining.py: the public cohort's scanner noise ``(seed, 91)``.
     PUBLIC_SCAN = 91
+    #: learning_curve.py: the permutation of the pooled training set a curve draws its subsets from ``(seed, 61)``.
+    LEARNING_CURVE = 61
 
 
 def numpy_generator(seed: int, *stream: int) -> np.random.Generator:

@@ -114,4 +114,5 @@ def test_existing_ids_kept() -> None:
         "NEIGHBOUR_MASK": 84,
         "ATTACK_BOOTSTRAP": 85,
         "PUBLIC_SCAN": 91,
+        "LEARNING_CURVE": 61,
     }
