@@ -37,6 +37,10 @@ def _expect_00(r: dict[str, Any]) -> None:
     # Extreme heterogeneity diverges more than near-IID.
     assert r["label_divergence_alpha_0.1"] > r["label_divergence_alpha_100"]
     assert r["missing_sequence_sites"], "the default federation has a site without T2"
+    # The pooled learning curve (private record: a non-private diagnostic): one mean per size, sizes up to the pool.
+    means = {int(n): acc for n, acc in r["learning_curve_mean_by_n"].items()}
+    assert len(means) >= 2 and all(0.0 <= acc <= 1.0 for acc in means.values())
+    assert max(means) <= r["num_subjects_total"] and r["learning_curve_seeds"] >= 1
 
 
 def _expect_03(r: dict[str, Any]) -> None:
