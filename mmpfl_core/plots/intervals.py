@@ -84,5 +84,5 @@ def plot_arm_intervals(
     ax.set_yticks(y, _row_labels(table, labels or {}))
     ax.set(xlabel=f"{metric.replace('_', ' ')} (95% interval)", title=title)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")  # outside: rows fill the axes
     return ax

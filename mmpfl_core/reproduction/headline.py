@@ -264,8 +264,8 @@ def headline_text(verdicts: pd.DataFrame) -> str:
         f"{b['left']} {'does too' if b['holds'] else '**does not**'}.",
         f"**With patients as the privacy unit** (each epsilon from the sites' DP-SGD ledgers), {c['left']}: "
         + ("it releases, and its ledger shows the cost. " if c["holds"] else "it releases **nothing**. ")
-        + f"It is {'at least as good as' if d['holds'] else '**below**'} {d['right']} "
-        f"(point difference {d['margin']:+.3f}); its point lies {'above' if e['holds'] else '**not above**'} the "
+        + f"It is {'at least as good as' if d['holds'] else '**not at least as good as**'} {d['right']}, "
+        f"by {d['margin']:+.3f} in the point; its point lies {'above' if e['holds'] else '**not above**'} the "
         f"upper bound of {e['right']} and {'above' if f['holds'] else '**not above**'} that of {f['right']}.",
     ]
     labels = {
