@@ -5,6 +5,7 @@ on small synthetic tables each rule is driven to each of its outcomes.
 """
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pandas as pd
@@ -200,3 +201,16 @@ def test_loading_errors_name_the_problem_and_the_fix(tmp_path: Path):
         load_headline_table(path)
     _good().to_csv(path, index=False)
     assert len(load_headline_table(path)) == len(_good())
+
+
+def test_the_verdicts_read_the_table_only():
+    """The module trains and releases nothing: it imports no model, data, privacy or federated code (a planted
+    import of the training code would fail this)."""
+    source = Path(h.__file__).read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+    assert imported == {"__future__", "dataclasses", "pathlib", "pandas", "..errors"}, imported

@@ -41,6 +41,7 @@ from ..errors import ConfigError
 
 __all__ = [
     "ARM_LABELS",
+    "CHECKS",
     "DEFAULT_TABLE",
     "REQUIRED_COLUMNS",
     "headline_text",
