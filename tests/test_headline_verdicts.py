@@ -44,8 +44,10 @@ def test_committed_verdicts_follow_their_rules_from_the_tables_values():
     assert sorted(v) == list(LETTERS)
     row = {arm: table[table["arm"] == arm].iloc[0] for arm in table["arm"].unique()}
     method, local, fedsgd = row[h.METHOD], strongest(table, h.LOCAL), row[h.FEDSGD_SECAGG]
-    assert v["a"]["holds"] == (weakest(table, h.CENTRALIZED)["low"] > local["high"])
-    assert v["b"]["holds"] == (weakest(table, h.FEDAVG)["low"] > local["high"])
+    # (a), (b): two baselines, each at its best row; the method's checks: rivals at their best
+    assert v["a"]["holds"] == (strongest(table, h.CENTRALIZED)["low"] > local["high"])
+    assert v["b"]["holds"] == (strongest(table, h.FEDAVG)["low"] > local["high"])
+    row.update({arm: strongest(table, arm) for arm in (h.LOCAL_DP, h.FEDAVG_DP, h.PUBLIC_ONLY)})
     assert v["c"]["holds"] == (method["shared_d"] > 0 and method["patient_epsilon_max"] > 0)
     assert v["d"]["holds"] == (method["personal_accuracy"] >= row[h.LOCAL_DP]["personal_accuracy"]
                                and method["patient_epsilon_max"] <= row[h.LOCAL_DP]["patient_epsilon_max"])
@@ -59,7 +61,7 @@ def test_committed_verdicts_follow_their_rules_from_the_tables_values():
     # the text quotes the table's numbers, formatted, and the verdicts' words
     text = headline_text(headline_verdicts(table))
     for arm in (h.CENTRALIZED, h.LOCAL, h.FEDAVG, h.METHOD, h.LOCAL_DP, h.FEDAVG_DP, h.FEDSGD_SECAGG, h.UNIFORM):
-        r = row[arm]
+        r = strongest(table, arm)  # the rows the checks used (the method and its ablations have one each)
         assert f"{r['personal_accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}]" in text
     assert f"{method['shared_d']:,.0f} of its d = {int(method['d']):,}" in text
     for letter in "ghi":
@@ -170,15 +172,21 @@ def test_a_missing_arm_is_named():
 
 
 def test_strongest_picks_the_better_round_count_and_weakest_the_worse():
+    """Rivals at their strongest row; the method's claims at its weakest; (a)/(b) compare baselines at their best."""
     table = pd.concat([_good(), pd.DataFrame([_arm(h.LOCAL, 0.745, rounds=300)])], ignore_index=True)
     assert strongest(table, h.LOCAL)["rounds"] == 300 and weakest(table, h.LOCAL)["rounds"] == 100
     v = _by_letter(headline_verdicts(table))
     # the rival is taken at its strongest: centralized's [0.74, 0.76] now overlaps local's [0.735, 0.755]
     assert not v["a"]["holds"] and "(300 rounds)" in v["a"]["right"]
-    # the claimed-better side at its weakest: a second, better centralized row cannot rescue the claim
+    # (a) compares two baselines, each at its best: a better-tuned centralized row counts
     table = pd.concat([table, pd.DataFrame([_arm(h.CENTRALIZED, 0.90, rounds=50)])], ignore_index=True)
     v = _by_letter(headline_verdicts(table))
-    assert not v["a"]["holds"] and "(5 rounds)" in v["a"]["left"]
+    assert v["a"]["holds"] and "(50 rounds)" in v["a"]["left"]
+    # the method's claims take it at its weakest: a second, better MM-PFL-ADP row cannot rescue check (f)
+    base = _with_acc(_good(), h.FEDAVG_DP, 0.735)  # the method's [0.73, 0.75] point no longer above its upper bound
+    assert not _by_letter(headline_verdicts(base))["f"]["holds"]
+    rescued = pd.concat([base, pd.DataFrame([_arm(h.METHOD, 0.90, rounds=400)])], ignore_index=True)
+    assert not _by_letter(headline_verdicts(rescued))["f"]["holds"]
 
 
 def test_text_numbers_come_from_the_table():
