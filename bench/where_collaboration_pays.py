@@ -74,6 +74,7 @@ class Setting:
     # rounds of the centralized arm (one epoch over the pooled patients each) and of the arms with DP-SGD inside
     # the sites; 0 = ``rounds``. Centralized takes ~40 steps a round where a FedAvg round is one averaged step.
     centralized_rounds: int = 0
+    centralized_batch: int = 0  # 0 = batch_size; the pooled set takes a larger batch as FedAvg's round averages 40 sites
     dp_sgd_rounds: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.2
@@ -90,7 +91,7 @@ class Setting:
 #: ``federated: {num_rounds: 20, local_epochs: 1, batch_size: 16, optimizer: {name: adamw, lr: 5e-3}}``.
 HEADLINE = Setting(num_sites=40, rounds=20, private_part="head+norm+block")
 #: The cohort of ``configs/headline.yaml`` (``make demo``; ``--preset demo``; ``docs/results/headline/``): 40
-#: hospitals of ~16 training patients, lesions at 30 % of the public contrast, Dirichlet alpha 10, head + every
+#: hospitals of ~19 training patients, lesions at 30 % of the public contrast, Dirichlet alpha 10, head + every
 #: bias and norm (d = 2,915), 60 % of each hospital's patients held out for testing (~1,500 test patients a seed).
 DEMO = Setting(
     num_subjects=2600,
@@ -325,7 +326,10 @@ def run_arm(label: str, seed: int, s: Setting, cache: str) -> dict[str, Any]:
     config = FederatedConfig(
         num_rounds=rounds,
         client_fraction=1.0,
-        local=LocalTrainingConfig(local_epochs=s.local_epochs, batch_size=s.batch_size),
+        local=LocalTrainingConfig(
+            local_epochs=s.local_epochs,
+            batch_size=s.centralized_batch if name == "centralized" and s.centralized_batch else s.batch_size,
+        ),
         optimizer=OptimizerConfig(
             name="adamw", lr=s.lr_private if pretrained else s.lr_scratch, weight_decay=0.0 if pretrained else 0.05
         ),

@@ -66,6 +66,20 @@ class Report:
     runs: dict[str, RunResult]
 
 
+def _own_settings(config: ExperimentConfig) -> str:
+    """``"; own settings: centralized 40 rounds, batch 128; ..."`` for the methods that set their own (or "")."""
+    own = [
+        f"{m.label} "
+        + ", ".join(
+            ([f"{m.num_rounds} rounds"] if m.num_rounds is not None else [])
+            + ([f"batch {m.batch_size}"] if m.batch_size is not None else [])
+        )
+        for m in config.methods
+        if m.num_rounds is not None or m.batch_size is not None
+    ]
+    return f" (methods with their own: {'; '.join(own)})" if own else ""
+
+
 def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bool = True) -> Report:
     """Run every method of ``config`` and write table, figures and cohort summary under ``out``."""
     matplotlib.use("Agg", force=False)
@@ -115,7 +129,9 @@ def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bo
         f"# {config.name}: method comparison",
         "",
         f"{describe_data(config, federation)} Model preset "
-        f"`{config.model.preset}`; {cfg.num_rounds} rounds, {cfg.local.local_epochs} local epoch(s), seed {cfg.seed}.",
+        f"`{config.model.preset}`; {cfg.num_rounds} rounds, {cfg.local.local_epochs} local epoch(s), seed {cfg.seed}"
+        + _own_settings(config)
+        + ".",
         f"Accuracy intervals are 95% bootstrap CIs over test subjects ({cfg.bootstrap_resamples} resamples). "
         f"Rounds to target: first round at which the {cfg.smoothing_window}-round moving average of validation "
         f"accuracy of the deployed models (personal where a method has them, else global) reaches {cfg.target_accuracy}.",

@@ -108,19 +108,25 @@ def test_a_method_runs_its_own_rounds_and_cli_rounds_override_them(tmp_path: Pat
     """``num_rounds`` on a method (cross-silo DP-SGD takes one step a round) sets its run's rounds; the others keep
     ``federated.num_rounds``; ``--rounds`` sets every method's (a smoke run); bad values are named."""
     values = {**TINY, "methods": [{"strategy": "fedavg"}, {"strategy": "fedprox", "mu": 0.1, "label": "prox",
-                                                           "num_rounds": 3}]}
+                                                           "num_rounds": 3, "batch_size": 8}]}
     path = tmp_path / "own.yaml"
     path.write_text(yaml.safe_dump(values))
     out = tmp_path / "results"
     assert main(["compare", "--config", str(path), "--out", str(out), "--no-progress"]) == 0
     rounds = {label: json.loads((out / label / "summary.json").read_text())["num_rounds"] for label in ("fedavg", "prox")}
     assert rounds == {"fedavg": 2, "prox": 3}
+    # the run directory's resolved config is the one the method ran with (its own batch size, the shared one else)
+    batch = {label: json.loads((out / label / "config.json").read_text())["config"]["federated"]["local"]["batch_size"]
+             for label in ("fedavg", "prox")}
+    assert batch == {"fedavg": 32, "prox": 8}
+    assert "(methods with their own: prox 3 rounds, batch 8)" in (out / "REPORT.md").read_text()
     assert main(["compare", "--config", str(path), "--rounds", "1", "--out", str(tmp_path / "smoke"),
                  "--no-progress"]) == 0
     assert json.loads((tmp_path / "smoke" / "prox" / "summary.json").read_text())["num_rounds"] == 1
-    for bad in (0, -2, 1.5, True, "10"):
-        with pytest.raises(ConfigError, match="num_rounds"):
-            ExperimentConfig.from_dict({**TINY, "methods": [{"strategy": "fedavg", "num_rounds": bad}]})
+    for key in ("num_rounds", "batch_size"):
+        for bad in (0, -2, 1.5, True, "10"):
+            with pytest.raises(ConfigError, match=key):
+                ExperimentConfig.from_dict({**TINY, "methods": [{"strategy": "fedavg", key: bad}]})
 
 
 def test_overrides_edit_the_typed_config():

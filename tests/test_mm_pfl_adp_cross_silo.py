@@ -312,3 +312,12 @@ def test_resume_matches_the_uninterrupted_run(tiny_federation, tiny_model_factor
         assert a is not None and b is not None and all(torch.equal(a[n], b[n]) for n in a)
     assert resumed.summary["sample_level_privacy"] == whole.summary["sample_level_privacy"]
     assert resumed.summary["sample_level_privacy"]["steps"] == 3
+    # A FINISHED run read back (what `mmpfl compare` does on a second call) deploys the same personal models: the
+    # public warm-up rule (every group personal in rounds 1..update_every) must not apply again after loading.
+    read_back = run_federated(tiny_federation, model_factory=tiny_model_factory, strategy=strategy(), config=cfg,
+                              progress=False, run_dir=run_dir("whole", True))  # fmt: skip
+    for site in tiny_federation.sites:
+        a = whole.strategy.personal_state(site.site_id, whole.global_state)
+        b = read_back.strategy.personal_state(site.site_id, read_back.global_state)
+        assert a is not None and b is not None and a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert read_back.strategy.personal_groups_of(0) == whole.strategy.personal_groups_of(0) == frozenset({"head"})
