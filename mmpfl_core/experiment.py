@@ -250,7 +250,8 @@ def run_method(
         strategy = build_checked_strategy(method, federation)
     _check_pretraining(config, method, strategy)
     factory = method_model_factory(config, federation, public_state=public_state, cache_dir=results_dir)
-    run_config = {**config.to_dict(), "method": to_plain(method)}
+    federated = method_federated_config(config, method)  # the method's own rounds / batch size where it sets them
+    run_config = {**config.to_dict(), "federated": to_plain(federated), "method": to_plain(method)}
     run_config.pop("methods")
     dimension = private_dimension(factory()) if getattr(strategy, "trains_on_site_data", True) else 0
     if results_dir is None:
@@ -259,7 +260,7 @@ def run_method(
                 federation,
                 model_factory=factory,
                 strategy=strategy,
-                config=method_federated_config(config, method),
+                config=federated,
                 progress=progress,
             ),
             dimension,
@@ -272,7 +273,7 @@ def run_method(
             federation,
             model_factory=factory,
             strategy=strategy,
-            config=method_federated_config(config, method),
+            config=federated,
             run_dir=run_dir,
             progress=progress,
         )

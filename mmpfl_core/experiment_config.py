@@ -62,17 +62,20 @@ class MethodSpec:
     #: step over the union of the patients a round, where a local-epoch method takes an epoch at every
     #: site, so the two converge at very different round counts; the method's ledger accounts its own rounds.
     num_rounds: int | None = None
+    #: This method's own local batch size (None: ``federated.local.batch_size``); e.g. ``centralized`` on the pooled
+    #: patients of 40 hospitals takes the larger batch that a FedAvg round averages over its sites.
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in available_strategies():
             raise ConfigError(f"method strategy={self.strategy!r} is unknown; available: {available_strategies()}.")
-        if self.num_rounds is not None and (
-            isinstance(self.num_rounds, bool) or not isinstance(self.num_rounds, int) or self.num_rounds < 1
-        ):
-            raise ConfigError(
-                f"method {self.label or self.strategy!r}: num_rounds={self.num_rounds!r} must be a positive integer "
-                "(or left out to use federated.num_rounds)."
-            )
+        for name, default in (("num_rounds", "federated.num_rounds"), ("batch_size", "federated.local.batch_size")):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(
+                    f"method {self.label or self.strategy!r}: {name}={value!r} must be a positive integer "
+                    f"(or left out to use {default})."
+                )
         if self.modalities is not None:
             object.__setattr__(self, "modalities", tuple(self.modalities))
         if not self.label:
@@ -248,16 +251,30 @@ def _method_from_dict(values: Mapping[str, Any] | str) -> MethodSpec:
     label = values.pop("label", "")
     modalities = values.pop("modalities", None)
     num_rounds = values.pop("num_rounds", None)
+    batch_size = values.pop("batch_size", None)
     # Strategy arguments may sit beside "strategy" (YAML) or under "kwargs" (a saved config).
     kwargs = {**dict(values.pop("kwargs", None) or {}), **values}
-    return MethodSpec(strategy=strategy, label=label, kwargs=kwargs, modalities=modalities, num_rounds=num_rounds)
+    return MethodSpec(
+        strategy=strategy,
+        label=label,
+        kwargs=kwargs,
+        modalities=modalities,
+        num_rounds=num_rounds,
+        batch_size=batch_size,
+    )
 
 
 def method_federated_config(config: ExperimentConfig, method: MethodSpec) -> FederatedConfig:
-    """The round loop's config for ``method``: ``config.federated`` with the method's own ``num_rounds``."""
-    if method.num_rounds is None:
-        return config.federated
-    return dataclasses.replace(config.federated, num_rounds=method.num_rounds)
+    """The round loop's config for ``method``: ``config.federated`` with the method's own ``num_rounds`` and
+    ``batch_size`` where it sets them."""
+    federated = config.federated
+    if method.num_rounds is not None:
+        federated = dataclasses.replace(federated, num_rounds=method.num_rounds)
+    if method.batch_size is not None:
+        federated = dataclasses.replace(
+            federated, local=dataclasses.replace(federated.local, batch_size=method.batch_size)
+        )
+    return federated
 
 
 def load_experiment(path_or_name: str | Path) -> ExperimentConfig:
