@@ -513,8 +513,6 @@ class MMPFLADPCrossSilo(CrossSiloDPSGD):
             "drowned": sorted(self.drowned),
             "fisher_weights": self.fisher_weights,  # public (released model, public set): resume reuses it
             "fisher_round": self._fisher_round,
-            # the round whose public personal set applies: a finished run read back must not fall into the warm-up
-            "round": self._round,
         }
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -522,5 +520,6 @@ class MMPFLADPCrossSilo(CrossSiloDPSGD):
         self.site_masks = {int(k): frozenset(v) for k, v in state["site_masks"].items()}
         self.drowned = frozenset(state["drowned"])
         self.fisher_weights, self._fisher_round = state["fisher_weights"], state["fisher_round"]
-        # checkpoints written before the round was saved: the last round on the ledger is the round they end at
-        self._round = int(state["round"]) if "round" in state else max(map(int, state["recorded"]), default=1)
+        # the round whose public personal set applies: the last one on the ledger (every round is recorded in
+        # before_round), so a finished run read back does not fall into the masks' warm-up again
+        self._round = max(self._recorded, default=1)
