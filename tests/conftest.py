@@ -2,7 +2,8 @@
 
 Fixtures: a tiny federation and model factory that every engine test can afford on 2 cores, and
 :func:`tiny_run_config`, the one round-loop config the engine tests start from (import it:
-``from conftest import tiny_run_config``; each file states only what it changes).
+``from conftest import tiny_run_config``; each file states only what it changes), and
+:func:`whole_killed_resumed`, the three runs of a resume test.
 
 Tiers (markers, each with a per-test time budget; ``make test-fast`` = unit + integration):
 
@@ -64,6 +65,28 @@ def tiny_run_config(*, num_rounds: int = 2, local_steps: int | None = 2, local_e
                            local=LocalTrainingConfig(local_epochs=local_epochs, local_steps=local_steps,
                                                      batch_size=batch_size))
     return dataclasses.replace(base, **changes)
+
+
+def whole_killed_resumed(federation, model_factory, make_strategy, config: FederatedConfig, root, *,
+                         stop_after: int = 2) -> tuple[Any, Any, Any]:
+    """A resume test's runs, each with a fresh ``make_strategy()`` and a run directory under ``root``: the
+    uninterrupted run (``root/whole``), a run killed after round ``stop_after`` and that run resumed
+    (``root/killed``). Returns ``(whole, resumed, run_dir)``; ``run_dir(name, resume)`` opens a run directory
+    again (e.g. ``run_dir("whole", True)`` to read the finished run back)."""
+    from mmpfl_core.federated.simulation import FederatedSimulation, run_federated
+    from mmpfl_core.io.run_directory import RunDirectory
+
+    def run_dir(name: str, resume: bool) -> RunDirectory:
+        return RunDirectory.create(root, name, {"seed": 0}, exist_ok_resume=resume)
+
+    def run(name: str, resume: bool):
+        return run_federated(federation, model_factory=model_factory, strategy=make_strategy(), config=config,
+                             progress=False, run_dir=run_dir(name, resume))
+
+    whole = run("whole", False)
+    FederatedSimulation(federation, model_factory=model_factory, strategy=make_strategy(), config=config,
+                        run_dir=run_dir("killed", False), progress=False).run(stop_after=stop_after)
+    return whole, run("killed", True), run_dir
 
 
 def _tier(item: pytest.Item) -> str:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import whole_killed_resumed
 from mmpfl_core.errors import ConfigError
 from mmpfl_core.federated.client import forward_batch
 from mmpfl_core.federated.config import FederatedConfig, LocalTrainingConfig, OptimizerConfig
@@ -263,24 +264,13 @@ def test_partial_participation_and_loose_delta_are_refused(tiny_federation, tiny
 def test_resume_matches_the_uninterrupted_run_and_keeps_one_ledger(tiny_federation, tiny_model_factory, tmp_path):
     """Reproducible noise: a run killed after round 2 and resumed from its checkpoint (server Adam moments, the
     sites' personal AdamW moments, the ledger) ends bit-identical to the uninterrupted run, charged 3 steps."""
-    from mmpfl_core.federated.simulation import FederatedSimulation
-    from mmpfl_core.io.run_directory import RunDirectory
-
     adamw = OptimizerConfig(name="adamw", lr=0.01, weight_decay=0.0)
     cfg = dataclasses.replace(_config(3), optimizer=adamw, checkpoint_every=1)
 
     def strategy():
         return _strategy(noise_multiplier=1.0, personal_groups=("head",), expected_batch_size=30)
 
-    def run_dir(name, resume):
-        return RunDirectory.create(tmp_path, name, {"seed": 0}, exist_ok_resume=resume)
-
-    whole = run_federated(tiny_federation, model_factory=tiny_model_factory, strategy=strategy(), config=cfg,
-                          progress=False, run_dir=run_dir("whole", False))  # fmt: skip
-    FederatedSimulation(tiny_federation, model_factory=tiny_model_factory, strategy=strategy(), config=cfg,
-                        run_dir=run_dir("killed", False), progress=False).run(stop_after=2)  # fmt: skip
-    resumed = run_federated(tiny_federation, model_factory=tiny_model_factory, strategy=strategy(), config=cfg,
-                            progress=False, run_dir=run_dir("killed", True))  # fmt: skip
+    whole, resumed, _ = whole_killed_resumed(tiny_federation, tiny_model_factory, strategy, cfg, tmp_path)
     for name in whole.global_state:
         assert torch.equal(whole.global_state[name], resumed.global_state[name])
     for site in tiny_federation.sites:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import whole_killed_resumed
 from mmpfl_core.data.contract import CohortDataset
 from mmpfl_core.errors import ConfigError, PrivacyError
 from mmpfl_core.federated import mm_pfl_adp_cross_silo as module
@@ -280,9 +281,6 @@ def test_resume_matches_the_uninterrupted_run(tiny_federation, tiny_model_factor
     (masks, the public-set Fisher of round 1 reused in round 3, personal AdamW moments, one ledger of 3 steps)."""
     import dataclasses
 
-    from mmpfl_core.federated.simulation import FederatedSimulation
-    from mmpfl_core.io.run_directory import RunDirectory
-
     cfg = dataclasses.replace(_config(3), checkpoint_every=1)
 
     def strategy():
@@ -293,15 +291,7 @@ def test_resume_matches_the_uninterrupted_run(tiny_federation, tiny_model_factor
             mask={"always_personal": ["head"], "update_every": 1, "threshold": 10.0},
         )
 
-    def run_dir(name, resume):
-        return RunDirectory.create(tmp_path, name, {"seed": 0}, exist_ok_resume=resume)
-
-    whole = run_federated(tiny_federation, model_factory=tiny_model_factory, strategy=strategy(), config=cfg,
-                          progress=False, run_dir=run_dir("whole", False))  # fmt: skip
-    FederatedSimulation(tiny_federation, model_factory=tiny_model_factory, strategy=strategy(), config=cfg,
-                        run_dir=run_dir("killed", False), progress=False).run(stop_after=2)  # fmt: skip
-    resumed = run_federated(tiny_federation, model_factory=tiny_model_factory, strategy=strategy(), config=cfg,
-                            progress=False, run_dir=run_dir("killed", True))  # fmt: skip
+    whole, resumed, run_dir = whole_killed_resumed(tiny_federation, tiny_model_factory, strategy, cfg, tmp_path)
     for name in whole.global_state:
         assert torch.equal(whole.global_state[name], resumed.global_state[name])
     assert whole.strategy.site_masks == resumed.strategy.site_masks
