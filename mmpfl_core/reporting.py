@@ -26,7 +26,7 @@ import matplotlib
 import pandas as pd
 
 from .experiment import ExperimentConfig, compare_methods, split_comparison_table
-from .federated.simulation import RunResult
+from .federated.simulation import CROSS_SITE_ROWS, RunResult
 from .tables import markdown_table
 
 
@@ -36,7 +36,9 @@ _PRIVACY_NOTE = (
     "what leaves a site (client-level DP, add/remove one site; 0 where nothing leaves). *epsilon_patient_max*: the "
     "patients inside the deployed models (DP-SGD at each site, add/remove one patient; the max over the sites). "
     "`inf` with a blank delta: that unit is not protected. *d*: parameters trained on site data (the dimension of "
-    "every DP noise vector). A deployed personal model is covered only by the patient unit."
+    "every DP noise vector). A deployed personal model is covered only by the patient unit. *global acc* of a "
+    "method without a global model (local-only): the mean over the site models, each on at most "
+    f"{CROSS_SITE_ROWS:,} evenly spaced pooled test subjects."
 )
 
 #: Said under the released table: what was left out of it, and where it is.

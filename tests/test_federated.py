@@ -166,6 +166,46 @@ def test_rounds_to_target_follows_the_deployed_models(tiny_federation, tiny_mode
     assert summary["megabytes_to_target"] == pytest.approx(3 * 250 * 4 / 1e6)
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "local"])
+def test_summary_reuses_the_final_evaluation_and_equals_a_fresh_prediction(tiny_federation, tiny_model_factory,
+                                                                          strategy):
+    """summarise() takes the final round's test predictions instead of predicting again; dropping them (as a
+    resumed, finished run has none) gives the same summary, and a round run after evaluate() drops them."""
+    sim = FederatedSimulation(tiny_federation, model_factory=tiny_model_factory, strategy=create_strategy(strategy),
+                              config=_config(num_rounds=2, checkpoint_every=0, eval_every=10), progress=False)
+    run = sim.run()
+    assert sim._test_predictions is not None
+    sim._test_predictions = None
+    assert {**sim.summarise(), "stopped_early": None} == run.summary
+    row = sim.run_round(3)  # trains, and is not an evaluation round (eval_every=10): the predictions are gone
+    assert "personal_test_accuracy" not in row and sim._test_predictions is None
+
+
+def test_cross_site_diagnostic_scores_each_site_model_on_evenly_spaced_pooled_rows(tiny_federation, tiny_model_factory,
+                                                                                   monkeypatch):
+    """Local-only's "global" accuracy: the mean over the site models, each on at most CROSS_SITE_ROWS pooled test
+    rows spread over every site; below the cap it is the whole pooled split."""
+    from mmpfl_core.federated import simulation
+    from mmpfl_core.federated.evaluation import predict_proba
+
+    monkeypatch.setattr(simulation, "CROSS_SITE_ROWS", 7)
+    sim = FederatedSimulation(tiny_federation, model_factory=tiny_model_factory, strategy=create_strategy("local"),
+                              config=_config(num_rounds=1, checkpoint_every=0), progress=False)
+    sim.run()
+    view = sim.test
+    assert len(view.cross_site) == 7 < len(view.cohort)
+    assert set(view.cross_site.sites) == set(view.cohort.sites)  # every site keeps rows in the diagnostic
+    accuracies = []
+    for site in view.per_site:
+        sim.model.load_state_dict(sim._deployed(site), strict=False)
+        proba = predict_proba(sim.model, view.cross_site_dataset, batch_size=64, device=sim.device)
+        accuracies.append((proba.argmax(1) == view.cross_site.labels).mean())
+    expected = np.mean(accuracies)
+    assert sim.history[-1]["global_test_accuracy"] == pytest.approx(expected)
+    monkeypatch.setattr(simulation, "CROSS_SITE_ROWS", 10_000)
+    assert len(simulation._SplitView([s.test for s in tiny_federation.sites]).cross_site) == len(view.cohort)
+
+
 def test_proximal_term_is_half_weight_squared_distance_and_its_gradient():
     """FedProx's and Ditto's shared term: (w/2)||theta - anchor||^2 over the anchored parameters only."""
     from mmpfl_core.federated.strategies import proximal_term
