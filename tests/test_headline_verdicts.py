@@ -187,6 +187,10 @@ def test_strongest_picks_the_better_round_count_and_weakest_the_worse():
     assert not _by_letter(headline_verdicts(base))["f"]["holds"]
     rescued = pd.concat([base, pd.DataFrame([_arm(h.METHOD, 0.90, rounds=400)])], ignore_index=True)
     assert not _by_letter(headline_verdicts(rescued))["f"]["holds"]
+    # a row run as one round of many epochs (one optimiser throughout) says so
+    one_run = pd.concat([table, pd.DataFrame([{**_arm(h.LOCAL, 0.95, rounds=1), "epochs": 20}])], ignore_index=True)
+    v = _by_letter(headline_verdicts(one_run))
+    assert not v["a"]["holds"] and "(1 round of 20 epochs)" in v["a"]["right"]
 
 
 def test_text_numbers_come_from_the_table():

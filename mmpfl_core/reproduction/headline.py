@@ -56,7 +56,8 @@ __all__ = [
 
 #: The committed table, located like notebook 06 locates ``docs/results/regime_map``: beside the package in a checkout.
 DEFAULT_TABLE = Path(__file__).resolve().parents[2] / "docs" / "results" / "headline" / "headline_3seeds.csv"
-#: Columns the verdicts read (the bench writes more: seed_mean, seed_low, seed_high, test_subjects, seconds, curve).
+#: Columns the verdicts read (the bench writes more: seed_mean, seed_low, seed_high, test_subjects, seconds, curve;
+#: and ``epochs``, local epochs per round where not 1, which the text shows beside the rounds).
 REQUIRED_COLUMNS = ("arm", "d", "rounds", "personal_accuracy", "low", "high", "patient_epsilon_max", "shared_d")
 _REGENERATE = "python bench/where_collaboration_pays.py --preset demo --seeds 0 1 2"
 
@@ -146,7 +147,11 @@ def _ci(row: pd.Series) -> str:
     """``label acc [low, high]``, with the round count and the ledger's patient epsilon where they apply."""
     label = ARM_LABELS.get(row["arm"], row["arm"])
     text = f"{label} {row['personal_accuracy']:.3f} [{row['low']:.3f}, {row['high']:.3f}]"
-    extras = [f"{int(row['rounds'])} rounds"] if row["rounds"] > 0 else []
+    rounds, epochs = int(row["rounds"]), row.get("epochs", 1)
+    epochs = 1 if pd.isna(epochs) else int(epochs)  # rows without the column, or with it blank: one epoch a round
+    extras = [f"{rounds} round{'s' * (rounds != 1)}"] if rounds > 0 else []
+    if rounds > 0 and epochs > 1:  # e.g. local training as one run of 20 epochs with one optimiser
+        extras[0] += f" of {epochs} epochs"
     extras += [f"patient epsilon {row['patient_epsilon_max']:g}"] if row["patient_epsilon_max"] > 0 else []
     return text + (f" ({', '.join(extras)})" if extras else "")
 
