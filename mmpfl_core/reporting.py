@@ -69,7 +69,8 @@ class Report:
 
 
 def _own_settings(config: ExperimentConfig) -> str:
-    """``"; own settings: centralized 40 rounds, batch 128; ..."`` for the methods that set their own (or "")."""
+    """``" (methods with their own: centralized 40 rounds, batch 128; ...)"`` for the methods that set their own
+    rounds or batch size, or "" where none does."""
     own = [
         f"{m.label} "
         + ", ".join(

@@ -175,6 +175,8 @@ def test_summary_reuses_the_final_evaluation_and_equals_a_fresh_prediction(tiny_
                               config=_config(num_rounds=2, checkpoint_every=0, eval_every=10), progress=False)
     run = sim.run()
     assert sim._test_predictions is not None
+    # the cross-site rows are built only where a site model is scored on everyone's data (no global model)
+    assert ("cross_site" in sim.test.__dict__) == (strategy == "local")
     sim._test_predictions = None
     assert {**sim.summarise(), "stopped_early": None} == run.summary
     row = sim.run_round(3)  # trains, and is not an evaluation round (eval_every=10): the predictions are gone

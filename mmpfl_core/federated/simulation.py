@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 from collections.abc import Callable
 
@@ -130,12 +131,20 @@ class _SplitView:
         self.cohort = concatenate(cohorts)
         self.dataset = CohortDataset(self.cohort)
         self.per_site = {int(c.sites[0]) if len(c) else i: CohortDataset(c) for i, c in enumerate(cohorts)}
-        # Every site's model on the pooled split costs sites x rows forward passes (40 x 5,500 on the headline
-        # cohort: most of a local-only run). For that diagnostic only, rows evenly spaced over the pooled split
-        # (rows are grouped by site, so every site keeps its share), at most CROSS_SITE_ROWS of them.
+
+    @cached_property
+    def cross_site(self) -> Cohort:
+        """Rows on which every site's own model is scored (built only for strategies without a global model).
+
+        Every site's model on the pooled split costs sites x rows forward passes (40 x 5,500 on the headline
+        cohort: most of a local-only run). For that diagnostic only, rows evenly spaced over the pooled split
+        (rows are grouped by site, so every site keeps its share), at most CROSS_SITE_ROWS of them."""
         rows = np.unique(np.linspace(0, len(self.cohort) - 1, min(len(self.cohort), CROSS_SITE_ROWS)).round())
-        self.cross_site = self.cohort.subset(rows.astype(np.int64))
-        self.cross_site_dataset = CohortDataset(self.cross_site)
+        return self.cohort.subset(rows.astype(np.int64))
+
+    @cached_property
+    def cross_site_dataset(self) -> CohortDataset:
+        return CohortDataset(self.cross_site)
 
 
 class FederatedSimulation:
@@ -256,10 +265,12 @@ class FederatedSimulation:
             return evaluate_predictions(labels, proba, self.num_classes, prefix), proba
         # Local-only has no global model: report the mean over the sites' own models on (evenly spaced rows of)
         # the pooled split.
-        labels = view.cross_site.labels
         per_model = [
             evaluate_predictions(
-                labels, self._proba(self._deployed(s), view.cross_site_dataset), self.num_classes, prefix
+                view.cross_site.labels,
+                self._proba(self._deployed(s), view.cross_site_dataset),
+                self.num_classes,
+                prefix,
             )
             for s in view.per_site
         ]

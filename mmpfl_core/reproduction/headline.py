@@ -29,8 +29,8 @@ weakest (:func:`weakest`). Choosing on the test set favours whichever side it is
 only make a claim harder to meet: it is conservative for every "left beats right" verdict. A "worse" verdict is the
 one exception, so the rows used are shown with their round counts. Checks (a) and (b) compare two BASELINES (does
 pooling pay at all, without DP?), so both sides are taken at their strongest row: each baseline as well tuned as
-the runs allow (e.g. centralized at the batch and steps of the cross-silo runs, local training at the round count
-before it overfits its 16 patients).
+the runs allow (e.g. centralized at the batch and steps of the cross-silo runs, local training as one run of the
+epoch count before it overfits its ~18 patients: rows with an ``epochs`` column are R rounds of E local epochs).
 """
 
 from __future__ import annotations
