@@ -91,10 +91,11 @@ class Setting:
 #: ``federated: {num_rounds: 20, local_epochs: 1, batch_size: 16, optimizer: {name: adamw, lr: 5e-3}}``.
 HEADLINE = Setting(num_sites=40, rounds=20, private_part="head+norm+block")
 #: The cohort of ``configs/headline.yaml`` (``make demo``; ``--preset demo``; ``docs/results/headline/``): 40
-#: hospitals of ~19 training patients, lesions at 30 % of the public contrast, Dirichlet alpha 10, head + every
-#: bias and norm (d = 2,915), 84.5 % of each hospital's patients held out for testing (~5,500 test patients a seed,
+#: hospitals of ~18 training patients, lesions at 30 % of the public contrast, Dirichlet alpha 10, head + every
+#: bias and norm (d = 2,915), 84.5 % of each hospital's patients held out for testing (~5,400 test patients a seed,
 #: so that one seed's pooled intervals are about +-0.012), centralized at 40 epochs of batch 128, DP-SGD inside the
-#: sites for 20 rounds. The config's local-only runs 20 rounds: here ``--set rounds=20 --arms public/local``.
+#: sites for 20 rounds. The config's local-only runs 20 rounds: here ``--set rounds=20 --arms public/local``; as one
+#: run of 20 epochs (stronger, README): ``--set rounds=1 local_epochs=20 --arms public/local``.
 DEMO = Setting(
     num_subjects=6500,
     num_sites=40,
