@@ -56,6 +56,15 @@ d = 2,915, seed 0, patient epsilon 8, 200 rounds of q N = 128, server Adam 5e-3;
 personal accuracy 0.701 [0.637, 0.761] everything shared, 0.706 [0.637, 0.766] with the head personal, against
 public-model-only 0.642 [0.572, 0.706], local + DP-SGD 0.652 and FedAvg + DP-SGD 0.657 [0.587, 0.721].
 
+Simulation speed (``batched_sites``, default on): in this in-process simulation the round's first site computes
+EVERY site's clipped sum at once (:meth:`CrossSiloDPSGD.batched_clipped_sums`: one Opacus pass over the union
+batch where every site starts from the same parameters, ``vmap`` with per-patient parameters where personal copies
+or masks differ), and each site's turn takes its own entry after checking its Poisson sample, inputs and start
+parameters (else it computes its sum itself). Clipping stays per patient and sums per site, so every share, noise
+draw and ledger entry is the per-site path's; the sums agree to float32 rounding (``tests/test_cross_silo_batched.py``:
+the same released global models round by round, the same epsilon). A deployment computes each sum at its site.
+Measured (``bench/cross_silo_batched.py``, headline size, shared 2-core machine): a round 2.0-2.4 times faster.
+
 Must never release: per-patient gradients or norms, a site's un-noised or single share, the Poisson
 sample, the personal coordinates, or the noise and its seed.
 """
