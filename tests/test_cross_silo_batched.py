@@ -15,6 +15,8 @@ from mmpfl_core.federated.config import FederatedConfig, LocalTrainingConfig, Op
 from mmpfl_core.federated.cross_silo_dp_sgd import CrossSiloDPSGD
 from mmpfl_core.federated.mm_pfl_adp_cross_silo import MMPFLADPCrossSilo
 from mmpfl_core.federated.simulation import run_federated
+from mmpfl_core.models.presets import create_model
+from mmpfl_core.pretraining import restrict_trainable
 
 TOL = 1e-5  # float32: the union batch sums and reduces in another order than site by site
 
@@ -102,6 +104,26 @@ def test_batched_sums_equal_the_per_site_sums(arm, tiny_federation, tiny_model_f
     assert _batched_vs_per_site(cls, kwargs, tiny_federation, tiny_model_factory) < TOL
     # a site that samples nobody gets zeros (and still its noise and ledger entry, by the strategy's own code)
     assert _batched_vs_per_site(cls, kwargs, tiny_federation, tiny_model_factory, empty=(1,)) < TOL
+
+
+def _headline_model_factory(federation):
+    """hybrid-tiny (convolutional stem) with only the head and every bias and norm trainable, as ``make demo``:
+    frozen parameters enter the batched pass as the working model's, unbatched."""
+    ref = federation.sites[0].train
+
+    def factory():
+        model = create_model("hybrid-tiny", seed=0, image_size=32, num_modalities=ref.num_modalities,
+                             num_clinical=len(ref.clinical_names), num_classes=ref.num_classes)  # fmt: skip
+        restrict_trainable(model, "head+bias")
+        return model
+
+    return factory
+
+
+@pytest.mark.parametrize("arm", ["shared", "mmpfl-masks"])
+def test_batched_sums_equal_the_per_site_sums_on_the_headline_model(arm, tiny_federation):
+    cls, kwargs = ARMS[arm]
+    assert _batched_vs_per_site(cls, kwargs, tiny_federation, _headline_model_factory(tiny_federation)) < TOL
 
 
 class _ClipsTheSiteSum(CrossSiloDPSGD):
