@@ -194,6 +194,24 @@ def test_a_whole_run_releases_the_same_models_and_epsilon(arm, tiny_federation, 
         assert fast.site_masks == loop.site_masks
 
 
+class _OwnClipping(CrossSiloDPSGD):
+    """A subclass with its own clip_batch and no per-patient factors for it (here: the parent's rule at C / 2)."""
+
+    def clip_batch(self, model, batch, device):
+        self.max_grad_norm, old = self.max_grad_norm / 2, self.max_grad_norm
+        try:
+            return super().clip_batch(model, batch, device)
+        finally:
+            self.max_grad_norm = old
+
+
+def test_a_subclass_with_its_own_clip_batch_takes_the_per_site_path(tiny_federation, tiny_model_factory):
+    strategy, _ = _run(_OwnClipping, {"max_grad_norm": 0.5}, tiny_federation, tiny_model_factory, batched=True,
+                       rounds=1)  # fmt: skip
+    assert strategy.batched_hits == 0
+    assert MMPFLADPCrossSilo(noise_multiplier=1.0)._batched_rule_matches()  # its clip_batch and factors agree
+
+
 def test_a_model_with_dropout_takes_the_per_site_path(tiny_federation, tiny_model_factory):
     def with_dropout():
         model = tiny_model_factory()

@@ -551,12 +551,19 @@ class CrossSiloDPSGD(Strategy):
         model has dropout or stochastic depth (per-site path)."""
         from .vectorized import stochastic_modules
 
-        if stochastic_modules(model):
+        if stochastic_modules(model) or not self._batched_rule_matches():
             return None
         if self._round_sums_round != round_index:
             self._round_sums = self.batched_clipped_sums(model, global_state, self._round_samples(round_index), device)
             self._round_sums_round = round_index
         return self._round_sums.pop(site_id, None)  # used once: a site run again recomputes on its own
+
+    def _batched_rule_matches(self) -> bool:
+        """Whether :meth:`patient_clip_factors` is the rule of the :meth:`clip_batch` in force: a subclass that
+        overrides ``clip_batch`` without its per-patient factors takes the per-site path (its rule is not known)."""
+        mro = type(self).__mro__
+        owner = next(i for i, c in enumerate(mro) if "clip_batch" in vars(c))
+        return next(i for i, c in enumerate(mro) if "patient_clip_factors" in vars(c)) <= owner
 
     @staticmethod
     def _entry_matches(entry: _SiteSums, model: nn.Module, dataset: CohortDataset, index: torch.Tensor) -> bool:
