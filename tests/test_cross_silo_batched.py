@@ -220,3 +220,20 @@ def test_a_model_with_dropout_takes_the_per_site_path(tiny_federation, tiny_mode
 
     strategy, _ = _run(CrossSiloDPSGD, {"max_grad_norm": 0.5}, tiny_federation, with_dropout, batched=True, rounds=1)
     assert strategy.batched_hits == 0
+
+
+def test_secure_noise_runs_batched_from_the_os_csprng(tiny_federation, tiny_model_factory, monkeypatch):
+    """Secure mode: the round's samples are drawn once, from the OS CSPRNG (never the seeded stream), and every
+    site's turn uses its own; the ledger is the per-site path's."""
+    from mmpfl_core.federated import cross_silo_dp_sgd as module
+
+    drawn = []
+    real = module.poisson_batch
+    monkeypatch.setattr(module, "poisson_batch", lambda n, q, gen: drawn.append(gen) or real(n, q, gen))
+    strategy = CrossSiloDPSGD(noise_multiplier=1.2, max_grad_norm=0.5, personal_groups=("head",))
+    run = run_federated(tiny_federation, model_factory=tiny_model_factory, strategy=strategy, config=_config(2),
+                        progress=False)  # fmt: skip
+    num_sites = len(tiny_federation.sites)
+    assert strategy.batched_hits == 2 * num_sites
+    assert len(drawn) == 2 * num_sites and all(gen is None for gen in drawn)  # one CSPRNG draw per site and round
+    assert run.summary["sample_level_privacy"]["steps"] == 2
