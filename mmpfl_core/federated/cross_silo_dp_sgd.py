@@ -594,10 +594,17 @@ class CrossSiloDPSGD(Strategy):
         """
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         sites = sorted(samples)
+        # snapshots of each site's start (its entry is checked against it at its turn); a tensor equal to the
+        # global one is stored once for all sites, so memory grows with the personal coordinates only
+        snapshot = {n: t.detach().clone() for n, t in global_state.items()}
         starts: dict[int, State] = {}
         for site in sites:
             start = self.client_start_state(site, global_state)
-            starts[site] = {n: start[n].detach().clone() for n in trainable if n in start}  # a snapshot
+            starts[site] = {
+                n: snapshot[n] if n in snapshot and torch.equal(start[n], snapshot[n]) else start[n].detach().clone()
+                for n in trainable
+                if n in start
+            }
         out: dict[int, _SiteSums] = {}
         active = [s for s in sites if len(samples[s]) > 0]
         for site in sites:
