@@ -101,7 +101,7 @@ from ..privacy.fisher import diagonal_fisher, group_fisher
 from ..seeding import Stream, torch_generator
 from .client import ClientUpdate
 from .config import FederatedConfig
-from .cross_silo_dp_sgd import CrossSiloDPSGD, per_patient_group_clipped_sum
+from .cross_silo_dp_sgd import CrossSiloDPSGD, group_clip_factors, per_patient_group_clipped_sum
 from .strategies import State, register_strategy
 
 logger = logging.getLogger(__name__)
@@ -366,7 +366,9 @@ class MMPFLADPCrossSilo(CrossSiloDPSGD):
     ) -> ClientUpdate:
         """Steps 1-3, 5 and 6 of the module docstring for site k; ``delta`` is the site's share of the sum."""
         alloc = self.plan_round(round_index, global_state)  # server's public plan (in-process: computed once)
-        batch_size, sums, loss, noise_gen = self.site_clipped_sums(model, dataset, generator, device)
+        batch_size, sums, loss, noise_gen = self.site_clipped_sums(
+            model, dataset, generator, device, site_id=site_id, round_index=round_index, global_state=global_state
+        )
         keep = self.personal_groups_of(site_id)
         shares = self.group_shares(sums, alloc, keep, round_index, noise_gen)
         if keep and self.site_sizes.get(site_id, 0) > 0:
@@ -394,6 +396,11 @@ class MMPFLADPCrossSilo(CrossSiloDPSGD):
         return per_patient_group_clipped_sum(
             model, batch, clip_bounds=self.clip_bounds, group_of=self.group_of, device=device
         )
+
+    def patient_clip_factors(self, per_sample: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each patient's clipping factor (B,) by trainable name: :meth:`clip_batch`'s rule, per group to C_g."""
+        factors = group_clip_factors(per_sample, self.clip_bounds, self.group_of)
+        return {n: factors[self.group_of[n]] for n in per_sample}
 
     def group_shares(
         self,

@@ -127,11 +127,7 @@ def check_vectorizable(strategy: Strategy, model: nn.Module) -> None:
             "Opacus' per-sample clipping and noise run in the loop engine only; use "
             "federated.engine: loop (--engine loop)."
         )
-    stochastic = [
-        name
-        for name, m in model.named_modules()
-        if (isinstance(m, nn.Dropout) and m.p > 0) or getattr(m, "drop_prob", 0.0) > 0
-    ]
+    stochastic = stochastic_modules(model)
     if stochastic:
         raise ConfigError(
             f"engine='vectorized' needs a model without dropout or stochastic depth "
@@ -139,6 +135,15 @@ def check_vectorizable(strategy: Strategy, model: nn.Module) -> None:
             "the loop engine's random masks could not be reproduced. Set drop_rate=0 and "
             "drop_path_rate=0, or use federated.engine: loop (--engine loop)."
         )
+
+
+def stochastic_modules(model: nn.Module) -> list[str]:
+    """Names of the modules with dropout or stochastic depth (random masks a batched pass cannot reproduce)."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if (isinstance(m, nn.Dropout) and m.p > 0) or getattr(m, "drop_prob", 0.0) > 0
+    ]
 
 
 def site_batches(
