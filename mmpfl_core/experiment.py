@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -328,9 +329,48 @@ def _ci_text(entry: Mapping[str, float] | None) -> str:
     return f"{entry['point']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
 
 
+#: Strategies every other method is compared with, patient by patient, when a comparison has them: training alone,
+#: without and with DP-SGD (the rival a private federated method must beat).
+PAIRED_REFERENCES = ("local", "local-dp-sgd")
+
+
+def paired_differences(runs: Mapping[str, RunResult], *, num_resamples: int = 1000) -> dict[str, dict[str, str]]:
+    """``{column: {method: text}}``: each method's personal accuracy minus that of every reference method present
+    (:data:`PAIRED_REFERENCES`, the first run of each such strategy), with a paired 95% bootstrap interval over the
+    same test subjects (:func:`~mmpfl_core.metrics.classification.paired_accuracy_difference`; seeded from the
+    reference run's seed, stream ``(seed, EVAL_BOOTSTRAP, 1)``). "n/a" where a run kept no test scores (an
+    unfinished run) or was scored on other subjects. Released like the accuracy intervals it is computed from."""
+    from .metrics.classification import paired_accuracy_difference
+    from .seeding import Stream, numpy_generator
+
+    out: dict[str, dict[str, str]] = {}
+    for strategy in PAIRED_REFERENCES:
+        ref_label = next((label for label, r in runs.items() if r.summary.get("strategy") == strategy), None)
+        if ref_label is None:
+            continue
+        ref = runs[ref_label].final_predictions
+        column: dict[str, str] = {}
+        for label, run in runs.items():
+            own = run.final_predictions
+            if label == ref_label:
+                column[label] = "0 (reference)"
+            elif not ref or not own or not np.array_equal(own["labels"], ref["labels"]):
+                column[label] = "n/a"
+            else:
+                rng = numpy_generator(int(runs[ref_label].summary.get("seed", 0)), Stream.EVAL_BOOTSTRAP, 1)
+                ci = paired_accuracy_difference(
+                    own["labels"], own["personal"], ref["personal"], rng=rng, num_resamples=num_resamples
+                )
+                column[label] = f"{ci.point:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]"
+        out[f"personal acc - {ref_label} [paired 95% CI]"] = column
+    return out
+
+
 def comparison_table(runs: Mapping[str, RunResult]) -> pd.DataFrame:
     """One row per method: accuracy with 95% CI (global and personalised), other metrics, the privacy
-    columns (:func:`run_privacy`: unit, epsilon and delta per unit, d), communication."""
+    columns (:func:`run_privacy`: unit, epsilon and delta per unit, d), communication, and the paired
+    difference to training alone (:func:`paired_differences`) where the comparison has a local method."""
+    paired = paired_differences(runs)
     rows = []
     for label, run in runs.items():
         s = run.summary
@@ -350,6 +390,7 @@ def comparison_table(runs: Mapping[str, RunResult]) -> pd.DataFrame:
                 "balanced acc (personal)": personal["balanced_accuracy"]["point"],
                 "macro-F1 (personal)": personal["macro_f1"]["point"],
                 "AUROC (personal)": personal["auroc"]["point"],
+                **{column: values[label] for column, values in paired.items()},
                 **run_privacy(run),
                 "rounds to target": s.get("rounds_to_target"),
                 "MB total": s["megabytes_up"] + s["megabytes_down"],

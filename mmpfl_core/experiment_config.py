@@ -65,11 +65,19 @@ class MethodSpec:
     #: This method's own local batch size (None: ``federated.local.batch_size``); e.g. ``centralized`` on the pooled
     #: patients of 40 hospitals takes the larger batch that a FedAvg round averages over its sites.
     batch_size: int | None = None
+    #: This method's own local epochs a round (None: ``federated.local.local_epochs``). A hospital training alone
+    #: runs ONE round of many epochs (one optimiser): a round restarts the client's optimiser, so 20 rounds of one
+    #: epoch train a local-only model worse than one round of 20 epochs (bench/results/wcp_headline6500_3seeds*).
+    local_epochs: int | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in available_strategies():
             raise ConfigError(f"method strategy={self.strategy!r} is unknown; available: {available_strategies()}.")
-        for name, default in (("num_rounds", "federated.num_rounds"), ("batch_size", "federated.local.batch_size")):
+        for name, default in (
+            ("num_rounds", "federated.num_rounds"),
+            ("batch_size", "federated.local.batch_size"),
+            ("local_epochs", "federated.local.local_epochs"),
+        ):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(
@@ -252,6 +260,7 @@ def _method_from_dict(values: Mapping[str, Any] | str) -> MethodSpec:
     modalities = values.pop("modalities", None)
     num_rounds = values.pop("num_rounds", None)
     batch_size = values.pop("batch_size", None)
+    local_epochs = values.pop("local_epochs", None)
     # Strategy arguments may sit beside "strategy" (YAML) or under "kwargs" (a saved config).
     kwargs = {**dict(values.pop("kwargs", None) or {}), **values}
     return MethodSpec(
@@ -261,19 +270,21 @@ def _method_from_dict(values: Mapping[str, Any] | str) -> MethodSpec:
         modalities=modalities,
         num_rounds=num_rounds,
         batch_size=batch_size,
+        local_epochs=local_epochs,
     )
 
 
 def method_federated_config(config: ExperimentConfig, method: MethodSpec) -> FederatedConfig:
-    """The round loop's config for ``method``: ``config.federated`` with the method's own ``num_rounds`` and
-    ``batch_size`` where it sets them."""
+    """The round loop's config for ``method``: ``config.federated`` with the method's own ``num_rounds``,
+    ``batch_size`` and ``local_epochs`` where it sets them."""
     federated = config.federated
     if method.num_rounds is not None:
         federated = dataclasses.replace(federated, num_rounds=method.num_rounds)
-    if method.batch_size is not None:
-        federated = dataclasses.replace(
-            federated, local=dataclasses.replace(federated.local, batch_size=method.batch_size)
-        )
+    local = {
+        name: getattr(method, name) for name in ("batch_size", "local_epochs") if getattr(method, name) is not None
+    }
+    if local:
+        federated = dataclasses.replace(federated, local=dataclasses.replace(federated.local, **local))
     return federated
 
 

@@ -70,15 +70,16 @@ class Report:
 
 def _own_settings(config: ExperimentConfig) -> str:
     """``" (methods with their own: centralized 40 rounds, batch 128; ...)"`` for the methods that set their own
-    rounds or batch size, or "" where none does."""
+    rounds, local epochs or batch size, or "" where none does."""
     own = [
         f"{m.label} "
         + ", ".join(
             ([f"{m.num_rounds} rounds"] if m.num_rounds is not None else [])
+            + ([f"{m.local_epochs} local epochs"] if m.local_epochs is not None else [])
             + ([f"batch {m.batch_size}"] if m.batch_size is not None else [])
         )
         for m in config.methods
-        if m.num_rounds is not None or m.batch_size is not None
+        if m.num_rounds is not None or m.local_epochs is not None or m.batch_size is not None
     ]
     return f" (methods with their own: {'; '.join(own)})" if own else ""
 

@@ -106,9 +106,10 @@ def test_each_strategy_is_built_once_per_run(tiny_yaml: Path, tmp_path: Path, mo
 
 def test_a_method_runs_its_own_rounds_and_cli_rounds_override_them(tmp_path: Path):
     """``num_rounds`` on a method (cross-silo DP-SGD takes one step a round) sets its run's rounds; the others keep
-    ``federated.num_rounds``; ``--rounds`` sets every method's (a smoke run); bad values are named."""
+    ``federated.num_rounds``; so for ``batch_size`` and ``local_epochs``; ``--rounds`` sets every method's (a smoke
+    run); bad values are named."""
     values = {**TINY, "methods": [{"strategy": "fedavg"}, {"strategy": "fedprox", "mu": 0.1, "label": "prox",
-                                                           "num_rounds": 3, "batch_size": 8}]}
+                                                           "num_rounds": 3, "batch_size": 8, "local_epochs": 2}]}
     path = tmp_path / "own.yaml"
     path.write_text(yaml.safe_dump(values))
     out = tmp_path / "results"
@@ -119,11 +120,14 @@ def test_a_method_runs_its_own_rounds_and_cli_rounds_override_them(tmp_path: Pat
     batch = {label: json.loads((out / label / "config.json").read_text())["config"]["federated"]["local"]["batch_size"]
              for label in ("fedavg", "prox")}
     assert batch == {"fedavg": 32, "prox": 8}
-    assert "(methods with their own: prox 3 rounds, batch 8)" in (out / "REPORT.md").read_text()
+    epochs = {label: json.loads((out / label / "config.json").read_text())["config"]["federated"]["local"]["local_epochs"]
+              for label in ("fedavg", "prox")}
+    assert epochs == {"fedavg": 1, "prox": 2}  # TINY leaves federated.local.local_epochs at its default, 1
+    assert "(methods with their own: prox 3 rounds, 2 local epochs, batch 8)" in (out / "REPORT.md").read_text()
     assert main(["compare", "--config", str(path), "--rounds", "1", "--out", str(tmp_path / "smoke"),
                  "--no-progress"]) == 0
     assert json.loads((tmp_path / "smoke" / "prox" / "summary.json").read_text())["num_rounds"] == 1
-    for key in ("num_rounds", "batch_size"):
+    for key in ("num_rounds", "batch_size", "local_epochs"):
         for bad in (0, -2, 1.5, True, "10"):
             with pytest.raises(ConfigError, match=key):
                 ExperimentConfig.from_dict({**TINY, "methods": [{"strategy": "fedavg", key: bad}]})
@@ -246,4 +250,33 @@ def test_privacy_budget_reaches_every_dp_method_of_the_headline():
                 assert new["target_epsilon"] == 4.0 and new["delta"] == 1e-6, before.label
             else:
                 assert new == old, before.label
-    assert private == 4  # local+dp-sgd (nested), fedavg+dp-sgd, cross-silo DP-SGD, MM-PFL-ADP
+    assert private == 6  # local+dp-sgd (nested), fedavg+dp-sgd, cross-silo DP-SGD, MM-PFL-ADP and its 2 ablations
+
+
+def test_the_comparison_reports_each_method_against_local_training_patient_by_patient(tmp_path: Path):
+    """The paired column is acc(method) - acc(local-only) on the same test subjects, from the runs' kept scores
+    (recomputed here by hand from them), "0 (reference)" on local-only, and "n/a" for a run without scores."""
+    import dataclasses
+
+    import numpy as np
+
+    from mmpfl_core.experiment import compare_methods, comparison_table
+
+    config = ExperimentConfig.from_dict(
+        {**TINY, "federated": {**TINY["federated"], "num_rounds": 1},
+         "methods": [{"strategy": "local", "label": "alone"}, {"strategy": "fedavg"}]}
+    )
+    table, runs, _ = compare_methods(config, progress=False)
+    column = "personal acc - alone [paired 95% CI]"
+    rows = table.set_index("method")[column]
+    assert rows["alone"] == "0 (reference)"
+    own, ref = runs["fedavg"].final_predictions, runs["alone"].final_predictions
+    assert np.array_equal(own["labels"], ref["labels"]) and len(own["labels"]) == len(ref["personal"])
+    by_hand = ((own["personal"].argmax(1) == own["labels"]).mean() - (ref["personal"].argmax(1) == ref["labels"]).mean())
+    assert rows["fedavg"].startswith(f"{by_hand:+.3f} [")
+    assert float(rows["fedavg"].split()[0]) == pytest.approx(
+        runs["fedavg"].summary["personal_test"]["accuracy"]["point"] - runs["alone"].summary["personal_test"]["accuracy"]["point"],
+        abs=1e-3,
+    )
+    runs["fedavg"] = dataclasses.replace(runs["fedavg"], final_predictions={})
+    assert comparison_table(runs).set_index("method").loc["fedavg", column] == "n/a"

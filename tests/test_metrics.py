@@ -207,3 +207,47 @@ def test_communication_counter_sums_and_state_round_trip():
     assert d.as_rows() == c.as_rows() and d.site_totals() == c.site_totals()
     with pytest.raises(DataError, match="direction"):
         c.total_bytes("sideways")
+
+
+def _scores(pred: np.ndarray, num_classes: int = 3) -> np.ndarray:
+    return np.eye(num_classes)[pred]
+
+
+def test_paired_difference_is_the_accuracy_difference_and_narrower_than_the_marginal_intervals():
+    """acc(a) - acc(b) on the same subjects; where a and b err on the same subjects the paired interval is far
+    narrower than the two marginal half-widths together (the reason the kit reports it), and an UNPAIRED
+    bootstrap (independent resamples for a and b: the broken variant) is not."""
+    from mmpfl_core.metrics.classification import paired_accuracy_difference
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    y = rng.integers(0, 3, n)
+    b = np.where(rng.random(n) < 0.7, y, (y + 1) % 3)  # ~70% right
+    a = b.copy()
+    fixed = np.flatnonzero(b != y)[: n // 100]  # a also gets 40 of b's errors right: +0.01
+    a[fixed] = y[fixed]
+    diff = paired_accuracy_difference(y, _scores(a), _scores(b), rng=np.random.default_rng(1))
+    assert diff.point == pytest.approx((a == y).mean() - (b == y).mean()) == pytest.approx(0.01)
+    assert 0.0 < diff.low < diff.point < diff.high  # excludes 0
+    ci_a = bootstrap_ci(y, _scores(a), metric="accuracy", rng=np.random.default_rng(2))
+    ci_b = bootstrap_ci(y, _scores(b), metric="accuracy", rng=np.random.default_rng(3))
+    assert ci_a.low < ci_b.high  # the marginal intervals overlap ...
+    marginal = (ci_a.high - ci_a.low + ci_b.high - ci_b.low) / 2
+    assert diff.high - diff.low < marginal / 3  # ... while the paired interval is a fraction of their widths
+    # the broken variant: resampling a and b independently loses the pairing and does not exclude 0
+    ia, ib = (np.random.default_rng(s).integers(0, n, (1000, n)) for s in (4, 5))
+    unpaired = (a[ia] == y[ia]).mean(axis=1) - (b[ib] == y[ib]).mean(axis=1)
+    assert np.quantile(unpaired, 0.025) < 0.0 < np.quantile(unpaired, 0.975)
+
+
+def test_paired_difference_of_a_model_with_itself_is_zero_and_bad_inputs_are_named():
+    from mmpfl_core.metrics.classification import paired_accuracy_difference
+
+    y = np.array([0, 1, 2, 1, 0])
+    p = _scores(np.array([0, 1, 1, 1, 2]))
+    same = paired_accuracy_difference(y, p, p, rng=np.random.default_rng(0), num_resamples=50)
+    assert (same.point, same.low, same.high) == (0.0, 0.0, 0.0)
+    with pytest.raises(DataError, match="expected y_true"):
+        paired_accuracy_difference(y, p, p[:4], rng=np.random.default_rng(0))
+    with pytest.raises(DataError, match="num_classes"):
+        paired_accuracy_difference(y, p, _scores(np.array([0, 1, 1, 1, 2]), 4), rng=np.random.default_rng(0))

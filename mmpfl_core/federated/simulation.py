@@ -53,7 +53,12 @@ from .strategies import State, StopTraining, Strategy
 
 @dataclass
 class RunResult:
-    """What a run returns: the per-round history, the summary and the final models."""
+    """What a run returns: the per-round history, the summary and the final models.
+
+    ``final_predictions`` holds the summary's pooled test ``labels`` (N,) and the deployed models' ``personal``
+    class scores (N, C), in the test split's subject order (the same for every method of one federation), for
+    paired comparisons (:func:`~mmpfl_core.metrics.classification.paired_accuracy_difference`); in memory only,
+    never written to a run directory (per-patient scores are operator-only)."""
 
     history: list[dict[str, Any]]
     summary: dict[str, Any]
@@ -175,6 +180,7 @@ class FederatedSimulation:
         # (global, personal) test probabilities of the current models, from the last evaluate(); None once they
         # change. summarise() reuses them instead of predicting the test split a second time.
         self._test_predictions: tuple[np.ndarray | None, np.ndarray] | None = None
+        self._summary_predictions: dict[str, np.ndarray] = {}  # the summary's test labels and personal scores
 
     # ------------------------------------------------------------------ round
     def run_round(self, t: int) -> dict[str, Any]:
@@ -382,7 +388,13 @@ class FederatedSimulation:
             summary["stopped_early"] = stopped_early
         if summary and self.run_dir is not None:
             self.run_dir.write_summary(summary)
-        return RunResult(history=self.history, summary=summary, global_state=self.global_state, strategy=self.strategy)
+        return RunResult(
+            history=self.history,
+            summary=summary,
+            global_state=self.global_state,
+            strategy=self.strategy,
+            final_predictions=dict(self._summary_predictions) if summary else {},
+        )
 
     def summarise(self) -> dict[str, Any]:
         """Final metrics with bootstrap 95% CIs, rounds-to-target, total communication."""
@@ -394,6 +406,8 @@ class FederatedSimulation:
         else:
             global_proba = self._proba(self.global_state, self.test.dataset) if self.strategy.has_global_model else None
             personal = self._personal_proba(self.test, global_proba)
+        # kept in memory (never written: per-patient scores are operator-only) for paired comparisons of methods
+        self._summary_predictions = {"labels": np.asarray(labels), "personal": np.asarray(personal)}
         summary: dict[str, Any] = {"strategy": self.strategy.name, "num_rounds": cfg.num_rounds, "seed": cfg.seed}
         if cfg.bootstrap_resamples:
             summary["personal_test"] = metrics_with_ci(labels, personal, rng=rng, num_resamples=cfg.bootstrap_resamples)

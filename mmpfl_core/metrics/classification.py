@@ -246,6 +246,28 @@ def metrics_with_ci(
     return out
 
 
+def paired_accuracy_difference(
+    y_true, proba_a, proba_b, *, rng: np.random.Generator, num_resamples: int = 1000, confidence: float = 0.95
+) -> BootstrapCI:
+    """acc(a) - acc(b) of two models scored on the SAME test subjects, with a paired percentile bootstrap interval.
+
+    Each resample draws one index vector of subjects and scores BOTH models on it, so what the interval measures
+    is the spread of the difference, not of each accuracy: where the two models err on the same subjects their
+    errors cancel in the difference. Two marginal 95% intervals that overlap can hold a difference whose paired
+    interval excludes 0 (the marginal half-widths add up; the paired one sees the correlation), so "the marginal
+    intervals are apart" is the stricter test. Subjects must be in the same order in ``proba_a`` and ``proba_b``.
+
+    Returns:
+        :class:`BootstrapCI` of the difference (point, low, high).
+    """
+    _check_confidence(confidence)
+    y, a, _ = _check_inputs(y_true, proba_a, None)
+    _, b, _ = _check_inputs(y_true, proba_b, a.shape[1])
+    correct = (a.argmax(axis=1) == y).astype(np.float64) - (b.argmax(axis=1) == y).astype(np.float64)  # (N,)
+    idx = _resample_indices(y.size, num_resamples, rng)
+    return _summarise(float(correct.mean()), correct[idx].mean(axis=1), confidence)
+
+
 def _check_confidence(confidence: float) -> None:
     if not 0.0 < confidence < 1.0:
         raise ConfigError(f"confidence={confidence!r} must lie in (0, 1), e.g. 0.95.")
