@@ -226,3 +226,16 @@ def test_the_verdicts_read_the_table_only():
         elif isinstance(node, ast.Import):
             imported |= {alias.name for alias in node.names}
     assert imported == {"__future__", "dataclasses", "pathlib", "pandas", "..errors"}, imported
+
+
+def test_the_mask_verdict_carries_its_measured_reason_from_the_table():
+    """Given the table, a mask verdict that is not "better" says how many scalars the masks kept personal beyond the
+    head (no-mask shared_d minus the method's); a "better" verdict needs no excuse, and without the table nothing
+    is said."""
+    table = _set(_with_acc(_good(), h.NOMASK, 0.735), h.NOMASK, shared_d=2720.0)
+    table = _set(table, h.METHOD, shared_d=2678.4)
+    assert _by_letter(headline_verdicts(table))["i"]["verdict"] == "no measured difference"
+    text = headline_text(headline_verdicts(table), table)
+    assert "they kept on average 42 of d = " in text and "(shared 2,678 with masks, 2,720 without)" in text
+    assert "Why the masks" not in headline_text(headline_verdicts(table))
+    assert "Why the masks" not in headline_text(headline_verdicts(_good()), _good())  # masks better: nothing to excuse
