@@ -179,8 +179,8 @@ class _StackedRow(Mapping[str, torch.Tensor]):
     (a view, no copy), made when a name is looked up.
 
     What :func:`_rows` gives, without building S x (number of parameters) views up front: 40,000
-    tensor views per round at 1,000 sites on the regime map's model, 0.26 s of a 2.1 s FedAvg round
-    (cProfile, one thread), while the stacked releases (:func:`clipped_sum`, the weighted sum) never
+    tensor views per round at 1,000 sites on the regime map's model (cProfile put them at 0.26 s of a
+    FedAvg round; interleaved runs without cProfile, 1-4% of its user CPU), while the stacked releases (:func:`clipped_sum`, the weighted sum) never
     look at a site's row and the traffic ledger only at its names. A strategy that reads a site's
     update (``transmit``, ``after_local``'s model load) gets the same tensors as from :func:`_rows`;
     one that tried to write into it would fail loudly (no ``__setitem__``).
@@ -626,8 +626,8 @@ def auto_chunk_size(
     model: nn.Module, pool: _SitePool, training: LocalTrainingConfig, device: torch.device, *, fraction: float = 0.25
 ) -> int:
     """Sites per chunk so that one chunk uses at most ``fraction`` of free memory (capped at
-    :data:`MAX_AUTO_CHUNK`, :data:`MAX_AUTO_CHUNK_CUDA` on a GPU). Per site: parameters, gradient, start copy and two optimiser states
-    (6 d floats) plus the activations of a batch (saved bytes per example x batch size x 3, for the
+    :data:`MAX_AUTO_CHUNK`, :data:`MAX_AUTO_CHUNK_CUDA` on a GPU). Per site: parameters, gradient,
+    start copy and two optimiser states (6 d floats) plus the activations of a batch (saved bytes per example x batch size x 3, for the
     backward pass and vmap's temporaries)."""
     params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     per_site = 6 * params + 3 * training.batch_size * _bytes_per_example(model, pool, device)
