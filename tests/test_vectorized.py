@@ -351,3 +351,55 @@ def test_a_shared_start_gives_what_per_site_copies_of_it_give(uneven_federation)
         for n in a:
             torch.testing.assert_close(a[n], b[n], atol=atol, rtol=1e-4)
         torch.testing.assert_close(loss_a, loss_b)
+
+
+# The regime map's model since the regime run moved to it: a conv stem (two 3x3 stride-2 convolutions,
+# GroupNorm) and one block at 16 px, configs/reproduce_regime.yaml.
+HYBRID = dict(image_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, stem_channels=8)
+
+
+@pytest.mark.parametrize("model", ["tiny", "hybrid-tiny"])
+@pytest.mark.parametrize("case", ["fedavg", "dp-fedavg-server", "mm-pfl-adp"])
+def test_every_sites_update_is_the_loop_engines_and_a_row_mix_up_is_caught(uneven_federation, monkeypatch, model,
+                                                                           case):
+    """Site by site, the update the vectorised engine hands the strategy (a lazy row of the chunk's
+    stacked result, :class:`_StackedRow`) equals the loop engine's, on the linear-patch model and on the
+    regime map's conv-stem model. The stacked releases (FedAvg's weighted sum, DP-FedAvg's clipped
+    sum) never read a site's row, so the released-model tests above cannot see rows handed to the wrong
+    site; this test does: a variant that hands site k the row of site k + 1 is told apart."""
+    import mmpfl_core.federated.vectorized as vectorized
+
+    name, kwargs, changes = CASES[case]
+    config = _config(**changes)
+
+    def factory():
+        return create_model(model, seed=0, **(SMALL if model == "tiny" else HYBRID))
+
+    def run(broken: bool) -> float:
+        loop = FederatedSimulation(uneven_federation, model_factory=factory,
+                                   strategy=create_strategy(name, **kwargs), config=config, progress=False)
+        vec = VectorizedSimulation(uneven_federation, model_factory=factory,
+                                   strategy=create_strategy(name, **kwargs),
+                                   config=dataclasses.replace(config, engine="vectorized", chunk_size=4),
+                                   progress=False)
+        selected = sorted(loop.clients)
+        for sim in (loop, vec):
+            sim.strategy.before_round(1)
+        with monkeypatch.context() as patch:
+            if broken:
+                honest = vectorized._stacked_rows
+                patch.setattr(vectorized, "_stacked_rows",
+                              lambda stacked, n: [honest(stacked, n)[(k + 1) % n] for k in range(n)])
+            vec_updates, _ = vec.train_clients(selected, 1)
+        loop_updates, _ = loop.train_clients(selected, 1)
+        assert [u.site_id for u in vec_updates] == [u.site_id for u in loop_updates] == selected
+        gap = 0.0
+        for mine, theirs in zip(vec_updates, loop_updates, strict=True):
+            assert set(mine.delta) == set(theirs.delta)
+            assert (mine.num_examples, mine.num_steps) == (theirs.num_examples, theirs.num_steps)
+            assert mine.train_loss == pytest.approx(theirs.train_loss, rel=1e-4)
+            gap = max(gap, max((mine.delta[n] - theirs.delta[n]).abs().max().item() for n in theirs.delta))
+        return gap
+
+    assert run(broken=False) <= ATOL
+    assert run(broken=True) > 100 * ATOL

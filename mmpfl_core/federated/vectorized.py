@@ -76,7 +76,7 @@ import copy
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -107,11 +107,17 @@ __all__ = [
 #: per-site hooks, which this engine reproduces exactly. Anything else: ``engine: loop``.
 VECTORIZED_STRATEGIES = ("fedavg", "fedprox", "local", "centralized", "dp-fedavg", "dp-fedavg-fisher", "mm-pfl-adp")
 
-#: Upper bound of the automatic chunk: beyond a few hundred sites the batched kernels stop getting
-#: faster on a CPU while memory keeps growing (a first prototype on the regime map's model, one local
-#: step of 1,000 sites on 2 cores: chunks of 100 and 250 sites took 0.51 and 0.54 s, one chunk of
-#: 1,000 took 1.26 s).
-MAX_AUTO_CHUNK = 256
+#: Upper bound of the automatic chunk on a CPU. The batched kernels stop getting faster beyond a few
+#: dozen sites (the linear-patch model, one local step of 1,000 sites on 2 cores: chunks of 100 and
+#: 250 sites took 0.51 and 0.54 s, one chunk of 1,000 took 1.26 s), while larger chunks make larger
+#: temporaries, which glibc's allocator maps and unmaps on every allocation past its mmap threshold:
+#: the page faults show up as system CPU time. On the conv-stem model of the regime map (1,000 sites,
+#: one thread, default allocator, interleaved runs) chunks of 64 sites cost 1.51-1.62 s of user and
+#: 0.05-0.20 s of system CPU a round, chunks of 256 1.53-1.55 s and 0.49-0.70 s; chunks of 32, 1.79 s
+#: of user CPU.
+MAX_AUTO_CHUNK = 64
+#: The same bound on a GPU, where larger kernels keep paying (no allocator churn: torch caches CUDA memory).
+MAX_AUTO_CHUNK_CUDA = 256
 
 
 def check_vectorizable(strategy: Strategy, model: nn.Module) -> None:
@@ -166,6 +172,40 @@ def _rows(stacked: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     return [
         dict(zip(names, views, strict=False)) for views in zip(*(stacked[n].unbind(0) for n in names), strict=False)
     ]
+
+
+class _StackedRow(Mapping[str, torch.Tensor]):
+    """Site ``row``'s entry of a chunk's stacked tensors: a read-only mapping name -> ``stacked[name][row]``
+    (a view, no copy), made when a name is looked up.
+
+    What :func:`_rows` gives, without building S x (number of parameters) views up front: 40,000
+    tensor views per round at 1,000 sites on the regime map's model (cProfile put them at 0.26 s of a
+    FedAvg round; interleaved runs without cProfile, 1-4% of its user CPU), while the stacked releases (:func:`clipped_sum`, the weighted sum) never
+    look at a site's row and the traffic ledger only at its names. A strategy that reads a site's
+    update (``transmit``, ``after_local``'s model load) gets the same tensors as from :func:`_rows`;
+    one that tried to write into it would fail loudly (no ``__setitem__``).
+    ``tests/test_vectorized.py`` checks every site's row against the loop engine's update.
+    """
+
+    __slots__ = ("_stacked", "_row")
+
+    def __init__(self, stacked: dict[str, torch.Tensor], row: int) -> None:
+        self._stacked, self._row = stacked, row
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._stacked[name][self._row]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stacked)
+
+    def __len__(self) -> int:
+        return len(self._stacked)
+
+
+def _stacked_rows(stacked: dict[str, torch.Tensor], num_rows: int) -> list[dict[str, torch.Tensor]]:
+    """S lazy rows (:class:`_StackedRow`), typed as the ``dict`` :class:`~.client.ClientUpdate` declares:
+    read-only, which no strategy served here needs more than (each builds its own dict to transmit)."""
+    return [cast("dict[str, torch.Tensor]", _StackedRow(stacked, k)) for k in range(num_rows)]
 
 
 def _releases_a_clipped_sum(strategy: Strategy) -> bool:
@@ -586,12 +626,13 @@ def auto_chunk_size(
     model: nn.Module, pool: _SitePool, training: LocalTrainingConfig, device: torch.device, *, fraction: float = 0.25
 ) -> int:
     """Sites per chunk so that one chunk uses at most ``fraction`` of free memory (capped at
-    :data:`MAX_AUTO_CHUNK`). Per site: parameters, gradient, start copy and two optimiser states
-    (6 d floats) plus the activations of a batch (saved bytes per example x batch size x 3, for the
+    :data:`MAX_AUTO_CHUNK`, :data:`MAX_AUTO_CHUNK_CUDA` on a GPU). Per site: parameters, gradient,
+    start copy and two optimiser states (6 d floats) plus the activations of a batch (saved bytes per example x batch size x 3, for the
     backward pass and vmap's temporaries)."""
     params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     per_site = 6 * params + 3 * training.batch_size * _bytes_per_example(model, pool, device)
-    return int(max(1, min(MAX_AUTO_CHUNK, fraction * available_memory_bytes(device) // per_site)))
+    cap = MAX_AUTO_CHUNK_CUDA if device.type == "cuda" else MAX_AUTO_CHUNK
+    return int(max(1, min(cap, fraction * available_memory_bytes(device) // per_site)))
 
 
 def clipped_sum(
@@ -719,11 +760,11 @@ class VectorizedSimulation(FederatedSimulation):
                 for n in self.trainable:
                     part_n = torch.tensordot(n_k.to(delta[n].dtype), delta[n], dims=1)
                     weighted[n] = weighted[n] + part_n if n in weighted else part_n
-            delta_rows = _rows(delta)
+            delta_rows = _stacked_rows(delta, len(sites))
             trained_by_site = None
             if self._needs_trained_model:
                 begin = self._expand(start, len(sites))
-                trained_by_site = _rows({n: begin[n] + delta[n] for n in self.trainable})
+                trained_by_site = _stacked_rows({n: begin[n] + delta[n] for n in self.trainable}, len(sites))
             for row, (site, value) in enumerate(zip(sites, loss.tolist(), strict=False)):
                 deltas[site], losses[site] = delta_rows[row], value
                 if trained_by_site is not None:
