@@ -142,7 +142,7 @@ def test_the_headline_smoke_overlay_shrinks_it():
     assert smoke.pretraining.num_subjects < full.pretraining.num_subjects
     assert [m.label for m in smoke.methods] == [m.label for m in full.methods]
     assert all((s.num_rounds or smoke.federated.num_rounds) < (f.num_rounds or full.federated.num_rounds)
-               for s, f in zip(smoke.methods, full.methods))
+               for s, f in zip(smoke.methods, full.methods, strict=True))
     assert [dict(m.kwargs) for m in smoke.methods] == [dict(m.kwargs) for m in full.methods]
     assert smoke.model == full.model and smoke.data.image_size == full.data.image_size
     # The smoke cohort still has more training patients than the cross-silo arm's expected batch (q < 1).
