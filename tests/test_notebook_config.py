@@ -3,6 +3,7 @@ notebook loads it and none federates the linear-patch ``tiny`` preset (issue 24)
 from __future__ import annotations
 
 import ast
+from dataclasses import asdict
 from pathlib import Path
 
 import nbformat
@@ -98,3 +99,76 @@ def test_the_tiny_check_can_fail():
     """The check above flags a notebook that builds `tiny` directly."""
     assert "tiny" in _string_constants('model = create_model("tiny", seed=0)')
     assert "tiny" not in _string_constants("model = create_model(MODEL_PRESET, seed=0)")
+
+
+# ---------------------------------------------------------------- the headline: section (notebook 05, section 8)
+def _training_patients_per_site(config) -> float:
+    """Expected training patients per hospital: the non-public subjects over the sites, times the train share."""
+    fed = config.federation
+    return (config.data.num_subjects - fed.public_size) / fed.num_sites * (1 - fed.val_fraction - fed.test_fraction)
+
+
+def _fields(section, *but: str) -> dict:
+    """A config section's fields as a dict, without ``but``."""
+    return {k: v for k, v in asdict(section).items() if k not in but}
+
+
+def test_the_headline_section_is_configs_headline_notebook_sized():
+    from mmpfl_core.experiment import load_experiment
+
+    full, nb = load_experiment("headline"), load_notebook_config().headline
+    assert nb is not None
+    # Same generator, hospitals, skew, model, public stage and training recipe as configs/headline.yaml ...
+    assert _fields(nb.data, "num_subjects") == _fields(full.data, "num_subjects")
+    assert _fields(nb.federation, "test_fraction") == _fields(full.federation, "test_fraction")
+    assert nb.model == full.model and nb.pretraining == full.pretraining and nb.pretraining.enabled
+    assert (nb.federated.local, nb.federated.optimizer) == (full.federated.local, full.federated.optimizer)
+    # ... and the same arms with the same arguments (patients as the unit at the same epsilon); only rounds differ.
+    arms = {m.label: m for m in full.methods}
+    for method in nb.methods:
+        assert method.label in arms and method.strategy == arms[method.label].strategy
+        assert dict(method.kwargs) == dict(arms[method.label].kwargs), method.label
+    assert {m.strategy for m in nb.methods} == {"local-dp-sgd", "mm-pfl-adp-cross-silo"}
+    # Fewer subjects with a smaller test share: a hospital keeps the headline's ~18 training patients (within 5%).
+    assert nb.data.num_subjects < full.data.num_subjects and nb.federation.test_fraction < full.federation.test_fraction
+    assert _training_patients_per_site(nb) == pytest.approx(_training_patients_per_site(full), rel=0.05)
+    rounds = {m.label: m.num_rounds or nb.federated.num_rounds for m in nb.methods}
+    assert all(rounds[label] <= (arms[label].num_rounds or full.federated.num_rounds) for label in rounds)
+
+
+def test_the_headline_smoke_overlay_shrinks_it():
+    full, smoke = load_notebook_config().headline, load_notebook_config(smoke=True).headline
+    assert smoke.data.num_subjects < full.data.num_subjects and smoke.federation.num_sites < full.federation.num_sites
+    assert smoke.pretraining.num_subjects < full.pretraining.num_subjects
+    assert [m.label for m in smoke.methods] == [m.label for m in full.methods]
+    assert all((s.num_rounds or smoke.federated.num_rounds) < (f.num_rounds or full.federated.num_rounds)
+               for s, f in zip(smoke.methods, full.methods, strict=True))
+    assert [dict(m.kwargs) for m in smoke.methods] == [dict(m.kwargs) for m in full.methods]
+    assert smoke.model == full.model and smoke.data.image_size == full.data.image_size
+    # The smoke cohort still has more training patients than the cross-silo arm's expected batch (q < 1).
+    cross_silo = next(m for m in smoke.methods if m.strategy == "mm-pfl-adp-cross-silo")
+    patients = _training_patients_per_site(smoke) * smoke.federation.num_sites
+    assert patients > cross_silo.kwargs["expected_batch_size"]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("headline: {dta: {num_subjects: 100}}\n", r"headline has unknown key\(s\) \['dta'\]"),
+    ("headline: {data: {num_subjects: 100}, smoke: {federaton: {num_sites: 3}}}\n",
+     r"headline.smoke has unknown key\(s\) \['federaton'\]"),
+    ("headline: {data: {num_subjects: 100}, smoke: {smoke: {}}}\n", r"headline.smoke has unknown key\(s\) \['smoke'\]"),
+    ("headline: [1, 2]\n", "headline=.* must be a mapping"),
+    ("headline: {smoke: [1]}\n", "headline.smoke=.* must be a mapping"),
+    ("headline: {data: {num_subject: 100}}\n", "num_subject"),
+    ("headline: {methods: [{strategy: no-such-strategy}]}\n", "no-such-strategy"),
+])
+def test_bad_headline_sections_name_the_problem(tmp_path: Path, text: str, match: str):
+    path = tmp_path / "notebooks.yaml"
+    path.write_text("data: {num_subjects: 100}\n" + text)
+    with pytest.raises(ConfigError, match=match):
+        load_notebook_config(smoke=True, path=path)
+
+
+def test_a_config_without_headline_has_none(tmp_path: Path):
+    path = tmp_path / "notebooks.yaml"
+    path.write_text("data: {num_subjects: 100}\n")
+    assert load_notebook_config(path=path).headline is None

@@ -17,7 +17,7 @@ from release_scan import scan_notebook_records
 from scipy import stats
 
 from mmpfl_core.models.presets import PRESETS, create_model
-from mmpfl_core.notebook_tools import SMOKE_PARAMETERS, load_results, takeaways
+from mmpfl_core.notebook_tools import SMOKE_PARAMETERS, load_notebook_config, load_results, takeaways
 from mmpfl_core.notebook_tools.execute import execute_notebook, executed_dir
 from mmpfl_core.reproduction.claims import VACUOUS
 
@@ -252,6 +252,35 @@ def _expect_05(r: dict[str, Any]) -> None:
     assert r["picture_participants"] == qn
     assert r["picture_ratio"] == pytest.approx(r["picture_noise_multiplier"] * np.sqrt(d) / qn, rel=1e-12)
     assert r["picture_ratio"] > r["picture_viability"] == pytest.approx(np.sqrt(r["gate_rounds"]))
+    _expect_05_headline(r)
+
+
+def _expect_05_headline(r: dict[str, Any]) -> None:
+    """Section 8: the headline cohort (configs/notebooks.yaml `headline:`, smoke overlay), patients as the unit."""
+    headline = load_notebook_config(smoke=True).headline
+    assert r["headline_num_sites"] == headline.federation.num_sites
+    arms = {r["headline_proposed"], r["headline_rival"]}
+    assert arms == {m.label for m in headline.methods} == set(r["headline_personal_accuracy"])
+    for acc in r["headline_personal_accuracy"].values():
+        assert 0.0 <= acc["low"] <= acc["point"] <= acc["high"] <= 1.0
+    # Both arms are calibrated to the same patient epsilon over their own steps: the ledgers spend it (RDP, within
+    # the calibration's tolerance) and never more.
+    target = r["headline_target_epsilon"]
+    assert target == max(m.kwargs.get("target_epsilon", 0) for m in headline.methods)
+    assert set(r["headline_patient_epsilon"]) == arms
+    assert all(0.9 * target <= e <= target * (1 + 1e-6) for e in r["headline_patient_epsilon"].values())
+    # d is the private part (head + biases); a hospital shares what its mask does not keep, the head always kept.
+    masks, shared = r["headline_masks"], r["headline_shared_d_by_hospital"]
+    assert len(masks) == len(shared) == r["headline_num_sites"]
+    assert all("head" in kept for kept in masks.values())
+    assert all(0 <= v < r["headline_d"] for v in shared.values())
+    assert r["headline_shared_d"] == pytest.approx(np.mean(list(shared.values())))
+    # The ratio is the public formula z sqrt(d) / (q N) at the run's z (from the accountant) and expected batch.
+    assert r["headline_ratio"] == pytest.approx(
+        r["headline_noise_multiplier"] * np.sqrt(r["headline_d"]) / r["headline_expected_batch"], rel=1e-12)
+    cross_silo = next(m for m in headline.methods if m.strategy == "mm-pfl-adp-cross-silo")
+    assert r["headline_expected_batch"] == pytest.approx(cross_silo.kwargs["expected_batch_size"])
+    assert r["headline_viability"] == pytest.approx(np.sqrt(cross_silo.num_rounds))
 
 
 EXPECTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {

@@ -6,6 +6,10 @@ they are validated by the same typed loader (:class:`~mmpfl_core.experiment_conf
 unknown keys and bad values are :class:`~mmpfl_core.errors.ConfigError`); ``smoke:`` is a partial copy of
 those sections merged over them for CI's papermill runs.
 
+``headline:`` is a second, complete experiment (:attr:`NotebookConfig.headline`): the headline cohort of
+``configs/headline.yaml`` sized for a notebook (notebook 05, section 8), with its methods and its own ``smoke:``
+overlay (a ``methods`` list in it replaces the list above it). Its keys are validated the same way.
+
 Only the data-independent settings live here (cohort size, image size, sites, skew, seeds, model, training):
 nothing in this module reads or releases patient data.
 """
@@ -27,6 +31,9 @@ NOTEBOOK_CONFIG_PATH = CONFIG_DIR / "notebooks.yaml"
 
 #: The experiment sections a notebook config holds (no ``methods``: each notebook chooses its own).
 SECTIONS = ("data", "federation", "model", "federated", "pretraining")
+
+#: The keys of the ``headline:`` experiment: the sections, its ``methods`` and ``name``, and its own ``smoke:``.
+HEADLINE_KEYS = (*SECTIONS, "methods", "name", "smoke")
 
 #: Parameter name -> (section, field path) in the experiment config: the vocabulary the notebooks'
 #: ``parameters`` cells share (UPPER_CASE, papermill-injectable).
@@ -53,6 +60,8 @@ class NotebookConfig:
     experiment: ExperimentConfig
     smoke: bool = False
     source: str = str(NOTEBOOK_CONFIG_PATH)
+    #: The ``headline:`` experiment (its smoke overlay applied when ``smoke``), None when the file has none.
+    headline: ExperimentConfig | None = None
 
     def parameters(self) -> dict[str, Any]:
         """Every shared knob by its notebook parameter name (:data:`PARAMETER_FIELDS`)."""
@@ -119,6 +128,7 @@ def load_notebook_config(smoke: bool = False, path: str | Path | None = None) ->
         raise ConfigError(f"{path}: the notebook config must be a mapping of sections (data, federation, model, ...).")
     values = dict(values)
     overlay = values.pop("smoke", None) or {}
+    headline = values.pop("headline", None)
     if not isinstance(overlay, Mapping):
         raise ConfigError(
             f"{path}: smoke={overlay!r} must be a mapping of sections, e.g. {{federated: {{num_rounds: 3}}}}."
@@ -131,4 +141,27 @@ def load_notebook_config(smoke: bool = False, path: str | Path | None = None) ->
                 "(each notebook chooses its own methods)."
             )
     experiment = ExperimentConfig.from_dict(_merge(values, overlay, "smoke") if smoke else values)
-    return NotebookConfig(experiment=experiment, smoke=bool(smoke), source=str(path))
+    return NotebookConfig(
+        experiment=experiment,
+        smoke=bool(smoke),
+        source=str(path),
+        headline=None if headline is None else _headline(headline, smoke, path),
+    )
+
+
+def _headline(values: Any, smoke: bool, path: Path) -> ExperimentConfig:
+    """The ``headline:`` experiment: its keys checked against :data:`HEADLINE_KEYS`, its ``smoke:`` merged in
+    when ``smoke``, then the typed experiment config (which rejects unknown fields and bad values)."""
+    fix = "e.g. headline: {data: {...}, federation: {...}, methods: [...], smoke: {...}}"
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{path}: headline={values!r} must be a mapping of experiment sections; {fix}.")
+    values = dict(values)
+    overlay = values.pop("smoke", None) or {}
+    if not isinstance(overlay, Mapping):
+        raise ConfigError(f"{path}: headline.smoke={overlay!r} must be a mapping of sections; {fix}.")
+    inner = tuple(k for k in HEADLINE_KEYS if k != "smoke")  # no smoke overlay inside the smoke overlay
+    for where, given, allowed in (("headline", values, HEADLINE_KEYS), ("headline.smoke", overlay, inner)):
+        stray = sorted(set(given) - set(allowed))
+        if stray:
+            raise ConfigError(f"{path}: {where} has unknown key(s) {stray}; use {list(allowed)}.")
+    return ExperimentConfig.from_dict(_merge(values, overlay, "headline.smoke") if smoke else values)
