@@ -94,8 +94,9 @@ HEADLINE = Setting(num_sites=40, rounds=20, private_part="head+norm+block")
 #: hospitals of ~18 training patients, lesions at 30 % of the public contrast, Dirichlet alpha 10, head + every
 #: bias and norm (d = 2,915), 84.5 % of each hospital's patients held out for testing (~5,400 test patients a seed,
 #: so that one seed's pooled intervals are about +-0.012), centralized at 40 epochs of batch 128, DP-SGD inside the
-#: sites for 20 rounds. The config's local-only runs 20 rounds: here ``--set rounds=20 --arms public/local``; as one
-#: run of 20 epochs (stronger, README): ``--set rounds=1 local_epochs=20 --arms public/local``.
+#: sites for 20 rounds. The config runs local-only, local + DP-SGD and centralized as ONE run of 20, 20 and 40
+#: epochs (one optimiser; the stronger recipes over 3 seeds): here ``--set rounds=1 local_epochs=20 --arms
+#: public/local public/local+dp-sgd`` and ``--set rounds=1 local_epochs=40 --arms public/centralized``.
 DEMO = Setting(
     num_subjects=6500,
     num_sites=40,
