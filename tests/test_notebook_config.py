@@ -134,6 +134,8 @@ def test_the_headline_section_is_configs_headline_notebook_sized():
     assert _training_patients_per_site(nb) == pytest.approx(_training_patients_per_site(full), rel=0.05)
     rounds = {m.label: m.num_rounds or nb.federated.num_rounds for m in nb.methods}
     assert all(rounds[label] <= (arms[label].num_rounds or full.federated.num_rounds) for label in rounds)
+    # ... and a method's own local epochs as there (local + DP-SGD: one run of 20 epochs)
+    assert all(m.local_epochs == arms[m.label].local_epochs for m in nb.methods)
 
 
 def test_the_headline_smoke_overlay_shrinks_it():
@@ -141,8 +143,10 @@ def test_the_headline_smoke_overlay_shrinks_it():
     assert smoke.data.num_subjects < full.data.num_subjects and smoke.federation.num_sites < full.federation.num_sites
     assert smoke.pretraining.num_subjects < full.pretraining.num_subjects
     assert [m.label for m in smoke.methods] == [m.label for m in full.methods]
-    assert all((s.num_rounds or smoke.federated.num_rounds) < (f.num_rounds or full.federated.num_rounds)
-               for s, f in zip(smoke.methods, full.methods, strict=True))
+    def epochs(m, config):  # rounds x a method's local epochs: what it trains
+        return (m.num_rounds or config.federated.num_rounds) * (m.local_epochs or config.federated.local.local_epochs)
+
+    assert all(epochs(s, smoke) < epochs(f, full) for s, f in zip(smoke.methods, full.methods, strict=True))
     assert [dict(m.kwargs) for m in smoke.methods] == [dict(m.kwargs) for m in full.methods]
     assert smoke.model == full.model and smoke.data.image_size == full.data.image_size
     # The smoke cohort still has more training patients than the cross-silo arm's expected batch (q < 1).

@@ -14,6 +14,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
 import pandas as pd
@@ -27,7 +28,7 @@ from release_scan import (
 )
 
 from mmpfl_core.experiment import ExperimentConfig, make_federation
-from mmpfl_core.notebook_tools import load_results, record_results
+from mmpfl_core.notebook_tools import load_notebook_config, load_results, record_results
 from mmpfl_core.reporting import write_comparison_report
 from mmpfl_core.personalization.noise_gate import round_noise
 
@@ -76,6 +77,21 @@ def _record_like_notebook_05(runs, federation, output_dir: Path) -> None:
                                epsilon=8.0, rounds=2, dimension=sum(gated.strategy.group_sizes.values()),
                                accountant="rdp"),
     }
+    # section 8 (patients as the unit, the headline cohort): the same shapes, taken from this comparison's runs
+    sizes = pd.Series(patient.strategy.group_sizes)
+    shared_d = pd.Series({s: int(sizes[[g not in masker.personal_groups(s) for g in sizes.index]].sum()) for s in sites})
+    summary = pd.DataFrame({
+        label: {"personal acc": acc["point"], "95% low": acc["low"], "95% high": acc["high"],
+                "epsilon (patients, max)": 8.0}
+        for label, acc in ((lb, runs[lb].summary["personal_test"]["accuracy"]) for lb in ("fedavg", "mm-pfl-adp-patient-dp"))
+    }).T
+    namespace.update({
+        "headline_federation": federation, "headline_summary": summary,
+        "headline_config": load_notebook_config().headline,
+        "arm": {"mm-pfl-adp-cross-silo": "mm-pfl-adp-patient-dp", "local-dp-sgd": "fedavg"},
+        "d_private": int(sizes.sum()), "shared_d": shared_d, "z_h": 1.0, "qn_h": 8.0, "ratio_h": 1.0,
+        "viability_h": 1.0, "adp": SimpleNamespace(personal_groups_of=masker.personal_groups), "hospitals": sites,
+    })
     exec(compile(cell, "notebook 05, recording cell", "exec"), namespace)
 
 
