@@ -166,24 +166,16 @@ def site_batches(
     return batch_schedule(num_examples, training, generator)
 
 
-def _rows(stacked: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """(S, *shape) tensors by name -> S dicts of views, one per site (no copy)."""
-    names = list(stacked)
-    return [
-        dict(zip(names, views, strict=False)) for views in zip(*(stacked[n].unbind(0) for n in names), strict=False)
-    ]
-
-
 class _StackedRow(Mapping[str, torch.Tensor]):
     """Site ``row``'s entry of a chunk's stacked tensors: a read-only mapping name -> ``stacked[name][row]``
     (a view, no copy), made when a name is looked up.
 
-    What :func:`_rows` gives, without building S x (number of parameters) views up front: 40,000
-    tensor views per round at 1,000 sites on the regime map's model (cProfile put them at 0.26 s of a
-    FedAvg round; interleaved runs without cProfile, 1-4% of its user CPU), while the stacked releases (:func:`clipped_sum`, the weighted sum) never
-    look at a site's row and the traffic ledger only at its names. A strategy that reads a site's
-    update (``transmit``, ``after_local``'s model load) gets the same tensors as from :func:`_rows`;
-    one that tried to write into it would fail loudly (no ``__setitem__``).
+    What a dict of per-site views would give, without building S x (number of parameters) views up front:
+    40,000 tensor views per round at 1,000 sites on the regime map's model (cProfile put them at 0.26 s of a
+    FedAvg round; interleaved runs without cProfile, 1-4% of its user CPU), while the stacked releases
+    (:func:`clipped_sum`, the weighted sum) never look at a site's row and the traffic ledger only at its
+    names. A strategy that reads a site's update (``transmit``, ``after_local``'s model load) gets the same
+    tensors as from such a dict; one that tried to write into it would fail loudly (no ``__setitem__``).
     ``tests/test_vectorized.py`` checks every site's row against the loop engine's update.
     """
 
@@ -771,9 +763,12 @@ class VectorizedSimulation(FederatedSimulation):
                     trained_rows[site] = trained_by_site[row]
         for site in (s for s in selected if not batches[s]):
             start = self._expand(self._stack_starts([site]), 1)
-            deltas[site], losses[site] = _rows({n: torch.zeros_like(start[n]) for n in self.trainable})[0], 0.0
+            deltas[site], losses[site] = (
+                _stacked_rows({n: torch.zeros_like(start[n]) for n in self.trainable}, 1)[0],
+                0.0,
+            )
             if self._needs_trained_model:
-                trained_rows[site] = _rows(start)[0]
+                trained_rows[site] = _stacked_rows(start, 1)[0]
         updates, sent = [], []
         for site in selected:  # the release, site by site, in the loop engine's order and through its hooks
             update = ClientUpdate(
