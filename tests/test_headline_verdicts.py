@@ -239,3 +239,10 @@ def test_the_mask_verdict_carries_its_measured_reason_from_the_table():
     assert "they kept on average 42 of d = " in text and "(shared 2,678 with masks, 2,720 without)" in text
     assert "Why the masks" not in headline_text(headline_verdicts(table))
     assert "Why the masks" not in headline_text(headline_verdicts(_good()), _good())  # masks better: nothing to excuse
+
+
+def test_compare_intervals_is_three_way_on_rows_and_dicts():
+    """The one interval rule the verdicts, notebook 05's takeaways and its section 8 share: touching is no difference."""
+    assert h.compare_intervals({"low": 0.71, "high": 0.73}, {"low": 0.68, "high": 0.70}) == 1
+    assert h.compare_intervals(pd.Series({"low": 0.68, "high": 0.70}), pd.Series({"low": 0.71, "high": 0.73})) == -1
+    assert h.compare_intervals({"low": 0.70, "high": 0.72}, {"low": 0.68, "high": 0.70}) == 0

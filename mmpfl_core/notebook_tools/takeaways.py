@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 from itertools import pairwise
 from typing import Any
 
+from ..reproduction.headline import compare_intervals
+
 __all__ = ["MissingResultError", "takeaways"]
 
 
@@ -174,12 +176,11 @@ def _nb05_headline(r: _Record) -> str:
     """Section 8: patients as the unit on the headline cohort, MM-PFL-ADP against local + DP-SGD."""
     acc, eps = r["headline_personal_accuracy"], r["headline_patient_epsilon"]
     ours, rival = acc[r["headline_proposed"]], acc[r["headline_rival"]]
-    if ours["low"] > rival["high"]:
-        verdict = "above it, intervals apart"
-    elif rival["low"] > ours["high"]:
-        verdict = "below it, intervals apart"
-    else:
-        verdict = "the intervals overlap: this notebook-sized run does not separate them"
+    verdict = {
+        1: "above it, intervals apart",
+        -1: "below it, intervals apart",
+        0: "the intervals overlap: this notebook-sized run does not separate them",
+    }[compare_intervals(ours, rival)]
     ratio = r["headline_ratio"]
     return (
         f"- With patients as the unit on {r['headline_num_sites']} data-starved hospitals (public pretraining, "

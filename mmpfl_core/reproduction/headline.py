@@ -47,6 +47,7 @@ __all__ = [
     "CHECKS",
     "DEFAULT_TABLE",
     "REQUIRED_COLUMNS",
+    "compare_intervals",
     "headline_text",
     "headline_verdicts",
     "load_headline_table",
@@ -187,12 +188,19 @@ _RULES = {
 }
 
 
-def _three_way(left: pd.Series, right: pd.Series) -> str:
+def compare_intervals(left: pd.Series, right: pd.Series) -> int:
+    """+1 where ``left``'s interval lies above ``right``'s (left low > right high), -1 where below (left high <
+    right low), 0 where they overlap or touch: no measured difference. Each side has ``low`` and ``high``
+    (a table row, or a record's dict)."""
     if left["low"] > right["high"]:
-        return "better"
+        return 1
     if left["high"] < right["low"]:
-        return "worse"
-    return "no measured difference"
+        return -1
+    return 0
+
+
+def _three_way(left: pd.Series, right: pd.Series) -> str:
+    return {1: "better", -1: "worse", 0: "no measured difference"}[compare_intervals(left, right)]
 
 
 def headline_verdicts(table: pd.DataFrame) -> pd.DataFrame:
