@@ -1,8 +1,8 @@
 """Per-round time of the cross-silo strategies, site by site (``batched_sites=False``, the reference) against the
 round's sites in one batched pass (``batched_sites=True``, the default): ratios, not a timed test.
 
-Size of ``make demo`` (``configs/headline.yaml``): 40 hospitals of ~18 training patients (6,500 subjects, 84.5 %
-of each hospital's held out), hybrid-tiny at 32 px with the private part head + every bias and norm (d = 2,915;
+Size of ``make demo`` (``configs/headline.yaml``, read from the config): 40 hospitals of ~18 training patients,
+hybrid-tiny at 32 px with the private part head + every bias and norm (d = 2,915;
 random weights: the time does not depend on the pretraining), q N = 128 patients a round. ``cross-silo-dp-sgd``
 shares everything (one Opacus pass over the union); ``mm-pfl-adp-cross-silo`` keeps the head at every site and
 masks the rest (per-patient parameters through ``vmap``). Round 1 (the first Fisher, and the Opacus / vmap
@@ -20,11 +20,11 @@ import time
 
 import torch
 
-from mmpfl_core.data import FederationConfig, SyntheticCohortConfig, build_federation
+from mmpfl_core.experiment import make_federation, model_factory
+from mmpfl_core.experiment_config import load_experiment
 from mmpfl_core.federated.config import FederatedConfig, LocalTrainingConfig, OptimizerConfig
 from mmpfl_core.federated.simulation import FederatedSimulation
 from mmpfl_core.federated.strategies import create_strategy
-from mmpfl_core.models.presets import create_model
 from mmpfl_core.pretraining import restrict_trainable
 
 ARMS = {
@@ -34,20 +34,14 @@ ARMS = {
 
 
 def _federation():
-    cohort = SyntheticCohortConfig(num_subjects=6500, image_size=32, seed=0, lesion_contrast=0.3)
-    return build_federation(
-        cohort,
-        FederationConfig(num_sites=40, alpha=10.0, val_fraction=0.04, test_fraction=0.845, public_size=100,
-                         min_subjects_per_site=10, seed=0),  # fmt: skip
-    )
+    return make_federation(load_experiment("headline"))
 
 
 def _simulation(federation, strategy: str, kwargs: dict, *, batched: bool) -> FederatedSimulation:
-    ref = federation.sites[0].train
+    base = model_factory(load_experiment("headline"), federation)
 
     def factory():
-        model = create_model("hybrid-tiny", seed=0, image_size=32, num_modalities=ref.num_modalities,
-                             num_clinical=len(ref.clinical_names), num_classes=ref.num_classes)  # fmt: skip
+        model = base()
         restrict_trainable(model, "head+bias")
         return model
 

@@ -74,10 +74,14 @@ class Setting:
     # rounds of the centralized arm (one epoch over the pooled patients each) and of the arms with DP-SGD inside
     # the sites; 0 = ``rounds``. Centralized takes ~40 steps a round where a FedAvg round is one averaged step.
     centralized_rounds: int = 0
-    centralized_batch: int = 0  # 0 = batch_size; the pooled set takes a larger batch as FedAvg's round averages 40 sites
+    # 0 = batch_size; the pooled set takes a larger batch as FedAvg's round averages 40 sites
+    centralized_batch: int = 0
     dp_sgd_rounds: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.2
+    # arm label -> (rounds, local epochs): a method's own recipe, as ``MethodSpec.num_rounds``/``local_epochs`` in
+    # an experiment config; it overrides ``rounds``, ``centralized_rounds`` and ``dp_sgd_rounds`` for that arm
+    recipes: dict[str, tuple[int, int]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,25 +94,24 @@ class Setting:
 #: ``pretraining: {num_subjects: 2000, recipe: {epochs: 10, lr: 1e-3}, private_part: head+norm+block}``,
 #: ``federated: {num_rounds: 20, local_epochs: 1, batch_size: 16, optimizer: {name: adamw, lr: 5e-3}}``.
 HEADLINE = Setting(num_sites=40, rounds=20, private_part="head+norm+block")
-#: The cohort of ``configs/headline.yaml`` (``make demo``; ``--preset demo``; ``docs/results/headline/``): 40
-#: hospitals of ~18 training patients, lesions at 30 % of the public contrast, Dirichlet alpha 10, head + every
-#: bias and norm (d = 2,915), 84.5 % of each hospital's patients held out for testing (~5,400 test patients a seed,
-#: so that one seed's pooled intervals are about +-0.012), centralized at 40 epochs of batch 128, DP-SGD inside the
-#: sites for 20 rounds. The config runs local-only, local + DP-SGD and centralized as ONE run of 20, 20 and 40
-#: epochs (one optimiser; the stronger recipes over 3 seeds): here ``--set rounds=1 local_epochs=20 --arms
-#: public/local public/local+dp-sgd`` and ``--set rounds=1 local_epochs=40 --arms public/centralized``.
+#: The cohort and recipes of ``configs/headline.yaml`` (``make demo``; ``--preset demo``; ``docs/results/headline/``):
+#: 40 hospitals of ~18 training patients, lesions at 30 % of the public contrast, Dirichlet alpha 10, head + every
+#: bias and norm (d = 2,915), 91.7 % of each hospital's patients held out for testing (~10,900 test patients a
+#: seed, so that one seed's pooled intervals are about +-0.0085). As the config: FedAvg and FedAvg + DP-SGD 100
+#: rounds of one epoch; centralized ONE run of 40 epochs of batch 128, local-only and local + DP-SGD ONE run of 20
+#: epochs (``recipes``); the cross-silo arms 200 one-step rounds.
 DEMO = Setting(
-    num_subjects=6500,
+    num_subjects=12000,
     num_sites=40,
     alpha=10.0,
     lesion_contrast=0.3,
     private_part="head+bias",
-    val_fraction=0.04,
-    test_fraction=0.845,
+    val_fraction=0.0216,
+    test_fraction=0.917,
     rounds=100,
-    centralized_rounds=40,
     centralized_batch=128,
-    dp_sgd_rounds=20,
+    dp_sgd_rounds=100,
+    recipes={"public/centralized": (1, 40), "public/local": (1, 20), "public/local+dp-sgd": (1, 20)},
 )
 PRESETS: dict[str, Setting] = {"default": Setting(), "headline": HEADLINE, "demo": DEMO}
 
@@ -230,25 +233,39 @@ def _federation(s: Setting, seed: int):
     )
 
 
+def _experiment(s: Setting, seed: int):
+    """The kit's experiment config for ``s`` (data, model and public stage; the arms are built here)."""
+    from mmpfl_core.experiment_config import ExperimentConfig
+
+    return ExperimentConfig.from_dict(
+        {
+            "name": "where-collaboration-pays",
+            "data": {
+                "num_subjects": s.num_subjects,
+                "image_size": s.image_size,
+                "seed": seed,
+                "lesion_contrast": s.lesion_contrast,
+            },
+            "model": {"preset": s.preset},
+            "federated": {"device": "cpu"},
+            "pretraining": {
+                "enabled": True,
+                "num_subjects": s.public_subjects,
+                "epochs": s.public_epochs,
+                "lr": 1e-3,
+                "private_part": s.private_part,
+            },
+        }
+    )
+
+
 def _public_state(s: Setting, seed: int, cache: Path):
-    """Pretrain once per seed (cached on disk: every arm of that seed reuses the same public model)."""
-    from safetensors.torch import load_file, save_file
+    """The public stage of ``make demo``: :func:`mmpfl_core.experiment.public_pretrained_state`, the kit's own
+    (same public cohort, initialisation and recipe; one public model serves every seed, as in the kit), cached
+    on disk under ``cache`` so that every arm reuses it."""
+    from mmpfl_core.experiment import public_pretrained_state
 
-    from mmpfl_core.models.presets import create_model
-    from mmpfl_core.pretraining import pretrain_public_model, public_cohort
-    from mmpfl_core.centralized import TrainingRecipe
-
-    path = cache / f"public_{s.preset}_{s.image_size}_{s.public_subjects}_{s.public_epochs}_{seed}.safetensors"
-    if path.exists():
-        return load_file(str(path))
-    model = create_model(s.preset, seed=seed, image_size=s.image_size)
-    cohort = public_cohort(s.public_subjects, image_size=s.image_size, seed=104_729 + seed, forbidden_seeds=[seed])
-    pretrain_public_model(model, cohort, TrainingRecipe(epochs=s.public_epochs, lr=1e-3, warmup_epochs=1.0), seed=seed)
-    state = {n: p.detach().contiguous() for n, p in model.state_dict().items()}
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
-    return state
+    return public_pretrained_state(_experiment(s, seed), _federation(s, seed), cache_dir=cache)
 
 
 def _pretrain_job(seed: int, s: Setting, cache: str) -> None:
@@ -302,7 +319,8 @@ def run_arm(label: str, seed: int, s: Setting, cache: str) -> dict[str, Any]:
         return out
     kwargs = dict(kwargs)
     rounds = s.rounds
-    if kwargs.pop(SECAGG, False):
+    secagg = kwargs.pop(SECAGG, False)
+    if secagg:
         kwargs.update(
             target_epsilon=s.epsilon,
             max_grad_norm=s.max_grad_norm,
@@ -328,11 +346,15 @@ def run_arm(label: str, seed: int, s: Setting, cache: str) -> dict[str, Any]:
             dp["group_allocation"] = allocation
         # dp-sgd-fedavg takes SampleLevelDP's arguments directly; the others take them as sample_level_dp
         kwargs.update(dp if name == "dp-sgd-fedavg" else {"sample_level_dp": dp})
+    local_epochs = s.local_epochs
+    if label in s.recipes:
+        rounds, local_epochs = s.recipes[label]
+        curve_every = rounds
     config = FederatedConfig(
         num_rounds=rounds,
         client_fraction=1.0,
         local=LocalTrainingConfig(
-            local_epochs=s.local_epochs,
+            local_epochs=local_epochs,
             batch_size=s.centralized_batch if name == "centralized" and s.centralized_batch else s.batch_size,
         ),
         optimizer=OptimizerConfig(
@@ -354,6 +376,8 @@ def run_arm(label: str, seed: int, s: Setting, cache: str) -> dict[str, Any]:
         epsilon=privacy.get("max_epsilon", 0.0),
         seconds=round(time.perf_counter() - started, 1),
         rounds=rounds,
+        epochs=local_epochs,
+        batch=s.secagg_batch if secagg else config.local.batch_size,  # secagg: expected batch over the union
         shared_d=_shared_dimension(strategy, model, out["d"]),
         curve={
             int(r["round"]): float(r["personal_test_accuracy"]) for r in run.history if "personal_test_accuracy" in r
@@ -383,16 +407,40 @@ def _shared_dimension(strategy, model, d: int) -> float:
     return float(np.mean([sum(n for g, n in sizes.items() if g not in personal_groups(k)) for k in strategy.site_ids]))
 
 
-def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from mmpfl_core.metrics.classification import bootstrap_ci, seed_ci
+#: paired references: each arm's accuracy minus theirs, on the same test patients of the same seeds
+PAIRED_REFERENCES = ("public/local", "public/local+dp-sgd")
 
+
+def _pooled(results: list[dict[str, Any]], label: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Labels and probabilities of ``label``'s runs pooled over seeds (in seed order), and those seeds."""
+    mine = sorted((r for r in results if r["arm"] == label), key=lambda r: r["seed"])
+    if not mine:
+        return np.empty(0, dtype=np.int64), np.empty((0, 0)), []
+    return (
+        np.concatenate([r["labels"] for r in mine]),
+        np.concatenate([np.asarray(r["proba"]) for r in mine]),
+        [r["seed"] for r in mine],
+    )
+
+
+def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from mmpfl_core.metrics.classification import bootstrap_ci, paired_accuracy_difference, seed_ci
+
+    references = {ref: _pooled(results, ref) for ref in PAIRED_REFERENCES}
     rows = []
     for label in ARMS:
-        mine = [r for r in results if r["arm"] == label]
+        mine = sorted((r for r in results if r["arm"] == label), key=lambda r: r["seed"])
         if not mine:
             continue
-        y = np.concatenate([r["labels"] for r in mine])
-        proba = np.concatenate([np.asarray(r["proba"]) for r in mine])
+        y, proba, seeds = _pooled(results, label)
+        paired = {}
+        for ref, (y_ref, proba_ref, ref_seeds) in references.items():
+            # the same seeds give the same federation, so the same test patients in the same order
+            if ref_seeds == seeds and ref != label and np.array_equal(y_ref, y):
+                d = paired_accuracy_difference(y, proba, proba_ref, rng=np.random.default_rng(0))
+                paired[f"minus_{ref.split('/')[-1]}"] = f"{d.point:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+            else:
+                paired[f"minus_{ref.split('/')[-1]}"] = ""
         ci = bootstrap_ci(y, proba, metric="accuracy", rng=np.random.default_rng(0))
         per_seed = [float(np.mean(np.asarray(r["proba"]).argmax(1) == np.asarray(r["labels"]))) for r in mine]
         mean, lo, hi = seed_ci(per_seed)
@@ -402,6 +450,8 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "d": mine[0]["d"],
                 "seeds": len(mine),
                 "rounds": mine[0].get("rounds", 0),  # one step over the union a round for the secagg arms
+                "epochs": mine[0].get("epochs", 0),  # local epochs a round
+                "batch": mine[0].get("batch", 0),
                 "test_subjects": int(y.size),
                 "personal_accuracy": round(ci.point, 3),
                 "low": round(ci.low, 3),
@@ -409,6 +459,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "seed_mean": round(mean, 3),
                 "seed_low": round(lo, 3),
                 "seed_high": round(hi, 3),
+                **paired,
                 "patient_epsilon_max": round(max(r["epsilon"] for r in mine), 2),
                 "shared_d": round(float(np.mean([r.get("shared_d", 0.0) for r in mine])), 1),
                 "seconds": round(float(np.mean([r["seconds"] for r in mine])), 1),
@@ -449,8 +500,8 @@ def main(argv: list[str] | None = None) -> None:
     jobs = [(a, seed) for seed in args.seeds for a in args.arms]
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        if any(ARMS[a][2] for a in args.arms):  # pretrain once per seed (in parallel) before the arms fan out
-            list(pool.map(_pretrain_job, args.seeds, [s] * len(args.seeds), [str(cache)] * len(args.seeds)))
+        if any(ARMS[a][2] for a in args.arms):  # pretrain once (one public model serves every seed) before the fan-out
+            list(pool.map(_pretrain_job, args.seeds[:1], [s], [str(cache)]))
         results = list(pool.map(run_arm, *zip(*jobs, strict=True), [s] * len(jobs), [str(cache)] * len(jobs)))
     rows = summarise(results)
     import pandas as pd
