@@ -238,6 +238,10 @@ def test_the_mask_verdict_carries_its_measured_reason_from_the_table():
     text = headline_text(headline_verdicts(table), table)
     assert "they kept on average 42 of d = " in text and "(shared 2,678 with masks, 2,720 without)" in text
     assert "Why the masks" not in headline_text(headline_verdicts(table))
+    same = _set(table, h.METHOD, shared_d=2720.0)  # masks kept only the head everywhere: nothing differs but noise
+    text = headline_text(headline_verdicts(same), same)
+    assert "they kept nothing personal at any site (shared 2,720 with masks, 2,720 without)" in text
+    assert "kept on average" not in text
     assert "Why the masks" not in headline_text(headline_verdicts(_good()), _good())  # masks better: nothing to excuse
 
 

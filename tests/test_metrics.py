@@ -251,3 +251,26 @@ def test_paired_difference_of_a_model_with_itself_is_zero_and_bad_inputs_are_nam
         paired_accuracy_difference(y, p, p[:4], rng=np.random.default_rng(0))
     with pytest.raises(DataError, match="num_classes"):
         paired_accuracy_difference(y, p, _scores(np.array([0, 1, 1, 1, 2]), 4), rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("num_classes,levels,n", [(3, None, 25), (3, 4, 25), (2, 5, 25), (4, None, 8)])
+def test_resampled_auroc_equals_ranking_each_resample(num_classes, levels, n):
+    """The counting path of the bootstrap AUROC (one sort per class) gives what ranking every resample gives, with
+    tied scores (``levels``: scores rounded to so many values) and with resamples that miss a class (NaN, n = 8);
+    a variant that breaks the ties instead of giving tied subjects their mid-rank is caught."""
+    from mmpfl_core.metrics.classification import _batched_auroc, _resample_indices, _resampled_auroc
+
+    rng = np.random.default_rng(num_classes)
+    y = rng.integers(0, num_classes, n)
+    p = rng.dirichlet(np.ones(num_classes), n)
+    if levels:
+        p = np.round(p * levels) / levels
+    idx = _resample_indices(n, 300, rng)
+    ranked = _batched_auroc(y[idx], p[idx], num_classes)
+    counted = _resampled_auroc(y, p, num_classes, idx)
+    assert np.array_equal(np.isnan(counted), np.isnan(ranked))
+    assert np.isnan(ranked).any() or n > 8  # at n = 8 some resamples miss a class
+    np.testing.assert_allclose(counted[~np.isnan(counted)], ranked[~np.isnan(ranked)], rtol=0, atol=1e-12)
+    if levels:
+        ties_broken = _resampled_auroc(y, p + 1e-9 * rng.random(p.shape), num_classes, idx)
+        assert np.nanmax(np.abs(ties_broken - ranked)) > 1e-3

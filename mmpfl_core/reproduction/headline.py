@@ -317,9 +317,16 @@ def headline_text(verdicts: pd.DataFrame, table: pd.DataFrame | None = None) -> 
     if table is not None and masks["verdict"] != "better" and {METHOD, NOMASK} <= set(table["arm"]):
         full, none = strongest(table, METHOD), strongest(table, NOMASK)
         extra = float(none["shared_d"]) - float(full["shared_d"])
-        lines.append(
-            f"Why the masks cannot matter much here: beyond the head (personal in both runs) they kept on average "
-            f"{extra:,.0f} of d = {int(full['d']):,} scalars personal (shared {float(full['shared_d']):,.0f} with "
-            f"masks, {float(none['shared_d']):,.0f} without), so both runs share nearly the same groups."
-        )
+        shared = f"(shared {float(full['shared_d']):,.0f} with masks, {float(none['shared_d']):,.0f} without)"
+        if round(extra) == 0:  # e.g. every site kept only the head: the two runs differ only by their secret noise
+            lines.append(
+                f"Why the masks cannot matter here: beyond the head (personal in both runs) they kept nothing "
+                f"personal at any site {shared}, so both runs share the same groups and differ only by their noise."
+            )
+        else:
+            lines.append(
+                f"Why the masks cannot matter much here: beyond the head (personal in both runs) they kept on "
+                f"average {extra:,.0f} of d = {int(full['d']):,} scalars personal {shared}, so both runs share "
+                "nearly the same groups."
+            )
     return "\n\n".join(lines)
