@@ -158,7 +158,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config = _load(args)
     config = with_privacy_budget(config, args.epsilon, delta=args.delta)  # the budget of every DP method
     out = _results_dir(args, config.name)
-    report = write_comparison_report(config, out, progress=not args.no_progress)
+    report = write_comparison_report(config, out, progress=not args.no_progress, workers=args.workers)
     print(markdown_table(report.table))
     print(f"\nreport written to {report.path}")
     return 0
@@ -251,7 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     ).add_argument("--method", default="fedavg", help="a method name (see `mmpfl methods`) or a label of the config")
-    command("compare", "train every method of the config and write a report", cmd_compare)
+    workers_help = "methods trained at a time, each in a process of one thread (default %(default)s)"
+    command("compare", "train every method of the config and write a report", cmd_compare).add_argument(
+        "--workers", type=int, default=1, help=workers_help
+    )
     p = command(
         "reproduce", "the paper-style comparison: all methods, alphas, seeds, site sweep", cmd_reproduce, common=False
     )
@@ -261,9 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     # the headline: 40 data-starved hospitals, public pretraining, patients as the unit (configs/headline.yaml);
     # `mmpfl compare` keeps the 5-hospital quickstart, where client-level DP shows why it needs many sites
-    command("demo", "the headline comparison on the embedded cohort (what `make demo` runs)", cmd_compare).set_defaults(
-        config="headline"
-    )
+    # two methods at a time on the 2 cores the demo is sized for (it stays within 10 minutes so)
+    demo = command("demo", "the headline comparison on the embedded cohort (what `make demo` runs)", cmd_compare)
+    demo.set_defaults(config="headline")
+    demo.add_argument("--workers", type=int, default=2, help=workers_help)
     command("methods", "list the registered methods, model presets and experiment presets", cmd_methods, common=False)
     return parser
 

@@ -412,10 +412,89 @@ def split_comparison_table(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFr
     return table.drop(columns=private), table[["method", *private]]
 
 
+#: What a method worker process holds (set once per worker by :func:`_start_method_worker`, in that process only).
+_WORKER: dict[str, Any] = {}
+
+
+def _start_method_worker(
+    config: ExperimentConfig,
+    federation: Federation,
+    strategies: Mapping[str, Strategy],
+    public_state: Mapping[str, torch.Tensor] | None,
+    results_dir: Path | None,
+) -> None:
+    # one intra-op thread a worker: the workers share the cores, and a forked child must not enter the
+    # parent's OpenMP pool (with one thread torch runs its parallel loops inline)
+    torch.set_num_threads(1)
+    _WORKER.update(
+        config=config, federation=federation, strategies=strategies, public_state=public_state, results_dir=results_dir
+    )
+
+
+def _run_method_in_worker(label: str) -> RunResult:
+    config = _WORKER["config"]
+    method = next(m for m in config.methods if m.label == label)
+    return run_method(
+        config,
+        method,
+        _WORKER["federation"],
+        results_dir=_WORKER["results_dir"],
+        progress=False,
+        strategy=_WORKER["strategies"][label],
+        public_state=_WORKER["public_state"],
+    )
+
+
+def _run_methods_in_processes(
+    config: ExperimentConfig,
+    federation: Federation,
+    strategies: Mapping[str, Strategy],
+    public_state: Mapping[str, torch.Tensor] | None,
+    results_dir: Path | None,
+    workers: int,
+    progress: bool,
+) -> dict[str, RunResult]:
+    """Every method in its own task on ``workers`` forked processes of one thread each.
+
+    Why: a method's run is a sequence of small steps that two intra-op threads use poorly (``make demo`` kept 1.7
+    of 2 cores busy); two methods at once, one thread each, keep both busy. The federation, the strategies and the
+    public weights reach the workers by ``fork`` (inherited, not copied through a pipe); each run writes its own
+    ``<results_dir>/<label>/`` (so each resumes on its own) and comes back as its :class:`RunResult`. Nothing is
+    shared between runs that the sequential loop would not share: each strategy object is used by its own run only,
+    and secure noise is drawn from the OS in whichever process runs it."""
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    labels = [m.label for m in config.methods]
+    started = time.perf_counter()
+    runs: dict[str, RunResult] = {}
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_start_method_worker,
+        initargs=(config, federation, strategies, public_state, results_dir),
+    ) as pool:
+        futures = {pool.submit(_run_method_in_worker, label): label for label in labels}
+        for future in as_completed(futures):
+            runs[futures[future]] = future.result()
+            if progress:
+                print(f"{futures[future]}: done ({time.perf_counter() - started:.0f} s)", flush=True)
+    return {label: runs[label] for label in labels}  # the config's order
+
+
 def compare_methods(
-    config: ExperimentConfig, *, results_dir: Path | None = None, progress: bool = True
+    config: ExperimentConfig, *, results_dir: Path | None = None, progress: bool = True, workers: int = 1
 ) -> tuple[pd.DataFrame, dict[str, RunResult], Federation]:
-    """Train every method of ``config`` on one shared federation; return the table and the runs."""
+    """Train every method of ``config`` on one shared federation; return the table and the runs.
+
+    ``workers`` > 1 trains that many methods at a time, each in a forked process of one thread
+    (:func:`_run_methods_in_processes`; where ``fork`` is unavailable, e.g. on Windows, one after another). The runs
+    are the same runs; only floating-point summation order may differ from the two-thread sequential loop."""
+    import multiprocessing
+
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers={workers!r} must be an integer >= 1 (1: the methods one after another).")
     federation = make_federation(config)
     check_model_matches_data(config, federation)
     # every method built and checked before the first one trains; each run then uses its strategy
@@ -424,6 +503,9 @@ def compare_methods(
         _check_pretraining(config, m, strategies[m.label])
     # the public stage once for all methods (read back from results_dir on a resume)
     public = public_pretrained_state(config, federation, cache_dir=results_dir) if config.pretraining.enabled else None
+    if workers > 1 and len(config.methods) > 1 and "fork" in multiprocessing.get_all_start_methods():
+        runs = _run_methods_in_processes(config, federation, strategies, public, results_dir, workers, progress)
+        return comparison_table(runs), runs, federation
     runs = {
         m.label: run_method(
             config,

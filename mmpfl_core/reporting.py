@@ -84,8 +84,9 @@ def _own_settings(config: ExperimentConfig) -> str:
     return f" (methods with their own: {'; '.join(own)})" if own else ""
 
 
-def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bool = True) -> Report:
-    """Run every method of ``config`` and write table, figures and cohort summary under ``out``."""
+def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bool = True, workers: int = 1) -> Report:
+    """Run every method of ``config`` and write table, figures and cohort summary under ``out``
+    (``workers`` methods at a time: :func:`~mmpfl_core.experiment.compare_methods`)."""
     matplotlib.use("Agg", force=False)
 
     from .data.summary import cohort_summary_table
@@ -97,7 +98,7 @@ def write_comparison_report(config: ExperimentConfig, out: Path, *, progress: bo
 
     out = Path(out)
     # Trained (and checked) first: a bad input fails before the results folder exists.
-    table, runs, federation = compare_methods(config, results_dir=out, progress=progress)
+    table, runs, federation = compare_methods(config, results_dir=out, progress=progress, workers=workers)
     private = out / "private"
     private.mkdir(parents=True, exist_ok=True)
     released_table, communication = split_comparison_table(table)
