@@ -28,6 +28,7 @@ ledgers), and d.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -412,48 +413,42 @@ def split_comparison_table(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFr
     return table.drop(columns=private), table[["method", *private]]
 
 
-#: What a method worker process holds (set once per worker by :func:`_start_method_worker`, in that process only).
-_WORKER: dict[str, Any] = {}
+@dataclasses.dataclass(frozen=True)
+class _MethodJobs:
+    """What every method's run of one comparison shares: handed to each worker process once, by ``fork``."""
+
+    config: ExperimentConfig
+    federation: Federation
+    strategies: Mapping[str, Strategy]
+    public_state: Mapping[str, torch.Tensor] | None
+    results_dir: Path | None
 
 
-def _start_method_worker(
-    config: ExperimentConfig,
-    federation: Federation,
-    strategies: Mapping[str, Strategy],
-    public_state: Mapping[str, torch.Tensor] | None,
-    results_dir: Path | None,
-) -> None:
+#: The jobs a method worker process serves (set once per worker by :func:`_start_method_worker`, in that process only).
+_WORKER: dict[str, _MethodJobs] = {}
+
+
+def _start_method_worker(jobs: _MethodJobs) -> None:
     # one intra-op thread a worker: the workers share the cores, and a forked child must not enter the
     # parent's OpenMP pool (with one thread torch runs its parallel loops inline)
     torch.set_num_threads(1)
-    _WORKER.update(
-        config=config, federation=federation, strategies=strategies, public_state=public_state, results_dir=results_dir
-    )
+    _WORKER["jobs"] = jobs
 
 
 def _run_method_in_worker(label: str) -> RunResult:
-    config = _WORKER["config"]
-    method = next(m for m in config.methods if m.label == label)
+    jobs = _WORKER["jobs"]
     return run_method(
-        config,
-        method,
-        _WORKER["federation"],
-        results_dir=_WORKER["results_dir"],
+        jobs.config,
+        next(m for m in jobs.config.methods if m.label == label),
+        jobs.federation,
+        results_dir=jobs.results_dir,
         progress=False,
-        strategy=_WORKER["strategies"][label],
-        public_state=_WORKER["public_state"],
+        strategy=jobs.strategies[label],
+        public_state=jobs.public_state,
     )
 
 
-def _run_methods_in_processes(
-    config: ExperimentConfig,
-    federation: Federation,
-    strategies: Mapping[str, Strategy],
-    public_state: Mapping[str, torch.Tensor] | None,
-    results_dir: Path | None,
-    workers: int,
-    progress: bool,
-) -> dict[str, RunResult]:
+def _run_methods_in_processes(jobs: _MethodJobs, workers: int, progress: bool) -> dict[str, RunResult]:
     """Every method in its own task on ``workers`` forked processes of one thread each.
 
     Why: a method's run is a sequence of small steps that two intra-op threads use poorly (``make demo`` kept 1.7
@@ -466,14 +461,14 @@ def _run_methods_in_processes(
     import time
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    labels = [m.label for m in config.methods]
+    labels = [m.label for m in jobs.config.methods]
     started = time.perf_counter()
     runs: dict[str, RunResult] = {}
     with ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("fork"),
         initializer=_start_method_worker,
-        initargs=(config, federation, strategies, public_state, results_dir),
+        initargs=(jobs,),
     ) as pool:
         futures = {pool.submit(_run_method_in_worker, label): label for label in labels}
         for future in as_completed(futures):
@@ -504,7 +499,8 @@ def compare_methods(
     # the public stage once for all methods (read back from results_dir on a resume)
     public = public_pretrained_state(config, federation, cache_dir=results_dir) if config.pretraining.enabled else None
     if workers > 1 and len(config.methods) > 1 and "fork" in multiprocessing.get_all_start_methods():
-        runs = _run_methods_in_processes(config, federation, strategies, public, results_dir, workers, progress)
+        jobs = _MethodJobs(config, federation, strategies, public, results_dir)
+        runs = _run_methods_in_processes(jobs, workers, progress)
         return comparison_table(runs), runs, federation
     runs = {
         m.label: run_method(
