@@ -120,7 +120,9 @@ def test_the_headline_section_is_configs_headline_notebook_sized():
     assert nb is not None
     # Same generator, hospitals, skew, model, public stage and training recipe as configs/headline.yaml ...
     assert _fields(nb.data, "num_subjects") == _fields(full.data, "num_subjects")
-    assert _fields(nb.federation, "test_fraction") == _fields(full.federation, "test_fraction")
+    # the split shares are sized for each cohort's size (what must match is the training patients a site, below)
+    shares = ("test_fraction", "val_fraction")
+    assert _fields(nb.federation, *shares) == _fields(full.federation, *shares)
     assert nb.model == full.model and nb.pretraining == full.pretraining and nb.pretraining.enabled
     assert (nb.federated.local, nb.federated.optimizer) == (full.federated.local, full.federated.optimizer)
     # ... and the same arms with the same arguments (patients as the unit at the same epsilon); only rounds differ.
