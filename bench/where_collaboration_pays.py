@@ -259,20 +259,20 @@ def _experiment(s: Setting, seed: int):
     )
 
 
-def _public_state(s: Setting, seed: int, cache: Path):
+def _public_state(s: Setting, seed: int, cache: Path, federation):
     """The public stage of ``make demo``: :func:`mmpfl_core.experiment.public_pretrained_state`, the kit's own
     (same public cohort, initialisation and recipe; one public model serves every seed, as in the kit), cached
-    on disk under ``cache`` so that every arm reuses it."""
+    on disk under ``cache`` so that every arm reuses it. ``federation`` (seed ``seed``) gives the data's shape."""
     from mmpfl_core.experiment import public_pretrained_state
 
-    return public_pretrained_state(_experiment(s, seed), _federation(s, seed), cache_dir=cache)
+    return public_pretrained_state(_experiment(s, seed), federation, cache_dir=cache)
 
 
 def _pretrain_job(seed: int, s: Setting, cache: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    _public_state(s, seed, Path(cache))
+    _public_state(s, seed, Path(cache), _federation(s, seed))
 
 
 def _personal_predictions(strategy, model, federation, global_state) -> tuple[np.ndarray, np.ndarray]:
@@ -309,7 +309,9 @@ def run_arm(label: str, seed: int, s: Setting, cache: str) -> dict[str, Any]:
         return create_model(s.preset, seed=seed, image_size=s.image_size)
 
     factory = (
-        pretrained_model_factory(base, _public_state(s, seed, Path(cache)), s.private_part) if pretrained else base
+        pretrained_model_factory(base, _public_state(s, seed, Path(cache), federation), s.private_part)
+        if pretrained
+        else base
     )
     model = factory()
     out: dict[str, Any] = {"arm": label, "seed": seed, "d": private_dimension(model)}
@@ -411,28 +413,32 @@ def _shared_dimension(strategy, model, d: int) -> float:
 PAIRED_REFERENCES = ("public/local", "public/local+dp-sgd")
 
 
-def _pooled(results: list[dict[str, Any]], label: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Labels and probabilities of ``label``'s runs pooled over seeds (in seed order), and those seeds."""
-    mine = sorted((r for r in results if r["arm"] == label), key=lambda r: r["seed"])
-    if not mine:
+def _runs_of(results: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+    """``label``'s runs in seed order."""
+    return sorted((r for r in results if r["arm"] == label), key=lambda r: r["seed"])
+
+
+def _pooled(runs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Labels and probabilities of ``runs`` pooled over seeds (in their order), and those seeds."""
+    if not runs:
         return np.empty(0, dtype=np.int64), np.empty((0, 0)), []
     return (
-        np.concatenate([r["labels"] for r in mine]),
-        np.concatenate([np.asarray(r["proba"]) for r in mine]),
-        [r["seed"] for r in mine],
+        np.concatenate([r["labels"] for r in runs]),
+        np.concatenate([np.asarray(r["proba"]) for r in runs]),
+        [r["seed"] for r in runs],
     )
 
 
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from mmpfl_core.metrics.classification import bootstrap_ci, paired_accuracy_difference, seed_ci
 
-    references = {ref: _pooled(results, ref) for ref in PAIRED_REFERENCES}
+    references = {ref: _pooled(_runs_of(results, ref)) for ref in PAIRED_REFERENCES}
     rows = []
     for label in ARMS:
-        mine = sorted((r for r in results if r["arm"] == label), key=lambda r: r["seed"])
+        mine = _runs_of(results, label)
         if not mine:
             continue
-        y, proba, seeds = _pooled(results, label)
+        y, proba, seeds = _pooled(mine)
         paired = {}
         for ref, (y_ref, proba_ref, ref_seeds) in references.items():
             # the same seeds give the same federation, so the same test patients in the same order
