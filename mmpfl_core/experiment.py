@@ -499,19 +499,20 @@ def compare_methods(
     # the public stage once for all methods (read back from results_dir on a resume)
     public = public_pretrained_state(config, federation, cache_dir=results_dir) if config.pretraining.enabled else None
     if workers > 1 and len(config.methods) > 1 and "fork" in multiprocessing.get_all_start_methods():
-        jobs = _MethodJobs(config, federation, strategies, public, results_dir)
-        runs = _run_methods_in_processes(jobs, workers, progress)
-        return comparison_table(runs), runs, federation
-    runs = {
-        m.label: run_method(
-            config,
-            m,
-            federation,
-            results_dir=results_dir,
-            progress=progress,
-            strategy=strategies[m.label],
-            public_state=public,
+        runs = _run_methods_in_processes(
+            _MethodJobs(config, federation, strategies, public, results_dir), workers, progress
         )
-        for m in config.methods
-    }
+    else:
+        runs = {
+            m.label: run_method(
+                config,
+                m,
+                federation,
+                results_dir=results_dir,
+                progress=progress,
+                strategy=strategies[m.label],
+                public_state=public,
+            )
+            for m in config.methods
+        }
     return comparison_table(runs), runs, federation
