@@ -52,6 +52,16 @@ def test_fill_keeps_given_values_and_fills_none():
     ("model: {preset: no-such-model}\n", "model.preset"),
     ("data: {num_subjects: 100}\nfederaton: {num_sites: 3}\n", "not config sections"),
     ("methods: [fedavg]\n", "not config sections"),
+    # the headline: experiment (its keys, its own smoke overlay, its sections' fields and methods)
+    ("data: {num_subjects: 100}\nheadline: {dta: {num_subjects: 100}}\n", r"headline has unknown key\(s\) \['dta'\]"),
+    ("data: {num_subjects: 100}\nheadline: {data: {num_subjects: 100}, smoke: {federaton: {num_sites: 3}}}\n",
+     r"headline.smoke has unknown key\(s\) \['federaton'\]"),
+    ("data: {num_subjects: 100}\nheadline: {data: {num_subjects: 100}, smoke: {smoke: {}}}\n",
+     r"headline.smoke has unknown key\(s\) \['smoke'\]"),
+    ("data: {num_subjects: 100}\nheadline: [1, 2]\n", "headline=.* must be a mapping"),
+    ("data: {num_subjects: 100}\nheadline: {smoke: [1]}\n", "headline.smoke=.* must be a mapping"),
+    ("data: {num_subjects: 100}\nheadline: {data: {num_subject: 100}}\n", "num_subject"),
+    ("data: {num_subjects: 100}\nheadline: {methods: [{strategy: no-such-strategy}]}\n", "no-such-strategy"),
 ])
 def test_bad_configs_name_the_problem(tmp_path: Path, text: str, match: str):
     path = tmp_path / "notebooks.yaml"
@@ -155,23 +165,6 @@ def test_the_headline_smoke_overlay_shrinks_it():
     cross_silo = next(m for m in smoke.methods if m.strategy == "mm-pfl-adp-cross-silo")
     patients = _training_patients_per_site(smoke) * smoke.federation.num_sites
     assert patients > cross_silo.kwargs["expected_batch_size"]
-
-
-@pytest.mark.parametrize("text, match", [
-    ("headline: {dta: {num_subjects: 100}}\n", r"headline has unknown key\(s\) \['dta'\]"),
-    ("headline: {data: {num_subjects: 100}, smoke: {federaton: {num_sites: 3}}}\n",
-     r"headline.smoke has unknown key\(s\) \['federaton'\]"),
-    ("headline: {data: {num_subjects: 100}, smoke: {smoke: {}}}\n", r"headline.smoke has unknown key\(s\) \['smoke'\]"),
-    ("headline: [1, 2]\n", "headline=.* must be a mapping"),
-    ("headline: {smoke: [1]}\n", "headline.smoke=.* must be a mapping"),
-    ("headline: {data: {num_subject: 100}}\n", "num_subject"),
-    ("headline: {methods: [{strategy: no-such-strategy}]}\n", "no-such-strategy"),
-])
-def test_bad_headline_sections_name_the_problem(tmp_path: Path, text: str, match: str):
-    path = tmp_path / "notebooks.yaml"
-    path.write_text("data: {num_subjects: 100}\n" + text)
-    with pytest.raises(ConfigError, match=match):
-        load_notebook_config(smoke=True, path=path)
 
 
 def test_a_config_without_headline_has_none(tmp_path: Path):
